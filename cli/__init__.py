@@ -1,0 +1,1 @@
+"""The ``prismoe`` command line: a thin click layer over :mod:`prismoe_store`."""

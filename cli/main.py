@@ -1,0 +1,37 @@
+"""The ``prismoe`` click group: registers the commands and maps library errors to one line."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from prismoe_store.errors import PrismoeError
+
+# Modules under cli/ that define commands; each exposes ``commands`` (a list of click commands).
+COMMAND_MODULES = [
+    "cli.extract_cmds",
+]
+
+
+class _Group(click.Group):
+    """A click group that turns library errors into ``click.ClickException`` (one line, exit 1)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PrismoeError as e:
+            raise click.ClickException(f"{type(e).__name__}: {e}") from None
+        except MemoryError:
+            raise click.ClickException("out of memory: try a smaller --batch-size / --cache-mb / chunk size") from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="prismoe-store")
+def main() -> None:
+    """prismoe: turn huge dense matrices into PrisMoE tile adapters, out of core."""
+
+
+for _name in COMMAND_MODULES:
+    for _cmd in importlib.import_module(_name).commands:
+        main.add_command(_cmd)

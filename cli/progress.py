@@ -1,0 +1,44 @@
+"""Progress bars for the CLI, behind one helper so ``--quiet`` silences them all.
+
+Library functions take ``progress=`` a callable ``(done, total) -> None``; :func:`bar` makes one
+that drives a tqdm bar on stderr, or does nothing when quiet.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import click
+from tqdm import tqdm
+
+ProgressFn = Callable[[int, int], None]
+
+
+@contextmanager
+def bar(desc: str, *, quiet: bool = False, unit: str = "it") -> Iterator[ProgressFn | None]:
+    """Yield a ``(done, total)`` callback that updates a progress bar (``None`` when quiet)."""
+    if quiet:
+        yield None
+        return
+    state: dict = {"bar": None}
+
+    def update(done: int, total: int) -> None:
+        b = state["bar"]
+        if b is None or b.total != total:
+            if b is not None:
+                b.close()
+            b = state["bar"] = tqdm(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True)
+        b.n = done
+        b.refresh()
+
+    try:
+        yield update
+    finally:
+        if state["bar"] is not None:
+            state["bar"].close()
+
+
+def quiet_option(f):
+    """The shared ``--quiet/-q`` switch."""
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(f)

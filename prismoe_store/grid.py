@@ -1,0 +1,268 @@
+"""The rigid power-of-2 grid: which worker owns which tile, input slice and output band.
+
+A pipe is a grid of ``rows × cols`` workers. Worker ``j = r * cols + c`` owns tile ``T_j`` of
+shape ``(tile_out, tile_in)``; it reads the input slice ``x[c*tile_in:(c+1)*tile_in]`` and writes
+the output band ``y[r*tile_out:(r+1)*tile_out]``. The grid covers a padded matrix of shape
+``(d_out_pad, d_in_pad) = (rows*tile_out, cols*tile_in)``; the true matrix ``(d_out, d_in)`` sits
+in its top-left corner, the rest is zero padding.
+
+>>> from prismoe_store.grid import plan_grid
+>>> g = plan_grid(4096, 128256)
+>>> (g.rows, g.cols, g.tile_out, g.tile_in)
+(16, 32, 8192, 128)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterator, Literal
+
+from .errors import GridError
+
+Layout = Literal["balanced", "wide"]
+DEFAULT_WORKERS = 512
+
+
+def is_pow2(n: int) -> bool:
+    """True when ``n`` is a positive power of two (1 counts).
+
+    >>> is_pow2(512), is_pow2(384)
+    (True, False)
+    """
+    return isinstance(n, int) and not isinstance(n, bool) and n > 0 and n & (n - 1) == 0
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two ``>= n`` (``n >= 1``).
+
+    >>> next_pow2(501), next_pow2(512)
+    (512, 512)
+    """
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """One pipe's grid: rows × cols workers over a padded ``(d_out, d_in)`` matrix.
+
+    >>> g = GridSpec(d_in=6, d_out=10, rows=4, cols=2, tile_out=4, tile_in=4)
+    >>> g.workers, g.row_col(5), g.input_slice(5), g.output_band(5)
+    (8, (2, 1), slice(4, 8, None), slice(8, 12, None))
+    """
+
+    d_in: int  # M: true input width (columns of the matrix)
+    d_out: int  # N: true output width (rows of the matrix)
+    rows: int  # R: number of output bands, a power of 2
+    cols: int  # C: number of input slices, a power of 2
+    tile_out: int  # a: rows of one tile (height of an output band), a power of 2
+    tile_in: int  # b: columns of one tile (width of an input slice), a power of 2
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "d_out"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise GridError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("rows", "cols", "tile_out", "tile_in"):
+            v = getattr(self, name)
+            if not is_pow2(v):
+                raise GridError(f"{name} must be a power of 2, got {v!r}")
+        if self.d_out_pad < self.d_out:
+            raise GridError(
+                f"grid does not cover d_out: rows*tile_out = {self.rows}*{self.tile_out} "
+                f"= {self.d_out_pad} < {self.d_out}"
+            )
+        if self.d_in_pad < self.d_in:
+            raise GridError(
+                f"grid does not cover d_in: cols*tile_in = {self.cols}*{self.tile_in} "
+                f"= {self.d_in_pad} < {self.d_in}"
+            )
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def workers(self) -> int:
+        """Number of workers (tiles), ``rows * cols``."""
+        return self.rows * self.cols
+
+    @property
+    def d_in_pad(self) -> int:
+        """Padded input width ``cols * tile_in``."""
+        return self.cols * self.tile_in
+
+    @property
+    def d_out_pad(self) -> int:
+        """Padded output width ``rows * tile_out``."""
+        return self.rows * self.tile_out
+
+    @property
+    def tile_shape(self) -> tuple[int, int]:
+        """``(tile_out, tile_in)``."""
+        return (self.tile_out, self.tile_in)
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        """``(d_out_pad, d_in_pad)``, the shape the tiles cover together."""
+        return (self.d_out_pad, self.d_in_pad)
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the padded matrix that is padding (0 when the grid fits exactly)."""
+        return 1.0 - (self.d_in * self.d_out) / (self.d_in_pad * self.d_out_pad)
+
+    def tile_bytes(self, itemsize: int = 4) -> int:
+        """Bytes of one tile at ``itemsize`` bytes per value."""
+        return self.tile_out * self.tile_in * itemsize
+
+    # -- worker <-> position -----------------------------------------------------------------
+    def worker(self, row: int, col: int) -> int:
+        """Worker index ``row * cols + col``."""
+        if not (0 <= row < self.rows and 0 <= col < self.cols):
+            raise GridError(f"(row, col) = ({row}, {col}) is outside a {self.rows}×{self.cols} grid")
+        return row * self.cols + col
+
+    def row_col(self, worker: int) -> tuple[int, int]:
+        """``(row, col)`` of a worker."""
+        if not 0 <= worker < self.workers:
+            raise GridError(f"worker {worker} is outside 0..{self.workers - 1}")
+        return divmod(worker, self.cols)
+
+    def input_slice(self, worker: int) -> slice:
+        """The padded input columns worker ``worker`` reads."""
+        c = self.row_col(worker)[1]
+        return slice(c * self.tile_in, (c + 1) * self.tile_in)
+
+    def output_band(self, worker: int) -> slice:
+        """The padded output rows worker ``worker`` writes."""
+        r = self.row_col(worker)[0]
+        return slice(r * self.tile_out, (r + 1) * self.tile_out)
+
+    def tile_region(self, worker: int) -> tuple[slice, slice]:
+        """``(output_band, input_slice)``: where the tile sits in the padded matrix."""
+        return self.output_band(worker), self.input_slice(worker)
+
+    def valid_region(self, worker: int) -> tuple[slice, slice]:
+        """Like :meth:`tile_region` but clipped to the true ``(d_out, d_in)`` matrix (may be empty)."""
+        rows, cols = self.tile_region(worker)
+        return (
+            slice(min(rows.start, self.d_out), min(rows.stop, self.d_out)),
+            slice(min(cols.start, self.d_in), min(cols.stop, self.d_in)),
+        )
+
+    def is_padding(self, worker: int) -> bool:
+        """True when the worker's tile lies wholly in the padding (never selected, never loaded)."""
+        rows, cols = self.tile_region(worker)
+        return rows.start >= self.d_out or cols.start >= self.d_in
+
+    def active_workers(self) -> list[int]:
+        """Workers whose tile touches the true matrix, in worker order."""
+        return [j for j in range(self.workers) if not self.is_padding(j)]
+
+    @property
+    def active_count(self) -> int:
+        """``n``: the number of workers not wholly in padding."""
+        live_rows = -(-self.d_out // self.tile_out)
+        live_cols = -(-self.d_in // self.tile_in)
+        return live_rows * live_cols
+
+    def iter_tiles(self) -> Iterator[tuple[int, int, int]]:
+        """Yield ``(worker, row, col)`` for every worker in order."""
+        for j in range(self.workers):
+            r, c = divmod(j, self.cols)
+            yield j, r, c
+
+    # -- serialization -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, int]:
+        """Plain dict for JSON/Zarr attributes; :meth:`from_dict` reverses it."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GridSpec":
+        """Build from :meth:`to_dict` output, with a clear error on missing keys."""
+        try:
+            return cls(**{k: int(d[k]) for k in ("d_in", "d_out", "rows", "cols", "tile_out", "tile_in")})
+        except KeyError as e:
+            raise GridError(f"grid description lacks {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise GridError(f"bad grid description: {e}") from None
+
+    def __str__(self) -> str:
+        return (
+            f"{self.rows}×{self.cols} grid of {self.tile_out}×{self.tile_in} tiles "
+            f"({self.d_in}→{self.d_out}, padded {self.d_in_pad}→{self.d_out_pad})"
+        )
+
+
+def plan_grid(
+    d_in: int,
+    d_out: int,
+    workers: int | None = None,
+    *,
+    layout: Layout = "balanced",
+    rows: int | None = None,
+    cols: int | None = None,
+    tile_out: int | None = None,
+    tile_in: int | None = None,
+) -> GridSpec:
+    """Plan a grid of ``workers`` power-of-2 tiles covering a ``(d_out, d_in)`` matrix.
+
+    Among all ``rows × cols = workers`` splits (powers of 2) the planner takes the one with the
+    least padded area; ties go by ``layout``: ``"balanced"`` prefers a square grid (then more
+    columns), ``"wide"`` prefers two input slices (tiles that read wide input slices, the seed's
+    pipe 3). Any of ``rows``, ``cols``, ``tile_out``, ``tile_in`` may be fixed by the caller;
+    ``rows`` and ``cols`` together fix the worker count.
+
+    >>> g = plan_grid(4096, 128256, layout="wide")
+    >>> (g.rows, g.cols, g.tile_out, g.tile_in)
+    (256, 2, 512, 2048)
+    >>> plan_grid(7, 3, 8).workers
+    8
+    """
+    for name, v in (("d_in", d_in), ("d_out", d_out)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise GridError(f"{name} must be a positive integer, got {v!r}")
+    if rows is not None and cols is not None:
+        if workers is not None and workers != rows * cols:
+            raise GridError(f"rows*cols = {rows}*{cols} = {rows * cols} but workers = {workers}")
+        workers = rows * cols
+    workers = DEFAULT_WORKERS if workers is None else workers
+    for name, v in (("workers", workers), ("rows", rows), ("cols", cols), ("tile_out", tile_out), ("tile_in", tile_in)):
+        if v is not None and not is_pow2(v):
+            raise GridError(f"{name} must be a power of 2, got {v!r}")
+    if layout not in ("balanced", "wide"):
+        raise GridError(f"layout must be 'balanced' or 'wide', got {layout!r}")
+
+    candidates = []
+    for k in range(workers.bit_length()):
+        r = 1 << k
+        c = workers // r
+        if (rows is not None and r != rows) or (cols is not None and c != cols):
+            continue
+        a = tile_out if tile_out is not None else next_pow2(-(-d_out // r))
+        b = tile_in if tile_in is not None else next_pow2(-(-d_in // c))
+        if r * a < d_out or c * b < d_in:
+            continue
+        candidates.append((r * a * c * b, _tie_break(layout, r, c), r, c, a, b))
+    if not candidates:
+        raise GridError(
+            f"no {workers}-worker grid with rows={rows}, cols={cols}, tile_out={tile_out}, "
+            f"tile_in={tile_in} covers a {d_out}×{d_in} matrix"
+        )
+    _, _, r, c, a, b = min(candidates)
+    return GridSpec(d_in=d_in, d_out=d_out, rows=r, cols=c, tile_out=a, tile_in=b)
+
+
+def _tie_break(layout: Layout, r: int, c: int) -> tuple[int, int]:
+    lr, lc = r.bit_length(), c.bit_length()
+    if layout == "balanced":
+        return (abs(lr - lc), -c)
+    return (abs(lc - 2), c)  # "wide": two input slices when possible, else as few as possible
+
+
+def plan_pipes(d_in: int, d_out: int, workers: int | None = None) -> tuple[GridSpec, GridSpec, GridSpec]:
+    """The three default pipe grids: pipes 1 and 2 ``balanced``, pipe 3 ``wide``.
+
+    >>> p1, p2, p3 = plan_pipes(4096, 128256)
+    >>> p1 == p2, (p3.rows, p3.cols)
+    (True, (256, 2))
+    """
+    g = plan_grid(d_in, d_out, workers)
+    return g, g, plan_grid(d_in, d_out, workers, layout="wide")

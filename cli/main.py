@@ -8,7 +8,8 @@ import click
 
 from prismoe_store.errors import PrismoeError
 
-# Modules under cli/ that define commands; each exposes ``commands`` (a list of click commands).
+# Modules under cli/ that define commands; each exposes ``commands`` (a list of click commands)
+# and may expose ``bench_commands``, which become subcommands of ``prismoe benchmark``.
 COMMAND_MODULES = [
     "cli.extract_cmds",
 ]
@@ -32,6 +33,14 @@ def main() -> None:
     """prismoe: turn huge dense matrices into PrisMoE tile adapters, out of core."""
 
 
+@main.group()
+def benchmark() -> None:
+    """Measure speed, memory and quality as ratios taken in one run (see docs/results.md)."""
+
+
 for _name in COMMAND_MODULES:
-    for _cmd in importlib.import_module(_name).commands:
+    _mod = importlib.import_module(_name)
+    for _cmd in _mod.commands:
         main.add_command(_cmd)
+    for _cmd in getattr(_mod, "bench_commands", []):
+        benchmark.add_command(_cmd)

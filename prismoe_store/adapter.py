@@ -1,0 +1,274 @@
+"""The adapter store: per pipe, the grid, the tiles, optional INT8 tiles, and the gate.
+
+Layout of a Zarr v3 group (format ``"adapter"``, version 1)::
+
+    /                    attrs: d_in, d_out, mode, alphas, fit, metrics, gates, complete
+    /pipe{p+1}/          attrs: grid (GridSpec.to_dict), rows (training rows it was fitted on)
+        tiles            float32 [d_out_pad, d_in_pad], chunk (tile_out, tile_in): one chunk per tile
+        tiles_int8       int8    [d_out_pad, d_in_pad], chunk (tile_out, tile_in)      (after quantize)
+        scales           float32 [d_out_pad, cols],     chunk (tile_out, 1): per-row absmax / 127
+        gate_weight      float32 [workers, d_in]                                      (after fit-gates)
+        gate_bias        float32 [workers]
+    /_progress/...       done flags of resumable jobs (fit bands, quantized tiles, ...)
+
+Pipes are indexed from 0 in the API (``pipe=0`` is stored as ``pipe1``, the seed's "pipe 1").
+The runtime and the solvers depend on the small :class:`TileSource` protocol, not on Zarr.
+
+>>> import numpy as np
+>>> from prismoe_store.grid import plan_grid
+>>> from prismoe_store.adapter import AdapterStore
+>>> g = plan_grid(6, 10, 8)
+>>> a = AdapterStore.create("memory://doc-adapter", grids=[g], overwrite=True)
+>>> a.write_band(0, 0, np.ones((g.tile_out, g.d_in_pad), np.float32))
+>>> a.read_tile(0, 0).shape == g.tile_shape
+True
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import zarr
+
+from .errors import DataError, IncompleteStoreError, StoreError
+from .grid import GridSpec
+from .stores import Progress, StoreOptions, create_checked, create_chunked, open_checked, reading
+
+ADAPTER_FORMAT, ADAPTER_VERSION = "adapter", 1
+MODES = ("joint", "independent")
+
+
+@runtime_checkable
+class TileSource(Protocol):
+    """What the runtime needs from an adapter: its shape, grids, tiles and gates."""
+
+    d_in: int
+    d_out: int
+
+    @property
+    def mode(self) -> str: ...  # "joint" or "independent"
+
+    @property
+    def alphas(self) -> list[float]: ...  # pipe weights, summing to 1
+
+    @property
+    def grids(self) -> list[GridSpec]: ...  # one grid per pipe
+
+    def read_tile(self, pipe: int, worker: int) -> np.ndarray: ...  # float32 (tile_out, tile_in)
+
+    def read_tile_int8(self, pipe: int, worker: int) -> tuple[np.ndarray, np.ndarray]: ...  # int8 tile, scales (tile_out,)
+
+    def read_gate(self, pipe: int) -> tuple[np.ndarray, np.ndarray] | None: ...  # ([workers, d_in], [workers])
+
+
+class AdapterStore:
+    """A PrisMoE adapter in a Zarr v3 store (see the module docstring for the layout)."""
+
+    def __init__(self, group: zarr.Group, url: str):
+        self.group = group  # the root Zarr group
+        self.url = url  # where the store lives
+
+    # -- create / open ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, url, *, grids: Sequence[GridSpec], mode: str = "joint", alphas: Sequence[float] | None = None,
+               options: StoreOptions | None = None, attrs: dict | None = None, overwrite: bool = False
+               ) -> "AdapterStore":
+        """Create an adapter with one pipe per grid (tiles all zero until written).
+
+        >>> from prismoe_store.grid import plan_pipes
+        >>> a = AdapterStore.create("memory://doc-adapter-c", grids=plan_pipes(64, 100, 8), overwrite=True)
+        >>> a.n_pipes, a.alphas
+        (3, [0.3333333333333333, 0.3333333333333333, 0.3333333333333333])
+        """
+        grids = list(grids)
+        if not grids:
+            raise DataError("an adapter needs at least one pipe grid")
+        d_in, d_out = grids[0].d_in, grids[0].d_out
+        if any((g.d_in, g.d_out) != (d_in, d_out) for g in grids):
+            raise DataError("all pipe grids must cover the same d_in → d_out")
+        if mode not in MODES:
+            raise DataError(f"mode must be one of {MODES}, got {mode!r}")
+        alphas = _check_alphas(alphas, len(grids))
+        options = options or StoreOptions()
+        group = create_checked(url, ADAPTER_FORMAT, ADAPTER_VERSION, overwrite=overwrite,
+                               storage_options=options.storage_options,
+                               attrs={"d_in": d_in, "d_out": d_out, "mode": mode, "alphas": alphas,
+                                      "n_pipes": len(grids), "complete": False, **(attrs or {})})
+        for p, g in enumerate(grids):
+            pg = group.create_group(f"pipe{p + 1}", attributes={"grid": g.to_dict()})
+            create_chunked(pg, "tiles", g.padded_shape, g.tile_shape, "float32", options)
+        group.attrs["options"] = {"compressor": options.compressor, "level": options.level}
+        return cls(group, str(url))
+
+    @classmethod
+    def open(cls, url, mode: str = "r", *, storage_options: dict | None = None, require_complete: bool = False
+             ) -> "AdapterStore":
+        """Open an adapter store (format and version checked); optionally insist the fit finished."""
+        group = open_checked(url, ADAPTER_FORMAT, ADAPTER_VERSION, mode, storage_options=storage_options)
+        store = cls(group, str(url))
+        if require_complete and not group.attrs.get("complete"):
+            raise IncompleteStoreError(f"adapter {url} is not finished: re-run `prismoe fit` to complete it")
+        return store
+
+    # -- description -----------------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        """Input width M."""
+        return int(self.group.attrs["d_in"])
+
+    @property
+    def d_out(self) -> int:
+        """Output width N."""
+        return int(self.group.attrs["d_out"])
+
+    @property
+    def n_pipes(self) -> int:
+        """Number of pipes."""
+        return int(self.group.attrs["n_pipes"])
+
+    @property
+    def mode(self) -> str:
+        """Fit mode, ``"joint"`` or ``"independent"``: it fixes how gate weights combine tiles."""
+        return str(self.group.attrs["mode"])
+
+    @property
+    def alphas(self) -> list[float]:
+        """Pipe weights α (sum 1)."""
+        return [float(a) for a in self.group.attrs["alphas"]]
+
+    @property
+    def grids(self) -> list[GridSpec]:
+        """One grid per pipe."""
+        return [GridSpec.from_dict(self._pipe(p).attrs["grid"]) for p in range(self.n_pipes)]
+
+    @property
+    def options(self) -> StoreOptions:
+        """The encoding options the store was created with."""
+        return StoreOptions(**self.group.attrs.get("options", {}))
+
+    @property
+    def complete(self) -> bool:
+        """True once the fit has written every tile."""
+        return bool(self.group.attrs.get("complete"))
+
+    def attrs(self) -> dict:
+        """All root attributes (fit settings, metrics, gate settings, ...)."""
+        return dict(self.group.attrs)
+
+    def update_attrs(self, **entries) -> None:
+        """Merge entries into the root attributes (write metadata last, after the data)."""
+        self.group.attrs.update(entries)
+
+    def set_alphas(self, alphas: Sequence[float]) -> None:
+        """Replace the pipe weights (validated: one per pipe, non-negative, sum 1)."""
+        self.group.attrs["alphas"] = _check_alphas(alphas, self.n_pipes)
+
+    def progress(self, name: str, units: int) -> Progress:
+        """The resumable-job record ``name`` with ``units`` units (created on first use)."""
+        return Progress.create(self.group, name, units)
+
+    def _pipe(self, pipe: int) -> zarr.Group:
+        if not 0 <= pipe < self.n_pipes:
+            raise StoreError(f"pipe {pipe} is outside 0..{self.n_pipes - 1}")
+        return self.group[f"pipe{pipe + 1}"]
+
+    # -- tiles -----------------------------------------------------------------------------------
+    def tiles(self, pipe: int) -> zarr.Array:
+        """The pipe's float32 tile array ``[d_out_pad, d_in_pad]`` (one chunk per tile)."""
+        return self._pipe(pipe)["tiles"]
+
+    def write_band(self, pipe: int, row: int, band: np.ndarray) -> None:
+        """Write output band ``row`` of a pipe: ``band`` is ``[tile_out, d_in_pad]`` (all its tiles)."""
+        g = self.grids[pipe]
+        if band.shape != (g.tile_out, g.d_in_pad):
+            raise DataError(f"band must be {(g.tile_out, g.d_in_pad)}, got {band.shape}")
+        self.tiles(pipe)[row * g.tile_out:(row + 1) * g.tile_out, :] = np.asarray(band, np.float32)
+
+    def write_tile(self, pipe: int, worker: int, tile: np.ndarray) -> None:
+        """Write one tile ``[tile_out, tile_in]``."""
+        g = self.grids[pipe]
+        if tile.shape != g.tile_shape:
+            raise DataError(f"tile must be {g.tile_shape}, got {tile.shape}")
+        self.tiles(pipe)[g.tile_region(worker)] = np.asarray(tile, np.float32)
+
+    def read_tile(self, pipe: int, worker: int) -> np.ndarray:
+        """Tile ``worker`` of ``pipe`` as float32 ``[tile_out, tile_in]``."""
+        g = self.grids[pipe]
+        with reading(f"tile {worker} of pipe {pipe} in {self.url}"):
+            return self.tiles(pipe)[g.tile_region(worker)]
+
+    def read_band(self, pipe: int, row: int) -> np.ndarray:
+        """Output band ``row`` of a pipe, ``[tile_out, d_in_pad]``."""
+        g = self.grids[pipe]
+        with reading(f"band {row} of pipe {pipe} in {self.url}"):
+            return self.tiles(pipe)[row * g.tile_out:(row + 1) * g.tile_out, :]
+
+    def dense(self, pipe: int) -> np.ndarray:
+        """The pipe's tiles assembled into ``[d_out, d_in]`` (small adapters, tests, baselines)."""
+        with reading(f"tiles of pipe {pipe} in {self.url}"):
+            return self.tiles(pipe)[: self.d_out, : self.d_in]
+
+    # -- INT8 tiles ------------------------------------------------------------------------------
+    @property
+    def has_int8(self) -> bool:
+        """True when every pipe has INT8 tiles and scales."""
+        return all("tiles_int8" in self._pipe(p) and "scales" in self._pipe(p) for p in range(self.n_pipes))
+
+    def int8_arrays(self, pipe: int, *, create: bool = False) -> tuple[zarr.Array, zarr.Array]:
+        """``(tiles_int8, scales)`` of a pipe, created on request."""
+        pg, g = self._pipe(pipe), self.grids[pipe]
+        if "tiles_int8" not in pg:
+            if not create:
+                raise StoreError(f"adapter {self.url} has no INT8 tiles: run `prismoe quantize` first")
+            create_chunked(pg, "tiles_int8", g.padded_shape, g.tile_shape, "int8", self.options)
+            create_chunked(pg, "scales", (g.d_out_pad, g.cols), (g.tile_out, 1), "float32", self.options)
+        return pg["tiles_int8"], pg["scales"]
+
+    def write_tile_int8(self, pipe: int, worker: int, q: np.ndarray, scales: np.ndarray) -> None:
+        """Write an INT8 tile ``[tile_out, tile_in]`` and its per-row scales ``[tile_out]``."""
+        g = self.grids[pipe]
+        qa, sa = self.int8_arrays(pipe, create=True)
+        rows, _ = g.tile_region(worker)
+        c = g.row_col(worker)[1]
+        qa[g.tile_region(worker)] = np.asarray(q, np.int8)
+        sa[rows, c] = np.asarray(scales, np.float32).reshape(-1)
+
+    def read_tile_int8(self, pipe: int, worker: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(q int8 [tile_out, tile_in], scales float32 [tile_out])`` of one tile."""
+        g = self.grids[pipe]
+        qa, sa = self.int8_arrays(pipe)
+        rows, _ = g.tile_region(worker)
+        c = g.row_col(worker)[1]
+        with reading(f"INT8 tile {worker} of pipe {pipe} in {self.url}"):
+            return qa[g.tile_region(worker)], sa[rows, c]
+
+    # -- gates -----------------------------------------------------------------------------------
+    def write_gate(self, pipe: int, weight: np.ndarray, bias: np.ndarray) -> None:
+        """Write a pipe's gate: ``weight [workers, d_in]``, ``bias [workers]`` (float32)."""
+        g = self.grids[pipe]
+        weight, bias = np.asarray(weight, np.float32), np.asarray(bias, np.float32)
+        if weight.shape != (g.workers, self.d_in) or bias.shape != (g.workers,):
+            raise DataError(f"gate must be [{g.workers}, {self.d_in}] and [{g.workers}], got {weight.shape}, {bias.shape}")
+        pg = self._pipe(pipe)
+        for name, data in (("gate_weight", weight), ("gate_bias", bias)):
+            if name not in pg:
+                create_chunked(pg, name, data.shape, data.shape, "float32", self.options)
+            pg[name][...] = data
+
+    def read_gate(self, pipe: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(weight [workers, d_in], bias [workers])`` of a pipe, or ``None`` before gate training."""
+        pg = self._pipe(pipe)
+        if "gate_weight" not in pg:
+            return None
+        with reading(f"gate of pipe {pipe} in {self.url}"):
+            return pg["gate_weight"][...], pg["gate_bias"][...]
+
+
+def _check_alphas(alphas: Sequence[float] | None, n: int) -> list[float]:
+    if alphas is None:
+        return [1.0 / n] * n
+    alphas = [float(a) for a in alphas]
+    if len(alphas) != n or any(a < 0 or not np.isfinite(a) for a in alphas) or abs(sum(alphas) - 1.0) > 1e-6:
+        raise DataError(f"alphas must be {n} non-negative numbers summing to 1, got {alphas}")
+    return alphas

@@ -1,0 +1,236 @@
+"""The pairs store: activation pairs ``x [S, d_in]`` and ``z [S, d_out]`` for fitting an adapter.
+
+Rows are chunked in blocks of ``rows_per_chunk`` and columns in widths that divide the tile
+grids' input slices and output bands, so a fit can stream one column slice or one output band
+without reading the rest. The arrays may be longer than the data: the committed row count is the
+``rows`` attribute, written *after* the rows themselves, so an interrupted or concurrent append
+never shows ``x`` and ``z`` with different row counts to a reader.
+
+>>> import numpy as np
+>>> from prismoe_store.pairs import PairsStore
+>>> p = PairsStore.create("memory://doc-pairs", d_in=6, d_out=4, overwrite=True)
+>>> p.append(np.ones((5, 6), np.float32), np.zeros((5, 4), np.float32))
+5
+>>> p.rows, PairsStore.open("memory://doc-pairs").read(0, 2)[0].shape
+(5, (2, 6))
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import zarr
+
+from .errors import DataError, StoreError
+from .grid import plan_pipes
+from .stores import StoreOptions, create_checked, create_chunked, open_checked, reading
+
+PAIRS_FORMAT, PAIRS_VERSION = "pairs", 1
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+_SPLIT_BLOCK = 65536  # rows per block of the seeded row-split stream (fixed: part of the format)
+
+
+def default_col_chunks(d_in: int, d_out: int, workers: int = 512) -> tuple[int, int]:
+    """Column chunk widths for ``x`` and ``z``: the narrowest tile slice/band of the default pipes,
+    but at least 64 columns (or the whole width when smaller).
+
+    >>> default_col_chunks(4096, 128256)
+    (128, 512)
+    """
+    grids = plan_pipes(d_in, d_out, workers)
+    cin = max(64, min(g.tile_in for g in grids))
+    cout = max(64, min(g.tile_out for g in grids))
+    return min(cin, d_in), min(cout, d_out)
+
+
+class PairsStore:
+    """A Zarr v3 store of activation pairs; see the module docstring for the layout."""
+
+    def __init__(self, group: zarr.Group, url: str):
+        self.group = group  # the root Zarr group
+        self.url = url  # where the store lives
+
+    # -- create / open -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, url, *, d_in: int, d_out: int, rows_per_chunk: int = 2048,
+               col_chunks: tuple[int, int] | None = None, options: StoreOptions | None = None,
+               provenance: dict | None = None, overwrite: bool = False) -> "PairsStore":
+        """Create an empty pairs store for ``d_in → d_out`` pairs (float32).
+
+        >>> PairsStore.create("memory://doc-pairs-c", d_in=8, d_out=3, overwrite=True).rows
+        0
+        """
+        for name, v in (("d_in", d_in), ("d_out", d_out), ("rows_per_chunk", rows_per_chunk)):
+            if not isinstance(v, int) or v < 1:
+                raise DataError(f"{name} must be a positive integer, got {v!r}")
+        options = options or StoreOptions()
+        cin, cout = col_chunks or default_col_chunks(d_in, d_out)
+        group = create_checked(url, PAIRS_FORMAT, PAIRS_VERSION, overwrite=overwrite,
+                               storage_options=options.storage_options,
+                               attrs={"d_in": d_in, "d_out": d_out, "rows": 0, "rows_per_chunk": rows_per_chunk,
+                                      "provenance": provenance or {}})
+        create_chunked(group, "x", (0, d_in), (rows_per_chunk, cin), "float32", options)
+        create_chunked(group, "z", (0, d_out), (rows_per_chunk, cout), "float32", options)
+        return cls(group, str(url))
+
+    @classmethod
+    def open(cls, url, mode: str = "r", *, storage_options: dict | None = None) -> "PairsStore":
+        """Open an existing pairs store (format and version checked)."""
+        group = open_checked(url, PAIRS_FORMAT, PAIRS_VERSION, mode, storage_options=storage_options)
+        return cls(group, str(url))
+
+    # -- shape -----------------------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        """Width of ``x``."""
+        return int(self.group.attrs["d_in"])
+
+    @property
+    def d_out(self) -> int:
+        """Width of ``z``."""
+        return int(self.group.attrs["d_out"])
+
+    @property
+    def rows(self) -> int:
+        """Committed rows (what readers see)."""
+        return int(self._attrs()["rows"])
+
+    @property
+    def rows_per_chunk(self) -> int:
+        """Rows per chunk of ``x`` and ``z``."""
+        return int(self.group.attrs["rows_per_chunk"])
+
+    @property
+    def provenance(self) -> dict:
+        """Where the pairs came from (models, layer, target, texts, generator settings, ...)."""
+        return dict(self._attrs().get("provenance", {}))
+
+    def _attrs(self) -> dict:
+        # re-read: another process may have appended since we opened
+        return dict(zarr.open_group(self.group.store, path=self.group.path, mode="r").attrs) \
+            if self.group.read_only else dict(self.group.attrs)
+
+    @property
+    def x(self) -> zarr.Array:
+        """The raw ``x`` array (may hold uncommitted rows past :attr:`rows`)."""
+        return self.group["x"]
+
+    @property
+    def z(self) -> zarr.Array:
+        """The raw ``z`` array (may hold uncommitted rows past :attr:`rows`)."""
+        return self.group["z"]
+
+    # -- writing ---------------------------------------------------------------------------------
+    def append(self, x: np.ndarray, z: np.ndarray, *, provenance: dict | None = None) -> int:
+        """Append rows; returns the new committed row count.
+
+        Rows are written first and the count last, under a lock, so readers never see a torn append.
+        ``provenance`` entries, if given, are merged into the store's provenance in the same commit.
+        """
+        x = np.asarray(x, dtype=np.float32)
+        z = np.asarray(z, dtype=np.float32)
+        if x.ndim != 2 or z.ndim != 2 or x.shape[0] != z.shape[0]:
+            raise DataError(f"append needs x [n, {self.d_in}] and z [n, {self.d_out}], got {x.shape} and {z.shape}")
+        if x.shape[1] != self.d_in or z.shape[1] != self.d_out:
+            raise DataError(f"width mismatch: store holds {self.d_in}→{self.d_out}, got {x.shape[1]}→{z.shape[1]}")
+        with self._lock():
+            n, k = self.rows, x.shape[0]
+            for arr, data in ((self.x, x), (self.z, z)):
+                if arr.shape[0] < n + k:
+                    arr.resize((n + k, arr.shape[1]))
+                arr[n:n + k] = data
+            update = {"rows": n + k}
+            if provenance:
+                update["provenance"] = {**self.provenance, **provenance}
+            self.group.attrs.update(update)
+            return n + k
+
+    def set_provenance(self, **entries) -> None:
+        """Merge entries into the provenance record."""
+        with self._lock():
+            self.group.attrs["provenance"] = {**self.provenance, **entries}
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        """A lock file for local stores (across processes), an in-process lock otherwise."""
+        with _LOCKS_GUARD:
+            tlock = _LOCKS.setdefault(self.url, threading.Lock())
+        with tlock:
+            if "://" in self.url:
+                yield
+                return
+            with open(os.path.join(self.url, ".append.lock"), "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def read(self, start: int, stop: int, *, cols_x: slice = slice(None), cols_z: slice = slice(None)
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``start:stop`` (clipped to the committed rows) of ``x`` and ``z``, optionally a column range."""
+        stop = min(stop, self.rows)
+        start = min(start, stop)
+        with reading(f"pairs in {self.url}"):
+            return self.x[start:stop, cols_x], self.z[start:stop, cols_z]
+
+    def dask(self, *, row_chunk: int | None = None):
+        """``(x, z)`` as Dask arrays over the committed rows, chunked ``(row_chunk, full width)``.
+
+        >>> p = PairsStore.open("memory://doc-pairs")
+        >>> p.dask()[0].shape
+        (5, 6)
+        """
+        import dask.array as da
+
+        n, rc = self.rows, row_chunk or self.rows_per_chunk
+        x = da.from_zarr(self.x, chunks=(rc, self.d_in))[:n]
+        z = da.from_zarr(self.z, chunks=(rc, self.d_out))[:n]
+        return x, z
+
+    def iter_rows(self, batch: int, *, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Yield ``(offset, x, z)`` blocks of at most ``batch`` rows, in order."""
+        stop = self.rows if stop is None else min(stop, self.rows)
+        for s in range(start, stop, batch):
+            x, z = self.read(s, min(s + batch, stop))
+            yield s, x, z
+
+
+def row_uniform(seed: int, start: int, stop: int) -> np.ndarray:
+    """Deterministic uniforms in [0, 1) for rows ``start:stop``, the same however rows are chunked.
+
+    Row splits (held-out rows, pipe 2's subsample) compare these with a fraction, so any reader
+    that knows the seed recomputes the same split for any block of rows.
+
+    >>> import numpy as np
+    >>> bool(np.array_equal(row_uniform(7, 3, 9), row_uniform(7, 0, 20)[3:9]))
+    True
+    """
+    out = np.empty(max(0, stop - start), dtype=np.float64)
+    pos = start
+    while pos < stop:
+        block = pos // _SPLIT_BLOCK
+        u = np.random.default_rng([int(seed), block]).random(_SPLIT_BLOCK)
+        lo = pos - block * _SPLIT_BLOCK
+        hi = min(_SPLIT_BLOCK, stop - block * _SPLIT_BLOCK)
+        out[pos - start:pos - start + hi - lo] = u[lo:hi]
+        pos += hi - lo
+    return out
+
+
+def holdout_mask(seed: int, start: int, stop: int, fraction: float) -> np.ndarray:
+    """True for held-out rows among ``start:stop`` (a seeded share ``fraction`` of all rows).
+
+    >>> round(float(holdout_mask(0, 0, 100_000, 0.1).mean()), 2)
+    0.1
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"holdout fraction must be in [0, 1), got {fraction}")
+    return row_uniform(seed, start, stop) < fraction

@@ -11,6 +11,7 @@ streamed least squares, train top-k gates, and run the adapter with an LRU tile 
 from .errors import PrismoeError
 from .grid import GridSpec, plan_grid, plan_pipes
 from .stores import StoreOptions, WeightsStore
+from .runtime import open_runtime
 
 __all__ = ["PrismoeError", "GridSpec", "plan_grid", "plan_pipes", "StoreOptions", "WeightsStore"]
 __version__ = "0.1.0"

@@ -112,9 +112,9 @@ class PairsStore:
         return dict(self._attrs().get("provenance", {}))
 
     def _attrs(self) -> dict:
-        # re-read: another process may have appended since we opened
-        return dict(zarr.open_group(self.group.store, path=self.group.path, mode="r").attrs) \
-            if self.group.read_only else dict(self.group.attrs)
+        # re-read: another process or another PairsStore object may have appended since we opened
+        # (Zarr caches a group's metadata when it opens it, writers included)
+        return dict(zarr.open_group(self.group.store, path=self.group.path, mode="r").attrs)
 
     @property
     def x(self) -> zarr.Array:
@@ -158,19 +158,29 @@ class PairsStore:
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
-        """A lock file for local stores (across processes), an in-process lock otherwise."""
+        """A lock file for local stores (across processes), an in-process lock otherwise.
+
+        Once held, the group's metadata is re-read, so the attributes this writer updates start
+        from what the previous writer committed, not from what Zarr cached when we opened.
+        """
         with _LOCKS_GUARD:
             tlock = _LOCKS.setdefault(self.url, threading.Lock())
         with tlock:
             if "://" in self.url:
+                self._reload()
                 yield
                 return
             with open(os.path.join(self.url, ".append.lock"), "a") as fh:
                 fcntl.flock(fh, fcntl.LOCK_EX)
                 try:
+                    self._reload()
                     yield
                 finally:
                     fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _reload(self) -> None:
+        self.group = zarr.open_group(self.group.store, path=self.group.path,
+                                     mode="r" if self.group.read_only else "r+")
 
     # -- reading ---------------------------------------------------------------------------------
     def read(self, start: int, stop: int, *, cols_x: slice = slice(None), cols_z: slice = slice(None)
@@ -234,3 +244,43 @@ def holdout_mask(seed: int, start: int, stop: int, fraction: float) -> np.ndarra
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"holdout fraction must be in [0, 1), got {fraction}")
     return row_uniform(seed, start, stop) < fraction
+
+
+NONFINITE_CHOICES = ("error", "drop", "zero")  # what screen_nonfinite does with NaN/Inf rows
+
+
+def screen_nonfinite(x: np.ndarray, z: np.ndarray, on_nonfinite: str = "error", *, where: str = ""
+                     ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Find pairs whose ``x`` or ``z`` row holds NaN/Inf (after the float32 cast the store makes)
+    and handle them: ``"error"`` raises :class:`DataError` naming the count, ``"drop"`` removes
+    those rows, ``"zero"`` sets them to zero in both arrays (the row count, and so any alignment
+    with tokens, is kept; an all-zero pair adds nothing to the fit's statistics).
+    Returns ``(x, z, bad_rows)`` as float32, ready for :meth:`PairsStore.append`; ``where``
+    (e.g. a file name) goes into the error message.
+
+    >>> x = np.array([[1.0, np.nan], [2.0, 3.0], [1e39, 0.0]])
+    >>> z = np.ones((3, 1))
+    >>> xs, zs, bad = screen_nonfinite(x, z, "drop")
+    >>> bad, xs.tolist()
+    (2, [[2.0, 3.0]])
+    """
+    if on_nonfinite not in NONFINITE_CHOICES:
+        raise DataError(f"on_nonfinite must be one of {', '.join(NONFINITE_CHOICES)}, got {on_nonfinite!r}")
+    with np.errstate(over="ignore"):  # values beyond float32's range become inf, and count as bad
+        x = np.asarray(x, dtype=np.float32)
+        z = np.asarray(z, dtype=np.float32)
+    if x.ndim != 2 or z.ndim != 2 or x.shape[0] != z.shape[0]:
+        raise DataError(f"pairs need x [n, d_in] and z [n, d_out] with the same n, got {x.shape} and {z.shape}")
+    bad = ~(np.isfinite(x).all(axis=1) & np.isfinite(z).all(axis=1))
+    count = int(bad.sum())
+    if count == 0:
+        return x, z, 0
+    if on_nonfinite == "error":
+        raise DataError(f"{count} of {x.shape[0]} pairs{' from ' + where if where else ''} hold NaN/Inf "
+                        "(choose --on-nonfinite drop or zero to keep going)")
+    if on_nonfinite == "drop":
+        return x[~bad], z[~bad], count
+    x, z = x.copy(), z.copy()  # never write into the caller's arrays
+    x[bad] = 0.0
+    z[bad] = 0.0
+    return x, z, count

@@ -347,9 +347,10 @@ class WeightsStore:
             shards = (grid.tile_out, grid.d_in_pad) if options.shard else None
             arr = create_chunked(self.group, key, (grid.d_out, grid.d_in), grid.tile_shape, dtype, options,
                                  shards=shards, attrs=attrs)
-        units = grid.rows if options.shard else grid.workers
+        sharded = arr.shards is not None  # a resumed tensor keeps its layout, whatever the options now
+        units = grid.rows if sharded else grid.workers
         progress = Progress.create(self.group, key.replace("/", "."), units)
-        return TensorWriter(arr, grid, progress, options.shard)
+        return TensorWriter(arr, grid, progress, sharded)
 
     def write_matrix(self, tensor: str, matrix: np.ndarray, grid: GridSpec, *, source: dict | None = None) -> None:
         """Write an in-memory matrix whole (small matrices, tests); see :mod:`extract` for streaming."""

@@ -1,0 +1,103 @@
+"""``prismoe collect`` (activation pairs from real models) and ``prismoe benchmark collect``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import click
+
+from cli.progress import bar, quiet_option
+from prismoe_store.collect import DTYPES, NONFINITE, POOLS, TARGETS, CollectSpec, benchmark_collect, collect
+
+
+def _spec_options(f):
+    """The options shared by ``collect`` and ``benchmark collect``."""
+    options = [
+        click.option("--upper", required=True, metavar="MODEL",
+                     help="Model giving x: a Hugging Face model folder or a .gguf file (local, offline)."),
+        click.option("--lower", default=None, metavar="MODEL",
+                     help="Model giving z (default: the upper model)."),
+        click.option("--text", "texts", multiple=True, required=True, metavar="PATH",
+                     help="Text file: one document per line, or .jsonl with a \"text\" field. Repeatable."),
+        click.option("--layer", type=int, default=-1, show_default=True,
+                     help="Upper hidden_states index (0 = embeddings, -1 = last, after the final norm)."),
+        click.option("--target", type=click.Choice(TARGETS), default="logits", show_default=True,
+                     help="z: lower logits, lower input embedding of the next token, or a lower hidden state."),
+        click.option("--lower-layer", type=int, default=-1, show_default=True,
+                     help="Lower hidden_states index for --target hidden."),
+        click.option("--pool", type=click.Choice(POOLS), default="none", show_default=True,
+                     help="none: a pair per token; last / mean: a pair per document."),
+        click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per forward pass."),
+        click.option("--max-length", type=int, default=512, show_default=True,
+                     help="Tokens per sequence (longer documents: windows, or truncated when pooling)."),
+        click.option("--max-tokens", type=int, default=None,
+                     help="Stop once the store holds this many upper-model tokens (re-run to add more)."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
+        click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+                     help="Compute dtype of the models (pairs are stored float32)."),
+        click.option("--on-nonfinite", type=click.Choice(NONFINITE), default="error", show_default=True,
+                     help="Pairs with NaN/Inf: stop with an error, drop them, or zero them (counted)."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+def _spec(kw: dict) -> CollectSpec:
+    return CollectSpec(layer=kw["layer"], target=kw["target"], lower_layer=kw["lower_layer"], pool=kw["pool"],
+                       batch_size=kw["batch_size"], max_length=kw["max_length"], max_tokens=kw["max_tokens"],
+                       device=kw["device"], dtype=kw["dtype"], on_nonfinite=kw["on_nonfinite"])
+
+
+@click.command("collect")
+@_spec_options
+@click.option("-o", "--out", required=True, metavar="PAIRS", help="Pairs store to create or resume.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@quiet_option
+def collect_cmd(upper, lower, texts, out, overwrite, as_json, quiet, **kw):
+    """Collect activation pairs (x: upper hidden states, z: the target) into a pairs store.
+
+    Resumable: re-running the same command skips the documents already collected.
+    """
+    def notice(msg: str) -> None:
+        click.echo(f"note: {msg}", err=True)
+
+    with bar("collect", quiet=quiet, unit="doc") as progress:
+        report = collect(upper, lower, list(texts), out, spec=_spec(kw), overwrite=overwrite,
+                         progress=progress, notice=notice)
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+        return
+    state = "complete" if report.complete else "partial (re-run to continue)"
+    click.echo(f"{report.rows_added} pairs added from {report.tokens_added} tokens, {report.documents_added} "
+               f"documents ({report.documents_skipped} already done); {out} holds {report.rows_total} pairs, "
+               f"{report.tokens_total} tokens; pool={report.pool}; {state}")
+    if report.nonfinite_rows:
+        click.echo(f"{report.nonfinite_rows} pairs held NaN/Inf ({kw['on_nonfinite']})", err=True)
+
+
+@click.command("collect")
+@_spec_options
+@click.option("--repeats", type=int, default=3, show_default=True, help="Alternating timed runs of each side.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def collect_bench(upper, lower, texts, repeats, as_json, **kw):
+    """Collection throughput (tokens/s) as a ratio to a bare forward pass of the same model(s)."""
+    spec = _spec(kw)
+    if spec.max_tokens is None:
+        spec = replace(spec, max_tokens=20_000)
+    result = benchmark_collect(upper, lower, list(texts), spec=spec, repeats=repeats)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{result['tokens']} tokens in {result['windows']} sequences (batch {result['batch_size']}, "
+               f"length <= {result['max_length']}), target {result['target']}, pool {result['pool']}, "
+               f"pairs {result['widths'][0]}->{result['widths'][1]}")
+    click.echo(f"bare forward: {result['bare_tokens_per_s']:.0f} tokens/s; collect: "
+               f"{result['collect_tokens_per_s']:.0f} tokens/s; ratio collect/bare = {result['ratio']:.3f}")
+    click.echo("collect phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in result["collect_phases"].items()))
+
+
+commands = [collect_cmd]
+bench_commands = [collect_bench]

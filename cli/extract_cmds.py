@@ -1,0 +1,78 @@
+"""``prismoe extract`` and ``prismoe tile``: checkpoint tensors / matrix files → a weights store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from cli.progress import bar, quiet_option
+from prismoe_store.extract import extract, tile
+from prismoe_store.grid import DEFAULT_WORKERS
+from prismoe_store.stores import StoreOptions, WeightsStore
+
+
+def _store_options(f):
+    """Options shared by both commands: output store, grid, dtype and encoding."""
+    options = [
+        click.option("-o", "--output", "store", required=True, help="Store path or fsspec URL (e.g. memory://x)."),
+        click.option("--workers", type=int, default=DEFAULT_WORKERS, show_default=True,
+                     help="Tiles per grid (a power of 2)."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "source"]), default="float32",
+                     show_default=True, help="Stored dtype; 'source' keeps fp16/fp64, else float32."),
+        click.option("--compressor", type=click.Choice(["none", "zstd", "blosc"]), default="zstd", show_default=True,
+                     help="Codec for every chunk (a crc32c checksum is always added)."),
+        click.option("--shard", is_flag=True, help="One Zarr shard per band of tiles (many small tiles)."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming into it."),
+        click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
+        quiet_option,
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.command("extract")
+@click.argument("source")
+@click.option("--tensor", "-t", "tensors", multiple=True, default=("lm_head",), show_default=True,
+              help="Tensor name or alias (lm_head, embedding); repeat for several.")
+@_store_options
+def extract_cmd(source, tensors, store, workers, dtype, compressor, shard, overwrite, as_json, quiet):
+    """Extract 2-D tensors of SOURCE (.safetensors, HF folder, .pt/.bin, .gguf, .npy) into a tile store.
+
+    Streams block by block; re-running into the same store finishes an interrupted extraction.
+    """
+    options = StoreOptions(compressor=compressor, shard=shard)
+    with bar("extract", quiet=quiet, unit="tile") as progress:
+        result = extract(source, store, tensors=tensors, workers=workers, dtype=dtype, options=options,
+                         overwrite=overwrite, progress=progress)
+    _report(result, list(dict.fromkeys(tensors)), as_json)
+
+
+@click.command("tile")
+@click.argument("matrix")
+@click.option("--name", default=None, help="Tensor name in the store (default: the file's stem).")
+@_store_options
+def tile_cmd(matrix, name, store, workers, dtype, compressor, shard, overwrite, as_json, quiet):
+    """Tile the one matrix in MATRIX (.npy or .pt) into a weights store."""
+    options = StoreOptions(compressor=compressor, shard=shard)
+    with bar("tile", quiet=quiet, unit="tile") as progress:
+        result = tile(matrix, store, name=name, workers=workers, dtype=dtype, options=options,
+                      overwrite=overwrite, progress=progress)
+    _report(result, [name or Path(matrix).stem], as_json)
+
+
+def _report(store: WeightsStore, names: list[str], as_json: bool) -> None:
+    infos = {n: store.info(n) for n in names}
+    if as_json:
+        click.echo(json.dumps({"store": store.url, "tensors": infos}))
+        return
+    for name, info in infos.items():
+        shape = "×".join(str(d) for d in info["source_shape"])
+        click.echo(f"{name}: {info['source_tensor']} [{shape}, {info['source_dtype']}] -> {info['dtype']}, "
+                   f"{store.grid(name)}")
+    click.echo(f"wrote {store.url}")
+
+
+commands = [extract_cmd, tile_cmd]

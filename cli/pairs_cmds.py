@@ -1,0 +1,81 @@
+"""``prismoe synth`` and ``prismoe pairs-info``: make synthetic pairs, describe a pairs store."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from cli.progress import bar, quiet_option
+from prismoe_store.grid import DEFAULT_WORKERS
+from prismoe_store.pairs import PairsStore
+from prismoe_store.stores import StoreOptions
+from prismoe_store.synth import KINDS, SynthSpec, synthesize, truth_summary
+
+
+@click.command("synth")
+@click.option("-o", "--output", "store", required=True, help="Pairs store path or fsspec URL (e.g. memory://x).")
+@click.option("--rows", type=click.IntRange(min=1), required=True, help="Number of pairs S (disk is the only limit).")
+@click.option("--d-in", type=click.IntRange(min=1), required=True, help="Width M of x.")
+@click.option("--d-out", type=click.IntRange(min=1), required=True, help="Width N of z.")
+@click.option("--kind", type=click.Choice(KINDS), default="linear", show_default=True,
+              help="linear: z = x Wᵀ + noise; gated: a piecewise-linear target whose inputs each use a "
+                   "1/--regions share of the tiles.")
+@click.option("--noise", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="σ of the Gaussian noise on z (the clean target has unit-scale entries).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--regions", type=click.IntRange(min=1), default=4, show_default=True,
+              help="gated: number of input regions (gating directions).")
+@click.option("--workers", type=int, default=DEFAULT_WORKERS, show_default=True,
+              help="gated: tiles per pipe of the grids the target's blocks align with (a power of 2).")
+@click.option("--rows-per-chunk", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Rows per chunk of the store; memory holds about one chunk.")
+@click.option("--compressor", type=click.Choice(["none", "zstd", "blosc"]), default="zstd", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming/extending it.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@quiet_option
+def synth_cmd(store, rows, d_in, d_out, kind, noise, seed, regions, workers, rows_per_chunk, compressor,
+              overwrite, as_json, quiet):
+    """Write synthetic pairs with a known ground truth (saved in the store's truth group).
+
+    Rows are written chunk by chunk, so the store may be far larger than RAM. Re-running with the
+    same settings resumes an interrupted run (or extends the store to a larger --rows).
+    """
+    spec = SynthSpec(rows=rows, d_in=d_in, d_out=d_out, kind=kind, noise=noise, seed=seed, regions=regions,
+                     workers=workers)
+    with bar("synth", quiet=quiet, unit="row") as progress:
+        pairs = synthesize(store, spec, rows_per_chunk=rows_per_chunk, options=StoreOptions(compressor=compressor),
+                           overwrite=overwrite, progress=progress)
+    summary = _summary(pairs)
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"{summary['rows']} {kind} pairs {d_in}→{d_out} (seed {seed}, noise {noise:g}) in {store}")
+
+
+@click.command("pairs-info")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def pairs_info_cmd(store, as_json):
+    """Show a pairs store's rows, widths, chunking, provenance and ground truth (if synthetic)."""
+    summary = _summary(PairsStore.open(store))
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(f"{summary['url']}: {summary['rows']} pairs, x [{summary['rows']}, {summary['d_in']}], "
+               f"z [{summary['rows']}, {summary['d_out']}]")
+    click.echo(f"chunks: x {tuple(summary['chunks_x'])}, z {tuple(summary['chunks_z'])}")
+    for k, v in summary["provenance"].items():
+        click.echo(f"  {k}: {v}")
+    if summary["truth"]:
+        t = summary["truth"]
+        click.echo(f"ground truth: {t['kind']}, w {tuple(t['w'])}, {t['regions']} region(s)")
+
+
+def _summary(pairs: PairsStore) -> dict:
+    return {"url": pairs.url, "rows": pairs.rows, "d_in": pairs.d_in, "d_out": pairs.d_out,
+            "rows_per_chunk": pairs.rows_per_chunk, "chunks_x": list(pairs.x.chunks),
+            "chunks_z": list(pairs.z.chunks), "provenance": pairs.provenance, "truth": truth_summary(pairs)}
+
+
+commands = [synth_cmd, pairs_info_cmd]

@@ -1,0 +1,203 @@
+"""`prismoe infer`, `prismoe quantize`, `prismoe generate` and `prismoe benchmark runtime`."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import click
+import numpy as np
+
+from cli.progress import bar, quiet_option
+from prismoe_store.adapter import AdapterStore
+from prismoe_store.errors import DataError
+
+
+def _runtime_options(f):
+    """The options every runtime command shares."""
+    for opt in reversed([
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+        click.option("--cache-mb", type=float, default=None, help="Tile cache budget in MiB [default: every tile]."),
+        click.option("--int8", is_flag=True, help="Use the INT8 tiles (run `prismoe quantize` first)."),
+        click.option("--mode", type=click.Choice(["parallel", "serial"]), default="parallel", show_default=True,
+                     help="serial: one pipe's tiles in the cache at a time."),
+        click.option("--sparsity", type=float, default=None,
+                     help="ρ, share of tiles per token [default: the gates' ρ; 1.0 without gates]."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _runtime_kwargs(device, cache_mb, int8, mode, sparsity) -> dict:
+    return {"device": device, "cache_bytes": None if cache_mb is None else max(1, int(cache_mb * 2**20)),
+            "quant": "int8" if int8 else None, "mode": mode, "sparsity": sparsity}
+
+
+def _cache_line(stats: dict) -> str:
+    c = stats["cache"]
+    return (f"cache: hit rate {c['hit_rate']:.3f} ({c['hits']} hits, {c['misses']} misses, "
+            f"{c['evictions']} evictions), {c['bytes_loaded'] / 2**20:.2f} MiB loaded, "
+            f"peak {c['peak_bytes'] / 2**20:.2f} of {c['budget_bytes'] / 2**20:.2f} MiB budget")
+
+
+def _open_rows(path: str):
+    """``(rows, d_in, read(start, stop))`` for a ``.npy`` file of x or a pairs store's x."""
+    if os.path.isfile(path):
+        try:
+            x = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise DataError(f"cannot read {path} as a .npy array: {e}") from None
+        if x.ndim != 2:
+            raise DataError(f"{path} must hold a 2-D array [rows, d_in], got shape {x.shape}")
+        return x.shape[0], x.shape[1], lambda s, e: np.asarray(x[s:e], np.float32)
+    from prismoe_store.pairs import PairsStore
+
+    p = PairsStore.open(path)
+    return p.rows, p.d_in, lambda s, e: p.read(s, e, cols_z=slice(0, 0))[0]
+
+
+@click.command("infer")
+@click.argument("adapter")
+@click.option("--input", "input_path", required=True, help="x as a .npy file [rows, d_in], or a pairs store.")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Where to write y (.npy).")
+@_runtime_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Rows per call.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object of statistics.")
+@quiet_option
+def infer_cmd(adapter, input_path, output, device, cache_mb, int8, mode, sparsity, batch_size, as_json, quiet):
+    """Run ADAPTER on input rows and write y [rows, d_out] (float32) to OUTPUT."""
+    from prismoe_store.runtime import open_runtime
+
+    rows, d_in, read = _open_rows(input_path)
+    rt = open_runtime(adapter, **_runtime_kwargs(device, cache_mb, int8, mode, sparsity))
+    if d_in != rt.d_in:
+        raise DataError(f"input rows are {d_in} wide but the adapter's d_in is {rt.d_in}")
+    folder = os.path.dirname(os.path.abspath(output))
+    fd, part = tempfile.mkstemp(prefix=".infer-", suffix=".npy", dir=folder)
+    os.close(fd)
+    try:
+        y = np.lib.format.open_memmap(part, mode="w+", dtype=np.float32, shape=(rows, rt.d_out))
+        with rt, bar("infer", quiet=quiet or as_json, unit="row") as progress:
+            for start in range(0, rows, batch_size):
+                stop = min(rows, start + batch_size)
+                y[start:stop] = rt(read(start, stop)).cpu().numpy()
+                if progress:
+                    progress(stop, rows)
+            stats = rt.stats()
+        y.flush()
+        del y
+        os.replace(part, output)
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+    stats.update(rows=rows, d_out=rt.d_out, output=str(output),
+                 rows_per_second=rows / stats["seconds"] if stats["seconds"] else None)
+    if as_json:
+        click.echo(json.dumps(stats))
+        return
+    click.echo(f"wrote {output}: {rows} × {rt.d_out} float32 in {stats['seconds']:.3f} s "
+               f"({stats['rows_per_second'] or 0:.0f} rows/s; {stats['quant']}, {stats['mode']}, ρ = {stats['sparsity']}, "
+               f"{stats['device']})")
+    click.echo(_cache_line(stats))
+
+
+@click.command("quantize")
+@click.argument("adapter")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@quiet_option
+def quantize_cmd(adapter, as_json, quiet):
+    """Write INT8 tiles (symmetric per-row absmax) into ADAPTER; resumable."""
+    from dataclasses import asdict
+
+    from prismoe_store.quant import quantize_adapter
+
+    store = AdapterStore.open(adapter, "r+", require_complete=True)
+    with bar("quantize", quiet=quiet or as_json, unit="tile") as progress:
+        report = quantize_adapter(store, progress=progress)
+    if as_json:
+        click.echo(json.dumps(asdict(report)))
+        return
+    ratio = report.bytes_int8 / report.bytes_fp32 if report.bytes_fp32 else 0.0
+    click.echo(f"quantized {report.tiles} tiles ({report.skipped} already done): {report.bytes_int8 / 2**20:.2f} MiB "
+               f"INT8 for {report.bytes_fp32 / 2**20:.2f} MiB fp32 ({ratio:.2f}×); "
+               f"largest tile relative error {report.max_rel_error:.2e}")
+
+
+@click.command("generate")
+@click.argument("adapter")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A local transformers causal-LM folder (read offline).")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--compare", is_flag=True, help="Also generate with the model's own lm_head and print both.")
+@_runtime_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def generate_cmd(adapter, model_dir, prompt, max_new_tokens, compare, device, cache_mb, int8, mode, sparsity, as_json):
+    """Generate greedily from MODEL with its lm_head replaced by ADAPTER (hidden → vocab)."""
+    from prismoe_store.head import generate
+
+    g = generate(adapter, model_dir, prompt, max_new_tokens=max_new_tokens, compare=compare,
+                 **_runtime_kwargs(device, cache_mb, int8, mode, sparsity))
+    if as_json:
+        click.echo(json.dumps({"text": g.text, "original": g.original, "same": g.same, "new_tokens": g.new_tokens,
+                               "agreement": g.agreement, **g.stats}))
+        return
+    click.echo(f"prismoe: {g.text}")
+    if compare:
+        click.echo(f"original: {g.original}")
+        click.echo(f"same text: {g.same}; token agreement {g.agreement:.3f}")
+    click.echo(_cache_line(g.stats))
+
+
+@click.command("runtime")
+@click.argument("adapter", required=False)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--sparsity", type=float, default=0.3, show_default=True)
+@click.option("--input", "input_path", default=None, help="Token rows (.npy or pairs store) [default: Gaussian].")
+@click.option("--d-in", type=int, default=512, show_default=True, help="Synthetic adapter input width.")
+@click.option("--d-out", type=int, default=8192, show_default=True, help="Synthetic adapter output width.")
+@click.option("--workers", type=int, default=128, show_default=True, help="Synthetic adapter workers per pipe.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--hit-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Tokens measured per budget of the hit-rate curve (after as many warm-up tokens).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--plots", type=click.Path(file_okay=False), default=None, help="Write hit_rate.png here.")
+@quiet_option
+def bench_runtime_cmd(adapter, device, sparsity, input_path, d_in, d_out, workers, repeats, hit_tokens, as_json,
+                      plots, quiet):
+    """Runtime speed vs dense F.linear, INT8 vs fp32, hit rate vs cache budget, serial vs parallel.
+
+    Without ADAPTER a synthetic three-pipe adapter of --d-in → --d-out is built in a temporary folder.
+    """
+    from prismoe_store.runtime_bench import benchmark_runtime, format_report, plot_hit_rate, synthetic_adapter
+
+    tokens = None
+    if input_path:
+        rows, _, read = _open_rows(input_path)
+        tokens = read(0, min(rows, max(64, 2 * hit_tokens)))
+    with tempfile.TemporaryDirectory(prefix="prismoe-bench-") as tmp:
+        if adapter is None:
+            with bar("synthetic adapter", quiet=quiet or as_json, unit="band") as progress:
+                store = synthetic_adapter(os.path.join(tmp, "adapter.zarr"), d_in=d_in, d_out=d_out,
+                                          workers=workers, progress=progress)
+        else:
+            store = AdapterStore.open(adapter, require_complete=True)
+        with bar("benchmark", quiet=quiet or as_json, unit="step") as progress:
+            report = benchmark_runtime(store, device=device, sparsity=sparsity, tokens=tokens, repeats=repeats,
+                                       hit_tokens=hit_tokens, progress=progress)
+    report["adapter"] = adapter or f"synthetic {d_in}→{d_out}, {workers} workers a pipe"
+    if plots:
+        os.makedirs(plots, exist_ok=True)
+        report["plots"] = [os.path.join(plots, "hit_rate.png")]
+        plot_hit_rate(report, report["plots"][0])
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(format_report(report))
+    for p in report.get("plots", []):
+        click.echo(f"wrote {p}")
+
+
+commands = [infer_cmd, quantize_cmd, generate_cmd]
+bench_commands = [bench_runtime_cmd]

@@ -1,0 +1,287 @@
+"""PNG plots: tile-norm heatmaps over a grid, and slice views of 2-D/3-D tensors.
+
+Matplotlib is imported only when a plot is drawn, and draws through its Agg canvas on a private
+``Figure`` (no pyplot, no global backend switch). Big tensors are never read whole: images are
+reduced band by band to at most ``max_pixels`` per side (as the root mean square of each block,
+said so on the plot), and the value histogram reads a bounded sample of slices.
+
+>>> import os, tempfile
+>>> import numpy as np
+>>> out = tempfile.mkdtemp()
+>>> p = tile_heatmap(np.arange(8.0).reshape(2, 4), os.path.join(out, "h.png"), title="norms")
+>>> os.path.getsize(p) > 0
+True
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+BAND_BYTES = 32 << 20  # float64 bytes read at a time while reducing an image or histogramming
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of a tensor name or title.
+
+    >>> safe_name("model/lm_head.weight tile norms")
+    'model_lm_head.weight_tile_norms'
+    """
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "plot"
+
+
+# -- heatmaps of per-tile values -------------------------------------------------------------
+
+
+def tile_heatmap(values: np.ndarray, path, *, mask: np.ndarray | None = None, title: str = "",
+                 label: str = "Frobenius norm") -> Path:
+    """Draw a ``(rows, cols)`` array of per-tile values as a heatmap PNG; masked cells grey.
+
+    Cells are annotated with their values when the grid is small (≤ 64 cells).
+
+    >>> import tempfile, os
+    >>> p = tile_heatmap(np.ones((2, 2)), os.path.join(tempfile.mkdtemp(), "x.png"),
+    ...                  mask=np.array([[False, True], [False, False]]))
+    >>> p.suffix
+    '.png'
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"tile_heatmap needs a (rows, cols) array, got shape {values.shape}")
+    rows, cols = values.shape
+    shown = np.ma.masked_array(values, mask=mask if mask is not None else np.zeros_like(values, bool))
+    shown = np.ma.masked_invalid(shown)
+    width = min(14.0, max(4.5, 2.5 + 0.3 * cols))
+    height = min(12.0, max(3.0, 1.5 + 0.25 * rows))
+    fig = _figure(width, height)
+    ax = fig.add_subplot()
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#bbbbbb")
+    im = ax.imshow(shown, cmap=cmap, aspect="auto", interpolation="nearest",
+                   extent=(-0.5, cols - 0.5, rows - 0.5, -0.5))
+    fig.colorbar(im, ax=ax, label=label)
+    ax.set_xlabel("col c (input slice)")
+    ax.set_ylabel("row r (output band)")
+    n_pad = int(np.ma.getmaskarray(shown).sum())
+    ax.set_title(f"{title}\n{rows}×{cols} grid" + (f", grey: {n_pad} padding-only" if n_pad else ""), fontsize=10)
+    if rows * cols <= 64:
+        lo, hi = im.get_clim()
+        for r in range(rows):
+            for c in range(cols):
+                if not np.ma.getmaskarray(shown)[r, c]:
+                    bright = (values[r, c] - lo) > 0.6 * (hi - lo)  # viridis is light at the top
+                    ax.text(c, r, f"{values[r, c]:.3g}", ha="center", va="center", fontsize=7,
+                            color="black" if bright else "white")
+    return _save(fig, path)
+
+
+def report_heatmaps(report, out_dir) -> list[Path]:
+    """Write every heatmap a store report offers (``report.heatmaps()``) as ``<title>.png``."""
+    out = []
+    for title, (values, mask) in report.heatmaps().items():
+        out.append(tile_heatmap(values, Path(out_dir) / f"{safe_name(title)}.png", mask=mask, title=title))
+    return out
+
+
+# -- 2-D / 3-D tensors -------------------------------------------------------------------------
+
+
+def visualize_tensor(array, out_dir, *, prefix: str = "tensor", max_slices: int = 16, max_pixels: int = 256,
+                     hist_slices: int = 64, bins: int = 100, title: str = "", unit: str = "slice",
+                     slice_name: Callable[[int], str] | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> list[Path]:
+    """Write slice heatmaps and a value histogram of a 2-D or 3-D array; return the PNG paths.
+
+    ``array`` is anything sliced like NumPy (``a[i, r0:r1]`` for 3-D, ``a[r0:r1]`` for 2-D): a
+    memory map, a Zarr array, a store's tile stack. Writes ``<prefix>_slices.png`` (up to
+    ``max_slices`` evenly spaced slices along axis 0, shared colour scale) and
+    ``<prefix>_hist.png`` (values of up to ``hist_slices`` slices, and for 3-D the Frobenius norm of
+    each of those slices). ``unit`` names what a slice is ("tile" for a tile stack) and
+    ``slice_name(i)`` titles slice ``i``. ``progress(done, total)`` counts slice reads.
+
+    >>> import tempfile
+    >>> paths = visualize_tensor(np.random.default_rng(0).normal(size=(4, 8, 8)), tempfile.mkdtemp())
+    >>> [p.name for p in paths]
+    ['tensor_slices.png', 'tensor_hist.png']
+    """
+    shape = tuple(array.shape)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"visualize_tensor needs a 2-D or 3-D array, got shape {shape}")
+    view = _Slices(array)
+    n = view.n
+    title = title or f"{prefix} {'×'.join(map(str, shape))}"
+    out_dir = Path(out_dir)
+
+    picks, hist_picks = _evenly(n, max_slices), _evenly(n, hist_slices)
+    tick = _ticker(progress, len(picks) + 2 * len(hist_picks))
+    images = [tick(_reduced(view, i, max_pixels)) for i in picks]
+    rms = images[0][1] > 1 or images[0][2] > 1
+    names = slice_name or (lambda i: f"{unit} {i}")
+    paths = [_slices_png(images, picks, view, rms, title, unit, names, out_dir / f"{prefix}_slices.png")]
+    paths.append(_hist_png(view, hist_picks, bins, title, unit, out_dir / f"{prefix}_hist.png", tick))
+    return paths
+
+
+def _ticker(progress, total: int):
+    """A pass-through function that reports one more unit done each time it is called."""
+    done = [0]
+
+    def tick(value=None):
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+        return value
+
+    return tick
+
+
+class _Slices:
+    """Uniform access to slice ``i``'s rows ``r0:r1`` of a 2-D (one slice) or 3-D array."""
+
+    def __init__(self, array):
+        self.array = array  # the 2-D or 3-D array-like
+        shape = tuple(array.shape)
+        self.three_d = len(shape) == 3  # False: a 2-D array seen as one slice
+        self.n, self.h, self.w = shape if self.three_d else (1, *shape)
+
+    def rows(self, i: int, r0: int, r1: int) -> np.ndarray:
+        part = self.array[i, r0:r1] if self.three_d else self.array[r0:r1]
+        return np.asarray(part, dtype=np.float64)
+
+    def bands(self, i: int, multiple: int = 1, *, valid_only: bool = False):
+        """Yield ``(r0, rows)`` bands of slice ``i``; ``valid_only`` drops an array's padding
+        (when it says where that is, via ``valid_shape(i)``, like a store's tile stack)."""
+        h, w = self.h, self.w
+        if valid_only and hasattr(self.array, "valid_shape"):
+            h, w = self.array.valid_shape(i)
+        step = max(multiple, (BAND_BYTES // (8 * max(1, self.w))) // multiple * multiple)
+        for r0 in range(0, h, step):
+            yield r0, self.rows(i, r0, min(r0 + step, h))[:, :w]
+
+
+def _evenly(n: int, k: int) -> list[int]:
+    return sorted({int(round(v)) for v in np.linspace(0, n - 1, min(n, max(1, k)))})
+
+
+def _reduced(view: _Slices, i: int, max_pixels: int) -> tuple[np.ndarray, int, int]:
+    """Slice ``i`` as an image of at most ``max_pixels`` per side: the values themselves when it
+    fits, else the root mean square of each ``fr × fc`` block. Returns (image, fr, fc)."""
+    fr, fc = -(-view.h // max_pixels), -(-view.w // max_pixels)
+    if fr == 1 and fc == 1:
+        return view.rows(i, 0, view.h), 1, 1
+    col_starts = np.arange(0, view.w, fc)
+    col_counts = np.diff(np.append(col_starts, view.w))
+    out = np.zeros((-(-view.h // fr), len(col_starts)))
+    for r0, band in view.bands(i, multiple=fr):
+        row_starts = np.arange(0, band.shape[0], fr)
+        row_counts = np.diff(np.append(row_starts, band.shape[0]))
+        sq = np.add.reduceat(np.add.reduceat(band * band, row_starts, axis=0), col_starts, axis=1)
+        out[r0 // fr:r0 // fr + len(row_starts)] = sq / np.outer(row_counts, col_counts)
+    return np.sqrt(out), fr, fc
+
+
+def _slices_png(images, picks, view: _Slices, rms: bool, title: str, unit: str, names, path) -> Path:
+    import matplotlib
+
+    k = len(images)
+    ncols = math.ceil(math.sqrt(k))
+    nrows = math.ceil(k / ncols)
+    fig = _figure(min(16.0, max(7.0, 2.0 + 3.2 * ncols)), min(16.0, 1.6 + 3.0 * nrows))
+    finite = np.concatenate([img[np.isfinite(img)].ravel() for img, _, _ in images])
+    top = float(np.percentile(np.abs(finite), 99.5)) if finite.size else 1.0
+    top = top if top > 0 else 1.0
+    if rms:
+        cmap, vmin, vmax, label = matplotlib.colormaps["viridis"], 0.0, top, "RMS of block"
+    else:
+        cmap, vmin, vmax, label = matplotlib.colormaps["RdBu_r"], -top, top, "value"
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    im = None
+    for ax, (img, fr, fc), i in zip(axes.ravel(), images, picks):
+        im = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest",
+                       extent=(0, view.w, view.h, 0))
+        ax.set_title(names(i) if view.three_d else "matrix", fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[k:]:
+        ax.set_axis_off()
+    fig.colorbar(im, ax=axes.ravel().tolist(), label=label, shrink=0.8)
+    _, fr, fc = images[0]
+    note = f"each pixel the RMS of a {fr}×{fc} block; " if rms else ""
+    shown = f"{k} of {view.n} {unit}s along axis 0" if view.three_d else f"{view.h}×{view.w} matrix"
+    fig.suptitle(f"{title}\n{shown}\n{note}colour clipped at the 99.5th percentile of |value|", fontsize=10)
+    return _save(fig, path)
+
+
+def _hist_png(view: _Slices, picks: list[int], bins: int, title: str, unit: str, path, tick) -> Path:
+    lo, hi = math.inf, -math.inf
+    for i in picks:  # pass 1: the value range
+        for _, band in view.bands(i, valid_only=True):
+            f = band[np.isfinite(band)]
+            if f.size:
+                lo, hi = min(lo, float(f.min())), max(hi, float(f.max()))
+        tick()
+    if not math.isfinite(lo):
+        lo, hi = 0.0, 1.0
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    counts = np.zeros(bins, np.int64)
+    edges = np.linspace(lo, hi, bins + 1)
+    n = zeros = nonfinite = 0
+    s = ss = 0.0
+    norms = []
+    for i in picks:  # pass 2: the histogram and moments
+        sq = 0.0
+        for _, band in view.bands(i, valid_only=True):
+            counts += np.histogram(band, bins=edges)[0]
+            fin = np.isfinite(band)
+            nonfinite += int(band.size - fin.sum())
+            f = band[fin]
+            n, zeros = n + f.size, zeros + int(f.size - np.count_nonzero(f))
+            s, ss, sq = s + float(f.sum()), ss + float(f @ f), sq + float(f @ f)
+        norms.append(math.sqrt(sq))
+        tick()
+    mean = s / max(n, 1)
+    std = math.sqrt(max(ss / max(n, 1) - mean * mean, 0.0))
+
+    fig = _figure(11.0 if view.three_d else 7.0, 4.2)
+    axes = fig.subplots(1, 2 if view.three_d else 1, squeeze=False).ravel()
+    ax = axes[0]
+    ax.stairs(counts, edges, fill=True, color="#4c72b0")
+    ax.set_yscale("log")
+    ax.set_xlabel("value")
+    ax.set_ylabel("count (log)")
+    sampled = f" (from {len(picks)} of {view.n} {unit}s)" if len(picks) < view.n else ""
+    if hasattr(view.array, "valid_shape"):
+        sampled += ", padding left out"
+    ax.set_title(f"value histogram{sampled}\nmean {mean:.3g}, std {std:.3g}, zeros {100 * zeros / max(n, 1):.2f}%"
+                 + (f", non-finite {nonfinite}" if nonfinite else ""), fontsize=9)
+    if view.three_d:
+        ax2 = axes[1]
+        ax2.plot(picks, norms, marker="o" if len(picks) <= 64 else None, lw=1)
+        ax2.set_xlabel(f"{unit} index (axis 0)")
+        ax2.set_ylabel("Frobenius norm")
+        ax2.set_title(f"norm of each {unit}" + (" (sampled)" if sampled else ""), fontsize=9)
+        ax2.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+

@@ -1,0 +1,132 @@
+"""INT8 tiles: symmetric per-output-row absmax quantization.
+
+Each row ``i`` of a tile gets one scale ``s_i = max_j |T_ij| / 127`` (rounded up to float32) and its values become
+``q_ij = round(T_ij / s_i)`` in ``[-127, 127]``; the runtime keeps ``q`` (1 byte a value) and
+``s`` in its cache and rebuilds ``T ≈ q · s`` on the device at use. The error per element is at
+most ``s_i / 2``. A row of zeros gets scale 0 and stays exactly zero.
+
+>>> import numpy as np
+>>> t = np.array([[1.0, -0.5, 0.25], [0.0, 0.0, 0.0]], np.float32)
+>>> q, s = quantize_tile(t)
+>>> q.tolist(), [round(float(v), 6) for v in s]
+([[127, -63, 32], [0, 0, 0]], [0.007874, 0.0])
+>>> bool(np.abs(dequantize_tile(q, s) - t).max() <= s.max() / 2)
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .adapter import AdapterStore
+from .errors import DataError
+
+QMAX = 127  # symmetric range [-127, 127]; -128 is never used, so negation is exact
+SCHEME = "int8-absmax-per-row"  # what the adapter's ``int8`` attribute records
+
+
+def quantize_tile(tile: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize a tile ``[rows, cols]`` to ``(q int8 [rows, cols], scales float32 [rows])``.
+
+    >>> q, s = quantize_tile(np.array([[2.0, -1.0]], np.float32))
+    >>> q.tolist(), bool(s[0] >= 2.0 / 127)
+    ([[127, -63]], True)
+    """
+    tile = np.asarray(tile)
+    if tile.ndim != 2:
+        raise DataError(f"a tile must be 2-D, got shape {tile.shape}")
+    if not np.isfinite(tile).all():
+        raise DataError("cannot quantize a tile holding NaN or Inf")
+    t = tile.astype(np.float64)  # [a, b]
+    exact = np.abs(t).max(axis=1) / QMAX  # [a] float64
+    scales = exact.astype(np.float32)  # [a], what is stored: rounded up so that |T / s| <= 127
+    low = scales.astype(np.float64) < exact
+    scales[low] = np.nextafter(scales[low], np.float32(np.inf))
+    safe = np.where(scales > 0, scales, 1.0).astype(np.float64)[:, None]  # [a, 1]
+    q = np.clip(np.rint(t / safe), -QMAX, QMAX).astype(np.int8)  # [a, b]
+    return q, scales
+
+
+def dequantize_tile(q, scales):
+    """``q · scales`` row by row: numpy in → float32 numpy out, torch in → float32 torch out (same device).
+
+    >>> import torch
+    >>> dequantize_tile(torch.tensor([[127, -127]], dtype=torch.int8), torch.tensor([0.5])).tolist()
+    [[63.5, -63.5]]
+    """
+    if isinstance(q, torch.Tensor):
+        return q.to(torch.float32) * scales.to(torch.float32)[:, None]  # [a, b]
+    return np.asarray(q, np.float32) * np.asarray(scales, np.float32)[:, None]  # [a, b]
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What one :func:`quantize_adapter` call did (resumed runs report only the tiles they wrote)."""
+
+    tiles: int  # tiles quantized by this call (padding-only tiles are recorded, not counted)
+    skipped: int  # tiles already done by an earlier, interrupted run
+    max_rel_error: float  # largest ‖T − q·s‖_F / ‖T‖_F over the tiles quantized here (0 when none)
+    bytes_fp32: int  # bytes of the quantized tiles as float32
+    bytes_int8: int  # bytes of the same tiles as INT8 plus their float32 scales
+
+
+def quantize_adapter(adapter: AdapterStore, progress: Callable[[int, int], None] | None = None) -> QuantReport:
+    """Write INT8 tiles and per-row scales for every pipe of ``adapter``, tile by tile, resumably.
+
+    Finished tiles are recorded in the store's progress records (``quantize_pipe{p}``), so an
+    interrupted run picks up where it stopped; the root attribute ``int8`` is written last.
+    Padding-only tiles are never read by the runtime: they are recorded without being written
+    (they read back as zeros with scale 0).
+
+    >>> import numpy as np
+    >>> from prismoe_store.grid import plan_grid
+    >>> g = plan_grid(6, 10, 8)
+    >>> a = AdapterStore.create("memory://doc-quant", grids=[g], overwrite=True)
+    >>> a.write_band(0, 0, np.ones((g.tile_out, g.d_in_pad), np.float32))
+    >>> quantize_adapter(a).tiles, a.attrs()["int8"]["complete"]
+    (6, True)
+    """
+    grids = adapter.grids
+    records = [adapter.progress(f"quantize_pipe{p}", g.workers) for p, g in enumerate(grids)]
+    todo = [(p, j) for p, rec in enumerate(records) for j in rec.missing()]
+    total = sum(g.workers for g in grids)
+    done = total - len(todo)
+    tiles = 0
+    worst = 0.0
+    bytes_fp32 = bytes_int8 = 0
+    for p, g in enumerate(grids):
+        adapter.int8_arrays(p, create=True)
+    if progress:
+        progress(done, total)
+    for p, j in todo:
+        g = grids[p]
+        if not g.is_padding(j):
+            tile = adapter.read_tile(p, j)  # [a, b] float32
+            q, s = quantize_tile(tile)
+            adapter.write_tile_int8(p, j, q, s)
+            norm = float(np.linalg.norm(tile))
+            if norm > 0:
+                worst = max(worst, float(np.linalg.norm(dequantize_tile(q, s) - tile)) / norm)
+            tiles += 1
+            bytes_fp32 += tile.nbytes
+            bytes_int8 += q.nbytes + s.nbytes
+        records[p].mark(j)
+        done += 1
+        if progress:
+            progress(done, total)
+    adapter.update_attrs(int8={"scheme": SCHEME, "complete": True})
+    return QuantReport(tiles=tiles, skipped=total - len(todo), max_rel_error=worst,
+                       bytes_fp32=bytes_fp32, bytes_int8=bytes_int8)
+
+
+def int8_ready(adapter) -> bool:
+    """True when ``adapter`` has finished INT8 tiles (an :class:`AdapterStore` says so in its
+    ``int8`` attribute; any other tile source is trusted to serve ``read_tile_int8``)."""
+    if isinstance(adapter, AdapterStore):
+        info = adapter.attrs().get("int8")
+        return isinstance(info, dict) and bool(info.get("complete")) and adapter.has_int8
+    return True

@@ -1,0 +1,339 @@
+"""Synthetic activation pairs with a known ground truth, written to a pairs store chunk by chunk.
+
+Inputs are Gaussian with a few strong directions, like hidden states:
+``x = g + h @ mix`` with ``g ~ N(0, I_M)``, ``h ~ N(0, I_k)`` and ``mix [k, M]`` = ``k`` random unit
+directions scaled by 3, 2.25, 1.69, ... (so ``cov x = I + mixᵀ mix``, condition number ≤ 10).
+``W [N, M]`` has ``N(0, 1/M)`` entries, so the clean target has entries of unit scale and
+``noise`` is σ relative to it. Two targets:
+
+* ``linear``: ``z = x Wᵀ + σ ε``. Least squares on the pairs recovers ``W`` to ``≈ σ·√(M/S)``.
+* ``gated``: a piecewise-linear target that needs different tiles for different inputs.
+  The matrix is cut into *blocks* of ``max tile_out × max tile_in`` over the three default pipe
+  grids (:func:`~prismoe_store.grid.plan_pipes` with ``workers``). All tile sizes are powers of two
+  aligned at 0, so every tile of every pipe lies inside exactly one block. Each block is owned
+  by one of ``regions`` regions (a seeded, balanced assignment), and the regions split the input
+  space by ``regions`` orthonormal gating directions ``gates [E, M]``:
+  ``e(x) = argmax_e x·gates_e`` (about equally likely cones). Then
+  ``z = x (W ⊙ Mask_{e(x)})ᵀ + σ ε``, where ``Mask_e`` is 1 on the blocks region ``e`` owns.
+  So an input uses a ``1/E`` share of the tiles of every pipe and leaves the other output rows
+  of its unowned bands at zero. A dense matrix fits this badly; a top-k gate with
+  ``ρ = 1/E`` whose score for tile ``j`` is ``x·gates_{region(j)}`` (:meth:`SynthTruth.worker_regions`)
+  selects exactly the tiles the target uses, all with equal scores (so ``K·softmax`` weights
+  of 1): with the true tiles it reproduces the clean target exactly, where an untrained
+  gate picks tiles the input does not use.
+
+Rows are generated in fixed blocks of 256, block ``k`` from the random stream ``(seed, 1, k)``,
+and the target is computed per block, so row ``i`` has the same bytes whatever the chunking,
+resumes or row count. The ground truth (``w``, ``mix``; for ``gated`` also ``gates`` and
+``block_region``) is saved in the store's ``truth`` group, and :func:`load_truth` reads it back.
+
+>>> spec = SynthSpec(rows=600, d_in=16, d_out=24, kind="gated", noise=0.0, regions=2)
+>>> store = synthesize("memory://doc-synth", spec, rows_per_chunk=256, overwrite=True)
+>>> x, z = store.read(0, store.rows)
+>>> truth = load_truth(store)
+>>> store.rows, bool(np.allclose(truth.target(x), z, atol=1e-5))
+(600, True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Literal
+
+import numpy as np
+import zarr
+
+from .errors import DataError, IncompleteStoreError, StoreError, StoreFormatError
+from .grid import GridSpec, plan_pipes
+from .pairs import PairsStore
+from .stores import StoreOptions, create_chunked, reading
+
+Kind = Literal["linear", "gated"]
+KINDS = ("linear", "gated")
+GENERATOR, GENERATOR_VERSION = "prismoe_store.synth", 1
+_GEN_BLOCK = 256  # rows per generation block (fixed: part of what a seed means)
+_STREAM_TRUTH, _STREAM_ROWS = 0, 1  # random streams: (seed, stream[, block])
+_MIX_SCALE, _MIX_DECAY = 3.0, 0.75  # scale of the first correlated direction, ratio to the next
+_TRUTH_CHUNK_BYTES = 1 << 24  # truth/w is stored in row bands of at most this many bytes
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """What to synthesize; every field but ``rows`` is part of what the pairs are.
+
+    >>> SynthSpec(rows=10, d_in=4, d_out=3).kind
+    'linear'
+    """
+
+    rows: int  # S: pairs to write (disk is the only limit)
+    d_in: int  # M: width of x
+    d_out: int  # N: width of z
+    kind: Kind = "linear"  # "linear": one matrix; "gated": a region-dependent block-sparse matrix
+    noise: float = 0.01  # σ of the Gaussian noise on z (the clean target has unit-scale entries)
+    seed: int = 0  # seeds the ground truth and every row
+    regions: int = 4  # gated: regions (gating directions); each owns a 1/regions share of the blocks
+    workers: int = 512  # gated: workers per pipe of the plan_pipes grids the blocks align with
+    correlated: int = 4  # strong correlated directions in x (0: isotropic x)
+
+    def __post_init__(self) -> None:
+        for name in ("rows", "d_in", "d_out", "regions", "workers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise DataError(f"{name} must be a positive integer, got {v!r}")
+        if self.kind not in KINDS:
+            raise DataError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not (isinstance(self.noise, (int, float)) and np.isfinite(self.noise) and self.noise >= 0):
+            raise DataError(f"noise must be a finite number >= 0, got {self.noise!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise DataError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.correlated, int) or not 0 <= self.correlated <= self.d_in:
+            raise DataError(f"correlated must be an integer in 0..d_in={self.d_in}, got {self.correlated!r}")
+        if self.kind == "gated":
+            blocks = int(np.prod(_block_grid(self)[0]))
+            if self.regions > blocks:
+                raise DataError(f"a gated {self.d_in}→{self.d_out} target has {blocks} blocks, "
+                                f"fewer than regions={self.regions}: use fewer regions")
+
+    def provenance(self) -> dict:
+        """The settings as the store's provenance record (``rows`` is what was asked for)."""
+        return {"source": "synth", "generator": GENERATOR, "generator_version": GENERATOR_VERSION,
+                "dtype": "float32", **asdict(self)}
+
+
+@dataclass(frozen=True, eq=False)
+class SynthTruth:
+    """The ground truth behind synthetic pairs (see the module docstring for the construction)."""
+
+    w: np.ndarray  # [d_out, d_in] float32: the linear map (gated: every region's blocks together)
+    mix: np.ndarray  # [correlated, d_in] float32: x = g + h @ mix with g, h standard normal
+    gates: np.ndarray | None = None  # gated: [regions, d_in] orthonormal gating directions
+    block_region: np.ndarray | None = None  # gated: [block_rows, block_cols] region owning each block
+    block_shape: tuple[int, int] | None = None  # gated: (rows, columns) of one block
+
+    @property
+    def kind(self) -> Kind:
+        """``"gated"`` when there are gating directions, else ``"linear"``."""
+        return "linear" if self.gates is None else "gated"
+
+    @property
+    def regions(self) -> int:
+        """Number of regions (1 for ``linear``)."""
+        return 1 if self.gates is None else self.gates.shape[0]
+
+    def region(self, x: np.ndarray) -> np.ndarray:
+        """The region of each row of ``x`` (``argmax x·gates``; all 0 for ``linear``)."""
+        x = np.asarray(x, dtype=np.float32)
+        if self.gates is None:
+            return np.zeros(x.shape[0], dtype=np.int64)
+        return np.argmax(x @ self.gates.T, axis=1)
+
+    def target(self, x: np.ndarray) -> np.ndarray:
+        """The clean target ``z`` (no noise) for inputs ``x [n, d_in]``, float32."""
+        x = np.asarray(x, dtype=np.float32)
+        if self.gates is None:
+            return x @ self.w.T
+        d_out, d_in = self.w.shape
+        bo, bi = self.block_shape
+        regions = self.region(x)[:, None]
+        block_row = np.arange(d_out) // bo  # the block row of each output
+        z = np.zeros((x.shape[0], d_out), dtype=np.float32)
+        for cb in range(self.block_region.shape[1]):  # one product per block column, masked by region
+            cols = slice(cb * bi, min((cb + 1) * bi, d_in))
+            part = x[:, cols] @ self.w[:, cols].T
+            z += np.where(self.block_region[block_row, cb][None, :] == regions, part, np.float32(0))
+        return z
+
+    def worker_regions(self, grid: GridSpec) -> np.ndarray:
+        """For each worker of ``grid``, the region whose target uses its tile (-1: padding only).
+
+        Every tile of the default pipe grids lies inside one block; a grid whose tiles straddle
+        blocks raises :class:`DataError`. For ``linear`` every real tile is region 0's.
+
+        >>> t = make_truth(SynthSpec(rows=1, d_in=16, d_out=24, kind="gated", regions=2))
+        >>> sorted(set(t.worker_regions(plan_pipes(16, 24)[2]).tolist()))
+        [-1, 0, 1]
+        """
+        d_out, d_in = self.w.shape
+        if (grid.d_in, grid.d_out) != (d_in, d_out):
+            raise DataError(f"grid is {grid.d_in}→{grid.d_out}, the truth is {d_in}→{d_out}")
+        out = np.full(grid.workers, -1, dtype=np.int64)
+        bo, bi = self.block_shape or (grid.d_out_pad, grid.d_in_pad)
+        for j, r, c in grid.iter_tiles():
+            if grid.is_padding(j):
+                continue
+            rows, cols = grid.tile_region(j)
+            rb, cb = rows.start // bo, cols.start // bi
+            if (rows.stop - 1) // bo != rb or (cols.stop - 1) // bi != cb:
+                raise DataError(f"tile {j} of {grid} straddles the truth's {bo}×{bi} blocks")
+            out[j] = 0 if self.block_region is None else int(self.block_region[rb, cb])
+        return out
+
+    # -- storage -----------------------------------------------------------------------------
+    def save(self, group: zarr.Group, options: StoreOptions) -> None:
+        """Write into ``group`` (a store's ``truth`` group) band by band; ``complete`` is set last."""
+        d_out, d_in = self.w.shape
+        band = max(1, min(d_out, _TRUTH_CHUNK_BYTES // (4 * d_in)))
+        w = create_chunked(group, "w", (d_out, d_in), (band, d_in), "float32", options, overwrite=True)
+        for start in range(0, d_out, band):
+            w[start:start + band] = self.w[start:start + band]
+        small = {"mix": self.mix, "gates": self.gates, "block_region": self.block_region}
+        for name, arr in small.items():
+            if arr is not None:
+                a = create_chunked(group, name, arr.shape, tuple(max(1, n) for n in arr.shape), arr.dtype,
+                                   options, overwrite=True)
+                a[...] = arr
+        group.attrs.update({"kind": self.kind, "block_shape": list(self.block_shape or []), "complete": True})
+
+    @classmethod
+    def load(cls, group: zarr.Group, where: str = "") -> "SynthTruth":
+        """Read what :meth:`save` wrote."""
+        attrs = dict(group.attrs)
+        if not attrs.get("complete"):
+            raise IncompleteStoreError(f"the ground truth in {where} is incomplete: re-run synth")
+        with reading(f"the ground truth in {where}"):
+            arrays = {name: group[name][...] for name in ("w", "mix", "gates", "block_region") if name in group}
+        shape = attrs.get("block_shape") or None
+        return cls(arrays["w"], arrays["mix"], arrays.get("gates"), arrays.get("block_region"),
+                   tuple(shape) if shape else None)
+
+
+def _block_grid(spec: SynthSpec) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((block_rows, block_cols), (block_out, block_in))`` of the gated target's blocks."""
+    grids = plan_pipes(spec.d_in, spec.d_out, spec.workers)
+    bo, bi = max(g.tile_out for g in grids), max(g.tile_in for g in grids)
+    return (-(-spec.d_out // bo), -(-spec.d_in // bi)), (bo, bi)
+
+
+def make_truth(spec: SynthSpec) -> SynthTruth:
+    """The ground truth for ``spec``: the same arrays for the same settings, whatever ``rows``.
+
+    >>> make_truth(SynthSpec(rows=1, d_in=4, d_out=3, seed=1)).w.shape
+    (3, 4)
+    """
+    rng = np.random.default_rng([spec.seed, _STREAM_TRUTH])
+    w = np.empty((spec.d_out, spec.d_in), dtype=np.float32)
+    rng.standard_normal(dtype=np.float32, out=w)  # in place: no float64 copy of a big matrix
+    w *= np.float32(1.0 / np.sqrt(spec.d_in))
+    k = spec.correlated
+    mix = rng.standard_normal((k, spec.d_in)).astype(np.float32)
+    mix /= np.linalg.norm(mix, axis=1, keepdims=True)
+    mix *= (_MIX_SCALE * _MIX_DECAY ** np.arange(k, dtype=np.float32))[:, None]
+    if spec.kind == "linear":
+        return SynthTruth(w, mix)
+    (rb, cb), shape = _block_grid(spec)
+    e = spec.regions
+    g = rng.standard_normal((spec.d_in, e))
+    gates = (np.linalg.qr(g)[0].T if e <= spec.d_in else (g / np.linalg.norm(g, axis=0)).T).astype(np.float32)
+    owner = np.empty(rb * cb, dtype=np.int16)
+    owner[rng.permutation(rb * cb)] = np.arange(rb * cb) % e  # balanced: each region owns ⌊B/E⌋ or ⌈B/E⌉
+    return SynthTruth(w, mix, np.ascontiguousarray(gates), owner.reshape(rb, cb), shape)
+
+
+def generate(spec: SynthSpec, truth: SynthTruth, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``start:stop`` of the pairs as ``(x, z)`` float32, the same bytes however they are cut.
+
+    >>> spec = SynthSpec(rows=1000, d_in=8, d_out=5)
+    >>> t = make_truth(spec)
+    >>> x1, _ = generate(spec, t, 0, 700)
+    >>> x2, _ = generate(spec, t, 300, 900)
+    >>> bool((x1[300:] == x2[:400]).all())
+    True
+    """
+    if not 0 <= start <= stop:
+        raise DataError(f"bad row range {start}:{stop}")
+    x = np.empty((stop - start, spec.d_in), dtype=np.float32)
+    z = np.empty((stop - start, spec.d_out), dtype=np.float32)
+    for block in range(start // _GEN_BLOCK, -(-stop // _GEN_BLOCK)):
+        lo, hi = block * _GEN_BLOCK, (block + 1) * _GEN_BLOCK
+        bx, bz = _block(spec, truth, block)
+        a, b = max(lo, start), min(hi, stop)
+        x[a - start:b - start] = bx[a - lo:b - lo]
+        z[a - start:b - start] = bz[a - lo:b - lo]
+    return x, z
+
+
+def _block(spec: SynthSpec, truth: SynthTruth, block: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([spec.seed, _STREAM_ROWS, block])
+    x = rng.standard_normal((_GEN_BLOCK, spec.d_in), dtype=np.float32)
+    if spec.correlated:
+        x += rng.standard_normal((_GEN_BLOCK, spec.correlated), dtype=np.float32) @ truth.mix
+    z = truth.target(x)
+    if spec.noise > 0:
+        z += np.float32(spec.noise) * rng.standard_normal((_GEN_BLOCK, spec.d_out), dtype=np.float32)
+    return x, z
+
+
+def synthesize(url, spec: SynthSpec, *, rows_per_chunk: int = 2048, options: StoreOptions | None = None,
+               overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> PairsStore:
+    """Write ``spec.rows`` synthetic pairs and their ground truth to a new pairs store at ``url``.
+
+    Rows go in whole row chunks, each committed before the next is made, so memory holds one
+    chunk plus the ground truth and the row count is limited only by disk. Re-running on a store
+    that holds fewer rows with the same settings resumes (or extends it to a larger ``rows``);
+    other settings need ``overwrite``.
+
+    >>> s = synthesize("memory://doc-synth2", SynthSpec(rows=300, d_in=4, d_out=3), overwrite=True)
+    >>> s.rows, s.provenance["kind"]
+    (300, 'linear')
+    """
+    options = options or StoreOptions()
+    store = None if overwrite else _open_for_resume(url, spec, options)
+    if store is None:
+        store = PairsStore.create(url, d_in=spec.d_in, d_out=spec.d_out, rows_per_chunk=rows_per_chunk,
+                                  options=options, provenance=spec.provenance(), overwrite=overwrite)
+    truth = make_truth(spec)
+    group = store.group.require_group("truth")
+    if not group.attrs.get("complete"):
+        truth.save(group, options)
+    start, rpc = store.rows, store.rows_per_chunk
+    if progress:
+        progress(min(start, spec.rows), spec.rows)
+    while start < spec.rows:
+        stop = min((start // rpc + 1) * rpc, spec.rows)  # whole chunks (after a foreign, unaligned tail)
+        x, z = generate(spec, truth, start, stop)
+        last = stop == spec.rows
+        start = store.append(x, z, provenance={"rows": spec.rows} if last else None)
+        del x, z
+        if progress:
+            progress(start, spec.rows)
+    return store
+
+
+def _open_for_resume(url, spec: SynthSpec, options: StoreOptions) -> PairsStore | None:
+    """The existing store at ``url`` when it was made with ``spec``'s settings; ``None`` when
+    there is no store; an error when there is another store or other settings."""
+    try:
+        store = PairsStore.open(url, "r+", storage_options=options.storage_options)
+    except StoreFormatError:
+        raise
+    except StoreError:
+        return None  # nothing there (create() refuses anything else that is in the way)
+    have = store.provenance
+    want = spec.provenance()
+    diff = [f"{k}={have.get(k)!r} (asked {v!r})" for k, v in want.items() if k != "rows" and have.get(k) != v]
+    if diff:
+        raise StoreError(f"{url} holds other pairs ({', '.join(diff)}): use --overwrite to replace them")
+    return store
+
+
+def truth_summary(store: PairsStore) -> dict | None:
+    """Kind, matrix shape, regions and block shape of a store's ground truth, read from metadata
+    only (``None`` when the store has none).
+
+    >>> truth_summary(synthesize("memory://doc-synth3", SynthSpec(rows=1, d_in=4, d_out=3), overwrite=True))
+    {'kind': 'linear', 'w': [3, 4], 'regions': 1, 'block_shape': None, 'complete': True}
+    """
+    if "truth" not in store.group:
+        return None
+    group = store.group["truth"]
+    attrs = dict(group.attrs)
+    return {"kind": attrs.get("kind"), "w": list(group["w"].shape) if "w" in group else None,
+            "regions": group["gates"].shape[0] if "gates" in group else 1,
+            "block_shape": attrs.get("block_shape") or None, "complete": bool(attrs.get("complete"))}
+
+
+def load_truth(store: PairsStore) -> SynthTruth:
+    """The ground truth saved beside synthetic pairs (:class:`StoreError` for other pairs)."""
+    if "truth" not in store.group:
+        raise StoreError(f"{store.url} has no ground truth (it was not made by synth)")
+    return SynthTruth.load(store.group["truth"], store.url)

@@ -1,0 +1,41 @@
+"""Every ``prismoe`` command and group answers ``--help`` and documents every option."""
+
+from __future__ import annotations
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+
+
+def _walk(group: click.Group, path: tuple[str, ...] = ()):
+    yield path, group
+    ctx = click.Context(group, info_name=path[-1] if path else "prismoe")
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        if isinstance(cmd, click.Group):
+            yield from _walk(cmd, path + (name,))
+        else:
+            yield path + (name,), cmd
+
+
+COMMANDS = list(_walk(main))
+
+
+def test_there_are_commands():
+    names = {" ".join(p) for p, _ in COMMANDS}
+    assert {"extract", "inspect", "compare", "visualize"} <= names
+
+
+@pytest.mark.parametrize("path, cmd", COMMANDS, ids=[" ".join(p) or "prismoe" for p, _ in COMMANDS])
+def test_help(path, cmd):
+    result = CliRunner().invoke(main, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip()
+    assert (cmd.help or "").strip(), f"{' '.join(path) or 'prismoe'} has no help text"
+    first_line = (cmd.help or "").strip().splitlines()[0]
+    assert " ".join(first_line.split()) in " ".join(result.output.split())  # click re-wraps lines
+    undocumented = [p.name for p in cmd.params
+                    if isinstance(p, click.Option) and not (p.help or "").strip()]
+    assert not undocumented, f"options without help in {' '.join(path) or 'prismoe'}: {undocumented}"

@@ -1,0 +1,233 @@
+"""``prismoe collect`` on tiny real models built offline (tests/tiny_models.py), against references
+computed by running the same transformers models directly, one unpadded sequence at a time."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from prismoe_store.collect import CollectSpec, collect, load_model
+from prismoe_store.errors import DataError
+from prismoe_store.pairs import PairsStore
+from tiny_models import corpus_lines, save_llama, save_qwen2, write_llama_gguf, write_texts
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny matrices: one thread is fastest, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Two models with different tokenizers, a GGUF copy of the Llama, and two text files."""
+    d = tmp_path_factory.mktemp("collect")
+    llama = save_llama(d / "llama")
+    docs_a = corpus_lines(9, seed=11)
+    docs_b = corpus_lines(6, seed=12, min_words=20, max_words=30)  # long: several windows at max_length 24
+    return {
+        "dir": d, "llama": llama, "gguf": write_llama_gguf(llama, d / "llama.gguf"), "qwen": save_qwen2(d / "qwen"),
+        "a": write_texts(d / "a.txt", docs_a), "b": write_texts(d / "b.jsonl", docs_b),
+        "docs": docs_a + docs_b,
+    }
+
+
+@pytest.fixture(scope="module")
+def llama(world):
+    return load_model(world["llama"])
+
+
+def _reference(lm, text: str, max_length: int = 10**6):
+    """Per-token outputs of a document's first ``max_length`` tokens run alone: ids, hidden_states, logits."""
+    ids = lm.tokenizer(text)["input_ids"][:max_length]
+    with torch.no_grad():
+        out = lm.model(torch.tensor([ids]), output_hidden_states=True)
+    return ids, [h[0].numpy() for h in out.hidden_states], out.logits[0].numpy()
+
+
+def _run(args: list[str]):
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    return result
+
+
+def test_logits_target_is_x_times_lm_head(world, llama, tmp_path):
+    out = tmp_path / "p"
+    report = collect(llama, None, [world["a"], world["b"]], out, spec=CollectSpec(batch_size=3, max_length=24))
+    store = PairsStore.open(out)
+    x, z = store.read(0, store.rows)
+    w = llama.model.lm_head.weight.detach().numpy().astype(np.float64)
+    np.testing.assert_allclose(z, x.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5 * np.abs(z).max())
+    # every token of every document, in order, windows of <= 24 tokens run with a fresh context
+    ids = [llama.tokenizer(t)["input_ids"] for t in world["docs"]]
+    assert store.rows == report.rows_added == report.tokens_total == sum(map(len, ids))
+    _, hs, logits = _reference(llama, world["docs"][0], 24)
+    np.testing.assert_allclose(x[:len(hs[-1])], hs[-1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(z[:len(logits)], logits, rtol=1e-5, atol=1e-6)
+    long_ids = ids[9]  # first document of b.jsonl: several windows
+    assert len(long_ids) > 24
+    start = sum(map(len, ids[:9]))
+    with torch.no_grad():
+        ref_w2 = llama.model(torch.tensor([long_ids[24:48]]), output_hidden_states=True).hidden_states[-1][0]
+    np.testing.assert_allclose(x[start + 24:start + 48], ref_w2.numpy(), rtol=1e-5, atol=1e-6)
+    prov = store.provenance
+    assert prov["settings"]["target"] == "logits" and prov["upper"]["format"] == "folder"
+    assert {e["documents"] for e in prov["texts"].values()} == {9, 6}
+    assert all(e["done"] == [[0, e["documents"]]] for e in prov["texts"].values())
+    assert report.complete
+
+
+def test_embeddings_target_is_next_token_rows(world, llama, tmp_path):
+    out = tmp_path / "p"
+    collect(llama, None, [world["a"], world["b"]], out, spec=CollectSpec(target="embeddings", max_length=24))
+    x, z = PairsStore.open(out).read(0, 10**9)
+    emb = llama.model.get_input_embeddings().weight.detach().numpy()
+    nxt = np.concatenate([llama.tokenizer(t)["input_ids"][1:] for t in world["docs"]])
+    assert len(z) == len(nxt)  # the last token of each document has no next token; windows do not lose any
+    np.testing.assert_array_equal(z, emb[nxt])
+    ids, hs, _ = _reference(llama, world["docs"][0], 24)
+    k = min(len(ids), len(llama.tokenizer(world["docs"][0])["input_ids"]) - 1)  # rows of its first window
+    np.testing.assert_allclose(x[:k], hs[-1][:k], rtol=1e-5, atol=1e-6)
+
+
+def test_layer_and_hidden_target(world, llama, tmp_path):
+    out = tmp_path / "p"
+    collect(llama, None, [world["a"]], out, spec=CollectSpec(layer=1, target="hidden", lower_layer=-1))
+    x, z = PairsStore.open(out).read(0, 10**9)
+    ids, hs, logits = _reference(llama, world["docs"][0])
+    n = len(ids)
+    np.testing.assert_allclose(x[:n], hs[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(z[:n], hs[-1], rtol=1e-5, atol=1e-6)
+    # the last hidden state is after the final norm: it times lm_head is the logits
+    w = llama.model.lm_head.weight.detach().numpy()
+    np.testing.assert_allclose(z[:n] @ w.T, logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(DataError, match="out of range"):
+        collect(llama, None, [world["a"]], tmp_path / "q", spec=CollectSpec(layer=3))
+
+
+def test_pooling_matches_per_token_pairs(world, llama, tmp_path):
+    spec = CollectSpec(max_length=512, batch_size=4)
+    collect(llama, None, [world["a"]], tmp_path / "tok", spec=spec)
+    x, z = PairsStore.open(tmp_path / "tok").read(0, 10**9)
+    lengths = [len(llama.tokenizer(t)["input_ids"]) for t in world["docs"][:9]]
+    ends = np.cumsum(lengths)
+    for pool in ("last", "mean"):
+        collect(llama, None, [world["a"]], tmp_path / pool, spec=CollectSpec(pool=pool, batch_size=4))
+        px, pz = PairsStore.open(tmp_path / pool).read(0, 10**9)
+        assert px.shape == (9, x.shape[1])
+        if pool == "last":
+            ex, ez = x[ends - 1], z[ends - 1]
+        else:
+            ex = np.stack([x[e - n:e].mean(0) for e, n in zip(ends, lengths)])
+            ez = np.stack([z[e - n:e].mean(0) for e, n in zip(ends, lengths)])
+        np.testing.assert_allclose(px, ex, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(pz, ez, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_adds_the_rest_without_duplicates(world, llama, tmp_path):
+    texts = [world["a"], world["b"]]
+    spec = CollectSpec(batch_size=2, max_length=24)
+    full = tmp_path / "full"
+    collect(llama, None, texts, full, spec=spec)
+    out = tmp_path / "p"
+    # stop inside b.jsonl's long documents, part-way through one (windows of 24 tokens)
+    budget = PairsStore.open(full).provenance["texts"]
+    budget = next(e["tokens"] for e in budget.values() if e["documents"] == 9) + 30
+    first = collect(llama, None, texts, out, spec=CollectSpec(batch_size=2, max_length=24, max_tokens=budget))
+    assert not first.complete and budget <= first.tokens_total < budget + 2 * 24
+    partial = [e["partial"] for e in PairsStore.open(out).provenance["texts"].values() if e["partial"]]
+    assert partial and partial[0][1] > 0  # a document half done, resumed by window
+    again = collect(llama, None, texts, out, spec=CollectSpec(batch_size=2, max_length=24, max_tokens=budget))
+    assert again.rows_added == 0  # the cap is on the store: nothing more to do
+    rest = collect(llama, None, texts, out, spec=spec)
+    assert rest.complete and rest.documents_skipped > 0
+    a, b = PairsStore.open(full), PairsStore.open(out)
+    assert a.rows == b.rows and a.provenance["tokens"] == b.provenance["tokens"]
+    np.testing.assert_allclose(b.read(0, b.rows)[0], a.read(0, a.rows)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b.read(0, b.rows)[1], a.read(0, a.rows)[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(DataError, match="collected with target"):
+        collect(llama, None, texts, out, spec=CollectSpec(target="embeddings", max_length=24))
+
+
+def test_gguf_model_collects_like_its_folder(world, llama, tmp_path):
+    gguf_lm = load_model(world["gguf"])
+    assert gguf_lm.info["format"] == "gguf"
+    collect(gguf_lm, None, [world["a"]], tmp_path / "g", spec=CollectSpec(batch_size=4))
+    collect(llama, None, [world["a"]], tmp_path / "f", spec=CollectSpec(batch_size=4))
+    g, f = PairsStore.open(tmp_path / "g"), PairsStore.open(tmp_path / "f")
+    assert g.rows == f.rows
+    for a, b in zip(g.read(0, g.rows), f.read(0, f.rows)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # a GGUF upper with its folder as lower: the tokenizers agree, so pairs stay per token
+    r = collect(world["gguf"], world["llama"], [world["a"]], tmp_path / "gf", spec=CollectSpec(target="embeddings"))
+    assert r.tokenizers == "shared" and r.pool == "none"
+
+
+def test_different_tokenizers_pool_per_document(world, tmp_path):
+    result = _run(["collect", "--upper", str(world["llama"]), "--lower", str(world["qwen"]),
+                   "--text", str(world["a"]), "-o", str(tmp_path / "p"), "-q", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "tokenizers differ" in result.stderr and "--pool last" in result.stderr
+    report = json.loads(result.stdout)
+    assert report["pool"] == "last" and report["pool_switched"] and report["rows_total"] == 9
+    store = PairsStore.open(tmp_path / "p")
+    qwen = load_model(world["qwen"])
+    assert store.d_out == qwen.info["vocab_size"] and store.d_in == 32
+    _, _, logits = _reference(qwen, world["docs"][0])
+    np.testing.assert_allclose(store.read(0, 1)[1][0], logits[-1], rtol=1e-5, atol=1e-6)
+    asked = _run(["collect", "--upper", str(world["llama"]), "--lower", str(world["qwen"]), "--pool", "mean",
+                  "--text", str(world["a"]), "-o", str(tmp_path / "m"), "-q"])
+    assert asked.exit_code == 0 and "differ" not in asked.stderr
+
+
+def test_nonfinite_rows(world, tmp_path):
+    lm = load_model(world["llama"])
+    bad = lm.tokenizer("the")["input_ids"][-1]
+    with torch.no_grad():
+        lm.model.get_input_embeddings().weight[bad] = float("nan")
+    spec = CollectSpec(target="embeddings")
+    with pytest.raises(DataError, match="NaN/Inf"):
+        collect(lm, None, [world["a"]], tmp_path / "e", spec=spec)
+    r = collect(lm, None, [world["a"]], tmp_path / "d", spec=CollectSpec(target="embeddings", on_nonfinite="drop"))
+    assert r.nonfinite_rows > 0 and r.rows_total > 0
+    assert np.isfinite(PairsStore.open(tmp_path / "d").read(0, r.rows_total)[1]).all()
+    zeroed = collect(lm, None, [world["a"]], tmp_path / "z", spec=CollectSpec(target="embeddings", on_nonfinite="zero"))
+    assert zeroed.rows_total == r.rows_total + r.nonfinite_rows  # rows kept (zeroed), token alignment kept
+
+
+@pytest.mark.parametrize("case,kind", [
+    ("empty_text", "DataError"), ("missing_text", "SourceError"), ("no_weights", "ModelError"),
+    ("missing_model", "SourceError"), ("not_a_model_file", "ModelError"), ("bad_jsonl", "DataError"),
+])
+def test_bad_inputs_fail_in_one_line(world, tmp_path, case, kind):
+    model, text = str(world["llama"]), str(world["a"])
+    if case == "empty_text":
+        (tmp_path / "e.txt").write_text("\n\n")
+        text = str(tmp_path / "e.txt")
+    elif case == "missing_text":
+        text = str(tmp_path / "nope.txt")
+    elif case == "no_weights":
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "config.json").write_text((world["llama"] / "config.json").read_text())
+        model = str(tmp_path / "m")
+    elif case == "missing_model":
+        model = str(tmp_path / "nomodel")
+    elif case == "not_a_model_file":
+        model = text
+    elif case == "bad_jsonl":
+        (tmp_path / "t.jsonl").write_text('{"txt": "no text field"}\n')
+        text = str(tmp_path / "t.jsonl")
+    result = _run(["collect", "--upper", model, "--text", text, "-o", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {kind}:"), result.stderr
+    assert "Traceback" not in result.output

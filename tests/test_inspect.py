@@ -1,0 +1,342 @@
+"""Store inspection, matrix comparison and plots, against NumPy references and real files."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cli.main import main
+from prismoe_store.errors import DataError, StoreError, StoreFormatError, TensorNotFoundError
+from prismoe_store.grid import GridSpec, plan_grid
+from prismoe_store.inspect import (
+    INSPECTORS,
+    compare_matrices,
+    inspect_store,
+    open_matrix,
+    open_tensor,
+    tile_stats,
+)
+from prismoe_store.plots import tile_heatmap, visualize_tensor
+from prismoe_store.stores import StoreOptions, WeightsStore, create_checked
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _mem_url() -> str:
+    return f"memory://test-inspect-{uuid.uuid4().hex}"
+
+
+def _matrix(seed: int, d_out: int, d_in: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    m = (rng.standard_normal((d_out, d_in)) * rng.uniform(0.1, 3.0, size=d_in)).astype(np.float32)
+    m[rng.random(m.shape) < 0.15] = 0
+    return m
+
+
+def _reference_stats(m: np.ndarray, grid: GridSpec) -> dict[str, np.ndarray]:
+    """Per-tile statistics computed the plain way: cut each tile out of the float64 matrix."""
+    ref = {k: np.full(grid.workers, np.nan) for k in ("norm", "mean", "std", "absmax", "zero_share")}
+    ref["count"] = np.zeros(grid.workers, np.int64)
+    m = m.astype(np.float64)
+    for j in range(grid.workers):
+        rows, cols = grid.valid_region(j)
+        t = m[rows, cols]
+        ref["count"][j] = t.size
+        if t.size == 0:
+            ref["norm"][j] = 0.0
+            continue
+        ref["norm"][j] = np.linalg.norm(t)
+        ref["mean"][j], ref["std"][j] = t.mean(), t.std()
+        ref["absmax"][j] = np.abs(t).max()
+        ref["zero_share"][j] = np.mean(t == 0)
+    return ref
+
+
+def _png_ok(path) -> None:
+    data = open(path, "rb").read()
+    assert data[:8] == PNG_MAGIC and len(data) > 2000
+    import matplotlib.image
+
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and min(img.shape[:2]) > 100
+    assert img[..., :3].std() > 0.01  # not a blank canvas
+
+
+# -- tile statistics ---------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(d_in=st.integers(1, 48), d_out=st.integers(1, 48), workers=st.integers(0, 5).map(lambda k: 1 << k),
+       layout=st.sampled_from(["balanced", "wide"]), seed=st.integers(0, 2**31),
+       max_bytes=st.sampled_from([1, 300, 10**9]))
+def test_tile_stats_match_numpy(d_in, d_out, workers, layout, seed, max_bytes):
+    m = _matrix(seed, d_out, d_in)
+    grid = plan_grid(d_in, d_out, workers, layout=layout)
+    calls = []
+    s = tile_stats(m, grid, max_bytes=max_bytes, progress=lambda d, t: calls.append((d, t)))
+    ref = _reference_stats(m, grid)
+    np.testing.assert_array_equal(s.count, ref["count"])
+    for k in ("norm", "mean", "std", "absmax", "zero_share"):
+        np.testing.assert_allclose(getattr(s, k), ref[k], rtol=1e-12, atol=1e-12, equal_nan=True, err_msg=k)
+    assert s.padding.tolist() == [grid.is_padding(j) for j in range(grid.workers)]
+    assert calls[-1] == (grid.active_count, grid.active_count)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+    summ = s.summary()
+    m64 = m.astype(np.float64)
+    assert summ["frobenius"] == pytest.approx(np.linalg.norm(m64), rel=1e-12)
+    assert summ["mean"] == pytest.approx(m64.mean(), rel=1e-9, abs=1e-12)
+    assert summ["std"] == pytest.approx(m64.std(), rel=1e-9, abs=1e-12)
+    assert summ["absmax"] == np.abs(m64).max()
+    assert summ["zero_share"] == pytest.approx(np.mean(m == 0), rel=1e-12)
+    assert summ["padding_workers"] == [j for j in range(grid.workers) if grid.is_padding(j)]
+    live = ref["norm"][ref["count"] > 0]
+    assert (summ["tile_norm_min"], summ["tile_norm_max"]) == (live.min(), live.max())
+    assert summ["tile_norm_median"] == pytest.approx(np.median(live))
+    json.dumps(s.to_dict(), allow_nan=False)  # JSON-clean: NaN of padding tiles became null
+
+
+def test_tile_stats_counts_nonfinite_and_checks_shape():
+    m = np.ones((4, 4), np.float32)
+    m[0, 0], m[3, 3] = np.nan, np.inf
+    s = tile_stats(m, plan_grid(4, 4, 4))
+    assert s.nonfinite.tolist() == [1, 0, 0, 1] and s.summary()["nonfinite"] == 2
+    with pytest.raises(DataError):
+        tile_stats(m, plan_grid(5, 4, 4))
+
+
+# -- inspecting stores -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_inspect_weights_store(tmp_path, shard):
+    a, b = _matrix(0, 70, 24), _matrix(1, 9, 33)
+    ga, gb = plan_grid(24, 70, 8), plan_grid(33, 9, 4, layout="wide")
+    url = tmp_path / "w.zarr"
+    store = WeightsStore.create(url, options=StoreOptions(compressor="zstd", shard=shard))
+    store.write_matrix("lm_head", a, ga, source={"source": "x.safetensors", "source_dtype": "BF16"})
+    store.write_matrix("embedding", b, gb)
+    rep = inspect_store(url, max_bytes=1)
+    assert [t.name for t in rep.tensors] == ["embedding", "lm_head"]
+    t = {t.name: t for t in rep.tensors}["lm_head"]
+    assert t.shape == (70, 24) and t.dtype == "float32" and t.grid == ga and t.complete
+    assert t.bytes_memory == a.nbytes and 0 < t.bytes_disk
+    assert t.source == {"source": "x.safetensors", "source_dtype": "BF16"}
+    assert t.codecs[-1] == "crc32c" and t.codecs[0].startswith("zstd")
+    assert t.unit == ("band" if shard else "tile") and t.units_done == t.units_total
+    ref = _reference_stats(a, ga)
+    np.testing.assert_allclose(t.stats.norm, ref["norm"], rtol=1e-12)
+
+    d = json.loads(json.dumps(rep.to_dict(), allow_nan=False))
+    assert d["format"] == "weights" and d["version"] == 1
+    assert {x["name"] for x in d["tensors"]} == {"lm_head", "embedding"}
+    assert "lm_head" in rep.text() and "padding-only workers" in rep.text()
+
+    only = inspect_store(url, tensor="embedding", stats=False)
+    assert [t.name for t in only.tensors] == ["embedding"] and only.tensors[0].stats is None
+    with pytest.raises(TensorNotFoundError, match="lm_head"):
+        inspect_store(url, tensor="nope")
+
+
+def test_inspect_reports_incomplete_tensor():
+    url = _mem_url()
+    grid = plan_grid(8, 8, 4)
+    w = WeightsStore.create(url).begin("t", grid)
+    w.write_tile(2, np.ones(grid.tile_shape, np.float32))
+    t = inspect_store(url).tensors[0]
+    assert not t.complete and t.stats is None and (t.units_done, t.units_total) == (1, 4)
+    assert "INCOMPLETE: 1/4 tiles" in inspect_store(url).text()
+
+
+def test_inspect_dispatches_on_format(tmp_path):
+    assert "weights" in INSPECTORS
+    create_checked(tmp_path / "m", "mystery", 1)
+    with pytest.raises(StoreFormatError, match="mystery"):
+        inspect_store(tmp_path / "m")
+    zarr.open_group(str(tmp_path / "plain"), mode="w", zarr_format=3)
+    with pytest.raises(StoreFormatError, match="not a prismoe store"):
+        inspect_store(tmp_path / "plain")
+    create_checked(tmp_path / "v9", "weights", 9)
+    with pytest.raises(StoreFormatError, match="version"):
+        inspect_store(tmp_path / "v9")
+    with pytest.raises(StoreError):
+        inspect_store(tmp_path / "missing")
+
+
+# -- comparing ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(d_out=st.integers(1, 40), d_in=st.integers(1, 40), seed=st.integers(0, 2**31),
+       scale=st.sampled_from([0.0, 1e-6, 0.1, 10.0]), max_bytes=st.sampled_from([8, 200, 10**9]))
+def test_compare_matches_numpy(d_out, d_in, seed, scale, max_bytes):
+    a = _matrix(seed, d_out, d_in).astype(np.float64)
+    b = a + scale * np.random.default_rng(seed + 1).standard_normal(a.shape)
+    c = compare_matrices(a, b, max_bytes=max_bytes)
+    diff = np.abs(a - b)
+    assert c.max_abs_diff == diff.max()
+    assert diff[c.argmax] == diff.max()
+    nb = np.linalg.norm(b)
+    if nb > 0:
+        assert c.rel_frobenius == pytest.approx(np.linalg.norm(a - b) / nb, rel=1e-9, abs=1e-15)
+    na = np.linalg.norm(a)
+    if na > 0 and nb > 0:
+        assert c.cosine == pytest.approx(float((a * b).sum()) / (na * nb), rel=1e-9)
+    assert c.within(diff.max()) and (diff.max() == 0 or not c.within(diff.max() / 2))
+
+
+def test_compare_edge_cases():
+    z = np.zeros((3, 3))
+    c = compare_matrices(z, z)
+    assert (c.max_abs_diff, c.rel_frobenius, c.cosine) == (0.0, 0.0, 1.0)
+    c = compare_matrices(np.ones((3, 3)), z)
+    assert c.rel_frobenius == float("inf") and c.cosine == 0.0
+    n = np.ones((3, 3))
+    n[1, 2] = np.nan
+    c = compare_matrices(n, np.ones((3, 3)))
+    assert np.isnan(c.max_abs_diff) and c.argmax == (1, 2) and not c.within(1e9)
+    assert json.dumps(c.to_dict(), allow_nan=False)
+    with pytest.raises(DataError, match="shape mismatch"):
+        compare_matrices(np.ones((3, 4)), np.ones((4, 3)))
+    with pytest.raises(DataError):
+        compare_matrices(np.ones(3), np.ones(3))
+
+
+def test_compare_store_with_checkpoints(tmp_path, write_safetensors):
+    m = _matrix(3, 50, 20)
+    url = str(tmp_path / "w.zarr")
+    WeightsStore.create(url).write_matrix("lm_head", m, plan_grid(20, 50, 8))
+    np.save(tmp_path / "m.npy", m)
+    write_safetensors(tmp_path / "model.safetensors",
+                      {"lm_head.weight": m, "model.embed_tokens.weight": m + 1, "model.norm.weight": m[0]})
+    store = open_matrix(url)
+    assert store.name == "lm_head" and store.grid == plan_grid(20, 50, 8)
+    for other in (open_matrix(tmp_path / "m.npy"),
+                  open_matrix(tmp_path / "model.safetensors", tensor="lm_head"),  # an alias
+                  open_matrix(tmp_path / "model.safetensors", fallback="lm_head")):
+        assert other.shape == (50, 20)
+        c = compare_matrices(store.array, other.array, max_bytes=512)
+        assert c.max_abs_diff == 0.0 and c.rel_frobenius == 0.0
+    emb = open_matrix(tmp_path / "model.safetensors", tensor="embedding")
+    assert compare_matrices(store.array, emb.array).max_abs_diff == pytest.approx(1.0)
+    with pytest.raises(TensorNotFoundError):  # two matrices and no name
+        open_matrix(tmp_path / "model.safetensors")
+
+
+# -- the CLI -----------------------------------------------------------------------------------
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_compare_exit_codes(tmp_path):
+    m = _matrix(4, 40, 16)
+    url = tmp_path / "w.zarr"
+    WeightsStore.create(url).write_matrix("lm_head", m, plan_grid(16, 40, 4))
+    np.save(tmp_path / "same.npy", m)
+    near = m.copy()
+    near[7, 3] += 0.25
+    np.save(tmp_path / "near.npy", near)
+    np.save(tmp_path / "wide.npy", np.zeros((40, 17), np.float32))
+
+    r = _run("compare", url, tmp_path / "same.npy", "-q")
+    assert r.exit_code == 0, r.output
+    assert "max abs diff" in r.output and "cosine" in r.output
+    r = _run("compare", url, tmp_path / "near.npy", "-q")
+    assert r.exit_code == 1 and "exceeds --atol" in r.output and "(7, 3)" in r.output
+    assert r.output.strip().splitlines()[-1].startswith("Error:")  # one line, no traceback
+    r = _run("compare", url, tmp_path / "near.npy", "--atol", "0.25", "-q", "--json")
+    assert r.exit_code == 0
+    d = json.loads(r.output)
+    assert d["within_atol"] and d["max_abs_diff"] == pytest.approx(0.25) and d["argmax"] == [7, 3]
+    r = _run("compare", url, tmp_path / "wide.npy", "-q")
+    assert r.exit_code == 1 and "shape mismatch" in r.output and "Traceback" not in r.output
+    r = _run("compare", url, tmp_path / "missing.npy", "-q")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    r = _run("compare", url, tmp_path / "same.npy", "--tensor", "nope", "-q")
+    assert r.exit_code == 1 and "lm_head" in r.output  # lists what the store has
+
+
+def test_cli_inspect_json_and_plots(tmp_path):
+    m = _matrix(5, 100, 40)
+    url = tmp_path / "w.zarr"
+    WeightsStore.create(url).write_matrix("lm_head", m, plan_grid(40, 100, 16))
+    r = _run("inspect", url, "-q", "--json", "--plot", tmp_path / "plots")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    (t,) = d["tensors"]
+    assert t["shape"] == [100, 40] and len(t["stats"]["norm"]) == 16
+    np.testing.assert_allclose(t["stats"]["norm"], _reference_stats(m, plan_grid(40, 100, 16))["norm"], rtol=1e-12)
+    assert len(d["plots"]) == 1
+    _png_ok(d["plots"][0])
+    r = _run("inspect", url, "-q")
+    assert r.exit_code == 0 and "tile norms: min" in r.output
+    create_checked(tmp_path / "other", "mystery", 1)
+    r = _run("inspect", tmp_path / "other")
+    assert r.exit_code == 1 and "StoreFormatError" in r.output and "Traceback" not in r.output
+
+
+def test_cli_visualize(tmp_path):
+    import torch
+
+    rng = np.random.default_rng(6)
+    np.save(tmp_path / "t3.npy", rng.standard_normal((5, 40, 30)).astype(np.float32))
+    np.save(tmp_path / "m2.npy", rng.standard_normal((600, 90)).astype(np.float32))
+    torch.save({"experts": torch.randn(3, 20, 10, dtype=torch.bfloat16), "bias": torch.zeros(3)},
+               tmp_path / "e.pt")
+    url = tmp_path / "w.zarr"
+    WeightsStore.create(url).write_matrix("lm_head", _matrix(7, 50, 20), plan_grid(20, 50, 8))
+    cases = [
+        (["t3.npy"], "t3"),
+        (["m2.npy", "--max-pixels", "64"], "m2"),  # reduced to blocks
+        (["e.pt", "--tensor", "experts"], "experts"),
+        (["w.zarr", "--prefix", "tiles"], "tiles"),
+    ]
+    for args, prefix in cases:
+        r = _run("visualize", tmp_path / args[0], *args[1:], "-o", tmp_path / "viz", "-q")
+        assert r.exit_code == 0, r.output
+        for kind in ("slices", "hist"):
+            _png_ok(tmp_path / "viz" / f"{prefix}_{kind}.png")
+    r = _run("visualize", tmp_path / "e.pt", "-o", tmp_path / "viz")  # two tensors, none named
+    assert r.exit_code == 1 and "experts" in r.output
+    np.save(tmp_path / "v1.npy", np.zeros(5))
+    r = _run("visualize", tmp_path / "v1.npy", "-o", tmp_path / "viz")
+    assert r.exit_code == 1 and "2-D or 3-D" in r.output
+
+
+# -- plots directly ----------------------------------------------------------------------------
+
+
+def test_plots_write_pngs(tmp_path):
+    mask = np.zeros((16, 32), bool)
+    mask[-1, -4:] = True
+    _png_ok(tile_heatmap(np.random.default_rng(0).random((16, 32)), tmp_path / "h.png", mask=mask, title="x"))
+    _png_ok(tile_heatmap(np.arange(512.0).reshape(256, 2), tmp_path / "tall.png"))
+    paths = visualize_tensor(np.random.default_rng(1).standard_normal((40, 8, 8)), tmp_path, prefix="p",
+                             max_slices=4, hist_slices=100)
+    for p in paths:
+        _png_ok(p)
+
+
+def test_open_tensor_views_a_store_as_tiles():
+    url = _mem_url()
+    m = _matrix(8, 10, 6)
+    grid = GridSpec(d_in=6, d_out=10, rows=4, cols=2, tile_out=4, tile_in=4)
+    WeightsStore.create(url).write_matrix("w", m, grid)
+    stack = open_tensor(url).array
+    assert stack.shape == (8, 4, 4)
+    padded = np.zeros(grid.padded_shape, np.float32)
+    padded[:10, :6] = m
+    for j in range(grid.workers):
+        band, sl = grid.tile_region(j)
+        np.testing.assert_array_equal(stack[j], padded[band, sl])
+        np.testing.assert_array_equal(stack[j, 1:3], padded[band, sl][1:3])
+    assert stack.valid_shape(7) == (0, 2) and stack.valid_shape(0) == (4, 4)

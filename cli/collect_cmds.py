@@ -9,6 +9,7 @@ import click
 
 from cli.progress import bar, quiet_option
 from prismoe_store.collect import DTYPES, NONFINITE, POOLS, TARGETS, CollectSpec, benchmark_collect, collect
+from prismoe_store.stores import StoreOptions
 
 
 def _spec_options(f):
@@ -54,9 +55,11 @@ def _spec(kw: dict) -> CollectSpec:
 @_spec_options
 @click.option("-o", "--out", required=True, metavar="PAIRS", help="Pairs store to create or resume.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming it.")
+@click.option("--compressor", type=click.Choice(["zstd", "blosc", "none"]), default="zstd", show_default=True,
+              help="Chunk codec of a new store (logits compress little: none writes fastest).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @quiet_option
-def collect_cmd(upper, lower, texts, out, overwrite, as_json, quiet, **kw):
+def collect_cmd(upper, lower, texts, out, overwrite, compressor, as_json, quiet, **kw):
     """Collect activation pairs (x: upper hidden states, z: the target) into a pairs store.
 
     Resumable: re-running the same command skips the documents already collected.
@@ -66,7 +69,7 @@ def collect_cmd(upper, lower, texts, out, overwrite, as_json, quiet, **kw):
 
     with bar("collect", quiet=quiet, unit="doc") as progress:
         report = collect(upper, lower, list(texts), out, spec=_spec(kw), overwrite=overwrite,
-                         progress=progress, notice=notice)
+                         options=StoreOptions(compressor=compressor), progress=progress, notice=notice)
     if as_json:
         click.echo(json.dumps(report.as_dict()))
         return
@@ -81,19 +84,22 @@ def collect_cmd(upper, lower, texts, out, overwrite, as_json, quiet, **kw):
 @click.command("collect")
 @_spec_options
 @click.option("--repeats", type=int, default=3, show_default=True, help="Alternating timed runs of each side.")
+@click.option("--compressor", type=click.Choice(["zstd", "blosc", "none"]), default="zstd", show_default=True,
+              help="Chunk codec of the store collect writes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def collect_bench(upper, lower, texts, repeats, as_json, **kw):
+def collect_bench(upper, lower, texts, repeats, compressor, as_json, **kw):
     """Collection throughput (tokens/s) as a ratio to a bare forward pass of the same model(s)."""
     spec = _spec(kw)
     if spec.max_tokens is None:
         spec = replace(spec, max_tokens=20_000)
-    result = benchmark_collect(upper, lower, list(texts), spec=spec, repeats=repeats)
+    result = benchmark_collect(upper, lower, list(texts), spec=spec, repeats=repeats,
+                               options=StoreOptions(compressor=compressor))
     if as_json:
         click.echo(json.dumps(result))
         return
     click.echo(f"{result['tokens']} tokens in {result['windows']} sequences (batch {result['batch_size']}, "
                f"length <= {result['max_length']}), target {result['target']}, pool {result['pool']}, "
-               f"pairs {result['widths'][0]}->{result['widths'][1]}")
+               f"pairs {result['widths'][0]}->{result['widths'][1]}, compressor {result['compressor']}")
     click.echo(f"bare forward: {result['bare_tokens_per_s']:.0f} tokens/s; collect: "
                f"{result['collect_tokens_per_s']:.0f} tokens/s; ratio collect/bare = {result['ratio']:.3f}")
     click.echo("collect phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in result["collect_phases"].items()))

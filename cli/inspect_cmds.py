@@ -24,6 +24,8 @@ def inspect_cmd(store, tensor, as_json, plot_dir, no_stats, quiet):
     STORE is a store folder or fsspec URL. The statistics (Frobenius norm, mean, std, absmax,
     share of zeros of each tile) are computed tile by tile, never holding the whole matrix.
     """
+    if plot_dir is not None and no_stats:
+        raise click.UsageError("--plot draws the tile statistics: it cannot go with --no-stats")
     with bar("inspect", quiet=quiet, unit="tile") as progress:
         report = inspect_store(store, tensor=tensor, stats=not no_stats, progress=progress)
     written = []

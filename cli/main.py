@@ -11,11 +11,13 @@ from prismoe_store.errors import PrismoeError
 # Modules under cli/ that define commands; each exposes ``commands`` (a list of click commands)
 # and may expose ``bench_commands``, which become subcommands of ``prismoe benchmark``.
 COMMAND_MODULES = [
+    "cli.fit_cmds",
     "cli.runtime_cmds",
     "cli.extract_cmds",
     "cli.inspect_cmds",
     "cli.pairs_cmds",
     "cli.collect_cmds",
+    "cli.gates_cmds",
 ]
 
 

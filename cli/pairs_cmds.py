@@ -23,14 +23,16 @@ from prismoe_store.synth import KINDS, SynthSpec, synthesize, truth_summary
                    "1/--regions share of the tiles.")
 @click.option("--noise", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="σ of the Gaussian noise on z (the clean target has unit-scale entries).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seeds the ground truth and every row (same seed, same bytes, however chunked).")
 @click.option("--regions", type=click.IntRange(min=1), default=4, show_default=True,
               help="gated: number of input regions (gating directions).")
 @click.option("--workers", type=int, default=DEFAULT_WORKERS, show_default=True,
               help="gated: tiles per pipe of the grids the target's blocks align with (a power of 2).")
 @click.option("--rows-per-chunk", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Rows per chunk of the store; memory holds about one chunk.")
-@click.option("--compressor", type=click.Choice(["none", "zstd", "blosc"]), default="zstd", show_default=True)
+@click.option("--compressor", type=click.Choice(["none", "zstd", "blosc"]), default="zstd", show_default=True,
+              help="Chunk compressor (every chunk also carries a crc32c checksum).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming/extending it.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @quiet_option

@@ -43,7 +43,9 @@ def _cache_line(stats: dict) -> str:
 
 def _open_rows(path: str):
     """``(rows, d_in, read(start, stop))`` for a ``.npy`` file of x or a pairs store's x."""
-    if os.path.isfile(path):
+    if os.path.isfile(path) or path.endswith(".npy"):
+        if not os.path.isfile(path):
+            raise DataError(f"no such file: {path}")
         try:
             x = np.load(path, mmap_mode="r")
         except (ValueError, OSError) as e:
@@ -70,12 +72,11 @@ def infer_cmd(adapter, input_path, output, device, cache_mb, int8, mode, sparsit
     from prismoe_store.runtime import open_runtime
 
     rows, d_in, read = _open_rows(input_path)
-    rt = open_runtime(adapter, **_runtime_kwargs(device, cache_mb, int8, mode, sparsity))
-    if d_in != rt.d_in:
-        raise DataError(f"input rows are {d_in} wide but the adapter's d_in is {rt.d_in}")
-    folder = os.path.dirname(os.path.abspath(output))
-    fd, part = tempfile.mkstemp(prefix=".infer-", suffix=".npy", dir=folder)
-    os.close(fd)
+    store = AdapterStore.open(adapter, require_complete=True)
+    if d_in != store.d_in:
+        raise DataError(f"input rows are {d_in} wide but the adapter's d_in is {store.d_in}")
+    rt = open_runtime(store, **_runtime_kwargs(device, cache_mb, int8, mode, sparsity))
+    part = f"{output}.{os.getpid()}.part"  # renamed onto OUTPUT only once every row is written
     try:
         y = np.lib.format.open_memmap(part, mode="w+", dtype=np.float32, shape=(rows, rt.d_out))
         with rt, bar("infer", quiet=quiet or as_json, unit="row") as progress:
@@ -97,8 +98,8 @@ def infer_cmd(adapter, input_path, output, device, cache_mb, int8, mode, sparsit
         click.echo(json.dumps(stats))
         return
     click.echo(f"wrote {output}: {rows} × {rt.d_out} float32 in {stats['seconds']:.3f} s "
-               f"({stats['rows_per_second'] or 0:.0f} rows/s; {stats['quant']}, {stats['mode']}, ρ = {stats['sparsity']}, "
-               f"{stats['device']})")
+               f"({stats['rows_per_second'] or 0:.0f} rows/s; {stats['quant']}, {stats['mode']}, "
+               f"ρ = {stats['sparsity']}, {stats['device']})")
     click.echo(_cache_line(stats))
 
 
@@ -118,7 +119,10 @@ def quantize_cmd(adapter, as_json, quiet):
     if as_json:
         click.echo(json.dumps(asdict(report)))
         return
-    ratio = report.bytes_int8 / report.bytes_fp32 if report.bytes_fp32 else 0.0
+    if report.tiles == 0:
+        click.echo(f"INT8 tiles were already complete ({report.skipped} tiles)")
+        return
+    ratio = report.bytes_int8 / report.bytes_fp32
     click.echo(f"quantized {report.tiles} tiles ({report.skipped} already done): {report.bytes_int8 / 2**20:.2f} MiB "
                f"INT8 for {report.bytes_fp32 / 2**20:.2f} MiB fp32 ({ratio:.2f}×); "
                f"largest tile relative error {report.max_rel_error:.2e}")
@@ -161,17 +165,23 @@ def generate_cmd(adapter, model_dir, prompt, max_new_tokens, compare, device, ca
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--hit-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Tokens measured per budget of the hit-rate curve (after as many warm-up tokens).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads for runtime and baseline alike [default: torch's choice].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--plots", type=click.Path(file_okay=False), default=None, help="Write hit_rate.png here.")
 @quiet_option
-def bench_runtime_cmd(adapter, device, sparsity, input_path, d_in, d_out, workers, repeats, hit_tokens, as_json,
-                      plots, quiet):
+def bench_runtime_cmd(adapter, device, sparsity, input_path, d_in, d_out, workers, repeats, hit_tokens, threads,
+                      as_json, plots, quiet):
     """Runtime speed vs dense F.linear, INT8 vs fp32, hit rate vs cache budget, serial vs parallel.
 
     Without ADAPTER a synthetic three-pipe adapter of --d-in → --d-out is built in a temporary folder.
     """
+    import torch
+
     from prismoe_store.runtime_bench import benchmark_runtime, format_report, plot_hit_rate, synthetic_adapter
 
+    if threads:
+        torch.set_num_threads(threads)
     tokens = None
     if input_path:
         rows, _, read = _open_rows(input_path)
@@ -187,6 +197,7 @@ def bench_runtime_cmd(adapter, device, sparsity, input_path, d_in, d_out, worker
             report = benchmark_runtime(store, device=device, sparsity=sparsity, tokens=tokens, repeats=repeats,
                                        hit_tokens=hit_tokens, progress=progress)
     report["adapter"] = adapter or f"synthetic {d_in}→{d_out}, {workers} workers a pipe"
+    report["threads"] = torch.get_num_threads()
     if plots:
         os.makedirs(plots, exist_ok=True)
         report["plots"] = [os.path.join(plots, "hit_rate.png")]

@@ -48,7 +48,7 @@ class CacheStats:
     """A snapshot of the cache counters."""
 
     hits: int  # requests served by a resident tile
-    misses: int  # tiles loaded from the store (on demand or by prefetch)
+    misses: int  # requests that loaded the tile from the store (a prefetched read counts here too)
     evictions: int  # tiles dropped to make room (or by evict/clear)
     bytes_loaded: int  # bytes copied into the cache
     peak_bytes: int  # largest resident bytes ever held
@@ -70,12 +70,11 @@ class CacheStats:
 class _Entry:
     """One resident tile: its device tensors and the CUDA events guarding them."""
 
-    def __init__(self, tensors: tuple[torch.Tensor, ...], nbytes: int, ready, prefetched: bool):
+    def __init__(self, tensors: tuple[torch.Tensor, ...], nbytes: int, ready):
         self.tensors = tensors  # device tensors (float32 tile) or (int8 tile, float32 scales)
         self.nbytes = nbytes  # bytes the entry holds on the device
         self.ready = ready  # CUDA event: the host→device copy finished (None on CPU)
         self.done = None  # CUDA event: the last compute that used the entry finished
-        self.prefetched = prefetched  # loaded ahead of its first request (its first use is not a hit)
         self.in_use = 0  # >0 while inside ``use``: never evicted then
 
 
@@ -142,9 +141,7 @@ class TileCache:
         """
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._insert(key, self._host(key, load), prefetched=False)
-        elif entry.prefetched:
-            entry.prefetched = False  # loaded for this request: counted as a miss already
+            entry = self._insert(key, self._host(key, load))
         else:
             self._counts["hits"] += 1
         self._entries.move_to_end(key)
@@ -172,14 +169,14 @@ class TileCache:
         fut = self._pending.pop(key, None)
         return tuple(fut.result() if fut is not None else load())
 
-    def _insert(self, key: Hashable, arrays: tuple[np.ndarray, ...], *, prefetched: bool) -> _Entry:
+    def _insert(self, key: Hashable, arrays: tuple[np.ndarray, ...]) -> _Entry:
         nbytes = sum(int(a.nbytes) for a in arrays)
         if nbytes > self.budget_bytes:
             raise CacheError(f"a tile of {nbytes} bytes does not fit the cache budget of {self.budget_bytes} bytes: "
                              f"raise --cache-mb to at least {nbytes / 2**20:.3f}")
         self._make_room(nbytes)
         tensors, ready = self._to_device(arrays)
-        entry = _Entry(tensors, nbytes, ready, prefetched)
+        entry = _Entry(tensors, nbytes, ready)
         self._entries[key] = entry
         self._used += nbytes
         self._counts["misses"] += 1

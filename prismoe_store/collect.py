@@ -23,11 +23,13 @@ gives one pair: the last position's, or the mean over positions. When the two to
 encode the texts identically, positions cannot be matched, so ``pool="none"`` switches to
 ``"last"`` (both models then predict what follows the document) and the caller is told.
 
-Work is committed one batch at a time: the rows, and in the same atomic commit the provenance
-record of which ``(text, document)`` ranges are done (and how many windows of a half-done long
-document). Re-running the same command skips what is done, so an interrupted collection resumes
-and ``max_tokens`` (a cap on the *store's* total of upper-model tokens) can grow a store in steps.
-One collector per store at a time.
+Work is committed in whole batches, about one row chunk of the store at a time, by a background
+thread that overlaps the next forward passes: the rows, and in the same atomic commit the
+provenance record of which ``(text, document)`` ranges are done (and how many windows of a
+half-done long document). Re-running the same command skips what is done, so an interrupted
+collection resumes (an error or Ctrl-C still commits the finished batches), and ``max_tokens`` (a
+cap on the *store's* total of upper-model tokens) grows a store in steps. One collector per store
+at a time.
 
 >>> CollectSpec(target="embeddings", pool="mean").pool
 'mean'
@@ -41,6 +43,7 @@ import io
 import json
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -80,7 +83,7 @@ class CollectSpec:
     target: str = "logits"  # what z is: logits | embeddings | hidden
     lower_layer: int = -1  # lower model's hidden_states index, for target="hidden"
     pool: str = "none"  # none: a pair per token; last / mean: a pair per document
-    batch_size: int = 8  # sequences per forward pass (and per store commit)
+    batch_size: int = 8  # sequences (windows or documents) per forward pass
     max_length: int = 512  # tokens per sequence: longer documents are windowed (none) or truncated (pooled)
     max_tokens: int | None = None  # stop once the store holds this many upper-model tokens (all runs)
     device: str = "cpu"  # torch device: cpu, cuda, cuda:N, or auto (cuda when present)
@@ -126,7 +129,7 @@ class CollectReport:
     tokenizers: str = "shared"  # shared | different
     nonfinite_rows: int = 0  # pairs with NaN/Inf seen by this run (dropped or zeroed per on_nonfinite)
     complete: bool = False  # every document of every text is done
-    seconds: dict = field(default_factory=dict)  # wall time by phase: tokenize, forward, write, total
+    seconds: dict = field(default_factory=dict)  # tokenize, forward, write (background), write_wait, total
 
     def as_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -450,48 +453,41 @@ class _Collector:
         self.lower_layer = _hidden_index(lower, spec.lower_layer, "lower layer")
 
     def rows(self, items: list[_Item], pool: str) -> tuple[np.ndarray, np.ndarray]:
-        spec, target = self.spec, self.spec.target
-        shared_ids = all(it.upper is it.lower for it in items)
-        if self.same and shared_ids:
+        """Run ``items`` through the models; returns float32 ``(x, z)`` rows (per token, or pooled)."""
+        import torch
+
+        target = self.spec.target
+        seqs = [it.upper for it in items]
+        if self.same and all(it.upper is it.lower for it in items):  # one forward serves x and z
             layers = (self.layer, self.lower_layer) if target == "hidden" else (self.layer,)
-            hid, logit = _forward(self.upper, [it.upper for it in items], layers=layers, logits=target == "logits")
+            hid, logits = _forward(self.upper, seqs, layers=layers, logits=target == "logits")
             xs = hid[self.layer]
-            zs = logit if target == "logits" else hid[self.lower_layer] if target == "hidden" else None
+            zs = logits if target == "logits" else hid[self.lower_layer] if target == "hidden" else None
         else:
-            hid, _ = _forward(self.upper, [it.upper for it in items], layers=(self.layer,), logits=False)
-            xs, zs = hid[self.layer], None
+            xs, zs = _forward(self.upper, seqs, layers=(self.layer,), logits=False)[0][self.layer], None
             if target != "embeddings":
-                lhid, logit = _forward(self.lower, [it.lower for it in items],
-                                       layers=(self.lower_layer,) if target == "hidden" else (),
-                                       logits=target == "logits")
-                zs = logit if target == "logits" else lhid[self.lower_layer]
+                hid, logits = _forward(self.lower, [it.lower for it in items], logits=target == "logits",
+                                       layers=(self.lower_layer,) if target == "hidden" else ())
+                zs = logits if target == "logits" else hid[self.lower_layer]
+        if target == "embeddings":  # z_t is the embedding of token t+1: a position without one drops out
+            nexts = [it.lower[1:] + ([it.next_id] if it.next_id is not None else []) for it in items]
+            table = _embed(self.lower, [t for n in nexts for t in n])
+            zs = list(torch.split(table, [len(n) for n in nexts]))
+            xs = [x[:len(it.upper) - (it.next_id is None)] for x, it in zip(xs, items)]
         out_x, out_z = [], []
-        for i, it in enumerate(items):
-            x = xs[i]
-            if target == "embeddings":
-                nxt = it.lower[1:] + ([it.next_id] if it.next_id is not None else [])
-                if pool != "none":
-                    x = x[:len(it.upper) - 1]
-                else:
-                    x = x[:len(nxt)]
-                z = _embed(self.lower, nxt) if nxt else x[:0, :0]
-            else:
-                z = zs[i]
-            if pool == "none":
-                pass
-            elif len(x) == 0 or len(z) == 0:
+        for x, z in zip(xs, zs):
+            if pool != "none" and (len(x) == 0 or len(z) == 0):
                 continue
-            elif pool == "last":
+            if pool == "last":
                 x, z = x[-1:], z[-1:]
-            else:
+            elif pool == "mean":
                 x, z = x.float().mean(0, keepdim=True), z.float().mean(0, keepdim=True)
-            if len(x):
-                out_x.append(x.float().cpu().numpy())
-                out_z.append(z.float().cpu().numpy())
+            out_x.append(x.float())
+            out_z.append(z.float())
         d_in, d_out = self.widths()
         if not out_x:
             return np.zeros((0, d_in), np.float32), np.zeros((0, d_out), np.float32)
-        return np.concatenate(out_x), np.concatenate(out_z)
+        return torch.cat(out_x).cpu().numpy(), torch.cat(out_z).cpu().numpy()
 
     def widths(self) -> tuple[int, int]:
         d_in = self.upper.info["hidden_size"]
@@ -544,8 +540,18 @@ def _open_or_create(out: str, collector: _Collector, settings: dict, provenance:
                             "use the same settings to resume, or a new -o")
         return store
     d_in, d_out = collector.widths()
-    return PairsStore.create(out, d_in=d_in, d_out=d_out, options=options, provenance=provenance,
-                             overwrite=overwrite)
+    return PairsStore.create(out, d_in=d_in, d_out=d_out, rows_per_chunk=_rows_per_chunk(d_in + d_out),
+                             options=options, provenance=provenance, overwrite=overwrite)
+
+
+def _rows_per_chunk(width: int) -> int:
+    """Rows per chunk so that one row block of the store is at most ~64 MB (2048 rows at most, 64 at least).
+
+    >>> _rows_per_chunk(4096 + 4096), _rows_per_chunk(4096 + 128256)
+    (2048, 64)
+    """
+    rows = (64 << 20) // (4 * width)
+    return max(64, min(2048, 1 << max(0, rows.bit_length() - 1)))
 
 
 def _store_exists(url: str) -> bool:
@@ -586,6 +592,83 @@ def _items(source: TextSource, entry: dict, upper: LoadedModel, lower: LoadedMod
                 seg = u[w * max_length:(w + 1) * max_length]
                 nxt = u[(w + 1) * max_length] if (w + 1) * max_length < len(u) else None
                 yield _Item(doc, w, n_win, seg, seg, nxt)
+
+
+class _Writer:
+    """Buffers finished batches and appends them, with their bookkeeping, in one commit per about
+    ``rows_per_chunk`` rows (fewer partial-chunk rewrites than a commit per batch).
+
+    Appends run on one background thread, so the store write of one buffer overlaps the forward
+    passes of the next (at most one append in flight; its error surfaces at the next flush or at
+    :meth:`close`). An interrupted run loses at most the uncommitted rows, which the committed
+    bookkeeping does not claim.
+    """
+
+    def __init__(self, store: PairsStore, texts: dict, tokens: int, tokens_lower: int, report: "CollectReport",
+                 timer: dict):
+        self.store, self.texts, self.report, self.timer = store, texts, report, timer
+        self.tokens, self.tokens_lower = tokens, tokens_lower  # totals including the buffer
+        self.xs: list[np.ndarray] = []
+        self.zs: list[np.ndarray] = []
+        self.buffered = 0  # rows in the buffer
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prismoe-collect-writer")
+        self._pending: Future | None = None
+
+    def add(self, entry: dict, batch: list[_Item], x: np.ndarray, z: np.ndarray) -> int:
+        """Buffer a batch's rows and record what it finished; returns the documents it finished."""
+        n_up, n_lo = sum(len(b.upper) for b in batch), sum(len(b.lower) for b in batch)
+        finished = sorted({b.doc for b in batch if b.window == b.windows - 1})
+        for d in finished:
+            entry["done"] = _add_range(entry["done"], d, d + 1)
+        tail = batch[-1]
+        entry["partial"] = [tail.doc, tail.window + 1] if tail.window < tail.windows - 1 else None
+        entry["tokens"] += n_up
+        entry["tokens_lower"] += n_lo
+        entry["rows"] += len(x)
+        self.tokens += n_up
+        self.tokens_lower += n_lo
+        self.xs.append(x)
+        self.zs.append(z)
+        self.buffered += len(x)
+        self.report.tokens_added += n_up
+        self.report.documents_added += len(finished)
+        if self.buffered >= self.store.rows_per_chunk:
+            self.flush()
+        return len(finished)
+
+    def flush(self) -> None:
+        """Hand the buffer, with a snapshot of the bookkeeping so far, to the writer thread."""
+        if not self.xs:
+            return
+        x, z = np.concatenate(self.xs), np.concatenate(self.zs)
+        provenance = json.loads(json.dumps({"texts": self.texts, "tokens": self.tokens,
+                                            "tokens_lower": self.tokens_lower}))
+        self.xs, self.zs, self.buffered = [], [], 0
+        self._wait()
+        self._pending = self._pool.submit(self._append, x, z, provenance)
+
+    def _append(self, x: np.ndarray, z: np.ndarray, provenance: dict) -> None:
+        t0 = time.perf_counter()
+        self.store.append(x, z, provenance=provenance)
+        self.report.rows_added += len(x)
+        self.timer["write"] += time.perf_counter() - t0
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            t0 = time.perf_counter()
+            pending, self._pending = self._pending, None
+            try:
+                pending.result()
+            finally:
+                self.timer["write_wait"] += time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Flush, wait for the last append, stop the thread."""
+        try:
+            self.flush()
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def collect(upper, lower, texts, out, *, spec: CollectSpec = CollectSpec(), overwrite: bool = False,
@@ -640,60 +723,46 @@ def collect(upper, lower, texts, out, *, spec: CollectSpec = CollectSpec(), over
     report = CollectReport(out=out, pool=pool, pool_switched=switched, tokenizers=tokenizers)
     report.documents_total = sum(s.documents for s in sources)
     report.documents_skipped = sum(_count_done(texts_rec[s.sha256]["done"]) for s in sources)
-    timer = {"tokenize": 0.0, "forward": 0.0, "write": 0.0}
+    timer = {"tokenize": 0.0, "forward": 0.0, "write": 0.0, "write_wait": 0.0}
     docs_done = report.documents_skipped
     if progress:
         progress(docs_done, report.documents_total)
 
+    writer = _Writer(store, texts_rec, tokens_total, tokens_lower_total, report, timer)
     budget_hit = False
-    for src in sources:
-        entry = texts_rec[src.sha256]
-        items = _items(src, entry, upper, lower, shared=shared, pool=pool, max_length=spec.max_length, timer=timer)
-        while not budget_hit:
-            if spec.max_tokens is not None and tokens_total >= spec.max_tokens:
-                budget_hit = True
-                break
-            batch: list[_Item] = []
-            for it in items:
-                batch.append(it)
-                if spec.max_tokens is not None and \
-                        tokens_total + sum(len(b.upper) for b in batch) >= spec.max_tokens:
+    try:
+        for src in sources:
+            entry = texts_rec[src.sha256]
+            items = _items(src, entry, upper, lower, shared=shared, pool=pool, max_length=spec.max_length,
+                           timer=timer)
+            while not budget_hit:
+                if spec.max_tokens is not None and writer.tokens >= spec.max_tokens:
                     budget_hit = True
                     break
-                if len(batch) >= spec.batch_size:
+                batch: list[_Item] = []
+                for it in items:
+                    batch.append(it)
+                    if spec.max_tokens is not None and \
+                            writer.tokens + sum(len(b.upper) for b in batch) >= spec.max_tokens:
+                        budget_hit = True
+                        break
+                    if len(batch) >= spec.batch_size:
+                        break
+                if not batch:
                     break
-            if not batch:
+                t0 = time.perf_counter()
+                x, z = collector.rows(batch, pool)
+                timer["forward"] += time.perf_counter() - t0
+                x, z, bad = screen_nonfinite(x, z, spec.on_nonfinite, where=Path(src.path).name)
+                report.nonfinite_rows += bad
+                docs_done += writer.add(entry, batch, x, z)
+                if progress:
+                    progress(docs_done, report.documents_total)
+            if budget_hit:
                 break
-            t0 = time.perf_counter()
-            x, z = collector.rows(batch, pool)
-            t1 = time.perf_counter()
-            timer["forward"] += t1 - t0
-            x, z, bad = screen_nonfinite(x, z, spec.on_nonfinite, where=Path(src.path).name)
-            report.nonfinite_rows += bad
-            # bookkeeping committed with the rows: finished documents, and a half-done last document
-            n_up, n_lo = sum(len(b.upper) for b in batch), sum(len(b.lower) for b in batch)
-            finished = sorted({b.doc for b in batch if b.window == b.windows - 1})
-            for d in finished:
-                entry["done"] = _add_range(entry["done"], d, d + 1)
-            tail = batch[-1]
-            entry["partial"] = [tail.doc, tail.window + 1] if tail.window < tail.windows - 1 else None
-            entry["tokens"] += n_up
-            entry["tokens_lower"] += n_lo
-            entry["rows"] += len(x)
-            tokens_total += n_up
-            tokens_lower_total += n_lo
-            texts_rec[src.sha256] = entry
-            store.append(x, z, provenance={"texts": texts_rec, "tokens": tokens_total,
-                                           "tokens_lower": tokens_lower_total})
-            timer["write"] += time.perf_counter() - t1
-            report.rows_added += len(x)
-            report.tokens_added += n_up
-            report.documents_added += len(finished)
-            docs_done += len(finished)
-            if progress:
-                progress(docs_done, report.documents_total)
-        if budget_hit:
-            break
+    finally:
+        writer.close()  # on errors too: the finished batches are kept, with their bookkeeping
+    tokens_total = writer.tokens
 
     report.rows_total = store.rows
     report.tokens_total = tokens_total
@@ -707,7 +776,7 @@ def collect(upper, lower, texts, out, *, spec: CollectSpec = CollectSpec(), over
 
 
 def benchmark_collect(upper, lower, texts, *, spec: CollectSpec = CollectSpec(), repeats: int = 3,
-                      workdir: str | os.PathLike | None = None) -> dict:
+                      options: StoreOptions | None = None, workdir: str | os.PathLike | None = None) -> dict:
     """Collection throughput against a bare forward pass of the same model(s), in one run.
 
     Both sides get the same token windows (from ``texts``, capped by ``spec.max_tokens``) in the
@@ -760,12 +829,13 @@ def benchmark_collect(upper, lower, texts, *, spec: CollectSpec = CollectSpec(),
             bare_s.append(bare())
             t0 = time.perf_counter()
             last = collect(up, up if same else lo, texts, os.path.join(tmp, f"pairs{r}"),
-                           spec=replace(spec, max_tokens=total), overwrite=True)
+                           spec=replace(spec, max_tokens=total), options=options, overwrite=True)
             coll_s.append(time.perf_counter() - t0)
     b, c = float(np.median(bare_s)), float(np.median(coll_s))
     return {
         "tokens": total, "windows": len(windows), "batch_size": bs, "max_length": spec.max_length,
         "target": spec.target, "pool": pool, "same_model": same, "rows": last.rows_added,
+        "compressor": (options or StoreOptions()).compressor,
         "widths": list(_Collector(up, lo, spec, same).widths()),
         "bare_tokens_per_s": total / b, "collect_tokens_per_s": last.tokens_added / c,
         "ratio": (last.tokens_added / c) / (total / b),

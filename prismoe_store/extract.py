@@ -134,7 +134,8 @@ class Source(ABC):
         """Like :meth:`resolve`, and check that the tensor is a 2-D floating-point matrix."""
         info = self.resolve(name)
         if not info.is_matrix:
-            raise SourceError(f"tensor {info.name!r} in {self.path} has shape {info.shape}: only 2-D matrices can be tiled")
+            raise SourceError(
+                f"tensor {info.name!r} in {self.path} has shape {info.shape}: only 2-D matrices can be tiled")
         if _store_dtype(info.dtype) is None:
             raise SourceError(f"tensor {info.name!r} in {self.path} has dtype {info.dtype}, not a floating-point type")
         return info
@@ -433,10 +434,12 @@ _BACKENDS: dict[str, type[Source]] = {
     ".safetensors": SafetensorsSource, ".gguf": GGUFSource, ".npy": NpySource,
     ".pt": TorchSource, ".pth": TorchSource, ".bin": TorchSource, ".ckpt": TorchSource,
 }
-_MAGIC: list[tuple[bytes, type[Source]]] = [
-    (b"GGUF", GGUFSource), (b"\x93NUMPY", NpySource), (b"PK\x03\x04", TorchSource), (b"\x80", TorchSource),  # zip or legacy pickle
+_MAGIC: list[tuple[bytes, type[Source]]] = [  # torch: a zip file, or a legacy pickle
+    (b"GGUF", GGUFSource), (b"\x93NUMPY", NpySource), (b"PK\x03\x04", TorchSource), (b"\x80", TorchSource),
 ]
-_FOLDER_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin")
+_FOLDER_FILES = (  # what a model folder is read from, first found wins
+    "model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin",
+)
 
 
 def open_source(path: str | os.PathLike) -> Source:
@@ -521,6 +524,7 @@ def extract(
     (2, (8, 4))
     """
     src = source if isinstance(source, Source) else open_source(source)
+    tensors = [tensors] if isinstance(tensors, str) else tensors
     wanted = dict(tensors) if isinstance(tensors, Mapping) else {t: t for t in tensors}
     if not wanted:
         raise SourceError("no tensor to extract was named")
@@ -640,8 +644,7 @@ def _write(writer: TensorWriter, block: _Block, data: np.ndarray | None) -> None
         return
     if data is not None:
         writer.array[block.rows, block.cols] = data  # whole chunks only: blocks are runs of whole tiles
-    for j in block.workers:
-        writer.progress.mark(j)
+    writer.progress.mark_many(block.workers)
 
 
 def _blocks(writer: TensorWriter, dtype: str, block_bytes: int) -> Iterator[_Block]:

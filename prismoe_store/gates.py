@@ -58,7 +58,7 @@ DEFAULT_MAX_TILE_BYTES = 1 << 30  # tiles held in memory for training/statistics
 WORK_BYTES = 128 << 20  # bytes of per-tile partial products computed at a time (statistics, init)
 SPARSITIES = (0.1, 0.3, 0.5, 1.0)  # the quality report's sparsities
 LSTSQ_MAX_BYTES = 256 << 20  # largest float64 training set the dense lstsq baseline loads
-INITS = ("energy", "zero")
+INITS = ("gain", "energy", "zero")
 _STATE = "_gates_training"  # adapter group holding the resumable training state
 _HIST_BINS = 20  # bins of the per-token histograms (normalized entropy, energy share)
 
@@ -81,11 +81,10 @@ class GateSettings:
     batch_size: int = 256  # rows per minibatch
     balance_coef: float = 1e-2  # weight of the load-balancing loss W·Σ f_i P_i / K
     z_loss_coef: float = 0.0  # weight of the router z-loss (mean squared log-sum-exp)
-    init: str = "energy"  # gate initialisation: "energy" (tile-norm regression) or "zero"
+    init: str = "gain"  # gate initialisation: "gain" or "energy" (regressions of per-tile quantities), "zero"
     init_rows: int = 4096  # training rows sampled for the init, the input scaling and the loss scale
-    init_scale: float = 1.0  # standard deviation of the initial scores (energy init)
-    warmup: int = 100  # optimizer steps of linear learning-rate warm-up
-    patience: int = 3  # epochs without held-out improvement before early stopping
+    init_scale: float = 0.01  # standard deviation of the initial scores: small, so the weights start ≈ 1
+    patience: int = 5  # epochs without held-out improvement before early stopping
     holdout: float = 0.1  # share of rows held out (the fit's seeded split)
     seed: int = 0  # seed of the held-out split, the init sample and the minibatch order
 
@@ -99,7 +98,7 @@ class GateSettings:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise DataError(f"{name} must be a non-negative number, got {v!r}")
-        for name in ("epochs", "patience", "seed", "warmup"):
+        for name in ("epochs", "patience", "seed"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise DataError(f"{name} must be a non-negative integer, got {v!r}")
@@ -205,20 +204,33 @@ class FrozenTiles:
         tc = T.reshape(R * a, C, b).permute(1, 2, 0)  # [C, b, R*a] (a view)
         return torch.bmm(xs.permute(1, 0, 2), tc).reshape(C, xs.shape[0], R, a)
 
-    def energies(self, pipe: int, xpad: torch.Tensor) -> torch.Tensor:
-        """``[B, workers]``: each tile's output energy ``‖T_j x_c‖²`` per token (computed in bounded chunks)."""
+    def energies(self, pipe: int, xpad: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, workers]`` per token: each tile's output energy ``‖T_j x_c‖²``, or with a target
+        ``z [B, d_out]`` its *gain* ``‖z_r‖² − ‖z_r − T_j x_c‖² = 2⟨T_j x_c, z_r⟩ − ‖T_j x_c‖²`` (how
+        much the tile alone lowers its band's squared error). Computed in bounded chunks.
+        """
         g = self.grids[pipe]
         step = max(1, WORK_BYTES // (4 * g.d_out_pad * g.cols))
         out = []
         for i in range(0, xpad.shape[0], step):
             xs = xpad[i:i + step, : g.d_in_pad].reshape(-1, g.cols, g.tile_in)
-            e = self._partials(pipe, xs).pow(2).sum(-1)  # [C, n, R]
+            part = self._partials(pipe, xs)  # [C, n, R, a]
+            e = part.pow(2).sum(-1)  # [C, n, R]
+            if z is not None:
+                zb = torch.nn.functional.pad(z[i:i + step].float(), (0, g.d_out_pad - self.d_out))
+                e = 2 * (part * zb.reshape(1, -1, g.rows, g.tile_out)).sum(-1) - e
             out.append(e.permute(1, 2, 0).reshape(xs.shape[0], g.workers))
         return torch.cat(out) if out else xpad.new_zeros(0, g.workers)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
-        """``Σ_p α_p W_p x`` with every tile at weight 1 (the dense ridge solution for ``joint`` tiles)."""
-        return sum(a * (x.float() @ T[: self.d_out, : self.d_in].T) for a, T in zip(self.alphas, self.tiles))
+        """The adapter with every tile used and a uniform gate (ρ = 1): for ``joint`` tiles every weight
+        is 1 (the dense ridge solution), for ``independent`` tiles each band averages its live tiles."""
+        xpad, y = self.pad(x), 0.0
+        for p, g in enumerate(self.grids):
+            act = active_mask(g, self.device).reshape(g.rows, g.cols).float()
+            w = act if self.mode == "joint" else act / act.sum(1, keepdim=True).clamp_min(1)
+            y = y + self.alphas[p] * self.product(p, xpad, w.expand(x.shape[0], -1, -1))
+        return y
 
 
 # -- gates -------------------------------------------------------------------------------------
@@ -313,19 +325,24 @@ def gated_forward(tiles: FrozenTiles, gates: Gates, x: torch.Tensor, *, sparsity
     return y, routings
 
 
-def init_gates(tiles: FrozenTiles, x: torch.Tensor, *, kind: str = "energy", scale: float = 1.0) -> Gates:
-    """Initial gates from a sample of training rows ``x [S, d_in]``.
+def init_gates(tiles: FrozenTiles, x: torch.Tensor, z: torch.Tensor | None = None, *, kind: str = "gain",
+               scale: float = GateSettings.init_scale) -> Gates:
+    """Initial gates from a sample of training rows ``x [S, d_in]`` (and targets ``z [S, d_out]``).
 
-    ``energy``: per pipe, a ridge regression (float64) of each tile's output norm ``‖T_j x_c‖`` on
-    the standardized input, rescaled so the scores have standard deviation ``scale`` across rows
-    and active workers; the top-k of the init is then the top-k of the predicted tile norms.
-    ``zero``: all scores 0 (the standardization is still fitted, for training).
+    ``gain`` (default): per pipe, a ridge regression (float64) on the standardized input of each
+    tile's *gain* ``2⟨T_j x_c, z_r⟩ − ‖T_j x_c‖²`` (how much that tile alone lowers its band's
+    squared error on the token), rescaled so the scores have standard deviation ``scale`` across
+    rows and active workers: the init's top-k is the top-k of the predicted gains. ``energy``: the
+    same with the tile output norm ``‖T_j x_c‖`` (needs no target). ``zero``: all scores 0 (the
+    input standardization is still fitted, for training). A small ``scale`` keeps the initial
+    ``K·softmax`` weights ≈ 1, so the init changes which tiles are used, not how much.
 
     >>> from prismoe_store.grid import plan_grid
     >>> g = plan_grid(8, 8, 4)
     >>> t = FrozenTiles([torch.randn(*g.padded_shape)], [g], [1.0], "joint")
-    >>> gates = init_gates(t, torch.randn(64, 8))
-    >>> round(float(gates.scores(0, torch.randn(4000, 8)).std()), 1)
+    >>> x = torch.randn(64, 8)
+    >>> gates = init_gates(t, x, x @ torch.randn(8, 8), scale=1.0)
+    >>> round(float(gates.scores(0, x).detach().std()), 2)
     1.0
     """
     if kind not in INITS:
@@ -349,7 +366,12 @@ def init_gates(tiles: FrozenTiles, x: torch.Tensor, *, kind: str = "energy", sca
     weights, biases = [], []
     for p, g in enumerate(tiles.grids):
         act = active_mask(g, tiles.device)
-        E = tiles.energies(p, xpad).double().sqrt()  # [S, W]: tile output norms
+        if kind == "gain":
+            if z is None:
+                raise DataError("the 'gain' initialisation needs the targets z of the sample")
+            E = tiles.energies(p, xpad, z.float().to(tiles.device)).double()  # [S, W]: per-tile error reduction
+        else:
+            E = tiles.energies(p, xpad).double().sqrt()  # [S, W]: tile output norms
         theta = torch.linalg.solve(G, A.T @ E)  # [M+1, W]: predicted norm = [xs, 1] θ
         pred = (A @ theta)[:, act]
         mu, sd = float(pred.mean()), float(pred.std())
@@ -402,20 +424,20 @@ class Split:
 
 
 def resolve_split(adapter: AdapterStore, holdout: float | None = None, seed: int | None = None) -> Split:
-    """The held-out split: the adapter fit's (``attrs["fit"]``: ``holdout``, ``seed``), else the options.
+    """The held-out split: the adapter fit's (``attrs["fit"]["settings"]``: ``holdout``, ``seed``), else the options.
 
     Options that differ from the fit's are honoured with a warning: held-out rows the tiles were
     fitted on make the held-out error optimistic.
 
     >>> from prismoe_store.grid import plan_grid
     >>> a = AdapterStore.create("memory://doc-gates-split", grids=[plan_grid(4, 4, 4)], overwrite=True,
-    ...                         attrs={"fit": {"holdout": 0.2, "seed": 5}})
+    ...                         attrs={"fit": {"settings": {"holdout": 0.2, "seed": 5}}})
     >>> resolve_split(a)
     Split(holdout=0.2, seed=5, source='fit')
     """
     fit = adapter.attrs().get("fit") or {}
-    f_hold = fit.get("holdout", fit.get("holdout_fraction"))
-    f_seed = fit.get("seed", fit.get("holdout_seed"))
+    fit = fit.get("settings", fit)  # prismoe_store.fit keeps them in fit["settings"]
+    f_hold, f_seed = fit.get("holdout"), fit.get("seed")
     if f_hold is not None and f_seed is not None:
         if (holdout is not None and abs(holdout - float(f_hold)) > 1e-12) or (seed is not None and seed != int(f_seed)):
             warnings.warn(f"held-out split ({holdout}, seed {seed}) differs from the fit's ({f_hold}, seed {f_seed}): "
@@ -505,7 +527,7 @@ class _ErrorSums:
         if not t.n:
             raise DataError("no held-out rows to measure on (is the holdout share 0 or the store empty?)")
         sst = t.zsq - float(t.zsum.pow(2).sum()) / t.n
-        return {"rel_error": math.sqrt(self.sse / t.zsq) if t.zsq > 0 else float("nan"),
+        return {"rel_err": math.sqrt(self.sse / t.zsq) if t.zsq > 0 else float("nan"),
                 "r2": 1.0 - self.sse / sst if sst > 0 else float("nan"), "rows": t.n}
 
 
@@ -518,7 +540,7 @@ def heldout_metrics(pairs: PairsStore, split: Split, predictors: dict[str, Calla
     >>> x = np.random.default_rng(0).normal(size=(200, 3)).astype(np.float32)
     >>> _ = p.append(x, x[:, :2])
     >>> m = heldout_metrics(p, Split(0.2, 0), {"exact": lambda x: x[:, :2], "zero": lambda x: 0 * x[:, :2]})
-    >>> m["exact"]["rel_error"], m["zero"]["rel_error"]
+    >>> m["exact"]["rel_err"], m["zero"]["rel_err"]
     (0.0, 1.0)
     """
     target, sums = _ErrorSums(), {k: _ErrorSums() for k in predictors}
@@ -571,21 +593,11 @@ def _epoch(tiles, gates, opt, pairs, split, s: GateSettings, epoch: int, z_scale
                 raise FitError(f"gate training diverged in epoch {epoch} (loss {float(loss)}): lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            _warmup(opt, s)
             opt.step()
             total += loss.item() * len(idx)
             n += len(idx)
             tick(len(idx))
     return total / max(n, 1)
-
-
-def _warmup(opt: torch.optim.Optimizer, s: GateSettings) -> None:
-    """Linear learning-rate warm-up over the first ``s.warmup`` steps (Adam's first steps are
-    sign-like and of full size ``lr``: without a warm-up they scramble an informative init)."""
-    st = next(iter(opt.state.values()), None)
-    step = int(st["step"]) if st else 0
-    for group in opt.param_groups:
-        group["lr"] = s.lr * min(1.0, (step + 1) / max(1, s.warmup))
 
 
 class _Run:
@@ -599,8 +611,8 @@ class _Run:
         self.z_scale = z_scale  # mean z² of the init sample: makes the MSE term scale-free
         self.max_eval_rows = max_eval_rows  # cap on held-out rows per evaluation
         self.epoch = 0  # epochs finished
-        self.history: list[dict] = []  # per epoch: epoch, train_loss, rel_error, r2
-        self.best = {"epoch": 0, "rel_error": float("inf"), "r2": float("nan")}
+        self.history: list[dict] = []  # per epoch: epoch, train_loss, rel_err, r2
+        self.best = {"epoch": 0, "rel_err": float("inf"), "r2": float("nan")}
         self.best_gates = [(w.copy(), b.copy()) for w, b in gates.export()]
         self.bad_epochs = 0  # epochs since the best
         self.stopped = False  # early-stopped
@@ -614,9 +626,9 @@ class _Run:
     def record(self, train_loss: float | None) -> bool:
         """Evaluate after an epoch; True when this is a new best (the best gate is kept)."""
         m = self.evaluate()
-        self.history.append({"epoch": self.epoch, "train_loss": train_loss, "rel_error": m["rel_error"], "r2": m["r2"]})
-        if m["rel_error"] < self.best["rel_error"] * (1 - 1e-6):
-            self.best = {"epoch": self.epoch, "rel_error": m["rel_error"], "r2": m["r2"]}
+        self.history.append({"epoch": self.epoch, "train_loss": train_loss, "rel_err": m["rel_err"], "r2": m["r2"]})
+        if m["rel_err"] < self.best["rel_err"] * (1 - 1e-6):
+            self.best = {"epoch": self.epoch, "rel_err": m["rel_err"], "r2": m["r2"]}
             self.best_gates = self.gates.export()
             self.bad_epochs = 0
             return True
@@ -704,9 +716,11 @@ def _load_state(adapter: AdapterStore) -> tuple[dict, dict[str, np.ndarray]] | N
     return meta, arrays
 
 
-def fit_gates(adapter, pairs, *, sparsity: float = 0.3, epochs: int = 30, lr: float = 1e-2, batch_size: int = 256,
-              balance_coef: float = 1e-2, z_loss_coef: float = 0.0, temperature: float = 1.0, init: str = "energy",
-              patience: int = 3, holdout: float | None = None, seed: int | None = None, restart: bool = False,
+def fit_gates(adapter, pairs, *, sparsity: float = GateSettings.sparsity, epochs: int = GateSettings.epochs,
+              lr: float = GateSettings.lr, batch_size: int = GateSettings.batch_size,
+              balance_coef: float = GateSettings.balance_coef, z_loss_coef: float = GateSettings.z_loss_coef,
+              temperature: float = GateSettings.temperature, init: str = GateSettings.init,
+              patience: int = GateSettings.patience, holdout: float | None = None, seed: int | None = None, restart: bool = False,
               device="cpu", max_tile_bytes: int = DEFAULT_MAX_TILE_BYTES, max_eval_rows: int | None = None,
               progress: Progress | None = None) -> dict:
     """Train every pipe's gate on the frozen tiles and write it into the adapter store.
@@ -719,17 +733,15 @@ def fit_gates(adapter, pairs, *, sparsity: float = 0.3, epochs: int = 30, lr: fl
     settings other than ``epochs``/``patience`` require it). Returns a summary dict.
 
     >>> import numpy as np
-    >>> from prismoe_store.grid import plan_grid
-    >>> g = plan_grid(8, 4, 4)
+    >>> from prismoe_store.fit import fit
     >>> rng = np.random.default_rng(0)
-    >>> W = rng.normal(size=(4, 8)).astype(np.float32)
+    >>> x = rng.normal(size=(300, 8)).astype(np.float32)
     >>> p = PairsStore.create("memory://doc-gates-fit-p", d_in=8, d_out=4, overwrite=True)
-    >>> x = rng.normal(size=(300, 8)).astype(np.float32); _ = p.append(x, x @ W.T)
-    >>> a = AdapterStore.create("memory://doc-gates-fit-a", grids=[g], overwrite=True)
-    >>> a.write_band(0, 0, np.pad(W, ((0, g.d_out_pad - 4), (0, g.d_in_pad - 8)))); a.update_attrs(complete=True)
-    >>> r = fit_gates(a, p, sparsity=1.0, epochs=1)
-    >>> r["epochs_run"], a.read_gate(0)[0].shape
-    (1, (4, 8))
+    >>> _ = p.append(x, x @ rng.normal(size=(8, 4)).astype(np.float32))
+    >>> a = fit(p, "memory://doc-gates-fit-a", workers=4, scheduler="synchronous", overwrite=True)
+    >>> r = fit_gates(a, p, sparsity=0.5, epochs=1)
+    >>> r["epochs_run"], a.read_gate(0)[0].shape, a.attrs()["gates"]["complete"]
+    (1, (4, 8), True)
     """
     adapter, pairs = _open(adapter, pairs, write=True)
     split = resolve_split(adapter, holdout, seed)
@@ -759,7 +771,7 @@ def fit_gates(adapter, pairs, *, sparsity: float = 0.3, epochs: int = 30, lr: fl
         xs, zs = _sample_train(pairs, split, s.init_rows, s.seed)
         x0 = torch.from_numpy(xs).to(dev)
         z_scale = float(np.mean(np.square(zs, dtype=np.float64))) or 1.0
-        gates = init_gates(tiles, x0, kind=s.init, scale=s.init_scale)
+        gates = init_gates(tiles, x0, torch.from_numpy(zs).to(dev), kind=s.init, scale=s.init_scale)
         run = _Run(tiles, pairs, split, s, gates=gates, z_scale=z_scale, max_eval_rows=max_eval_rows)
         before = _before(tiles, gates, pairs, split, s, dev, max_eval_rows)
         run.record(None)  # epoch 0: the initialised gate
@@ -777,7 +789,7 @@ def fit_gates(adapter, pairs, *, sparsity: float = 0.3, epochs: int = 30, lr: fl
     summary = {"sparsity": s.sparsity, "k": [s.k(g.active_count) for g in tiles.grids],
                "epochs_run": run.epoch, "best_epoch": run.best["epoch"], "stopped_early": run.stopped,
                "resumed_from": resumed_from, "heldout_rows": split.counts(pairs)[1] if max_eval_rows is None else max_eval_rows,
-               "before": before, "after": {"rel_error": run.best["rel_error"], "r2": run.best["r2"]},
+               "before": before, "after": {"rel_err": run.best["rel_err"], "r2": run.best["r2"]},
                "history": run.history, "split": asdict(split)}
     adapter.update_attrs(gates={"complete": True, "settings": asdict(s), "split": asdict(split),
                                 "metrics": {k: summary[k] for k in ("before", "after", "best_epoch", "epochs_run",
@@ -963,24 +975,22 @@ def quality_report(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES, 
     """Held-out relative error and R² of the gated adapter at each sparsity, per gate, beside baselines.
 
     Gates (default): ``zero`` (the untrained uniform gate: all scores tie, so ``torch.topk`` keeps
-    a fixed arbitrary subset of K workers for every token), ``init`` (the energy initialisation,
-    untrained) and ``trained`` (the stored gate, when there is one). Baselines: ``dense`` — every
+    a fixed arbitrary subset of K workers for every token), ``init`` (:func:`init_gates` with the
+    trained gate's init kind, default ``gain``; untrained) and ``trained`` (the stored gate, when there is one). Baselines: ``dense`` — every
     tile at weight 1, which for ``joint`` tiles is the dense ridge solution of the fit — and
     ``lstsq`` (``numpy.linalg.lstsq`` on the training rows, when they take at most
-    ``lstsq_max_bytes``). Returns ``{"rows": [{gate, sparsity, rel_error, r2}], "baselines": {...}}``.
+    ``lstsq_max_bytes``). Returns ``{"rows": [{gate, sparsity, rel_err, r2}], "baselines": {...}}``.
 
     >>> import numpy as np
-    >>> from prismoe_store.grid import plan_grid
-    >>> g = plan_grid(8, 4, 4)
+    >>> from prismoe_store.fit import fit
     >>> rng = np.random.default_rng(0)
-    >>> W = rng.normal(size=(4, 8)).astype(np.float32)
+    >>> x = rng.normal(size=(300, 8)).astype(np.float32)
     >>> p = PairsStore.create("memory://doc-gates-q-p", d_in=8, d_out=4, overwrite=True)
-    >>> x = rng.normal(size=(200, 8)).astype(np.float32); _ = p.append(x, x @ W.T)
-    >>> a = AdapterStore.create("memory://doc-gates-q-a", grids=[g], overwrite=True)
-    >>> a.write_band(0, 0, np.pad(W, ((0, g.d_out_pad - 4), (0, g.d_in_pad - 8)))); a.update_attrs(complete=True)
+    >>> _ = p.append(x, x @ rng.normal(size=(8, 4)).astype(np.float32))
+    >>> a = fit(p, "memory://doc-gates-q-a", workers=4, scheduler="synchronous", overwrite=True)
     >>> q = quality_report(a, p, sparsities=[1.0])
-    >>> round(q["baselines"]["dense"]["rel_error"], 5), round(q["rows"][0]["rel_error"], 5)
-    (0.0, 0.0)
+    >>> q["rows"][0]["gate"], q["rows"][0]["rel_err"] < 1e-5, q["baselines"]["dense"]["rel_err"] < 1e-5
+    ('zero', True, True)
     """
     adapter, pairs = _open(adapter, pairs)
     info = adapter.attrs().get("gates") or {}
@@ -991,9 +1001,12 @@ def quality_report(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES, 
     tiles = _tiles or FrozenTiles.load(adapter, device=dev, max_bytes=max_tile_bytes)
     if gates is None:
         gates = {"zero": Gates.zeros(tiles.grids, tiles.d_in)}
-        xs, _ = _sample_train(pairs, split, int(settings.get("init_rows", 4096)), int(settings.get("seed", split.seed)))
-        gates["init"] = init_gates(tiles, torch.from_numpy(xs).to(dev), kind="energy",
-                                   scale=float(settings.get("init_scale", 1.0)))
+        xs, zs = _sample_train(pairs, split, int(settings.get("init_rows", GateSettings.init_rows)),
+                               int(settings.get("seed", split.seed)))
+        kind = settings.get("init", GateSettings.init)
+        gates["init"] = init_gates(tiles, torch.from_numpy(xs).to(dev), torch.from_numpy(zs).to(dev),
+                                   kind=GateSettings.init if kind == "zero" else kind,
+                                   scale=float(settings.get("init_scale", GateSettings.init_scale)))
         if all(adapter.read_gate(p) is not None for p in range(adapter.n_pipes)):
             gates["trained"] = Gates.from_store(adapter)
     gates = {k: v.to(dev) for k, v in gates.items()}
@@ -1005,37 +1018,36 @@ def quality_report(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES, 
         preds[("lstsq", None)] = lambda x: x.float() @ Wt
     m = heldout_metrics(pairs, split, {f"{k[0]}@{k[1]}": f for k, f in preds.items()}, device=dev,
                         max_rows=max_rows, progress=progress)
-    rows = [{"gate": name, "sparsity": rho, **{k: m[f"{name}@{rho}"][k] for k in ("rel_error", "r2")}}
+    rows = [{"gate": name, "sparsity": rho, **{k: m[f"{name}@{rho}"][k] for k in ("rel_err", "r2")}}
             for name in gates for rho in sparsities]
-    base = {"dense": {**m["dense@None"], "what": "every tile at weight 1"
-                      + (" (= the dense ridge solution)" if tiles.mode == "joint" else " (independent tiles: not ridge)")}}
+    base = {"dense": {**m["dense@None"], "what": "all tiles, uniform gate: the dense ridge solution" if tiles.mode == "joint"
+                      else "all tiles, uniform gate: each band averages its independent tiles"}}
     base["lstsq"] = {**m["lstsq@None"], "what": how} if lstsq is not None else {"what": how}
     trained_at = settings.get("sparsity") if "trained" in gates else None
     return {"mode": tiles.mode, "temperature": temperature, "trained_sparsity": trained_at,
             "heldout_rows": m["dense@None"]["rows"], "split": asdict(split), "rows": rows, "baselines": base}
 
 
-def benchmark_gates(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES, epochs: int = 30,
-                    lr: float = 1e-2, batch_size: int = 256, balance_coef: float = 1e-2, z_loss_coef: float = 0.0,
-                    temperature: float = 1.0, patience: int = 3, holdout: float | None = None,
+def benchmark_gates(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES, epochs: int = GateSettings.epochs,
+                    lr: float = GateSettings.lr, batch_size: int = GateSettings.batch_size,
+                    balance_coef: float = GateSettings.balance_coef, z_loss_coef: float = GateSettings.z_loss_coef,
+                    temperature: float = GateSettings.temperature, patience: int = GateSettings.patience, holdout: float | None = None,
                     seed: int | None = None, device="cpu", max_tile_bytes: int = DEFAULT_MAX_TILE_BYTES,
                     max_eval_rows: int | None = None, progress: Progress | None = None) -> dict:
     """The quality table with one gate trained per sparsity (in memory; the store is not changed).
 
-    For each ρ: the zero gate, the energy init, and a gate trained from that init at that ρ
+    For each ρ: the zero gate, the init (``gain``), and a gate trained from that init at that ρ
     (``trained``); plus the ``dense`` and ``lstsq`` baselines of :func:`quality_report`.
 
     >>> import numpy as np
-    >>> from prismoe_store.grid import plan_grid
-    >>> g = plan_grid(8, 4, 4)
+    >>> from prismoe_store.fit import fit
     >>> rng = np.random.default_rng(0)
-    >>> W = rng.normal(size=(4, 8)).astype(np.float32)
+    >>> x = rng.normal(size=(300, 8)).astype(np.float32)
     >>> p = PairsStore.create("memory://doc-gates-b-p", d_in=8, d_out=4, overwrite=True)
-    >>> x = rng.normal(size=(200, 8)).astype(np.float32); _ = p.append(x, x @ W.T)
-    >>> a = AdapterStore.create("memory://doc-gates-b-a", grids=[g], overwrite=True)
-    >>> a.write_band(0, 0, np.pad(W, ((0, g.d_out_pad - 4), (0, g.d_in_pad - 8)))); a.update_attrs(complete=True)
-    >>> len(benchmark_gates(a, p, sparsities=[0.5], epochs=1)["rows"])
-    3
+    >>> _ = p.append(x, x @ rng.normal(size=(8, 4)).astype(np.float32))
+    >>> a = fit(p, "memory://doc-gates-b-a", workers=4, scheduler="synchronous", overwrite=True)
+    >>> sorted(r["gate"] for r in benchmark_gates(a, p, sparsities=[0.5], epochs=1)["rows"])
+    ['init', 'trained', 'zero']
     """
     adapter, pairs = _open(adapter, pairs)
     split = resolve_split(adapter, holdout, seed)
@@ -1046,7 +1058,8 @@ def benchmark_gates(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES,
                         holdout=split.holdout, seed=split.seed)
     _check_batch(tiles, batch_size, max_tile_bytes)
     xs, zs = _sample_train(pairs, split, base.init_rows, base.seed)
-    init = init_gates(tiles, torch.from_numpy(xs).to(dev), kind="energy", scale=base.init_scale)
+    init = init_gates(tiles, torch.from_numpy(xs).to(dev), torch.from_numpy(zs).to(dev), kind=base.init,
+                      scale=base.init_scale)
     z_scale = float(np.mean(np.square(zs, dtype=np.float64))) or 1.0
     trained, runs = {}, {}
     n_train = split.counts(pairs)[0]
@@ -1065,7 +1078,7 @@ def benchmark_gates(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES,
                        gates={"zero": Gates.zeros(tiles.grids, tiles.d_in), "init": init})
     ev = heldout_metrics(pairs, split, {str(r): _gated(tiles, trained[r], r, temperature) for r in sparsities},
                          device=dev, max_rows=max_eval_rows)
-    q["rows"] += [{"gate": "trained", "sparsity": r, "rel_error": ev[str(r)]["rel_error"], "r2": ev[str(r)]["r2"]}
+    q["rows"] += [{"gate": "trained", "sparsity": r, "rel_err": ev[str(r)]["rel_err"], "r2": ev[str(r)]["r2"]}
                   for r in sparsities]
     q["training"] = {str(r): v for r, v in runs.items()}
     q["settings"] = {k: v for k, v in asdict(base).items() if k != "sparsity"}
@@ -1096,6 +1109,8 @@ def plot_routing(report: dict, out_dir) -> list[str]:
     >>> len(plot_routing({"pipes": st, "sparsity": 0.5}, tempfile.mkdtemp()))
     2
     """
+    from matplotlib.ticker import MaxNLocator
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipes = report["pipes"]
@@ -1112,6 +1127,8 @@ def plot_routing(report: dict, out_dir) -> list[str]:
                      f"balance {st['balance_loss']:.2f}", fontsize=9)
         ax.set_xlabel("column c (input slice)")
         ax.set_ylabel("row r (output band)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(im, ax=ax, label="share of tokens routed")
     fig.suptitle(f"worker utilization on held-out rows (ρ = {report.get('sparsity')})", fontsize=10)
     paths = [out / "routing_utilization.png"]
@@ -1142,8 +1159,8 @@ def plot_quality(report: dict, out_dir) -> str:
     """Draw a quality report (relative error against ρ per gate, baselines as lines) as ``quality.png``.
 
     >>> import tempfile, os
-    >>> rep = {"rows": [{"gate": "zero", "sparsity": 0.5, "rel_error": 0.5, "r2": 0.7}],
-    ...        "baselines": {"dense": {"rel_error": 0.1}}, "mode": "joint"}
+    >>> rep = {"rows": [{"gate": "zero", "sparsity": 0.5, "rel_err": 0.5, "r2": 0.7}],
+    ...        "baselines": {"dense": {"rel_err": 0.1}}, "mode": "joint"}
     >>> os.path.basename(plot_quality(rep, tempfile.mkdtemp()))
     'quality.png'
     """
@@ -1151,15 +1168,22 @@ def plot_quality(report: dict, out_dir) -> str:
     out.mkdir(parents=True, exist_ok=True)
     fig = _figure(6.5, 4.2)
     ax = fig.add_subplot(1, 1, 1)
+    trained_at = report.get("trained_sparsity")
+    errors = []
     for i, name in enumerate(dict.fromkeys(r["gate"] for r in report["rows"])):
-        pts = sorted((r["sparsity"], r["rel_error"]) for r in report["rows"] if r["gate"] == name)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=f"{name} gate")
+        pts = sorted((r["sparsity"], r["rel_err"]) for r in report["rows"] if r["gate"] == name)
+        label = f"{name} gate" + (f" (trained at ρ = {trained_at})" if name == "trained" and trained_at else "")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=label)
+        errors += [p[1] for p in pts]
     for j, (name, b) in enumerate(report["baselines"].items()):
-        if "rel_error" in b:
-            ax.axhline(b["rel_error"], color=f"C{j + 5}", ls="--", lw=1, label=name)
+        if "rel_err" in b:
+            ax.axhline(b["rel_err"], color=f"C{j + 5}", ls=("--", ":", "-.")[j % 3], lw=1.5, label=name)
+            errors.append(b["rel_err"])
+    finite = [e for e in errors if e > 0 and math.isfinite(e)]
+    if finite and max(finite) > 10 * min(finite):
+        ax.set_yscale("log")
     ax.set_xlabel("sparsity ρ (share of tiles per token)")
     ax.set_ylabel("held-out relative error ‖y − z‖/‖z‖")
-    ax.set_yscale("log")
     ax.set_title(f"gated adapter quality ({report.get('mode')} tiles)", fontsize=10)
     ax.legend(fontsize=8)
     path = out / "quality.png"

@@ -33,7 +33,7 @@ from .grid import GridSpec
 from .stores import FORMAT_KEY, Progress, WeightsStore, open_root, reading
 
 ProgressFn = Callable[[int, int], None]
-DEFAULT_MAX_BYTES = 64 << 20  # bytes of float64 working data per block read (tiles, bands)
+DEFAULT_MAX_BYTES = 16 << 20  # float64 bytes per block read (tiles, bands); peak RSS is a few times this
 
 # Store format name -> "module:function" of its inspector, imported only when used. An inspector
 # is called as fn(url, *, tensor, stats, max_bytes, progress, storage_options) and returns a Report.
@@ -393,19 +393,15 @@ def compare_matrices(a, b, *, max_bytes: int = DEFAULT_MAX_BYTES, progress: Prog
     for i, (r0, c0) in enumerate(blocks):
         r1, c1 = min(r0 + step_r, rows), min(c0 + step_c, cols)
         with reading(f"block rows {r0}:{r1}, cols {c0}:{c1}"):
-            x = np.asarray(a[r0:r1, c0:c1], dtype=np.float64)
+            x = np.array(a[r0:r1, c0:c1], dtype=np.float64)  # a private copy: it becomes |A - B| below
             y = np.asarray(b[r0:r1, c0:c1], dtype=np.float64)
-        d = np.abs(x - y)
-        if np.isnan(d).any():
-            k = int(np.flatnonzero(np.isnan(d).ravel())[0])
-            if not math.isnan(max_abs):
-                max_abs, argmax = math.nan, (r0 + k // d.shape[1], c0 + k % d.shape[1])
-        elif d.size and not math.isnan(max_abs):
-            k = int(d.argmax())
-            if d.flat[k] > max_abs:
-                max_abs, argmax = float(d.flat[k]), (r0 + k // d.shape[1], c0 + k % d.shape[1])
-        xf, yf, df = x.ravel(), y.ravel(), (x - y).ravel()
-        dd, aa, bb, ab = dd + float(df @ df), aa + float(xf @ xf), bb + float(yf @ yf), ab + float(xf @ yf)
+        xf, yf = x.reshape(-1), y.reshape(-1)
+        aa, bb, ab = aa + float(xf @ xf), bb + float(yf @ yf), ab + float(xf @ yf)
+        np.subtract(xf, yf, out=xf)
+        del y, yf
+        dd += float(xf @ xf)
+        np.abs(xf, out=xf)
+        max_abs, argmax = _track_max(xf, x.shape[1], (r0, c0), max_abs, argmax)
         if progress is not None:
             progress(i + 1, len(blocks))
     na, nb = math.sqrt(aa), math.sqrt(bb)
@@ -419,6 +415,18 @@ def compare_matrices(a, b, *, max_bytes: int = DEFAULT_MAX_BYTES, progress: Prog
         cos = 1.0 if na == nb else 0.0
     return Comparison(shape=sa, max_abs_diff=max_abs, argmax=argmax, rel_frobenius=rel, cosine=cos,
                       norm_a=na, norm_b=nb)
+
+
+def _track_max(d: np.ndarray, width: int, origin: tuple[int, int], best: float,
+               where: tuple[int, int]) -> tuple[float, tuple[int, int]]:
+    """Update the running max of ``|A - B|`` (a NaN, once seen, wins for good)."""
+    if math.isnan(best) or d.size == 0:
+        return best, where
+    nan = np.isnan(d)
+    k = int(nan.argmax()) if nan.any() else int(d.argmax())
+    if nan[k] or d[k] > best:
+        return float(d[k]), (origin[0] + k // width, origin[1] + k % width)
+    return best, where
 
 
 def _chunks(m) -> tuple[int, int] | None:
@@ -590,11 +598,27 @@ def _only(names: list[str], wanted: str | None, where: str, fallback: str | None
 
 
 def _open_npy(path: str) -> OpenedArray:
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise SourceError(f"cannot read {path}: {e}") from None
+    arr = _NpyFile(path)
     return OpenedArray(arr, os.path.splitext(os.path.basename(path))[0], path)
+
+
+class _NpyFile:
+    """A ``.npy`` file sliced like a NumPy array, memory-mapped afresh for each read and unmapped
+    after it, so the pages it touched do not pile up in the process's resident memory."""
+
+    def __init__(self, path: str):
+        self.path = path  # the .npy file
+        arr = self._map()
+        self.shape, self.dtype = tuple(arr.shape), arr.dtype  # its shape and dtype
+
+    def _map(self) -> np.ndarray:
+        try:
+            return np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise SourceError(f"cannot read {self.path}: {e}") from None
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.array(self._map()[key])  # a copy; the map goes when the view does
 
 
 def _open_torch(path: str, tensor: str | None) -> OpenedArray:

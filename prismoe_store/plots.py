@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-BAND_BYTES = 32 << 20  # float64 bytes read at a time while reducing an image or histogramming
+BAND_BYTES = 16 << 20  # float64 bytes read at a time while reducing an image or histogramming
 
 
 def _figure(width: float, height: float):
@@ -135,11 +135,12 @@ def visualize_tensor(array, out_dir, *, prefix: str = "tensor", max_slices: int 
 
     picks, hist_picks = _evenly(n, max_slices), _evenly(n, hist_slices)
     tick = _ticker(progress, len(picks) + 2 * len(hist_picks))
-    images = [tick(_reduced(view, i, max_pixels)) for i in picks]
+    ranges: dict[int, tuple[float, float]] = {}  # value range of each slice read so far
+    images = [tick(_reduced(view, i, max_pixels, ranges)) for i in picks]
     rms = images[0][1] > 1 or images[0][2] > 1
     names = slice_name or (lambda i: f"{unit} {i}")
     paths = [_slices_png(images, picks, view, rms, title, unit, names, out_dir / f"{prefix}_slices.png")]
-    paths.append(_hist_png(view, hist_picks, bins, title, unit, out_dir / f"{prefix}_hist.png", tick))
+    paths.append(_hist_png(view, hist_picks, ranges, bins, title, unit, out_dir / f"{prefix}_hist.png", tick))
     return paths
 
 
@@ -169,12 +170,14 @@ class _Slices:
         part = self.array[i, r0:r1] if self.three_d else self.array[r0:r1]
         return np.asarray(part, dtype=np.float64)
 
+    def valid_shape(self, i: int) -> tuple[int, int]:
+        """Rows and columns of slice ``i`` that are data, not padding (all, unless the array says)."""
+        return self.array.valid_shape(i) if hasattr(self.array, "valid_shape") else (self.h, self.w)
+
     def bands(self, i: int, multiple: int = 1, *, valid_only: bool = False):
         """Yield ``(r0, rows)`` bands of slice ``i``; ``valid_only`` drops an array's padding
         (when it says where that is, via ``valid_shape(i)``, like a store's tile stack)."""
-        h, w = self.h, self.w
-        if valid_only and hasattr(self.array, "valid_shape"):
-            h, w = self.array.valid_shape(i)
+        h, w = self.valid_shape(i) if valid_only else (self.h, self.w)
         step = max(multiple, (BAND_BYTES // (8 * max(1, self.w))) // multiple * multiple)
         for r0 in range(0, h, step):
             yield r0, self.rows(i, r0, min(r0 + step, h))[:, :w]
@@ -184,12 +187,16 @@ def _evenly(n: int, k: int) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, n - 1, min(n, max(1, k)))})
 
 
-def _reduced(view: _Slices, i: int, max_pixels: int) -> tuple[np.ndarray, int, int]:
+def _reduced(view: _Slices, i: int, max_pixels: int, ranges: dict) -> tuple[np.ndarray, int, int]:
     """Slice ``i`` as an image of at most ``max_pixels`` per side: the values themselves when it
-    fits, else the root mean square of each ``fr × fc`` block. Returns (image, fr, fc)."""
+    fits, else the root mean square of each ``fr × fc`` block. Returns (image, fr, fc), and
+    records the slice's value range (padding left out) in ``ranges[i]``."""
     fr, fc = -(-view.h // max_pixels), -(-view.w // max_pixels)
+    vh, vw = view.valid_shape(i)
     if fr == 1 and fc == 1:
-        return view.rows(i, 0, view.h), 1, 1
+        img = view.rows(i, 0, view.h)
+        ranges[i] = _range(img[:vh, :vw])
+        return img, 1, 1
     col_starts = np.arange(0, view.w, fc)
     col_counts = np.diff(np.append(col_starts, view.w))
     out = np.zeros((-(-view.h // fr), len(col_starts)))
@@ -198,7 +205,17 @@ def _reduced(view: _Slices, i: int, max_pixels: int) -> tuple[np.ndarray, int, i
         row_counts = np.diff(np.append(row_starts, band.shape[0]))
         sq = np.add.reduceat(np.add.reduceat(band * band, row_starts, axis=0), col_starts, axis=1)
         out[r0 // fr:r0 // fr + len(row_starts)] = sq / np.outer(row_counts, col_counts)
+        ranges[i] = _range(band[:max(0, vh - r0), :vw], ranges.get(i))
     return np.sqrt(out), fr, fc
+
+
+def _range(values: np.ndarray, prev: tuple[float, float] | None = None) -> tuple[float, float]:
+    """(min, max) of the finite values, merged with ``prev``; (inf, -inf) when there are none."""
+    lo, hi = prev or (math.inf, -math.inf)
+    f = values[np.isfinite(values)]
+    if f.size:
+        lo, hi = min(lo, float(f.min())), max(hi, float(f.max()))
+    return lo, hi
 
 
 def _slices_png(images, picks, view: _Slices, rms: bool, title: str, unit: str, names, path) -> Path:
@@ -209,12 +226,14 @@ def _slices_png(images, picks, view: _Slices, rms: bool, title: str, unit: str, 
     nrows = math.ceil(k / ncols)
     fig = _figure(min(16.0, max(7.0, 2.0 + 3.2 * ncols)), min(16.0, 1.6 + 3.0 * nrows))
     finite = np.concatenate([img[np.isfinite(img)].ravel() for img, _, _ in images])
-    top = float(np.percentile(np.abs(finite), 99.5)) if finite.size else 1.0
-    top = top if top > 0 else 1.0
-    if rms:
-        cmap, vmin, vmax, label = matplotlib.colormaps["viridis"], 0.0, top, "RMS of block"
+    if rms:  # block RMS values crowd together: spread the colours over their own range
+        vmin, vmax = (np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0))
+        vmax = vmax if vmax > vmin else vmin + 1.0
+        cmap, label, clip = matplotlib.colormaps["viridis"], "RMS of block", "0.5th–99.5th percentile"
     else:
-        cmap, vmin, vmax, label = matplotlib.colormaps["RdBu_r"], -top, top, "value"
+        top = float(np.percentile(np.abs(finite), 99.5)) if finite.size else 1.0
+        vmin, vmax = (-top, top) if top > 0 else (-1.0, 1.0)
+        cmap, label, clip = matplotlib.colormaps["RdBu_r"], "value", "±99.5th percentile of |value|"
     axes = fig.subplots(nrows, ncols, squeeze=False)
     im = None
     for ax, (img, fr, fc), i in zip(axes.ravel(), images, picks):
@@ -228,17 +247,18 @@ def _slices_png(images, picks, view: _Slices, rms: bool, title: str, unit: str, 
     _, fr, fc = images[0]
     note = f"each pixel the RMS of a {fr}×{fc} block; " if rms else ""
     shown = f"{k} of {view.n} {unit}s along axis 0" if view.three_d else f"{view.h}×{view.w} matrix"
-    fig.suptitle(f"{title}\n{shown}\n{note}colour clipped at the 99.5th percentile of |value|", fontsize=10)
+    fig.suptitle(f"{title}\n{shown}\n{note}colours span the {clip}", fontsize=10)
     return _save(fig, path)
 
 
-def _hist_png(view: _Slices, picks: list[int], bins: int, title: str, unit: str, path, tick) -> Path:
+def _hist_png(view: _Slices, picks: list[int], ranges: dict, bins: int, title: str, unit: str, path,
+              tick) -> Path:
     lo, hi = math.inf, -math.inf
-    for i in picks:  # pass 1: the value range
-        for _, band in view.bands(i, valid_only=True):
-            f = band[np.isfinite(band)]
-            if f.size:
-                lo, hi = min(lo, float(f.min())), max(hi, float(f.max()))
+    for i in picks:  # pass 1: the value range (already known for the slices drawn as images)
+        if i not in ranges:
+            for _, band in view.bands(i, valid_only=True):
+                ranges[i] = _range(band, ranges.get(i))
+        lo, hi = min(lo, ranges.get(i, (lo, hi))[0]), max(hi, ranges.get(i, (lo, hi))[1])
         tick()
     if not math.isfinite(lo):
         lo, hi = 0.0, 1.0

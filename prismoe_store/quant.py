@@ -59,7 +59,7 @@ def dequantize_tile(q, scales):
     [[63.5, -63.5]]
     """
     if isinstance(q, torch.Tensor):
-        return q.to(torch.float32) * scales.to(torch.float32)[:, None]  # [a, b]
+        return q.to(torch.float32, copy=True).mul_(scales.to(torch.float32)[:, None])  # [a, b], one temporary
     return np.asarray(q, np.float32) * np.asarray(scales, np.float32)[:, None]  # [a, b]
 
 

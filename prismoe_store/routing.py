@@ -19,6 +19,7 @@ tile is not wholly padding (padding-only workers are never selected); ``S = topk
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,14 +29,14 @@ from .grid import GridSpec
 
 
 def k_for(sparsity: float, n_active: int) -> int:
-    """``K = round(ρ·n)``, at least 1 and at most ``n``.
+    """``K = round(ρ·n)`` with halves rounded up (not Python's half-to-even), at least 1 and at most ``n``.
 
-    >>> k_for(0.3, 512), k_for(1.0, 7), k_for(0.01, 7)
-    (154, 7, 1)
+    >>> k_for(0.3, 512), k_for(1.0, 7), k_for(0.01, 7), k_for(0.5, 5)
+    (154, 7, 1, 3)
     """
     if not 0.0 < sparsity <= 1.0:
         raise DataError(f"sparsity must be in (0, 1], got {sparsity}")
-    return max(1, min(n_active, int(round(sparsity * n_active))))
+    return max(1, min(n_active, math.floor(sparsity * n_active + 0.5)))
 
 
 def active_mask(grid: GridSpec, device=None) -> torch.Tensor:
@@ -110,7 +111,8 @@ def probabilities(s: torch.Tensor) -> torch.Tensor:
 
 def balance_loss(r: Routing) -> torch.Tensor:
     """Load-balancing loss ``W · Σ_i f_i P_i / K`` (``f_i``: share of tokens routed to worker i,
-    ``P_i``: its mean softmax probability over all workers). Equals 1 for perfectly even routing.
+    ``P_i``: its mean softmax probability over all workers, ``W = R·C``). Perfectly even routing
+    over the ``n`` active workers gives ``W / n`` (1 when no worker is padding-only).
 
     >>> import torch
     >>> s = torch.zeros(2, 4)

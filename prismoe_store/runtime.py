@@ -8,7 +8,10 @@ For a batch of tokens ``x [B, d_in]`` and each pipe ``p`` of the adapter:
    :class:`~prismoe_store.cache.TileCache` (resident tiles first, the next tile read ahead),
    multiply the input slice of the tokens that chose it, weight, and scatter-add into the
    output band;
-3. ``y = Σ_p α_p y_p``, truncated to ``d_out``.
+3. ``y = Σ_p α_p y_p``, truncated to ``d_out``. Pipes run forward on even calls and backward on
+   odd ones, so the last pipe's tiles are reused first; the sum is always taken in pipe order.
+   Within a band, tiles are added resident-first, so two calls on the same input may differ in
+   the last bits (never beyond float32 rounding) when the cache held different tiles.
 
 Only one tile has to be resident at a time, so any budget that holds one tile works (smaller
 budgets stream tiles through the cache). ``mode="serial"`` evicts every other pipe's tiles before
@@ -64,8 +67,9 @@ class RuntimeConfig:
     cache_bytes: int | None = None  # tile cache budget in bytes; None: room for every non-padding tile
     quant: str | None = None  # None: float32 tiles; "int8": INT8 tiles + per-row scales
     mode: str = "parallel"  # "parallel": pipes share the cache; "serial": one pipe's tiles at a time
-    sparsity: float | None = None  # ρ; None: the gates' recorded ρ, else 1.0 without gates, else 0.3
-    prefetch: bool = True  # read the next tile from the store on a background thread while computing
+    sparsity: float | None = None  # ρ; None: the ρ `fit-gates` recorded, else 1.0 without gates, else 0.3
+    prefetch: bool | None = None  # read the next tile on a background thread; None: on CUDA only (on CPU
+    # the read costs far more than the compute it would hide, and measured no faster)
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
@@ -74,7 +78,8 @@ class RuntimeConfig:
             raise DataError(f"mode must be 'parallel' or 'serial', got {self.mode!r}")
         if self.sparsity is not None and not 0.0 < float(self.sparsity) <= 1.0:
             raise DataError(f"sparsity must be in (0, 1], got {self.sparsity}")
-        if self.cache_bytes is not None and (not isinstance(self.cache_bytes, (int, np.integer)) or self.cache_bytes < 1):
+        bad_budget = not isinstance(self.cache_bytes, (int, np.integer)) or self.cache_bytes < 1
+        if self.cache_bytes is not None and bad_budget:
             raise DataError(f"cache_bytes must be a positive integer, got {self.cache_bytes!r}")
         try:
             device = torch.device(self.device)
@@ -103,9 +108,11 @@ class Runtime:
         self.gates = [self._gate(p, g) for p, g in enumerate(raw_gates)]  # per pipe: (weight [W, M], bias [W])
         self.sparsity, self.temperature = self._routing_settings(config.sparsity, any(g is not None for g in raw_gates))
         self.total_bytes = sum(g.active_count * self.entry_bytes(p) for p, g in enumerate(self.grids))
-        self.cache = TileCache(config.cache_bytes or self.total_bytes, device=self.device, prefetch=config.prefetch)
+        prefetch = self.device.type == "cuda" if config.prefetch is None else config.prefetch
+        self.cache = TileCache(config.cache_bytes or self.total_bytes, device=self.device, prefetch=prefetch)
         self._check_budget()
         self._seconds, self._tokens, self._calls = 0.0, 0, 0
+        self._turn = 0  # calls so far (never reset): even turns run the pipes forward, odd backward
 
     # -- setup -----------------------------------------------------------------------------------
     def entry_bytes(self, pipe: int) -> int:
@@ -130,12 +137,12 @@ class Runtime:
 
     def _routing_settings(self, sparsity: float | None, has_gates: bool) -> tuple[float, float]:
         attrs = self.source.attrs() if callable(getattr(self.source, "attrs", None)) else {}
-        gates = attrs.get("gates") if isinstance(attrs.get("gates"), dict) else {}
-        temperature = float(gates.get("temperature", 1.0))
+        trained = (attrs.get("gates") or {}).get("settings") or {}  # what `prismoe fit-gates` recorded
+        temperature = float(trained.get("temperature", 1.0))
         if sparsity is not None:
             return float(sparsity), temperature
-        if "sparsity" in gates:
-            return float(gates["sparsity"]), temperature
+        if "sparsity" in trained:
+            return float(trained["sparsity"]), temperature
         return (DEFAULT_SPARSITY if has_gates else 1.0), temperature
 
     # -- the forward pass ------------------------------------------------------------------------
@@ -152,17 +159,26 @@ class Runtime:
         x = x.reshape(-1, self.d_in).to(self.device, torch.float32)  # [B, M]
         if not bool(torch.isfinite(x).all()):
             raise DataError("input holds NaN or Inf")
-        y = torch.zeros(x.shape[0], self.d_out, device=self.device)  # [B, N]
-        for p, alpha in enumerate(self.alphas):
+        ys = [None] * len(self.grids)  # per pipe: [B, N]
+        for p in self._pipe_order():
             if self.config.mode == "serial":  # the other pipes' tiles leave before this pipe's arrive
                 self.cache.evict(lambda key, p=p: key[0] != p)
-            y += alpha * self._pipe(p, x)[:, : self.d_out]  # [B, N]
+            ys[p] = self._pipe(p, x)[:, : self.d_out]  # [B, N]
+        y = sum(alpha * yp for alpha, yp in zip(self.alphas, ys))  # [B, N], summed in pipe order
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._seconds += time.perf_counter() - t0
         self._tokens += x.shape[0]
         self._calls += 1
         return y.reshape(*lead, self.d_out)
+
+    def _pipe_order(self) -> list[int]:
+        """Pipes forward on even calls, backward on odd ones ("zigzag"): the pipe that ran last is
+        still in the cache when the next call starts, so a budget smaller than every pipe's tiles
+        does not evict each pipe just before it is needed again (LRU's cyclic-access trap)."""
+        order = list(range(len(self.grids)))
+        self._turn += 1
+        return order if self._turn % 2 == 1 else order[::-1]
 
     def _pipe(self, p: int, x: torch.Tensor) -> torch.Tensor:
         """One pipe's output ``[B, N_pad]`` for tokens ``x [B, M]``."""
@@ -172,7 +188,7 @@ class Runtime:
                   temperature=self.temperature)
         B, K = r.indices.shape  # r.indices, r.weights: [B, K]
         xp = F.pad(x, (0, grid.d_in_pad - self.d_in))  # [B, M_pad], zeros on the input padding
-        yp = torch.zeros(B, grid.d_out_pad, device=self.device)  # [B, N_pad]
+        yb = torch.zeros(grid.rows, B, a, device=self.device)  # [R, B, a] output bands
 
         # group the B*K (token, worker) selections by worker
         worker = r.indices.reshape(-1)  # [B*K]
@@ -196,8 +212,8 @@ class Runtime:
             with self.cache.use((p, j), self._loader(p, j)) as tensors:
                 tile = self._tile(tensors)  # [a, b] float32 on the device
                 out = xs @ tile.T  # [n_j, a]
-            yp.narrow(1, band * a, a).index_add_(0, rows, out * w[:, None])  # [B, a] band += weighted
-        return yp
+            yb[band].index_add_(0, rows, out * w[:, None])  # [B, a] band += weighted tile output
+        return yb.permute(1, 0, 2).reshape(B, grid.d_out_pad)  # [B, N_pad]
 
     def _loader(self, p: int, j: int):
         if self.config.quant == "int8":
@@ -239,7 +255,7 @@ class Runtime:
 
 
 def open_runtime(adapter, *, device: str = "cpu", cache_bytes: int | None = None, quant: str | None = None,
-                 mode: str = "parallel", sparsity: float | None = None, prefetch: bool = True) -> Runtime:
+                 mode: str = "parallel", sparsity: float | None = None, prefetch: bool | None = None) -> Runtime:
     """Open a :class:`Runtime` over ``adapter`` (a path/URL of an adapter store, or any TileSource).
 
     >>> from prismoe_store.grid import plan_grid

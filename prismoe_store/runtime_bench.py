@@ -70,7 +70,7 @@ def benchmark_runtime(adapter: TileSource, *, device: str = "cpu", sparsity: flo
     tokens = np.asarray(tokens, np.float32)
     if tokens.shape[0] < need:
         tokens = np.resize(tokens, (need, adapter.d_in))  # cycle the rows given
-    steps = 4 + len(budgets)
+    steps = 4 + len(budgets)  # speed (fp32, INT8), one per budget, two modes
     step = 0
 
     def tick():
@@ -86,27 +86,25 @@ def benchmark_runtime(adapter: TileSource, *, device: str = "cpu", sparsity: flo
            "shape": {"d_in": adapter.d_in, "d_out": adapter.d_out, "batch": batch,
                      "grids": [str(g) for g in adapter.grids]}}
 
-    # 1. fp32 runtime (warm cache, room for everything) against dense F.linear
-    with open_runtime(adapter, device=device, sparsity=sparsity) as rt:
-        rt(xb)  # warm: every tile the batch selects is now resident
-        out["fp32"] = _speed(rt, dense, x1, xb, repeats)
-        out["fp32"]["bytes_all_tiles"] = rt.total_bytes
-        y32 = rt(xb)
-    tick()
-
-    # 2. INT8 against fp32 (same tokens, same routing)
+    # 1-2. fp32 and INT8 runtimes (warm caches with room for everything) against dense F.linear,
+    # timed interleaved in one loop so that all three see the same machine load
+    runtimes = {"fp32": open_runtime(adapter, device=device, sparsity=sparsity)}
     if int8_ready(adapter):
-        with open_runtime(adapter, device=device, sparsity=sparsity, quant="int8") as rt8:
-            rt8(xb)
-            out["int8"] = _speed(rt8, dense, x1, xb, repeats)
-            out["int8"]["bytes_all_tiles"] = rt8.total_bytes
-            y8 = rt8(xb)
-        out["int8"]["rel_error_vs_fp32"] = float(torch.linalg.norm(y8 - y32) / torch.linalg.norm(y32))
-        out["int8"]["latency_vs_fp32"] = out["int8"]["latency_s"] / out["fp32"]["latency_s"]
-        out["int8"]["throughput_vs_fp32"] = out["int8"]["throughput_tok_s"] / out["fp32"]["throughput_tok_s"]
-        out["int8"]["bytes_vs_fp32"] = out["int8"]["bytes_all_tiles"] / out["fp32"]["bytes_all_tiles"]
+        runtimes["int8"] = open_runtime(adapter, device=device, sparsity=sparsity, quant="int8")
+    ys = {q: rt(xb) for q, rt in runtimes.items()}  # warm: every tile the batch selects is now resident
+    out.update(_speed(runtimes, dense, x1, xb, repeats))
+    for q, rt in runtimes.items():
+        out[q]["bytes_all_tiles"] = rt.total_bytes
+        rt.close()
+    if "int8" in runtimes:
+        s8, s32 = out["int8"], out["fp32"]
+        s8["rel_error_vs_fp32"] = float(torch.linalg.norm(ys["int8"] - ys["fp32"]) / torch.linalg.norm(ys["fp32"]))
+        s8["latency_vs_fp32"] = s8["latency_s"] / s32["latency_s"]
+        s8["throughput_vs_fp32"] = s8["throughput_tok_s"] / s32["throughput_tok_s"]
+        s8["bytes_vs_fp32"] = s8["bytes_all_tiles"] / s32["bytes_all_tiles"]
     else:
         out["int8"] = None  # run `prismoe quantize` on the adapter to include it
+    tick()
     tick()
 
     # 3. hit rate against the cache budget (one token a call, cold cache, second half measured)
@@ -154,8 +152,9 @@ def _dense_matrix(adapter: TileSource) -> torch.Tensor:
     return w
 
 
-def _speed(rt, dense: torch.Tensor, x1: torch.Tensor, xb: torch.Tensor, repeats: int) -> dict:
-    """Median latency (batch 1) and throughput (batch ``len(xb)``) of ``rt`` and of ``F.linear``."""
+def _speed(runtimes: dict, dense: torch.Tensor, x1: torch.Tensor, xb: torch.Tensor, repeats: int) -> dict:
+    """Median latency (batch 1) and throughput (batch ``len(xb)``) of each runtime and of ``F.linear``,
+    timed interleaved (dense, then each runtime, every repeat)."""
     sync = torch.cuda.synchronize if dense.is_cuda else (lambda: None)
 
     def timed(fn, x):
@@ -165,19 +164,20 @@ def _speed(rt, dense: torch.Tensor, x1: torch.Tensor, xb: torch.Tensor, repeats:
         sync()
         return time.perf_counter() - t0
 
-    linear = lambda x: F.linear(x, dense)  # noqa: E731
-    t = {"rt1": [], "d1": [], "rtb": [], "db": []}
-    timed(linear, x1), timed(linear, xb)  # warm the dense path too
-    for _ in range(repeats):  # interleaved, so both see the same machine load
-        t["d1"].append(timed(linear, x1))
-        t["rt1"].append(timed(rt, x1))
-        t["db"].append(timed(linear, xb))
-        t["rtb"].append(timed(rt, xb))
-    m = {k: statistics.median(v) for k, v in t.items()}
+    fns = {"dense": lambda x: F.linear(x, dense), **runtimes}
+    t = {name: ([], []) for name in fns}  # name -> (batch-1 times, batch times)
+    timed(fns["dense"], x1), timed(fns["dense"], xb)  # warm the dense path too
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t[name][0].append(timed(fn, x1))
+            t[name][1].append(timed(fn, xb))
+    m = {name: (statistics.median(a), statistics.median(b)) for name, (a, b) in t.items()}
     n = xb.shape[0]
-    return {"latency_s": m["rt1"], "dense_latency_s": m["d1"], "latency_vs_dense": m["rt1"] / m["d1"],
-            "throughput_tok_s": n / m["rtb"], "dense_throughput_tok_s": n / m["db"],
-            "throughput_vs_dense": m["db"] / m["rtb"], "hit_rate": rt.stats()["cache"]["hit_rate"]}
+    (d1, db) = m["dense"]
+    return {name: {"latency_s": m[name][0], "dense_latency_s": d1, "latency_vs_dense": m[name][0] / d1,
+                   "throughput_tok_s": n / m[name][1], "dense_throughput_tok_s": n / db,
+                   "throughput_vs_dense": db / m[name][1], "hit_rate": rt.stats()["cache"]["hit_rate"]}
+            for name, rt in runtimes.items()}
 
 
 class _HostTiles:
@@ -211,7 +211,8 @@ class _HostTiles:
 
 def format_report(r: dict) -> str:
     """The benchmark's numbers as text (ratios first)."""
-    lines = [f"device {r['device']}, ρ = {r['sparsity']}, {r['shape']['d_in']} → {r['shape']['d_out']}"]
+    threads = f", {r['threads']} CPU threads" if r.get("threads") else ""
+    lines = [f"device {r['device']}{threads}, ρ = {r['sparsity']}, {r['shape']['d_in']} → {r['shape']['d_out']}"]
     lines += [f"  pipe {p + 1}: {g}" for p, g in enumerate(r["shape"]["grids"])]
     for q in ("fp32", "int8"):
         s = r.get(q)

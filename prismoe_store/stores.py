@@ -191,6 +191,16 @@ class Progress:
         """Record ``unit`` as finished (call only after its data is written)."""
         self._array[unit] = 1
 
+    def mark_many(self, units) -> None:
+        """Record several units as finished in one Zarr call (their chunks are written concurrently)."""
+        units = np.asarray(sorted(set(int(u) for u in units)), dtype=np.int64)
+        if units.size == 0:
+            return
+        if units[-1] - units[0] + 1 == units.size:  # a contiguous run: one slice write
+            self._array[int(units[0]):int(units[-1]) + 1] = 1
+        else:
+            self._array.set_coordinate_selection(units, 1)
+
     def done(self) -> list[int]:
         """Finished units, ascending."""
         with reading("progress record"):
@@ -251,8 +261,7 @@ class TensorWriter:
         if self.sharded:
             self.progress.mark(row)
         else:
-            for c in range(self.grid.cols):
-                self.progress.mark(self.grid.worker(row, c))
+            self.progress.mark_many(range(row * self.grid.cols, (row + 1) * self.grid.cols))
 
     def finish(self) -> None:
         """Mark the tensor complete (metadata last); raises if units are still missing."""

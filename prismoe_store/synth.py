@@ -44,7 +44,7 @@ import numpy as np
 import zarr
 
 from .errors import DataError, IncompleteStoreError, StoreError, StoreFormatError
-from .grid import GridSpec, plan_pipes
+from .grid import GridSpec, is_pow2, plan_pipes
 from .pairs import PairsStore
 from .stores import StoreOptions, create_chunked, reading
 
@@ -86,8 +86,10 @@ class SynthSpec:
             raise DataError(f"noise must be a finite number >= 0, got {self.noise!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise DataError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if not isinstance(self.correlated, int) or not 0 <= self.correlated <= self.d_in:
-            raise DataError(f"correlated must be an integer in 0..d_in={self.d_in}, got {self.correlated!r}")
+        if not is_pow2(self.workers):
+            raise DataError(f"workers must be a power of 2, got {self.workers!r}")
+        if not isinstance(self.correlated, int) or isinstance(self.correlated, bool) or self.correlated < 0:
+            raise DataError(f"correlated must be an integer >= 0, got {self.correlated!r}")
         if self.kind == "gated":
             blocks = int(np.prod(_block_grid(self)[0]))
             if self.regions > blocks:
@@ -95,7 +97,11 @@ class SynthSpec:
                                 f"fewer than regions={self.regions}: use fewer regions")
 
     def provenance(self) -> dict:
-        """The settings as the store's provenance record (``rows`` is what was asked for)."""
+        """The settings as the store's provenance record (``rows`` is what was asked for).
+
+        >>> SynthSpec(rows=5, d_in=2, d_out=2).provenance()["generator_version"]
+        1
+        """
         return {"source": "synth", "generator": GENERATOR, "generator_version": GENERATOR_VERSION,
                 "dtype": "float32", **asdict(self)}
 
@@ -121,14 +127,24 @@ class SynthTruth:
         return 1 if self.gates is None else self.gates.shape[0]
 
     def region(self, x: np.ndarray) -> np.ndarray:
-        """The region of each row of ``x`` (``argmax x·gates``; all 0 for ``linear``)."""
+        """The region of each row of ``x`` (``argmax x·gates``; all 0 for ``linear``).
+
+        >>> t = make_truth(SynthSpec(rows=1, d_in=16, d_out=24, kind="gated", regions=2))
+        >>> t.region(np.stack([t.gates[1], t.gates[0]])).tolist()
+        [1, 0]
+        """
         x = np.asarray(x, dtype=np.float32)
         if self.gates is None:
             return np.zeros(x.shape[0], dtype=np.int64)
         return np.argmax(x @ self.gates.T, axis=1)
 
     def target(self, x: np.ndarray) -> np.ndarray:
-        """The clean target ``z`` (no noise) for inputs ``x [n, d_in]``, float32."""
+        """The clean target ``z`` (no noise) for inputs ``x [n, d_in]``, float32.
+
+        >>> t = make_truth(SynthSpec(rows=1, d_in=4, d_out=3, seed=1))
+        >>> bool(np.array_equal(t.target(np.eye(4, dtype=np.float32)), t.w.T))
+        True
+        """
         x = np.asarray(x, dtype=np.float32)
         if self.gates is None:
             return x @ self.w.T
@@ -169,8 +185,8 @@ class SynthTruth:
         return out
 
     # -- storage -----------------------------------------------------------------------------
-    def save(self, group: zarr.Group, options: StoreOptions) -> None:
-        """Write into ``group`` (a store's ``truth`` group) band by band; ``complete`` is set last."""
+    def _save(self, group: zarr.Group, options: StoreOptions) -> None:
+        # into ``group`` (a store's ``truth`` group), band by band; ``complete`` is set last
         d_out, d_in = self.w.shape
         band = max(1, min(d_out, _TRUTH_CHUNK_BYTES // (4 * d_in)))
         w = create_chunked(group, "w", (d_out, d_in), (band, d_in), "float32", options, overwrite=True)
@@ -185,8 +201,7 @@ class SynthTruth:
         group.attrs.update({"kind": self.kind, "block_shape": list(self.block_shape or []), "complete": True})
 
     @classmethod
-    def load(cls, group: zarr.Group, where: str = "") -> "SynthTruth":
-        """Read what :meth:`save` wrote."""
+    def _load(cls, group: zarr.Group, where: str = "") -> "SynthTruth":
         attrs = dict(group.attrs)
         if not attrs.get("complete"):
             raise IncompleteStoreError(f"the ground truth in {where} is incomplete: re-run synth")
@@ -269,8 +284,8 @@ def synthesize(url, spec: SynthSpec, *, rows_per_chunk: int = 2048, options: Sto
 
     Rows go in whole row chunks, each committed before the next is made, so memory holds one
     chunk plus the ground truth and the row count is limited only by disk. Re-running on a store
-    that holds fewer rows with the same settings resumes (or extends it to a larger ``rows``);
-    other settings need ``overwrite``.
+    that holds fewer rows with the same settings resumes (or extends it to a larger ``rows``),
+    keeping the store's chunking; other settings need ``overwrite``.
 
     >>> s = synthesize("memory://doc-synth2", SynthSpec(rows=300, d_in=4, d_out=3), overwrite=True)
     >>> s.rows, s.provenance["kind"]
@@ -284,7 +299,7 @@ def synthesize(url, spec: SynthSpec, *, rows_per_chunk: int = 2048, options: Sto
     truth = make_truth(spec)
     group = store.group.require_group("truth")
     if not group.attrs.get("complete"):
-        truth.save(group, options)
+        truth._save(group, options)
     start, rpc = store.rows, store.rows_per_chunk
     if progress:
         progress(min(start, spec.rows), spec.rows)
@@ -336,4 +351,4 @@ def load_truth(store: PairsStore) -> SynthTruth:
     """The ground truth saved beside synthetic pairs (:class:`StoreError` for other pairs)."""
     if "truth" not in store.group:
         raise StoreError(f"{store.url} has no ground truth (it was not made by synth)")
-    return SynthTruth.load(store.group["truth"], store.url)
+    return SynthTruth._load(store.group["truth"], store.url)

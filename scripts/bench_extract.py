@@ -132,7 +132,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="Print the results as one JSON object.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench_extract_") as d:
-        results = [r for size in args.sizes_mb for r in bench_size(Path(d), size, args.cols, args.compressors, args.workers)]
+        results = [r for size in args.sizes_mb
+                   for r in bench_size(Path(d), size, args.cols, args.compressors, args.workers)]
     if args.json:
         print(json.dumps({"results": results}))
         return
@@ -141,7 +142,8 @@ def main() -> None:
     for r in results:
         print(f"{'×'.join(map(str, r['shape'])):>14} {r['matrix_mb']:6.0f} {r['compressor']:>5} "
               f"{r['peak_rss_mb']:7.0f}MB {r['peak_share']:6.1%} {r['growth_share']:7.1%} "
-              f"{r['extract_mb_s']:12.0f} {r['plain_read_mb_s']:9.0f} {r['throughput_ratio']:6.3f} {r['copy_ratio']:10.3f}")
+              f"{r['extract_mb_s']:12.0f} {r['plain_read_mb_s']:9.0f} {r['throughput_ratio']:6.3f} "
+              f"{r['copy_ratio']:10.3f}")
 
 
 if __name__ == "__main__":

@@ -158,6 +158,26 @@ def test_resume_adds_the_rest_without_duplicates(world, llama, tmp_path):
         collect(llama, None, texts, out, spec=CollectSpec(target="embeddings", max_length=24))
 
 
+def test_interrupted_run_keeps_finished_batches(world, llama, tmp_path):
+    texts, spec = [world["a"], world["b"]], CollectSpec(batch_size=2, max_length=24)
+    calls = []
+
+    def stop_after_three(done, total):
+        calls.append(done)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        collect(llama, None, texts, tmp_path / "p", spec=spec, progress=stop_after_three)
+    cut = PairsStore.open(tmp_path / "p")
+    assert 0 < cut.rows and cut.provenance["tokens"] == cut.rows  # logits: one pair per token, all committed
+    rest = collect(llama, None, texts, tmp_path / "p", spec=spec)
+    collect(llama, None, texts, tmp_path / "full", spec=spec)
+    a, b = PairsStore.open(tmp_path / "full"), PairsStore.open(tmp_path / "p")
+    assert rest.complete and a.rows == b.rows
+    np.testing.assert_allclose(b.read(0, b.rows)[0], a.read(0, a.rows)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_gguf_model_collects_like_its_folder(world, llama, tmp_path):
     gguf_lm = load_model(world["gguf"])
     assert gguf_lm.info["format"] == "gguf"

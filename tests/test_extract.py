@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cli.main import main
-from conftest import GGUF_TYPES, write_gguf, write_safetensors, write_torch
+from conftest import GGUF_TYPES, write_safetensors, write_torch
 from prismoe_store.errors import IncompleteStoreError, SourceError, StoreError, TensorNotFoundError
 from prismoe_store.extract import extract, open_source, resolve_name, tile
 from prismoe_store.stores import StoreOptions, WeightsStore
@@ -111,7 +111,8 @@ def test_folder_sources(tmp_path, llama_tensors):
     assert open_source(tmp_path / "hf").format == "safetensors"
     (tmp_path / "bin").mkdir()
     write_torch(tmp_path / "bin" / "pytorch_model.bin", llama_tensors)
-    assert np.array_equal(open_source(tmp_path / "bin").read("lm_head", slice(0, 5)), llama_tensors["lm_head.weight"][:5])
+    head = open_source(tmp_path / "bin").read("lm_head", slice(0, 5))
+    assert np.array_equal(head, llama_tensors["lm_head.weight"][:5])
     (tmp_path / "two").mkdir()
     np.save(tmp_path / "two" / "a.npy", np.zeros((2, 2)))
     np.save(tmp_path / "two" / "b.npy", np.zeros((2, 2)))
@@ -289,6 +290,19 @@ def test_resume_after_kill(tmp_path, safetensors_ckpt):
     assert np.array_equal(store.read("lm_head"), safetensors_ckpt.tensors["lm_head.weight"])
 
 
+def test_source_damaged_mid_run_leaves_an_incomplete_tensor(tmp_path, npy_ckpt):
+    """A source that breaks during extraction: SourceError, and the tensor reads as incomplete."""
+    def truncate(done, total):
+        if done >= 2:
+            os.truncate(npy_ckpt.path, 200)
+
+    url = _store(tmp_path)
+    with pytest.raises(SourceError, match="truncated or corrupt"):
+        extract(npy_ckpt.path, url, tensors=["matrix"], workers=32, block_bytes=1, progress=truncate)
+    with pytest.raises(IncompleteStoreError):
+        WeightsStore.open(url).read("matrix")
+
+
 def test_resume_refuses_another_source_tensor(tmp_path, safetensors_ckpt):
     url = _store(tmp_path)
     extract(safetensors_ckpt.path, url, tensors={"W": "lm_head.weight"}, workers=4)
@@ -310,7 +324,7 @@ def test_rss_stays_flat_on_a_64mb_matrix(tmp_path):
         def kb(key):  # VmHWM, not ru_maxrss: Linux carries the parent's peak into a child's ru_maxrss
             return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
         base = kb("VmRSS")
-        extract({str(tmp_path / 'big.npy')!r}, {str(tmp_path / 'store')!r}, tensors=["big"], workers=256,
+        extract({str(tmp_path / "big.npy")!r}, {str(tmp_path / "store")!r}, tensors=["big"], workers=64,
                 options=StoreOptions(compressor="none"), block_bytes=2**20)
         print(base, kb("VmHWM"))
     """)

@@ -282,6 +282,17 @@ def test_cli_inspect_json_and_plots(tmp_path):
     create_checked(tmp_path / "other", "mystery", 1)
     r = _run("inspect", tmp_path / "other")
     assert r.exit_code == 1 and "StoreFormatError" in r.output and "Traceback" not in r.output
+    r = _run("inspect", url, "--plot", tmp_path / "p2", "--no-stats")
+    assert r.exit_code == 2 and "--no-stats" in r.output
+
+    chunk = url / "tensors" / "lm_head" / "c" / "1" / "1"  # a chunk file: corrupt it
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    r = _run("inspect", url, "-q", "--no-stats")  # metadata alone still reads
+    assert r.exit_code == 0
+    r = _run("inspect", url, "-q")
+    assert r.exit_code == 1 and "CorruptStoreError" in r.output and "Traceback" not in r.output
 
 
 def test_cli_visualize(tmp_path):

@@ -16,16 +16,18 @@ from prismoe_store.grid import plan_grid
 from prismoe_store.pairs import PairsStore
 from prismoe_store.quant import quantize_adapter
 from prismoe_store.routing import route
+from prismoe_store.stores import StoreOptions
 
 D_IN, D_OUT = 40, 72  # odd widths: every grid has padding, some tiles wholly padding
 
 
 def make_adapter(path, *, d_in=D_IN, d_out=D_OUT, workers=16, mode="joint", gates=False, seed=0,
-                 alphas=(0.5, 0.3, 0.2)):
+                 alphas=(0.5, 0.3, 0.2), compressor="none"):
     """Three pipes of random tiles (random values in the padding too, which must never matter)."""
     grids = [plan_grid(d_in, d_out, workers), plan_grid(d_in, d_out, workers // 2),
              plan_grid(d_in, d_out, workers, layout="wide")]
-    a = AdapterStore.create(str(path), grids=grids, mode=mode, alphas=alphas, attrs={"complete": True})
+    a = AdapterStore.create(str(path), grids=grids, mode=mode, alphas=alphas, attrs={"complete": True},
+                            options=StoreOptions(compressor=compressor))
     rng = np.random.default_rng(seed)
     for p, g in enumerate(grids):
         for r in range(g.rows):
@@ -73,7 +75,7 @@ def assert_float32_close(y, ref, mag):
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
-    return make_adapter(tmp_path_factory.mktemp("rt") / "a.zarr")
+    return make_adapter(tmp_path_factory.mktemp("rt") / "a.zarr", compressor="zstd")
 
 
 def _budgets(a):
@@ -100,6 +102,16 @@ def test_rho1_equals_the_dense_product_for_every_budget(adapter, mode, budget):
         assert s["hits"] + s["misses"] == 2 * live
         if mode == "parallel" and budget in ("one token", "everything"):
             assert s["misses"] == live and s["evictions"] == 0  # the second call is all hits
+
+
+def test_prefetch_changes_nothing_but_timing(adapter):
+    x = np.random.default_rng(13).standard_normal((3, D_IN)).astype(np.float32)
+    out = {}
+    for prefetch in (False, True):
+        with open_runtime(adapter, cache_bytes=_budgets(adapter)["one pipe"], prefetch=prefetch) as rt:
+            out[prefetch] = ([rt(x) for _ in range(2)], rt.stats()["cache"])
+    assert all(torch.equal(a, b) for a, b in zip(out[False][0], out[True][0]))
+    assert out[False][1] == out[True][1]
 
 
 def test_batch_shapes_and_numpy_input(adapter):
@@ -130,8 +142,8 @@ def test_sparsity_defaults(tmp_path, adapter):
     assert open_runtime(adapter).sparsity == 1.0  # no gates: every tile
     g = make_adapter(tmp_path / "g.zarr", gates=True)
     assert open_runtime(g).sparsity == 0.3
-    g.update_attrs(gates={"sparsity": 0.5})
-    assert open_runtime(g).sparsity == 0.5
+    g.update_attrs(gates={"complete": True, "settings": {"sparsity": 0.5, "temperature": 2.0}})
+    assert open_runtime(g).sparsity == 0.5 and open_runtime(g).temperature == 2.0
     assert open_runtime(g, sparsity=0.1).sparsity == 0.1
 
 
@@ -179,6 +191,18 @@ def test_serial_holds_one_pipe_parallel_holds_all(adapter):
     assert peaks["serial"] == b["one pipe"] < peaks["parallel"]
 
 
+def test_zigzag_reuses_the_last_pipe(adapter):
+    """With room for one pipe only, the pipe that ran last is reused first on the next call
+    (a fixed pipe order would evict every tile just before it is needed: no hits at all)."""
+    x = np.random.default_rng(12).standard_normal((3, D_IN)).astype(np.float32)
+    with open_runtime(adapter, cache_bytes=_budgets(adapter)["one pipe"]) as rt:
+        ys = [rt(x) for _ in range(3)]
+        assert rt.stats()["cache"]["hits"] >= 2 * min(g.active_count for g in adapter.grids)
+    ref, mag = dense_reference(adapter, x)
+    for y in ys:  # tiles of a band are summed resident-first, so bits may differ, never beyond rounding
+        assert_float32_close(y, ref, mag)
+
+
 def test_budget_never_exceeded_under_random_traffic(tmp_path):
     a = make_adapter(tmp_path / "g.zarr", gates=True)
     rng = np.random.default_rng(7)
@@ -193,7 +217,8 @@ def test_budget_never_exceeded_under_random_traffic(tmp_path):
 
 
 def test_int8_is_close_to_fp32(tmp_path):
-    """Measured: ‖y_int8 − y_fp32‖ / ‖y_fp32‖ ≈ 0.5% on Gaussian tiles and inputs; bound 1.5%."""
+    """Measured here: ‖y_int8 − y_fp32‖ / ‖y_fp32‖ = 0.46% at ρ = 1 and at ρ = 0.3 (Gaussian tiles
+    and inputs; per-tile Frobenius error up to 0.59%); asserted below 1.5%."""
     a = make_adapter(tmp_path / "q.zarr", gates=True)
     with pytest.raises(IncompleteStoreError, match="quantize"):
         open_runtime(a, quant="int8")
@@ -227,25 +252,35 @@ def test_errors(tmp_path, adapter):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quant", [None, "int8"])
 @pytest.mark.parametrize("mode", ["parallel", "serial"])
-def test_cuda_matches_dense_and_stays_in_budget(adapter, mode):
-    x = np.random.default_rng(9).standard_normal((8, D_IN)).astype(np.float32)
-    ref, mag = dense_reference(adapter, x)
+def test_cuda_matches_dense_and_stays_in_budget(tmp_path, mode, quant):
+    a = make_adapter(tmp_path / "big.zarr", d_in=1024, d_out=4096, workers=16)  # 1 MiB float32 tiles
+    if quant:
+        quantize_adapter(a)
+    x = np.random.default_rng(9).standard_normal((8, 1024)).astype(np.float32)
+    ref, mag = dense_reference(a, x)
     xc = torch.from_numpy(x).cuda()
-    budget = _budgets(adapter)["one pipe"]
+    torch.cuda.synchronize()
+    with open_runtime(a, device="cuda", mode=mode, quant=quant, sparsity=1.0) as probe:
+        budget = max(g.active_count for g in a.grids) * max(probe.entry_bytes(p) for p in range(3))  # one pipe
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    with open_runtime(adapter, device="cuda", cache_bytes=budget, mode=mode, sparsity=1.0) as rt:
-        y = rt(xc)
-        y = rt(xc)
+    with open_runtime(a, device="cuda", cache_bytes=budget, mode=mode, quant=quant, sparsity=1.0) as rt:
+        for _ in range(3):
+            y = rt(xc)
+        torch.cuda.synchronize()
         assert y.is_cuda
-        assert_float32_close(y, ref, mag)
+        if quant is None:
+            assert_float32_close(y, ref, mag)
+        else:
+            assert float(np.linalg.norm(y.cpu().numpy() - ref) / np.linalg.norm(ref)) < 0.015
         assert rt.stats()["cache"]["peak_bytes"] <= budget
         gates = sum(w.numel() * 4 + b.numel() * 4 for w, b in rt.gates)
-        work = 8 * 4 * (max(g.d_out_pad for g in adapter.grids) + D_OUT) * 4  # activations, a few copies
-        tile = max(4 * g.tile_out * g.tile_in for g in adapter.grids)  # one transposed/dequantized tile
-        assert torch.cuda.max_memory_allocated() - base <= budget + gates + work + tile + 64 * 1024
+        tile = max(4 * g.tile_out * g.tile_in for g in a.grids)  # one dequantized tile at use
+        work = 16 * 8 * 4096 * 4  # 16 copies of [8 tokens, d_out] float32: x, bands, pipe outputs, sums
+        assert torch.cuda.max_memory_allocated() - base <= budget + gates + tile + work
 
 
 # -- the commands ----------------------------------------------------------------------------

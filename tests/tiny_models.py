@@ -114,16 +114,20 @@ def _save(model, tokenizer, folder: Path) -> Path:
 
 def save_llama(folder, *, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                intermediate: int = 64, tokenizer=None, lines: list[str] | None = None, vocab_size: int = 300,
-               tie_embeddings: bool = False, max_positions: int = 512, seed: int = 0, std: float = 0.1) -> Path:
+               tie_embeddings: bool = False, max_positions: int = 512, model_vocab: int | None = None,
+               seed: int = 0, std: float = 0.1) -> Path:
     """Save a seeded random ``LlamaForCausalLM`` with a byte-level BPE tokenizer to ``folder``.
 
     The tokenizer is ``tokenizer`` if given, else one trained on ``lines`` (default: 200 lines of
-    :func:`corpus_lines`) with ``vocab_size`` entries; the model's vocabulary is the tokenizer's size.
+    :func:`corpus_lines`) with up to ``vocab_size`` entries. The model's vocabulary (embedding rows,
+    ``lm_head`` rows) is the tokenizer's size, or ``model_vocab`` when larger: padded with rows no
+    token uses, as many real checkpoints are (a way to get a realistic ``lm_head`` width from a
+    small tokenizer).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tokenizer or train_tokenizer(lines or corpus_lines(200), kind="bpe", vocab_size=vocab_size)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+    config = LlamaConfig(vocab_size=max(len(tokenizer), model_vocab or 0), hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=max_positions, tie_word_embeddings=tie_embeddings,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -1,0 +1,113 @@
+"""``prismoe fit`` (phase 1: the one-shot streaming fit) and ``prismoe benchmark fit``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from cli.progress import bar, quiet_option
+
+
+def _alphas(value: str | None):
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected three comma-separated numbers, got {value!r}") from None
+
+
+@click.command("fit")
+@click.argument("pairs")
+@click.option("-o", "--output", "adapter", required=True, help="Adapter store to write (path or URL).")
+@click.option("--mode", type=click.Choice(["joint", "independent"]), default="joint", show_default=True,
+              help="joint: band-wise ridge over the whole input (pipes reproduce the dense solution); "
+                   "independent: each tile fits its own input slice.")
+@click.option("--workers", type=int, default=512, show_default=True, help="Tiles per pipe (a power of 2).")
+@click.option("--ridge", type=float, default=None, help="Ridge λ (default: 1e-6·trace(XᵀX)/d_in).")
+@click.option("--holdout", type=float, default=0.1, show_default=True, help="Share of rows held out for metrics.")
+@click.option("--subsample", type=float, default=0.6, show_default=True,
+              help="Share of the training rows pipe 2 fits on.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out split and subsample.")
+@click.option("--alphas", default=None, help="Pipe weights α1,α2,α3 summing to 1 (default: equal).")
+@click.option("--solver", type=click.Choice(["cholesky", "qr"]), default="cholesky", show_default=True,
+              help="cholesky: normal equations; qr: streaming TSQR for ill-conditioned inputs.")
+@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Dtype of each row block's products (always summed in float64).")
+@click.option("--scheduler", default="threads", show_default=True,
+              help="threads, processes, synchronous, or a dask.distributed address (tcp://HOST:PORT).")
+@click.option("--tasks", type=int, default=None, help="Row stripes accumulated in parallel (default: threads).")
+@click.option("--memory-mb", type=int, default=None,
+              help="RAM budget for statistics and row blocks in MiB (default: 1/4 of physical memory).")
+@click.option("--block-rows", type=int, default=None, help="Rows per product block (default: 4096).")
+@click.option("--keep-statistics", is_flag=True, help="Keep the G/B scratch in the adapter.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing adapter.")
+@quiet_option
+def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alphas, solver, precision, scheduler,
+            tasks, memory_mb, block_rows, keep_statistics, as_json, overwrite, quiet):
+    """Fit the three pipes' tiles on PAIRS by streamed least squares and write the adapter.
+
+    One pass over the pairs (Dask, out of core), then ridge solves; held-out relative error and
+    R² per pipe are stored in the adapter and printed. Re-running an interrupted fit resumes it.
+    """
+    from prismoe_store.fit import fit
+
+    with bar("fit", quiet=quiet or as_json, unit="unit") as progress:
+        store = fit(pairs, adapter, mode=mode, workers=workers, ridge=ridge, holdout=holdout, subsample=subsample,
+                    seed=seed, alphas=_alphas(alphas), solver=solver, precision=precision, scheduler=scheduler,
+                    tasks=tasks, memory_budget=memory_mb << 20 if memory_mb else None, block_rows=block_rows,
+                    keep_statistics=keep_statistics, progress=progress, overwrite=overwrite)
+    attrs = store.attrs()
+    info, metrics = attrs["fit"], attrs.get("metrics")
+    if as_json:
+        click.echo(json.dumps({"adapter": str(adapter), "mode": store.mode, "alphas": store.alphas,
+                               "grids": [g.to_dict() for g in store.grids], "rows": info["counts"],
+                               "ridge": info["ridge"], "plan": info["plan"], "timings": info.get("timings", {}),
+                               "warnings": info.get("warnings", []), "metrics": metrics}))
+        return
+    c = info["counts"]
+    click.echo(f"adapter {adapter}: {store.mode} fit of {store.d_in}→{store.d_out}, "
+               f"{c['train']} training rows ({c['sub']} for pipe 2), {c['holdout']} held out")
+    for p, g in enumerate(store.grids):
+        click.echo(f"  pipe {p + 1}: {g}")
+    click.echo("  ridge λ: " + ", ".join(f"{k} {v:.3g}" for k, v in info["ridge"].items()))
+    for w in info.get("warnings", []):
+        click.echo(f"  warning: {w}")
+    if metrics is None:
+        click.echo("  no held-out rows: no metrics")
+        return
+    click.echo(f"  held-out metrics over {metrics['holdout_rows']} rows:")
+    click.echo(f"    {'':10s} {'rel. error':>11s} {'R²':>9s}")
+    names = [f"pipe {p + 1}" for p in range(len(metrics["pipes"]))] + ["combined"]
+    for name, m in zip(names, metrics["pipes"] + [metrics["combined"]]):
+        click.echo(f"    {name:10s} {m['rel_err']:11.5f} {m['r2']:9.5f}")
+
+
+@click.command("fit")
+@click.option("--rows", default="8192,32768", show_default=True,
+              help="Comma-separated row counts; peak RSS is measured at each, the rates at the largest.")
+@click.option("--d-in", type=int, default=2048, show_default=True)
+@click.option("--d-out", type=int, default=8192, show_default=True)
+@click.option("--memory-mb", type=int, default=1024, show_default=True, help="The fit's memory budget (MiB).")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where to write the synthetic pairs (default: a temporary folder, removed after).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@quiet_option
+def bench_fit_cmd(rows, d_in, d_out, memory_mb, workdir, as_json, quiet):
+    """Fit speed as a ratio to this machine's float32 matmul rate and to dask.array.linalg.lstsq,
+    and peak RSS at several row counts (all measured in this run)."""
+    from prismoe_store.fit_bench import benchmark_fit, format_report
+
+    try:
+        counts = tuple(int(r) for r in rows.split(","))
+    except ValueError:
+        raise click.BadParameter(f"--rows: expected comma-separated integers, got {rows!r}") from None
+    report = benchmark_fit(rows=counts, d_in=d_in, d_out=d_out, memory_budget=memory_mb << 20, workdir=workdir,
+                           log=None if (quiet or as_json) else lambda s: click.echo(s, err=True))
+    click.echo(json.dumps(report) if as_json else format_report(report))
+
+
+commands = [fit_cmd]
+bench_commands = [bench_fit_cmd]

@@ -1,0 +1,219 @@
+"""``prismoe fit-gates``, ``prismoe routing`` and ``prismoe benchmark gates``: phase 2 of the adapter.
+
+:func:`format_routing` renders :func:`prismoe_store.gates.routing_report` as text; ``prismoe inspect
+ADAPTER --routing PAIRS`` can call the two the same way ``prismoe routing`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import click
+
+from cli.progress import bar, quiet_option
+from prismoe_store import gates as G
+
+
+def _json(obj) -> str:
+    """One JSON object, with non-finite floats (an undefined R²) as null."""
+    def clean(o):
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+    return json.dumps(clean(obj))
+
+
+def _sparsities(ctx, param, value: str) -> list[float]:
+    try:
+        out = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+    if not out or any(not 0 < v <= 1 for v in out):
+        raise click.BadParameter(f"each sparsity must be in (0, 1], got {value!r}")
+    return out
+
+
+def _split_options(f):
+    f = click.option("--seed", type=click.IntRange(min=0), default=None,
+                     help="Seed of the held-out split (default: the adapter's fit).")(f)
+    f = click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+                     help="Share of rows held out (default: the adapter's fit, else 0.1).")(f)
+    return f
+
+
+def _common_options(f):
+    f = click.option("--max-tile-mb", type=click.FloatRange(min=1), default=G.DEFAULT_MAX_TILE_BYTES / 2**20,
+                     show_default=True, help="Memory budget for the tiles (held whole) and one minibatch.")(f)
+    f = click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, ...")(f)
+    return f
+
+
+def _training_options(f):
+    d = G.GateSettings
+    for name, typ, default, hlp in reversed([
+        ("--epochs", click.IntRange(min=0), d.epochs, "Maximum passes over the training rows."),
+        ("--lr", click.FloatRange(min=0, min_open=True), d.lr, "Adam learning rate."),
+        ("--batch-size", click.IntRange(min=1), d.batch_size, "Rows per minibatch."),
+        ("--balance-coef", click.FloatRange(min=0), d.balance_coef, "Weight of the load-balancing loss."),
+        ("--z-loss-coef", click.FloatRange(min=0), d.z_loss_coef, "Weight of the router z-loss."),
+        ("--temperature", click.FloatRange(min=0, min_open=True), d.temperature,
+         "Softmax temperature of the selected scores (stored for the runtime)."),
+        ("--patience", click.IntRange(min=0), d.patience, "Epochs without held-out improvement before stopping "
+                                                           "(0: never stop early)."),
+    ]):
+        f = click.option(name, type=typ, default=default, show_default=True, help=hlp)(f)
+    return f
+
+
+@click.command("fit-gates")
+@click.argument("adapter")
+@click.argument("pairs")
+@click.option("--sparsity", type=click.FloatRange(0, 1, min_open=True), default=G.GateSettings.sparsity,
+              show_default=True, help="ρ: share of each pipe's active tiles a token uses (K = round(ρ·n)).")
+@_training_options
+@click.option("--init", type=click.Choice(G.INITS), default=G.GateSettings.init, show_default=True,
+              help="Gate initialisation (see docs/gates.md).")
+@_split_options
+@click.option("--restart", is_flag=True, help="Start over instead of resuming a saved run.")
+@_common_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@quiet_option
+def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef, z_loss_coef, temperature,
+                  patience, init, holdout, seed, restart, device, max_tile_mb, as_json, quiet):
+    """Train the gates of ADAPTER's pipes on PAIRS, tiles frozen; write them into ADAPTER.
+
+    Resumes from the last saved epoch when re-run with the same settings (--epochs may grow).
+    """
+    with bar("fit-gates", quiet=quiet, unit="row") as progress:
+        r = G.fit_gates(adapter, pairs, sparsity=sparsity, epochs=epochs, lr=lr, batch_size=batch_size,
+                        balance_coef=balance_coef, z_loss_coef=z_loss_coef, temperature=temperature, init=init,
+                        patience=patience, holdout=holdout, seed=seed, restart=restart, device=device,
+                        max_tile_bytes=int(max_tile_mb * 2**20), progress=progress)
+    if as_json:
+        click.echo(_json(r))
+        return
+    if r["resumed_from"] is not None:
+        click.echo(f"resumed from epoch {r['resumed_from']}")
+    b, a = r["before"], r["after"]
+    click.echo(f"ρ = {r['sparsity']} (K = {', '.join(map(str, r['k']))} per pipe), {r['epochs_run']} epochs"
+               f"{' (stopped early)' if r['stopped_early'] else ''}, best epoch {r['best_epoch']}, "
+               f"{r['heldout_rows']} held-out rows")
+    click.echo(f"{'held-out':<18}{'rel. error':>11}{'R²':>9}")
+    for name, m in (("zero gate", b["zero"]), ("init gate", b["init"]), ("trained gate", a), ("dense (ρ=1)", b["dense"])):
+        click.echo(f"{name:<18}{m['rel_err']:>11.4f}{m['r2']:>9.4f}")
+
+
+def format_routing(report: dict) -> str:
+    """Text rendering of :func:`prismoe_store.gates.routing_report` (statistics, then quality)."""
+    lines = [f"routing of {report['adapter']} on {report['pipes'][0]['rows']} held-out rows of {report['pairs']} "
+             f"(ρ = {report['sparsity']}, temperature {report['temperature']}, {report['mode']} tiles)"]
+    head = f"{'pipe':<6}{'grid':>9}{'K/n':>9}{'util CV':>9}{'dead':>6}{'balance':>9}{'H tok':>8}{'H util':>8}{'energy':>8}"
+    lines += [head]
+    for p, s in enumerate(report["pipes"]):
+        lines.append(f"{p + 1:<6}{'{}×{}'.format(*s['grid']):>9}{'{}/{}'.format(s['k'], s['active']):>9}"
+                     f"{s['utilization_cv']:>9.3f}{s['dead_workers']:>6}{s['balance_loss']:>9.3f}"
+                     f"{s['token_entropy_norm']:>8.3f}{s['utilization_entropy_norm']:>8.3f}{s['energy_share']:>8.3f}")
+    lines.append("util CV: coefficient of variation of per-worker utilization; balance: W·Σf·P/K (1 = even); "
+                 "H tok / H util: per-token gate entropy and utilization entropy, ÷ ln n; energy: share of "
+                 "Σ‖T x‖² in the selected tiles")
+    if "quality" in report:
+        lines += ["", format_quality(report["quality"])]
+    return "\n".join(lines)
+
+
+def format_quality(q: dict) -> str:
+    """Text table of :func:`prismoe_store.gates.quality_report`: relative error (R²) per gate and ρ."""
+    rhos = sorted({r["sparsity"] for r in q["rows"]})
+    gates = list(dict.fromkeys(r["gate"] for r in q["rows"]))
+    cell = {(r["gate"], r["sparsity"]): r for r in q["rows"]}
+    lines = [f"held-out quality on {q['heldout_rows']} rows: relative error (R²)"
+             + (f"; stored gate trained at ρ = {q['trained_sparsity']}" if q.get("trained_sparsity") else ""),
+             f"{'gate':<10}" + "".join(f"{'ρ = ' + format(r, 'g'):>20}" for r in rhos)]
+    for g in gates:
+        lines.append(f"{g:<10}" + "".join(f"{_pair(cell[(g, r)]):>20}" for r in rhos))
+    for name, b in q["baselines"].items():
+        lines.append(f"{name:<10}{_pair(b) if 'rel_err' in b else '—':>20}   {b['what']}")
+    return "\n".join(lines)
+
+
+def _pair(m: dict) -> str:
+    r2 = m["r2"]
+    return f"{m['rel_err']:.4f} ({'nan' if math.isnan(r2) else format(r2, '.4f')})"
+
+
+@click.command("routing")
+@click.argument("adapter")
+@click.argument("pairs")
+@click.option("--sparsity", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="ρ for the statistics (default: the one the gates were trained with).")
+@click.option("--no-quality", is_flag=True, help="Statistics only, no quality table.")
+@click.option("--max-rows", type=click.IntRange(min=1), default=None, help="Use at most this many held-out rows.")
+@_split_options
+@_common_options
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), default=None,
+              help="Write utilization heatmaps and histograms (PNG) into this folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@quiet_option
+def routing_cmd(adapter, pairs, sparsity, no_quality, max_rows, holdout, seed, device, max_tile_mb, plot_dir,
+                as_json, quiet):
+    """Routing statistics and held-out quality of ADAPTER's trained gates on PAIRS."""
+    with bar("routing", quiet=quiet, unit="row") as progress:
+        report = G.routing_report(adapter, pairs, sparsity=sparsity, quality=not no_quality, holdout=holdout,
+                                  seed=seed, max_rows=max_rows, device=device,
+                                  max_tile_bytes=int(max_tile_mb * 2**20), progress=progress)
+    if plot_dir:
+        report["plots"] = G.plot_routing(report, plot_dir)
+        if "quality" in report:
+            report["plots"].append(G.plot_quality(report["quality"], plot_dir))
+    if as_json:
+        click.echo(_json(report))
+        return
+    click.echo(format_routing(report))
+    for path in report.get("plots", []):
+        click.echo(f"wrote {path}")
+
+
+@click.command("gates")
+@click.argument("adapter")
+@click.argument("pairs")
+@click.option("--sparsities", default=",".join(map(str, G.SPARSITIES)), show_default=True, callback=_sparsities,
+              help="Comma-separated ρ values; one gate is trained per value.")
+@_training_options
+@click.option("--max-eval-rows", type=click.IntRange(min=1), default=None, help="Cap on held-out rows per evaluation.")
+@_split_options
+@_common_options
+@click.option("--plots", "plot_dir", type=click.Path(file_okay=False), default=None,
+              help="Write quality.png (error against ρ per gate) into this folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@quiet_option
+def bench_gates_cmd(adapter, pairs, sparsities, epochs, lr, batch_size, balance_coef, z_loss_coef, temperature,
+                    patience, max_eval_rows, holdout, seed, device, max_tile_mb, plot_dir, as_json, quiet):
+    """Quality table: zero, initialised and trained gates at each ρ beside the dense baselines.
+
+    Trains one gate per ρ in memory; ADAPTER is not changed.
+    """
+    with bar("benchmark gates", quiet=quiet, unit="row") as progress:
+        q = G.benchmark_gates(adapter, pairs, sparsities=sparsities, epochs=epochs, lr=lr, batch_size=batch_size,
+                              balance_coef=balance_coef, z_loss_coef=z_loss_coef, temperature=temperature,
+                              patience=patience, holdout=holdout, seed=seed, device=device,
+                              max_tile_bytes=int(max_tile_mb * 2**20), max_eval_rows=max_eval_rows,
+                              progress=progress)
+    if plot_dir:
+        q["plots"] = [G.plot_quality(q, plot_dir)]
+    if as_json:
+        click.echo(_json(q))
+        return
+    click.echo(format_quality(q))
+    for rho, t in q["training"].items():
+        click.echo(f"ρ = {rho}: trained {t['epochs_run']} epochs, best epoch {t['best_epoch']}")
+    for path in q.get("plots", []):
+        click.echo(f"wrote {path}")
+
+
+commands = [fit_gates_cmd, routing_cmd]
+bench_commands = [bench_gates_cmd]

@@ -1,0 +1,403 @@
+"""The one-shot streaming fit against numpy references (lstsq, closed-form ridge, per-tile lstsq)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from prismoe_store.adapter import AdapterStore
+from prismoe_store.errors import DataError, FitError, GridError, StoreError
+from prismoe_store.fit import SUBSAMPLE_SEED_OFFSET, FitConfig, fit
+from prismoe_store.grid import plan_grid, plan_pipes
+from prismoe_store.pairs import PairsStore, holdout_mask, row_uniform
+from prismoe_store.solve import factor_normal, factor_qr, qr_update
+
+S, M, N = 1500, 20, 28  # small: odd widths, so every grid pads
+WORKERS = 8
+
+
+def make_pairs(path, *, rows=S, d_in=M, d_out=N, seed=0, noise=0.1, x=None, rows_per_chunk=128):
+    """Well-conditioned linear pairs written with PairsStore.append (in a few appends)."""
+    rng = np.random.default_rng(seed)
+    if x is None:
+        x = rng.standard_normal((rows, d_in)).astype(np.float32)
+    w = rng.standard_normal((d_out, x.shape[1]))
+    z = (x.astype(np.float64) @ w.T + noise * rng.standard_normal((x.shape[0], d_out))).astype(np.float32)
+    store = PairsStore.create(str(path), d_in=x.shape[1], d_out=d_out, rows_per_chunk=rows_per_chunk)
+    for s in range(0, x.shape[0], 500):
+        store.append(x[s:s + 500], z[s:s + 500])
+    return store, x.astype(np.float64), z.astype(np.float64)
+
+
+def split(rows, *, seed=0, holdout=0.1, subsample=0.6):
+    """The documented row sets: held out, all training rows, pipe 2's subsample."""
+    hold = holdout_mask(seed, 0, rows, holdout) if holdout > 0 else np.zeros(rows, bool)
+    sub = ~hold & (row_uniform(seed + SUBSAMPLE_SEED_OFFSET, 0, rows) < subsample)
+    return hold, ~hold, sub
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def lstsq(x, z):
+    return np.linalg.lstsq(x, z, rcond=None)[0].T  # [d_out, d_in]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return make_pairs(tmp_path_factory.mktemp("pairs") / "p")
+
+
+# -- exactness -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "qr"])
+def test_joint_equals_lstsq(pairs, tmp_path, solver):
+    store, x, z = pairs
+    _, train, sub = split(S)
+    a = fit(store, tmp_path / "a", workers=WORKERS, ridge=0.0, solver=solver, tasks=2)
+    assert a.complete and a.mode == "joint"
+    assert rel(a.dense(0), lstsq(x[train], z[train])) <= 1e-5
+    assert rel(a.dense(1), lstsq(x[sub], z[sub])) <= 1e-5
+    assert np.array_equal(a.dense(2), a.dense(0))  # pipe 3: same rows, its own grid, the same product
+    assert a.grids == list(plan_pipes(M, N, WORKERS))
+    for p, g in enumerate(a.grids):  # padding stays zero
+        t = a.tiles(p)[...]
+        assert not t[N:].any() and not t[:, M:].any()
+        assert a.group[f"pipe{p + 1}"].attrs["rows"] == int((sub if p == 1 else train).sum())
+
+
+def test_default_ridge_is_close_to_lstsq(pairs, tmp_path):
+    store, x, z = pairs
+    _, train, _ = split(S)
+    a = fit(store, tmp_path / "a", workers=WORKERS)
+    lam = a.attrs()["fit"]["ridge"]["train"]
+    assert lam == pytest.approx(1e-6 * np.trace(x[train].T @ x[train]) / M, rel=1e-5)
+    assert rel(a.dense(0), lstsq(x[train], z[train])) <= 1e-5
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "qr"])
+def test_ridge_equals_closed_form(pairs, tmp_path, solver):
+    store, x, z = pairs
+    _, train, sub = split(S)
+    lam = 50.0
+    a = fit(store, tmp_path / "a", workers=WORKERS, ridge=lam, solver=solver)
+    for p, rows in ((0, train), (1, sub)):
+        xs, zs = x[rows], z[rows]
+        ref = np.linalg.solve(xs.T @ xs + lam * np.eye(M), xs.T @ zs).T
+        assert rel(a.dense(p), ref) <= 1e-5
+    assert a.attrs()["fit"]["ridge"] == {"train": lam, "sub": lam}
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "qr"])
+def test_independent_equals_per_tile_lstsq(pairs, tmp_path, solver):
+    store, x, z = pairs
+    _, train, sub = split(S)
+    a = fit(store, tmp_path / "a", workers=WORKERS, mode="independent", ridge=0.0, solver=solver)
+    assert a.mode == "independent"
+    for p, g in enumerate(a.grids):
+        rows = sub if p == 1 else train
+        for j in range(g.workers):
+            (o0, o1), (c0, c1) = [(s.start, s.stop) for s in g.valid_region(j)]
+            tile = a.read_tile(p, j)
+            if o1 <= o0 or c1 <= c0:
+                assert not tile.any()  # wholly padding
+                continue
+            ref = lstsq(x[rows][:, c0:c1], z[rows][:, o0:o1])
+            assert rel(tile[: o1 - o0, : c1 - c0], ref) <= 1e-5
+            assert not tile[o1 - o0:].any() and not tile[:, c1 - c0:].any()
+
+
+def test_rank_deficient_x_still_solves(tmp_path):
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((S, 12)).astype(np.float32)
+    x = np.concatenate([base, np.zeros((S, 3), np.float32), base[:, :3], np.ones((S, 1), np.float32),
+                        np.ones((S, 1), np.float32)], axis=1)  # zero, duplicate and constant columns
+    store, x64, z64 = make_pairs(tmp_path / "p", x=x, d_out=9)
+    _, train, _ = split(S)
+    for solver in ("cholesky", "qr"):
+        for mode in ("joint", "independent"):
+            a = fit(store, tmp_path / f"a-{solver}-{mode}", workers=4, mode=mode, solver=solver)
+            for p in range(3):
+                assert np.isfinite(a.tiles(p)[...]).all()
+            if mode == "joint":  # the default ridge gives (nearly) the minimum-norm lstsq solution
+                ref = lstsq(x64[train], z64[train])
+                assert rel(a.dense(0), ref) <= 1e-4
+                assert rel(x64 @ a.dense(0).T, x64 @ ref.T) <= 1e-5
+
+
+def test_failed_cholesky_falls_back_with_a_warning(tmp_path):
+    x = np.zeros((400, 6), np.float32)
+    x[:, :2] = np.random.default_rng(0).standard_normal((400, 2))
+    store, x64, z64 = make_pairs(tmp_path / "p", x=x, d_out=5)
+    _, train, _ = split(400)
+    a = fit(store, tmp_path / "a", workers=4, ridge=0.0)  # singular G and no ridge
+    warnings = a.attrs()["metrics"]["warnings"]
+    assert warnings and "eigh" in warnings[0]
+    assert rel(a.dense(0), lstsq(x64[train], z64[train])) <= 1e-5  # the minimum-norm solution
+
+
+def test_qr_beats_normal_equations_on_ill_conditioned_x(tmp_path):
+    rng = np.random.default_rng(5)
+    u, _ = np.linalg.qr(rng.standard_normal((S, 8)))
+    v, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    x = ((u * np.logspace(0, -4, 8)) @ v.T * 40).astype(np.float32)  # cond(X) ≈ 1e4, cond(G) ≈ 1e8
+    store, x64, z64 = make_pairs(tmp_path / "p", x=x, d_out=6, noise=0.0)
+    _, train, _ = split(S)
+    ref = lstsq(x64[train], z64[train])
+    err = {}
+    for solver in ("cholesky", "qr"):
+        a = fit(store, tmp_path / solver, workers=4, ridge=0.0, solver=solver)
+        err[solver] = rel(a.dense(0), ref)
+    assert err["qr"] <= 1e-5
+    assert err["qr"] < err["cholesky"] / 10
+
+
+def test_float64_products(pairs, tmp_path):
+    store, x, z = pairs
+    _, train, _ = split(S)
+    a = fit(store, tmp_path / "a", workers=WORKERS, ridge=0.0, precision="float64")
+    assert rel(a.dense(0), lstsq(x[train], z[train])) <= 1e-6
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["joint", "independent"])
+def test_holdout_metrics_equal_numpy(pairs, tmp_path, mode):
+    store, x, z = pairs
+    hold, _, _ = split(S, seed=4, holdout=0.2)
+    alphas = (0.5, 0.3, 0.2)
+    a = fit(store, tmp_path / "a", workers=WORKERS, mode=mode, seed=4, holdout=0.2, alphas=alphas)
+    xh, zh = x[hold], z[hold]
+    ys = []
+    for p, g in enumerate(a.grids):
+        scale = 1.0 if mode == "joint" else 1.0 / -(-M // g.tile_in)  # independent: tiles averaged per band
+        ys.append(xh @ (a.dense(p).astype(np.float64) * scale).T)
+    sst = ((zh - zh.mean(0)) ** 2).sum()
+
+    def ref(y):
+        return {"rel_err": np.linalg.norm(y - zh) / np.linalg.norm(zh), "r2": 1 - ((y - zh) ** 2).sum() / sst}
+
+    m = a.attrs()["metrics"]
+    assert m["holdout_rows"] == int(hold.sum())
+    for got, y in zip(m["pipes"] + [m["combined"]], ys + [sum(al * y for al, y in zip(alphas, ys))]):
+        want = ref(y)
+        assert got["rel_err"] == pytest.approx(want["rel_err"], rel=1e-5)
+        assert got["r2"] == pytest.approx(want["r2"], rel=1e-6)
+    if mode == "joint":
+        assert m["pipes"][0]["r2"] > 0.99
+
+
+def test_no_holdout_means_no_metrics(pairs, tmp_path):
+    store, x, z = pairs
+    a = fit(store, tmp_path / "a", workers=WORKERS, holdout=0.0, ridge=0.0, subsample=1.0)
+    assert a.attrs()["metrics"] is None
+    assert rel(a.dense(0), lstsq(x, z)) <= 1e-5
+    assert np.array_equal(a.dense(1), a.dense(0))  # subsample 1.0: pipe 2 sees every row
+
+
+# -- out of core, schedulers, resume -----------------------------------------------------------
+
+
+def test_spilled_b_gives_the_same_adapter(pairs, tmp_path):
+    store, _, _ = pairs
+    whole = fit(store, tmp_path / "whole", workers=WORKERS, block_rows=256, tasks=2)
+    small = fit(store, tmp_path / "small", workers=WORKERS, block_rows=256, tasks=2, memory_budget=150_000,
+                keep_statistics=True)
+    plan = small.attrs()["fit"]["plan"]
+    assert plan["group_cols"] < N  # several column groups: B spilled to the scratch
+    assert small.progress("fit_stats", -(-N // plan["group_cols"])).complete()
+    assert "_fit" in small.group and "_fit" not in whole.group
+    for p in range(3):
+        np.testing.assert_allclose(small.dense(p), whole.dense(p), rtol=1e-6, atol=1e-6)
+    for k in ("pipes", "combined"):
+        assert json.dumps(small.attrs()["metrics"][k])[:40] == json.dumps(whole.attrs()["metrics"][k])[:40]
+
+
+def test_budget_too_small_is_a_clear_error(pairs, tmp_path):
+    with pytest.raises(FitError, match="memory budget"):
+        fit(pairs[0], tmp_path / "a", workers=WORKERS, memory_budget=1000)
+
+
+def test_threads_and_local_cluster_give_the_same_adapter(pairs, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    store, _, _ = pairs
+    a = fit(store, tmp_path / "threads", workers=WORKERS, tasks=2, block_rows=256)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp",
+                                  host="127.0.0.1", dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        b = fit(store, tmp_path / "cluster", workers=WORKERS, block_rows=256, scheduler=client)
+    assert b.attrs()["fit"]["plan"]["tasks"] == 2
+    for p in range(3):
+        assert np.array_equal(a.dense(p), b.dense(p))
+    assert a.attrs()["metrics"] == b.attrs()["metrics"]
+
+
+def test_synchronous_scheduler_and_task_count(pairs, tmp_path):
+    store, _, _ = pairs
+    a = fit(store, tmp_path / "a", workers=WORKERS, tasks=3, block_rows=128, scheduler="synchronous")
+    b = fit(store, tmp_path / "b", workers=WORKERS, tasks=1, block_rows=128)
+    np.testing.assert_allclose(a.dense(0), b.dense(0), rtol=1e-6, atol=1e-6)
+
+
+class _Kill(Exception):
+    pass
+
+
+def _killer(after: int):
+    calls = {"n": 0}
+
+    def progress(done, total):
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise _Kill()
+    return progress
+
+
+@pytest.mark.parametrize("kill_after", [3, 14, 30])  # during the pass, during the solves, late in the solves
+def test_resume_gives_the_same_adapter(pairs, tmp_path, kill_after):
+    store, _, _ = pairs
+    kw = dict(workers=WORKERS, block_rows=128, tasks=2, memory_budget=80_000, scheduler="synchronous")
+    ref = fit(store, tmp_path / "ref", **kw)
+    with pytest.raises(_Kill):
+        fit(store, tmp_path / "a", progress=_killer(kill_after), **kw)
+    part = AdapterStore.open(tmp_path / "a")
+    assert not part.complete
+    plan = part.attrs()["fit"]["plan"]
+    groups = -(-N // plan["group_cols"])
+    done = len(part.progress("fit_stats", groups).done()) * -(-S // plan["block_rows"])
+    done += sum(len(part.progress(f"fit_pipe{p + 1}", g.rows).done()) for p, g in enumerate(part.grids))
+    assert (done > 0) == (kill_after > 3)
+    seen = []
+    a = fit(store, tmp_path / "a", progress=lambda d, t: seen.append((d, t)), **kw)
+    assert a.complete
+    assert seen[0][0] == done  # finished groups and bands were not redone
+    for p in range(3):
+        assert np.array_equal(a.dense(p), ref.dense(p))
+    assert a.attrs()["metrics"] == ref.attrs()["metrics"]
+
+
+def test_progress_reaches_total(pairs, tmp_path):
+    seen = []
+    fit(pairs[0], tmp_path / "a", workers=WORKERS, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1][0] == seen[-1][1] > 0
+    assert all(b[0] >= a[0] for a, b in zip(seen, seen[1:]))
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def test_existing_adapter_is_refused(pairs, tmp_path):
+    store, _, _ = pairs
+    fit(store, tmp_path / "a", workers=WORKERS)
+    with pytest.raises(StoreError, match="already exists"):
+        fit(store, tmp_path / "a", workers=WORKERS)
+    fit(store, tmp_path / "a", workers=WORKERS, overwrite=True, mode="independent")
+    assert AdapterStore.open(tmp_path / "a").mode == "independent"
+    with pytest.raises(StoreError, match="not an adapter"):
+        fit(store, store.url, workers=WORKERS)  # the pairs store itself
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file.txt").write_text("x")
+    with pytest.raises(StoreError, match="already exists"):
+        fit(store, tmp_path / "junk", workers=WORKERS)
+
+
+def test_unfinished_adapter_with_other_settings_is_refused(pairs, tmp_path):
+    store, _, _ = pairs
+    with pytest.raises(_Kill):
+        fit(store, tmp_path / "a", workers=WORKERS, progress=_killer(2))
+    with pytest.raises(StoreError, match="other settings"):
+        fit(store, tmp_path / "a", workers=WORKERS, ridge=3.0)
+
+
+def test_nan_is_reported_with_its_row_block(tmp_path):
+    x = np.random.default_rng(0).standard_normal((600, 5)).astype(np.float32)
+    x[333, 2] = np.nan
+    store, _, _ = make_pairs(tmp_path / "p", x=x, d_out=3)
+    with pytest.raises(DataError, match=r"rows 256\.\.384 .* NaN or Inf"):
+        fit(store, tmp_path / "a", workers=4, block_rows=128, tasks=2)
+    z_inf = PairsStore.create(str(tmp_path / "q"), d_in=5, d_out=3, rows_per_chunk=128)
+    z = np.ones((600, 3), np.float32)
+    z[590] = np.inf
+    z_inf.append(np.ones((600, 5), np.float32), z)
+    with pytest.raises(DataError, match=r"rows 512\.\.600"):
+        fit(z_inf, tmp_path / "b", workers=4, block_rows=128)
+
+
+def test_mismatched_row_counts(tmp_path):
+    store, _, _ = make_pairs(tmp_path / "p", rows=300)
+    store.z.resize((200, N))  # a hand-damaged store: z shorter than the committed rows
+    with pytest.raises(DataError, match="mismatched row counts"):
+        fit(PairsStore.open(store.url), tmp_path / "a", workers=WORKERS)
+
+
+def test_too_few_rows(tmp_path):
+    store, _, _ = make_pairs(tmp_path / "p", rows=3)
+    with pytest.raises(DataError, match="no held-out row"):
+        fit(store, tmp_path / "a", workers=WORKERS, holdout=0.01)
+    one = PairsStore.create(str(tmp_path / "one"), d_in=M, d_out=N)
+    one.append(np.ones((1, M)), np.ones((1, N)))
+    with pytest.raises(DataError, match="at least 2"):
+        fit(one, tmp_path / "b", workers=WORKERS)
+
+
+def test_grid_must_match_the_pairs(pairs, tmp_path):
+    g = plan_grid(M + 1, N, WORKERS)
+    with pytest.raises(GridError, match="pipe 1 covers"):
+        fit(pairs[0], tmp_path / "a", grids=[g, g, g])
+    with pytest.raises(GridError, match="three"):
+        FitConfig(grids=(plan_grid(M, N, 4),))
+
+
+@pytest.mark.parametrize("bad", [dict(mode="both"), dict(holdout=1.0), dict(subsample=0.0), dict(ridge=-1.0),
+                                 dict(solver="svd"), dict(alphas=(0.5, 0.5, 0.5)), dict(tasks=0),
+                                 dict(workers=12), dict(precision="float16")])
+def test_config_is_validated(bad):
+    with pytest.raises((DataError, GridError)):
+        FitConfig(**bad)
+
+
+def test_unknown_scheduler(pairs, tmp_path):
+    with pytest.raises(DataError, match="scheduler"):
+        fit(pairs[0], tmp_path / "a", scheduler="gpu")
+
+
+# -- the solver helpers --------------------------------------------------------------------
+
+
+def test_solver_helpers_against_numpy():
+    rng = np.random.default_rng(1)
+    x, z = rng.standard_normal((300, 7)), rng.standard_normal((300, 4))
+    ref = np.linalg.solve(x.T @ x + 2.0 * np.eye(7), x.T @ z)
+    np.testing.assert_allclose(factor_normal(x.T @ x, 2.0).solve(x.T @ z), ref, rtol=1e-10)
+    r, qz = np.zeros((7, 7)), np.zeros((7, 4))
+    for s in range(0, 300, 41):  # streamed in uneven blocks
+        r, qz = qr_update(r, qz, x[s:s + 41], z[s:s + 41])
+    np.testing.assert_allclose(factor_qr(r, 2.0).solve(qz), ref, rtol=1e-10)
+    np.testing.assert_allclose(np.abs(r), np.abs(np.linalg.qr(x)[1]), atol=1e-10)
+
+
+# -- the CLI ---------------------------------------------------------------------------------
+
+
+def test_cli_fit(pairs, tmp_path):
+    from cli.main import main
+
+    store, _, _ = pairs
+    out = tmp_path / "a"
+    res = CliRunner().invoke(main, ["fit", store.url, "-o", str(out), "--workers", str(WORKERS), "--json", "-q",
+                                    "--holdout", "0.2", "--mode", "independent", "--ridge", "0.5"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["adapter"] == str(out) and info["mode"] == "independent"
+    assert info["metrics"]["combined"]["r2"] > 0.5
+    assert AdapterStore.open(out).attrs()["fit"]["ridge"]["train"] == 0.5
+    res = CliRunner().invoke(main, ["fit", store.url, "-o", str(out), "--workers", str(WORKERS), "-q"])
+    assert res.exit_code == 1 and "already exists" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["fit", store.url, "-o", str(out), "--workers", str(WORKERS), "-q", "--overwrite"])
+    assert res.exit_code == 0 and "R²" in res.output

@@ -1,0 +1,361 @@
+"""Gate training on frozen tiles, routing statistics and the quality report (prismoe_store.gates).
+
+References: float64 numpy products and statistics recomputed from the stores' bytes, the fit's
+own held-out metrics, numpy.linalg.lstsq, and an uninterrupted run for resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli.main import main
+from prismoe_store.adapter import AdapterStore
+from prismoe_store.errors import DataError, StoreError
+from prismoe_store.fit import fit
+from prismoe_store.gates import (FrozenTiles, Gates, GateSettings, Split, fit_gates, gated_forward, init_gates,
+                                 quality_report, resolve_split, routing_report)
+from prismoe_store.grid import plan_pipes
+from prismoe_store.pairs import PairsStore, holdout_mask
+from prismoe_store.routing import active_mask, k_for
+from prismoe_store.synth import SynthSpec, load_truth, synthesize
+
+D_IN, D_OUT, WORKERS = 32, 32, 16  # pipes 1, 2: 4×4 tiles of 8×8; pipe 3: 8×2 tiles of 4×16
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one torch thread is many times faster on a shared machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory):
+    """``synth --kind gated`` pairs (4 regions: each input uses a quarter of every pipe's tiles),
+    the fitted adapter, and an adapter holding the ground-truth tiles (where an exact gate exists)."""
+    root = tmp_path_factory.mktemp("gated")
+    spec = SynthSpec(rows=4096, d_in=D_IN, d_out=D_OUT, kind="gated", noise=0.01, regions=4, workers=WORKERS)
+    pairs = synthesize(str(root / "pairs"), spec, rows_per_chunk=1024)
+    fitted = fit(pairs, str(root / "fitted"), workers=WORKERS, scheduler="synchronous")
+    truth = _tiles_adapter(str(root / "truth"), load_truth(pairs).w, fitted)
+    return pairs, fitted, truth
+
+
+def _tiles_adapter(url, w: np.ndarray, like: AdapterStore, mode: str = "joint") -> AdapterStore:
+    """An adapter with the grids and fit record of ``like`` whose every pipe holds the matrix ``w``."""
+    a = AdapterStore.create(url, grids=like.grids, mode=mode, attrs={"fit": like.attrs()["fit"]})
+    for p, g in enumerate(a.grids):
+        for j, _, _ in g.iter_tiles():
+            rows, cols = g.valid_region(j)
+            tile = np.zeros(g.tile_shape, np.float32)
+            tile[: rows.stop - rows.start, : cols.stop - cols.start] = w[rows, cols]
+            a.write_tile(p, j, tile)
+    a.update_attrs(complete=True)
+    return a
+
+
+def _copy(adapter: AdapterStore, url) -> AdapterStore:
+    shutil.copytree(adapter.url, url)
+    return AdapterStore.open(url, "r+")
+
+
+def _numpy_forward(x, tiles: list[np.ndarray], grids, alphas, mode, gates, rho, temperature=1.0):
+    """float64 reference of the gated adapter: scores, top-k, weights, Σ_p α_p Σ_S w T x."""
+    y = np.zeros((x.shape[0], grids[0].d_out))
+    for T, g, alpha, (W, b) in zip(tiles, grids, alphas, gates):
+        s = x @ W.T.astype(np.float64) + b
+        s[:, ~active_mask(g).numpy()] = -np.inf
+        K = k_for(rho, g.active_count)
+        xp = np.zeros((x.shape[0], g.d_in_pad))
+        xp[:, : g.d_in] = x
+        for t in range(x.shape[0]):
+            sel = np.argsort(-s[t], kind="stable")[:K]
+            top = s[t, sel] / temperature
+            if mode == "joint":
+                w = K * np.exp(top - top.max()) / np.exp(top - top.max()).sum()
+            else:
+                w = np.zeros(K)
+                for band in set(sel // g.cols):
+                    m = sel // g.cols == band
+                    e = np.exp(top[m] - top[m].max())
+                    w[m] = e / e.sum()
+            out = np.zeros(g.d_out_pad)
+            for j, wj in zip(sel, w):
+                rows, cols = g.tile_region(j)
+                out[rows] += wj * T[rows, cols].astype(np.float64) @ xp[t, cols]
+            y[t] += alpha * out[: g.d_out]
+    return y
+
+
+# -- the gated forward -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["joint", "independent"])
+@pytest.mark.parametrize("rho", [0.1, 0.3, 1.0])
+def test_gated_forward_matches_numpy_reference(mode, rho):
+    grids = plan_pipes(D_IN, 20, WORKERS)  # d_out 20: padding rows; both product paths (a > b and a < b)
+    rng = np.random.default_rng(0)
+    tiles = [rng.normal(size=g.padded_shape).astype(np.float32) for g in grids]
+    gates = [(rng.normal(size=(g.workers, D_IN)).astype(np.float32), rng.normal(size=g.workers).astype(np.float32))
+             for g in grids]
+    alphas = [0.5, 0.3, 0.2]
+    x = rng.normal(size=(6, D_IN))
+    ft = FrozenTiles([torch.from_numpy(t) for t in tiles], grids, alphas, mode)
+    y, routings = gated_forward(ft, Gates.from_arrays(gates), torch.from_numpy(x).float(), sparsity=rho,
+                                temperature=0.8)
+    ref = _numpy_forward(x, tiles, grids, alphas, mode, gates, rho, temperature=0.8)
+    np.testing.assert_allclose(y.detach().double().numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert [r.indices.shape[1] for r in routings] == [k_for(rho, g.active_count) for g in grids]
+
+
+def test_rho1_uniform_gate_joint_is_the_dense_product():
+    grids = plan_pipes(D_IN, 20, WORKERS)
+    rng = np.random.default_rng(1)
+    dense = [np.zeros(g.padded_shape, np.float32) for g in grids]
+    for d in dense:
+        d[:20, :D_IN] = rng.normal(size=(20, D_IN))
+    ft = FrozenTiles([torch.from_numpy(d) for d in dense], grids, [0.2, 0.3, 0.5], "joint")
+    x = rng.normal(size=(16, D_IN)).astype(np.float32)
+    y, _ = gated_forward(ft, Gates.zeros(grids, D_IN), torch.from_numpy(x), sparsity=1.0)
+    ref = sum(a * (x.astype(np.float64) @ d[:20, :D_IN].T.astype(np.float64)) for a, d in zip([0.2, 0.3, 0.5], dense))
+    np.testing.assert_allclose(y.detach().numpy(), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ft.dense(torch.from_numpy(x)).numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_only_the_gates_of_selected_workers():
+    grids = plan_pipes(D_IN, D_OUT, WORKERS)[:1]
+    ft = FrozenTiles([torch.randn(*grids[0].padded_shape)], grids, [1.0], "joint")
+    gates = Gates([torch.randn(WORKERS, D_IN)], [torch.randn(WORKERS)])
+    x = torch.randn(1, D_IN)
+    y, (r,) = gated_forward(ft, gates, x, sparsity=0.25)
+    y.pow(2).sum().backward()
+    grad_b = gates.biases[0].grad
+    chosen = set(r.indices[0].tolist())
+    assert all(float(grad_b[j]) == 0.0 for j in range(WORKERS) if j not in chosen)
+    assert any(float(grad_b[j]) != 0.0 for j in chosen)
+    assert all(t.grad is None and not t.requires_grad for t in ft.tiles)  # tiles frozen
+
+
+def test_exported_gate_gives_the_same_scores_on_raw_inputs():
+    grids = plan_pipes(D_IN, D_OUT, WORKERS)
+    ft = FrozenTiles([torch.randn(*g.padded_shape) for g in grids], grids, [1 / 3] * 3, "joint")
+    x = torch.randn(200, D_IN) * 5 + 3
+    z = torch.randn(200, D_OUT)
+    gates = init_gates(ft, x, z, kind="gain", scale=1.0)
+    for p, (W, b) in enumerate(gates.export()):
+        raw = x.double() @ torch.from_numpy(W).double().T + torch.from_numpy(b).double()
+        torch.testing.assert_close(raw, gates.scores(p, x).detach().double(), rtol=1e-4, atol=1e-4)
+
+
+def test_tiles_over_the_memory_budget_are_refused(gated):
+    _, fitted, _ = gated
+    with pytest.raises(DataError, match="max-tile-mb"):
+        FrozenTiles.load(fitted, max_bytes=1000)
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+def test_training_lowers_heldout_error_where_a_good_gate_exists(gated, tmp_path):
+    """Ground-truth tiles, ρ = 1/regions: the right gate reproduces z, the zero gate does not."""
+    pairs, _, truth = gated
+    a = _copy(truth, tmp_path / "a")
+    r = fit_gates(a, pairs, sparsity=0.25, epochs=6, init="zero")
+    zero, after = r["before"]["zero"]["rel_err"], r["after"]["rel_err"]
+    assert zero > 1.0  # an arbitrary quarter of the tiles is worse than nothing
+    assert after < 0.6 * zero, r["history"]
+    assert r["best_epoch"] > 0  # the improvement is the training's, not the (zero) init's
+    # the gates were written and give that error again when re-read from the store
+    q = quality_report(AdapterStore.open(a.url), pairs, sparsities=[0.25])
+    row = {x["gate"]: x for x in q["rows"]}
+    assert row["trained"]["rel_err"] == pytest.approx(after, rel=1e-5)
+    assert row["zero"]["rel_err"] == pytest.approx(zero, rel=1e-5)
+    # the gain initialisation alone already picks better tiles than the zero gate
+    assert row["init"]["rel_err"] < 0.7 * zero
+
+
+def test_fit_then_fit_gates_on_gated_pairs_beats_the_untrained_gate(gated, tmp_path):
+    pairs, fitted, _ = gated
+    a = _copy(fitted, tmp_path / "a")
+    r = fit_gates(a, pairs, sparsity=0.3, epochs=6)
+    assert r["after"]["rel_err"] < 0.9 * r["before"]["zero"]["rel_err"]
+    assert r["after"]["rel_err"] <= r["before"]["init"]["rel_err"]  # never worse than the init on held-out rows
+    info = AdapterStore.open(a.url).attrs()["gates"]
+    assert info["complete"] and info["settings"]["sparsity"] == 0.3 and info["split"]["source"] == "fit"
+    assert info["metrics"]["after"]["rel_err"] == pytest.approx(r["after"]["rel_err"])
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_continues_from_the_last_saved_epoch(gated, tmp_path):
+    pairs, fitted, _ = gated
+    kw = dict(sparsity=0.3, epochs=4, patience=0, lr=2e-2)
+    ref = _copy(fitted, tmp_path / "ref")
+    full = fit_gates(ref, pairs, **kw)
+    assert full["epochs_run"] == 4 and full["resumed_from"] is None
+
+    a = _copy(fitted, tmp_path / "a")
+    first = fit_gates(a, pairs, **{**kw, "epochs": 2})
+    assert first["epochs_run"] == 2
+    n_train = Split(0.1, 0).counts(pairs)[0]
+
+    def crash(done, total):  # killed in the middle of epoch 3
+        if done > n_train // 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        fit_gates(a, pairs, **kw, progress=crash)
+    resumed = fit_gates(a, pairs, **kw)
+    assert resumed["resumed_from"] == 2 and resumed["epochs_run"] == 4
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2, 3, 4]
+    for h1, h2 in zip(full["history"], resumed["history"]):
+        assert h1["rel_err"] == pytest.approx(h2["rel_err"], rel=1e-5)
+    for p in range(3):
+        w1, b1 = AdapterStore.open(ref.url).read_gate(p)
+        w2, b2 = AdapterStore.open(a.url).read_gate(p)
+        np.testing.assert_allclose(w1, w2, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b1, b2, rtol=1e-5, atol=1e-6)
+    # a finished run is not redone; other settings need --restart
+    again = fit_gates(a, pairs, **kw)
+    assert again["resumed_from"] == 4 and again["epochs_run"] == 4
+    with pytest.raises(DataError, match="restart"):
+        fit_gates(a, pairs, **{**kw, "sparsity": 0.5})
+    assert fit_gates(a, pairs, **{**kw, "sparsity": 0.5, "epochs": 1}, restart=True)["resumed_from"] is None
+
+
+def test_split_comes_from_the_fit_and_bad_input_is_refused(gated, tmp_path):
+    pairs, fitted, _ = gated
+    assert resolve_split(fitted) == Split(0.1, 0, "fit")
+    with pytest.warns(UserWarning, match="optimistic"):
+        assert resolve_split(fitted, holdout=0.2).holdout == 0.2
+    other = PairsStore.create(str(tmp_path / "other"), d_in=D_IN, d_out=D_OUT + 1)
+    with pytest.raises(DataError, match="adapter maps"):
+        fit_gates(_copy(fitted, tmp_path / "a"), other)
+    with pytest.raises(StoreError, match="read-only"):
+        fit_gates(AdapterStore.open(fitted.url), pairs)
+    with pytest.raises(DataError, match="batch-size"):
+        fit_gates(_copy(fitted, tmp_path / "b"), pairs, batch_size=10**6, max_tile_bytes=1 << 20)
+    with pytest.raises(DataError):
+        GateSettings(sparsity=0.0)
+
+
+# -- statistics and the quality report --------------------------------------------------------
+
+
+def test_routing_statistics_match_a_numpy_recomputation(tmp_path):
+    spec = SynthSpec(rows=1500, d_in=33, d_out=17, kind="linear", noise=0.01)  # 33→17: padding-only workers
+    pairs = synthesize(str(tmp_path / "p"), spec, rows_per_chunk=512)
+    a = fit(pairs, str(tmp_path / "a"), workers=16, scheduler="synchronous", holdout=0.2, seed=3)
+    rng = np.random.default_rng(5)
+    gates = []
+    for p, g in enumerate(a.grids):
+        W, b = rng.normal(size=(g.workers, 33)).astype(np.float32), rng.normal(size=g.workers).astype(np.float32)
+        a.write_gate(p, W, b)
+        gates.append((W, b))
+    rho = 0.4
+    rep = routing_report(AdapterStore.open(a.url), pairs, sparsity=rho, quality=False)
+
+    x, _ = pairs.read(0, pairs.rows)
+    x = x[holdout_mask(3, 0, pairs.rows, 0.2)].astype(np.float64)
+    assert rep["pipes"][0]["rows"] == len(x)
+    for p, (g, (W, b)) in enumerate(zip(a.grids, gates)):
+        act = active_mask(g).numpy()
+        n, K = int(act.sum()), k_for(rho, g.active_count)
+        assert n < g.workers
+        s = x @ W.T.astype(np.float64) + b
+        s[:, ~act] = -np.inf
+        sel = np.argsort(-s, axis=1)[:, :K]
+        f = np.bincount(sel.ravel(), minlength=g.workers) / len(x)
+        P = np.exp(s - s.max(1, keepdims=True))
+        P /= P.sum(1, keepdims=True)
+        H = -(np.where(P > 0, P * np.log(np.where(P > 0, P, 1)), 0)).sum(1)
+        u = f[act] / f[act].sum()
+        T = a.tiles(p)[...].astype(np.float64)
+        xp = np.zeros((len(x), g.d_in_pad))
+        xp[:, :33] = x
+        E = np.stack([((xp[:, g.input_slice(j)] @ T[g.tile_region(j)].T) ** 2).sum(1) for j in range(g.workers)], 1)
+        e_sel = np.take_along_axis(E, sel, 1).sum()
+        st = rep["pipes"][p]
+        assert st["k"] == K and st["active"] == n
+        np.testing.assert_allclose(np.asarray(st["utilization"]).ravel(), f, atol=1e-12)
+        assert np.asarray(st["padding"]).ravel().tolist() == (~act).tolist()
+        assert st["utilization_cv"] == pytest.approx(f[act].std() / f[act].mean(), rel=1e-9)
+        assert st["dead_workers"] == int((f[act] == 0).sum())
+        assert st["balance_loss"] == pytest.approx(g.workers * (f * P.mean(0)).sum() / K, rel=1e-5)
+        assert st["token_entropy"] == pytest.approx(H.mean(), rel=1e-5)
+        assert st["token_entropy_norm"] == pytest.approx(H.mean() / math.log(n), rel=1e-5)
+        assert st["utilization_entropy_norm"] == pytest.approx(-(u[u > 0] * np.log(u[u > 0])).sum() / math.log(n),
+                                                               rel=1e-9)
+        assert st["energy_share"] == pytest.approx(e_sel / E.sum(), rel=1e-4)
+        assert sum(st["hist_token_entropy_norm"]) == sum(st["hist_energy_share"]) == len(x)
+
+
+@pytest.mark.parametrize("mode", ["joint", "independent"])
+def test_quality_report_baselines_agree_with_the_fit_and_lstsq(tmp_path, mode):
+    spec = SynthSpec(rows=2000, d_in=24, d_out=40, kind="gated", noise=0.05, regions=2, workers=8)
+    pairs = synthesize(str(tmp_path / "p"), spec, rows_per_chunk=512)
+    a = fit(pairs, str(tmp_path / "a"), workers=8, mode=mode, scheduler="synchronous", holdout=0.15, seed=2)
+    q = quality_report(a, pairs, sparsities=[0.5, 1.0])
+    combined = a.attrs()["metrics"]["combined"]
+    dense = q["baselines"]["dense"]
+    assert q["heldout_rows"] == a.attrs()["metrics"]["holdout_rows"]
+    assert dense["rel_err"] == pytest.approx(combined["rel_err"], rel=1e-4)
+    assert dense["r2"] == pytest.approx(combined["r2"], rel=1e-4)
+    zero1 = next(r for r in q["rows"] if r["gate"] == "zero" and r["sparsity"] == 1.0)
+    assert zero1["rel_err"] == pytest.approx(dense["rel_err"], rel=1e-5)  # ρ = 1 with a uniform gate is dense
+    # lstsq: numpy on the training rows (the fit's split), scored on the held-out rows
+    x, z = pairs.read(0, pairs.rows)
+    hold = holdout_mask(2, 0, pairs.rows, 0.15)
+    W = np.linalg.lstsq(x[~hold].astype(np.float64), z[~hold].astype(np.float64), rcond=None)[0]
+    res = x[hold] @ W - z[hold]
+    assert q["baselines"]["lstsq"]["rel_err"] == pytest.approx(np.linalg.norm(res) / np.linalg.norm(z[hold]), rel=1e-4)
+    assert [r["gate"] for r in q["rows"]] == ["zero", "zero", "init", "init"]  # no trained gate stored
+
+
+# -- the CLI -----------------------------------------------------------------------------------
+
+
+def test_cli_fit_gates_routing_and_plots(gated, tmp_path):
+    pairs, fitted, _ = gated
+    a = _copy(fitted, tmp_path / "a")
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--epochs", "2", "--quiet", "--json"])
+    assert run.exit_code == 0, run.output
+    out = json.loads(run.output)
+    assert out["epochs_run"] == 2 and set(out["before"]) == {"zero", "init", "dense"}
+
+    plots = tmp_path / "plots"
+    run = CliRunner().invoke(main, ["routing", a.url, pairs.url, "--quiet", "--json", "--plot", str(plots)])
+    assert run.exit_code == 0, run.output
+    rep = json.loads(run.output)
+    assert rep["sparsity"] == 0.3 and len(rep["pipes"]) == 3
+    assert {r["sparsity"] for r in rep["quality"]["rows"]} == {0.1, 0.3, 0.5, 1.0}
+    assert {r["gate"] for r in rep["quality"]["rows"]} == {"zero", "init", "trained"}
+    for name in ("routing_utilization.png", "routing_histograms.png", "quality.png"):
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    run = CliRunner().invoke(main, ["routing", a.url, pairs.url, "--quiet", "--no-quality"])
+    assert run.exit_code == 0 and "util CV" in run.output and "held-out quality" not in run.output
+
+    run = CliRunner().invoke(main, ["benchmark", "gates", a.url, pairs.url, "--sparsities", "0.5", "--epochs", "1",
+                                    "--quiet"])
+    assert run.exit_code == 0, run.output
+    assert "trained" in run.output and "lstsq" in run.output
+
+
+def test_cli_errors_are_one_line(gated, tmp_path):
+    pairs, fitted, _ = gated
+    run = CliRunner().invoke(main, ["routing", fitted.url, pairs.url, "--quiet"])
+    assert run.exit_code == 1 and "no gates yet" in run.output and "Traceback" not in run.output
+    run = CliRunner().invoke(main, ["fit-gates", str(tmp_path / "nothing"), pairs.url, "--quiet"])
+    assert run.exit_code == 1 and len(run.output.strip().splitlines()) == 1

@@ -133,7 +133,8 @@ def quantize_cmd(adapter, as_json, quiet):
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="A local transformers causal-LM folder (read offline).")
 @click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Tokens to generate (greedy).")
 @click.option("--compare", is_flag=True, help="Also generate with the model's own lm_head and print both.")
 @_runtime_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -156,13 +157,14 @@ def generate_cmd(adapter, model_dir, prompt, max_new_tokens, compare, device, ca
 
 @click.command("runtime")
 @click.argument("adapter", required=False)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--sparsity", type=float, default=0.3, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ... (baseline too).")
+@click.option("--sparsity", type=float, default=0.3, show_default=True, help="ρ, share of tiles per token.")
 @click.option("--input", "input_path", default=None, help="Token rows (.npy or pairs store) [default: Gaussian].")
 @click.option("--d-in", type=int, default=512, show_default=True, help="Synthetic adapter input width.")
 @click.option("--d-out", type=int, default=8192, show_default=True, help="Synthetic adapter output width.")
 @click.option("--workers", type=int, default=128, show_default=True, help="Synthetic adapter workers per pipe.")
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed repeats per measurement (medians are reported).")
 @click.option("--hit-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Tokens measured per budget of the hit-rate curve (after as many warm-up tokens).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,

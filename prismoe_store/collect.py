@@ -594,6 +594,34 @@ def _items(source: TextSource, entry: dict, upper: LoadedModel, lower: LoadedMod
                 yield _Item(doc, w, n_win, seg, seg, nxt)
 
 
+def _sources(texts) -> list[TextSource]:
+    """Scan the text files (a text given twice, or under two names, counts once)."""
+    texts = [texts] if isinstance(texts, (str, os.PathLike)) else list(texts)
+    if not texts:
+        raise DataError("no text files given")
+    return list({s.sha256: s for s in map(scan_text, texts)}.values())
+
+
+def _check_models(*models) -> None:
+    """Fail fast (before the slow loading) on model paths that cannot work."""
+    for m in models:
+        if isinstance(m, (str, os.PathLike)):
+            _locate(str(m))
+
+
+def _models(upper, lower, spec: CollectSpec):
+    """``(upper, lower, same)`` as :class:`LoadedModel` s (``lower=None``: the upper model)."""
+    paths = [m for m in (upper, lower) if isinstance(m, (str, os.PathLike))]
+    same = lower is None or lower is upper or (len(paths) == 2 and Path(lower).resolve() == Path(upper).resolve())
+    if not isinstance(upper, LoadedModel):
+        upper = load_model(upper, device=spec.device, dtype=spec.dtype)
+    if same:
+        lower = upper
+    elif not isinstance(lower, LoadedModel):
+        lower = load_model(lower, device=spec.device, dtype=spec.dtype)
+    return upper, lower, same
+
+
 class _Writer:
     """Buffers finished batches and appends them, with their bookkeeping, in one commit per about
     ``rows_per_chunk`` rows (fewer partial-chunk rewrites than a commit per batch).
@@ -687,15 +715,9 @@ def collect(upper, lower, texts, out, *, spec: CollectSpec = CollectSpec(), over
     prismoe_store.errors.SourceError: no model at /nonexistent/model
     """
     t_start = time.perf_counter()
-    same = lower is None or lower is upper or (isinstance(lower, (str, os.PathLike)) and isinstance(upper, (str, os.PathLike))
-                                               and Path(lower).resolve() == Path(upper).resolve())
-    if not isinstance(upper, LoadedModel):
-        upper = load_model(upper, device=spec.device, dtype=spec.dtype)
-    lower = upper if same else lower if isinstance(lower, LoadedModel) else load_model(lower, device=spec.device, dtype=spec.dtype)
-    texts = [texts] if isinstance(texts, (str, os.PathLike)) else list(texts)
-    if not texts:
-        raise DataError("no text files given")
-    sources = list({s.sha256: s for s in (scan_text(t) for t in texts)}.values())  # a repeated text counts once
+    _check_models(upper, lower)
+    sources = _sources(texts)
+    upper, lower, same = _models(upper, lower, spec)
     collector = _Collector(upper, lower, spec, same)
 
     shared = same or _tokenizers_agree(upper, lower, sources)
@@ -793,12 +815,10 @@ def benchmark_collect(upper, lower, texts, *, spec: CollectSpec = CollectSpec(),
     """
     import tempfile
 
-    same = lower is None or (isinstance(lower, (str, os.PathLike)) and Path(lower).resolve() == Path(upper).resolve())
-    up = upper if isinstance(upper, LoadedModel) else load_model(upper, device=spec.device, dtype=spec.dtype)
-    lo = up if same else lower if isinstance(lower, LoadedModel) else load_model(lower, device=spec.device,
-                                                                                dtype=spec.dtype)
+    _check_models(upper, lower)
     texts = [texts] if isinstance(texts, (str, os.PathLike)) else list(texts)
-    sources = list({s.sha256: s for s in (scan_text(t) for t in texts)}.values())
+    sources = _sources(texts)
+    up, lo, same = _models(upper, lower, spec)
     shared = same or _tokenizers_agree(up, lo, sources)
     pool = spec.pool if shared or spec.pool != "none" else "last"
     windows, total = [], 0

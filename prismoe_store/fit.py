@@ -268,24 +268,53 @@ def _categories(p: _Pass, start: int, stop: int) -> np.ndarray:
     return cat
 
 
-def _read_blocks(p: _Pass, b0: int, b1: int, rows: int, c0: int, c1: int
-                 ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
-    """Yield ``(start, stop, x, z[:, c0:c1])`` for blocks ``b0:b1``, reading the next block while
-    the caller computes on this one."""
+@dataclass
+class _Block:
+    """One row block, its rows grouped by set (SUB, then REST, then HOLD; in order within a set)."""
+
+    start: int  # first row
+    stop: int  # end row
+    x: np.ndarray | None  # [rows, M] float32 (None when the block holds NaN/Inf)
+    z: np.ndarray | None  # [rows, group columns] float32
+    counts: np.ndarray | None  # rows per set
+
+
+def _blocks(p: _Pass, b0: int, b1: int, rows: int, c0: int, c1: int) -> Iterator[_Block]:
+    """Read, check and group the row blocks ``b0:b1`` (columns ``c0:c1`` of ``z``) in a thread, one
+    block ahead of the caller, so reading, decoding and reordering overlap the caller's products."""
     store = PairsStore.open(p.pairs_url, storage_options=p.pairs_options)
     xa, za = store.x, store.z
+    work: list[dict] = [{}, {}]  # two sets of reorder buffers, alternating between blocks
 
-    def read(b: int):
+    def prepare(b: int) -> _Block:
         s, e = b * p.block_rows, min(rows, (b + 1) * p.block_rows)
         with reading(f"rows {s}..{e} of {p.pairs_url}"):
-            return s, e, xa[s:e], za[s:e, c0:c1]
+            x, z = xa[s:e], za[s:e, c0:c1]
+        if not (np.isfinite(x).all() and np.isfinite(z).all()):
+            return _Block(s, e, None, None, None)
+        cat = _categories(p, s, e)
+        if np.any(np.diff(cat) < 0):  # group the rows by set (a stable sort keeps their order)
+            order = np.argsort(cat, kind="stable")
+            buf = work[b % 2]
+            x = np.take(x, order, axis=0, out=_reuse(buf, "x", x.shape))
+            z = np.take(z, order, axis=0, out=_reuse(buf, "z", z.shape))
+        return _Block(s, e, x, z, np.bincount(cat, minlength=3))
 
     with ThreadPoolExecutor(1) as pool:
-        nxt = pool.submit(read, b0) if b0 < b1 else None
+        nxt = pool.submit(prepare, b0) if b0 < b1 else None
         for b in range(b0, b1):
             cur = nxt.result()
-            nxt = pool.submit(read, b + 1) if b + 1 < b1 else None
+            nxt = pool.submit(prepare, b + 1) if b + 1 < b1 else None
             yield cur
+
+
+def _reuse(buffers: dict, name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """A work array kept in ``buffers`` across blocks (fresh large arrays cost page faults each time)."""
+    need = int(np.prod(shape))
+    buf = buffers.get(name)
+    if buf is None or buf.size < need or buf.dtype != dtype:
+        buf = buffers[name] = np.empty(need, dtype)
+    return buf[:need].reshape(shape)
 
 
 class _Stats:
@@ -300,15 +329,9 @@ class _Stats:
         self.b = [[np.zeros((m, ncols)) for _ in range(k)] for _ in (SUB, REST)]
         self._bufs: dict[str, np.ndarray] = {}  # work arrays reused across blocks (not pickled)
 
-    def add(self, p: _Pass, x: np.ndarray, z: np.ndarray, cat: np.ndarray) -> None:
-        counts = np.bincount(cat, minlength=3)
+    def add(self, p: _Pass, x: np.ndarray, z: np.ndarray, counts: np.ndarray) -> None:
+        """Add a block whose rows are grouped by set (see :class:`_Block`)."""
         self.counts += counts
-        if counts[SUB] + counts[REST] == 0:
-            return
-        if np.any(np.diff(cat) < 0):  # group the rows by set (a stable sort keeps their order)
-            order = np.argsort(cat, kind="stable")
-            x = np.take(x, order, axis=0, out=self._buffer("x", x.shape, x.dtype))
-            z = np.take(z, order, axis=0, out=self._buffer("z", z.shape, z.dtype))
         if p.precision == "float64":
             x, z = x.astype(np.float64), z.astype(np.float64)
         lo = 0
@@ -321,16 +344,9 @@ class _Stats:
                 else:
                     if self.g is not None:
                         self.g[s][0] += xs.T @ xs
-                    self.b[s][0] += np.matmul(xs.T, zs, out=self._buffer("p", self.b[s][0].shape, xs.dtype))
+                    out = _reuse(self._bufs, "p", self.b[s][0].shape, xs.dtype)
+                    self.b[s][0] += np.matmul(xs.T, zs, out=out)
             lo = hi
-
-    def _buffer(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """A reusable work array (fresh large allocations cost page faults on every block)."""
-        need = int(np.prod(shape))
-        buf = self._bufs.get(name)
-        if buf is None or buf.size < need or buf.dtype != dtype:
-            buf = self._bufs[name] = np.empty(need, dtype)
-        return buf[:need].reshape(shape)
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_bufs"}
@@ -379,18 +395,17 @@ def _stats_link(p: _Pass, rows: int, c0: int, c1: int, b0: int, b1: int, with_g:
     if acc.bad is not None:
         return acc
     hold = _hold_arrays(p) if p.holdout > 0 else None
-    for s, e, x, z in _read_blocks(p, b0, b1, rows, c0, c1):
-        if not (np.isfinite(x).all() and np.isfinite(z).all()):
-            acc.bad = (s, e)
+    for blk in _blocks(p, b0, b1, rows, c0, c1):
+        if blk.x is None:
+            acc.bad = (blk.start, blk.stop)
             return acc
-        cat = _categories(p, s, e)
-        acc.add(p, x, z, cat)
-        if hold is not None:
-            h = cat == HOLD
-            b = s // p.block_rows
-            hold[1][b, : int(h.sum()), c0:c1] = z[h]
+        acc.add(p, blk.x, blk.z, blk.counts)
+        n_hold = int(blk.counts[HOLD])
+        if hold is not None and n_hold:
+            b, t = blk.start // p.block_rows, blk.x.shape[0] - n_hold  # held-out rows come last
+            hold[1][b, :n_hold, c0:c1] = blk.z[t:]
             if first_group:
-                hold[0][b, : int(h.sum()), :] = x[h]
+                hold[0][b, :n_hold, :] = blk.x[t:]
     return acc
 
 

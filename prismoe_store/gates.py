@@ -37,9 +37,8 @@ True
 from __future__ import annotations
 
 import math
-import os
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -654,10 +653,6 @@ class _Run:
             if on_epoch:
                 on_epoch(improved)
 
-    @property
-    def finished(self) -> bool:
-        return self.stopped or self.epoch >= self.s.epochs
-
     # -- persistence (the adapter's _gates_training group, two slots written alternately) --
     def state_arrays(self) -> dict[str, np.ndarray]:
         out = {"mean": self.gates.mean.cpu().numpy(), "scale": self.gates.scale.cpu().numpy()}
@@ -1020,8 +1015,9 @@ def quality_report(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES, 
                         max_rows=max_rows, progress=progress)
     rows = [{"gate": name, "sparsity": rho, **{k: m[f"{name}@{rho}"][k] for k in ("rel_err", "r2")}}
             for name in gates for rho in sparsities]
-    base = {"dense": {**m["dense@None"], "what": "all tiles, uniform gate: the dense ridge solution" if tiles.mode == "joint"
-                      else "all tiles, uniform gate: each band averages its independent tiles"}}
+    what = ("all tiles, uniform gate (fitted joint tiles: the dense ridge solution)" if tiles.mode == "joint"
+            else "all tiles, uniform gate (each band averages its independent tiles)")
+    base = {"dense": {**m["dense@None"], "what": what}}
     base["lstsq"] = {**m["lstsq@None"], "what": how} if lstsq is not None else {"what": how}
     trained_at = settings.get("sparsity") if "trained" in gates else None
     return {"mode": tiles.mode, "temperature": temperature, "trained_sparsity": trained_at,

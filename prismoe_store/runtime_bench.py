@@ -8,7 +8,7 @@ the adapter's full size, ``Σ_p α_p W_p`` (what the adapter computes at ρ = 1)
 >>> import tempfile
 >>> with tempfile.TemporaryDirectory() as d:
 ...     a = synthetic_adapter(d + "/a.zarr", d_in=32, d_out=64, workers=8)
-...     r = benchmark_runtime(a, repeats=1, hit_tokens=2, budgets=(0.5, 1.0))
+...     r = benchmark_runtime(a, repeats=1, batch=4, hit_tokens=1, budgets=(1.0,))
 >>> sorted(r)
 ['device', 'fp32', 'hit_rate', 'int8', 'modes', 'shape', 'sparsity']
 """

@@ -143,9 +143,29 @@ def create_chunked(group: zarr.Group, name: str, shape: tuple[int, ...], chunks:
         return group.create_array(
             name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, fill_value=0,
             compressors=options.codecs(), attributes=attrs or {}, overwrite=overwrite,
+            config={"write_empty_chunks": True},  # every written chunk exists, so a missing one is damage
         )
     except (ValueError, TypeError) as e:
         raise StoreError(f"cannot create array {name!r}: {e}") from None
+
+
+def check_stored(array: zarr.Array, rows: slice, cols: slice, what: str) -> None:
+    """Raise :class:`CorruptStoreError` when a stored object (chunk, or shard when sharded) under the
+    region ``rows × cols`` of a 2-D array is missing or empty. Zarr would read those as zeros; the
+    writers here write every chunk (``write_empty_chunks``), so absence means damage."""
+    from zarr.core.sync import sync
+
+    step_r, step_c = array.shards or array.chunks
+    store, prefix = array.store_path.store, array.store_path.path
+    for i in range(rows.start // step_r, -(-rows.stop // step_r)):
+        for j in range(cols.start // step_c, -(-cols.stop // step_c)):
+            key = f"{prefix}/{array.metadata.encode_chunk_key((i, j))}"
+            try:
+                size = sync(store.getsize(key))
+            except (FileNotFoundError, KeyError):
+                size = 0
+            if not size:
+                raise CorruptStoreError(f"{what}: stored chunk {key} is missing or empty")
 
 
 # -- the progress record ---------------------------------------------------------------------
@@ -356,6 +376,7 @@ class WeightsStore:
             shards = (grid.tile_out, grid.d_in_pad) if options.shard else None
             arr = create_chunked(self.group, key, (grid.d_out, grid.d_in), grid.tile_shape, dtype, options,
                                  shards=shards, attrs=attrs)
+        arr = arr.with_config({"write_empty_chunks": True})  # runtime config: not persisted, so set on resume too
         sharded = arr.shards is not None  # a resumed tensor keeps its layout, whatever the options now
         units = grid.rows if sharded else grid.workers
         progress = Progress.create(self.group, key.replace("/", "."), units)
@@ -379,6 +400,7 @@ class WeightsStore:
     def read(self, tensor: str) -> np.ndarray:
         """The whole tensor in memory (small tensors)."""
         arr = self._array(tensor)
+        check_stored(arr, slice(0, arr.shape[0]), slice(0, arr.shape[1]), f"{tensor!r} in {self.url}")
         with reading(f"{tensor!r} in {self.url}"):
             return arr[:]
 
@@ -389,6 +411,7 @@ class WeightsStore:
         rows, cols = grid.valid_region(worker)
         out = np.zeros(grid.tile_shape, dtype=arr.dtype)
         if rows.stop > rows.start and cols.stop > cols.start:
+            check_stored(arr, rows, cols, f"tile {worker} of {tensor!r} in {self.url}")
             with reading(f"tile {worker} of {tensor!r} in {self.url}"):
                 out[: rows.stop - rows.start, : cols.stop - cols.start] = arr[rows, cols]
         return out

@@ -187,6 +187,13 @@ def test_gguf_model_collects_like_its_folder(world, llama, tmp_path):
     assert g.rows == f.rows
     for a, b in zip(g.read(0, g.rows), f.read(0, f.rows)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # half-precision GGUF weights: dequantized on load, and z is still x times the stored head
+    half = load_model(write_llama_gguf(world["llama"], tmp_path / "half.gguf", tensor_type="f16"))
+    w16 = half.model.lm_head.weight.detach().numpy()
+    np.testing.assert_array_equal(w16, llama.model.lm_head.weight.detach().numpy().astype(np.float16))
+    collect(half, None, [world["a"]], tmp_path / "h", spec=CollectSpec(batch_size=4))
+    hx, hz = PairsStore.open(tmp_path / "h").read(0, 10**6)
+    np.testing.assert_allclose(hz, hx.astype(np.float64) @ w16.T.astype(np.float64), rtol=1e-5, atol=1e-5)
     # a GGUF upper with its folder as lower: the tokenizers agree, so pairs stay per token
     r = collect(world["gguf"], world["llama"], [world["a"]], tmp_path / "gf", spec=CollectSpec(target="embeddings"))
     assert r.tokenizers == "shared" and r.pool == "none"

@@ -359,3 +359,14 @@ def test_cli_errors_are_one_line(gated, tmp_path):
     assert run.exit_code == 1 and "no gates yet" in run.output and "Traceback" not in run.output
     run = CliRunner().invoke(main, ["fit-gates", str(tmp_path / "nothing"), pairs.url, "--quiet"])
     assert run.exit_code == 1 and len(run.output.strip().splitlines()) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_matches_cpu(gated, tmp_path):
+    pairs, fitted, _ = gated
+    kw = dict(sparsity=0.3, epochs=2, patience=0)
+    cpu = fit_gates(_copy(fitted, tmp_path / "cpu"), pairs, **kw)
+    gpu = fit_gates(_copy(fitted, tmp_path / "gpu"), pairs, device="cuda", **kw)
+    for h1, h2 in zip(cpu["history"], gpu["history"]):
+        assert h1["rel_err"] == pytest.approx(h2["rel_err"], rel=1e-2)

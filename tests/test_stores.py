@@ -271,11 +271,17 @@ def test_empty_chunk_file_is_detected(tmp_path):
         WeightsStore.open(url).read("t")
 
 
-@pytest.mark.xfail(strict=True, reason="zarr reads a zero-length shard file, when it reads the whole shard, "
-                                       "as a missing shard (zeros); stores.py does not check shard sizes yet")
 def test_empty_shard_file_is_detected(tmp_path):
     url, _ = _written_store(tmp_path, "zstd", True, d_in=16, d_out=32)  # whole bands: zarr reads whole shards
     open(_chunk_files(url)[0], "wb").close()
+    with pytest.raises(CorruptStoreError):
+        WeightsStore.open(url).read("t")
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_deleted_chunk_file_is_detected(tmp_path, shard):
+    url, _ = _written_store(tmp_path, "zstd", shard, d_in=16, d_out=32)
+    os.remove(_chunk_files(url)[-1])
     with pytest.raises(CorruptStoreError):
         WeightsStore.open(url).read("t")
 
@@ -315,13 +321,14 @@ def test_progress_record(units, data):
 
 
 def test_done_is_the_record_not_chunk_presence():
-    """An all-zero tile writes no chunk yet is done; a chunk written without a mark is not done."""
+    """An all-zero tile is written (so a missing chunk means damage) and done; a chunk written
+    without a mark is not done."""
     grid = plan_grid(4, 4, 4)
     w = WeightsStore.create(_mem_url(), options=StoreOptions(compressor="none")).begin("t", grid)
     w.write_tile(0, np.zeros(grid.tile_shape, np.float32))
-    assert w.array.nchunks_initialized == 0 and w.missing() == [1, 2, 3]
-    w.array[0:2, 2:4] = 1.0  # tile 1's data, but no mark
     assert w.array.nchunks_initialized == 1 and w.missing() == [1, 2, 3]
+    w.array[0:2, 2:4] = 1.0  # tile 1's data, but no mark
+    assert w.array.nchunks_initialized == 2 and w.missing() == [1, 2, 3]
 
 
 def test_options_and_format_attribute_are_json(tmp_path):

@@ -68,6 +68,8 @@ class AdapterStore:
     def __init__(self, group: zarr.Group, url: str):
         self.group = group  # the root Zarr group
         self.url = url  # where the store lives
+        self._arrays: dict[tuple[int, str], zarr.Array] = {}  # open array handles, (pipe, name) -> array
+        self._grids: list[GridSpec] | None = None  # pipe grids (fixed at creation), read once
 
     # -- create / open ---------------------------------------------------------------------------
     @classmethod
@@ -140,7 +142,9 @@ class AdapterStore:
     @property
     def grids(self) -> list[GridSpec]:
         """One grid per pipe."""
-        return [GridSpec.from_dict(self._pipe(p).attrs["grid"]) for p in range(self.n_pipes)]
+        if self._grids is None:
+            self._grids = [GridSpec.from_dict(self._pipe(p).attrs["grid"]) for p in range(self.n_pipes)]
+        return list(self._grids)
 
     @property
     def options(self) -> StoreOptions:
@@ -174,9 +178,15 @@ class AdapterStore:
         return self.group[f"pipe{pipe + 1}"]
 
     # -- tiles -----------------------------------------------------------------------------------
+    def _array(self, pipe: int, name: str) -> zarr.Array:
+        key = (pipe, name)
+        if key not in self._arrays:
+            self._arrays[key] = self._pipe(pipe)[name]
+        return self._arrays[key]
+
     def tiles(self, pipe: int) -> zarr.Array:
         """The pipe's float32 tile array ``[d_out_pad, d_in_pad]`` (one chunk per tile)."""
-        return self._pipe(pipe)["tiles"]
+        return self._array(pipe, "tiles")
 
     def write_band(self, pipe: int, row: int, band: np.ndarray) -> None:
         """Write output band ``row`` of a pipe: ``band`` is ``[tile_out, d_in_pad]`` (all its tiles)."""
@@ -223,7 +233,7 @@ class AdapterStore:
                 raise StoreError(f"adapter {self.url} has no INT8 tiles: run `prismoe quantize` first")
             create_chunked(pg, "tiles_int8", g.padded_shape, g.tile_shape, "int8", self.options)
             create_chunked(pg, "scales", (g.d_out_pad, g.cols), (g.tile_out, 1), "float32", self.options)
-        return pg["tiles_int8"], pg["scales"]
+        return self._array(pipe, "tiles_int8"), self._array(pipe, "scales")
 
     def write_tile_int8(self, pipe: int, worker: int, q: np.ndarray, scales: np.ndarray) -> None:
         """Write an INT8 tile ``[tile_out, tile_in]`` and its per-row scales ``[tile_out]``."""
@@ -258,11 +268,10 @@ class AdapterStore:
 
     def read_gate(self, pipe: int) -> tuple[np.ndarray, np.ndarray] | None:
         """``(weight [workers, d_in], bias [workers])`` of a pipe, or ``None`` before gate training."""
-        pg = self._pipe(pipe)
-        if "gate_weight" not in pg:
+        if "gate_weight" not in self._pipe(pipe):
             return None
         with reading(f"gate of pipe {pipe} in {self.url}"):
-            return pg["gate_weight"][...], pg["gate_bias"][...]
+            return self._array(pipe, "gate_weight")[...], self._array(pipe, "gate_bias")[...]
 
 
 def _check_alphas(alphas: Sequence[float] | None, n: int) -> list[float]:

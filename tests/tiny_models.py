@@ -15,13 +15,13 @@ Functions are general so other tests can reuse them:
 - :func:`write_llama_gguf` — a Llama folder's weights and tokenizer written as one GGUF file.
 - :func:`write_texts` — a plain-text or JSONL file of documents.
 
-Sizes default to a few thousand parameters so a forward pass takes milliseconds.
+Sizes default to a few thousand parameters so a forward pass takes milliseconds. Typical use
+(``tmp_path`` from pytest)::
 
->>> import tempfile, pathlib
->>> d = pathlib.Path(tempfile.mkdtemp())
->>> folder = save_llama(d / "llama")
->>> sorted(p.name for p in folder.iterdir())[:2]
-['config.json', 'generation_config.json']
+    llama = save_llama(tmp_path / "llama")                 # folder: config, safetensors, tokenizer
+    gguf = write_llama_gguf(llama, tmp_path / "llama.gguf")  # the same weights as one GGUF file
+    qwen = save_qwen2(tmp_path / "qwen")                   # another architecture and tokenizer
+    text = write_texts(tmp_path / "t.txt", corpus_lines(20))
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def save_llama(folder, *, hidden: int = 32, layers: int = 2, heads: int = 4, kv_
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tokenizer or train_tokenizer(lines or corpus_lines(200), kind="bpe", vocab_size=vocab_size)
-    config = LlamaConfig(vocab_size=max(len(tokenizer), model_vocab or 0), hidden_size=hidden, intermediate_size=intermediate,
+    config = LlamaConfig(vocab_size=max(len(tokenizer), model_vocab or 0), hidden_size=hidden,
+                         intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=max_positions, tie_word_embeddings=tie_embeddings,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

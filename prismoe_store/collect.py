@@ -52,7 +52,7 @@ import numpy as np
 
 from .errors import DataError, ModelError, SourceError
 from .pairs import NONFINITE_CHOICES, PairsStore, screen_nonfinite
-from .stores import StoreOptions
+from .stores import StoreOptions, store_exists
 
 TARGETS = ("logits", "embeddings", "hidden")
 POOLS = ("none", "last", "mean")
@@ -528,7 +528,7 @@ def _settings(collector: _Collector, spec: CollectSpec, pool: str, tokenizers: s
 
 def _open_or_create(out: str, collector: _Collector, settings: dict, provenance: dict, *,
                     overwrite: bool, options: StoreOptions | None) -> PairsStore:
-    if not overwrite and _store_exists(out):
+    if not overwrite and store_exists(out):
         store = PairsStore.open(out, "a")
         old = store.provenance.get("settings")
         if old is None:
@@ -552,19 +552,6 @@ def _rows_per_chunk(width: int) -> int:
     """
     rows = (64 << 20) // (4 * width)
     return max(64, min(2048, 1 << max(0, rows.bit_length() - 1)))
-
-
-def _store_exists(url: str) -> bool:
-    """True when something is already at ``url`` (a local non-empty path, or a Zarr group at a URL)."""
-    if "://" not in url:
-        return os.path.exists(url) and (not os.path.isdir(url) or bool(os.listdir(url)))
-    import zarr
-
-    try:
-        zarr.open_group(url, mode="r")
-        return True
-    except (FileNotFoundError, ValueError, KeyError, OSError):
-        return False
 
 
 def _items(source: TextSource, entry: dict, upper: LoadedModel, lower: LoadedModel, *, shared: bool,

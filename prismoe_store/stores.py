@@ -116,7 +116,7 @@ def create_checked(url, name: str, version: int, *, overwrite: bool = False, att
                    storage_options=None) -> zarr.Group:
     """Create a new store of format ``name``; refuses to clobber an existing one unless ``overwrite``."""
     url = str(url)
-    if not overwrite and _exists(url):
+    if not overwrite and store_exists(url):
         raise StoreError(f"{url} already exists (pass overwrite=True / --overwrite to replace it)")
     group = open_root(url, "w", storage_options=storage_options)
     group.attrs.update({**format_attrs(name, version), **(attrs or {})})
@@ -305,7 +305,7 @@ class WeightsStore:
         options = options or StoreOptions()
         url = str(url)
         group = None
-        if not overwrite and _exists(url):
+        if not overwrite and store_exists(url):
             group = open_checked(url, WEIGHTS_FORMAT, WEIGHTS_VERSION, "a", storage_options=options.storage_options)
         if group is None:
             group = create_checked(url, WEIGHTS_FORMAT, WEIGHTS_VERSION, overwrite=True,
@@ -417,7 +417,7 @@ class WeightsStore:
         return out
 
 
-def _exists(url: str) -> bool:
+def store_exists(url: str) -> bool:
     """True when something (a Zarr group or any file) is already at ``url``."""
     if _is_url(url):
         try:

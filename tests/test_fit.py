@@ -229,9 +229,13 @@ def test_threads_and_local_cluster_give_the_same_adapter(pairs, tmp_path):
     distributed = pytest.importorskip("distributed")
     store, _, _ = pairs
     a = fit(store, tmp_path / "threads", workers=WORKERS, tasks=2, block_rows=256)
+    seen = []
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp",
-                                  host="127.0.0.1", dashboard_address=None) as cluster, distributed.Client(cluster) as client:
-        b = fit(store, tmp_path / "cluster", workers=WORKERS, block_rows=256, scheduler=client)
+                                  host="127.0.0.1", dashboard_address=None) as cluster:
+        address = cluster.scheduler_address  # tcp://127.0.0.1:PORT, what `--scheduler` takes
+        b = fit(store, tmp_path / "cluster", workers=WORKERS, block_rows=256, scheduler=address,
+                progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1][0] == seen[-1][1]
     assert b.attrs()["fit"]["plan"]["tasks"] == 2
     for p in range(3):
         assert np.array_equal(a.dense(p), b.dense(p))

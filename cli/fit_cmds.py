@@ -86,16 +86,20 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
 
 
 @click.command("fit")
-@click.option("--rows", default="8192,32768", show_default=True,
+@click.option("--rows", default="16384,65536", show_default=True,
               help="Comma-separated row counts; peak RSS is measured at each, the rates at the largest.")
 @click.option("--d-in", type=int, default=2048, show_default=True)
 @click.option("--d-out", type=int, default=8192, show_default=True)
-@click.option("--memory-mb", type=int, default=1024, show_default=True, help="The fit's memory budget (MiB).")
+@click.option("--workers", type=int, default=64, show_default=True,
+              help="Tiles per pipe (64 keeps 1 MiB tiles at the default size, like the 4096→128256 preset's 4 MiB).")
+@click.option("--memory-mb", type=int, default=None, help="The fit's memory budget in MiB (default: the fit's).")
+@click.option("--compressor", type=click.Choice(["zstd", "blosc", "none"]), default="zstd", show_default=True,
+              help="Codec of the synthetic pairs store.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where to write the synthetic pairs (default: a temporary folder, removed after).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @quiet_option
-def bench_fit_cmd(rows, d_in, d_out, memory_mb, workdir, as_json, quiet):
+def bench_fit_cmd(rows, d_in, d_out, workers, memory_mb, compressor, workdir, as_json, quiet):
     """Fit speed as a ratio to this machine's float32 matmul rate and to dask.array.linalg.lstsq,
     and peak RSS at several row counts (all measured in this run)."""
     from prismoe_store.fit_bench import benchmark_fit, format_report
@@ -104,7 +108,8 @@ def bench_fit_cmd(rows, d_in, d_out, memory_mb, workdir, as_json, quiet):
         counts = tuple(int(r) for r in rows.split(","))
     except ValueError:
         raise click.BadParameter(f"--rows: expected comma-separated integers, got {rows!r}") from None
-    report = benchmark_fit(rows=counts, d_in=d_in, d_out=d_out, memory_budget=memory_mb << 20, workdir=workdir,
+    report = benchmark_fit(rows=counts, d_in=d_in, d_out=d_out, workers=workers,
+                           memory_budget=memory_mb << 20 if memory_mb else None, compressor=compressor, workdir=workdir,
                            log=None if (quiet or as_json) else lambda s: click.echo(s, err=True))
     click.echo(json.dumps(report) if as_json else format_report(report))
 

@@ -1,4 +1,8 @@
-"""``prismoe inspect``, ``prismoe compare`` and ``prismoe visualize``: look at stores and matrices."""
+"""``prismoe inspect``, ``prismoe compare`` and ``prismoe visualize``: look at stores and matrices.
+
+``prismoe inspect ADAPTER --routing PAIRS`` adds the routing report of ``prismoe routing``
+(:func:`prismoe_store.gates.routing_report`, rendered by :func:`cli.gates_cmds.format_routing`).
+"""
 
 from __future__ import annotations
 
@@ -7,38 +11,72 @@ import json
 import click
 
 from cli.progress import bar, quiet_option
-from prismoe_store.inspect import compare_matrices, inspect_store, open_matrix, open_tensor
+from prismoe_store.inspect import compare_matrices, inspect_store, jsonable, open_matrix, open_tensor, store_format
 
 
 @click.command("inspect")
 @click.argument("store")
-@click.option("--tensor", "-t", default=None, help="Inspect only this tensor (default: every tensor).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, with the per-tile statistics arrays.")
+@click.option("--tensor", "-t", default=None,
+              help="Inspect only this item: a weights store's tensor, x or z of a pairs store, pipe1.. of an adapter.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, with the per-tile / per-column arrays.")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False), default=None,
-              help="Write PNG heatmaps of the tile norms into this folder.")
-@click.option("--no-stats", is_flag=True, help="Metadata only: do not read the tiles.")
+              help="Write PNGs into this folder: tile-norm heatmaps (weights, adapter pipes), column profiles and "
+                   "row-block heatmaps (pairs), routing plots (with --routing).")
+@click.option("--no-stats", is_flag=True, help="Metadata only: do not read the tiles or rows.")
+@click.option("--routing", "routing_pairs", default=None, metavar="PAIRS",
+              help="Adapter only: also report the routing statistics and held-out quality of its trained gates "
+                   "on this pairs store (as `prismoe routing`).")
+@click.option("--sparsity", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="With --routing: ρ for the statistics (default: the one the gates were trained with).")
 @quiet_option
-def inspect_cmd(store, tensor, as_json, plot_dir, no_stats, quiet):
-    """Show a store's grid, shapes, dtype, bytes, codecs and per-tile statistics.
+def inspect_cmd(store, tensor, as_json, plot_dir, no_stats, routing_pairs, sparsity, quiet):
+    """Show a store's layout, bytes, codecs and streamed statistics (weights, pairs or adapter).
 
-    STORE is a store folder or fsspec URL. The statistics (Frobenius norm, mean, std, absmax,
-    share of zeros of each tile) are computed tile by tile, never holding the whole matrix.
+    STORE is a store folder or fsspec URL; its format decides the report. Weights: grid, shapes,
+    dtype and per-tile statistics (Frobenius norm, mean, std, absmax, share of zeros). Pairs: rows,
+    widths, chunks, provenance and per-column mean/std/non-finite share of x and z over the
+    committed rows. Adapter: mode, alphas, fit settings and held-out metrics, gate settings, and per
+    pipe its grid, fp32/INT8 bytes, gate and per-tile norms. Statistics are streamed block by block
+    or tile by tile, never holding a whole matrix.
     """
-    if plot_dir is not None and no_stats:
-        raise click.UsageError("--plot draws the tile statistics: it cannot go with --no-stats")
-    with bar("inspect", quiet=quiet, unit="tile") as progress:
+    fmt = store_format(store)
+    if routing_pairs is not None and fmt != "adapter":
+        raise click.UsageError(f"--routing needs an adapter store; {store} is a {fmt} store")
+    if sparsity is not None and routing_pairs is None:
+        raise click.UsageError("--sparsity goes with --routing")
+    if plot_dir is not None and no_stats and routing_pairs is None:
+        raise click.UsageError("--plot draws the statistics: it cannot go with --no-stats")
+    with bar("inspect", quiet=quiet, unit="block" if fmt == "pairs" else "tile") as progress:
         report = inspect_store(store, tensor=tensor, stats=not no_stats, progress=progress)
-    written = []
-    if plot_dir is not None:
-        from prismoe_store.plots import report_heatmaps
-
-        written = [str(p) for p in report_heatmaps(report, plot_dir)]
+    written = [str(p) for p in report.plot(plot_dir)] if plot_dir is not None and not no_stats else []
+    routing = _routing(store, routing_pairs, sparsity, plot_dir, quiet) if routing_pairs is not None else None
     if as_json:
-        click.echo(json.dumps({**report.to_dict(), "plots": written}))
+        out = {**report.to_dict(), "plots": written}
+        if routing is not None:
+            out["routing"] = routing
+        click.echo(json.dumps(jsonable(out)))
         return
     click.echo(report.text())
-    for p in written:
+    if routing is not None:
+        from cli.gates_cmds import format_routing
+
+        click.echo("")
+        click.echo(format_routing(routing))
+    for p in written + (routing or {}).get("plots", []):
         click.echo(f"wrote {p}")
+
+
+def _routing(adapter: str, pairs: str, sparsity, plot_dir, quiet: bool) -> dict:
+    """The routing report ``prismoe routing ADAPTER PAIRS`` makes (statistics and quality), with its plots."""
+    from prismoe_store import gates as G
+
+    with bar("routing", quiet=quiet, unit="row") as progress:
+        report = G.routing_report(adapter, pairs, sparsity=sparsity, progress=progress)
+    if plot_dir is not None:
+        report["plots"] = G.plot_routing(report, plot_dir)
+        if "quality" in report:
+            report["plots"].append(G.plot_quality(report["quality"], plot_dir))
+    return report
 
 
 @click.command("compare")

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "cli.pairs_cmds",
     "cli.collect_cmds",
     "cli.gates_cmds",
+    "cli.pipeline_cmds",
 ]
 
 

@@ -15,9 +15,10 @@ whatever the row count.
 not fit ``memory_budget``, the output columns are cut into *groups* and the pass runs once per
 group: ``Z`` is read exactly once in all, ``X`` once per group, ``G`` in the first group only.
 Each finished group is written to a scratch group ``_fit`` in the adapter store. (The other
-order — one pass over ``X`` with the scratch ``B`` read-modified-written per stripe of rows —
-moves about four times more bytes for the same budget, because ``B`` is float64 and must be
-both read and written; ``X`` is the narrow side, ``M ≪ N``.)
+order — one pass over ``X``, holding as many rows of ``X`` as the budget allows and
+read-modify-writing all of the scratch ``B`` once per such super-block — moves about twice the
+bytes for the same budget, half of them writes: ``B`` is float64 and must be both read and
+written, while ``X``, the narrow side (``M ≪ N``), is only read.)
 
 **Numerics.** The products of each block are float32 GEMMs (``precision="float32"``, the
 default: the machine's fastest matrix multiply) whose results are summed across blocks in
@@ -62,7 +63,9 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator, Sequence
@@ -85,8 +88,11 @@ SUBSAMPLE_SEED_OFFSET = 1 << 32  # pipe 2's subsample uses row_uniform(seed + th
 SUB, REST, HOLD = 0, 1, 2  # row sets: pipe 2's subsample, the other training rows, held out
 STAT_SETS = ("train", "sub")  # statistics kept per fit: all training rows, and pipe 2's rows
 PIPE_SETS = ("train", "sub", "train")  # which statistics pipe p fits on
-_SCRATCH = "_fit"
+_SCRATCH = "_fit"  # the adapter's scratch group: statistics and held-out rows of an unfinished fit
+_SCRATCH_CHUNK_BYTES = 32 << 20  # target size of a chunk of the scratch B
 ProgressFn = Callable[[int, int], None]
+_TICKERS: dict[str, Callable[[int], None]] = {}  # in-process progress callbacks of running fits, by run id
+_TICKERS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -210,13 +216,14 @@ def _make_plan(cfg: FitConfig, pairs: PairsStore, rows: int, block: int, tasks: 
     align = int(pairs.z.chunks[1])
     f64 = 8 if cfg.precision == "float64" else 0
     if cfg.solver == "cholesky":
-        # per task: 2 row sets of B (float64) + a float32 product; 2 blocks (prefetch) + a permuted copy
-        per_col = 16 * m + 4 * m + (12 + f64) * block
-        fixed = 20 * m * m + (12 + f64) * block * m
+        # per task: 2 row sets of B (float64) and a float32 product; two blocks in flight (the one in
+        # use and the one prefetched), each read and reordered (4 float32 copies, float64 ones too)
+        per_col = 20 * m + (16 + f64) * block
+        fixed = 20 * m * m + (16 + f64) * block * m
     else:
         # per task and slicing: 2 row sets of R and QᵀZ; Q of a (m+block)×m QR; stacked [QᵀZ; z]
-        per_col = n_slicings * 16 * m + 16 * (m + block) + 12 * block
-        fixed = n_slicings * 16 * m * m + 16 * (m + block) * m + 12 * block * m
+        per_col = n_slicings * 16 * m + 16 * (m + block) + 16 * block
+        fixed = n_slicings * 16 * m * m + 16 * (m + block) * m + 16 * block * m
     tasks = max(1, min(tasks, -(-rows // block)))
     while tasks > 1 and tasks * (fixed + per_col * min(n, align)) > budget:
         tasks -= 1  # fewer stripes before narrower groups: each stripe holds a whole G
@@ -257,6 +264,7 @@ class _Pass:
     alphas: tuple[float, ...] = ()  # metrics: pipe weights
     scales: tuple[float, ...] = ()  # metrics: factor on each pipe's tiles (1/C_live for independent)
     sources: tuple[int, ...] = ()  # metrics: the pipe whose tiles each pipe has (itself, or an earlier copy)
+    run_id: str = ""  # in-process runs: key of the fit's progress callback in _TICKERS, ticked per block
 
 
 def _categories(p: _Pass, start: int, stop: int) -> np.ndarray:
@@ -406,6 +414,9 @@ def _stats_link(p: _Pass, rows: int, c0: int, c1: int, b0: int, b1: int, with_g:
             hold[1][b, :n_hold, c0:c1] = blk.z[t:]
             if first_group:
                 hold[0][b, :n_hold, :] = blk.x[t:]
+        tick = _TICKERS.get(p.run_id)
+        if tick is not None:
+            tick(1)
     return acc
 
 
@@ -459,15 +470,17 @@ def _metrics_link(p: _Pass, counts: np.ndarray, c0: int, c1: int, b0: int, b1: i
     acc = acc if acc is not None else _Scores(len(p.sources), c1 - c0)
     distinct = sorted(set(p.sources))
     with reading(f"tiles of {p.adapter_url}"):
-        ws = {q: np.ascontiguousarray(adapter.tiles(q)[c0:c1, : p.d_in].T) * np.float32(p.scales[q])
-              for q in distinct}  # [M, cols] each
+        ws = {q: adapter.tiles(q)[c0:c1, : p.d_in] for q in distinct}  # [cols, M] each
+    for q in distinct:
+        if p.scales[q] != 1.0:
+            ws[q] *= np.float32(p.scales[q])
     for b in range(b0, b1):
         n = int(counts[b])
         if n == 0:
             continue
         with reading(f"held-out rows in {p.adapter_url}"):
             x, z = hx[b, :n, :], hz[b, :n, c0:c1]
-        ys = {q: x @ ws[q] for q in distinct}
+        ys = {q: x @ ws[q].T for q in distinct}
         comb = np.zeros_like(z)
         for q, src in enumerate(p.sources):
             comb += np.float32(p.alphas[q]) * ys[src]
@@ -489,7 +502,7 @@ class _Runner:
     """Runs per-stripe task chains on the chosen Dask scheduler and reports finished links."""
 
     kwargs: dict  # keyword arguments for dask.compute
-    threads: int  # parallel threads the scheduler offers
+    threads: int  # default number of row stripes for this scheduler
     local: bool  # True for the in-process schedulers (threads, synchronous): tasks share memory
     client: object | None = None  # a dask.distributed Client, when one is used
     owns_client: bool = False  # True when we connected it (and must close it)
@@ -530,19 +543,24 @@ class _Runner:
 
 
 def _runner(scheduler, tasks: int | None) -> _Runner:
+    """The runner for ``scheduler``; its ``threads`` is the default stripe count. In one process
+    the products already use every core (BLAS threads), so local stripes only overlap reading
+    with computing: at most 4 by default."""
+    local = min(4, os.cpu_count() or 1)
     if scheduler is None or scheduler == "threads":
-        threads = tasks or os.cpu_count() or 1
+        threads = tasks or local
         return _Runner({"scheduler": "threads", "num_workers": threads}, threads, True)
-    if scheduler == "synchronous":
+    if scheduler == "synchronous":  # stripes run one after the other (a reference, and for debugging)
         return _Runner({"scheduler": "synchronous"}, 1, True)
     if scheduler == "processes":
-        threads = tasks or os.cpu_count() or 1
+        threads = tasks or local
         return _Runner({"scheduler": "processes", "num_workers": threads}, threads, False)
     if isinstance(scheduler, str) and "://" in scheduler:
         try:
             from distributed import Client
         except ImportError:
-            raise DataError("a scheduler address needs dask.distributed: pip install 'prismoe-store[cluster]'") from None
+            raise DataError("a scheduler address needs dask.distributed: "
+                            "pip install 'prismoe-store[cluster]'") from None
         try:
             client = Client(scheduler, timeout="20s")
         except (OSError, TimeoutError) as e:
@@ -599,6 +617,7 @@ class _Fit:
         self.timings: dict[str, float] = {}
         self._done = 0
         self._total = 0
+        self._lock = threading.Lock()
 
     # -- checks --
     def _check_pairs(self) -> tuple[int, tuple[GridSpec, ...]]:
@@ -637,9 +656,10 @@ class _Fit:
 
     # -- progress --
     def _tick(self, k: int = 1) -> None:
-        self._done += k
-        if self.progress is not None:
-            self.progress(min(self._done, self._total), self._total)
+        with self._lock:  # tasks of in-process schedulers tick from their threads
+            self._done += k
+            if self.progress is not None:
+                self.progress(min(self._done, self._total), self._total)
 
     # -- main --
     def run(self) -> AdapterStore:
@@ -647,26 +667,33 @@ class _Fit:
         t0 = time.perf_counter()
         rows, grids = self._check_pairs()
         m = pairs.d_in
-        slicings = (0,) if cfg.solver == "cholesky" or cfg.mode == "joint" else tuple(sorted({g.tile_in for g in grids}))
+        # the input slicings the statistics need: QR triangularizes each slice of an independent fit
+        slicings = (0,)
+        if cfg.solver == "qr" and cfg.mode == "independent":
+            slicings = tuple(sorted({g.tile_in for g in grids}))
         source = {"url": pairs.url, "rows": rows, "d_in": m, "d_out": pairs.d_out}
         runner = _runner(self.scheduler, cfg.tasks)
+        run_id = uuid.uuid4().hex if runner.local else ""  # in-process tasks tick the progress per block
         try:
             adapter, plan = self._resume(grids, source)
             block = plan.block_rows if plan else _block_rows(cfg, pairs, rows)
             base = _Pass(pairs_url=pairs.url, pairs_options=None, adapter_url=self.adapter_url,
                          adapter_options=self.options.storage_options, d_in=m, holdout=cfg.holdout, seed=cfg.seed,
                          subsample=cfg.subsample, block_rows=block, precision=cfg.precision,
-                         solver=cfg.solver, slicings=slicings)
+                         solver=cfg.solver, slicings=slicings, run_id=run_id)
             counts, per_block = self._count(base, rows)
             if adapter is None:
-                plan = _make_plan(cfg, pairs, rows, block, runner.threads, int(per_block.max(initial=0)),
-                                  len(slicings))
+                plan = _make_plan(cfg, pairs, rows, block, cfg.tasks or runner.threads,
+                                  int(per_block.max(initial=0)), len(slicings))
                 adapter = AdapterStore.create(
                     self.adapter_url, grids=grids, mode=cfg.mode, alphas=cfg.alphas, options=self.options,
                     overwrite=self.overwrite,
                     attrs={"fit": {"settings": cfg.settings(grids), "pairs": source, "plan": asdict(plan)}})
                 self._create_scratch(adapter, plan, slicings)
             runner.tick = self._tick
+            if run_id:
+                with _TICKERS_LOCK:
+                    _TICKERS[run_id] = self._tick
             self._plan = plan
             self._plan_progress(adapter, plan, grids)
             stats = self._statistics(adapter, plan, base, runner)
@@ -679,6 +706,8 @@ class _Fit:
             self.timings["metrics_s"] = time.perf_counter() - t2
         finally:
             runner.close()
+            with _TICKERS_LOCK:
+                _TICKERS.pop(run_id, None)
         for p in range(len(grids)):
             used = counts[SUB] + (counts[REST] if PIPE_SETS[p] == "train" else 0)
             adapter.group[f"pipe{p + 1}"].attrs["rows"] = int(used)
@@ -724,7 +753,9 @@ class _Fit:
         m, n = self.pairs.d_in, self.pairs.d_out
         raw = StoreOptions(compressor="none", storage_options=self.options.storage_options)
         g = adapter.group.create_group(_SCRATCH)
-        cw = min(n, int(self.pairs.z.chunks[1]))
+        # column chunks: whole multiples of z's chunks up to ~32 MiB of B, so a group writes few
+        align = int(self.pairs.z.chunks[1])
+        cw = min(n, plan.group_cols, max(align, (_SCRATCH_CHUNK_BYTES // (8 * m)) // align * align))
         for s in STAT_SETS:
             for w in slicings:
                 create_chunked(g, f"{s}_G{w}", (m, m), (m, m), "float64", raw)
@@ -756,9 +787,10 @@ class _Fit:
             with_g = gi == 0 or p.solver == "qr"  # the normal equations' G comes from the first group
             chains = []
             for b0, b1 in plan.stripes():
-                step = _link_blocks(p, plan, c1 - c0, b1 - b0, runner.local)
-                chains.append([(min(b1, lb + step) - lb, _stats_link, p, plan.rows, c0, c1, lb, min(b1, lb + step),
-                                with_g, gi == 0) for lb in range(b0, b1, step)])
+                # in-process: one task per stripe (ticking per block); else a chain of tasks, see _link_blocks
+                step = b1 - b0 if runner.local else _link_blocks(p, plan, c1 - c0)
+                chains.append([(0 if runner.local else min(b1, lb + step) - lb, _stats_link, p, plan.rows, c0, c1,
+                                lb, min(b1, lb + step), with_g, gi == 0) for lb in range(b0, b1, step)])
             results = runner.run(chains, f"fit-stats-g{gi}")
             acc = results[0]
             for other in results[1:]:
@@ -887,12 +919,9 @@ def _band_runs(bands: list[int], most: int) -> list[tuple[int, int]]:
     return runs
 
 
-def _link_blocks(p: _Pass, plan: _Plan, ncols: int, stripe: int, local: bool) -> int:
-    """Row blocks per task of a stripe's chain. In-process: about 16 tasks per stripe (progress;
-    the next block is prefetched within a task). Across processes the accumulator travels with
-    the chain, so a task reads at least 4× its bytes."""
-    if local:
-        return max(1, -(-stripe // 16))
+def _link_blocks(p: _Pass, plan: _Plan, ncols: int) -> int:
+    """Row blocks per task when a stripe's accumulator travels between processes: a task reads at
+    least 4× the accumulator's bytes (the chain also gives progress as its tasks finish)."""
     acc = 2 * len(p.slicings) * 8 * p.d_in * (ncols + p.d_in)
     block = 4 * plan.block_rows * (p.d_in + ncols)
     return max(1, -(-4 * acc // block))

@@ -12,8 +12,9 @@ needs on top of it:
   ``w`` (tiles frozen);
 - :class:`Gates`: the trainable gates of all pipes, kept in standardized input units so one
   learning rate suits any activation scale, exported as plain ``(W_g, b_g)`` for the store;
-- :func:`init_gates`: the ``energy`` initialisation (a linear least-squares prediction of each
-  tile's output norm ``‖T_j x_c‖``, so the untrained gate already picks high-energy tiles) or
+- :func:`init_gates`: ``gain`` (the default: a linear least-squares prediction of how much each
+  tile alone lowers its band's error, ``2⟨T_j x_c, z_r⟩ − ‖T_j x_c‖²``, so the untrained gate
+  already picks useful tiles), ``energy`` (the same for the tile's output norm ``‖T_j x_c‖``) or
   ``zero`` (uniform scores: ties broken by ``torch.topk``, i.e. a fixed arbitrary subset);
 - :func:`fit_gates`: Adam on ``MSE(y, z)/mean(z²) + β·balance + γ·z_loss`` over minibatches
   streamed from the pairs store (training rows only: the held-out rows are the fit's seeded

@@ -2,8 +2,11 @@
 
 - :func:`tile_stats` computes per-tile statistics (Frobenius norm, mean, std, absmax, share of
   zeros) of a matrix on its grid, reading a few tiles at a time.
+- :func:`column_stats` computes per-column statistics (mean, std, absmax, non-finite count) of
+  an array's rows, reading chunk-aligned row blocks (a pairs store's ``x`` and ``z``).
 - :func:`inspect_store` reads a store's format attribute and hands it to the inspector of that
-  format (:data:`INSPECTORS`); each returns a :class:`Report` (text, JSON and heatmaps).
+  format (:data:`INSPECTORS`: :func:`inspect_weights`, :func:`inspect_pairs`,
+  :func:`inspect_adapter`); each returns a :class:`Report` (text, JSON and PNG plots).
 - :func:`compare_matrices` streams two matrices block by block: max abs diff, relative Frobenius
   error and cosine similarity. :func:`open_matrix` opens a store tensor, a ``.npy`` file or a
   checkpoint tensor as a lazily read 2-D array for it.
@@ -30,7 +33,7 @@ import numpy as np
 
 from .errors import DataError, SourceError, StoreFormatError, TensorNotFoundError
 from .grid import GridSpec
-from .stores import FORMAT_KEY, Progress, WeightsStore, open_root, reading
+from .stores import FORMAT_KEY, Progress, WeightsStore, check_stored, open_root, reading
 
 ProgressFn = Callable[[int, int], None]
 DEFAULT_MAX_BYTES = 16 << 20  # float64 bytes per block read (tiles, bands); peak RSS is a few times this
@@ -40,17 +43,19 @@ DEFAULT_MAX_BYTES = 16 << 20  # float64 bytes per block read (tiles, bands); pea
 # A new store kind adds one line here.
 INSPECTORS: dict[str, str] = {
     "weights": "prismoe_store.inspect:inspect_weights",
+    "pairs": "prismoe_store.inspect:inspect_pairs",
+    "adapter": "prismoe_store.inspect:inspect_adapter",
 }
 
 
 class Report(Protocol):
-    """What every inspector returns: a human summary, a JSON object and heatmaps to plot."""
+    """What every inspector returns: a human summary, a JSON object and PNG plots."""
 
     def text(self) -> str: ...  # multi-line human summary
 
     def to_dict(self) -> dict: ...  # JSON-ready (non-finite floats as None)
 
-    def heatmaps(self) -> dict[str, tuple[np.ndarray, np.ndarray]]: ...  # title -> (values, padding mask)
+    def plot(self, out_dir) -> list: ...  # write the report's PNGs into out_dir, return their paths
 
 
 # -- per-tile statistics ---------------------------------------------------------------------
@@ -122,7 +127,7 @@ class TileStats:
         out = {"summary": self.summary()}
         for name in ("count", "norm", "mean", "std", "absmax", "zero_share", "nonfinite"):
             out[name] = [_num(v) for v in np.asarray(getattr(self, name)).tolist()]
-        return _jsonable(out)
+        return jsonable(out)
 
 
 def tile_stats(source, grid: GridSpec, *, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -178,12 +183,27 @@ def _moments(x: np.ndarray) -> tuple[int, float, float, float, float, float, int
 # -- inspecting stores -----------------------------------------------------------------------
 
 
+def store_format(url, *, storage_options: dict | None = None) -> str:
+    """The format name (``"weights"``, ``"pairs"``, ``"adapter"``, ...) of the prismoe store at ``url``.
+
+    >>> store_format("memory://doc-inspect")
+    'weights'
+    """
+    url = str(url)
+    group = open_root(url, "r", storage_options=storage_options)
+    tag = group.attrs.get(FORMAT_KEY)
+    if not isinstance(tag, dict) or "format" not in tag:
+        raise StoreFormatError(f"{url} is not a prismoe store (no {FORMAT_KEY!r} attribute)")
+    return str(tag["format"])
+
+
 def inspect_store(url, *, tensor: str | None = None, stats: bool = True, max_bytes: int = DEFAULT_MAX_BYTES,
                   progress: ProgressFn | None = None, storage_options: dict | None = None) -> Report:
     """Inspect any prismoe store: dispatch on its format attribute to the matching inspector.
 
-    ``tensor`` limits the report to one item (a tensor of a weights store); ``stats=False``
-    skips the streamed per-tile statistics (metadata only).
+    ``tensor`` limits the report to one item (a tensor of a weights store, ``x`` or ``z`` of a
+    pairs store, ``pipe1``.. of an adapter); ``stats=False`` skips the streamed statistics
+    (metadata only). ``progress(done, total)`` counts the blocks or tiles read.
 
     >>> from prismoe_store.grid import plan_grid
     >>> ws = WeightsStore.create("memory://doc-inspect", overwrite=True)
@@ -193,14 +213,10 @@ def inspect_store(url, *, tensor: str | None = None, stats: bool = True, max_byt
     5.656854249492381
     """
     url = str(url)
-    group = open_root(url, "r", storage_options=storage_options)
-    tag = group.attrs.get(FORMAT_KEY)
-    if not isinstance(tag, dict) or "format" not in tag:
-        raise StoreFormatError(f"{url} is not a prismoe store (no {FORMAT_KEY!r} attribute)")
-    target = INSPECTORS.get(tag["format"])
+    fmt = store_format(url, storage_options=storage_options)
+    target = INSPECTORS.get(fmt)
     if target is None:
-        raise StoreFormatError(
-            f"{url} is a {tag['format']!r} store; inspect knows: {', '.join(sorted(INSPECTORS))}")
+        raise StoreFormatError(f"{url} is a {fmt!r} store; inspect knows: {', '.join(sorted(INSPECTORS))}")
     module, _, name = target.partition(":")
     fn = getattr(importlib.import_module(module), name)
     return fn(url, tensor=tensor, stats=stats, max_bytes=max_bytes, progress=progress,
@@ -227,7 +243,7 @@ class TensorReport:
 
     def to_dict(self) -> dict:
         """JSON-ready dict (statistics with per-tile arrays)."""
-        return _jsonable({
+        return jsonable({
             "name": self.name, "shape": list(self.shape), "dtype": self.dtype, "grid": self.grid.to_dict(),
             "padding_fraction": self.grid.padding_fraction, "active_workers": self.grid.active_count,
             "complete": self.complete, "progress": {"unit": self.unit, "done": self.units_done,
@@ -291,6 +307,12 @@ class WeightsReport:
         return {f"{t.name} tile norms": (t.stats.on_grid("norm"), t.stats.on_grid("padding"))
                 for t in self.tensors if t.stats is not None}
 
+    def plot(self, out_dir) -> list:
+        """Write the tile-norm heatmaps as PNGs into ``out_dir``; return their paths."""
+        from .plots import report_heatmaps
+
+        return report_heatmaps(self, out_dir)
+
 
 def inspect_weights(url, *, tensor: str | None = None, stats: bool = True, max_bytes: int = DEFAULT_MAX_BYTES,
                     progress: ProgressFn | None = None, storage_options: dict | None = None) -> WeightsReport:
@@ -326,7 +348,8 @@ def inspect_weights(url, *, tensor: str | None = None, stats: bool = True, max_b
             unit="band" if arr.shards is not None else "tile",
             codecs=[_codec_name(c) for c in arr.compressors], bytes_memory=int(arr.nbytes),
             bytes_disk=int(arr.nbytes_stored()), source={k: v for k, v in attrs.items() if k not in own},
-            stats=tile_stats(arr, grid, max_bytes=max_bytes, progress=progress) if stats and complete else None,
+            stats=tile_stats(_Checked(arr, arr.shape, f"{name!r} in {url}"), grid, max_bytes=max_bytes,
+                             progress=progress) if stats and complete else None,
         ))
     return WeightsReport(url=str(url), format="weights", version=int(store.group.attrs[FORMAT_KEY]["version"]),
                          options=dict(store.group.attrs.get("options", {})), tensors=reports)
@@ -336,6 +359,534 @@ def _codec_name(codec) -> str:
     name = type(codec).__name__.removesuffix("Codec").lower()
     level = getattr(codec, "level", None) or getattr(codec, "clevel", None)
     return f"{name}({level})" if level else name
+
+
+class _Checked:
+    """The region ``[:shape[0], :shape[1]]`` of a 2-D Zarr array, sliced like NumPy; each read first
+    checks that the chunks under it exist (Zarr reads a missing chunk as zeros, and the writers here
+    write every chunk, so a missing one is damage) and turns decoding failures into
+    :class:`~prismoe_store.errors.CorruptStoreError`."""
+
+    def __init__(self, array, shape: tuple[int, int], what: str):
+        self.array = array  # the Zarr array
+        self.shape = tuple(int(n) for n in shape)  # the region read: (rows, cols) from the origin
+        self.chunks = tuple(array.chunks)  # the array's chunk shape (reads align to it)
+        self.what = what  # what the array is, for error messages
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        rows, cols = (slice(*k.indices(n)) for k, n in zip(key, self.shape))
+        if rows.stop > rows.start and cols.stop > cols.start:
+            check_stored(self.array, rows, cols, self.what)
+        with reading(f"rows {rows.start}:{rows.stop}, columns {cols.start}:{cols.stop} of {self.what}"):
+            return self.array[rows, cols]
+
+
+# -- per-column statistics (pairs stores) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ColumnStats:
+    """Per-column statistics of an array's rows over each column's *finite* values, and the root
+    mean square of blocks (row range × column range) for a heatmap of how values vary along the rows.
+
+    A column without finite values has ``count == 0`` and NaN for ``mean``, ``std`` and ``absmax``.
+
+    >>> s = column_stats(np.array([[1.0, np.nan], [3.0, 2.0]]))
+    >>> s.mean.tolist(), s.std.tolist(), s.nonfinite.tolist(), s.summary()["nonfinite_share"]
+    ([2.0, 2.0], [1.0, 0.0], [0, 1], 0.25)
+    """
+
+    rows: int  # rows the statistics cover
+    count: np.ndarray  # int64 [cols]: finite values of each column
+    mean: np.ndarray  # mean of each column's finite values
+    std: np.ndarray  # population standard deviation of each column's finite values
+    absmax: np.ndarray  # largest |value| among each column's finite values
+    nonfinite: np.ndarray  # int64 [cols]: NaN/Inf values of each column
+    block_rms: np.ndarray  # [row bins, col bins]: RMS of each block's finite values (NaN when none)
+    row_edges: np.ndarray  # int64 [row bins + 1]: row bin i covers rows row_edges[i]:row_edges[i + 1]
+    col_edges: np.ndarray  # int64 [col bins + 1]: column bin k covers columns col_edges[k]:col_edges[k + 1]
+
+    def __post_init__(self) -> None:
+        cols = self.count.shape[0]
+        for name in ("mean", "std", "absmax", "nonfinite"):
+            if getattr(self, name).shape != (cols,):
+                raise DataError(f"ColumnStats.{name} must have one entry per column ({cols})")
+        if self.block_rms.shape != (len(self.row_edges) - 1, len(self.col_edges) - 1):
+            raise DataError("ColumnStats.block_rms must be [row bins, col bins] as the edges say")
+
+    @property
+    def columns(self) -> int:
+        """Number of columns."""
+        return int(self.count.shape[0])
+
+    @property
+    def nonfinite_share(self) -> np.ndarray:
+        """Share of each column's values that are NaN/Inf."""
+        return self.nonfinite / max(1, self.rows)
+
+    def summary(self, top: int = 5) -> dict:
+        """Whole-array statistics combined from the columns, and the spread of the column stds."""
+        live = self.count > 0
+        n, cells = int(self.count.sum()), self.rows * self.columns
+        out = {"values": n, "nonfinite": int(self.nonfinite.sum()),
+               "nonfinite_share": float(self.nonfinite.sum() / cells) if cells else 0.0,
+               "nonfinite_columns": int((self.nonfinite > 0).sum()),
+               "constant_columns": int((live & (self.std == 0)).sum())}
+        if n == 0:
+            return {**out, "mean": None, "std": None, "absmax": None, "col_std_min": None, "col_std_median": None,
+                    "col_std_max": None, "col_std_argmin": None, "col_std_argmax": None, "largest_std_columns": []}
+        c, m, sd = self.count[live], self.mean[live], self.std[live]
+        mean = float((c * m).sum() / n)
+        # combine per-column moments exactly (Chan et al.): M2 = sum(M2_i + n_i (mean_i - mean)^2)
+        m2 = float((c * (sd ** 2 + (m - mean) ** 2)).sum())
+        ids = np.flatnonzero(live)
+        order = np.argsort(sd, kind="stable")
+        return {**out, "mean": mean, "std": math.sqrt(m2 / n), "absmax": float(self.absmax[live].max()),
+                "col_std_min": float(sd[order[0]]), "col_std_median": float(np.median(sd)),
+                "col_std_max": float(sd[order[-1]]), "col_std_argmin": int(ids[order[0]]),
+                "col_std_argmax": int(ids[order[-1]]),
+                "largest_std_columns": [[int(ids[i]), float(sd[i])] for i in order[::-1][:top]]}
+
+    def to_dict(self) -> dict:
+        """JSON-ready: the summary, every per-column array and the block heatmap (NaN as ``None``)."""
+        out = {"summary": self.summary(), "rows": self.rows}
+        for name in ("count", "mean", "std", "absmax", "nonfinite"):
+            out[name] = np.asarray(getattr(self, name)).tolist()
+        out["block_rms"] = self.block_rms.tolist()
+        out["row_edges"], out["col_edges"] = self.row_edges.tolist(), self.col_edges.tolist()
+        return jsonable(out)
+
+
+def _column_blocks(shape: tuple[int, int], chunks: tuple[int, int] | None, max_bytes: int,
+                   row_bins: int) -> tuple[int, int, int]:
+    """``(block rows, block cols, blocks)`` of :func:`column_stats`: whole chunks, within
+    ``max_bytes`` of float64 where possible, and at least ``min(row_bins, row chunks)`` row blocks."""
+    rows, cols = shape
+    if rows == 0 or cols == 0:
+        return 1, max(1, cols), 0
+    step_r, step_c = _block_shape(shape, chunks, max_bytes)
+    unit = max(1, chunks[0]) if chunks else 1
+    per_bin = -(-rows // max(1, row_bins))
+    step_r = max(1, min(step_r, -(-per_bin // unit) * unit))
+    return step_r, step_c, -(-rows // step_r) * -(-cols // step_c)
+
+
+def column_stats(array, rows: int | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES, row_bins: int = 64,
+                 col_bins: int = 64, progress: ProgressFn | None = None) -> ColumnStats:
+    """Per-column statistics of the first ``rows`` rows (default: all) of a 2-D array, streamed.
+
+    ``array`` is anything sliced like ``a[r0:r1, c0:c1]`` (a Zarr array, a NumPy array or memory
+    map). Blocks follow its chunk grid (whole chunks, at most ``max_bytes`` of float64 where one
+    chunk row allows), so memory does not grow with the rows; each block's moments are merged
+    exactly in float64 (Chan et al.). NaN/Inf values are counted and left out of the moments.
+    ``row_bins`` × ``col_bins`` bounds the block-RMS heatmap. ``progress(done, total)`` counts blocks.
+
+    >>> s = column_stats(np.arange(12.0).reshape(4, 3), max_bytes=8)
+    >>> s.mean.tolist(), s.count.tolist(), s.block_rms.shape
+    ([4.5, 5.5, 6.5], [4, 4, 4], (4, 3))
+    """
+    shape = tuple(array.shape)
+    if len(shape) != 2:
+        raise DataError(f"column statistics need a 2-D array, got shape {shape}")
+    rows = shape[0] if rows is None else max(0, min(int(rows), shape[0]))
+    cols = shape[1]
+    step_r, step_c, total = _column_blocks((rows, cols), _chunks(array), max_bytes, row_bins)
+    n_rb = -(-rows // step_r)  # row blocks
+    n_rbins, n_cbins = min(max(1, row_bins), n_rb), min(max(1, col_bins), cols)
+    col_bin = np.arange(cols) * n_cbins // max(1, cols)
+    col_edges = np.searchsorted(col_bin, np.arange(n_cbins + 1))
+    first_block = np.searchsorted(np.arange(n_rb) * n_rbins // max(1, n_rb), np.arange(n_rbins + 1))
+    row_edges = np.minimum(first_block * step_r, rows)
+
+    count, nonfinite = np.zeros(cols, np.int64), np.zeros(cols, np.int64)
+    mean, m2, absmax = np.zeros(cols), np.zeros(cols), np.zeros(cols)
+    sq, sqn = np.zeros((n_rbins, n_cbins)), np.zeros((n_rbins, n_cbins))
+    done = 0
+    for r0 in range(0, rows, step_r):
+        r1, rbin = min(r0 + step_r, rows), (r0 // step_r) * n_rbins // n_rb
+        for c0 in range(0, cols, step_c):
+            c = slice(c0, min(c0 + step_c, cols))
+            with reading(f"rows {r0}:{r1}, columns {c.start}:{c.stop}"):
+                x = np.array(array[r0:r1, c], dtype=np.float64)  # a private copy: worked on in place
+            fin = np.isfinite(x)
+            nb = fin.sum(0)
+            clean = bool(nb.sum() == x.size)
+            if not clean:
+                x[~fin] = 0.0
+            ss = np.einsum("ij,ij->j", x, x)
+            absmax[c] = np.maximum(absmax[c], np.maximum(x.max(0), -x.min(0)))
+            mb = x.sum(0) / np.maximum(nb, 1)
+            x -= mb
+            if not clean:
+                x[~fin] = 0.0
+            tot = count[c] + nb
+            w = np.divide(nb, tot, out=np.zeros(len(nb)), where=tot > 0)  # the block's share of the values
+            delta = mb - mean[c]
+            m2[c] += np.einsum("ij,ij->j", x, x) + delta * delta * count[c] * w
+            mean[c] += delta * w
+            count[c], nonfinite[c] = tot, nonfinite[c] + (r1 - r0) - nb
+            np.add.at(sq[rbin], col_bin[c], ss)
+            np.add.at(sqn[rbin], col_bin[c], nb)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    live = count > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ColumnStats(rows=rows, count=count, mean=np.where(live, mean, np.nan),
+                           std=np.where(live, np.sqrt(m2 / np.maximum(count, 1)), np.nan),
+                           absmax=np.where(live, absmax, np.nan), nonfinite=nonfinite,
+                           block_rms=np.where(sqn > 0, np.sqrt(sq / np.maximum(sqn, 1)), np.nan),
+                           row_edges=row_edges.astype(np.int64), col_edges=col_edges.astype(np.int64))
+
+
+# -- pairs stores ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairsReport:
+    """What :func:`inspect_pairs` reports about a pairs store."""
+
+    url: str  # where the store is
+    version: int  # format version
+    rows: int  # committed rows (what readers see)
+    capacity: int  # rows the arrays hold (more than ``rows`` while an append is under way or was cut off)
+    d_in: int  # width of x
+    d_out: int  # width of z
+    rows_per_chunk: int  # rows per chunk of x and z
+    chunks: dict  # "x" / "z" -> chunk shape
+    codecs: dict  # "x" / "z" -> bytes-to-bytes codecs of each chunk, in order
+    bytes_memory: int  # bytes of the committed rows of x and z as float32
+    bytes_disk: int  # bytes the x and z arrays (all rows written) take in the store
+    provenance: dict  # where the pairs came from
+    truth: dict | None = None  # the ground truth's summary when the pairs are synthetic
+    stats: dict = field(default_factory=dict)  # "x" / "z" -> ColumnStats (empty: not asked)
+
+    def to_dict(self) -> dict:
+        """One JSON object for ``--json`` (statistics with per-column arrays)."""
+        return jsonable({
+            "url": self.url, "format": "pairs", "version": self.version, "rows": self.rows,
+            "capacity": self.capacity, "d_in": self.d_in, "d_out": self.d_out,
+            "rows_per_chunk": self.rows_per_chunk, "chunks": self.chunks, "codecs": self.codecs,
+            "bytes_memory": self.bytes_memory, "bytes_disk": self.bytes_disk, "provenance": self.provenance,
+            "truth": self.truth, "stats": {k: v.to_dict() for k, v in self.stats.items()},
+        })
+
+    def text(self) -> str:
+        """The human summary of the store."""
+        codecs = {" + ".join(v) for v in self.codecs.values()}
+        lines = [
+            f"{self.url}: pairs store, format version {self.version}",
+            f"  {self.rows} rows committed" + (f" (arrays hold {self.capacity}: an append is under way or was "
+                                               "cut off)" if self.capacity != self.rows else ""),
+            f"  x [{self.rows}, {self.d_in}], z [{self.rows}, {self.d_out}] float32 (d_in {self.d_in} → d_out "
+            f"{self.d_out})",
+            f"  chunks x {tuple(self.chunks['x'])}, z {tuple(self.chunks['z'])}; rows_per_chunk "
+            f"{self.rows_per_chunk}; codecs {' | '.join(sorted(codecs))}",
+            f"  bytes {_human(self.bytes_memory)} in memory, {_human(self.bytes_disk)} on disk "
+            f"(×{self.bytes_disk / max(1, self.bytes_memory):.3f})",
+        ]
+        if self.provenance:
+            lines += ["  provenance:"] + _pretty(self.provenance, "    ")
+        if self.truth:
+            t = self.truth
+            lines.append(f"  ground truth: {t['kind']}, w {t['w']}, {t['regions']} region(s)"
+                         + ("" if t.get("complete") else " (INCOMPLETE)"))
+        for name, s in self.stats.items():
+            lines += _column_lines(name, s)
+        return "\n".join(lines)
+
+    def plot(self, out_dir) -> list:
+        """Write the per-column profile and the block-RMS heatmaps as PNGs; return their paths."""
+        from .plots import pairs_plots
+
+        return pairs_plots(self, out_dir) if self.stats else []
+
+
+def _column_lines(name: str, s: ColumnStats) -> list[str]:
+    m = s.summary()
+    if not m["values"]:
+        return [f"  {name}: no finite values" + (f" ({m['nonfinite']} non-finite)" if m["nonfinite"] else "")]
+    top = ", ".join(f"{c} ({v:.4g})" for c, v in m["largest_std_columns"])
+    return [
+        f"  {name}: mean {m['mean']:.4g}, std {m['std']:.4g}, absmax {m['absmax']:.4g}, non-finite "
+        f"{m['nonfinite']} ({100 * m['nonfinite_share']:.3g}%, in {m['nonfinite_columns']} column(s))",
+        f"     column std: min {m['col_std_min']:.4g} (column {m['col_std_argmin']}), median "
+        f"{m['col_std_median']:.4g}, max {m['col_std_max']:.4g} (column {m['col_std_argmax']}); "
+        f"{m['constant_columns']} constant column(s)",
+        f"     largest std: {top}",
+    ]
+
+
+def inspect_pairs(url, *, tensor: str | None = None, stats: bool = True, max_bytes: int = DEFAULT_MAX_BYTES,
+                  progress: ProgressFn | None = None, storage_options: dict | None = None) -> PairsReport:
+    """Inspect a pairs store: shape, chunking, bytes, provenance, and per-column statistics of ``x``
+    and ``z`` (or only ``tensor``, ``"x"`` or ``"z"``) streamed over the committed rows.
+
+    >>> from prismoe_store.pairs import PairsStore
+    >>> p = PairsStore.create("memory://doc-inspect-p", d_in=3, d_out=2, rows_per_chunk=2, overwrite=True)
+    >>> _ = p.append(np.arange(12, dtype=np.float32).reshape(4, 3), np.ones((4, 2), np.float32))
+    >>> r = inspect_pairs("memory://doc-inspect-p")
+    >>> r.rows, r.stats["x"].mean.tolist(), r.stats["z"].std.tolist()
+    (4, [4.5, 5.5, 6.5], [0.0, 0.0])
+    """
+    from .pairs import PairsStore
+    from .synth import truth_summary
+
+    store = PairsStore.open(url, storage_options=storage_options)
+    rows = store.rows  # read once: a concurrent append may commit more while we read
+    arrays = {"x": store.x, "z": store.z}
+    names = [_only(list(arrays), tensor, str(url))] if tensor is not None else list(arrays)
+    plans = {n: _column_blocks((rows, arrays[n].shape[1]), arrays[n].chunks, max_bytes, 64) for n in names}
+    total, offset = sum(p[2] for p in plans.values()), 0
+    col_stats = {}
+    if stats:
+        for n in names:
+            tick = None if progress is None else (lambda d, _t, o=offset: progress(o + d, total))
+            col_stats[n] = column_stats(_Checked(arrays[n], (rows, arrays[n].shape[1]), f"{n} of {url}"),
+                                        max_bytes=max_bytes, progress=tick)
+            offset += plans[n][2]
+    return PairsReport(
+        url=str(url), version=int(store.group.attrs[FORMAT_KEY]["version"]), rows=rows,
+        capacity=int(store.x.shape[0]), d_in=store.d_in, d_out=store.d_out, rows_per_chunk=store.rows_per_chunk,
+        chunks={n: list(a.chunks) for n, a in arrays.items()},
+        codecs={n: [_codec_name(c) for c in a.compressors] for n, a in arrays.items()},
+        bytes_memory=rows * (store.d_in + store.d_out) * 4,
+        bytes_disk=sum(int(a.nbytes_stored()) for a in arrays.values()),
+        provenance=store.provenance, truth=truth_summary(store), stats=col_stats)
+
+
+# -- adapter stores --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipeReport:
+    """What :func:`inspect_adapter` reports about one pipe."""
+
+    pipe: int  # 0-based pipe index (stored as pipe{pipe + 1})
+    grid: GridSpec  # the pipe's grid
+    fitted_rows: int | None  # training rows the pipe was fitted on (None before the fit finished)
+    codecs: list[str]  # bytes-to-bytes codecs of each tile chunk, in order
+    bytes_memory: int  # bytes of the padded float32 tile array
+    bytes_disk: int  # bytes the float32 tiles take in the store
+    int8_bytes_memory: int | None  # bytes of the INT8 tiles plus their float32 scales (None: not quantized)
+    int8_bytes_disk: int | None  # bytes they take in the store
+    gate: dict | None  # None without a gate; else its shape, and with statistics its norm and bias range
+    stats: TileStats | None = None  # per-tile statistics (None: adapter incomplete or not asked)
+
+    @property
+    def tile_bytes_int8(self) -> int:
+        """Bytes of one INT8 tile with its per-row float32 scales."""
+        return self.grid.tile_out * self.grid.tile_in + 4 * self.grid.tile_out
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (statistics with per-tile arrays)."""
+        g = self.grid
+        return jsonable({
+            "pipe": self.pipe, "name": f"pipe{self.pipe + 1}", "grid": g.to_dict(), "tile_shape": list(g.tile_shape),
+            "workers": g.workers, "active_workers": g.active_count, "padding_workers": g.workers - g.active_count,
+            "padding_fraction": g.padding_fraction, "fitted_rows": self.fitted_rows, "codecs": self.codecs,
+            "tile_bytes_fp32": g.tile_bytes(4),
+            "tile_bytes_int8": self.tile_bytes_int8 if self.int8_bytes_memory is not None else None,
+            "bytes_memory": self.bytes_memory, "bytes_disk": self.bytes_disk,
+            "int8_bytes_memory": self.int8_bytes_memory, "int8_bytes_disk": self.int8_bytes_disk,
+            "gate": self.gate, "stats": None if self.stats is None else self.stats.to_dict(),
+        })
+
+    def text(self) -> str:
+        """A few indented lines for humans."""
+        g = self.grid
+        fitted = f"; fitted on {self.fitted_rows} rows" if self.fitted_rows is not None else ""
+        lines = [
+            f"pipe {self.pipe + 1}: {g}",
+            f"  padding {100 * g.padding_fraction:.2f}%, {g.active_count}/{g.workers} workers active "
+            f"({g.workers - g.active_count} padding-only){fitted}",
+            f"  tile {g.tile_out} × {g.tile_in}: {_human(g.tile_bytes(4))} fp32"
+            + (f", {_human(self.tile_bytes_int8)} INT8 with scales" if self.int8_bytes_memory is not None else ""),
+            f"  tiles {_human(self.bytes_memory)} fp32 in memory, {_human(self.bytes_disk)} on disk; codecs "
+            f"{' + '.join(self.codecs)}",
+        ]
+        if self.int8_bytes_memory is not None:
+            lines.append(f"  INT8 tiles + scales {_human(self.int8_bytes_memory)} in memory, "
+                         f"{_human(self.int8_bytes_disk)} on disk")
+        if self.gate is None:
+            lines.append("  gate: none (train one with `prismoe fit-gates`)")
+        else:
+            gt = self.gate
+            extra = (f", ‖W_g‖_F {gt['weight_norm']:.4g}, bias {gt['bias_min']:.4g} … {gt['bias_max']:.4g}"
+                     if "weight_norm" in gt else "")
+            lines.append(f"  gate: [{gt['shape'][0]} × {gt['shape'][1]}]{extra}")
+        if self.stats is not None:
+            s = self.stats.summary()
+            lines.append(f"  tile norms: min {s['tile_norm_min']:.4g} (worker {s['tile_norm_argmin']}), median "
+                         f"{s['tile_norm_median']:.4g}, max {s['tile_norm_max']:.4g} (worker "
+                         f"{s['tile_norm_argmax']}); whole pipe {s['frobenius']:.4g}, absmax {s['absmax']:.4g}, "
+                         f"non-finite {s['nonfinite']}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class AdapterReport:
+    """What :func:`inspect_adapter` reports about an adapter store."""
+
+    url: str  # where the store is
+    version: int  # format version
+    d_in: int  # input width M
+    d_out: int  # output width N
+    mode: str  # "joint" or "independent"
+    alphas: list[float]  # pipe weights
+    complete: bool  # True once the fit has written every tile
+    options: dict  # the store's encoding options
+    fit: dict  # the "fit" attribute: settings, source pairs, ridge, row counts, plan, timings
+    metrics: dict  # the "metrics" attribute: held-out relative error and R² per pipe and combined
+    gates: dict  # the "gates" attribute: gate-training settings, split and metrics ({} before fit-gates)
+    int8: dict  # the "int8" attribute ({} before quantize)
+    jobs: dict  # progress record name -> [done, units]
+    pipes: list[PipeReport] = field(default_factory=list)  # the pipes inspected
+
+    def to_dict(self) -> dict:
+        """One JSON object for ``--json``."""
+        return jsonable({
+            "url": self.url, "format": "adapter", "version": self.version, "d_in": self.d_in, "d_out": self.d_out,
+            "mode": self.mode, "alphas": self.alphas, "complete": self.complete, "options": self.options,
+            "fit": self.fit, "metrics": self.metrics, "gates": self.gates, "int8": self.int8, "jobs": self.jobs,
+            "pipes": [p.to_dict() for p in self.pipes],
+        })
+
+    def text(self) -> str:
+        """The human summary of the store."""
+        opts = ", ".join(f"{k} {v}" for k, v in self.options.items())
+        state = "complete" if self.complete else "INCOMPLETE: re-run `prismoe fit` to finish it"
+        lines = [f"{self.url}: adapter store, format version {self.version} ({opts})",
+                 f"  {self.d_in} → {self.d_out} (d_in → d_out), {self.mode} tiles, {len(self.alphas)} pipes, "
+                 f"alphas {', '.join(f'{a:.4g}' for a in self.alphas)}; {state}"]
+        lines += _fit_lines(self.fit, self.metrics)
+        lines += _gate_lines(self.gates)
+        if self.int8:
+            lines.append(f"  INT8: {self.int8.get('scheme', '?')}, "
+                         + ("complete" if self.int8.get("complete") else "INCOMPLETE (re-run `prismoe quantize`)"))
+        if self.jobs:
+            lines.append("  jobs: " + ", ".join(f"{k} {d}/{u}" for k, (d, u) in self.jobs.items()))
+        return "\n".join(lines + [p.text() for p in self.pipes])
+
+    def heatmaps(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Tile-norm heatmap of each pipe that has statistics."""
+        return {f"pipe {p.pipe + 1} tile norms": (p.stats.on_grid("norm"), p.stats.on_grid("padding"))
+                for p in self.pipes if p.stats is not None}
+
+    def plot(self, out_dir) -> list:
+        """Write one tile-norm heatmap per pipe as a PNG into ``out_dir``; return their paths."""
+        from .plots import report_heatmaps
+
+        return report_heatmaps(self, out_dir)
+
+
+def _fit_lines(fit: dict, metrics: dict) -> list[str]:
+    if not fit:
+        return ["  fit: none recorded"]
+    settings = {k: v for k, v in (fit.get("settings") or {}).items() if k != "grids"}
+    lines = ["  fit: " + ", ".join(f"{k} {_short(v)}" for k, v in settings.items())]
+    src = fit.get("pairs") or {}
+    counts = fit.get("counts") or {}
+    if src or counts:
+        lines.append(f"    on {src.get('url', '?')} ({src.get('rows', '?')} rows): "
+                     + ", ".join(f"{v} {k}" for k, v in counts.items()) + " rows")
+    if fit.get("ridge"):
+        lines.append("    ridge λ: " + ", ".join(f"{k} {_short(v)}" for k, v in fit["ridge"].items()))
+    if metrics:
+        lines.append(f"  held-out metrics on {metrics.get('holdout_rows', '?')} rows (relative error, R²):")
+        rows = [(f"pipe {p + 1}", m) for p, m in enumerate(metrics.get("pipes") or [])]
+        rows += [("combined", metrics["combined"])] if metrics.get("combined") else []
+        lines += [f"    {name:<10}{_short(m.get('rel_err')):>12}{_r2(m.get('r2')):>12}" for name, m in rows]
+        lines += [f"    warning: {w}" for w in metrics.get("warnings") or []]
+    return lines
+
+
+def _r2(v) -> str:
+    return f"{v:.6f}" if isinstance(v, float) and math.isfinite(v) else "—"
+
+
+def _gate_lines(gates: dict) -> list[str]:
+    if not gates:
+        return ["  gates: none (train them with `prismoe fit-gates`)"]
+    s = gates.get("settings") or {}
+    lines = [f"  gates: {'trained' if gates.get('complete') else 'training INCOMPLETE (re-run `prismoe fit-gates`)'}",
+             "    settings: " + ", ".join(f"{k} {_short(v)}" for k, v in s.items())]
+    m = gates.get("metrics") or {}
+    if m:
+        before = m.get("before") or {}
+        cells = [(f"{k} gate", before[k]) for k in ("zero", "init") if k in before]
+        cells += [("trained gate", m["after"])] if m.get("after") else []
+        cells += [("dense (ρ=1)", before["dense"])] if "dense" in before else []
+        lines.append("    held-out relative error: " + ", ".join(f"{k} {_short(v.get('rel_err'))}" for k, v in cells)
+                     + f" (best epoch {m.get('best_epoch')} of {m.get('epochs_run')})")
+    return lines
+
+
+def inspect_adapter(url, *, tensor: str | None = None, stats: bool = True, max_bytes: int = DEFAULT_MAX_BYTES,
+                    progress: ProgressFn | None = None, storage_options: dict | None = None) -> AdapterReport:
+    """Inspect an adapter store: shape, mode, fit settings and metrics, gate settings, and per pipe
+    (every pipe, or only ``tensor`` such as ``"pipe1"``) its grid, bytes (fp32 and INT8), gate and
+    per-tile statistics streamed a few tiles at a time (complete adapters only).
+
+    >>> from prismoe_store.adapter import AdapterStore
+    >>> g = GridSpec(d_in=4, d_out=6, rows=2, cols=2, tile_out=4, tile_in=2)
+    >>> a = AdapterStore.create("memory://doc-inspect-a", grids=[g], overwrite=True)
+    >>> for r in range(2): a.write_band(0, r, np.full((4, 4), r + 1.0, np.float32))
+    >>> a.update_attrs(complete=True)
+    >>> r = inspect_adapter("memory://doc-inspect-a")
+    >>> r.pipes[0].stats.norm.round(3).tolist(), r.pipes[0].gate  # band 1 has 2 true rows of 2.0
+    ([2.828, 2.828, 4.0, 4.0], None)
+    """
+    from .adapter import AdapterStore
+
+    store = AdapterStore.open(url, storage_options=storage_options)
+    attrs = store.attrs()
+    names = [f"pipe{p + 1}" for p in range(store.n_pipes)]
+    pipes = [names.index(_only(names, tensor, str(url)))] if tensor is not None else range(store.n_pipes)
+    grids = store.grids
+    total, done = sum(grids[p].active_count for p in pipes), 0
+    reports = []
+    for p in pipes:
+        g, group = grids[p], store.group[f"pipe{p + 1}"]
+        tiles = store.tiles(p)
+        int8 = store.int8_arrays(p) if "tiles_int8" in group and "scales" in group else None
+        pipe_stats = None
+        if stats and store.complete:
+            tick = None if progress is None else (lambda d, _t, o=done: progress(o + d, total))
+            pipe_stats = tile_stats(_Checked(tiles, (g.d_out, g.d_in), f"tiles of pipe {p} in {url}"), g,
+                                    max_bytes=max_bytes, progress=tick)
+            done += g.active_count
+        reports.append(PipeReport(
+            pipe=p, grid=g, fitted_rows=group.attrs.get("rows"),
+            codecs=[_codec_name(c) for c in tiles.compressors], bytes_memory=int(tiles.nbytes),
+            bytes_disk=int(tiles.nbytes_stored()),
+            int8_bytes_memory=None if int8 is None else int(sum(a.nbytes for a in int8)),
+            int8_bytes_disk=None if int8 is None else int(sum(a.nbytes_stored() for a in int8)),
+            gate=_gate_info(store, p, stats), stats=pipe_stats))
+    jobs = {}
+    if "_progress" in store.group:
+        for name, _ in sorted(store.group["_progress"].arrays()):
+            record = Progress.open(store.group, name)
+            jobs[name] = [len(record.done()), record.units]
+    return AdapterReport(
+        url=str(url), version=int(attrs[FORMAT_KEY]["version"]), d_in=store.d_in, d_out=store.d_out,
+        mode=store.mode, alphas=store.alphas, complete=store.complete, options=dict(attrs.get("options", {})),
+        fit=dict(attrs.get("fit") or {}), metrics=dict(attrs.get("metrics") or {}),
+        gates=dict(attrs.get("gates") or {}), int8=dict(attrs.get("int8") or {}), jobs=jobs, pipes=reports)
+
+
+def _gate_info(store, pipe: int, stats: bool) -> dict | None:
+    """A pipe's gate: None without one; its shape, and with ``stats`` its norm and bias range."""
+    group = store.group[f"pipe{pipe + 1}"]
+    if "gate_weight" not in group:
+        return None
+    info = {"shape": list(group["gate_weight"].shape)}
+    if stats:
+        w, b = store.read_gate(pipe)
+        w64, b64 = np.asarray(w, np.float64), np.asarray(b, np.float64)
+        info.update(weight_norm=float(np.linalg.norm(w64)), bias_min=float(b64.min()), bias_max=float(b64.max()),
+                    bias_mean=float(b64.mean()))
+    return info
 
 
 # -- comparing two matrices ------------------------------------------------------------------
@@ -364,7 +915,7 @@ class Comparison:
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
-        return _jsonable({"shape": list(self.shape), "max_abs_diff": self.max_abs_diff, "argmax": list(self.argmax),
+        return jsonable({"shape": list(self.shape), "max_abs_diff": self.max_abs_diff, "argmax": list(self.argmax),
                           "rel_frobenius": self.rel_frobenius, "cosine": self.cosine,
                           "norm_a": self.norm_a, "norm_b": self.norm_b})
 
@@ -665,17 +1216,44 @@ def _num(v):
     return v if isinstance(v, (int, bool)) or (isinstance(v, float) and math.isfinite(v)) else None
 
 
-def _jsonable(obj):
-    """Recursively replace non-finite floats with None and NumPy scalars with Python ones."""
+def jsonable(obj):
+    """``obj`` ready for ``json.dumps(..., allow_nan=False)``: non-finite floats become ``None``,
+    NumPy scalars Python ones, tuples lists, keys strings (recursively).
+
+    >>> jsonable({"a": (1.0, float("nan")), 2: np.float32(0.5)})
+    {'a': [1.0, None], '2': 0.5}
+    """
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def _short(v, width: int = 80) -> str:
+    """A value for one line of text: floats with 4 significant digits, long values cut."""
+    if isinstance(v, float):
+        text = f"{v:.4g}"
+    elif isinstance(v, (list, tuple)):
+        text = "[" + ", ".join(_short(x, width) for x in v) + "]"
+    else:
+        text = str(v)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _pretty(d: dict, indent: str) -> list[str]:
+    """A nested dict as ``key: value`` lines, indented one step deeper per level."""
+    lines = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            lines += [f"{indent}{k}:"] + _pretty(v, indent + "  ")
+        else:
+            lines.append(f"{indent}{k}: {_short(v, 100)}")
+    return lines
 
 
 def _human(n: int) -> str:

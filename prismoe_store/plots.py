@@ -1,4 +1,5 @@
-"""PNG plots: tile-norm heatmaps over a grid, and slice views of 2-D/3-D tensors.
+"""PNG plots: tile-norm heatmaps over a grid, per-column profiles of a pairs store, and slice
+views of 2-D/3-D tensors.
 
 Matplotlib is imported only when a plot is drawn, and draws through its Agg canvas on a private
 ``Figure`` (no pyplot, no global backend switch). Big tensors are never read whole: images are
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -81,6 +83,10 @@ def tile_heatmap(values: np.ndarray, path, *, mask: np.ndarray | None = None, ti
     im = ax.imshow(shown, cmap=cmap, aspect="auto", interpolation="nearest",
                    extent=(-0.5, cols - 0.5, rows - 0.5, -0.5))
     fig.colorbar(im, ax=ax, label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # grid indices only
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_xlabel("col c (input slice)")
     ax.set_ylabel("row r (output band)")
     n_pad = int(np.ma.getmaskarray(shown).sum())
@@ -102,6 +108,114 @@ def report_heatmaps(report, out_dir) -> list[Path]:
     for title, (values, mask) in report.heatmaps().items():
         out.append(tile_heatmap(values, Path(out_dir) / f"{safe_name(title)}.png", mask=mask, title=title))
     return out
+
+
+# -- pairs stores: per-column profiles and block heatmaps ------------------------------------
+
+PROFILE_POINTS = 1024  # most points per profile line; wider arrays show each bin's min..max band
+
+
+def pairs_plots(report, out_dir) -> list[Path]:
+    """Draw a pairs report's column statistics (``report.stats``: name -> ColumnStats):
+    ``pairs_columns.png`` (mean and std of each column, and the non-finite share when there are
+    any) and ``pairs_blocks.png`` (RMS of each block of rows × columns: drift along the rows).
+
+    >>> import tempfile
+    >>> from types import SimpleNamespace
+    >>> from prismoe_store.inspect import column_stats
+    >>> rng = np.random.default_rng(0)
+    >>> rep = SimpleNamespace(url="demo", stats={"x": column_stats(rng.normal(size=(50, 6)))})
+    >>> [p.name for p in pairs_plots(rep, tempfile.mkdtemp())]
+    ['pairs_columns.png', 'pairs_blocks.png']
+    """
+    out = Path(out_dir)
+    stats = dict(report.stats)
+    return [_columns_png(stats, report.url, out / "pairs_columns.png"),
+            _blocks_png(stats, report.url, out / "pairs_blocks.png")]
+
+
+def _envelope(values: np.ndarray, points: int = PROFILE_POINTS):
+    """``(x, lo, hi)``: the values themselves when few, else the min and max of each of ``points``
+    bins of columns (NaN where a bin has no finite value)."""
+    n = len(values)
+    if n <= points:
+        x = np.arange(n)
+        return x, values, values
+    edges = np.linspace(0, n, points + 1).astype(int)
+    fin = np.where(np.isfinite(values), values, np.nan)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN bins
+        lo = np.array([np.nanmin(fin[a:b]) for a, b in zip(edges[:-1], edges[1:])])
+        hi = np.array([np.nanmax(fin[a:b]) for a, b in zip(edges[:-1], edges[1:])])
+    return (edges[:-1] + edges[1:] - 1) / 2, lo, hi
+
+
+def _profile(ax, values: np.ndarray, color: str, label: str) -> None:
+    x, lo, hi = _envelope(np.asarray(values, np.float64))
+    if lo is hi:
+        ax.plot(x, lo, color=color, lw=1, marker="." if len(x) <= 64 else None, label=label)
+    else:
+        ax.fill_between(x, lo, hi, color=color, alpha=0.35, lw=0, step="mid", label=f"{label} (min…max per bin)")
+        ax.plot(x, (lo + hi) / 2, color=color, lw=0.6)
+    ax.set_xlabel("column")
+    ax.grid(alpha=0.3)
+
+
+def _columns_png(stats: dict, url: str, path) -> Path:
+    any_bad = any(int(s.nonfinite.sum()) for s in stats.values())
+    ncols = 3 if any_bad else 2
+    fig = _figure(4.6 * ncols, 3.2 * len(stats) + 0.8)
+    axes = fig.subplots(len(stats), ncols, squeeze=False)
+    for row, (name, s) in zip(axes, stats.items()):
+        m = s.summary()
+        _profile(row[0], s.mean, "C0", "mean")
+        row[0].axhline(0, color="k", lw=0.5)
+        row[0].set_ylabel(f"{name}: mean per column")
+        _profile(row[1], s.std, "C1", "std")
+        live = s.std[np.isfinite(s.std) & (s.std > 0)]
+        if live.size and live.max() > 100 * live.min():
+            row[1].set_yscale("log")
+        row[1].set_ylabel(f"{name}: std per column")
+        if m["values"]:
+            row[1].set_title(f"{name}: std {m['std']:.3g} overall; column std {m['col_std_min']:.3g} … "
+                             f"{m['col_std_max']:.3g}, {m['constant_columns']} constant", fontsize=9)
+        if any_bad:
+            _profile(row[2], s.nonfinite_share, "C3", "non-finite share")
+            row[2].set_ylabel(f"{name}: non-finite share")
+            row[2].set_title(f"{m['nonfinite']} non-finite values in {m['nonfinite_columns']} column(s)", fontsize=9)
+        for ax in row:
+            if len(s.mean) > PROFILE_POINTS:
+                ax.legend(fontsize=7, loc="upper right")
+    rows = next(iter(stats.values())).rows
+    fig.suptitle(f"{url}: per-column statistics over {rows} rows (finite values)", fontsize=10)
+    return _save(fig, path)
+
+
+def _blocks_png(stats: dict, url: str, path) -> Path:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#bbbbbb")
+    fig = _figure(5.2 * len(stats), 4.6)
+    axes = fig.subplots(1, len(stats), squeeze=False)[0]
+    for ax, (name, s) in zip(axes, stats.items()):
+        img = np.ma.masked_invalid(s.block_rms)
+        vals = img.compressed()
+        vmin, vmax = (np.percentile(vals, [1, 99]) if vals.size else (0.0, 1.0))
+        vmax = vmax if vmax > vmin else vmin + 1.0
+        log = vmin > 0 and vmax > 10 * vmin  # a wide range (an outlier feature): log colours show the rest
+        norm = matplotlib.colors.LogNorm(vmin, vmax) if log else matplotlib.colors.Normalize(vmin, vmax)
+        if img.size == 0:
+            ax.text(0.5, 0.5, "no rows", ha="center", va="center", transform=ax.transAxes)
+        else:  # bins may differ in size: draw each on its true row and column edges
+            im = ax.pcolormesh(s.col_edges, s.row_edges, img, cmap=cmap, norm=norm)
+            ax.set_ylim(s.row_edges[-1], 0)
+            fig.colorbar(im, ax=ax, label="RMS of block" + (" (log scale)" if log else ""))
+        ax.set_xlabel("column")
+        ax.set_ylabel("row")
+        ax.set_title(f"{name}: {img.shape[0]} row bins × {img.shape[1]} column bins", fontsize=9)
+    fig.suptitle(f"{url}: root mean square of each block of rows × columns\n"
+                 "(colours span the 1st–99th percentile; grey: no finite value)", fontsize=10)
+    return _save(fig, path)
 
 
 # -- 2-D / 3-D tensors -------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 
 import numpy as np
@@ -13,14 +14,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cli.main import main
-from prismoe_store.errors import DataError, StoreError, StoreFormatError, TensorNotFoundError
+from prismoe_store.errors import CorruptStoreError, DataError, StoreError, StoreFormatError, TensorNotFoundError
 from prismoe_store.grid import GridSpec, plan_grid
 from prismoe_store.inspect import (
     INSPECTORS,
+    column_stats,
     compare_matrices,
     inspect_store,
     open_matrix,
     open_tensor,
+    store_format,
     tile_stats,
 )
 from prismoe_store.plots import tile_heatmap, visualize_tensor
@@ -156,7 +159,7 @@ def test_inspect_reports_incomplete_tensor():
 
 
 def test_inspect_dispatches_on_format(tmp_path):
-    assert "weights" in INSPECTORS
+    assert {"weights", "pairs", "adapter"} <= set(INSPECTORS)
     create_checked(tmp_path / "m", "mystery", 1)
     with pytest.raises(StoreFormatError, match="mystery"):
         inspect_store(tmp_path / "m")
@@ -351,3 +354,287 @@ def test_open_tensor_views_a_store_as_tiles():
         np.testing.assert_array_equal(stack[j], padded[band, sl])
         np.testing.assert_array_equal(stack[j, 1:3], padded[band, sl][1:3])
     assert stack.valid_shape(7) == (0, 2) and stack.valid_shape(0) == (4, 4)
+
+
+# -- pairs stores: per-column statistics -------------------------------------------------------
+
+
+def _finite_column_reference(a: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-column statistics over the finite values, the plain NumPy way (float64)."""
+    a = a.astype(np.float64)
+    fin = np.isfinite(a)
+    ref = {"count": fin.sum(0), "nonfinite": (~fin).sum(0)}
+    ref["mean"], ref["std"], ref["absmax"] = (np.full(a.shape[1], np.nan) for _ in range(3))
+    for j in range(a.shape[1]):
+        v = a[fin[:, j], j]
+        if v.size:
+            ref["mean"][j], ref["std"][j], ref["absmax"][j] = v.mean(), v.std(), np.abs(v).max()
+    return ref
+
+
+def _messy(seed: int, rows: int, cols: int) -> np.ndarray:
+    """Float32 rows with column-dependent scale and offset, some NaN/Inf and a constant column."""
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal((rows, cols)) * rng.uniform(0.01, 50, cols) + rng.uniform(-5, 5, cols))
+    a = a.astype(np.float32)
+    bad = rng.random(a.shape) < 0.03
+    a[bad] = rng.choice([np.nan, np.inf, -np.inf], size=int(bad.sum()))
+    if cols > 1:
+        a[:, 1] = 3.0
+    return a
+
+
+def _assert_columns_match(s, a: np.ndarray) -> None:
+    ref = _finite_column_reference(a)
+    np.testing.assert_array_equal(s.count, ref["count"])
+    np.testing.assert_array_equal(s.nonfinite, ref["nonfinite"])
+    for k in ("mean", "std", "absmax"):
+        np.testing.assert_allclose(getattr(s, k), ref[k], rtol=1e-10, atol=1e-9, equal_nan=True, err_msg=k)
+    a64 = a.astype(np.float64)
+    fin = np.isfinite(a64)
+    # the block heatmap: RMS of the finite values of each (row bin, column bin), edges covering all
+    assert s.row_edges[0] == 0 and s.row_edges[-1] == a.shape[0] and np.all(np.diff(s.row_edges) > 0)
+    assert s.col_edges[0] == 0 and s.col_edges[-1] == a.shape[1] and np.all(np.diff(s.col_edges) > 0)
+    for i in range(len(s.row_edges) - 1):
+        for k in range(len(s.col_edges) - 1):
+            blk = a64[s.row_edges[i]:s.row_edges[i + 1], s.col_edges[k]:s.col_edges[k + 1]]
+            v = blk[np.isfinite(blk)]
+            want = np.sqrt(np.mean(v * v)) if v.size else np.nan
+            np.testing.assert_allclose(s.block_rms[i, k], want, rtol=1e-10, equal_nan=True)
+    m = s.summary()
+    v = a64[fin]
+    assert m["values"] == v.size and m["nonfinite"] == int((~fin).sum())
+    if v.size:
+        assert m["mean"] == pytest.approx(v.mean(), rel=1e-9, abs=1e-9)
+        assert m["std"] == pytest.approx(v.std(), rel=1e-9)
+    else:
+        assert m["mean"] is None and m["std"] is None
+    assert m["nonfinite_share"] == pytest.approx((~fin).mean())
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 70), cols=st.integers(1, 20), chunk_r=st.integers(1, 16), chunk_c=st.integers(1, 8),
+       seed=st.integers(0, 2**31), max_bytes=st.sampled_from([1, 500, 10**9]), row_bins=st.integers(1, 9))
+def test_column_stats_match_numpy(rows, cols, chunk_r, chunk_c, seed, max_bytes, row_bins):
+    a = _messy(seed, rows, cols)
+    z = zarr.create_array(zarr.storage.MemoryStore(), shape=a.shape, chunks=(chunk_r, chunk_c), dtype="float32")
+    z[...] = a
+    calls = []
+    s = column_stats(z, max_bytes=max_bytes, row_bins=row_bins, col_bins=7,
+                     progress=lambda d, t: calls.append((d, t)))
+    _assert_columns_match(s, a)
+    assert s.block_rms.shape[0] <= row_bins and s.block_rms.shape[1] <= 7
+    assert [d for d, _ in calls] == list(range(1, len(calls) + 1)) and calls[-1][0] == calls[-1][1]
+    json.dumps(s.to_dict(), allow_nan=False)
+    part = column_stats(z, rows=max(1, rows // 2), max_bytes=max_bytes)  # a leading share of the rows only
+    _assert_columns_match(part, a[:max(1, rows // 2)])
+
+
+def _pairs_store(path, seed: int = 0, rows=(40, 25, 30), d_in=13, d_out=21):
+    from prismoe_store.pairs import PairsStore
+
+    p = PairsStore.create(path, d_in=d_in, d_out=d_out, rows_per_chunk=16, col_chunks=(8, 8),
+                          options=StoreOptions(compressor="zstd"),
+                          provenance={"upper": {"model": "tiny", "layer": 2}, "texts": ["a.txt", "b.txt"]})
+    xs, zs = [], []
+    for i, n in enumerate(rows):
+        x, z = _messy(seed + i, n, d_in), _messy(seed + 100 + i, n, d_out)
+        p.append(x, z)
+        xs.append(x)
+        zs.append(z)
+    return p, np.concatenate(xs), np.concatenate(zs)
+
+
+def test_inspect_pairs_store(tmp_path):
+    url = tmp_path / "p.zarr"
+    p, x, z = _pairs_store(url)
+    # a cut-off append: rows written past the committed count must not enter the statistics
+    p.x.resize((x.shape[0] + 10, x.shape[1]))
+    p.x[x.shape[0]:] = 1e6
+    assert store_format(url) == "pairs"
+    calls = []
+    rep = inspect_store(url, max_bytes=64, progress=lambda d, t: calls.append((d, t)))
+    assert (rep.rows, rep.capacity, rep.d_in, rep.d_out, rep.rows_per_chunk) == (95, 105, 13, 21, 16)
+    assert rep.chunks == {"x": [16, 8], "z": [16, 8]}
+    assert rep.codecs["x"][0].startswith("zstd") and rep.codecs["z"][-1] == "crc32c"
+    assert rep.bytes_memory == x.nbytes + z.nbytes and rep.bytes_disk > 0
+    assert rep.provenance == {"upper": {"model": "tiny", "layer": 2}, "texts": ["a.txt", "b.txt"]}
+    _assert_columns_match(rep.stats["x"], x)
+    _assert_columns_match(rep.stats["z"], z)
+    assert calls[-1][0] == calls[-1][1] and [d for d, _ in calls] == list(range(1, len(calls) + 1))
+    assert len({t for _, t in calls}) == 1  # one total for both arrays
+
+    text = rep.text()
+    for want in ("95 rows committed (arrays hold 105", "x [95, 13], z [95, 21]", "model: tiny", "layer: 2",
+                 "texts: [a.txt, b.txt]", "non-finite", "1 constant column(s)", "largest std"):
+        assert want in text, want
+    d = json.loads(json.dumps(rep.to_dict(), allow_nan=False))
+    assert d["format"] == "pairs" and d["rows"] == 95 and len(d["stats"]["z"]["std"]) == 21
+    assert d["stats"]["x"]["summary"]["nonfinite"] == int((~np.isfinite(x)).sum())
+
+    only = inspect_store(url, tensor="z", stats=False)
+    assert only.stats == {} and "x:" not in only.text()
+    assert list(inspect_store(url, tensor="z").stats) == ["z"]
+    with pytest.raises(TensorNotFoundError, match="x, z"):
+        inspect_store(url, tensor="w")
+
+    (url / "z" / "c" / "2" / "1").unlink()  # a missing chunk under the committed rows is damage, not zeros
+    with pytest.raises(CorruptStoreError, match="missing"):
+        inspect_store(url, tensor="z")
+
+
+def test_inspect_empty_pairs_store():
+    from prismoe_store.pairs import PairsStore
+
+    url = _mem_url()
+    PairsStore.create(url, d_in=3, d_out=2)
+    rep = inspect_store(url)
+    assert rep.rows == 0 and rep.stats["x"].summary()["mean"] is None
+    assert "x: no finite values" in rep.text()
+    json.dumps(rep.to_dict(), allow_nan=False)
+
+
+# -- adapter stores ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A small pairs store and an adapter fitted on it (gates and INT8 added by the tests that need them)."""
+    from prismoe_store.fit import fit
+    from prismoe_store.pairs import PairsStore
+
+    root = tmp_path_factory.mktemp("adapter")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 12)).astype(np.float32)
+    pairs = PairsStore.create(root / "p.zarr", d_in=12, d_out=10, rows_per_chunk=64)
+    pairs.append(x, x @ rng.standard_normal((12, 10)).astype(np.float32) + 0.1 * rng.standard_normal((400, 10)))
+    grids = [GridSpec(d_in=12, d_out=10, rows=2, cols=2, tile_out=8, tile_in=8)] * 2 + \
+            [GridSpec(d_in=12, d_out=10, rows=4, cols=1, tile_out=4, tile_in=16)]  # pipe 3: a padding-only band
+    adapter = fit(pairs, root / "a.zarr", grids=grids, scheduler="synchronous")
+    return root, pairs, adapter
+
+
+def _check_pipe_norms(rep, adapter) -> None:
+    for p, pr in enumerate(rep.pipes):
+        g = adapter.grids[p]
+        assert pr.grid == g
+        dense = np.asarray(adapter.tiles(p)[...], np.float64)[:g.d_out, :g.d_in]
+        for j in range(g.workers):
+            rows, cols = g.valid_region(j)
+            np.testing.assert_allclose(pr.stats.norm[j], np.linalg.norm(dense[rows, cols]), rtol=1e-12)
+        assert pr.stats.padding.tolist() == [g.is_padding(j) for j in range(g.workers)]
+
+
+def test_inspect_adapter_store(fitted, tmp_path):
+    import shutil
+
+    from prismoe_store.adapter import AdapterStore
+    from prismoe_store.gates import fit_gates
+    from prismoe_store.quant import quantize_adapter
+
+    root, pairs, _ = fitted
+    url = tmp_path / "a.zarr"  # a copy: gates and INT8 tiles are added below
+    shutil.copytree(root / "a.zarr", url)
+    adapter = AdapterStore.open(url, "r+")
+    assert store_format(url) == "adapter"
+    rep = inspect_store(url, max_bytes=1)
+    assert (rep.d_in, rep.d_out, rep.mode, rep.complete, len(rep.pipes)) == (12, 10, "joint", True, 3)
+    assert rep.fit == adapter.attrs()["fit"] and rep.metrics == adapter.attrs()["metrics"]
+    assert rep.gates == {} and all(p.gate is None and p.int8_bytes_memory is None for p in rep.pipes)
+    _check_pipe_norms(rep, adapter)
+    assert rep.pipes[2].stats.padding.tolist() == [False, False, False, True]
+    text = rep.text()
+    for want in ("12 → 10", "joint tiles", "complete", "solver cholesky", "held-out metrics", "combined",
+                 "gates: none", "1 padding-only", "fitted on", "tile norms"):
+        assert want in text, want
+
+    fit_gates(adapter, pairs, sparsity=0.5, epochs=1)
+    quantize_adapter(adapter)
+    rep = inspect_store(url)
+    assert rep.gates["settings"]["sparsity"] == 0.5 and rep.int8["complete"]
+    for p, pr in enumerate(rep.pipes):
+        w, b = adapter.read_gate(p)
+        assert pr.gate["shape"] == [pr.grid.workers, 12]
+        assert pr.gate["weight_norm"] == pytest.approx(np.linalg.norm(w.astype(np.float64)), rel=1e-12)
+        assert (pr.gate["bias_min"], pr.gate["bias_max"]) == (float(b.min()), float(b.max()))
+        a, bb = pr.grid.tile_shape
+        assert pr.tile_bytes_int8 == a * bb + 4 * a
+        assert pr.int8_bytes_memory == pr.grid.d_out_pad * pr.grid.d_in_pad + 4 * pr.grid.d_out_pad * pr.grid.cols
+    text = rep.text()
+    for want in ("gates: trained", "sparsity 0.5", "held-out relative error", "INT8 with scales",
+                 "INT8: ", "‖W_g‖_F"):
+        assert want in text, want
+    d = json.loads(json.dumps(rep.to_dict(), allow_nan=False))
+    assert d["format"] == "adapter" and [p["name"] for p in d["pipes"]] == ["pipe1", "pipe2", "pipe3"]
+    assert d["pipes"][0]["tile_bytes_fp32"] == 8 * 8 * 4 and d["pipes"][2]["padding_workers"] == 1
+
+    one = inspect_store(url, tensor="pipe3", stats=False)
+    assert [p.pipe for p in one.pipes] == [2] and one.pipes[0].stats is None and one.pipes[0].gate == {
+        "shape": [4, 12]}
+    with pytest.raises(TensorNotFoundError, match="pipe1, pipe2, pipe3"):
+        inspect_store(url, tensor="pipe4")
+
+
+def test_inspect_incomplete_adapter():
+    from prismoe_store.adapter import AdapterStore
+
+    url = _mem_url()
+    AdapterStore.create(url, grids=[plan_grid(6, 10, 8)])
+    rep = inspect_store(url)
+    assert not rep.complete and rep.pipes[0].stats is None
+    assert "INCOMPLETE" in rep.text() and "fit: none recorded" in rep.text()
+
+
+# -- the CLI on pairs and adapters -------------------------------------------------------------
+
+
+def test_cli_inspect_pairs(tmp_path):
+    url = tmp_path / "p.zarr"
+    _, x, z = _pairs_store(url, rows=(70,), d_in=40, d_out=1500)  # z wide enough for the binned profile
+    r = _run("inspect", url, "-q", "--json", "--plot", tmp_path / "plots")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    np.testing.assert_allclose(d["stats"]["x"]["std"], _finite_column_reference(x)["std"], rtol=1e-10)
+    assert sorted(os.path.basename(p) for p in d["plots"]) == ["pairs_blocks.png", "pairs_columns.png"]
+    for p in d["plots"]:
+        _png_ok(p)
+    r = _run("inspect", url, "--no-stats")
+    assert r.exit_code == 0 and "70 rows committed" in r.output and "column std" not in r.output
+    r = _run("inspect", url, "--routing", url)
+    assert r.exit_code == 2 and "--routing needs an adapter store" in r.output
+
+
+def test_cli_inspect_adapter_and_routing(fitted):
+    from prismoe_store import gates as G
+
+    root, pairs, adapter = fitted
+    url, purl = root / "a.zarr", root / "p.zarr"
+    if adapter.read_gate(0) is None:
+        G.fit_gates(adapter, pairs, sparsity=0.5, epochs=1)
+    r = _run("inspect", url, "-q", "--plot", root / "plots")
+    assert r.exit_code == 0, r.output
+    assert "pipe 3: 4×1 grid" in r.output and r.output.count("wrote ") == 3
+    for p in range(1, 4):
+        _png_ok(root / "plots" / f"pipe_{p}_tile_norms.png")
+
+    r = _run("inspect", url, "-q", "--json", "--routing", purl, "--sparsity", "0.25", "--plot", root / "rt")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["format"] == "adapter" and d["routing"]["sparsity"] == 0.25
+    want = G.routing_report(str(url), str(purl), sparsity=0.25, quality=False)
+    for got, ref in zip(d["routing"]["pipes"], want["pipes"]):
+        np.testing.assert_allclose(got["utilization"], ref["utilization"], rtol=1e-12)
+        assert got["k"] == ref["k"]
+    assert "quality" in d["routing"]
+    names = sorted(os.path.basename(p) for p in d["routing"]["plots"])
+    assert names == ["quality.png", "routing_histograms.png", "routing_utilization.png"]
+    for p in d["routing"]["plots"]:
+        _png_ok(p)
+
+    r = _run("inspect", url, "-q", "--routing", purl, "--no-stats")
+    assert r.exit_code == 0, r.output
+    assert "routing of" in r.output and "held-out quality" in r.output and "tile norms" not in r.output
+    r = _run("inspect", url, "--sparsity", "0.5")
+    assert r.exit_code == 2 and "--sparsity goes with --routing" in r.output
+    r = _run("inspect", url, "-q", "--routing", root / "missing.zarr")
+    assert r.exit_code == 1 and "Traceback" not in r.output

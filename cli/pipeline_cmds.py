@@ -1,0 +1,179 @@
+"""``prismoe train`` (collect → fit → fit-gates → quantize), ``prismoe demo`` and ``prismoe benchmark adapter``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import click
+
+from cli.progress import bar, quiet_option
+
+_TARGETS = ("logits", "embeddings", "hidden")  # prismoe_store.collect.TARGETS (not imported: it loads numpy)
+_POOLS = ("none", "last", "mean")
+
+
+def _json(obj) -> str:
+    """One JSON object, non-finite floats as null."""
+    def clean(o):
+        if isinstance(o, float):
+            return o if math.isfinite(o) else None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+    return json.dumps(clean(obj))
+
+
+def _stage_bars(quiet: bool):
+    """A ``progress(stage)`` factory for the pipeline: one bar per stage (none when quiet)."""
+    return lambda stage: bar(stage, quiet=quiet, unit="step")
+
+
+def _floats(ctx, param, value: str | None):
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+    if not out:
+        raise click.BadParameter("expected at least one number")
+    return out
+
+
+@click.command("train")
+@click.option("--upper", default=None, metavar="MODEL", help="Model giving x (HF folder or .gguf).")
+@click.option("--lower", default=None, metavar="MODEL", help="Model giving z (default: the upper model).")
+@click.option("--text", "texts", multiple=True, metavar="PATH", help="Text file to collect on (repeatable).")
+@click.option("-o", "--output", "adapter", required=True, help="Adapter store to write (path or URL).")
+@click.option("--pairs", default=None,
+              help="Pairs store [default: beside the adapter, ADAPTER.pairs.zarr]. An existing store is used "
+                   "as it is when --upper/--text are not given.")
+@click.option("--target", type=click.Choice(_TARGETS), default="logits", show_default=True,
+              help="z: lower logits, the next token's input embedding, or a lower hidden state.")
+@click.option("--layer", type=int, default=-1, show_default=True, help="Upper hidden_states index (-1: last).")
+@click.option("--pool", type=click.Choice(_POOLS), default="none", show_default=True,
+              help="none: a pair per token; last / mean: a pair per document.")
+@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per sequence.")
+@click.option("--max-tokens", type=int, default=None, help="Stop collecting at this many tokens.")
+@click.option("--workers", type=int, default=512, show_default=True, help="Tiles per pipe (a power of 2).")
+@click.option("--mode", type=click.Choice(["joint", "independent"]), default="joint", show_default=True,
+              help="Fit mode of the tiles.")
+@click.option("--sparsity", type=click.FloatRange(0, 1, min_open=True), default=0.3, show_default=True,
+              help="ρ the gates are trained at.")
+@click.option("--epochs", type=click.IntRange(min=0), default=30, show_default=True,
+              help="Most gate-training epochs (early stopping on held-out rows).")
+@click.option("--int8", is_flag=True, help="Also write INT8 tiles (the quantize stage).")
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+              show_default=True, help="Share of rows held out.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the split.")
+@click.option("--scheduler", default=None, help="Fit scheduler: threads, processes, synchronous or tcp://HOST:PORT.")
+@click.option("--device", default="cpu", show_default=True, help="Device of collection and gate training.")
+@click.option("--overwrite", is_flag=True, help="Redo every stage from scratch.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@quiet_option
+def train_cmd(upper, lower, texts, adapter, pairs, target, layer, pool, max_length, max_tokens, workers, mode,
+              sparsity, epochs, int8, holdout, seed, scheduler, device, overwrite, as_json, quiet):
+    """Collect pairs, fit the tiles, train the gates (and quantize): MODEL + text → ADAPTER.
+
+    Each stage is resumable and finished stages are skipped, so re-running the same command after
+    an interruption finishes the rest.
+    """
+    from prismoe_store.collect import CollectSpec
+    from prismoe_store.pipeline import TrainConfig, format_train, train
+
+    if (upper is None) != (not texts):
+        raise click.UsageError("give both --upper MODEL and --text PATH to collect pairs, or neither "
+                               "(then --pairs must name an existing pairs store)")
+    spec = CollectSpec(layer=layer, target=target, pool=pool, max_length=max_length, max_tokens=max_tokens,
+                       device=device)
+    cfg = TrainConfig(collect=spec, mode=mode, workers=workers, holdout=holdout, seed=seed, scheduler=scheduler,
+                      sparsity=sparsity, epochs=epochs, device=device, int8=int8)
+    log = None if (quiet or as_json) else (lambda m: click.echo(m, err=True))
+    report = train(upper, lower, list(texts) or None, adapter, pairs=pairs, config=cfg, overwrite=overwrite,
+                   progress=_stage_bars(quiet or as_json), log=log)
+    click.echo(_json(report.as_dict()) if as_json else format_train(report))
+
+
+@click.command("demo")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for the adapter, report and plots [default: a new temporary folder, kept].")
+@click.option("--epochs", type=click.IntRange(min=0), default=10, show_default=True, help="Gate-training epochs.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch CPU threads (the sample's 64×256 matrices are too small for more to help).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@quiet_option
+def demo_cmd(out_dir, epochs, threads, as_json, quiet):
+    """Run the whole pipeline on sample_data/ and print what it costs and buys.
+
+    fit → fit-gates → quantize → benchmark on the committed sample pairs (3072 pairs 64 → 256 with
+    a gated target); writes results.md, benchmark.json and plots/*.png.
+    """
+    from prismoe_store.pipeline import demo, format_demo
+
+    log = None if (quiet or as_json) else (lambda m: click.echo(m, err=True))
+    result = demo(out_dir, epochs=epochs, threads=threads, progress=_stage_bars(quiet or as_json), log=log)
+    click.echo(_json(result) if as_json else format_demo(result))
+
+
+@click.command("adapter")
+@click.argument("adapter")
+@click.argument("pairs")
+@click.option("--sparsities", default="0.1,0.3,0.5,1", show_default=True, callback=_floats,
+              help="Comma-separated ρ values the adapter runs at.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--logits/--no-logits", default=None,
+              help="Z are logits: add top-1 agreement and KL [default: from the pairs' provenance].")
+@click.option("--max-rows", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Held-out rows evaluated.")
+@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Throughput batch.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Interleaved timing repeats (medians).")
+@click.option("--hit-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Hit-rate sweep: warm-up tokens, then as many measured, per budget.")
+@click.option("--hit-sparsities", default=None, callback=_floats,
+              help="ρ values of the hit-rate sweep [default: the sparsities below 1].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads for every method alike [default: torch's choice].")
+@click.option("--from-store", is_flag=True, help="Read tiles from the store on every miss (default: host RAM).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--plots", "plot_dir", type=click.Path(file_okay=False), default=None,
+              help="Write quality_vs_bytes.png, hit_rate.png and latency.png here.")
+@click.option("--markdown", "markdown", type=click.Path(dir_okay=False), default=None,
+              help="Write the Markdown table to this file.")
+@quiet_option
+def bench_adapter_cmd(adapter, pairs, sparsities, device, logits, max_rows, batch, repeats, hit_tokens,
+                      hit_sparsities, threads, from_store, as_json, plot_dir, markdown, quiet):
+    """Dense ridge vs truncated SVD (same bytes) vs the adapter at several ρ, fp32/INT8, parallel/serial.
+
+    On the same held-out rows and device: relative error, R² (top-1, KL for logits), latency and
+    throughput as ratios to dense F.linear, active bytes, peak cache bytes, hit rate.
+    """
+    from prismoe_store.bench import benchmark_adapter, format_markdown, write_plots
+
+    with bar("benchmark", quiet=quiet or as_json, unit="step") as progress:
+        report = benchmark_adapter(adapter, pairs, sparsities=sparsities, device=device, logits=logits,
+                                   max_rows=max_rows, batch=batch, repeats=repeats, hit_tokens=hit_tokens,
+                                   hit_sparsities=hit_sparsities, threads=threads,
+                                   tiles_in_ram=False if from_store else None, progress=progress)
+    text = format_markdown(report)
+    if plot_dir:
+        report["plots"] = write_plots(report, plot_dir)
+    if markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(markdown)), exist_ok=True)
+        with open(markdown, "w") as fh:
+            fh.write(text)
+        report["markdown"] = markdown
+    if as_json:
+        click.echo(_json(report))
+        return
+    click.echo(text)
+    for path in report.get("plots", []) + ([markdown] if markdown else []):
+        click.echo(f"wrote {path}")
+
+
+commands = [train_cmd, demo_cmd]
+bench_commands = [bench_adapter_cmd]

@@ -1,0 +1,161 @@
+"""``prismoe train`` and ``prismoe demo``: stages run once, are skipped when done and resumed when
+interrupted (judged from the stores, checked by the stores' own records and files); the demo's
+report on a tiny synthetic store has its keys and sane values."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from prismoe_store.adapter import AdapterStore
+from prismoe_store.collect import CollectSpec
+from prismoe_store.errors import DataError, StoreError
+from prismoe_store.pairs import PairsStore
+from prismoe_store.pipeline import TrainConfig, default_pairs_path, demo, format_demo, format_train, train
+from prismoe_store.synth import SynthSpec, synthesize
+from tiny_models import corpus_lines, save_llama, write_texts
+
+pytest.importorskip("transformers")
+
+SMALL = dict(workers=8, epochs=2, scheduler="synchronous")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    return save_llama(d / "llama"), write_texts(d / "docs.txt", corpus_lines(40, seed=4))
+
+
+@pytest.fixture
+def synth_pairs(tmp_path):
+    spec = SynthSpec(rows=700, d_in=16, d_out=32, kind="gated", regions=2, workers=8)
+    return synthesize(str(tmp_path / "pairs.zarr"), spec, rows_per_chunk=256).url
+
+
+def _mtimes(folder) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def test_train_from_models_runs_every_stage_then_skips_them(llama, tmp_path):
+    model, text = llama
+    out = str(tmp_path / "head.zarr")
+    args = ["train", "--upper", str(model), "--text", str(text), "-o", out, "--workers", "8", "--epochs", "2",
+            "--scheduler", "synchronous", "--int8", "--json", "-q"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    first = json.loads(res.output)
+    assert [s["status"] for s in first["stages"]] == ["ran", "ran", "ran", "ran"]
+    pairs = PairsStore.open(default_pairs_path(out))
+    a = AdapterStore.open(out)
+    assert pairs.rows > 100 and pairs.provenance["settings"]["target"] == "logits"
+    assert (a.d_in, a.d_out) == (pairs.d_in, pairs.d_out) == (32, 300)
+    assert a.complete and a.attrs()["gates"]["complete"] and a.attrs()["int8"]["complete"]
+    assert a.attrs()["fit"]["pairs"]["rows"] == pairs.rows
+
+    before = {**_mtimes(out), **_mtimes(pairs.url)}
+    res = CliRunner().invoke(main, args[:-2])  # again, text summary
+    assert res.exit_code == 0, res.output
+    assert res.stdout.count(": skipped (") == 4 and "0 stage(s) run, 4 skipped" in res.stdout
+    assert {**_mtimes(out), **_mtimes(pairs.url)} == before  # nothing was rewritten
+
+
+def test_collect_resumes_and_a_grown_store_is_refitted(llama, tmp_path):
+    model, text = llama
+    out = str(tmp_path / "a.zarr")
+    cfg = TrainConfig(collect=CollectSpec(max_tokens=150), **SMALL)
+    r1 = train(model, None, [text], out, config=cfg)
+    rows1 = PairsStore.open(default_pairs_path(out)).rows
+    assert r1.stage("collect").status == "ran" and r1.stage("fit").status == "ran"
+    assert train(model, None, [text], out, config=cfg).stage("collect").status == "skipped"  # the cap is reached
+
+    r2 = train(model, None, [text], out, config=TrainConfig(collect=CollectSpec(max_tokens=300), **SMALL))
+    rows2 = PairsStore.open(default_pairs_path(out)).rows
+    assert rows2 > rows1
+    assert r2.stage("collect").status == "resumed" and r2.stage("collect").detail["rows_added"] == rows2 - rows1
+    assert r2.stage("fit").status == "ran" and "grew" in r2.stage("fit").detail["reason"]
+    assert AdapterStore.open(out).attrs()["fit"]["pairs"]["rows"] == rows2
+    assert r2.stage("gates").status == "ran"
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_gate_training_resumes(synth_pairs, tmp_path):
+    out = str(tmp_path / "a.zarr")
+    cfg = TrainConfig(**{**SMALL, "epochs": 3}, int8=True)
+    from contextlib import contextmanager
+
+    @contextmanager
+    def stop_in_gates(stage):
+        def tick(done, total):
+            if stage == "gates" and done > total / 2:  # in epoch 2 of 3: epoch 1 is saved
+                raise _Interrupt
+        yield tick
+
+    with pytest.raises(_Interrupt):
+        train(None, None, None, out, pairs=synth_pairs, config=cfg, progress=stop_in_gates)
+    a = AdapterStore.open(out)
+    assert a.complete and not a.attrs()["gates"]["complete"]
+    r = train(None, None, None, out, pairs=synth_pairs, config=cfg)
+    assert [s.status for s in r.stages] == ["skipped", "skipped", "resumed", "ran"]
+    assert r.stage("gates").detail["epochs_run"] == 3
+    # other gate settings restart the training (the tiles stay)
+    r = train(None, None, None, out, pairs=synth_pairs, config=TrainConfig(**{**SMALL, "epochs": 1}, sparsity=0.5))
+    assert [s.status for s in r.stages] == ["skipped", "skipped", "ran", "off"]
+    assert AdapterStore.open(out).attrs()["gates"]["settings"]["sparsity"] == 0.5
+    assert "train → " in format_train(r)
+
+
+def test_refuses_what_it_cannot_resume(synth_pairs, tmp_path):
+    out = str(tmp_path / "a.zarr")
+    with pytest.raises(DataError, match="no pairs store"):
+        train(None, None, None, out, pairs=str(tmp_path / "missing.zarr"))
+    with pytest.raises(DataError, match="different stores"):
+        train(None, None, None, synth_pairs, pairs=synth_pairs)
+    train(None, None, None, out, pairs=synth_pairs, config=TrainConfig(**SMALL))
+    with pytest.raises(StoreError, match="--overwrite"):
+        train(None, None, None, out, pairs=synth_pairs, config=TrainConfig(**{**SMALL, "mode": "independent"}))
+    r = train(None, None, None, out, pairs=synth_pairs, config=TrainConfig(**{**SMALL, "mode": "independent"}),
+              overwrite=True)
+    assert r.stage("fit").status == "ran" and AdapterStore.open(out).mode == "independent"
+    res = CliRunner().invoke(main, ["train", "--upper", "m", "-o", out])
+    assert res.exit_code == 2 and "--text" in res.output
+
+
+def test_demo_like_run_reports_sane_values(synth_pairs, tmp_path):
+    out = tmp_path / "demo"
+    fast = {"repeats": 1, "hit_tokens": 3, "budgets": (0.25, 1.0), "batch": 16, "svd_points": 4}
+    res = demo(out, pairs=synth_pairs, workers=8, epochs=2, bench_options=fast)
+    assert sorted(res) == ["benchmark", "files", "out", "pairs", "pairs_from", "seconds", "train"]
+    assert [s["status"] for s in res["train"]["stages"]] == ["skipped", "ran", "ran", "ran"]
+    b = res["benchmark"]
+    assert b["gates"]["trained"] and b["gates"]["sparsity"] == 0.3 and b["quants"] == ["fp32", "int8"]
+    rows = {(r["method"], r["sparsity"], r["quant"], r["mode"]): r for r in b["rows"]}
+    dense = rows[("dense", None, "fp32", None)]
+    assert dense["rel_err"] == pytest.approx(AdapterStore.open(out / "adapter.zarr").attrs()["metrics"]["combined"]
+                                             ["rel_err"], abs=1e-6)
+    assert b["checks"]["uniform_rho1_vs_dense_rel_err_diff"] < 1e-5  # the runtime's exactness at ρ = 1
+    for rho in (0.1, 0.3, 0.5, 1.0):
+        f32, i8 = rows[("adapter", rho, "fp32", "parallel")], rows[("adapter", rho, "int8", "parallel")]
+        assert 0 < f32["rel_err"] < 1.5 and -1 < f32["r2"] <= 1
+        assert i8["output_vs_fp32"] < 2e-2 and abs(i8["rel_err"] - f32["rel_err"]) < 2e-2
+        assert rows[("adapter", rho, "fp32", "serial")]["rel_err"] == f32["rel_err"]
+    assert rows[("adapter", 0.1, "fp32", "parallel")]["active_bytes"] < rows[("adapter", 1.0, "fp32", "parallel")][
+        "active_bytes"]
+    assert [c["sparsity"] for c in b["hit_rate"]] == [0.3, 0.3]
+    assert Path(res["files"]["results"]).read_text().startswith("## Benchmark")
+    assert json.loads(Path(res["files"]["json"]).read_text())["rows"]
+    assert all(os.path.getsize(p) > 5000 for p in res["files"]["plots"])
+    text = format_demo(res)
+    for word in ("quality on", "memory at ρ = 0.3", "speed at ρ = 0.3", "cache hit rate", "wrote"):
+        assert word in text
+    again = demo(out, pairs=synth_pairs, workers=8, epochs=2, bench_options=fast)
+    assert [s["status"] for s in again["train"]["stages"]] == ["skipped"] * 4
+    assert np.isfinite(again["benchmark"]["rows"][0]["rel_err"])

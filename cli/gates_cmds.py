@@ -12,7 +12,14 @@ import math
 import click
 
 from cli.progress import bar, quiet_option
-from prismoe_store import gates as G
+from prismoe_store import gate_settings as S
+
+
+def _gates():
+    """The training module, imported on use (it needs torch)."""
+    from prismoe_store import gates
+
+    return gates
 
 
 def _json(obj) -> str:
@@ -47,14 +54,14 @@ def _split_options(f):
 
 
 def _common_options(f):
-    f = click.option("--max-tile-mb", type=click.FloatRange(min=1), default=G.DEFAULT_MAX_TILE_BYTES / 2**20,
+    f = click.option("--max-tile-mb", type=click.FloatRange(min=1), default=S.DEFAULT_MAX_TILE_BYTES / 2**20,
                      show_default=True, help="Memory budget for the tiles (held whole) and one minibatch.")(f)
     f = click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, ...")(f)
     return f
 
 
 def _training_options(f):
-    d = G.GateSettings
+    d = S.GateSettings
     for name, typ, default, hlp in reversed([
         ("--epochs", click.IntRange(min=0), d.epochs, "Maximum passes over the training rows."),
         ("--lr", click.FloatRange(min=0, min_open=True), d.lr, "Adam learning rate."),
@@ -73,10 +80,10 @@ def _training_options(f):
 @click.command("fit-gates")
 @click.argument("adapter")
 @click.argument("pairs")
-@click.option("--sparsity", type=click.FloatRange(0, 1, min_open=True), default=G.GateSettings.sparsity,
+@click.option("--sparsity", type=click.FloatRange(0, 1, min_open=True), default=S.GateSettings.sparsity,
               show_default=True, help="ρ: share of each pipe's active tiles a token uses (K = round(ρ·n)).")
 @_training_options
-@click.option("--init", type=click.Choice(G.INITS), default=G.GateSettings.init, show_default=True,
+@click.option("--init", type=click.Choice(S.INITS), default=S.GateSettings.init, show_default=True,
               help="Gate initialisation (see docs/gates.md).")
 @_split_options
 @click.option("--restart", is_flag=True, help="Start over instead of resuming a saved run.")
@@ -90,7 +97,7 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
     Resumes from the last saved epoch when re-run with the same settings (--epochs may grow).
     """
     with bar("fit-gates", quiet=quiet, unit="row") as progress:
-        r = G.fit_gates(adapter, pairs, sparsity=sparsity, epochs=epochs, lr=lr, batch_size=batch_size,
+        r = _gates().fit_gates(adapter, pairs, sparsity=sparsity, epochs=epochs, lr=lr, batch_size=batch_size,
                         balance_coef=balance_coef, z_loss_coef=z_loss_coef, temperature=temperature, init=init,
                         patience=patience, holdout=holdout, seed=seed, restart=restart, device=device,
                         max_tile_bytes=int(max_tile_mb * 2**20), progress=progress)
@@ -163,13 +170,13 @@ def routing_cmd(adapter, pairs, sparsity, no_quality, max_rows, holdout, seed, d
                 as_json, quiet):
     """Routing statistics and held-out quality of ADAPTER's trained gates on PAIRS."""
     with bar("routing", quiet=quiet, unit="row") as progress:
-        report = G.routing_report(adapter, pairs, sparsity=sparsity, quality=not no_quality, holdout=holdout,
+        report = _gates().routing_report(adapter, pairs, sparsity=sparsity, quality=not no_quality, holdout=holdout,
                                   seed=seed, max_rows=max_rows, device=device,
                                   max_tile_bytes=int(max_tile_mb * 2**20), progress=progress)
     if plot_dir:
-        report["plots"] = G.plot_routing(report, plot_dir)
+        report["plots"] = _gates().plot_routing(report, plot_dir)
         if "quality" in report:
-            report["plots"].append(G.plot_quality(report["quality"], plot_dir))
+            report["plots"].append(_gates().plot_quality(report["quality"], plot_dir))
     if as_json:
         click.echo(_json(report))
         return
@@ -181,7 +188,7 @@ def routing_cmd(adapter, pairs, sparsity, no_quality, max_rows, holdout, seed, d
 @click.command("gates")
 @click.argument("adapter")
 @click.argument("pairs")
-@click.option("--sparsities", default=",".join(map(str, G.SPARSITIES)), show_default=True, callback=_sparsities,
+@click.option("--sparsities", default=",".join(map(str, S.SPARSITIES)), show_default=True, callback=_sparsities,
               help="Comma-separated ρ values; one gate is trained per value.")
 @_training_options
 @click.option("--max-eval-rows", type=click.IntRange(min=1), default=None, help="Cap on held-out rows per evaluation.")
@@ -198,13 +205,13 @@ def bench_gates_cmd(adapter, pairs, sparsities, epochs, lr, batch_size, balance_
     Trains one gate per ρ in memory; ADAPTER is not changed.
     """
     with bar("benchmark gates", quiet=quiet, unit="row") as progress:
-        q = G.benchmark_gates(adapter, pairs, sparsities=sparsities, epochs=epochs, lr=lr, batch_size=batch_size,
+        q = _gates().benchmark_gates(adapter, pairs, sparsities=sparsities, epochs=epochs, lr=lr, batch_size=batch_size,
                               balance_coef=balance_coef, z_loss_coef=z_loss_coef, temperature=temperature,
                               patience=patience, holdout=holdout, seed=seed, device=device,
                               max_tile_bytes=int(max_tile_mb * 2**20), max_eval_rows=max_eval_rows,
                               progress=progress)
     if plot_dir:
-        q["plots"] = [G.plot_quality(q, plot_dir)]
+        q["plots"] = [_gates().plot_quality(q, plot_dir)]
     if as_json:
         click.echo(_json(q))
         return

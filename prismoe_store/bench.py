@@ -150,19 +150,16 @@ class _HostTiles:
 
     ``uniform=True`` hides the gates (the runtime then uses a uniform gate)."""
 
-    def __init__(self, adapter: AdapterStore, *, int8: bool, uniform: bool = False, _shared=None):
+    def __init__(self, adapter: AdapterStore, *, int8: bool, uniform: bool = False):
         self.d_in, self.d_out, self.mode = adapter.d_in, adapter.d_out, adapter.mode
         self.alphas, self.grids = adapter.alphas, adapter.grids
         attrs = adapter.attrs()
         self._attrs = {k: v for k, v in attrs.items() if not (uniform and k == "gates")}
-        if _shared is not None:
-            self._fp32, self._int8, self._gates = _shared
-        else:
-            with reading(f"tiles of {adapter.url}"):
-                self._fp32 = [np.asarray(adapter.tiles(p)[...]) for p in range(adapter.n_pipes)]
-                self._int8 = ([tuple(np.asarray(a[...]) for a in adapter.int8_arrays(p)) for p in range(adapter.n_pipes)]
-                              if int8 else None)
-            self._gates = [adapter.read_gate(p) for p in range(adapter.n_pipes)]
+        with reading(f"tiles of {adapter.url}"):
+            self._fp32 = [np.asarray(adapter.tiles(p)[...]) for p in range(adapter.n_pipes)]
+            self._int8 = ([tuple(np.asarray(a[...]) for a in adapter.int8_arrays(p)) for p in range(adapter.n_pipes)]
+                          if int8 else None)
+        self._gates = [adapter.read_gate(p) for p in range(adapter.n_pipes)]
         self._uniform = uniform
 
     def uniform(self) -> "_HostTiles":
@@ -258,11 +255,11 @@ class _Svd:
 
     def factors(self, w: np.ndarray, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A [d_out, r], B [r, d_in])`` float32 with ``W_r = A B``."""
-        basis = self.basis[:, :rank]  # [k, r]
-        wt = torch.from_numpy(w).double()
+        basis = self.basis[:, :rank].float()  # [k, r]
+        wt = torch.from_numpy(w)
         if self.right:
-            return (wt @ basis).float(), basis.T.float().contiguous()
-        return basis.float().contiguous(), (basis.T @ wt).float()
+            return wt @ basis, basis.T.contiguous()
+        return basis.contiguous(), basis.T @ wt
 
 
 def svd_rank(active_bytes: int, d_in: int, d_out: int, itemsize: int = 4) -> int:
@@ -403,39 +400,18 @@ def benchmark_adapter(adapter, pairs, config: BenchConfig | None = None, *, prog
 
 def _benchmark(adapter, pairs, cfg: BenchConfig, progress: Progress | None) -> dict:
     t_start = time.perf_counter()
-    if not isinstance(adapter, AdapterStore):
-        adapter = AdapterStore.open(adapter)
-    if not adapter.complete:
-        raise IncompleteStoreError(f"adapter {adapter.url} is not finished: re-run `prismoe fit` to complete it")
-    if not isinstance(pairs, PairsStore):
-        pairs = PairsStore.open(pairs)
-    if (pairs.d_in, pairs.d_out) != (adapter.d_in, adapter.d_out):
-        raise DataError(f"pairs are {pairs.d_in}→{pairs.d_out} but the adapter maps {adapter.d_in}→{adapter.d_out}")
-    try:
-        device = torch.device(cfg.device)
-    except (RuntimeError, TypeError) as e:
-        raise DataError(f"bad device {cfg.device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError("device 'cuda' asked for but CUDA is not available")
+    adapter, pairs, device = _open(adapter, pairs, cfg.device)
     m, n = adapter.d_in, adapter.d_out
     grids = adapter.grids
     quants = [q for q in cfg.quants if q == "fp32" or int8_ready(adapter)]
     logits = targets_are_logits(pairs.provenance) if cfg.logits is None else bool(cfg.logits)
-
     x, z, split = _read_heldout(adapter, pairs, cfg.max_rows)
     held = _Heldout(x, z, device, logits, cfg.eval_batch)
     xb = torch.from_numpy(np.resize(x, (cfg.batch, m))).to(device)  # the throughput batch (rows cycled if few)
-    x1 = xb[:1]
-
+    bench = _Bench(held=held, x1=xb[:1], xb=xb, cfg=cfg, device=device, dense_bytes=4 * m * n)
     steps = 2 + len(cfg.sparsities) * (1 + 2 * len(quants) * len(cfg.modes)) + len(cfg.budgets) * len(cfg.hit_rhos())
-    done = [0]
+    bench.ticker(progress, steps)
 
-    def tick(k: int = 1) -> None:
-        done[0] += k
-        if progress:
-            progress(min(done[0], steps), steps)
-
-    tick(0)
     # the tiles' source: host RAM (read once) or the store
     tile_bytes = sum(g.d_out_pad * g.d_in_pad for g in grids) * (5 if "int8" in quants else 4)
     in_ram = tile_bytes <= HOST_TILES_LIMIT if cfg.tiles_in_ram is None else cfg.tiles_in_ram
@@ -444,115 +420,17 @@ def _benchmark(adapter, pairs, cfg: BenchConfig, progress: Progress | None) -> d
     has_gates = all(adapter.read_gate(p) is not None for p in range(adapter.n_pipes))
     gate_info = (adapter.attrs().get("gates") or {}).get("settings") or {}
 
-    # 1. dense
     w = dense_matrix(adapter)
-    wd = torch.from_numpy(w).to(device)
-    dense = lambda t: F.linear(t, wd)  # noqa: E731
-    rows: list[dict] = []
-    dense_bytes = 4 * m * n
-    q = held.score(dense)
-    sp = _speed(dense, dense, x1, xb, cfg.repeats)
-    sp.update(latency_vs_dense=1.0, throughput_vs_dense=1.0)  # by definition (the ratio of dense to itself is noise)
-    rows.append({"method": "dense", "label": "dense F.linear", "sparsity": None, "quant": "fp32", "mode": None,
-                 "rank": None, **q, **sp, "active_bytes": dense_bytes, "active_vs_dense": 1.0,
-                 "peak_cache_bytes": None, "hit_rate": None})
-    tick()
-
-    # 2. truncated SVD at the adapter's fp32 active bytes of each ρ, and a curve over ranks
-    svd = _Svd.of(w)
-    k_max = min(m, n)
-    ranks = sorted({int(r) for r in np.unique(np.geomspace(1, k_max, cfg.svd_points).round())} | {k_max})
-    curve = []
-    for r in ranks:
-        a_, b_ = (t.to(device) for t in svd.factors(w, r))
-        s = held.score(lambda t: F.linear(F.linear(t, b_), a_))
-        curve.append({"rank": r, "active_bytes": 4 * r * (m + n), "rel_err": s["rel_err"], "r2": s["r2"]})
-    tick()
-    for rho in cfg.sparsities:
-        budget = active_bytes(grids, rho, "fp32")
-        r = svd_rank(budget, m, n)
-        a_, b_ = (t.to(device) for t in svd.factors(w, r))
-        fn = lambda t, a_=a_, b_=b_: F.linear(F.linear(t, b_), a_)  # noqa: E731
-        q = held.score(fn)
-        sp = _speed(fn, dense, x1, xb, cfg.repeats)
-        rows.append({"method": "svd", "label": f"svd r={r} (bytes of ρ={rho:g})", "sparsity": rho, "quant": "fp32",
-                     "mode": None, "rank": r, **q, **sp, "active_bytes": 4 * r * (m + n),
-                     "active_vs_dense": 4 * r * (m + n) / dense_bytes, "adapter_bytes": budget,
-                     "peak_cache_bytes": None, "hit_rate": None})
-        tick()
-
-    # 3. the adapter: ρ × quant × mode
-    checks: dict = {"serial_vs_parallel_max_rel_diff": 0.0}
-    x_sub = held.x[: cfg.eval_batch]  # rows on which INT8 outputs are compared with fp32 ones
-    y_fp32: dict[float, torch.Tensor] = {}
-    with open_runtime(uniform, device=str(device), sparsity=1.0) as rt:
-        yu = held.score(rt)
-        checks["uniform_rho1_rel_err"] = yu["rel_err"]
-        checks["uniform_rho1_vs_dense_rel_err_diff"] = abs(yu["rel_err"] - rows[0]["rel_err"])
-    for quant in quants:
-        for rho in cfg.sparsities:
-            act = active_bytes(grids, rho, quant)
-            base: dict | None = None
-            y_par = None
-            for mode in cfg.modes:
-                with open_runtime(source, device=str(device), sparsity=rho, quant=None if quant == "fp32" else quant,
-                                  mode=mode) as rt:
-                    if base is None:
-                        base = held.score(rt)  # quality, once per ρ and format (serial sums the same terms)
-                    tick()
-                    rt.cache.clear()  # one batch from a cold cache: the bytes a call of `batch` tokens needs
-                    rt.reset_stats()
-                    with torch.no_grad():
-                        y = rt(xb)
-                    cold = rt.stats()["cache"]
-                    if y_par is None:
-                        y_par = y
-                        with torch.no_grad():
-                            y_sub = rt(x_sub)
-                        if quant == "fp32":
-                            y_fp32[rho] = y_sub
-                        elif rho in y_fp32:
-                            ref = y_fp32[rho]
-                            base = {**base, "output_vs_fp32": float(torch.linalg.norm(y_sub - ref)
-                                                                    / torch.linalg.norm(ref).clamp_min(1e-30))}
-                    else:
-                        diff = float((y - y_par).abs().max() / y_par.abs().max().clamp_min(1e-30))
-                        checks["serial_vs_parallel_max_rel_diff"] = max(checks["serial_vs_parallel_max_rel_diff"], diff)
-                    rt.reset_stats()
-                    sp = _speed(rt, dense, x1, xb, cfg.repeats)  # warms, then times the steady state
-                    c = rt.stats()["cache"]
-                    rows.append({"method": "adapter", "label": f"adapter ρ={rho:g} {quant} {mode}", "sparsity": rho,
-                                 "quant": quant, "mode": mode, "rank": None, **base, **sp, "active_bytes": act,
-                                 "active_vs_dense": act / dense_bytes, "peak_cache_bytes": cold["peak_bytes"],
-                                 "batch_bytes_loaded": cold["bytes_loaded"], "hit_rate": c["hit_rate"],
-                                 "peak_cache_bytes_timed": c["peak_bytes"], "cache_budget_bytes": c["budget_bytes"]})
-                    tick()
+    rows = [bench.dense_row(w)]
+    svd_rows, curve = bench.svd_rows(w, grids)
+    adapter_rows, checks = bench.adapter_rows(source, uniform, grids, quants)
+    rows += svd_rows + adapter_rows
     _mark_pareto(rows)
-
-    # 4. hit rate against the cache budget, one held-out token a call
-    sweep = []
-    with open_runtime(source, device=str(device), sparsity=1.0) as rt:
-        total = rt.total_bytes
-        biggest = max(rt.entry_bytes(p) for p in range(len(grids)))
-    tokens = np.resize(x, (2 * cfg.hit_tokens, m))
-    for rho in cfg.hit_rhos():
-        for share in cfg.budgets:
-            budget = max(biggest, int(share * total))
-            with open_runtime(source, device=str(device), sparsity=rho, cache_bytes=budget) as rt:
-                for t in range(cfg.hit_tokens):
-                    rt(tokens[t:t + 1])
-                rt.reset_stats()
-                for t in range(cfg.hit_tokens, 2 * cfg.hit_tokens):
-                    rt(tokens[t:t + 1])
-                c = rt.stats()["cache"]
-            sweep.append({"sparsity": rho, "share": share, "budget_bytes": budget, "hit_rate": c["hit_rate"],
-                          "bytes_loaded_per_token": c["bytes_loaded"] / cfg.hit_tokens, "peak_bytes": c["peak_bytes"]})
-            tick()
+    sweep = bench.hit_sweep(source, x, grids)
 
     fit_metrics = (adapter.attrs().get("metrics") or {}).get("combined")
     if fit_metrics:
         checks["fit_combined_rel_err"] = fit_metrics.get("rel_err")
-    gate_bytes = sum(4 * g.workers * (m + 1) for g in grids)
     return {
         "adapter": adapter.url, "pairs": pairs.url, "device": str(device), "threads": torch.get_num_threads(),
         "shape": {"d_in": m, "d_out": n, "mode": adapter.mode, "alphas": adapter.alphas,
@@ -564,11 +442,171 @@ def _benchmark(adapter, pairs, cfg: BenchConfig, progress: Progress | None) -> d
         "tiles_from": "host RAM" if in_ram else "store",
         "config": {**asdict(cfg), "hit_sparsities": list(cfg.hit_rhos())},
         "quants": quants, "rows": rows, "svd_curve": curve, "hit_rate": sweep, "checks": checks,
-        "memory": {"dense_bytes": dense_bytes, "tiles_bytes_fp32": total,
-                   "tiles_bytes_int8": sum(g.active_count * (g.tile_out * g.tile_in + 4 * g.tile_out) for g in grids),
-                   "gate_bytes": gate_bytes, "peak_rss_bytes": _peak_rss()},
+        "memory": {"dense_bytes": 4 * m * n, "tiles_bytes_fp32": active_bytes(grids, 1.0, "fp32"),
+                   "tiles_bytes_int8": active_bytes(grids, 1.0, "int8"),
+                   "gate_bytes": sum(4 * g.workers * (m + 1) for g in grids), "peak_rss_bytes": _peak_rss()},
         "seconds": time.perf_counter() - t_start,
     }
+
+
+def _open(adapter, pairs, device) -> tuple[AdapterStore, PairsStore, torch.device]:
+    if not isinstance(adapter, AdapterStore):
+        adapter = AdapterStore.open(adapter)
+    if not adapter.complete:
+        raise IncompleteStoreError(f"adapter {adapter.url} is not finished: re-run `prismoe fit` to complete it")
+    if not isinstance(pairs, PairsStore):
+        pairs = PairsStore.open(pairs)
+    if (pairs.d_in, pairs.d_out) != (adapter.d_in, adapter.d_out):
+        raise DataError(f"pairs are {pairs.d_in}→{pairs.d_out} but the adapter maps {adapter.d_in}→{adapter.d_out}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DataError(f"bad device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError("device 'cuda' asked for but CUDA is not available")
+    return adapter, pairs, dev
+
+
+@dataclass
+class _Bench:
+    """One benchmark run's shared inputs; each method's rows come from one method below."""
+
+    held: _Heldout  # the evaluated held-out rows
+    x1: torch.Tensor  # [1, M]: the latency input
+    xb: torch.Tensor  # [batch, M]: the throughput input
+    cfg: BenchConfig  # what to measure
+    device: torch.device  # where everything runs
+    dense_bytes: int  # bytes of the dense matrix
+    dense: Callable | None = None  # dense F.linear (set by dense_row)
+    _tick: Callable[[], None] = lambda: None
+
+    def ticker(self, progress: Progress | None, steps: int) -> None:
+        done = [0]
+
+        def tick() -> None:
+            done[0] += 1
+            if progress:
+                progress(min(done[0], steps), steps)
+
+        self._tick = tick
+        if progress:
+            progress(0, steps)
+
+    def speed(self, fn) -> dict:
+        return _speed(fn, self.dense, self.x1, self.xb, self.cfg.repeats)
+
+    def dense_row(self, w: np.ndarray) -> dict:
+        """The dense matrix as one ``F.linear``."""
+        wd = torch.from_numpy(w).to(self.device)
+        self.dense = lambda t: F.linear(t, wd)
+        sp = self.speed(self.dense)
+        sp.update(latency_vs_dense=1.0, throughput_vs_dense=1.0)  # by definition (dense against itself is noise)
+        row = {"method": "dense", "label": "dense F.linear", "sparsity": None, "quant": "fp32", "mode": None,
+               "rank": None, **self.held.score(self.dense), **sp, "active_bytes": self.dense_bytes,
+               "active_vs_dense": 1.0, "peak_cache_bytes": None, "hit_rate": None}
+        self._tick()
+        return row
+
+    def svd_rows(self, w: np.ndarray, grids) -> tuple[list[dict], list[dict]]:
+        """Truncated SVDs with the adapter's fp32 active bytes at each ρ, and a quality curve over ranks."""
+        n, m = w.shape
+        svd = _Svd.of(w)
+        k_max = min(m, n)
+        curve = []
+        for r in sorted({int(v) for v in np.geomspace(1, k_max, self.cfg.svd_points).round()} | {k_max}):
+            a_, b_ = (t.to(self.device) for t in svd.factors(w, r))
+            s = self.held.score(lambda t: F.linear(F.linear(t, b_), a_))
+            curve.append({"rank": r, "active_bytes": 4 * r * (m + n), "rel_err": s["rel_err"], "r2": s["r2"]})
+        self._tick()
+        rows = []
+        for rho in self.cfg.sparsities:
+            budget = active_bytes(grids, rho, "fp32")
+            r = svd_rank(budget, m, n)
+            a_, b_ = (t.to(self.device) for t in svd.factors(w, r))
+            fn = lambda t, a_=a_, b_=b_: F.linear(F.linear(t, b_), a_)  # noqa: E731
+            rows.append({"method": "svd", "label": f"svd r={r} (bytes of ρ={rho:g})", "sparsity": rho,
+                         "quant": "fp32", "mode": None, "rank": r, **self.held.score(fn), **self.speed(fn),
+                         "active_bytes": 4 * r * (m + n), "active_vs_dense": 4 * r * (m + n) / self.dense_bytes,
+                         "adapter_bytes": budget, "peak_cache_bytes": None, "hit_rate": None})
+            self._tick()
+        return rows, curve
+
+    def adapter_rows(self, source, uniform, grids, quants) -> tuple[list[dict], dict]:
+        """The runtime at each ρ × tile format × pipe mode, and the exactness checks."""
+        cfg, held, dev = self.cfg, self.held, str(self.device)
+        checks: dict = {"serial_vs_parallel_max_rel_diff": 0.0}
+        with open_runtime(uniform, device=dev, sparsity=1.0) as rt:
+            yu = held.score(rt)
+        dense_err = held.score(self.dense)["rel_err"]
+        checks["uniform_rho1_rel_err"] = yu["rel_err"]
+        checks["uniform_rho1_vs_dense_rel_err_diff"] = abs(yu["rel_err"] - dense_err)
+        x_sub = held.x[: cfg.eval_batch]  # rows on which INT8 outputs are compared with fp32 ones
+        y_fp32: dict[float, torch.Tensor] = {}
+        rows = []
+        for quant in quants:
+            for rho in cfg.sparsities:
+                base: dict | None = None
+                y_first = None
+                for mode in cfg.modes:
+                    with open_runtime(source, device=dev, sparsity=rho, quant=None if quant == "fp32" else quant,
+                                      mode=mode) as rt:
+                        if base is None:
+                            base = held.score(rt)  # quality, once per ρ and format (serial sums the same terms)
+                        self._tick()
+                        rt.cache.clear()  # one batch from a cold cache: the bytes a call of `batch` tokens needs
+                        rt.reset_stats()
+                        with torch.no_grad():
+                            y = rt(self.xb)
+                        cold = rt.stats()["cache"]
+                        if y_first is None:
+                            y_first = y
+                            with torch.no_grad():
+                                y_sub = rt(x_sub)
+                            if quant == "fp32":
+                                y_fp32[rho] = y_sub
+                            elif rho in y_fp32:
+                                ref = y_fp32[rho]
+                                base = {**base, "output_vs_fp32": float(torch.linalg.norm(y_sub - ref)
+                                                                        / torch.linalg.norm(ref).clamp_min(1e-30))}
+                        else:
+                            diff = float((y - y_first).abs().max() / y_first.abs().max().clamp_min(1e-30))
+                            checks["serial_vs_parallel_max_rel_diff"] = max(
+                                checks["serial_vs_parallel_max_rel_diff"], diff)
+                        rt.reset_stats()
+                        sp = self.speed(rt)  # warms, then times the steady state
+                        c = rt.stats()["cache"]
+                    act = active_bytes(grids, rho, quant)
+                    rows.append({"method": "adapter", "label": f"adapter ρ={rho:g} {quant} {mode}", "sparsity": rho,
+                                 "quant": quant, "mode": mode, "rank": None, **base, **sp, "active_bytes": act,
+                                 "active_vs_dense": act / self.dense_bytes, "peak_cache_bytes": cold["peak_bytes"],
+                                 "batch_bytes_loaded": cold["bytes_loaded"], "hit_rate": c["hit_rate"],
+                                 "peak_cache_bytes_timed": c["peak_bytes"], "cache_budget_bytes": c["budget_bytes"]})
+                    self._tick()
+        return rows, checks
+
+    def hit_sweep(self, source, x: np.ndarray, grids) -> list[dict]:
+        """Hit rate against the cache budget, one held-out token a call (the first half warms the cache)."""
+        cfg, dev = self.cfg, str(self.device)
+        with open_runtime(source, device=dev, sparsity=1.0) as rt:
+            total = rt.total_bytes
+            biggest = max(rt.entry_bytes(p) for p in range(len(grids)))
+        tokens = np.resize(x, (2 * cfg.hit_tokens, x.shape[1]))
+        sweep = []
+        for rho in cfg.hit_rhos():
+            for share in cfg.budgets:
+                budget = max(biggest, int(share * total))
+                with open_runtime(source, device=dev, sparsity=rho, cache_bytes=budget) as rt:
+                    for t in range(cfg.hit_tokens):
+                        rt(tokens[t:t + 1])
+                    rt.reset_stats()
+                    for t in range(cfg.hit_tokens, 2 * cfg.hit_tokens):
+                        rt(tokens[t:t + 1])
+                    c = rt.stats()["cache"]
+                sweep.append({"sparsity": rho, "share": share, "budget_bytes": budget, "hit_rate": c["hit_rate"],
+                              "bytes_loaded_per_token": c["bytes_loaded"] / cfg.hit_tokens,
+                              "peak_bytes": c["peak_bytes"]})
+                self._tick()
+        return sweep
 
 
 def _peak_rss() -> int:

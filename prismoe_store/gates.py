@@ -52,72 +52,13 @@ from .grid import GridSpec
 from .pairs import PairsStore, holdout_mask
 from .routing import Routing, active_mask, balance_loss, k_for, route, z_loss
 from .stores import create_chunked, reading
+from .gate_settings import DEFAULT_MAX_TILE_BYTES, INITS, SPARSITIES, GateSettings
 
 Progress = Callable[[int, int], None]
-DEFAULT_MAX_TILE_BYTES = 1 << 30  # tiles held in memory for training/statistics (all pipes)
 WORK_BYTES = 128 << 20  # bytes of per-tile partial products computed at a time (statistics, init)
-SPARSITIES = (0.1, 0.3, 0.5, 1.0)  # the quality report's sparsities
 LSTSQ_MAX_BYTES = 256 << 20  # largest float64 training set the dense lstsq baseline loads
-INITS = ("gain", "energy", "zero")
 _STATE = "_gates_training"  # adapter group holding the resumable training state
 _HIST_BINS = 20  # bins of the per-token histograms (normalized entropy, energy share)
-
-
-# -- settings ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GateSettings:
-    """Gate-training settings (stored in the adapter's ``gates`` attribute).
-
-    >>> GateSettings(sparsity=0.5).k(16)
-    8
-    """
-
-    sparsity: float = 0.3  # ρ: share of the active workers each token uses (K = round(ρ·n))
-    temperature: float = 1.0  # softmax temperature of the selected scores (training and runtime)
-    epochs: int = 30  # maximum passes over the training rows
-    lr: float = 1e-2  # Adam learning rate (the gate lives in standardized-input units)
-    batch_size: int = 256  # rows per minibatch
-    balance_coef: float = 1e-2  # weight of the load-balancing loss W·Σ f_i P_i / K
-    z_loss_coef: float = 0.0  # weight of the router z-loss (mean squared log-sum-exp)
-    init: str = "gain"  # gate initialisation: "gain" or "energy" (regressions of per-tile quantities), "zero"
-    init_rows: int = 4096  # training rows sampled for the init, the input scaling and the loss scale
-    init_scale: float = 0.01  # standard deviation of the initial scores: small, so the weights start ≈ 1
-    patience: int = 5  # epochs without held-out improvement before early stopping
-    holdout: float = 0.1  # share of rows held out (the fit's seeded split)
-    seed: int = 0  # seed of the held-out split, the init sample and the minibatch order
-
-    def __post_init__(self) -> None:
-        k_for(self.sparsity, 1)  # validates 0 < ρ <= 1
-        for name in ("temperature", "lr", "init_scale"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise DataError(f"{name} must be a positive number, got {v!r}")
-        for name in ("balance_coef", "z_loss_coef"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise DataError(f"{name} must be a non-negative number, got {v!r}")
-        for name in ("epochs", "patience", "seed"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise DataError(f"{name} must be a non-negative integer, got {v!r}")
-        for name in ("batch_size", "init_rows"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise DataError(f"{name} must be a positive integer, got {v!r}")
-        if self.init not in INITS:
-            raise DataError(f"init must be one of {INITS}, got {self.init!r}")
-        if not 0.0 < self.holdout < 1.0:
-            raise DataError(f"holdout must be in (0, 1): gates stop early on held-out rows, got {self.holdout}")
-
-    def k(self, n_active: int) -> int:
-        """``K`` for a pipe with ``n_active`` non-padding workers."""
-        return k_for(self.sparsity, n_active)
-
-    def resume_key(self) -> dict:
-        """The settings a resumed run must share with the saved one (all but epochs and patience)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("epochs", "patience")}
 
 
 # -- frozen tiles and the gated product --------------------------------------------------------

@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 import pytest
-import zarr
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from prismoe_store.adapter import AdapterStore
 from prismoe_store.errors import DataError, FitError, GridError, StoreError
@@ -240,6 +241,23 @@ def test_threads_and_local_cluster_give_the_same_adapter(pairs, tmp_path):
     for p in range(3):
         assert np.array_equal(a.dense(p), b.dense(p))
     assert a.attrs()["metrics"] == b.attrs()["metrics"]
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(block=st.sampled_from([128, 256, 384, 1500]), tasks=st.integers(1, 4), spill=st.booleans())
+def test_any_blocking_gives_the_same_fit(pairs, tmp_path_factory, block, tasks, spill):
+    """Row blocks, stripes and column groups change only the rounding, never the row sets."""
+    store, x, z = pairs
+    hold, train, _ = split(S)
+    # a budget for one task and ~10 columns of B: G (20·M² bytes), blocks (16·block·M), per column 20·M + 16·block
+    budget = 20 * M * M + 16 * block * M + 10 * (20 * M + 16 * block) if spill else None
+    a = fit(store, tmp_path_factory.mktemp("a") / "a", workers=WORKERS, ridge=0.0, block_rows=block, tasks=tasks,
+            memory_budget=budget)
+    if spill:
+        assert a.attrs()["fit"]["plan"]["group_cols"] < N
+    assert a.attrs()["fit"]["counts"] == {"train": int(train.sum()), "sub": a.attrs()["fit"]["counts"]["sub"],
+                                          "holdout": int(hold.sum())}
+    assert rel(a.dense(0), lstsq(x[train], z[train])) <= 1e-5
 
 
 def test_synchronous_scheduler_and_task_count(pairs, tmp_path):

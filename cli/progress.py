@@ -29,8 +29,7 @@ def bar(desc: str, *, quiet: bool = False, unit: str = "it") -> Iterator[Progres
             if b is not None:
                 b.close()
             b = state["bar"] = tqdm(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True)
-        b.n = done
-        b.refresh()
+        b.update(done - b.n)  # tqdm redraws at most every mininterval, so piped output stays short
 
     try:
         yield update

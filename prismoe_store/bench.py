@@ -318,7 +318,7 @@ class _Heldout:
                 if self.logits:
                     top1 += int((y.argmax(1) == z.argmax(1)).sum())
                     lz, ly = F.log_softmax(z.float(), 1), F.log_softmax(y, 1)
-                    kl += float((lz.exp() * (lz - ly)).sum(1).double().sum())
+                    kl += float((lz.exp() * (lz - ly)).sum(1).clamp_min(0).double().sum())  # ≥ 0 up to rounding
         out = {"rel_err": math.sqrt(sse / self.zsq) if self.zsq > 0 else float("nan"),
                "r2": 1.0 - sse / self.sst if self.sst > 0 else float("nan"), "top1": None, "kl": None}
         if self.logits:
@@ -408,7 +408,8 @@ def _benchmark(adapter, pairs, cfg: BenchConfig, progress: Progress | None) -> d
     x, z, split = _read_heldout(adapter, pairs, cfg.max_rows)
     held = _Heldout(x, z, device, logits, cfg.eval_batch)
     xb = torch.from_numpy(np.resize(x, (cfg.batch, m))).to(device)  # the throughput batch (rows cycled if few)
-    bench = _Bench(held=held, x1=xb[:1], xb=xb, cfg=cfg, device=device, dense_bytes=4 * m * n)
+    gate_bytes = sum(4 * g.workers * (m + 1) for g in grids)
+    bench = _Bench(held=held, x1=xb[:1], xb=xb, cfg=cfg, device=device, dense_bytes=4 * m * n, gate_bytes=gate_bytes)
     steps = 2 + len(cfg.sparsities) * (1 + 2 * len(quants) * len(cfg.modes)) + len(cfg.budgets) * len(cfg.hit_rhos())
     bench.ticker(progress, steps)
 
@@ -428,9 +429,10 @@ def _benchmark(adapter, pairs, cfg: BenchConfig, progress: Progress | None) -> d
     _mark_pareto(rows)
     sweep = bench.hit_sweep(source, x, grids)
 
-    fit_metrics = (adapter.attrs().get("metrics") or {}).get("combined")
-    if fit_metrics:
-        checks["fit_combined_rel_err"] = fit_metrics.get("rel_err")
+    fit_metrics = adapter.attrs().get("metrics") or {}
+    if fit_metrics.get("combined"):
+        checks["fit_combined_rel_err"] = fit_metrics["combined"].get("rel_err")
+        checks["fit_holdout_rows"] = fit_metrics.get("holdout_rows")
     return {
         "adapter": adapter.url, "pairs": pairs.url, "device": str(device), "threads": torch.get_num_threads(),
         "shape": {"d_in": m, "d_out": n, "mode": adapter.mode, "alphas": adapter.alphas,
@@ -444,7 +446,7 @@ def _benchmark(adapter, pairs, cfg: BenchConfig, progress: Progress | None) -> d
         "quants": quants, "rows": rows, "svd_curve": curve, "hit_rate": sweep, "checks": checks,
         "memory": {"dense_bytes": 4 * m * n, "tiles_bytes_fp32": active_bytes(grids, 1.0, "fp32"),
                    "tiles_bytes_int8": active_bytes(grids, 1.0, "int8"),
-                   "gate_bytes": sum(4 * g.workers * (m + 1) for g in grids), "peak_rss_bytes": _peak_rss()},
+                   "gate_bytes": gate_bytes, "peak_rss_bytes": _peak_rss()},
         "seconds": time.perf_counter() - t_start,
     }
 
@@ -477,7 +479,9 @@ class _Bench:
     cfg: BenchConfig  # what to measure
     device: torch.device  # where everything runs
     dense_bytes: int  # bytes of the dense matrix
+    gate_bytes: int  # bytes of every pipe's gate (fp32 [workers, d_in] + bias), read for every token
     dense: Callable | None = None  # dense F.linear (set by dense_row)
+    dense_err: float = float("nan")  # its relative error (set by dense_row)
     _tick: Callable[[], None] = lambda: None
 
     def ticker(self, progress: Progress | None, steps: int) -> None:
@@ -504,6 +508,7 @@ class _Bench:
         row = {"method": "dense", "label": "dense F.linear", "sparsity": None, "quant": "fp32", "mode": None,
                "rank": None, **self.held.score(self.dense), **sp, "active_bytes": self.dense_bytes,
                "active_vs_dense": 1.0, "peak_cache_bytes": None, "hit_rate": None}
+        self.dense_err = row["rel_err"]
         self._tick()
         return row
 
@@ -537,9 +542,8 @@ class _Bench:
         checks: dict = {"serial_vs_parallel_max_rel_diff": 0.0}
         with open_runtime(uniform, device=dev, sparsity=1.0) as rt:
             yu = held.score(rt)
-        dense_err = held.score(self.dense)["rel_err"]
         checks["uniform_rho1_rel_err"] = yu["rel_err"]
-        checks["uniform_rho1_vs_dense_rel_err_diff"] = abs(yu["rel_err"] - dense_err)
+        checks["uniform_rho1_vs_dense_rel_err_diff"] = abs(yu["rel_err"] - self.dense_err)
         x_sub = held.x[: cfg.eval_batch]  # rows on which INT8 outputs are compared with fp32 ones
         y_fp32: dict[float, torch.Tensor] = {}
         rows = []
@@ -578,7 +582,9 @@ class _Bench:
                     act = active_bytes(grids, rho, quant)
                     rows.append({"method": "adapter", "label": f"adapter ρ={rho:g} {quant} {mode}", "sparsity": rho,
                                  "quant": quant, "mode": mode, "rank": None, **base, **sp, "active_bytes": act,
-                                 "active_vs_dense": act / self.dense_bytes, "peak_cache_bytes": cold["peak_bytes"],
+                                 "active_vs_dense": act / self.dense_bytes,
+                                 "with_gates_vs_dense": (act + self.gate_bytes) / self.dense_bytes,
+                                 "peak_cache_bytes": cold["peak_bytes"],
                                  "batch_bytes_loaded": cold["bytes_loaded"], "hit_rate": c["hit_rate"],
                                  "peak_cache_bytes_timed": c["peak_bytes"], "cache_budget_bytes": c["budget_bytes"]})
                     self._tick()
@@ -668,7 +674,7 @@ def format_markdown(report: dict) -> str:
     logit_cols = h.get("logits")
     head = ["method", "rel. error", "R²"] + (["top-1", "KL"] if logit_cols else []) + ["‖Δy‖ INT8/fp32",
         "latency ×dense (b=1)", f"throughput ×dense (b={batch})", "active bytes/token", "×dense bytes",
-        f"peak cache (b={batch}, cold)", "hit rate (timed)"]
+        "×dense with gates", f"peak cache (b={batch}, cold)", "hit rate (timed)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in report["rows"]:
         cells = [r["label"] + (" ★" if r.get("pareto") else ""), _num(r["rel_err"], ".4f"), _num(r["r2"], ".4f")]
@@ -676,7 +682,8 @@ def format_markdown(report: dict) -> str:
             cells += [_num(r.get("top1"), ".3f"), _num(r.get("kl"), ".4f")]
         cells.append(_num(r.get("output_vs_fp32"), ".1e"))
         cells += [_ratio(r["latency_vs_dense"]), _ratio(r["throughput_vs_dense"]), _bytes(r["active_bytes"]),
-                  _num(r["active_vs_dense"], ".3f"), _bytes(r.get("peak_cache_bytes")), _num(r.get("hit_rate"), ".3f")]
+                  _num(r["active_vs_dense"], ".3f"), _num(r.get("with_gates_vs_dense"), ".3f"),
+                  _bytes(r.get("peak_cache_bytes")), _num(r.get("hit_rate"), ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
     if report["rows"]:
         d = report["rows"][0]
@@ -687,6 +694,11 @@ def format_markdown(report: dict) -> str:
                       "Serial rows share the parallel rows' quality (same sums, another order). "
                       "‖Δy‖ INT8/fp32: relative difference of the INT8 adapter's outputs from the fp32 "
                       "adapter's at the same ρ."]
+        gate = (report.get("memory") or {}).get("gate_bytes")
+        if gate:
+            lines[-1] += (f" Active bytes count the selected tiles; every token also reads every pipe's gate "
+                          f"({_bytes(gate)} fp32, {gate / d['active_bytes']:.3f}× the dense matrix): "
+                          "“×dense with gates” adds them.")
     if report["hit_rate"]:
         rhos = sorted({c["sparsity"] for c in report["hit_rate"]})
         shares = sorted({c["share"] for c in report["hit_rate"]})
@@ -705,7 +717,8 @@ def format_markdown(report: dict) -> str:
             parts.append(f"runtime with a uniform gate at ρ = 1: relative error {c['uniform_rho1_rel_err']:.6f} "
                          f"(dense {report['rows'][0]['rel_err']:.6f})")
         if c.get("fit_combined_rel_err") is not None:
-            parts.append(f"the fit's own held-out relative error {c['fit_combined_rel_err']:.6f}")
+            parts.append(f"the fit's own held-out relative error {c['fit_combined_rel_err']:.6f} "
+                         f"(on all its {c.get('fit_holdout_rows')} held-out rows)")
         if "serial_vs_parallel_max_rel_diff" in c:
             parts.append(f"serial vs parallel outputs differ by at most {c['serial_vs_parallel_max_rel_diff']:.1e} "
                          "(relative to max |y|)")

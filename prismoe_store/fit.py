@@ -72,6 +72,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
 
 from .adapter import MODES, AdapterStore
 from .errors import DataError, FitError, GridError, StoreError, StoreFormatError
@@ -183,6 +184,16 @@ class _Plan:
         return [(edges[i], edges[i + 1]) for i in range(t) if edges[i + 1] > edges[i]]
 
 
+def _location(url) -> str:
+    """A store URL as tasks anywhere can open it: local paths made absolute.
+
+    >>> _location("memory://x"), _location("/data/p")
+    ('memory://x', '/data/p')
+    """
+    url = str(url)
+    return url if "://" in url else os.path.abspath(url)
+
+
 def _groups(n: int, width: int) -> list[tuple[int, int]]:
     return [(c, min(n, c + width)) for c in range(0, n, width)]
 
@@ -216,14 +227,14 @@ def _make_plan(cfg: FitConfig, pairs: PairsStore, rows: int, block: int, tasks: 
     align = int(pairs.z.chunks[1])
     f64 = 8 if cfg.precision == "float64" else 0
     if cfg.solver == "cholesky":
-        # per task: 2 row sets of B (float64) and a float32 product; two blocks in flight (the one in
-        # use and the one prefetched), each read and reordered (4 float32 copies, float64 ones too)
-        per_col = 20 * m + (16 + f64) * block
-        fixed = 20 * m * m + (16 + f64) * block * m
+        # per task: 2 row sets of B (float64) and a float32 product; block buffers: one read buffer
+        # and two reordered ones (the block in use and the one prefetched), plus float64 copies
+        per_col = 20 * m + (12 + f64) * block
+        fixed = 20 * m * m + (12 + f64) * block * m
     else:
         # per task and slicing: 2 row sets of R and QᵀZ; Q of a (m+block)×m QR; stacked [QᵀZ; z]
-        per_col = n_slicings * 16 * m + 16 * (m + block) + 16 * block
-        fixed = n_slicings * 16 * m * m + 16 * (m + block) * m + 16 * block * m
+        per_col = n_slicings * 16 * m + 16 * (m + block) + 12 * block
+        fixed = n_slicings * 16 * m * m + 16 * (m + block) * m + 12 * block * m
     tasks = max(1, min(tasks, -(-rows // block)))
     while tasks > 1 and tasks * (fixed + per_col * min(n, align)) > budget:
         tasks -= 1  # fewer stripes before narrower groups: each stripe holds a whole G
@@ -289,23 +300,26 @@ class _Block:
 
 def _blocks(p: _Pass, b0: int, b1: int, rows: int, c0: int, c1: int) -> Iterator[_Block]:
     """Read, check and group the row blocks ``b0:b1`` (columns ``c0:c1`` of ``z``) in a thread, one
-    block ahead of the caller, so reading, decoding and reordering overlap the caller's products."""
+    block ahead of the caller, so reading, decoding and reordering overlap the caller's products.
+    All block-sized arrays are allocated once: one read buffer and two alternating output sets."""
     store = PairsStore.open(p.pairs_url, storage_options=p.pairs_options)
     xa, za = store.x, store.z
-    work: list[dict] = [{}, {}]  # two sets of reorder buffers, alternating between blocks
+    read_buf: dict = {}
+    work: list[dict] = [{}, {}]
 
     def prepare(b: int) -> _Block:
         s, e = b * p.block_rows, min(rows, (b + 1) * p.block_rows)
         with reading(f"rows {s}..{e} of {p.pairs_url}"):
-            x, z = xa[s:e], za[s:e, c0:c1]
-        if not (np.isfinite(x).all() and np.isfinite(z).all()):
+            x = _read_into(xa, (slice(s, e), slice(None)), _reuse(read_buf, "x", (e - s, xa.shape[1])))
+            z = _read_into(za, (slice(s, e), slice(c0, c1)), _reuse(read_buf, "z", (e - s, c1 - c0)))
+        # a float64 sum is finite exactly when every value is (finite float32 sums cannot overflow it)
+        if not (np.isfinite(np.sum(x, dtype=np.float64)) and np.isfinite(np.sum(z, dtype=np.float64))):
             return _Block(s, e, None, None, None)
         cat = _categories(p, s, e)
-        if np.any(np.diff(cat) < 0):  # group the rows by set (a stable sort keeps their order)
-            order = np.argsort(cat, kind="stable")
-            buf = work[b % 2]
-            x = np.take(x, order, axis=0, out=_reuse(buf, "x", x.shape))
-            z = np.take(z, order, axis=0, out=_reuse(buf, "z", z.shape))
+        order = np.argsort(cat, kind="stable")  # group the rows by set, keeping their order within a set
+        buf = work[b % 2]
+        x = np.take(x, order, axis=0, out=_reuse(buf, "x", x.shape), mode="clip")
+        z = np.take(z, order, axis=0, out=_reuse(buf, "z", z.shape), mode="clip")
         return _Block(s, e, x, z, np.bincount(cat, minlength=3))
 
     with ThreadPoolExecutor(1) as pool:
@@ -314,6 +328,12 @@ def _blocks(p: _Pass, b0: int, b1: int, rows: int, c0: int, c1: int) -> Iterator
             cur = nxt.result()
             nxt = pool.submit(prepare, b + 1) if b + 1 < b1 else None
             yield cur
+
+
+def _read_into(array: zarr.Array, selection: tuple, out: np.ndarray) -> np.ndarray:
+    """``array[selection]`` decoded into ``out`` (no fresh block-sized allocation per read)."""
+    array.get_basic_selection(selection, out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
+    return out
 
 
 def _reuse(buffers: dict, name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
@@ -341,7 +361,9 @@ class _Stats:
         """Add a block whose rows are grouped by set (see :class:`_Block`)."""
         self.counts += counts
         if p.precision == "float64":
-            x, z = x.astype(np.float64), z.astype(np.float64)
+            x64, z64 = _reuse(self._bufs, "x64", x.shape, np.float64), _reuse(self._bufs, "z64", z.shape, np.float64)
+            x64[...], z64[...] = x, z
+            x, z = x64, z64
         lo = 0
         for s in (SUB, REST):
             hi = lo + int(counts[s])
@@ -350,10 +372,11 @@ class _Stats:
                 if p.solver == "qr":
                     self._qr(p, s, xs, zs)
                 else:
-                    if self.g is not None:
-                        self.g[s][0] += xs.T @ xs
-                    out = _reuse(self._bufs, "p", self.b[s][0].shape, xs.dtype)
-                    self.b[s][0] += np.matmul(xs.T, zs, out=out)
+                    if self.g is not None:  # numpy computes xᵀx with syrk (the symmetric half)
+                        g_out = _reuse(self._bufs, "g", self.g[s][0].shape, xs.dtype)
+                        self.g[s][0] += np.matmul(xs.T, xs, out=g_out)
+                    b_out = _reuse(self._bufs, "p", self.b[s][0].shape, xs.dtype)
+                    self.b[s][0] += np.matmul(xs.T, zs, out=b_out)
             lo = hi
 
     def __getstate__(self) -> dict:
@@ -609,7 +632,7 @@ class _Fit:
     def __init__(self, cfg: FitConfig, pairs, adapter_url, scheduler, options, progress, overwrite):
         self.cfg = cfg
         self.pairs = pairs if isinstance(pairs, PairsStore) else PairsStore.open(str(pairs))
-        self.adapter_url = str(adapter_url)
+        self.adapter_url = _location(adapter_url)
         self.options = options or StoreOptions()
         self.progress = progress
         self.overwrite = overwrite
@@ -671,13 +694,13 @@ class _Fit:
         slicings = (0,)
         if cfg.solver == "qr" and cfg.mode == "independent":
             slicings = tuple(sorted({g.tile_in for g in grids}))
-        source = {"url": pairs.url, "rows": rows, "d_in": m, "d_out": pairs.d_out}
+        source = {"url": _location(pairs.url), "rows": rows, "d_in": m, "d_out": pairs.d_out}
         runner = _runner(self.scheduler, cfg.tasks)
         run_id = uuid.uuid4().hex if runner.local else ""  # in-process tasks tick the progress per block
         try:
             adapter, plan = self._resume(grids, source)
             block = plan.block_rows if plan else _block_rows(cfg, pairs, rows)
-            base = _Pass(pairs_url=pairs.url, pairs_options=None, adapter_url=self.adapter_url,
+            base = _Pass(pairs_url=source["url"], pairs_options=None, adapter_url=self.adapter_url,
                          adapter_options=self.options.storage_options, d_in=m, holdout=cfg.holdout, seed=cfg.seed,
                          subsample=cfg.subsample, block_rows=block, precision=cfg.precision,
                          solver=cfg.solver, slicings=slicings, run_id=run_id)
@@ -828,24 +851,24 @@ class _Fit:
             record = adapter.progress(f"fit_pipe{p + 1}", grid.rows)
             set_name, a = PIPE_SETS[p], grid.tile_out
             width = 0 if cfg.mode == "joint" else grid.tile_in
-            tiles, src = adapter.tiles(p), adapter.tiles(sources[p])
+            # write every chunk, zero tiles too (readers take a missing chunk for damage); the setting
+            # is not stored with the array, so it is set here as well as at creation
+            tiles, src = adapter.tiles(p).with_config({"write_empty_chunks": True}), adapter.tiles(sources[p])
             for r0, r1 in _band_runs(record.missing(), max(1, self._plan.group_cols // a)):
-                o0, o1 = r0 * a, min(n, r1 * a)
-                if o1 > o0:  # else: output padding only, the tiles read as zeros
-                    block = np.zeros(((r1 - r0) * a, grid.d_in_pad), np.float32)
-                    if sources[p] != p:  # the same dense solution, already written: copy it
-                        with reading(f"tiles of pipe {sources[p] + 1} in {self.adapter_url}"):
-                            block[: o1 - o0, :m] = src[o0:o1, :m]
-                    else:
-                        key = (set_name, width)
-                        if key not in factors:
-                            factors[key] = self._factors(stats, set_name, width, lams[set_name])
-                        rhs = stats.b(set_name, width if cfg.solver == "qr" else 0, o0, o1)
-                        for (c0, c1), f in zip(_slices(m, width), factors[key]):
-                            block[: o1 - o0, c0:c1] = f.solve(rhs[c0:c1]).T
-                    tiles[r0 * a:r1 * a, :] = block
-                for r in range(r0, r1):
-                    record.mark(r)
+                o0, o1 = r0 * a, min(n, r1 * a)  # o1 <= o0: output padding only, written as zeros
+                block = np.zeros(((r1 - r0) * a, grid.d_in_pad), np.float32)
+                if o1 > o0 and sources[p] != p:  # the same dense solution, already written: copy it
+                    with reading(f"tiles of pipe {sources[p] + 1} in {self.adapter_url}"):
+                        block[: o1 - o0, :m] = src[o0:o1, :m]
+                elif o1 > o0:
+                    key = (set_name, width)
+                    if key not in factors:
+                        factors[key] = self._factors(stats, set_name, width, lams[set_name])
+                    rhs = stats.b(set_name, width if cfg.solver == "qr" else 0, o0, o1)
+                    for (c0, c1), f in zip(_slices(m, width), factors[key]):
+                        block[: o1 - o0, c0:c1] = f.solve(rhs[c0:c1]).T
+                tiles[r0 * a:r1 * a, :] = block
+                record.mark_many(range(r0, r1))
                 self._tick(r1 - r0)
         return lams
 

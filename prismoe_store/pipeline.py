@@ -481,8 +481,11 @@ def format_demo(result: dict) -> str:
     if i8:
         mem.append(f"{_kib(i8['active_bytes'])} INT8 ({i8['active_vs_dense']:.2f}×; outputs within "
                    f"{i8.get('output_vs_fp32', float('nan')):.1e} of fp32)")
+    gate = b["memory"]["gate_bytes"]
+    mem.append(f"plus the gates, {_kib(gate)} read for every token ({par['with_gates_vs_dense']:.2f}× dense with them)")
     if ser:
-        mem.append(f"peak cache {_kib(par['peak_cache_bytes'])} parallel, {_kib(ser['peak_cache_bytes'])} serial")
+        mem.append(f"peak cache for {b['config']['batch']} tokens {_kib(par['peak_cache_bytes'])} parallel, "
+                   f"{_kib(ser['peak_cache_bytes'])} serial")
     lines += ["", "; ".join(mem)]
     lines.append(f"speed at ρ = {rho:g} (ratios to dense F.linear in the same run, {b['device']}, {b['threads']} "
                  f"thread(s)): latency (batch 1) {par['latency_vs_dense']:.0f}×, throughput (batch "

@@ -75,12 +75,13 @@ class QuantReport:
 
 
 def quantize_adapter(adapter: AdapterStore, progress: Callable[[int, int], None] | None = None) -> QuantReport:
-    """Write INT8 tiles and per-row scales for every pipe of ``adapter``, tile by tile, resumably.
+    """Write INT8 tiles and per-row scales for every pipe of ``adapter``, band by band, resumably.
 
-    Finished tiles are recorded in the store's progress records (``quantize_pipe{p}``), so an
-    interrupted run picks up where it stopped; the root attribute ``int8`` is written last.
-    Padding-only tiles are never read by the runtime: they are recorded without being written
-    (they read back as zeros with scale 0).
+    A band's tiles are quantized together and written in one Zarr call per array (their chunks
+    are encoded concurrently); finished tiles are recorded in the store's progress records
+    (``quantize_pipe{p}``, pipes counted from 0), so an interrupted run picks up where it
+    stopped; the root attribute ``int8`` is written last. Padding-only tiles are never read by
+    the runtime: they are recorded and not counted (they read back as zeros with scale 0).
 
     >>> import numpy as np
     >>> from prismoe_store.grid import plan_grid
@@ -92,34 +93,41 @@ def quantize_adapter(adapter: AdapterStore, progress: Callable[[int, int], None]
     """
     grids = adapter.grids
     records = [adapter.progress(f"quantize_pipe{p}", g.workers) for p, g in enumerate(grids)]
-    todo = [(p, j) for p, rec in enumerate(records) for j in rec.missing()]
+    missing = [set(rec.missing()) for rec in records]
     total = sum(g.workers for g in grids)
-    done = total - len(todo)
-    tiles = 0
-    worst = 0.0
-    bytes_fp32 = bytes_int8 = 0
-    for p, g in enumerate(grids):
-        adapter.int8_arrays(p, create=True)
+    done = total - sum(len(m) for m in missing)
+    skipped, tiles, worst, bytes_fp32, bytes_int8 = done, 0, 0.0, 0, 0
     if progress:
         progress(done, total)
-    for p, j in todo:
-        g = grids[p]
-        if not g.is_padding(j):
-            tile = adapter.read_tile(p, j)  # [a, b] float32
-            q, s = quantize_tile(tile)
-            adapter.write_tile_int8(p, j, q, s)
-            norm = float(np.linalg.norm(tile))
-            if norm > 0:
-                worst = max(worst, float(np.linalg.norm(dequantize_tile(q, s) - tile)) / norm)
-            tiles += 1
-            bytes_fp32 += tile.nbytes
-            bytes_int8 += q.nbytes + s.nbytes
-        records[p].mark(j)
-        done += 1
-        if progress:
-            progress(done, total)
+    for p, g in enumerate(grids):
+        q_arr, s_arr = adapter.int8_arrays(p, create=True)
+        for r in range(g.rows):
+            band_workers = [j for j in range(r * g.cols, (r + 1) * g.cols) if j in missing[p]]
+            if not band_workers:
+                continue
+            rows = slice(r * g.tile_out, (r + 1) * g.tile_out)
+            band = adapter.read_band(p, r)  # [a, C·b] float32
+            by_tile = band.reshape(g.tile_out, g.cols, g.tile_in)  # [a, C, b]
+            q, scales = quantize_tile(by_tile.reshape(-1, g.tile_in))  # [a·C, b], [a·C]: a row per (row, tile)
+            q_arr[rows, :] = q.reshape(g.tile_out, g.d_in_pad)
+            s_arr[rows, :] = scales.reshape(g.tile_out, g.cols)
+            live = [j for j in band_workers if not g.is_padding(j)]
+            for j in live:
+                c = j % g.cols
+                tile, norm = by_tile[:, c, :], float(np.linalg.norm(by_tile[:, c, :]))
+                if norm > 0:
+                    back = dequantize_tile(q.reshape(g.tile_out, g.cols, g.tile_in)[:, c, :],
+                                           scales.reshape(g.tile_out, g.cols)[:, c])
+                    worst = max(worst, float(np.linalg.norm(back - tile)) / norm)
+                bytes_fp32 += tile.nbytes
+                bytes_int8 += tile.size + 4 * g.tile_out
+            tiles += len(live)
+            records[p].mark_many(band_workers)
+            done += len(band_workers)
+            if progress:
+                progress(done, total)
     adapter.update_attrs(int8={"scheme": SCHEME, "complete": True})
-    return QuantReport(tiles=tiles, skipped=total - len(todo), max_rel_error=worst,
+    return QuantReport(tiles=tiles, skipped=skipped, max_rel_error=worst,
                        bytes_fp32=bytes_fp32, bytes_int8=bytes_int8)
 
 

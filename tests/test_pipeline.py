@@ -129,6 +129,21 @@ def test_refuses_what_it_cannot_resume(synth_pairs, tmp_path):
     assert res.exit_code == 2 and "--text" in res.output
 
 
+def test_sample_pairs_are_regenerated_when_missing(tmp_path, monkeypatch):
+    import prismoe_store.pipeline as pipeline
+
+    url, how = pipeline.sample_pairs(tmp_path)
+    assert how.startswith("committed") and PairsStore.open(url).rows == 3072
+    monkeypatch.setattr(pipeline, "SAMPLE_DIR", tmp_path / "nowhere")
+    url2, how2 = pipeline.sample_pairs(tmp_path)
+    assert how2.startswith("regenerated") and url2 != url
+    a, b = PairsStore.open(url), PairsStore.open(url2)
+    assert a.rows == b.rows and a.rows_per_chunk == b.rows_per_chunk
+    xa, za = a.read(2000, 2100)
+    xb, zb = b.read(2000, 2100)
+    assert np.array_equal(xa, xb) and np.array_equal(za, zb)  # the same pairs, bit for bit
+
+
 def test_demo_like_run_reports_sane_values(synth_pairs, tmp_path):
     out = tmp_path / "demo"
     fast = {"repeats": 1, "hit_tokens": 3, "budgets": (0.25, 1.0), "batch": 16, "svd_points": 4}

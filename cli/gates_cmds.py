@@ -1,6 +1,6 @@
 """``prismoe fit-gates``, ``prismoe routing`` and ``prismoe benchmark gates``: phase 2 of the adapter.
 
-:func:`format_routing` renders :func:`prismoe_store.gates.routing_report` as text; ``prismoe inspect
+:func:`format_routing` renders :func:`prismoe_store.gate_report.routing_report` as text; ``prismoe inspect
 ADAPTER --routing PAIRS`` can call the two the same way ``prismoe routing`` does.
 """
 
@@ -20,6 +20,13 @@ def _gates():
     from prismoe_store import gates
 
     return gates
+
+
+def _report():
+    """The routing / quality report module, imported on use (it needs torch)."""
+    from prismoe_store import gate_report
+
+    return gate_report
 
 
 def _json(obj) -> str:
@@ -116,7 +123,7 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
 
 
 def format_routing(report: dict) -> str:
-    """Text rendering of :func:`prismoe_store.gates.routing_report` (statistics, then quality)."""
+    """Text rendering of :func:`prismoe_store.gate_report.routing_report` (statistics, then quality)."""
     lines = [f"routing of {report['adapter']} on {report['pipes'][0]['rows']} held-out rows of {report['pairs']} "
              f"(ρ = {report['sparsity']}, temperature {report['temperature']}, {report['mode']} tiles)"]
     head = f"{'pipe':<6}{'grid':>9}{'K/n':>9}{'util CV':>9}{'dead':>6}{'balance':>9}{'H tok':>8}{'H util':>8}{'energy':>8}"
@@ -134,7 +141,7 @@ def format_routing(report: dict) -> str:
 
 
 def format_quality(q: dict) -> str:
-    """Text table of :func:`prismoe_store.gates.quality_report`: relative error (R²) per gate and ρ."""
+    """Text table of :func:`prismoe_store.gate_report.quality_report`: relative error (R²) per gate and ρ."""
     rhos = sorted({r["sparsity"] for r in q["rows"]})
     gates = list(dict.fromkeys(r["gate"] for r in q["rows"]))
     cell = {(r["gate"], r["sparsity"]): r for r in q["rows"]}
@@ -170,13 +177,13 @@ def routing_cmd(adapter, pairs, sparsity, no_quality, max_rows, holdout, seed, d
                 as_json, quiet):
     """Routing statistics and held-out quality of ADAPTER's trained gates on PAIRS."""
     with bar("routing", quiet=quiet, unit="row") as progress:
-        report = _gates().routing_report(adapter, pairs, sparsity=sparsity, quality=not no_quality, holdout=holdout,
-                                  seed=seed, max_rows=max_rows, device=device,
-                                  max_tile_bytes=int(max_tile_mb * 2**20), progress=progress)
+        report = _report().routing_report(adapter, pairs, sparsity=sparsity, quality=not no_quality,
+                                          holdout=holdout, seed=seed, max_rows=max_rows, device=device,
+                                          max_tile_bytes=int(max_tile_mb * 2**20), progress=progress)
     if plot_dir:
-        report["plots"] = _gates().plot_routing(report, plot_dir)
+        report["plots"] = _report().plot_routing(report, plot_dir)
         if "quality" in report:
-            report["plots"].append(_gates().plot_quality(report["quality"], plot_dir))
+            report["plots"].append(_report().plot_quality(report["quality"], plot_dir))
     if as_json:
         click.echo(_json(report))
         return
@@ -205,13 +212,13 @@ def bench_gates_cmd(adapter, pairs, sparsities, epochs, lr, batch_size, balance_
     Trains one gate per ρ in memory; ADAPTER is not changed.
     """
     with bar("benchmark gates", quiet=quiet, unit="row") as progress:
-        q = _gates().benchmark_gates(adapter, pairs, sparsities=sparsities, epochs=epochs, lr=lr, batch_size=batch_size,
-                              balance_coef=balance_coef, z_loss_coef=z_loss_coef, temperature=temperature,
-                              patience=patience, holdout=holdout, seed=seed, device=device,
-                              max_tile_bytes=int(max_tile_mb * 2**20), max_eval_rows=max_eval_rows,
-                              progress=progress)
+        q = _report().benchmark_gates(adapter, pairs, sparsities=sparsities, epochs=epochs, lr=lr,
+                                      batch_size=batch_size, balance_coef=balance_coef, z_loss_coef=z_loss_coef,
+                                      temperature=temperature, patience=patience, holdout=holdout, seed=seed,
+                                      device=device, max_tile_bytes=int(max_tile_mb * 2**20),
+                                      max_eval_rows=max_eval_rows, progress=progress)
     if plot_dir:
-        q["plots"] = [_gates().plot_quality(q, plot_dir)]
+        q["plots"] = [_report().plot_quality(q, plot_dir)]
     if as_json:
         click.echo(_json(q))
         return

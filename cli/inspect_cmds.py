@@ -1,7 +1,7 @@
 """``prismoe inspect``, ``prismoe compare`` and ``prismoe visualize``: look at stores and matrices.
 
 ``prismoe inspect ADAPTER --routing PAIRS`` adds the routing report of ``prismoe routing``
-(:func:`prismoe_store.gates.routing_report`, rendered by :func:`cli.gates_cmds.format_routing`).
+(:func:`prismoe_store.gate_report.routing_report`, rendered by :func:`cli.gates_cmds.format_routing`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import json
 import click
 
 from cli.progress import bar, quiet_option
-from prismoe_store.inspect import compare_matrices, inspect_store, jsonable, open_matrix, open_tensor, store_format
+from prismoe_store.compare import compare_matrices, open_matrix, open_tensor
+from prismoe_store.inspect import inspect_store, jsonable, store_format
 
 
 @click.command("inspect")
@@ -68,14 +69,14 @@ def inspect_cmd(store, tensor, as_json, plot_dir, no_stats, routing_pairs, spars
 
 def _routing(adapter: str, pairs: str, sparsity, plot_dir, quiet: bool) -> dict:
     """The routing report ``prismoe routing ADAPTER PAIRS`` makes (statistics and quality), with its plots."""
-    from prismoe_store import gates as G
+    from prismoe_store import gate_report as R
 
     with bar("routing", quiet=quiet, unit="row") as progress:
-        report = G.routing_report(adapter, pairs, sparsity=sparsity, progress=progress)
+        report = R.routing_report(adapter, pairs, sparsity=sparsity, progress=progress)
     if plot_dir is not None:
-        report["plots"] = G.plot_routing(report, plot_dir)
+        report["plots"] = R.plot_routing(report, plot_dir)
         if "quality" in report:
-            report["plots"].append(G.plot_quality(report["quality"], plot_dir))
+            report["plots"].append(R.plot_quality(report["quality"], plot_dir))
     return report
 
 

@@ -181,7 +181,7 @@ class AdapterStore:
     def _array(self, pipe: int, name: str) -> zarr.Array:
         key = (pipe, name)
         if key not in self._arrays:
-            self._arrays[key] = self._pipe(pipe)[name]
+            self._arrays[key] = self._pipe(pipe)[name].with_config({"write_empty_chunks": True})
         return self._arrays[key]
 
     def tiles(self, pipe: int) -> zarr.Array:

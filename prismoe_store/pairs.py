@@ -33,6 +33,7 @@ from .stores import StoreOptions, create_checked, create_chunked, open_checked, 
 PAIRS_FORMAT, PAIRS_VERSION = "pairs", 1
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
+_WRITE_ALL = {"write_empty_chunks": True}  # runtime config (not persisted): a missing chunk means damage
 _SPLIT_BLOCK = 65536  # rows per block of the seeded row-split stream (fixed: part of the format)
 
 
@@ -119,12 +120,12 @@ class PairsStore:
     @property
     def x(self) -> zarr.Array:
         """The raw ``x`` array (may hold uncommitted rows past :attr:`rows`)."""
-        return self.group["x"]
+        return self.group["x"].with_config(_WRITE_ALL)
 
     @property
     def z(self) -> zarr.Array:
         """The raw ``z`` array (may hold uncommitted rows past :attr:`rows`)."""
-        return self.group["z"]
+        return self.group["z"].with_config(_WRITE_ALL)
 
     # -- writing ---------------------------------------------------------------------------------
     def append(self, x: np.ndarray, z: np.ndarray, *, provenance: dict | None = None) -> int:

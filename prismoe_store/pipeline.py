@@ -87,7 +87,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from .fit import FitConfig
-        from .gates import GateSettings
+        from .gate_settings import GateSettings
 
         if self.collect is None:
             object.__setattr__(self, "collect", CollectSpec())
@@ -101,7 +101,7 @@ class TrainConfig:
 
     def gate_settings(self) -> dict:
         """The gate settings this pipeline trains with (as stored by ``fit_gates``)."""
-        from .gates import GateSettings
+        from .gate_settings import GateSettings
 
         return asdict(GateSettings(sparsity=self.sparsity, epochs=self.epochs, holdout=self.holdout, seed=self.seed))
 

@@ -159,7 +159,7 @@ def check_stored(array: zarr.Array, rows: slice, cols: slice, what: str) -> None
     store, prefix = array.store_path.store, array.store_path.path
     for i in range(rows.start // step_r, -(-rows.stop // step_r)):
         for j in range(cols.start // step_c, -(-cols.stop // step_c)):
-            key = f"{prefix}/{array.metadata.encode_chunk_key((i, j))}"
+            key = "/".join(filter(None, (prefix, array.metadata.encode_chunk_key((i, j)))))
             try:
                 size = sync(store.getsize(key))
             except (FileNotFoundError, KeyError):

@@ -1,4 +1,5 @@
-"""Gate training on frozen tiles, routing statistics and the quality report (prismoe_store.gates).
+"""Gate training on frozen tiles (prismoe_store.gates), routing statistics and the quality report
+(prismoe_store.gate_report).
 
 References: float64 numpy products and statistics recomputed from the stores' bytes, the fit's
 own held-out metrics, numpy.linalg.lstsq, and an uninterrupted run for resume.
@@ -19,8 +20,9 @@ from cli.main import main
 from prismoe_store.adapter import AdapterStore
 from prismoe_store.errors import DataError, StoreError
 from prismoe_store.fit import fit
-from prismoe_store.gates import (FrozenTiles, Gates, GateSettings, Split, fit_gates, gated_forward, init_gates,
-                                 quality_report, resolve_split, routing_report)
+from prismoe_store.gate_report import quality_report, routing_report
+from prismoe_store.gate_settings import GateSettings
+from prismoe_store.gates import FrozenTiles, Gates, Split, fit_gates, gated_forward, init_gates, resolve_split
 from prismoe_store.grid import plan_pipes
 from prismoe_store.pairs import PairsStore, holdout_mask
 from prismoe_store.routing import active_mask, k_for

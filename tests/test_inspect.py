@@ -16,16 +16,9 @@ from hypothesis import strategies as st
 from cli.main import main
 from prismoe_store.errors import CorruptStoreError, DataError, StoreError, StoreFormatError, TensorNotFoundError
 from prismoe_store.grid import GridSpec, plan_grid
-from prismoe_store.inspect import (
-    INSPECTORS,
-    column_stats,
-    compare_matrices,
-    inspect_store,
-    open_matrix,
-    open_tensor,
-    store_format,
-    tile_stats,
-)
+from prismoe_store.compare import compare_matrices, open_matrix, open_tensor
+from prismoe_store.inspect import INSPECTORS, inspect_store, store_format, tile_stats
+from prismoe_store.inspect_pairs import column_stats
 from prismoe_store.plots import tile_heatmap, visualize_tensor
 from prismoe_store.stores import StoreOptions, WeightsStore, create_checked
 
@@ -605,12 +598,13 @@ def test_cli_inspect_pairs(tmp_path):
 
 
 def test_cli_inspect_adapter_and_routing(fitted):
-    from prismoe_store import gates as G
+    from prismoe_store.gate_report import routing_report
+    from prismoe_store.gates import fit_gates
 
     root, pairs, adapter = fitted
     url, purl = root / "a.zarr", root / "p.zarr"
     if adapter.read_gate(0) is None:
-        G.fit_gates(adapter, pairs, sparsity=0.5, epochs=1)
+        fit_gates(adapter, pairs, sparsity=0.5, epochs=1)
     r = _run("inspect", url, "-q", "--plot", root / "plots")
     assert r.exit_code == 0, r.output
     assert "pipe 3: 4×1 grid" in r.output and r.output.count("wrote ") == 3
@@ -621,7 +615,7 @@ def test_cli_inspect_adapter_and_routing(fitted):
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["format"] == "adapter" and d["routing"]["sparsity"] == 0.25
-    want = G.routing_report(str(url), str(purl), sparsity=0.25, quality=False)
+    want = routing_report(str(url), str(purl), sparsity=0.25, quality=False)
     for got, ref in zip(d["routing"]["pipes"], want["pipes"]):
         np.testing.assert_allclose(got["utilization"], ref["utilization"], rtol=1e-12)
         assert got["k"] == ref["k"]

@@ -88,8 +88,8 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
 @click.command("fit")
 @click.option("--rows", default="16384,65536", show_default=True,
               help="Comma-separated row counts; peak RSS is measured at each, the rates at the largest.")
-@click.option("--d-in", type=int, default=2048, show_default=True)
-@click.option("--d-out", type=int, default=8192, show_default=True)
+@click.option("--d-in", type=int, default=2048, show_default=True, help="Input width of the synthetic pairs.")
+@click.option("--d-out", type=int, default=8192, show_default=True, help="Output width of the synthetic pairs.")
 @click.option("--workers", type=int, default=64, show_default=True,
               help="Tiles per pipe (64 keeps 1 MiB tiles at the default size, like the 4096→128256 preset's 4 MiB).")
 @click.option("--memory-mb", type=int, default=None, help="The fit's memory budget in MiB (default: the fit's).")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import click
 
+from cli.output import echo_json
 from cli.progress import bar, quiet_option
 from prismoe_store.collect import DTYPES, NONFINITE, POOLS, TARGETS, CollectSpec, benchmark_collect, collect
 from prismoe_store.stores import StoreOptions
@@ -71,7 +71,7 @@ def collect_cmd(upper, lower, texts, out, overwrite, compressor, as_json, quiet,
         report = collect(upper, lower, list(texts), out, spec=_spec(kw), overwrite=overwrite,
                          options=StoreOptions(compressor=compressor), progress=progress, notice=notice)
     if as_json:
-        click.echo(json.dumps(report.as_dict()))
+        echo_json(report.as_dict())
         return
     state = "complete" if report.complete else "partial (re-run to continue)"
     click.echo(f"{report.rows_added} pairs added from {report.tokens_added} tokens, {report.documents_added} "
@@ -95,7 +95,7 @@ def collect_bench(upper, lower, texts, repeats, compressor, as_json, **kw):
     result = benchmark_collect(upper, lower, list(texts), spec=spec, repeats=repeats,
                                options=StoreOptions(compressor=compressor))
     if as_json:
-        click.echo(json.dumps(result))
+        echo_json(result)
         return
     click.echo(f"{result['tokens']} tokens in {result['windows']} sequences (batch {result['batch_size']}, "
                f"length <= {result['max_length']}), target {result['target']}, pool {result['pool']}, "

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
+from cli.output import echo_json
 from cli.progress import bar, quiet_option
 from prismoe_store.extract import extract, tile
 from prismoe_store.grid import DEFAULT_WORKERS
@@ -66,7 +66,7 @@ def tile_cmd(matrix, name, store, workers, dtype, compressor, shard, overwrite, 
 def _report(store: WeightsStore, names: list[str], as_json: bool) -> None:
     infos = {n: store.info(n) for n in names}
     if as_json:
-        click.echo(json.dumps({"store": store.url, "tensors": infos}))
+        echo_json({"store": store.url, "tensors": infos})
         return
     for name, info in infos.items():
         shape = "×".join(str(d) for d in info["source_shape"])

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 
 import click
 
+from cli.output import echo_json
 from cli.progress import bar, quiet_option
 
 
@@ -62,10 +62,10 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
     attrs = store.attrs()
     info, metrics = attrs["fit"], attrs.get("metrics")
     if as_json:
-        click.echo(json.dumps({"adapter": str(adapter), "mode": store.mode, "alphas": store.alphas,
+        echo_json({"adapter": str(adapter), "mode": store.mode, "alphas": store.alphas,
                                "grids": [g.to_dict() for g in store.grids], "rows": info["counts"],
                                "ridge": info["ridge"], "plan": info["plan"], "timings": info.get("timings", {}),
-                               "warnings": info.get("warnings", []), "metrics": metrics}))
+                               "warnings": info.get("warnings", []), "metrics": metrics})
         return
     c = info["counts"]
     click.echo(f"adapter {adapter}: {store.mode} fit of {store.d_in}→{store.d_out}, "
@@ -111,7 +111,10 @@ def bench_fit_cmd(rows, d_in, d_out, workers, memory_mb, compressor, workdir, as
     report = benchmark_fit(rows=counts, d_in=d_in, d_out=d_out, workers=workers,
                            memory_budget=memory_mb << 20 if memory_mb else None, compressor=compressor, workdir=workdir,
                            log=None if (quiet or as_json) else lambda s: click.echo(s, err=True))
-    click.echo(json.dumps(report) if as_json else format_report(report))
+    if as_json:
+        echo_json(report)
+    else:
+        click.echo(format_report(report))
 
 
 commands = [fit_cmd]

@@ -6,11 +6,11 @@ ADAPTER --routing PAIRS`` can call the two the same way ``prismoe routing`` does
 
 from __future__ import annotations
 
-import json
 import math
 
 import click
 
+from cli.output import echo_json
 from cli.progress import bar, quiet_option
 from prismoe_store import gate_settings as S
 
@@ -29,17 +29,6 @@ def _report():
     return gate_report
 
 
-def _json(obj) -> str:
-    """One JSON object, with non-finite floats (an undefined R²) as null."""
-    def clean(o):
-        if isinstance(o, float):
-            return o if math.isfinite(o) else None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return o
-    return json.dumps(clean(obj))
 
 
 def _sparsities(ctx, param, value: str) -> list[float]:
@@ -109,7 +98,7 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
                         patience=patience, holdout=holdout, seed=seed, restart=restart, device=device,
                         max_tile_bytes=int(max_tile_mb * 2**20), progress=progress)
     if as_json:
-        click.echo(_json(r))
+        echo_json(r)
         return
     if r["resumed_from"] is not None:
         click.echo(f"resumed from epoch {r['resumed_from']}")
@@ -185,7 +174,7 @@ def routing_cmd(adapter, pairs, sparsity, no_quality, max_rows, holdout, seed, d
         if "quality" in report:
             report["plots"].append(_report().plot_quality(report["quality"], plot_dir))
     if as_json:
-        click.echo(_json(report))
+        echo_json(report)
         return
     click.echo(format_routing(report))
     for path in report.get("plots", []):
@@ -220,7 +209,7 @@ def bench_gates_cmd(adapter, pairs, sparsities, epochs, lr, batch_size, balance_
     if plot_dir:
         q["plots"] = [_report().plot_quality(q, plot_dir)]
     if as_json:
-        click.echo(_json(q))
+        echo_json(q)
         return
     click.echo(format_quality(q))
     for rho, t in q["training"].items():

@@ -6,13 +6,13 @@
 
 from __future__ import annotations
 
-import json
 
 import click
 
+from cli.output import echo_json
 from cli.progress import bar, quiet_option
 from prismoe_store.compare import compare_matrices, open_matrix, open_tensor
-from prismoe_store.inspect import inspect_store, jsonable, store_format
+from prismoe_store.inspect import inspect_store, store_format
 
 
 @click.command("inspect")
@@ -55,7 +55,7 @@ def inspect_cmd(store, tensor, as_json, plot_dir, no_stats, routing_pairs, spars
         out = {**report.to_dict(), "plots": written}
         if routing is not None:
             out["routing"] = routing
-        click.echo(json.dumps(jsonable(out)))
+        echo_json(out)
         return
     click.echo(report.text())
     if routing is not None:
@@ -104,7 +104,7 @@ def compare_cmd(a, b, tensor, tensor_b, atol, as_json, quiet):
         c = compare_matrices(ma.array, mb.array, progress=progress)
     ok = c.within(atol)
     if as_json:
-        click.echo(json.dumps({"a": ma.label, "b": mb.label, **c.to_dict(), "atol": atol, "within_atol": ok}))
+        echo_json({"a": ma.label, "b": mb.label, **c.to_dict(), "atol": atol, "within_atol": ok})
     else:
         click.echo(f"A: {ma.label}\nB: {mb.label}\nshape {c.shape[0]} × {c.shape[1]}")
         click.echo(f"max abs diff             {c.max_abs_diff:.6g} at {c.argmax}")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 
 import click
 
+from cli.output import echo_json
 from cli.progress import bar, quiet_option
 from prismoe_store.grid import DEFAULT_WORKERS
 from prismoe_store.pairs import PairsStore
@@ -50,7 +50,7 @@ def synth_cmd(store, rows, d_in, d_out, kind, noise, seed, regions, workers, row
                            overwrite=overwrite, progress=progress)
     summary = _summary(pairs)
     if as_json:
-        click.echo(json.dumps(summary))
+        echo_json(summary)
     else:
         click.echo(f"{summary['rows']} {kind} pairs {d_in}→{d_out} (seed {seed}, noise {noise:g}) in {store}")
 
@@ -62,7 +62,7 @@ def pairs_info_cmd(store, as_json):
     """Show a pairs store's rows, widths, chunking, provenance and ground truth (if synthetic)."""
     summary = _summary(PairsStore.open(store))
     if as_json:
-        click.echo(json.dumps(summary))
+        echo_json(summary)
         return
     click.echo(f"{summary['url']}: {summary['rows']} pairs, x [{summary['rows']}, {summary['d_in']}], "
                f"z [{summary['rows']}, {summary['d_out']}]")

@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
 
 import click
 
+from cli.output import echo_json
 from cli.progress import bar, quiet_option
 
 _TARGETS = ("logits", "embeddings", "hidden")  # prismoe_store.collect.TARGETS (not imported: it loads numpy)
 _POOLS = ("none", "last", "mean")
 
 
-def _json(obj) -> str:
-    """One JSON object, non-finite floats as null."""
-    def clean(o):
-        if isinstance(o, float):
-            return o if math.isfinite(o) else None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return o
-    return json.dumps(clean(obj))
 
 
 def _stage_bars(quiet: bool):
@@ -95,7 +83,10 @@ def train_cmd(upper, lower, texts, adapter, pairs, target, layer, pool, max_leng
     log = None if (quiet or as_json) else (lambda m: click.echo(m, err=True))
     report = train(upper, lower, list(texts) or None, adapter, pairs=pairs, config=cfg, overwrite=overwrite,
                    progress=_stage_bars(quiet or as_json), log=log)
-    click.echo(_json(report.as_dict()) if as_json else format_train(report))
+    if as_json:
+        echo_json(report.as_dict())
+    else:
+        click.echo(format_train(report))
 
 
 @click.command("demo")
@@ -116,7 +107,10 @@ def demo_cmd(out_dir, epochs, threads, as_json, quiet):
 
     log = None if (quiet or as_json) else (lambda m: click.echo(m, err=True))
     result = demo(out_dir, epochs=epochs, threads=threads, progress=_stage_bars(quiet or as_json), log=log)
-    click.echo(_json(result) if as_json else format_demo(result))
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(format_demo(result))
 
 
 @click.command("adapter")
@@ -168,7 +162,7 @@ def bench_adapter_cmd(adapter, pairs, sparsities, device, logits, max_rows, batc
             fh.write(text)
         report["markdown"] = markdown
     if as_json:
-        click.echo(_json(report))
+        echo_json(report)
         return
     click.echo(text)
     for path in report.get("plots", []) + ([markdown] if markdown else []):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
 import click
 import numpy as np
 
+from cli.output import echo_json
 from cli.progress import bar, quiet_option
 from prismoe_store.adapter import AdapterStore
 from prismoe_store.errors import DataError
@@ -95,7 +95,7 @@ def infer_cmd(adapter, input_path, output, device, cache_mb, int8, mode, sparsit
     stats.update(rows=rows, d_out=rt.d_out, output=str(output),
                  rows_per_second=rows / stats["seconds"] if stats["seconds"] else None)
     if as_json:
-        click.echo(json.dumps(stats))
+        echo_json(stats)
         return
     click.echo(f"wrote {output}: {rows} × {rt.d_out} float32 in {stats['seconds']:.3f} s "
                f"({stats['rows_per_second'] or 0:.0f} rows/s; {stats['quant']}, {stats['mode']}, "
@@ -117,7 +117,7 @@ def quantize_cmd(adapter, as_json, quiet):
     with bar("quantize", quiet=quiet or as_json, unit="tile") as progress:
         report = quantize_adapter(store, progress=progress)
     if as_json:
-        click.echo(json.dumps(asdict(report)))
+        echo_json(asdict(report))
         return
     if report.tiles == 0:
         click.echo(f"INT8 tiles were already complete ({report.skipped} tiles)")
@@ -145,8 +145,8 @@ def generate_cmd(adapter, model_dir, prompt, max_new_tokens, compare, device, ca
     g = generate(adapter, model_dir, prompt, max_new_tokens=max_new_tokens, compare=compare,
                  **_runtime_kwargs(device, cache_mb, int8, mode, sparsity))
     if as_json:
-        click.echo(json.dumps({"text": g.text, "original": g.original, "same": g.same, "new_tokens": g.new_tokens,
-                               "agreement": g.agreement, **g.stats}))
+        echo_json({"text": g.text, "original": g.original, "same": g.same, "new_tokens": g.new_tokens,
+                               "agreement": g.agreement, **g.stats})
         return
     click.echo(f"prismoe: {g.text}")
     if compare:
@@ -205,7 +205,7 @@ def bench_runtime_cmd(adapter, device, sparsity, input_path, d_in, d_out, worker
         report["plots"] = [os.path.join(plots, "hit_rate.png")]
         plot_hit_rate(report, report["plots"][0])
     if as_json:
-        click.echo(json.dumps(report))
+        echo_json(report)
         return
     click.echo(format_report(report))
     for p in report.get("plots", []):

@@ -61,6 +61,7 @@ from .errors import DataError, IncompleteStoreError
 from .gates import resolve_split
 from .grid import GridSpec
 from .pairs import PairsStore
+from .plots import figure
 from .quant import int8_ready
 from .routing import k_for
 from .runtime import open_runtime
@@ -726,15 +727,6 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def write_plots(report: dict, out_dir) -> list[str]:
     """Draw the report as PNGs in ``out_dir``: ``quality_vs_bytes.png`` (the Pareto frontier),
     ``hit_rate.png`` (hit rate against the cache budget) and ``latency.png`` (speed ratios against ρ).
@@ -747,7 +739,7 @@ def write_plots(report: dict, out_dir) -> list[str]:
     paths = []
 
     # quality against active bytes
-    fig = _figure(7.0, 4.6)
+    fig = figure(7.0, 4.6, dpi=110)
     ax = fig.add_subplot(1, 1, 1)
     curve = report["svd_curve"]
     ax.plot([c["active_bytes"] for c in curve], [c["rel_err"] for c in curve], "-", color="C0", lw=1.2, alpha=0.6,
@@ -780,7 +772,7 @@ def write_plots(report: dict, out_dir) -> list[str]:
     fig.savefig(paths[-1], format="png")
 
     # hit rate against the cache budget
-    fig = _figure(6.0, 4.0)
+    fig = figure(6.0, 4.0, dpi=110)
     ax = fig.add_subplot(1, 1, 1)
     for i, rho in enumerate(sorted({c["sparsity"] for c in report["hit_rate"]})):
         pts = sorted((c["share"], c["hit_rate"]) for c in report["hit_rate"] if c["sparsity"] == rho)
@@ -797,7 +789,7 @@ def write_plots(report: dict, out_dir) -> list[str]:
     fig.savefig(paths[-1], format="png")
 
     # speed ratios against ρ
-    fig = _figure(9.0, 3.8)
+    fig = figure(9.0, 3.8, dpi=110)
     for k, (key, title) in enumerate((("latency_vs_dense", "latency, batch 1 (× dense; lower is better)"),
                                       ("throughput_vs_dense", f"throughput, batch {report['config']['batch']} "
                                                               "(× dense; higher is better)"))):

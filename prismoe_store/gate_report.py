@@ -39,6 +39,7 @@ from .gates import (FrozenTiles, Gates, Progress, Split, _check_batch, _device, 
                     _sample_train, gated_forward, heldout_metrics, init_gates, resolve_split)
 from .grid import GridSpec
 from .pairs import PairsStore
+from .plots import figure
 from .routing import Routing, active_mask, k_for, route
 
 LSTSQ_MAX_BYTES = 256 << 20  # largest float64 training set the dense lstsq baseline loads
@@ -324,15 +325,6 @@ def benchmark_gates(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES,
 # -- plots -------------------------------------------------------------------------------------
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def plot_routing(report: dict, out_dir) -> list[str]:
     """Draw :func:`routing_report` as PNGs in ``out_dir``: utilization heatmaps over each pipe's grid
     (``routing_utilization.png``) and histograms (``routing_histograms.png``). Returns the paths.
@@ -351,7 +343,7 @@ def plot_routing(report: dict, out_dir) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     pipes = report["pipes"]
     n = len(pipes)
-    fig = _figure(4.2 * n, 4.2)
+    fig = figure(4.2 * n, 4.2)
     for p, st in enumerate(pipes):
         ax = fig.add_subplot(1, n, p + 1)
         u = np.asarray(st["utilization"], float)
@@ -370,7 +362,7 @@ def plot_routing(report: dict, out_dir) -> list[str]:
     paths = [out / "routing_utilization.png"]
     fig.savefig(paths[-1], format="png")
 
-    fig = _figure(4.2 * n, 9.0)
+    fig = figure(4.2 * n, 9.0)
     edges = np.linspace(0, 1, _HIST_BINS + 1)
     for p, st in enumerate(pipes):
         u = np.asarray(st["utilization"], float)[~np.asarray(st["padding"], bool)]
@@ -402,7 +394,7 @@ def plot_quality(report: dict, out_dir) -> str:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fig = _figure(6.5, 4.2)
+    fig = figure(6.5, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     trained_at = report.get("trained_sparsity")
     errors = []

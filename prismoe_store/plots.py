@@ -27,11 +27,16 @@ import numpy as np
 BAND_BYTES = 16 << 20  # float64 bytes read at a time while reducing an image or histogramming
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float, *, dpi: int = 100):
+    """A matplotlib ``Figure`` on the Agg canvas (no display, no pyplot state), sized in inches.
+
+    >>> figure(2, 1).get_size_inches().tolist()
+    [2.0, 1.0]
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -75,7 +80,7 @@ def tile_heatmap(values: np.ndarray, path, *, mask: np.ndarray | None = None, ti
     shown = np.ma.masked_invalid(shown)
     width = min(14.0, max(4.5, 2.5 + 0.3 * cols))
     height = min(12.0, max(3.0, 1.5 + 0.25 * rows))
-    fig = _figure(width, height)
+    fig = figure(width, height)
     ax = fig.add_subplot()
     import matplotlib
 
@@ -164,7 +169,7 @@ def _profile(ax, values: np.ndarray, color: str, label: str) -> None:
 def _columns_png(stats: dict, url: str, path) -> Path:
     any_bad = any(int(s.nonfinite.sum()) for s in stats.values())
     ncols = 3 if any_bad else 2
-    fig = _figure(4.6 * ncols, 3.2 * len(stats) + 0.8)
+    fig = figure(4.6 * ncols, 3.2 * len(stats) + 0.8)
     axes = fig.subplots(len(stats), ncols, squeeze=False)
     for row, (name, s) in zip(axes, stats.items()):
         m = s.summary()
@@ -195,7 +200,7 @@ def _blocks_png(stats: dict, url: str, path) -> Path:
     import matplotlib
 
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#bbbbbb")
-    fig = _figure(5.2 * len(stats), 4.6)
+    fig = figure(5.2 * len(stats), 4.6)
     axes = fig.subplots(1, len(stats), squeeze=False)[0]
     for ax, (name, s) in zip(axes, stats.items()):
         img = np.ma.masked_invalid(s.block_rms)
@@ -338,7 +343,7 @@ def _slices_png(images, picks, view: _Slices, rms: bool, title: str, unit: str, 
     k = len(images)
     ncols = math.ceil(math.sqrt(k))
     nrows = math.ceil(k / ncols)
-    fig = _figure(min(16.0, max(7.0, 2.0 + 3.2 * ncols)), min(16.0, 1.6 + 3.0 * nrows))
+    fig = figure(min(16.0, max(7.0, 2.0 + 3.2 * ncols)), min(16.0, 1.6 + 3.0 * nrows))
     finite = np.concatenate([img[np.isfinite(img)].ravel() for img, _, _ in images])
     if rms:  # block RMS values crowd together: spread the colours over their own range
         vmin, vmax = (np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0))
@@ -397,7 +402,7 @@ def _hist_png(view: _Slices, picks: list[int], ranges: dict, bins: int, title: s
     mean = s / max(n, 1)
     std = math.sqrt(max(ss / max(n, 1) - mean * mean, 0.0))
 
-    fig = _figure(11.0 if view.three_d else 7.0, 4.2)
+    fig = figure(11.0 if view.three_d else 7.0, 4.2)
     axes = fig.subplots(1, 2 if view.three_d else 1, squeeze=False).ravel()
     ax = axes[0]
     ax.stairs(counts, edges, fill=True, color="#4c72b0")

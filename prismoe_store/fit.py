@@ -383,9 +383,8 @@ class _Fit:
             record = adapter.progress(f"fit_pipe{p + 1}", grid.rows)
             set_name, a = PIPE_SETS[p], grid.tile_out
             width = 0 if cfg.mode == "joint" else grid.tile_in
-            # write every chunk, zero tiles too (readers take a missing chunk for damage); the setting
-            # is not stored with the array, so it is set here as well as at creation
-            tiles, src = adapter.tiles(p).with_config({"write_empty_chunks": True}), adapter.tiles(sources[p])
+            # AdapterStore hands out arrays that write every chunk, zero tiles too
+            tiles, src = adapter.tiles(p), adapter.tiles(sources[p])
             for r0, r1 in _band_runs(record.missing(), max(1, self._plan.group_cols // a)):
                 o0, o1 = r0 * a, min(n, r1 * a)  # o1 <= o0: output padding only, written as zeros
                 block = np.zeros(((r1 - r0) * a, grid.d_in_pad), np.float32)

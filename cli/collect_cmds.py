@@ -24,7 +24,8 @@ def _spec_options(f):
         click.option("--layer", type=int, default=-1, show_default=True,
                      help="Upper hidden_states index (0 = embeddings, -1 = last, after the final norm)."),
         click.option("--target", type=click.Choice(TARGETS), default="logits", show_default=True,
-                     help="z: lower logits, lower input embedding of the next token, or a lower hidden state."),
+                     help="z: lower logits, lower input embedding of the next token, a lower hidden state, or "
+                          "none (hidden states only, to train a head adapter's gate)."),
         click.option("--lower-layer", type=int, default=-1, show_default=True,
                      help="Lower hidden_states index for --target hidden."),
         click.option("--pool", type=click.Choice(POOLS), default="none", show_default=True,

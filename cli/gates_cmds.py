@@ -91,7 +91,23 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
     """Train the gates of ADAPTER's pipes on PAIRS, tiles frozen; write them into ADAPTER.
 
     Resumes from the last saved epoch when re-run with the same settings (--epochs may grow).
+
+    For a head adapter (`prismoe head`), PAIRS holds hidden states only (a store from `prismoe
+    collect --target none`, any pairs store's x, or a .npy): the band gate learns the head's
+    band-mass distribution, computed from the tiles on the fly. Of the options, --sparsity,
+    --epochs, --lr, --batch-size, --holdout, --seed, --restart and --device apply (their defaults
+    then: 0.1, 10, 0.002, 256, 0.05, 0, off, cpu).
     """
+    from prismoe_store.adapter import AdapterStore
+
+    store = AdapterStore.open(adapter, "r+")
+    if store.layout == "partition":
+        ctx = click.get_current_context()
+        given = {name: value for name, value in (("sparsity", sparsity), ("epochs", epochs), ("lr", lr),
+                                                  ("batch_size", batch_size), ("holdout", holdout), ("seed", seed))
+                 if value is not None and ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+        _fit_band_gate(store, pairs, given, restart, device, as_json, quiet)
+        return
     with bar("fit-gates", quiet=quiet, unit="row") as progress:
         r = _gates().fit_gates(adapter, pairs, sparsity=sparsity, epochs=epochs, lr=lr, batch_size=batch_size,
                         balance_coef=balance_coef, z_loss_coef=z_loss_coef, temperature=temperature, init=init,
@@ -109,6 +125,22 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
     click.echo(f"{'held-out':<18}{'rel. error':>11}{'R²':>9}")
     for name, m in (("zero gate", b["zero"]), ("init gate", b["init"]), ("trained gate", a), ("dense (ρ=1)", b["dense"])):
         click.echo(f"{name:<18}{m['rel_err']:>11.4f}{m['r2']:>9.4f}")
+
+
+def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_json: bool, quiet: bool) -> None:
+    from prismoe_store.band_gate import BandGateConfig, fit_band_gate
+
+    config = BandGateConfig(restart=restart, device=device, **given)
+    stages = lambda name: bar(name, quiet=quiet or as_json, unit="step")  # noqa: E731
+    r = fit_band_gate(store, hidden, config=config, stages=stages)
+    if as_json:
+        echo_json(r.to_dict())
+        return
+    b, a = r.before, r.after
+    click.echo(f"band gate: {r.rows} hidden-state rows ({r.held_out} held out), {r.epochs} epochs, best epoch "
+               f"{r.best_epoch}; teacher pass {r.teacher_seconds:.1f} s, {r.seconds_per_epoch:.1f} s per epoch")
+    click.echo(f"held-out at ρ = {config.sparsity}: top-1 band recall {b['top1']:.4f} → {a['top1']:.4f}, "
+               f"mass kept {b['mass']:.4f} → {a['mass']:.4f}")
 
 
 def format_routing(report: dict) -> str:

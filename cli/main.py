@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "cli.collect_cmds",
     "cli.gates_cmds",
     "cli.pipeline_cmds",
+    "cli.head_cmds",
 ]
 
 

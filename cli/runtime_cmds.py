@@ -23,15 +23,19 @@ def _runtime_options(f):
         click.option("--mode", type=click.Choice(["parallel", "serial"]), default="parallel", show_default=True,
                      help="serial: one pipe's tiles in the cache at a time."),
         click.option("--sparsity", type=float, default=None,
-                     help="ρ, share of tiles per token [default: the gates' ρ; 1.0 without gates]."),
+                     help="ρ, share of tiles (bands of a head adapter) per token [default: the gates' ρ; "
+                          "1.0 without gates; 0.1 for a head adapter]."),
+        click.option("--mass", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="Head adapters: per token, the fewest bands whose predicted probability mass reaches "
+                          "this (at most ρ of them, ρ defaulting to 0.25 then)."),
     ]):
         f = opt(f)
     return f
 
 
-def _runtime_kwargs(device, cache_mb, int8, mode, sparsity) -> dict:
+def _runtime_kwargs(device, cache_mb, int8, mode, sparsity, mass=None) -> dict:
     return {"device": device, "cache_bytes": None if cache_mb is None else max(1, int(cache_mb * 2**20)),
-            "quant": "int8" if int8 else None, "mode": mode, "sparsity": sparsity}
+            "quant": "int8" if int8 else None, "mode": mode, "sparsity": sparsity, "mass": mass}
 
 
 def _cache_line(stats: dict) -> str:
@@ -67,7 +71,7 @@ def _open_rows(path: str):
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Rows per call.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object of statistics.")
 @quiet_option
-def infer_cmd(adapter, input_path, output, device, cache_mb, int8, mode, sparsity, batch_size, as_json, quiet):
+def infer_cmd(adapter, input_path, output, device, cache_mb, int8, mode, sparsity, mass, batch_size, as_json, quiet):
     """Run ADAPTER on input rows and write y [rows, d_out] (float32) to OUTPUT."""
     from prismoe_store.runtime import open_runtime
 
@@ -75,7 +79,7 @@ def infer_cmd(adapter, input_path, output, device, cache_mb, int8, mode, sparsit
     store = AdapterStore.open(adapter, require_complete=True)
     if d_in != store.d_in:
         raise DataError(f"input rows are {d_in} wide but the adapter's d_in is {store.d_in}")
-    rt = open_runtime(store, **_runtime_kwargs(device, cache_mb, int8, mode, sparsity))
+    rt = open_runtime(store, **_runtime_kwargs(device, cache_mb, int8, mode, sparsity, mass))
     part = f"{output}.{os.getpid()}.part"  # renamed onto OUTPUT only once every row is written
     try:
         y = np.lib.format.open_memmap(part, mode="w+", dtype=np.float32, shape=(rows, rt.d_out))
@@ -98,7 +102,7 @@ def infer_cmd(adapter, input_path, output, device, cache_mb, int8, mode, sparsit
         echo_json(stats)
         return
     click.echo(f"wrote {output}: {rows} × {rt.d_out} float32 in {stats['seconds']:.3f} s "
-               f"({stats['rows_per_second'] or 0:.0f} rows/s; {stats['quant']}, {stats['mode']}, "
+               f"({stats['rows_per_second'] or 0:.0f} rows/s; {stats['quant']}, {stats.get('mode', 'select')}, "
                f"ρ = {stats['sparsity']}, {stats['device']})")
     click.echo(_cache_line(stats))
 
@@ -130,29 +134,57 @@ def quantize_cmd(adapter, as_json, quiet):
 
 @click.command("generate")
 @click.argument("adapter")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="A local transformers causal-LM folder (read offline).")
-@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--model", required=True, type=click.Path(exists=True),
+              help="The model: a transformers causal-LM folder, a .gguf file, or a folder holding one (read offline).")
+@click.option("--prompt", "prompts", multiple=True, help="Text to continue (repeatable).")
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="More prompts, one per non-blank line.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True,
               help="Tokens to generate (greedy).")
-@click.option("--compare", is_flag=True, help="Also generate with the model's own lm_head and print both.")
+@click.option("--compare", is_flag=True, help="Also generate with the model's own head and report agreement.")
+@click.option("--embedding", is_flag=True,
+              help="Also replace the input embedding by the adapter's rows (a head adapter of a tied matrix).")
 @_runtime_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def generate_cmd(adapter, model_dir, prompt, max_new_tokens, compare, device, cache_mb, int8, mode, sparsity, as_json):
+@quiet_option
+def generate_cmd(adapter, model, prompts, prompts_file, max_new_tokens, compare, embedding, device, cache_mb, int8,
+                 mode, sparsity, mass, as_json, quiet):
     """Generate greedily from MODEL with its lm_head replaced by ADAPTER (hidden → vocab)."""
-    from prismoe_store.head import generate
+    from prismoe_store.head import generate_all
 
-    g = generate(adapter, model_dir, prompt, max_new_tokens=max_new_tokens, compare=compare,
-                 **_runtime_kwargs(device, cache_mb, int8, mode, sparsity))
-    if as_json:
-        echo_json({"text": g.text, "original": g.original, "same": g.same, "new_tokens": g.new_tokens,
-                               "agreement": g.agreement, **g.stats})
-        return
-    click.echo(f"prismoe: {g.text}")
+    prompts = list(prompts)
+    if prompts_file:
+        with open(prompts_file, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise click.UsageError("give --prompt TEXT (repeatable) or --prompts-file PATH")
+    with bar("generate", quiet=quiet or as_json, unit="prompt") as progress:
+        if progress:
+            progress(0, len(prompts))
+        results = generate_all(adapter, model, prompts, max_new_tokens=max_new_tokens, compare=compare,
+                               embedding=embedding, **_runtime_kwargs(device, cache_mb, int8, mode, sparsity, mass))
+        if progress:
+            progress(len(prompts), len(prompts))
+    rows = [{"prompt": p, "text": g.text, "original": g.original, "same": g.same, "new_tokens": g.new_tokens,
+             "agreement": g.agreement, **g.stats} for p, g in zip(prompts, results)]
+    summary = None
     if compare:
-        click.echo(f"original: {g.original}")
-        click.echo(f"same text: {g.same}; token agreement {g.agreement:.3f}")
-    click.echo(_cache_line(g.stats))
+        summary = {"prompts": len(rows), "same_text": sum(bool(r["same"]) for r in rows),
+                   "mean_agreement": sum(r["agreement"] for r in rows) / len(rows)}
+    if as_json:
+        echo_json(rows[0] if len(rows) == 1 else {"generations": rows, "summary": summary})
+        return
+    for r in rows:
+        click.echo(f"prismoe: {r['text']}")
+        if compare:
+            click.echo(f"original: {r['original']}")
+            click.echo(f"same text: {r['same']}; token agreement {r['agreement']:.3f}")
+        if "row_share" in r:
+            click.echo(f"rows computed per token: {r['row_share']:.3f} of the head")
+        click.echo(_cache_line(r))
+    if summary:
+        click.echo(f"{summary['same_text']} of {summary['prompts']} prompts gave the same text; "
+                   f"mean token agreement {summary['mean_agreement']:.3f}")
 
 
 @click.command("runtime")

@@ -11,6 +11,15 @@ Layout of a Zarr v3 group (format ``"adapter"``, version 1)::
         gate_bias        float32 [workers]
     /_progress/...       done flags of resumable jobs (fit bands, quantized tiles, ...)
 
+A head adapter (``layout = "partition"``, ``combine = "select"``, built by ``prismoe head``) has
+band tiles (``cols = 1``, ``tile_in = d_in``) and stores only true rows; its pipes split the
+(permuted) output rows between them, and it adds::
+
+    /order               int32   [d_out]: position in the adapter's row order → token id
+    /gate_weight         float32 [bands, d_in]: one gate score per band, all pipes together
+    /gate_bias           float32 [bands]
+    /pipe{p+1}/tiles     float32 [rows of this pipe, d_in], chunk (band_rows, d_in)
+
 Pipes are indexed from 0 in the API (``pipe=0`` is stored as ``pipe1``, the seed's "pipe 1").
 The runtime and the solvers depend on the small :class:`TileSource` protocol, not on Zarr.
 
@@ -31,12 +40,14 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 import zarr
 
-from .errors import DataError, IncompleteStoreError, StoreError
-from .grid import GridSpec
+from .errors import CorruptStoreError, DataError, IncompleteStoreError, StoreError
+from .grid import GridSpec, plan_partition
 from .stores import Progress, StoreOptions, create_checked, create_chunked, open_checked, reading
 
 ADAPTER_FORMAT, ADAPTER_VERSION = "adapter", 1
 MODES = ("joint", "independent")
+LAYOUTS = ("ensemble", "partition")  # each pipe estimates all of z / the pipes split the output rows
+COMBINES = ("mix", "select")  # gate-weighted sum of tiles / selected bands exact, the rest `fill`
 
 
 @runtime_checkable
@@ -86,8 +97,9 @@ class AdapterStore:
         grids = list(grids)
         if not grids:
             raise DataError("an adapter needs at least one pipe grid")
-        d_in, d_out = grids[0].d_in, grids[0].d_out
-        if any((g.d_in, g.d_out) != (d_in, d_out) for g in grids):
+        partition = (attrs or {}).get("layout") == "partition"
+        d_in, d_out = grids[0].d_in, (sum(g.d_out for g in grids) if partition else grids[0].d_out)
+        if any(g.d_in != d_in or (g.d_out != d_out and not partition) for g in grids):
             raise DataError("all pipe grids must cover the same d_in → d_out")
         if mode not in MODES:
             raise DataError(f"mode must be one of {MODES}, got {mode!r}")
@@ -99,7 +111,7 @@ class AdapterStore:
                                       "n_pipes": len(grids), "complete": False, **(attrs or {})})
         for p, g in enumerate(grids):
             pg = group.create_group(f"pipe{p + 1}", attributes={"grid": g.to_dict()})
-            create_chunked(pg, "tiles", g.padded_shape, g.tile_shape, "float32", options)
+            create_chunked(pg, "tiles", _stored_shape(g), g.tile_shape, "float32", options)
         group.attrs["options"] = {"compressor": options.compressor, "level": options.level}
         return cls(group, str(url))
 
@@ -113,7 +125,37 @@ class AdapterStore:
             raise IncompleteStoreError(f"adapter {url} is not finished: re-run `prismoe fit` to complete it")
         return store
 
+    @classmethod
+    def create_partition(cls, url, *, d_in: int, d_out: int, band_rows: int | None = None,
+                         options: StoreOptions | None = None, attrs: dict | None = None,
+                         overwrite: bool = False) -> "AdapterStore":
+        """Create a head adapter: band tiles in the ``partition`` layout, ``select`` combine, fill −inf.
+
+        Its tiles, row order and gate are written afterwards (:meth:`write_order`,
+        :meth:`write_band_tiles`, :meth:`write_band_gate`); see :mod:`prismoe_store.head_build`.
+
+        >>> a = AdapterStore.create_partition("memory://doc-part", d_in=4, d_out=10, band_rows=4, overwrite=True)
+        >>> a.layout, a.combine, a.n_bands, [g.d_out for g in a.grids]
+        ('partition', 'select', 3, [8, 2])
+        """
+        grids = plan_partition(d_in, d_out, band_rows)
+        store = cls.create(url, grids=grids, options=options, overwrite=overwrite,
+                           attrs={"layout": "partition", "combine": "select", "fill": "-inf",
+                                  "band_rows": grids[0].tile_out, **(attrs or {})})
+        return store
+
     # -- description -----------------------------------------------------------------------------
+    @property
+    def layout(self) -> str:
+        """``"ensemble"`` (every pipe estimates all outputs; fitted adapters) or ``"partition"``
+        (the pipes split the output rows; head adapters)."""
+        return str(self.group.attrs.get("layout", "ensemble"))
+
+    @property
+    def combine(self) -> str:
+        """``"mix"`` (gate-weighted sum of tiles) or ``"select"`` (selected bands exact, the rest fill)."""
+        return str(self.group.attrs.get("combine", "mix"))
+
     @property
     def d_in(self) -> int:
         """Input width M."""
@@ -219,6 +261,113 @@ class AdapterStore:
         with reading(f"tiles of pipe {pipe} in {self.url}"):
             return self.tiles(pipe)[: self.d_out, : self.d_in]
 
+    # -- bands of a partition adapter -----------------------------------------------------------
+    @property
+    def band_rows(self) -> int:
+        """Rows per band tile (the last band of the last pipe may hold fewer)."""
+        return self.grids[0].tile_out
+
+    @property
+    def n_bands(self) -> int:
+        """Bands of all pipes together (a partition adapter's unit of selection)."""
+        return sum(-(-g.d_out // g.tile_out) for g in self.grids)
+
+    def band_location(self, band: int) -> tuple[int, int]:
+        """``(pipe, row)`` of global band ``band`` (bands are numbered across pipes, pipe 1 first)."""
+        self._require_partition()
+        if not 0 <= band < self.n_bands:
+            raise StoreError(f"band {band} is outside 0..{self.n_bands - 1}")
+        for p, g in enumerate(self.grids):
+            n = -(-g.d_out // g.tile_out)
+            if band < n:
+                return p, band
+            band -= n
+        raise AssertionError("unreachable")
+
+    def write_band_tiles(self, band: int, rows: np.ndarray) -> None:
+        """Write global band ``band``: its true rows ``[≤ band_rows, d_in]`` float32."""
+        p, r = self.band_location(band)
+        g = self.grids[p]
+        n = min(g.tile_out, g.d_out - r * g.tile_out)
+        if rows.shape != (n, self.d_in):
+            raise DataError(f"band {band} must be {(n, self.d_in)}, got {rows.shape}")
+        self.tiles(p)[r * g.tile_out:r * g.tile_out + n, :] = np.asarray(rows, np.float32)
+
+    def read_band_tiles(self, band: int) -> np.ndarray:
+        """Global band ``band`` as float32 ``[rows, d_in]`` (its true rows only)."""
+        p, r = self.band_location(band)
+        return self.read_band(p, r)
+
+    def read_band_int8(self, band: int) -> tuple[np.ndarray, np.ndarray]:
+        """Global band ``band`` as ``(q int8 [rows, d_in], scales float32 [rows])``."""
+        p, r = self.band_location(band)
+        g = self.grids[p]
+        qa, sa = self.int8_arrays(p)
+        rows = slice(r * g.tile_out, (r + 1) * g.tile_out)
+        with reading(f"INT8 band {band} in {self.url}"):
+            return qa[rows, :], sa[rows, 0]
+
+    def read_rows(self, positions: np.ndarray) -> np.ndarray:
+        """Rows at adapter positions ``positions`` (any order) as float32 ``[n, d_in]``, read band by band."""
+        positions = np.asarray(positions, np.int64)
+        out = np.empty((len(positions), self.d_in), np.float32)
+        bands = positions // self.band_rows
+        for b in np.unique(bands):
+            at = np.flatnonzero(bands == b)
+            out[at] = self.read_band_tiles(int(b))[positions[at] - b * self.band_rows]
+        return out
+
+    def write_order(self, order: np.ndarray) -> None:
+        """Store the row order: ``order[i]`` is the token id (original row) at adapter row ``i``."""
+        self._require_partition()
+        order = np.asarray(order)
+        if order.shape != (self.d_out,) or not np.array_equal(np.sort(order), np.arange(self.d_out)):
+            raise DataError(f"order must be a permutation of 0..{self.d_out - 1}")
+        if "order" not in self.group:
+            create_chunked(self.group, "order", (self.d_out,), (min(self.d_out, 1 << 18),), "int32", self.options)
+        self.group["order"][...] = order.astype(np.int32)
+
+    def read_order(self) -> np.ndarray:
+        """The row order ``[d_out]`` int64 (identity when none was stored)."""
+        self._require_partition()
+        if "order" not in self.group:
+            return np.arange(self.d_out, dtype=np.int64)
+        with reading(f"row order in {self.url}"):
+            order = self.group["order"][...].astype(np.int64)
+        if not np.array_equal(np.sort(order), np.arange(self.d_out)):
+            raise CorruptStoreError(f"the row order in {self.url} is not a permutation of 0..{self.d_out - 1}")
+        return order
+
+    def write_band_gate(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        """Write the band gate: ``weight [bands, d_in]``, ``bias [bands]`` float32, finite."""
+        self._require_partition()
+        weight, bias = np.asarray(weight, np.float32), np.asarray(bias, np.float32)
+        if weight.shape != (self.n_bands, self.d_in) or bias.shape != (self.n_bands,):
+            raise DataError(f"band gate must be [{self.n_bands}, {self.d_in}] and [{self.n_bands}], "
+                            f"got {weight.shape}, {bias.shape}")
+        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+            raise DataError("band gate holds NaN or Inf: refusing to store it")
+        for name, data in (("gate_weight", weight), ("gate_bias", bias)):
+            if name not in self.group:
+                create_chunked(self.group, name, data.shape, data.shape, "float32", self.options)
+            self.group[name][...] = data
+
+    def read_band_gate(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(weight [bands, d_in], bias [bands])``, or ``None`` when the adapter has no band gate."""
+        self._require_partition()
+        if "gate_weight" not in self.group:
+            return None
+        with reading(f"band gate in {self.url}"):
+            weight, bias = self.group["gate_weight"][...], self.group["gate_bias"][...]
+        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+            raise CorruptStoreError(f"the band gate in {self.url} holds NaN or Inf")
+        return weight, bias
+
+    def _require_partition(self) -> None:
+        if self.layout != "partition":
+            raise StoreError(f"adapter {self.url} has the {self.layout!r} layout: bands, order and band gate "
+                             "belong to head adapters (`prismoe head`)")
+
     # -- INT8 tiles ------------------------------------------------------------------------------
     @property
     def has_int8(self) -> bool:
@@ -231,8 +380,8 @@ class AdapterStore:
         if "tiles_int8" not in pg:
             if not create:
                 raise StoreError(f"adapter {self.url} has no INT8 tiles: run `prismoe quantize` first")
-            create_chunked(pg, "tiles_int8", g.padded_shape, g.tile_shape, "int8", self.options)
-            create_chunked(pg, "scales", (g.d_out_pad, g.cols), (g.tile_out, 1), "float32", self.options)
+            create_chunked(pg, "tiles_int8", _stored_shape(g), g.tile_shape, "int8", self.options)
+            create_chunked(pg, "scales", (_stored_shape(g)[0], g.cols), (g.tile_out, 1), "float32", self.options)
         return self._array(pipe, "tiles_int8"), self._array(pipe, "scales")
 
     def write_tile_int8(self, pipe: int, worker: int, q: np.ndarray, scales: np.ndarray) -> None:
@@ -272,6 +421,11 @@ class AdapterStore:
             return None
         with reading(f"gate of pipe {pipe} in {self.url}"):
             return self._array(pipe, "gate_weight")[...], self._array(pipe, "gate_bias")[...]
+
+
+def _stored_shape(g: GridSpec) -> tuple[int, int]:
+    """A band grid stores only its true rows and columns; other grids store their padded shape."""
+    return (g.d_out, g.d_in) if g.is_band_grid else g.padded_shape
 
 
 def _check_alphas(alphas: Sequence[float] | None, n: int) -> list[float]:

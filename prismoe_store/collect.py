@@ -7,7 +7,9 @@ from the *lower* model (which may be the same model):
   adapter must reproduce);
 - ``target="embeddings"``: the lower model's input embedding of the *next* token (the last token of
   a document has no next token and gives no pair);
-- ``target="hidden"``: a hidden state of the lower model (``lower_layer``, default the last).
+- ``target="hidden"``: a hidden state of the lower model (``lower_layer``, default the last);
+- ``target="none"``: no z at all — a store of hidden states only (``d_out = 0``), what a head
+  adapter's gate trains on (``prismoe fit-gates HEAD HIDDEN``).
 
 Layers index the model's ``hidden_states`` tuple: ``0`` is the embedding output, ``i`` the output of
 decoder block ``i``, and the last (``-1``, the default) is **after the final norm**. transformers
@@ -54,7 +56,7 @@ from .errors import DataError, ModelError, SourceError
 from .pairs import NONFINITE_CHOICES, PairsStore, screen_nonfinite
 from .stores import StoreOptions, store_exists
 
-TARGETS = ("logits", "embeddings", "hidden")
+TARGETS = ("logits", "embeddings", "hidden", "none")
 POOLS = ("none", "last", "mean")
 DTYPES = ("float32", "float16", "bfloat16")
 NONFINITE = NONFINITE_CHOICES  # the pairs store's NaN/Inf policies: error, drop, zero
@@ -80,7 +82,7 @@ class CollectSpec:
     """
 
     layer: int = -1  # upper model's hidden_states index (-1: the last, after the final norm)
-    target: str = "logits"  # what z is: logits | embeddings | hidden
+    target: str = "logits"  # what z is: logits | embeddings | hidden | none (hidden states only)
     lower_layer: int = -1  # lower model's hidden_states index, for target="hidden"
     pool: str = "none"  # none: a pair per token; last / mean: a pair per document
     batch_size: int = 8  # sequences (windows or documents) per forward pass
@@ -458,7 +460,9 @@ class _Collector:
 
         target = self.spec.target
         seqs = [it.upper for it in items]
-        if self.same and all(it.upper is it.lower for it in items):  # one forward serves x and z
+        if target == "none":
+            xs = _forward(self.upper, seqs, layers=(self.layer,), logits=False)[0][self.layer]
+        elif self.same and all(it.upper is it.lower for it in items):  # one forward serves x and z
             layers = (self.layer, self.lower_layer) if target == "hidden" else (self.layer,)
             hid, logits = _forward(self.upper, seqs, layers=layers, logits=target == "logits")
             xs = hid[self.layer]
@@ -469,6 +473,8 @@ class _Collector:
                 hid, logits = _forward(self.lower, [it.lower for it in items], logits=target == "logits",
                                        layers=(self.lower_layer,) if target == "hidden" else ())
                 zs = logits if target == "logits" else hid[self.lower_layer]
+        if target == "none":  # hidden states only (a head adapter's gate needs no targets): z has no columns
+            zs = [x.new_zeros(len(x), 0) for x in xs]
         if target == "embeddings":  # z_t is the embedding of token t+1: a position without one drops out
             nexts = [it.lower[1:] + ([it.next_id] if it.next_id is not None else []) for it in items]
             table = _embed(self.lower, [t for n in nexts for t in n])
@@ -491,7 +497,7 @@ class _Collector:
 
     def widths(self) -> tuple[int, int]:
         d_in = self.upper.info["hidden_size"]
-        d_out = self.lower.info["vocab_size"] if self.spec.target == "logits" else self.lower.info["hidden_size"]
+        d_out = {"logits": self.lower.info["vocab_size"], "none": 0}.get(self.spec.target, self.lower.info["hidden_size"])
         return d_in, d_out
 
 

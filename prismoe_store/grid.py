@@ -64,8 +64,13 @@ class GridSpec:
                 raise GridError(f"{name} must be a positive integer, got {v!r}")
         for name in ("rows", "cols", "tile_out", "tile_in"):
             v = getattr(self, name)
+            if name == "tile_in" and self.is_band_grid:
+                continue  # band tiles span the whole, unpadded input (checked below)
             if not is_pow2(v):
                 raise GridError(f"{name} must be a power of 2, got {v!r}")
+        if self.cols == 1 and not is_pow2(self.tile_in) and self.tile_in != self.d_in:
+            raise GridError(f"a band grid's tiles span the whole input: tile_in must be d_in = {self.d_in} "
+                            f"or a power of 2, got {self.tile_in!r}")
         if self.d_out_pad < self.d_out:
             raise GridError(
                 f"grid does not cover d_out: rows*tile_out = {self.rows}*{self.tile_out} "
@@ -78,6 +83,12 @@ class GridSpec:
             )
 
     # -- sizes -------------------------------------------------------------------------------
+    @property
+    def is_band_grid(self) -> bool:
+        """True for one column of tiles that span the whole input (``cols == 1``, ``tile_in == d_in``):
+        a selected band then yields exact outputs, and the input is not padded."""
+        return self.cols == 1 and self.tile_in == self.d_in
+
     @property
     def workers(self) -> int:
         """Number of workers (tiles), ``rows * cols``."""
@@ -266,3 +277,66 @@ def plan_pipes(d_in: int, d_out: int, workers: int | None = None) -> tuple[GridS
     """
     g = plan_grid(d_in, d_out, workers)
     return g, g, plan_grid(d_in, d_out, workers, layout="wide")
+
+
+def default_band_rows(d_out: int) -> int:
+    """Rows per band for a head of ``d_out`` rows: 64, or fewer for heads of under 4096 rows (so that
+    even a tiny head has about 64 bands to choose from).
+
+    >>> default_band_rows(49152), default_band_rows(1000), default_band_rows(3)
+    (64, 16, 1)
+    """
+    return min(64, next_pow2(-(-int(d_out) // 64)))
+
+
+def plan_partition(d_in: int, d_out: int, band_rows: int | None = None) -> list[GridSpec]:
+    """The ``partition`` layout of band tiles: pipes that split the output rows between them.
+
+    Tiles are bands of ``band_rows`` (a power of 2) rows spanning the whole input (``cols = 1``,
+    ``tile_in = d_in``, no input padding). Pipe 1 takes the largest power-of-2 number of whole
+    bands that fits, pipe 2 the largest power-of-2 number of the rest, pipe 3 the remainder
+    (any number of bands, its last one possibly short: an *edge tile* that holds only its true
+    rows). Pipe ``p``'s grid describes its own rows: ``d_out`` is the rows it covers, and its
+    first row is the sum of the earlier pipes' ``d_out`` (see :func:`partition_offsets`). Every
+    output row is computed by exactly one tile; the tiles' true bytes equal the matrix's.
+
+    >>> [(g.d_out, g.rows, g.tile_out, g.tile_in) for g in plan_partition(576, 49152, 64)]
+    [(32768, 512, 64, 576), (16384, 256, 64, 576)]
+    >>> [(g.d_out, g.rows) for g in plan_partition(384, 30522, 64)]
+    [(16384, 256), (8192, 128), (5946, 128)]
+    >>> [g.d_out for g in plan_partition(7, 3, 1)]
+    [2, 1]
+    """
+    band_rows = default_band_rows(d_out) if band_rows is None else band_rows
+    if not is_pow2(band_rows):
+        raise GridError(f"band rows must be a power of 2, got {band_rows!r}")
+    for name, v in (("d_in", d_in), ("d_out", d_out)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise GridError(f"{name} must be a positive integer, got {v!r}")
+    if band_rows > d_out:
+        raise GridError(f"band rows ({band_rows}) exceed the matrix's {d_out} rows: choose at most "
+                        f"{1 << (d_out.bit_length() - 1)}")
+    rows_left, pipes = d_out, []
+    for _ in range(2):  # pipes 1 and 2: power-of-2 blocks of whole bands
+        whole = rows_left // band_rows
+        if whole == 0:
+            break
+        take = (1 << (whole.bit_length() - 1)) * band_rows
+        pipes.append(take)
+        rows_left -= take
+    if rows_left:  # pipe 3: whatever is left, its last band possibly short
+        pipes.append(rows_left)
+    return [GridSpec(d_in=d_in, d_out=n, rows=next_pow2(-(-n // band_rows)), cols=1, tile_out=band_rows,
+                     tile_in=d_in) for n in pipes]
+
+
+def partition_offsets(grids: list[GridSpec]) -> list[int]:
+    """First output row of each pipe of a ``partition`` layout (and the total at the end).
+
+    >>> partition_offsets(plan_partition(576, 49152, 64))
+    [0, 32768, 49152]
+    """
+    offsets = [0]
+    for g in grids:
+        offsets.append(offsets[-1] + g.d_out)
+    return offsets

@@ -4,8 +4,11 @@
 :class:`~prismoe_store.runtime.Runtime` (tiles loaded lazily through its cache) and hands the
 result back in the caller's dtype and device. It holds no parameters: the tiles stay in the
 adapter store until a gate selects them. :func:`replace_lm_head` swaps it into a transformers
-causal LM (``model.set_output_embeddings``), checking the widths first; :func:`generate` does
-that for a local model folder and generates greedily, optionally beside the original head.
+causal LM (``model.set_output_embeddings``), checking the widths first. :class:`PrisMoEEmbedding`
+stands in for a model's input embedding (``embed_tokens``) over a head adapter: token ids → rows,
+gathered through the same band pool (a tied model's head and embedding share resident bands).
+:func:`generate` swaps them into a model (a transformers folder, a ``.gguf``, or a folder holding
+one) and generates greedily, optionally beside the original head.
 
 >>> import numpy as np, torch
 >>> from prismoe_store.adapter import AdapterStore
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import DataError, ModelError
+from .errors import DataError
 from .runtime import Runtime, open_runtime
 
 
@@ -53,6 +56,47 @@ class PrisMoEHead(torch.nn.Module):
         c = self.runtime.config
         return (f"in_features={self.in_features}, out_features={self.out_features}, device={c.device}, "
                 f"quant={c.quant or 'fp32'}, mode={c.mode}, sparsity={self.runtime.sparsity}")
+
+
+class PrisMoEEmbedding(torch.nn.Module):
+    """``embed_tokens`` replacement: ``ids [...] → rows [..., d]`` of a head adapter's matrix.
+
+    >>> import numpy as np, tempfile, os
+    >>> from prismoe_store.head_build import HeadConfig, build_head
+    >>> d = tempfile.mkdtemp(); w = np.arange(32, dtype=np.float32).reshape(8, 4)
+    >>> np.save(os.path.join(d, "w.npy"), w)
+    >>> _ = build_head(os.path.join(d, "w.npy"), os.path.join(d, "h.zarr"), config=HeadConfig(band_rows=2))
+    >>> emb = PrisMoEEmbedding(open_runtime(os.path.join(d, "h.zarr")))
+    >>> emb(torch.tensor([[5, 0]])).tolist() == [[w[5].tolist(), w[0].tolist()]]
+    True
+    """
+
+    def __init__(self, runtime, *, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not hasattr(runtime, "embed"):
+            raise DataError("an embedding needs a head adapter (`prismoe head`), not a fitted adapter")
+        self.runtime = runtime  # a SelectRuntime (shared with the head for a tied model)
+        self.num_embeddings = runtime.d_out  # vocabulary size, like nn.Embedding
+        self.embedding_dim = runtime.d_in  # hidden width, like nn.Embedding
+        self.out_dtype = dtype  # the dtype the model expects
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.runtime.embed(ids).to(device=ids.device, dtype=self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, device={self.runtime.device}"
+
+
+def replace_embedding(model, embedding: PrisMoEEmbedding) -> torch.nn.Module:
+    """Put ``embedding`` in place of ``model``'s input embeddings (widths checked); returns the old one."""
+    old = model.get_input_embeddings()
+    shape = tuple(old.weight.shape) if hasattr(old, "weight") else None
+    if shape != (embedding.num_embeddings, embedding.embedding_dim):
+        raise DataError(f"the adapter holds {embedding.num_embeddings} × {embedding.embedding_dim} rows, "
+                        f"but the model's input embedding is {shape}")
+    embedding.out_dtype = old.weight.dtype
+    model.set_input_embeddings(embedding)
+    return old
 
 
 def replace_lm_head(model, head: PrisMoEHead) -> torch.nn.Module:
@@ -92,50 +136,68 @@ class Generation:
         return None if self.original is None else self.text == self.original
 
 
-def load_causal_lm(model_dir: str):
-    """``(model, tokenizer)`` of a local transformers causal-LM folder, offline, in eval mode."""
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
-        raise ModelError("loading models needs transformers: pip install 'prismoe-store[models]'") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"cannot load a causal LM from {model_dir}: {e}") from None
-    return model.eval(), tokenizer
+def load_causal_lm(model):
+    """``(model, tokenizer)`` of a causal LM — a transformers folder, a ``.gguf`` or a folder holding
+    one — loaded offline in eval mode (see :func:`prismoe_store.collect.load_model`)."""
+    from .collect import load_model
+
+    lm = load_model(model)
+    return lm.model, lm.tokenizer
 
 
-def generate(adapter, model_dir: str, prompt: str, *, max_new_tokens: int = 20, compare: bool = False,
-             **runtime_options) -> Generation:
-    """Greedy generation from ``model_dir`` with its ``lm_head`` replaced by ``adapter``.
+def generate(adapter, model, prompt: str, **options) -> Generation:
+    """Greedy generation for one prompt: :func:`generate_all` with ``[prompt]``."""
+    return generate_all(adapter, model, [prompt], **options)[0]
 
-    ``runtime_options`` go to :func:`~prismoe_store.runtime.open_runtime`; the model runs on the
-    runtime's device. With ``compare`` the original head generates first, from the same prompt.
+
+def generate_all(adapter, model, prompts: list[str], *, max_new_tokens: int = 20, compare: bool = False,
+                 embedding: bool = False, **runtime_options) -> list[Generation]:
+    """Greedy generation from ``model`` with its ``lm_head`` replaced by ``adapter``, per prompt.
+
+    ``model`` is a transformers causal-LM folder, a ``.gguf`` file, or a folder holding one (read
+    offline, progress bars off). ``runtime_options`` go to
+    :func:`~prismoe_store.runtime.open_runtime`; the model runs on the runtime's device. With
+    ``compare`` the original head generates first, from the same prompts. With ``embedding`` the
+    model's input embedding is replaced too (a head adapter of the tied matrix; the two share one
+    band pool). Raises :class:`ModelError` for a model that cannot be loaded, :class:`DataError`
+    when the widths do not match.
     """
-    model, tokenizer = load_causal_lm(model_dir)
-    device = torch.device(runtime_options.get("device", "cpu"))
-    model.to(device)
-    inputs = tokenizer(prompt, return_tensors="pt").to(device)
-    n_prompt = inputs["input_ids"].shape[1]
+    from .collect import load_model
+
+    lm = load_model(model, device=runtime_options.get("device", "cpu"))
+    net, tokenizer = lm.model, lm.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [tokenizer(p, return_tensors="pt").to(lm.device) for p in prompts]
 
-    def greedy() -> torch.Tensor:
+    def greedy(inputs) -> torch.Tensor:
         with torch.no_grad():
-            return model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                  pad_token_id=pad)[0, n_prompt:]  # [new]
+            n = inputs["input_ids"].shape[1]
+            return net.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                pad_token_id=pad)[0, n:]  # [new]
 
-    original_ids = greedy() if compare else None
+    originals = [greedy(inputs) for inputs in encoded] if compare else [None] * len(prompts)
     head = PrisMoEHead.from_adapter(adapter, **runtime_options)
-    replace_lm_head(model, head)
-    ids = greedy()
-    decode = lambda t: tokenizer.decode(torch.cat([inputs["input_ids"][0], t]), skip_special_tokens=True)  # noqa: E731
-    agreement = None
-    if original_ids is not None:
-        n = max(len(ids), len(original_ids))
-        same = sum(int(a == b) for a, b in zip(ids.tolist(), original_ids.tolist()))
-        agreement = same / n if n else 1.0
-    stats = head.stats()
-    head.runtime.close()
-    return Generation(text=decode(ids), original=None if original_ids is None else decode(original_ids),
-                      new_tokens=len(ids), agreement=agreement, stats=stats)
+    replace_lm_head(net, head)
+    if embedding:
+        replace_embedding(net, PrisMoEEmbedding(head.runtime))
+    results = []
+    try:
+        for inputs, original_ids in zip(encoded, originals):
+            head.runtime.reset_stats()
+            ids = greedy(inputs)
+            prompt_ids = inputs["input_ids"][0]
+            agreement = None
+            if original_ids is not None:
+                n = max(len(ids), len(original_ids))
+                same = sum(int(a == b) for a, b in zip(ids.tolist(), original_ids.tolist()))
+                agreement = same / n if n else 1.0
+            results.append(Generation(text=_decode(tokenizer, prompt_ids, ids),
+                                      original=None if original_ids is None else _decode(tokenizer, prompt_ids, original_ids),
+                                      new_tokens=len(ids), agreement=agreement, stats=head.stats()))
+    finally:
+        head.runtime.close()
+    return results
+
+
+def _decode(tokenizer, prompt_ids: torch.Tensor, new_ids: torch.Tensor) -> str:
+    return tokenizer.decode(torch.cat([prompt_ids, new_ids]), skip_special_tokens=True)

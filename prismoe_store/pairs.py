@@ -68,16 +68,17 @@ class PairsStore:
         0
         """
         for name, v in (("d_in", d_in), ("d_out", d_out), ("rows_per_chunk", rows_per_chunk)):
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or v < (0 if name == "d_out" else 1):
                 raise DataError(f"{name} must be a positive integer, got {v!r}")
         options = options or StoreOptions()
-        cin, cout = col_chunks or default_col_chunks(d_in, d_out)
+        cin, cout = col_chunks or default_col_chunks(d_in, max(d_out, 1))
         group = create_checked(url, PAIRS_FORMAT, PAIRS_VERSION, overwrite=overwrite,
                                storage_options=options.storage_options,
                                attrs={"d_in": d_in, "d_out": d_out, "rows": 0, "rows_per_chunk": rows_per_chunk,
                                       "provenance": provenance or {}})
         create_chunked(group, "x", (0, d_in), (rows_per_chunk, cin), "float32", options)
-        create_chunked(group, "z", (0, d_out), (rows_per_chunk, cout), "float32", options)
+        if d_out:  # d_out = 0: hidden states only (to train a head adapter's gate), no z array
+            create_chunked(group, "z", (0, d_out), (rows_per_chunk, cout), "float32", options)
         return cls(group, str(url))
 
     @classmethod
@@ -123,8 +124,15 @@ class PairsStore:
         return self.group["x"].with_config(_WRITE_ALL)
 
     @property
+    def hidden_only(self) -> bool:
+        """True for a store of hidden states only (``d_out = 0``, no ``z``)."""
+        return self.d_out == 0
+
+    @property
     def z(self) -> zarr.Array:
         """The raw ``z`` array (may hold uncommitted rows past :attr:`rows`)."""
+        if self.hidden_only:
+            raise DataError(f"{self.url} holds hidden states only (no z): it trains head gates, not fits")
         return self.group["z"].with_config(_WRITE_ALL)
 
     # -- writing ---------------------------------------------------------------------------------
@@ -142,7 +150,7 @@ class PairsStore:
             raise DataError(f"width mismatch: store holds {self.d_in}→{self.d_out}, got {x.shape[1]}→{z.shape[1]}")
         with self._lock():
             n, k = self.rows, x.shape[0]
-            for arr, data in ((self.x, x), (self.z, z)):
+            for arr, data in ((self.x, x), *(() if self.hidden_only else ((self.z, z),))):
                 if arr.shape[0] < n + k:
                     arr.resize((n + k, arr.shape[1]))
                 arr[n:n + k] = data
@@ -190,7 +198,21 @@ class PairsStore:
         stop = min(stop, self.rows)
         start = min(start, stop)
         with reading(f"pairs in {self.url}"):
-            return self.x[start:stop, cols_x], self.z[start:stop, cols_z]
+            x = self.x[start:stop, cols_x]
+            return x, (np.zeros((len(x), 0), np.float32) if self.hidden_only else self.z[start:stop, cols_z])
+
+    def read_x(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (clipped to the committed rows) of ``x`` only.
+
+        >>> h = PairsStore.create("memory://doc-hidden", d_in=3, d_out=0, overwrite=True)
+        >>> h.append(np.ones((2, 3), np.float32), np.zeros((2, 0), np.float32))
+        2
+        >>> h.hidden_only, h.read_x(0, 5).shape
+        (True, (2, 3))
+        """
+        stop = min(stop, self.rows)
+        with reading(f"hidden states in {self.url}"):
+            return self.x[min(start, stop):stop]
 
     def dask(self, *, row_chunk: int | None = None):
         """``(x, z)`` as Dask arrays over the committed rows, chunked ``(row_chunk, full width)``.

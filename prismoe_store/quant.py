@@ -105,22 +105,22 @@ def quantize_adapter(adapter: AdapterStore, progress: Callable[[int, int], None]
             band_workers = [j for j in range(r * g.cols, (r + 1) * g.cols) if j in missing[p]]
             if not band_workers:
                 continue
-            rows = slice(r * g.tile_out, (r + 1) * g.tile_out)
-            band = adapter.read_band(p, r)  # [a, C·b] float32
-            by_tile = band.reshape(g.tile_out, g.cols, g.tile_in)  # [a, C, b]
+            band = adapter.read_band(p, r)  # [a, C·b] float32 (fewer rows for a band grid's edge band)
+            a = band.shape[0]
+            rows = slice(r * g.tile_out, r * g.tile_out + a)
+            by_tile = band.reshape(a, g.cols, g.tile_in)  # [a, C, b]
             q, scales = quantize_tile(by_tile.reshape(-1, g.tile_in))  # [a·C, b], [a·C]: a row per (row, tile)
-            q_arr[rows, :] = q.reshape(g.tile_out, g.d_in_pad)
-            s_arr[rows, :] = scales.reshape(g.tile_out, g.cols)
+            q_arr[rows, :] = q.reshape(a, g.d_in_pad)
+            s_arr[rows, :] = scales.reshape(a, g.cols)
             live = [j for j in band_workers if not g.is_padding(j)]
             for j in live:
                 c = j % g.cols
                 tile, norm = by_tile[:, c, :], float(np.linalg.norm(by_tile[:, c, :]))
                 if norm > 0:
-                    back = dequantize_tile(q.reshape(g.tile_out, g.cols, g.tile_in)[:, c, :],
-                                           scales.reshape(g.tile_out, g.cols)[:, c])
+                    back = dequantize_tile(q.reshape(a, g.cols, g.tile_in)[:, c, :], scales.reshape(a, g.cols)[:, c])
                     worst = max(worst, float(np.linalg.norm(back - tile)) / norm)
                 bytes_fp32 += tile.nbytes
-                bytes_int8 += tile.size + 4 * g.tile_out
+                bytes_int8 += tile.size + 4 * a
             tiles += len(live)
             records[p].mark_many(band_workers)
             done += len(band_workers)

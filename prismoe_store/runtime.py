@@ -70,6 +70,8 @@ class RuntimeConfig:
     sparsity: float | None = None  # ρ; None: the ρ `fit-gates` recorded, else 1.0 without gates, else 0.3
     prefetch: bool | None = None  # read the next tile on a background thread; None: on CUDA only (on CPU
     # the read costs far more than the compute it would hide, and measured no faster)
+    mass: float | None = None  # head adapters: take the fewest bands whose predicted mass reaches this
+    # (at most ρ of them); None: a fixed ρ of the bands per token
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
@@ -78,6 +80,8 @@ class RuntimeConfig:
             raise DataError(f"mode must be 'parallel' or 'serial', got {self.mode!r}")
         if self.sparsity is not None and not 0.0 < float(self.sparsity) <= 1.0:
             raise DataError(f"sparsity must be in (0, 1], got {self.sparsity}")
+        if self.mass is not None and not 0.0 < float(self.mass) <= 1.0:
+            raise DataError(f"mass must be in (0, 1], got {self.mass}")
         bad_budget = not isinstance(self.cache_bytes, (int, np.integer)) or self.cache_bytes < 1
         if self.cache_bytes is not None and bad_budget:
             raise DataError(f"cache_bytes must be a positive integer, got {self.cache_bytes!r}")
@@ -255,8 +259,13 @@ class Runtime:
 
 
 def open_runtime(adapter, *, device: str = "cpu", cache_bytes: int | None = None, quant: str | None = None,
-                 mode: str = "parallel", sparsity: float | None = None, prefetch: bool | None = None) -> Runtime:
-    """Open a :class:`Runtime` over ``adapter`` (a path/URL of an adapter store, or any TileSource).
+                 mode: str = "parallel", sparsity: float | None = None, prefetch: bool | None = None,
+                 mass: float | None = None):
+    """Open a runtime over ``adapter`` (a path/URL of an adapter store, or any TileSource).
+
+    A head adapter (``partition`` layout, built by ``prismoe head``) gets a
+    :class:`~prismoe_store.runtime_select.SelectRuntime` (``mass`` applies to it); a fitted
+    adapter a :class:`Runtime`.
 
     >>> from prismoe_store.grid import plan_grid
     >>> from prismoe_store.adapter import AdapterStore
@@ -268,5 +277,11 @@ def open_runtime(adapter, *, device: str = "cpu", cache_bytes: int | None = None
     if isinstance(adapter, (str, os.PathLike)):
         adapter = AdapterStore.open(adapter, require_complete=True)
     config = RuntimeConfig(device=device, cache_bytes=cache_bytes, quant=quant, mode=mode, sparsity=sparsity,
-                           prefetch=prefetch)
+                           prefetch=prefetch, mass=mass)
+    if getattr(adapter, "layout", "ensemble") == "partition":
+        from .runtime_select import SelectRuntime
+
+        return SelectRuntime(adapter, config)
+    if mass is not None:
+        raise DataError("a mass threshold applies to head adapters (`prismoe head`), not to fitted adapters")
     return Runtime(adapter, config)

@@ -258,3 +258,16 @@ def test_bad_inputs_fail_in_one_line(world, tmp_path, case, kind):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: {kind}:"), result.stderr
     assert "Traceback" not in result.output
+
+
+def test_target_none_stores_hidden_states_only(world, llama, tmp_path):
+    """--target none: x exactly as a direct forward gives it, no z array (a head gate's training data)."""
+    out = str(tmp_path / "hidden.zarr")
+    res = _run(["collect", "--upper", str(world["llama"]), "--text", str(world["a"]), "--target", "none",
+                "-o", out, "--quiet", "--json"])
+    assert res.exit_code == 0, res.output
+    store = PairsStore.open(out)
+    assert store.hidden_only and store.d_out == 0 and "z" not in store.group
+    docs = [line for line in open(world["a"]).read().splitlines() if line.strip()]
+    want = np.concatenate([_reference(llama, doc)[1][-1] for doc in docs])
+    np.testing.assert_allclose(store.read_x(0, store.rows), want, rtol=1e-5, atol=1e-5)

@@ -83,3 +83,33 @@ def test_generate_command(llama):
     res = CliRunner().invoke(main, ["generate", adapter.url, "--model", str(folder), "--prompt", "a", "--compare",
                                     "--max-new-tokens", "3"])
     assert res.exit_code == 0 and "original:" in res.output and "prismoe:" in res.output
+
+
+def test_head_adapter_and_embedding_keep_the_text_at_all_bands(tmp_path):
+    """A head adapter of a tied model's matrix (`prismoe head`), swapped in for both the lm_head and
+    the input embedding, generates exactly the original text when every band is computed."""
+    from prismoe_store.head import generate_all
+    from prismoe_store.head_build import HeadConfig, build_head
+
+    folder = save_llama(tmp_path / "model", tie_embeddings=True)
+    build_head(str(folder), str(tmp_path / "head.zarr"), config=HeadConfig(band_rows=16))
+    out = generate_all(str(tmp_path / "head.zarr"), str(folder), ["the model reads", "a tile"], max_new_tokens=8,
+                       compare=True, embedding=True, sparsity=1.0)
+    assert [g.same for g in out] == [True, True] and all(g.agreement == 1.0 for g in out)
+    assert out[0].stats["row_share"] == pytest.approx(1.0)
+
+
+def test_generate_command_many_prompts_on_a_head(tmp_path):
+    from cli.main import main
+    from prismoe_store.head_build import HeadConfig, build_head
+
+    folder = save_llama(tmp_path / "model", tie_embeddings=True)
+    build_head(str(folder), str(tmp_path / "head.zarr"), config=HeadConfig(band_rows=16))
+    (tmp_path / "prompts.txt").write_text("the model reads\n\na tile\n")
+    res = CliRunner().invoke(main, ["generate", str(tmp_path / "head.zarr"), "--model", str(folder),
+                                    "--prompts-file", str(tmp_path / "prompts.txt"), "--prompt", "one more",
+                                    "--max-new-tokens", "4", "--compare", "--sparsity", "1", "--quiet", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["summary"] == {"prompts": 3, "same_text": 3, "mean_agreement": 1.0}
+    assert res.stderr == "" if hasattr(res, "stderr") else True

@@ -1,0 +1,100 @@
+"""The band gate of head adapters: trained from hidden states alone, it learns where the mass is."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from prismoe_store.adapter import AdapterStore
+from prismoe_store.band_gate import BandGateConfig, band_log_mass, fit_band_gate
+from prismoe_store.band_pool import BandPool
+from prismoe_store.errors import DataError
+from prismoe_store.head_build import HeadConfig, build_head
+from prismoe_store.pairs import PairsStore
+
+
+def _planted(tmp_path, groups=24, size=8, d=16, rows=3000, seed=0):
+    """A head whose tokens come in planted groups of similar rows, and hidden states that each point
+    at one group (so the winning token, and most of the mass, lie in that group's band)."""
+    rng = np.random.default_rng(seed)
+    dirs = rng.normal(size=(groups, d))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    w = np.repeat(dirs, size, axis=0) * 3 + 0.3 * rng.normal(size=(groups * size, d))
+    perm = rng.permutation(groups * size)
+    w = w[perm].astype(np.float32)
+    g = rng.integers(0, groups, rows)
+    h = (2.0 * dirs[g] + 0.4 * rng.normal(size=(rows, d))).astype(np.float32)
+    np.save(tmp_path / "w.npy", w)
+    np.save(tmp_path / "h.npy", h)
+    build_head(str(tmp_path / "w.npy"), str(tmp_path / "a.zarr"), config=HeadConfig(band_rows=size))
+    return AdapterStore.open(str(tmp_path / "a.zarr"), "r+"), w, h, perm // size
+
+
+def test_band_log_mass_matches_a_dense_reference(tmp_path):
+    adapter, w, h, _ = _planted(tmp_path, rows=50)
+    order = adapter.read_order()
+    x = torch.from_numpy(h[:20])
+    for slots in (1, 5, adapter.n_bands):
+        pool = BandPool(n_bands=adapter.n_bands, band_rows=8, d=16, budget_bytes=slots * 8 * 16 * 4,
+                        load=lambda b: (adapter.read_band_tiles(b),))
+        lse, top = band_log_mass(x, pool, adapter.n_bands, 8)
+        logits = x.double() @ torch.from_numpy(w[order]).double().T  # [20, V] adapter order
+        ref = torch.logsumexp(logits.view(20, -1, 8), dim=2)
+        torch.testing.assert_close(lse.double(), ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(top, logits.argmax(dim=1) // 8)
+
+
+def test_the_trained_gate_recovers_the_planted_bands(tmp_path):
+    adapter, w, h, group = _planted(tmp_path)
+    # the planted groups came back as bands
+    bands = group[adapter.read_order()].reshape(-1, 8)
+    assert np.mean([len(set(b)) == 1 for b in bands]) >= 0.9
+    # from a random gate (what the centroids would give is not used: restart=False keeps the stored gate)
+    rng = np.random.default_rng(5)
+    adapter.write_band_gate(0.1 * rng.normal(size=(24, 16)).astype(np.float32), np.zeros(24, np.float32))
+    rep = fit_band_gate(adapter, str(tmp_path / "h.npy"), config=BandGateConfig(epochs=12, sparsity=1 / 24, lr=0.05))
+    assert rep.before["top1"] < 0.3, rep.before
+    assert rep.after["top1"] >= 0.95, rep.after
+    assert rep.after["loss"] < rep.before["loss"] and rep.after["mass"] > rep.before["mass"]
+    # the centroid start is already good on such clean groups
+    rep = fit_band_gate(adapter, str(tmp_path / "h.npy"), config=BandGateConfig(epochs=0, sparsity=1 / 24, restart=True))
+    assert rep.before["top1"] >= 0.9
+    stored = adapter.read_band_gate()
+    assert np.isfinite(stored[0]).all() and adapter.attrs()["gates"]["settings"]["sparsity"] == pytest.approx(1 / 24)
+
+
+def test_hidden_only_store_and_refusals(tmp_path):
+    adapter, w, h, _ = _planted(tmp_path, rows=400)
+    store = PairsStore.create(str(tmp_path / "hid.zarr"), d_in=16, d_out=0)
+    store.append(h, np.zeros((len(h), 0), np.float32))
+    rep = fit_band_gate(adapter, str(tmp_path / "hid.zarr"), config=BandGateConfig(epochs=1))
+    assert rep.rows == 400 and rep.held_out > 0
+    before = adapter.read_band_gate()
+    bad = h.copy()
+    bad[123, 4] = np.nan
+    np.save(tmp_path / "bad.npy", bad)
+    with pytest.raises(DataError, match="row 123"):
+        fit_band_gate(adapter, str(tmp_path / "bad.npy"), config=BandGateConfig(epochs=1))
+    np.save(tmp_path / "narrow.npy", h[:, :8])
+    with pytest.raises(DataError, match="8 wide"):
+        fit_band_gate(adapter, str(tmp_path / "narrow.npy"))
+    after = adapter.read_band_gate()
+    assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])  # unchanged
+    with pytest.raises(DataError, match="hidden states only"):
+        store.z
+
+
+def test_fit_gates_command_on_a_head(tmp_path):
+    from cli.main import main
+
+    _planted(tmp_path, rows=600)
+    res = CliRunner().invoke(main, ["fit-gates", str(tmp_path / "a.zarr"), str(tmp_path / "h.npy"), "--epochs", "2",
+                                    "--sparsity", "0.1", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["epochs"] == 2 and info["settings"]["sparsity"] == 0.1 and 0 <= info["after"]["top1"] <= 1
+    res = CliRunner().invoke(main, ["fit-gates", str(tmp_path / "a.zarr"), str(tmp_path / "h.npy"), "--epochs", "1",
+                                    "--quiet"])
+    assert res.exit_code == 0 and "top-1 band recall" in res.output

@@ -1,0 +1,172 @@
+"""`prismoe head`: a head adapter straight from a matrix in every source format, exact at all bands,
+no stored padding, resumable, refusing what it must."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import write_gguf, write_safetensors
+from prismoe_store.adapter import AdapterStore
+from prismoe_store.errors import DataError, StoreError
+from prismoe_store.grid import plan_grid
+from prismoe_store.head_build import HeadConfig, build_head
+from prismoe_store.runtime import open_runtime
+from prismoe_store.stores import WeightsStore
+from prismoe_store.vocab_order import OrderConfig
+
+
+def _head(V=203, d=32, seed=0):
+    return np.random.default_rng(seed).standard_normal((V, d)).astype(np.float32)
+
+
+def _logits(adapter, x, **kw):
+    with open_runtime(adapter, sparsity=1.0, **kw) as rt:
+        return rt(torch.from_numpy(x))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf", "npy", "weights", "pt"])
+def test_all_bands_are_bit_identical_to_the_dense_product(tmp_path, fmt):
+    w = _head()
+    if fmt == "safetensors":
+        src = write_safetensors(tmp_path / "m.safetensors", {"lm_head.weight": w, "model.norm.weight": w[0]})
+    elif fmt == "gguf":
+        w = write_gguf(tmp_path / "m.gguf", {"output.weight": (w, "Q8_0"), "token_embd.weight": w})["output.weight"]
+        src = tmp_path / "m.gguf"
+    elif fmt == "npy":
+        np.save(tmp_path / "lm_head.npy", w)
+        src = tmp_path / "lm_head.npy"
+    elif fmt == "pt":
+        torch.save({"lm_head.weight": torch.from_numpy(w)}, tmp_path / "m.pt")
+        src = tmp_path / "m.pt"
+    else:
+        ws = WeightsStore.create(str(tmp_path / "w.zarr"))
+        ws.write_matrix("lm_head.weight", w, plan_grid(32, 203, 8))
+        src = tmp_path / "w.zarr"
+    report = build_head(str(src), str(tmp_path / "h.zarr"), config=HeadConfig(band_rows=16))
+    a = AdapterStore.open(str(tmp_path / "h.zarr"))
+    assert (report.bands, a.n_bands, report.band_rows) == (13, 13, 16)
+    assert a.layout == "partition" and a.combine == "select"
+    x = np.random.default_rng(1).standard_normal((7, 32)).astype(np.float32)
+    ref = torch.from_numpy(x) @ torch.from_numpy(w).T  # [7, 203] the dense product in token order
+    assert torch.equal(_logits(a, x), ref)
+    # no padding or copies stored: the tile arrays hold exactly the matrix's values
+    assert sum(a.tiles(p).shape[0] * a.tiles(p).shape[1] for p in range(a.n_pipes)) == w.size
+    assert report.stored_fp32_bytes == w.nbytes
+
+
+def test_the_order_is_a_stored_permutation_and_bands_hold_its_rows(tmp_path):
+    w = _head(V=128, d=8)
+    np.save(tmp_path / "w.npy", w)
+    build_head(str(tmp_path / "w.npy"), str(tmp_path / "h.zarr"), config=HeadConfig(band_rows=8))
+    a = AdapterStore.open(str(tmp_path / "h.zarr"))
+    order = a.read_order()
+    assert sorted(order.tolist()) == list(range(128)) and not np.array_equal(order, np.arange(128))
+    for b in range(a.n_bands):
+        assert np.array_equal(a.read_band_tiles(b), w[order[b * 8:(b + 1) * 8]])
+    # the centroid gate: mean row and log band size
+    weight, bias = a.read_band_gate()
+    np.testing.assert_allclose(weight[3], w[order[24:32]].mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bias, np.log(8.0))
+
+
+def test_an_adapter_store_is_a_source_too(tmp_path):
+    w = _head(V=64, d=8)
+    np.save(tmp_path / "w.npy", w)
+    build_head(str(tmp_path / "w.npy"), str(tmp_path / "h1.zarr"), config=HeadConfig(band_rows=8))
+    build_head(str(tmp_path / "h1.zarr"), str(tmp_path / "h2.zarr"), config=HeadConfig(band_rows=4))
+    x = np.ones((2, 8), np.float32)
+    assert torch.equal(_logits(AdapterStore.open(str(tmp_path / "h2.zarr")), x), torch.from_numpy(x) @ torch.from_numpy(w).T)
+
+
+def test_int8_bytes_and_values(tmp_path):
+    w = _head(V=100, d=16)
+    np.save(tmp_path / "w.npy", w)
+    r = build_head(str(tmp_path / "w.npy"), str(tmp_path / "h.zarr"), config=HeadConfig(band_rows=8, int8=True))
+    assert r.int8_bytes == 100 * 16 + 4 * 100
+    a = AdapterStore.open(str(tmp_path / "h.zarr"))
+    x = np.random.default_rng(2).standard_normal((3, 16)).astype(np.float32)
+    got = _logits(a, x, quant="int8").numpy()
+    ref = x @ w.T
+    scale = np.abs(w).max(axis=1) / 127  # per-row quantization step
+    assert np.all(np.abs(got - ref) <= 0.5 * np.abs(x).sum(axis=1)[:, None] * scale[None, :] + 1e-5)
+
+
+def test_an_interrupted_build_finishes_on_rerun(tmp_path, monkeypatch):
+    import prismoe_store.head_build as hb
+
+    w = _head(V=96, d=8)
+    np.save(tmp_path / "w.npy", w)
+    calls = {"n": 0}
+    real = AdapterStore.write_band_tiles
+
+    def flaky(self, band, rows):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self, band, rows)
+
+    monkeypatch.setattr(AdapterStore, "write_band_tiles", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        build_head(str(tmp_path / "w.npy"), str(tmp_path / "h.zarr"), config=HeadConfig(band_rows=8))
+    monkeypatch.setattr(AdapterStore, "write_band_tiles", real)
+    a = AdapterStore.open(str(tmp_path / "h.zarr"))
+    assert not a.complete
+    with pytest.raises(StoreError):  # an unfinished adapter is not served
+        open_runtime(a)
+    order_before = a.read_order()
+    r = hb.build_head(str(tmp_path / "w.npy"), str(tmp_path / "h.zarr"), config=HeadConfig(band_rows=8))
+    assert r.bands_written == 12 - 4
+    a = AdapterStore.open(str(tmp_path / "h.zarr"))
+    assert np.array_equal(a.read_order(), order_before)
+    x = np.ones((1, 8), np.float32)
+    assert torch.equal(_logits(a, x), torch.from_numpy(x) @ torch.from_numpy(w).T)
+
+
+def test_refusals(tmp_path):
+    w = _head(V=32, d=4)
+    np.save(tmp_path / "w.npy", w)
+    build_head(str(tmp_path / "w.npy"), str(tmp_path / "h.zarr"), config=HeadConfig(band_rows=4))
+    with pytest.raises(StoreError, match="finished head adapter"):
+        build_head(str(tmp_path / "w.npy"), str(tmp_path / "h.zarr"), config=HeadConfig(band_rows=4))
+    with pytest.raises(StoreError, match="built differently"):
+        build_head(str(tmp_path / "w.npy"), str(tmp_path / "h.zarr"), config=HeadConfig(band_rows=8))
+    WeightsStore.create(str(tmp_path / "ws.zarr"))
+    with pytest.raises(StoreError, match="not a head adapter"):
+        build_head(str(tmp_path / "w.npy"), str(tmp_path / "ws.zarr"))
+    bad = w.copy()
+    bad[17, 1] = np.inf
+    np.save(tmp_path / "bad.npy", bad)
+    with pytest.raises(DataError, match="row 17"):
+        build_head(str(tmp_path / "bad.npy"), str(tmp_path / "b.zarr"))
+    with pytest.raises(DataError):
+        HeadConfig(bands=4, band_rows=4)
+
+
+def test_identity_order_and_bands_option(tmp_path):
+    w = _head(V=300, d=8)
+    np.save(tmp_path / "w.npy", w)
+    r = build_head(str(tmp_path / "w.npy"), str(tmp_path / "h.zarr"),
+                   config=HeadConfig(bands=10, order=OrderConfig(method="identity")))
+    assert r.band_rows == 32 and r.bands == 10 and r.pipe_rows == [256, 32, 12]
+    assert np.array_equal(AdapterStore.open(str(tmp_path / "h.zarr")).read_order(), np.arange(300))
+
+
+def test_head_command(tmp_path):
+    from cli.main import main
+
+    w = _head(V=150, d=12)
+    write_safetensors(tmp_path / "m.safetensors", {"lm_head.weight": w})
+    out = str(tmp_path / "h.zarr")
+    res = CliRunner().invoke(main, ["head", str(tmp_path / "m.safetensors"), "-o", out, "--band-rows", "8",
+                                    "--int8", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["bands"] == 19 and info["stored_fp32_bytes"] == w.nbytes and info["int8_bytes"] == 150 * 12 + 600
+    res = CliRunner().invoke(main, ["head", str(tmp_path / "m.safetensors"), "-o", out])
+    assert res.exit_code == 1 and "already holds" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["head", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "x.zarr"),
+                                    "--tensor", "nope"])
+    assert res.exit_code == 1 and "nope" in res.output

@@ -235,7 +235,8 @@ def _copy(src: Source, job: _Job, writer: TensorWriter, block_bytes: int, tick: 
         if b.empty:
             return None
         values = src.read(job.info.name, b.rows, b.cols)
-        data = values.astype(job.dtype, copy=False)
+        with np.errstate(over="ignore"):  # an overflow is refused just below, with its place
+            data = values.astype(job.dtype, copy=False)
         if data is not values:
             _check_cast(values, data, job, b)
         return data

@@ -4,7 +4,8 @@ The names ``lm_head`` and ``embedding`` are aliases for the usual tensor names o
 GPT-2, BERT, GPT-NeoX and GGUF checkpoints. Rules, in order (the first that answers wins):
 
 1. ``exact``: a tensor has the name asked for;
-2. ``only tensor``: the source holds a single tensor (``.npy``, a bare ``torch.save``d tensor);
+2. ``only tensor``: the source holds a single tensor (``.npy``, a bare ``torch.save``d tensor)
+   not named as the other alias (a lone ``model.embed_tokens.weight`` is not a head);
 3. ``alias``: the first of :data:`ALIASES` present;
 4. ``suffix``: the only tensor whose name ends like an alias (``foo.my_lm_head.weight``);
 5. ``tied`` (``lm_head`` only): the input embedding, **only** when the checkpoint says or shows
@@ -61,7 +62,7 @@ def resolve(infos: Mapping[str, TensorInfo], wanted: str, facts: CheckpointFacts
         return Resolution(wanted, wanted, "exact", "the name asked for")
     if wanted not in ALIASES:
         raise TensorNotFoundError(f"no tensor {wanted!r} in {where}; it has {listing(infos)}")
-    if len(infos) == 1:
+    if len(infos) == 1 and not _named_otherwise(next(iter(infos)), wanted):
         (only,) = infos
         return Resolution(wanted, only, "only tensor", f"{where} holds this one tensor")
     for candidate in ALIASES[wanted]:
@@ -122,6 +123,11 @@ def _refuse_packed_head(infos: Mapping[str, TensorInfo], where: str) -> None:
     if parts:
         raise TensorNotFoundError(f"the head module in {where} holds {', '.join(parts[:6])} but no plain weight: "
                                   "name the tensor to extract with --tensor")
+
+
+def _named_otherwise(name: str, wanted: str) -> bool:
+    """True when ``name`` is the usual name of another alias (a lone embedding is not a head)."""
+    return any(name in ALIASES[a] or name.endswith(SUFFIXES[a]) for a in ALIASES if a != wanted)
 
 
 def _what(alias: str) -> str:

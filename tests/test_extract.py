@@ -140,6 +140,9 @@ TIED = CheckpointFacts(tied=True, tied_why="config.json: tie_word_embeddings=tru
     (["model.language_model.embed_tokens.weight", "x"], "embedding", None, "model.language_model.embed_tokens.weight"),
     (["foo.my_lm_head.weight", "x"], "lm_head", None, "foo.my_lm_head.weight"),  # unique suffix
     (["a.weight", "b.weight"], "lm_head", None, None),
+    (["W"], "lm_head", None, "W"),  # a lone matrix (.npy) answers to every alias
+    (["model.embed_tokens.weight"], "lm_head", None, None),  # ... unless it is named as the other one
+    (["model.embed_tokens.weight"], "lm_head", TIED, "model.embed_tokens.weight"),
     (["a.weight", "b.weight"], "c.weight", None, None),
 ])
 def test_resolve(names, alias, facts, expected):

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Mapping, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -45,8 +46,17 @@ from .source import Source
 from .source_records import Resolution, SourceStamp, TensorInfo, parse_stamp
 from .stores import StoreOptions, TensorWriter, WeightsStore
 
-__all__ = ["extract", "tile", "open_source", "resolve", "Source", "TensorInfo", "Resolution", "ALIASES",
-           "BLOCK_BYTES"]
+__all__ = [
+    "ALIASES",
+    "BLOCK_BYTES",
+    "Resolution",
+    "Source",
+    "TensorInfo",
+    "extract",
+    "open_source",
+    "resolve",
+    "tile",
+]
 
 Dtype = Literal["float32", "float16", "source"]
 ProgressFn = Callable[[int, int], None]

@@ -22,10 +22,10 @@ that the checkpoint says is untied but is absent, or a missing head with nothing
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from .errors import QuantizedTensorError, TensorNotFoundError
-from .source_records import CheckpointFacts, Resolution, TensorInfo
+from .source_records import NO_FACTS, CheckpointFacts, Resolution, TensorInfo
 
 ALIASES: dict[str, tuple[str, ...]] = {
     "lm_head": (
@@ -51,7 +51,7 @@ HEAD_BIASES = ("lm_head.bias", "output.bias", "model.lm_head.bias", "language_mo
 _HEAD_MODULES = tuple(sorted({a.removesuffix(".weight") for a in ALIASES["lm_head"]}))
 
 
-def resolve(infos: Mapping[str, TensorInfo], wanted: str, facts: CheckpointFacts = CheckpointFacts(),
+def resolve(infos: Mapping[str, TensorInfo], wanted: str, facts: CheckpointFacts = NO_FACTS,
             where: str = "the checkpoint") -> Resolution:
     """The tensor ``wanted`` stands for in ``infos`` (a source's tensors), with the rule and reason.
 

@@ -20,12 +20,12 @@ refused by name.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
 from .errors import QuantizedTensorError
-from .source_records import BlockScale, CheckpointFacts, TensorInfo
+from .source_records import NO_FACTS, BlockScale, CheckpointFacts, TensorInfo
 
 SCALE_SUFFIXES = ("_scale_inv", "_scale")  # ``<weight><suffix>`` multiplies the stored values
 UNSUPPORTED_SUFFIXES = ("_zero_point", "_global_scale", "_packed", "_shape", "_blocks", "_scales", "_g_idx")
@@ -33,7 +33,7 @@ FP8_DTYPES = ("F8_E4M3", "F8_E5M2", "float8_e4m3fn", "float8_e5m2", "float8_e4m3
 _FLOATS = ("F64", "F32", "F16", "BF16", "float64", "float32", "float16", "bfloat16")
 
 
-def find_scale(infos: Mapping[str, TensorInfo], name: str, facts: CheckpointFacts = CheckpointFacts(),
+def find_scale(infos: Mapping[str, TensorInfo], name: str, facts: CheckpointFacts = NO_FACTS,
                where: str = "the checkpoint") -> BlockScale | None:
     """How tensor ``name`` is scaled (``None``: its values are stored as they are).
 

@@ -17,15 +17,22 @@ import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 
 from .errors import SourceError, TensorNotFoundError
 from .resolve import head_bias, listing, resolve
 from .scales import apply_scale, find_scale
-from .source_records import FINGERPRINT_METHOD, BlockScale, CheckpointFacts, Resolution, SourceStamp, TensorInfo
+from .source_records import (
+    FINGERPRINT_METHOD,
+    BlockScale,
+    CheckpointFacts,
+    Resolution,
+    SourceStamp,
+    TensorInfo,
+)
 
 PIECE_BYTES = 4 * 2**20  # source rows one backend call maps at most; unmapped before the next call
 SMALL_VALUES = 2**26  # elements read_array() reads whole at most (biases, scale grids)

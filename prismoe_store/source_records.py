@@ -10,8 +10,9 @@ All are frozen dataclasses; the ``parse_*`` functions validate values read from 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import SourceError, StoreError
 
@@ -57,6 +58,9 @@ class CheckpointFacts:
     block_size: tuple[int, int] | None = None  # config.json quantization_config.weight_block_size
     quant_method: str | None = None  # config.json quantization_config.quant_method ("fp8", "gptq", ...)
     architectures: tuple[str, ...] = ()  # config.json architectures (model classes)
+
+
+NO_FACTS = CheckpointFacts()  # a checkpoint that says nothing about itself
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ class SafetensorsSource(Source):
 
         with reading(self.path, "safetensors"):
             f = safe_open(self.path, framework="numpy")
-            self._infos = {k: _info(k, f.get_slice(k)) for k in f.keys()}
+            self._infos = {k: _info(k, f.get_slice(k)) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
 
     def tensors(self) -> dict[str, TensorInfo]:
         return self._infos

@@ -8,8 +8,8 @@ reason — while every other tensor reads normally.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import SourceError, TensorNotFoundError
 from .resolve import ALIASES, HEAD_BIASES

@@ -16,8 +16,8 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from .errors import SourceError, UnsafeCheckpointError
 from .source import Source, reading

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import write_safetensors, write_sharded
 
 from cli.main import main
-from conftest import write_safetensors, write_sharded
 from prismoe_store.errors import (
     CastOverflowError,
     IncompleteStoreError,
@@ -316,7 +316,7 @@ def test_a_biased_lm_head_is_not_replaced_by_a_head_without_bias(tmp_path, tiny_
     from prismoe_store.grid import plan_grid
     from prismoe_store.head import PrisMoEHead, replace_lm_head
 
-    folder, model = tiny_phi
+    _, model = tiny_phi
     vocab, hidden = model.get_output_embeddings().weight.shape
     adapter = AdapterStore.create(str(tmp_path / "a.zarr"), grids=[plan_grid(hidden, vocab, 4)],
                                   attrs={"complete": True})
@@ -422,8 +422,9 @@ def test_transformers_default_decides_when_config_is_silent(tmp_path, llama_tens
 
 def test_collect_logits_from_an_encoder_is_refused(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from prismoe_store.collect import CollectSpec, collect, load_model
     from tiny_models import corpus_lines, save_llama, train_tokenizer, write_texts
+
+    from prismoe_store.collect import CollectSpec, collect, load_model
 
     tokenizer = train_tokenizer(corpus_lines(50), kind="wordlevel", vocab_size=80)
     config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,

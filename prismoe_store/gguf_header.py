@@ -64,6 +64,8 @@ class GGUFHeader:
 
 
 class _Reader:
+    """Little-endian reads of GGUF values from a buffered file, lengths checked against its size."""
+
     def __init__(self, f: BinaryIO, path: str, size: int, endian: str):
         self.f, self.path, self.size, self.e = f, path, size, endian
 
@@ -127,9 +129,11 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
         if f.read(4) != b"GGUF":
             raise SourceError(f"cannot read {path} as GGUF: no GGUF magic")
         raw = f.read(4)
-        endian = "<" if len(raw) == 4 and struct.unpack("<I", raw)[0] < 2**16 else ">"
-        r = _Reader(f, path, size, endian)
-        version = struct.unpack(endian + "I", raw)[0] if len(raw) == 4 else 0
+        version = struct.unpack("<I", raw)[0] if len(raw) == 4 else 0
+        if len(raw) == 4 and struct.unpack(">I", raw)[0] in (2, 3):
+            raise SourceError(f"{path} is a big-endian GGUF, which this tool does not read: "
+                              "convert it with gguf-convert-endian")
+        r = _Reader(f, path, size, "<")
         if version not in (2, 3):
             raise SourceError(f"cannot read {path} as GGUF: version {version} is not supported (2 or 3)")
         n_tensors, n_kv = r.unpack("Q"), r.unpack("Q")

@@ -36,18 +36,32 @@ def _store_options(f):
 @click.command("extract")
 @click.argument("source")
 @click.option("--tensor", "-t", "tensors", multiple=True, default=("lm_head",), show_default=True,
-              help="Tensor name or alias (lm_head, embedding); repeat for several.")
+              help="Tensor name or alias (lm_head, embedding), or STORE_NAME=SOURCE_NAME; repeat for several.")
+@click.option("--allow-global", "allow_globals", multiple=True, metavar="MODULE.NAME",
+              help="Let a trusted PyTorch pickle use this global (e.g. argparse.Namespace); repeatable.")
 @_store_options
-def extract_cmd(source, tensors, store, workers, dtype, compressor, shard, overwrite, as_json, quiet):
-    """Extract 2-D tensors of SOURCE (.safetensors, HF folder, .pt/.bin, .gguf, .npy) into a tile store.
+def extract_cmd(source, tensors, allow_globals, store, workers, dtype, compressor, shard, overwrite, as_json, quiet):
+    """Extract 2-D tensors of SOURCE (.safetensors, HF folder, .pt/.bin, .gguf or split GGUF set, .npy)
+    into a tile store.
 
-    Streams block by block; re-running into the same store finishes an interrupted extraction.
+    Prints which tensor each name resolved to and why (lm_head falls back to the embedding only
+    when the checkpoint says the head is tied). Streams block by block; re-running into the same
+    store finishes an interrupted extraction from the same checkpoint (another one is refused).
     """
+    wanted = dict(_name_pair(t) for t in tensors)
     options = StoreOptions(compressor=compressor, shard=shard)
     with bar("extract", quiet=quiet, unit="tile") as progress:
-        result = extract(source, store, tensors=tensors, workers=workers, dtype=dtype, options=options,
-                         overwrite=overwrite, progress=progress)
-    _report(result, list(dict.fromkeys(tensors)), as_json)
+        result = extract(source, store, tensors=wanted, workers=workers, dtype=dtype, options=options,
+                         overwrite=overwrite, progress=progress, allow_globals=allow_globals)
+    _report(result, list(wanted), as_json)
+
+
+def _name_pair(spec: str) -> tuple[str, str]:
+    """``"lm_head=model.embed_tokens.weight"`` -> (store name, source name); a plain name is both."""
+    store_name, sep, source_name = spec.partition("=")
+    if sep and (not store_name or not source_name):
+        raise click.BadParameter(f"expected STORE_NAME=SOURCE_NAME, got {spec!r}", param_hint="--tensor")
+    return (store_name, source_name) if sep else (spec, spec)
 
 
 @click.command("tile")
@@ -72,6 +86,11 @@ def _report(store: WeightsStore, names: list[str], as_json: bool) -> None:
         shape = "×".join(str(d) for d in info["source_shape"])
         click.echo(f"{name}: {info['source_tensor']} [{shape}, {info['source_dtype']}] -> {info['dtype']}, "
                    f"{store.grid(name)}")
+        found = info.get("source_resolution")
+        if found:
+            click.echo(f"  chosen by {found['rule']}: {found['why']}")
+        if info.get("source_bias"):
+            click.echo(f"  bias {info['source_bias']} stored with it")
     click.echo(f"wrote {store.url}")
 
 

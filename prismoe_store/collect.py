@@ -149,6 +149,7 @@ class LoadedModel:
     tokenizer: object  # its tokenizer (fast)
     info: dict  # provenance: path, format (folder|gguf), model_type, widths, files
     device: str  # where the model runs
+    missing_head: tuple[str, ...] = ()  # head parameters the checkpoint lacked (randomly initialised)
 
     @property
     def num_layers(self) -> int:
@@ -258,10 +259,13 @@ def load_model(spec: str | os.PathLike, *, device: str = "cpu", dtype: str = "fl
     try:
         kw = {"gguf_file": gguf_name} if gguf_name else {}
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)
+        missing: list[str] = []
         if gguf_name and not transformers.utils.is_accelerate_available():
-            model = _load_gguf_without_accelerate(folder, gguf_name, tdtype)
+            model = _load_gguf_without_accelerate(folder, gguf_name, tdtype)  # refuses missing tensors itself
         else:
-            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kw, **_dtype_kwarg(tdtype))
+            model, loading = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kw,
+                                                                  **_dtype_kwarg(tdtype), output_loading_info=True)
+            missing = list(loading.get("missing_keys") or [])
     except ModelError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError, AttributeError) as e:
@@ -285,7 +289,24 @@ def load_model(spec: str | os.PathLike, *, device: str = "cpu", dtype: str = "fl
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "files": [{"name": p.name, "size": p.stat().st_size} for p in files],
     }
-    return LoadedModel(model, tokenizer, info, device)
+    return LoadedModel(model, tokenizer, info, device, _head_parameters(model, missing))
+
+
+def _head_parameters(model, missing: list[str]) -> tuple[str, ...]:
+    """The missing parameters outside the base model (the LM head transformers had to make up)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    return tuple(sorted(k for k in missing if not (prefix and k.startswith(prefix + ".")) and "rotary_emb" not in k))
+
+
+def require_lm_head(lm: LoadedModel) -> None:
+    """Refuse a model whose LM head did not come from its checkpoint (an encoder such as BERT or
+    MiniLM saved without one, loaded as a causal LM: its logits would come from random weights)."""
+    if lm.missing_head:
+        arch = ", ".join(lm.info.get("architectures") or []) or lm.info.get("model_type") or "?"
+        names = ", ".join(lm.missing_head[:4]) + (" ..." if len(lm.missing_head) > 4 else "")
+        raise ModelError(
+            f"{lm.info['path']} ({arch}) has no language-model head in its checkpoint ({names} would be "
+            "randomly initialised), so it has no logits to collect: use a causal LM, or --target hidden / embeddings")
 
 
 # -- texts ------------------------------------------------------------------------------------
@@ -612,6 +633,8 @@ def _models(upper, lower, spec: CollectSpec):
         lower = upper
     elif not isinstance(lower, LoadedModel):
         lower = load_model(lower, device=spec.device, dtype=spec.dtype)
+    if spec.target == "logits":
+        require_lm_head(lower)
     return upper, lower, same
 
 

@@ -153,7 +153,7 @@ def open_matrix(path, *, tensor: str | None = None, fallback: str | None = None,
     """Open a 2-D matrix lazily: a weights store tensor or a checkpoint tensor.
 
     Checkpoints (``.safetensors``, sharded folders, ``.pt``/``.bin``, ``.gguf``, ``.npy``) are
-    read through :func:`prismoe_store.extract.open_source`, so ``tensor`` may be an alias
+    read through :func:`prismoe_store.checkpoint.open_source`, so ``tensor`` may be an alias
     (``lm_head``, ``embedding``). Without ``tensor``, a store or checkpoint holding a single
     matrix needs no name; else ``fallback`` is tried (e.g. the other side's tensor name).
 
@@ -169,7 +169,7 @@ def open_matrix(path, *, tensor: str | None = None, fallback: str | None = None,
         store = WeightsStore.open(path, storage_options=storage_options)
         name = pick_name(store.tensors(), tensor, path, fallback)
         return OpenedArray(store.array(name), name, f"{path}:{name}", store.grid(name))
-    from .extract import open_source  # the checkpoint readers
+    from .checkpoint import open_source  # the checkpoint readers
 
     src = open_source(path)
     if tensor is None:

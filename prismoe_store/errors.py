@@ -31,8 +31,20 @@ class TensorNotFoundError(SourceError, KeyError):
         return str(self.args[0]) if self.args else "tensor not found"
 
 
+class UnsafeCheckpointError(SourceError):
+    """An intact pickled checkpoint needs a global that weights-only loading does not allow."""
+
+
+class QuantizedTensorError(SourceError):
+    """A tensor is stored scaled or packed in a way this tool cannot turn into exact values."""
+
+
 class StoreError(PrismoeError):
     """A store cannot be opened, created, read or written."""
+
+
+class SourceMismatchError(StoreError):
+    """A store (or a tensor in it) was made from another source than the one given to resume it."""
 
 
 class StoreFormatError(StoreError):
@@ -49,6 +61,10 @@ class CorruptStoreError(StoreError):
 
 class DataError(PrismoeError, ValueError):
     """Input data is unusable: wrong shapes, NaN/Inf, too few rows, mismatched widths."""
+
+
+class CastOverflowError(DataError):
+    """A value does not fit the dtype it is asked to be stored as (a down-cast would write ±inf)."""
 
 
 class FitError(PrismoeError):

@@ -113,6 +113,9 @@ def replace_lm_head(model, head: PrisMoEHead) -> torch.nn.Module:
     if (hidden, vocab) != (head.in_features, head.out_features):
         raise DataError(f"the adapter maps {head.in_features} → {head.out_features}, "
                         f"but the model's lm_head maps {hidden} → {vocab}")
+    if getattr(old, "bias", None) is not None and getattr(head, "bias", None) is None:
+        raise ModelError(f"the model's lm_head adds a bias ({vocab} values, e.g. Phi-2, GPT-J) that this adapter "
+                         "head does not carry: its logits would be off by it, so the head is not replaced")
     for config in (model.config, getattr(model.config, "get_text_config", lambda: None)()):
         if config is not None and getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False

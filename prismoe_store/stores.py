@@ -392,6 +392,40 @@ class WeightsStore:
             w.write_band(r, matrix[r * grid.tile_out:(r + 1) * grid.tile_out])
         w.finish()
 
+    def write_bias(self, tensor: str, values: np.ndarray) -> None:
+        """Store the bias added to ``tensor``'s outputs (``[d_out]``, float32), e.g. ``lm_head.bias``.
+
+        Call before :meth:`TensorWriter.finish`: a tensor is complete only with its bias.
+        """
+        arr = self._array(tensor, require_complete=False)
+        values = np.asarray(values, np.float32).reshape(-1)
+        if values.shape != (arr.shape[0],):
+            raise StoreError(f"a bias for {tensor!r} must have {arr.shape[0]} values, got {values.shape}")
+        out = create_chunked(self.group, _key(tensor).replace("tensors/", "biases/", 1), values.shape, values.shape,
+                             "float32", self.options, overwrite=True)
+        out[:] = values
+
+    def bias(self, tensor: str) -> np.ndarray | None:
+        """The bias stored with ``tensor`` (``[d_out]`` float32), or ``None`` when its source had none."""
+        arr = self._array(tensor)
+        if not arr.attrs.get("source_bias"):
+            return None
+        key = _key(tensor).replace("tensors/", "biases/", 1)
+        if key not in self.group:
+            raise CorruptStoreError(f"{tensor!r} in {self.url} records a bias but {key} is missing")
+        bias = self.group[key]
+        from zarr.core.sync import sync
+
+        chunk = "/".join(filter(None, (bias.store_path.path, bias.metadata.encode_chunk_key((0,)))))
+        try:
+            size = sync(bias.store_path.store.getsize(chunk))
+        except (FileNotFoundError, KeyError):
+            size = 0
+        if not size:
+            raise CorruptStoreError(f"the bias of {tensor!r} in {self.url} is missing its data")
+        with reading(f"bias of {tensor!r} in {self.url}"):
+            return bias[:]
+
     # -- reading --
     def array(self, tensor: str) -> zarr.Array:
         """The complete tensor's Zarr array (for Dask: ``dask.array.from_zarr``)."""

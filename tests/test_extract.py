@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 from cli.main import main
 from conftest import GGUF_TYPES, write_safetensors, write_torch
 from prismoe_store.errors import IncompleteStoreError, SourceError, StoreError, TensorNotFoundError
-from prismoe_store.extract import extract, open_source, resolve_name, tile
+from prismoe_store.extract import extract, open_source, tile
+from prismoe_store.resolve import resolve
+from prismoe_store.source_records import CheckpointFacts, TensorInfo
 from prismoe_store.stores import StoreOptions, WeightsStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,22 +125,33 @@ def test_folder_sources(tmp_path, llama_tensors):
 # -- names -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("names, alias, expected", [
-    (["lm_head.weight", "model.embed_tokens.weight"], "lm_head", "lm_head.weight"),
-    (["lm_head.weight", "model.embed_tokens.weight"], "embedding", "model.embed_tokens.weight"),
-    (["model.embed_tokens.weight", "model.norm.weight"], "lm_head", "model.embed_tokens.weight"),  # tied
-    (["transformer.wte.weight", "transformer.wpe.weight"], "lm_head", "transformer.wte.weight"),  # GPT-2
-    (["bert.embeddings.word_embeddings.weight"], "embedding", "bert.embeddings.word_embeddings.weight"),
-    (["embeddings.word_embeddings.weight", "pooler.dense.weight"], "lm_head", "embeddings.word_embeddings.weight"),
-    (["token_embd.weight", "output.weight"], "lm_head", "output.weight"),  # GGUF
-    (["token_embd.weight", "output_norm.weight"], "lm_head", "token_embd.weight"),  # GGUF, tied
-    (["model.language_model.embed_tokens.weight", "x"], "embedding", "model.language_model.embed_tokens.weight"),
-    (["foo.my_lm_head.weight", "x"], "lm_head", "foo.my_lm_head.weight"),  # unique suffix
-    (["a.weight", "b.weight"], "lm_head", None),
-    (["a.weight", "b.weight"], "c.weight", None),
+TIED = CheckpointFacts(tied=True, tied_why="config.json: tie_word_embeddings=true")
+
+
+@pytest.mark.parametrize("names, alias, facts, expected", [
+    (["lm_head.weight", "model.embed_tokens.weight"], "lm_head", None, "lm_head.weight"),
+    (["lm_head.weight", "model.embed_tokens.weight"], "embedding", None, "model.embed_tokens.weight"),
+    (["model.embed_tokens.weight", "model.norm.weight"], "lm_head", TIED, "model.embed_tokens.weight"),  # tied
+    (["model.embed_tokens.weight", "model.norm.weight"], "lm_head", None, None),  # nothing says tied
+    (["transformer.wte.weight", "transformer.wpe.weight"], "lm_head", TIED, "transformer.wte.weight"),  # GPT-2
+    (["bert.embeddings.word_embeddings.weight"], "embedding", None, "bert.embeddings.word_embeddings.weight"),
+    (["embeddings.word_embeddings.weight", "pooler.dense.weight"], "lm_head", TIED, "embeddings.word_embeddings.weight"),
+    (["token_embd.weight", "output.weight"], "lm_head", None, "output.weight"),  # GGUF
+    (["model.language_model.embed_tokens.weight", "x"], "embedding", None, "model.language_model.embed_tokens.weight"),
+    (["foo.my_lm_head.weight", "x"], "lm_head", None, "foo.my_lm_head.weight"),  # unique suffix
+    (["a.weight", "b.weight"], "lm_head", None, None),
+    (["W"], "lm_head", None, "W"),  # a lone matrix (.npy) answers to every alias
+    (["model.embed_tokens.weight"], "lm_head", None, None),  # ... unless it is named as the other one
+    (["model.embed_tokens.weight"], "lm_head", TIED, "model.embed_tokens.weight"),
+    (["a.weight", "b.weight"], "c.weight", None, None),
 ])
-def test_resolve_name(names, alias, expected):
-    assert resolve_name(names, alias) == expected
+def test_resolve(names, alias, facts, expected):
+    infos = {n: TensorInfo(n, (4, 3), "F32") for n in names}
+    if expected is None:
+        with pytest.raises(TensorNotFoundError):
+            resolve(infos, alias, facts or CheckpointFacts())
+    else:
+        assert resolve(infos, alias, facts or CheckpointFacts()).tensor == expected
 
 
 def test_aliases_in_a_checkpoint(tmp_path, safetensors_ckpt, gguf_ckpt):
@@ -151,11 +164,21 @@ def test_aliases_in_a_checkpoint(tmp_path, safetensors_ckpt, gguf_ckpt):
 
 
 def test_tied_embedding(tmp_path, llama_tensors):
+    """The embedding stands in for a missing head only when config.json says the head is tied."""
+    import json
+
     tied = {k: v for k, v in llama_tensors.items() if k != "lm_head.weight"}
-    path = write_safetensors(tmp_path / "tied.safetensors", tied)
+    path = write_safetensors(tmp_path / "model.safetensors", tied)
+    with pytest.raises(TensorNotFoundError, match="nothing says the head is tied"):
+        extract(path, _store(tmp_path), workers=4)
+    (tmp_path / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
     store = extract(path, _store(tmp_path), workers=4)
     assert np.array_equal(store.read("lm_head"), tied["model.embed_tokens.weight"])
     assert store.info("lm_head")["source_tensor"] == "model.embed_tokens.weight"
+    assert store.info("lm_head")["source_resolution"]["rule"] == "tied"
+    (tmp_path / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
+    with pytest.raises(TensorNotFoundError, match="lacks its head"):
+        extract(path, _store(tmp_path, "untied"), workers=4)
 
 
 def test_missing_tensor_lists_names(safetensors_ckpt):

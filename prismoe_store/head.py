@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, ModelError
 from .runtime import Runtime, open_runtime
 
 

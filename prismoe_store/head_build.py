@@ -187,7 +187,24 @@ def _open_source(source, tensor: str | None):
     opened = open_matrix(source, tensor=tensor)
     if len(opened.shape) != 2:
         raise DataError(f"{opened.label} is not a matrix: shape {opened.shape}")
+    _refuse_bias(source, tensor, opened)
     return opened.array, opened.label
+
+
+def _refuse_bias(source, tensor: str | None, opened) -> None:
+    """A head adapter holds ``x Wᵀ`` only: refuse a head whose checkpoint adds a bias (Phi-2, GPT-J)."""
+    from .compare import is_store
+
+    if is_store(source):
+        from .stores import WeightsStore
+
+        bias = WeightsStore.open(source).bias(opened.name)
+    else:
+        src = opened.array.source  # the opened checkpoint behind the lazy matrix
+        bias = src.bias_of(src.resolution(tensor or opened.name))
+    if bias is not None:
+        raise DataError(f"{opened.label} has a bias added to its outputs ({bias if isinstance(bias, str) else 'stored'}): "
+                        "head adapters hold x Wᵀ only and would drop it; this head cannot be served sparsely yet")
 
 
 class _AdapterMatrix:

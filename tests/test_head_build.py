@@ -170,3 +170,11 @@ def test_head_command(tmp_path):
     res = CliRunner().invoke(main, ["head", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "x.zarr"),
                                     "--tensor", "nope"])
     assert res.exit_code == 1 and "nope" in res.output
+
+
+def test_a_head_with_a_bias_is_refused(tmp_path):
+    w = _head(V=40, d=8)
+    write_safetensors(tmp_path / "m.safetensors", {"lm_head.weight": w, "lm_head.bias": np.ones(40, np.float32)})
+    with pytest.raises(DataError, match="bias"):
+        build_head(str(tmp_path / "m.safetensors"), str(tmp_path / "h.zarr"))
+    assert not (tmp_path / "h.zarr").exists()

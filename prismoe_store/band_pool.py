@@ -169,11 +169,14 @@ class BandPool:
         self._counts["peak_bytes"] = max(self._counts["peak_bytes"], self._used)
 
     # -- reading slots ---------------------------------------------------------------------------
-    def weights(self, slots: torch.Tensor) -> torch.Tensor:
-        """Float32 band tiles ``[n, a, d]`` of ``slots`` (INT8 dequantized on the device)."""
+    def weights(self, slots: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 band tiles ``[n, a, d]`` of ``slots`` (INT8 dequantized on the device), gathered into
+        ``out`` (``[n, a, d]`` float32) when given, so a call allocates nothing."""
         if self.scales is None:
-            return self.data[slots]
-        return self.data[slots].to(torch.float32).mul_(self.scales[slots][..., None])
+            return self.data[slots] if out is None else torch.index_select(self.data, 0, slots, out=out)
+        q = self.data[slots]  # [n, a, d] int8
+        out = q.to(torch.float32) if out is None else out.copy_(q)
+        return out.mul_(self.scales[slots][..., None])
 
     def rows(self, slots: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Single rows ``[n, d]``: row ``offsets[i]`` of slot ``slots[i]`` (INT8 dequantized)."""

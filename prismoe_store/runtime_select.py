@@ -139,6 +139,10 @@ class SelectRuntime:
                              budget_bytes=config.cache_bytes or self._all_bytes(last), load=load,
                              device=self.device, last_rows=last)
         self.total_bytes = self._all_bytes(last, true_rows=True)  # every band, true bytes
+        self.token_of_row = torch.full((self.n_bands * self.band_rows,), self.d_out, dtype=torch.int64,
+                                       device=self.device)  # [n·a] token id of each slot row (V: no token)
+        self.token_of_row[:self.d_out] = order
+        self._gathered: torch.Tensor | None = None  # reused buffer of gathered band tiles
         self.band_sizes = torch.full((self.n_bands,), self.band_rows, dtype=torch.int64, device=self.device)  # [n]
         self.band_sizes[-1] = last
         self._seconds, self._tokens, self._calls, self._bands, self._rows = 0.0, 0, 0, 0, 0
@@ -195,7 +199,7 @@ class SelectRuntime:
         union = torch.nonzero(chosen.any(dim=0)).squeeze(1)  # [U] bands any token took
         if len(union) == n and self.pool.slots >= n:  # every band: one product over the matrix in token order,
             return self._all_bands(x, chosen)  # the very product x @ Wᵀ (bit for bit)
-        out = torch.full((B, n, a), float("-inf"), device=self.device)  # [B, n, a] adapter row order
+        out = torch.full((B, self.d_out), float("-inf"), device=self.device)  # [B, V] token order
         union_np = union.cpu().numpy()
         # resident bands first: they are used before new loads could evict them
         union_np = union_np[np.argsort(~self.pool.resident(union_np), kind="stable")]
@@ -203,15 +207,25 @@ class SelectRuntime:
         try:
             for start in range(0, len(union_np), step):
                 group = union_np[start:start + step]  # [G]
-                slots = self.pool.acquire(group)  # [G]
-                w = self.pool.weights(slots)  # [G, a, d]
-                y = (x @ w.reshape(-1, self.d_in).T).view(B, len(group), a)  # [B, G, a]
                 g = torch.as_tensor(group, device=self.device)
-                out[:, g] = y.masked_fill(~chosen[:, g, None], float("-inf"))
+                w = self.pool.weights(self.pool.acquire(group), out=self._buffer(len(group)))  # [G, a, d]
+                y = (x @ w.view(-1, self.d_in).T).view(B, len(group), a)  # [B, G, a]
+                y = y.masked_fill_(~chosen[:, g, None], float("-inf")).view(B, -1)  # [B, G·a]
+                tokens = self.token_of_row.view(n, a)[g].reshape(-1)  # [G·a] token of each computed row
+                if group.max() == n - 1 and self.band_sizes[-1] < a:  # the short last band's empty rows
+                    real = tokens < self.d_out
+                    tokens, y = tokens[real], y[:, real]
+                out.index_copy_(1, tokens, y)
                 self.pool.release()
         finally:
             self.pool.release()
-        return out.view(B, n * a)[:, self.position]  # [B, V] token order
+        return out
+
+    def _buffer(self, bands: int) -> torch.Tensor:
+        """A reused float32 buffer for ``bands`` gathered band tiles ``[bands, a, d]`` (no allocation per call)."""
+        if self._gathered is None or self._gathered.shape[0] < bands:
+            self._gathered = torch.empty(bands, self.band_rows, self.d_in, device=self.device)
+        return self._gathered[:bands]
 
     def _all_bands(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, V]`` when the union is every band: rows gathered back into token order, one

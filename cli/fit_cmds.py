@@ -33,8 +33,9 @@ def _alphas(value: str | None):
 @click.option("--alphas", default=None, help="Pipe weights α1,α2,α3 summing to 1 (default: equal).")
 @click.option("--solver", type=click.Choice(["cholesky", "qr"]), default="cholesky", show_default=True,
               help="cholesky: normal equations; qr: streaming TSQR for ill-conditioned inputs.")
-@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-              help="Dtype of each row block's products (always summed in float64).")
+@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float64", show_default=True,
+              help="Dtype of each row block's products (always summed in float64); float32 is faster, "
+                   "for well-conditioned inputs only.")
 @click.option("--scheduler", default="threads", show_default=True,
               help="threads, processes, synchronous, or a dask.distributed address (tcp://HOST:PORT).")
 @click.option("--tasks", type=int, default=None, help="Row stripes accumulated in parallel (default: threads).")

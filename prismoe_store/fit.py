@@ -78,7 +78,8 @@ class FitConfig:
     seed: int = 0  # seeds the held-out split and pipe 2's subsample
     alphas: tuple[float, ...] | None = None  # pipe weights α (non-negative, sum 1); None: equal
     solver: str = "cholesky"  # "cholesky" (normal equations) or "qr" (streaming TSQR, ill-conditioned X)
-    precision: str = "float32"  # dtype of each block's products; always summed across blocks in float64
+    precision: str = "float64"  # dtype of each block's products; always summed across blocks in float64
+    #   ("float32": faster, for well-conditioned X only; see fit_pass "Numerics")
     # -- speed and memory only --
     memory_budget: int | None = None  # bytes for accumulators and row blocks; None: 1/4 of physical RAM
     block_rows: int | None = None  # rows per product block; None: 4096 rounded up to the store's row chunks
@@ -132,7 +133,7 @@ class FitConfig:
 def fit(pairs: PairsStore | str, adapter_url, *, mode: str = "joint", workers: int = 512,
         grids: Sequence[GridSpec] | None = None, ridge: float | None = None, holdout: float = 0.1,
         subsample: float = 0.6, seed: int = 0, alphas: Sequence[float] | None = None,
-        solver: str = "cholesky", precision: str = "float32", memory_budget: int | None = None,
+        solver: str = "cholesky", precision: str = "float64", memory_budget: int | None = None,
         block_rows: int | None = None, tasks: int | None = None, keep_statistics: bool = False,
         scheduler=None, options: StoreOptions | None = None, progress: ProgressFn | None = None,
         overwrite: bool = False) -> AdapterStore:

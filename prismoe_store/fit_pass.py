@@ -25,11 +25,16 @@ read-modify-writing all of the scratch ``B`` once per such super-block — moves
 bytes for the same budget, half of them writes: ``B`` is float64 and must be both read and
 written, while ``X``, the narrow side (``M ≪ N``), is only read.)
 
-**Numerics.** The products of each block are float32 GEMMs (``precision="float32"``, the
-default: the machine's fastest matrix multiply) whose results are summed across blocks in
-float64, so rounding grows with the block length (4096 rows), not with the row count; on
-well-conditioned data that keeps the solution within ~1e-6 of float64 least squares.
-``precision="float64"`` makes the products float64 (about half the speed). ``solver="qr"``
+**Numerics.** The products of each block are float64 GEMMs (``precision="float64"``, the
+default) of the float32 pairs, summed across blocks in float64. A product of two float32 values
+is exact in float64, so the statistics are float64-accurate whatever BLAS kernel computes them
+(and, as GEMM kernels sum every output over the rows in the same order, in practice the same
+bits whichever column group a column of ``B`` falls in). ``precision="float32"`` makes them
+float32 GEMMs (about twice the speed) and is for well-conditioned ``X`` only: their ~1e-7
+rounding depends on the CPU's BLAS kernel and on a value's place in the product (equal columns
+of ``X`` get different rows of ``B``), which puts noise in the directions where ``X`` has no
+variance, and the ridge amplifies it by ``1/λ``: with duplicate or dependent input columns the
+solution is then far from the minimum-norm one. ``solver="qr"``
 (for ill-conditioned ``X``) replaces the normal equations by a streaming TSQR of ``[X | Z]``
 that keeps only ``R`` and ``QᵀZ`` (:mod:`prismoe_store.solve`), so the condition number is not
 squared.

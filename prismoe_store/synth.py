@@ -23,8 +23,14 @@ directions scaled by 3, 2.25, 1.69, ... (so ``cov x = I + mixᵀ mix``, conditio
   gate picks tiles the input does not use.
 
 Rows are generated in fixed blocks of 256, block ``k`` from the random stream ``(seed, 1, k)``,
-and the target is computed per block, so row ``i`` has the same bytes whatever the chunking,
-resumes or row count. The ground truth (``w``, ``mix``; for ``gated`` also ``gates`` and
+and the target is exact row by row, so row ``i`` has the same bytes whatever the chunking,
+resumes or row count. They are also the same bytes on every machine: no value goes through a
+float32 BLAS product, whose last bits depend on the CPU's kernels and the thread count. Every
+product is :func:`_matmul` (float64 products of integer-valued slices, which BLAS sums exactly
+in any order) and every norm a :func:`math.fsum`. That is generator version 2; version 1 used
+float32 BLAS products and ``numpy.linalg.qr``, so its bytes depended on the machine.
+
+The ground truth (``w``, ``mix``; for ``gated`` also ``gates`` and
 ``block_region``) is saved in the store's ``truth`` group, and :func:`load_truth` reads it back.
 
 >>> spec = SynthSpec(rows=600, d_in=16, d_out=24, kind="gated", noise=0.0, regions=2)
@@ -37,6 +43,7 @@ resumes or row count. The ground truth (``w``, ``mix``; for ``gated`` also ``gat
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Literal
 
@@ -50,11 +57,15 @@ from .stores import StoreOptions, create_chunked, reading
 
 Kind = Literal["linear", "gated"]
 KINDS = ("linear", "gated")
-GENERATOR, GENERATOR_VERSION = "prismoe_store.synth", 1
+GENERATOR, GENERATOR_VERSION = "prismoe_store.synth", 2  # 2: machine-independent arithmetic
 _GEN_BLOCK = 256  # rows per generation block (fixed: part of what a seed means)
 _STREAM_TRUTH, _STREAM_ROWS = 0, 1  # random streams: (seed, stream[, block])
 _MIX_SCALE, _MIX_DECAY = 3.0, 0.75  # scale of the first correlated direction, ratio to the next
 _TRUTH_CHUNK_BYTES = 1 << 24  # truth/w is stored in row bands of at most this many bytes
+_SLICE_BITS = 18  # _matmul: bits per slice (two slices: 36 bits below each row's largest value)
+_EXACT_K = 1 << (53 - 2 * _SLICE_BITS)  # _matmul: inner length whose integer sums float64 holds exactly
+_BAND_VALUES = 1 << 22  # _matmul: values of b split at a time (bounds its float64 copies)
+_TARGET_VALUES = 1 << 22  # generate: rows per target product × width (bounds its float64 arrays)
 
 
 @dataclass(frozen=True)
@@ -100,7 +111,7 @@ class SynthSpec:
         """The settings as the store's provenance record (``rows`` is what was asked for).
 
         >>> SynthSpec(rows=5, d_in=2, d_out=2).provenance()["generator_version"]
-        1
+        2
         """
         return {"source": "synth", "generator": GENERATOR, "generator_version": GENERATOR_VERSION,
                 "dtype": "float32", **asdict(self)}
@@ -136,7 +147,7 @@ class SynthTruth:
         x = np.asarray(x, dtype=np.float32)
         if self.gates is None:
             return np.zeros(x.shape[0], dtype=np.int64)
-        return np.argmax(x @ self.gates.T, axis=1)
+        return np.argmax(_matmul(x, self.gates.T), axis=1)
 
     def target(self, x: np.ndarray) -> np.ndarray:
         """The clean target ``z`` (no noise) for inputs ``x [n, d_in]``, float32.
@@ -147,17 +158,17 @@ class SynthTruth:
         """
         x = np.asarray(x, dtype=np.float32)
         if self.gates is None:
-            return x @ self.w.T
+            return _matmul(x, self.w.T).astype(np.float32)
         d_out, d_in = self.w.shape
         bo, bi = self.block_shape
         regions = self.region(x)[:, None]
         block_row = np.arange(d_out) // bo  # the block row of each output
-        z = np.zeros((x.shape[0], d_out), dtype=np.float32)
+        z = np.zeros((x.shape[0], d_out))
         for cb in range(self.block_region.shape[1]):  # one product per block column, masked by region
             cols = slice(cb * bi, min((cb + 1) * bi, d_in))
-            part = x[:, cols] @ self.w[:, cols].T
-            z += np.where(self.block_region[block_row, cb][None, :] == regions, part, np.float32(0))
-        return z
+            part = _matmul(x[:, cols], self.w[:, cols].T)
+            np.add(z, part, out=z, where=self.block_region[block_row, cb][None, :] == regions)
+        return z.astype(np.float32)
 
     def worker_regions(self, grid: GridSpec) -> np.ndarray:
         """For each worker of ``grid``, the region whose target uses its tile (-1: padding only).
@@ -230,15 +241,18 @@ def make_truth(spec: SynthSpec) -> SynthTruth:
     rng.standard_normal(dtype=np.float32, out=w)  # in place: no float64 copy of a big matrix
     w *= np.float32(1.0 / np.sqrt(spec.d_in))
     k = spec.correlated
-    mix = rng.standard_normal((k, spec.d_in)).astype(np.float32)
-    mix /= np.linalg.norm(mix, axis=1, keepdims=True)
-    mix *= (_MIX_SCALE * _MIX_DECAY ** np.arange(k, dtype=np.float32))[:, None]
+    mix = rng.standard_normal((k, spec.d_in))
+    scale = _MIX_SCALE
+    for i in range(k):  # unit rows scaled by 3, 2.25, 1.6875, ...
+        mix[i] *= scale / _norm(mix[i])
+        scale *= _MIX_DECAY
+    mix = mix.astype(np.float32)
     if spec.kind == "linear":
         return SynthTruth(w, mix)
     (rb, cb), shape = _block_grid(spec)
     e = spec.regions
-    g = rng.standard_normal((spec.d_in, e))
-    gates = (np.linalg.qr(g)[0].T if e <= spec.d_in else (g / np.linalg.norm(g, axis=0)).T).astype(np.float32)
+    g = rng.standard_normal((e, spec.d_in))
+    gates = (_orthonormal_rows(g) if e <= spec.d_in else g / np.array([[_norm(r)] for r in g])).astype(np.float32)
     owner = np.empty(rb * cb, dtype=np.int16)
     owner[rng.permutation(rb * cb)] = np.arange(rb * cb) % e  # balanced: each region owns ⌊B/E⌋ or ⌈B/E⌉
     return SynthTruth(w, mix, np.ascontiguousarray(gates), owner.reshape(rb, cb), shape)
@@ -258,24 +272,123 @@ def generate(spec: SynthSpec, truth: SynthTruth, start: int, stop: int) -> tuple
         raise DataError(f"bad row range {start}:{stop}")
     x = np.empty((stop - start, spec.d_in), dtype=np.float32)
     z = np.empty((stop - start, spec.d_out), dtype=np.float32)
-    for block in range(start // _GEN_BLOCK, -(-stop // _GEN_BLOCK)):
-        lo, hi = block * _GEN_BLOCK, (block + 1) * _GEN_BLOCK
-        bx, bz = _block(spec, truth, block)
+    first, end = start // _GEN_BLOCK, -(-stop // _GEN_BLOCK)
+    per = max(1, _TARGET_VALUES // (_GEN_BLOCK * max(spec.d_in, spec.d_out)))  # blocks per target product
+    for b0 in range(first, end, per):
+        b1 = min(b0 + per, end)
+        lo, hi = b0 * _GEN_BLOCK, b1 * _GEN_BLOCK
+        bx, bz = _blocks(spec, truth, b0, b1)
         a, b = max(lo, start), min(hi, stop)
         x[a - start:b - start] = bx[a - lo:b - lo]
         z[a - start:b - start] = bz[a - lo:b - lo]
     return x, z
 
 
-def _block(spec: SynthSpec, truth: SynthTruth, block: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng([spec.seed, _STREAM_ROWS, block])
-    x = rng.standard_normal((_GEN_BLOCK, spec.d_in), dtype=np.float32)
+def _blocks(spec: SynthSpec, truth: SynthTruth, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Generation blocks ``b0:b1``; each block's rows come from its own random stream, and the
+    products are row by row exact (:func:`_matmul`), so batching blocks does not change a bit."""
+    n = (b1 - b0) * _GEN_BLOCK
+    x = np.empty((n, spec.d_in), dtype=np.float32)
+    h = np.empty((n, spec.correlated), dtype=np.float32)
+    eps = np.empty((n, spec.d_out), dtype=np.float32) if spec.noise > 0 else None
+    for i, block in enumerate(range(b0, b1)):
+        rng = np.random.default_rng([spec.seed, _STREAM_ROWS, block])
+        rows = slice(i * _GEN_BLOCK, (i + 1) * _GEN_BLOCK)
+        rng.standard_normal(dtype=np.float32, out=x[rows])
+        if spec.correlated:
+            rng.standard_normal(dtype=np.float32, out=h[rows])
+        if eps is not None:
+            rng.standard_normal(dtype=np.float32, out=eps[rows])
     if spec.correlated:
-        x += rng.standard_normal((_GEN_BLOCK, spec.correlated), dtype=np.float32) @ truth.mix
+        x = (x + _matmul(h, truth.mix)).astype(np.float32)  # rounded once, from float64
     z = truth.target(x)
-    if spec.noise > 0:
-        z += np.float32(spec.noise) * rng.standard_normal((_GEN_BLOCK, spec.d_out), dtype=np.float32)
+    if eps is not None:
+        eps *= np.float32(spec.noise)
+        z += eps
     return x, z
+
+
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` (float64) with the same bits on every machine, whatever its BLAS, CPU or threads.
+
+    Each row of ``a`` and each column of ``b`` is scaled by a power of 2 to ``|·| < 1`` and cut
+    into two integer-valued slices of :data:`_SLICE_BITS` bits (``v ≈ s·(hi·2^β + lo)·2^-2β``;
+    what lies more than 36 bits below the row's largest value is dropped, deterministically).
+    The products ``hi·hi`` and ``hi·lo + lo·hi`` are float64 matrix products of integers whose
+    every partial sum is an integer below 2^53, so BLAS computes them exactly in any order, with
+    or without FMA; the rest is elementwise arithmetic in a fixed order. About three float64
+    products' time: for synthetic data, not for the fit.
+
+    >>> a = np.array([[1.5, -2.0], [0.25, 3.0]], np.float32)
+    >>> _matmul(a, a.T).tolist()
+    [[6.25, -5.625], [-5.625, 9.0625]]
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    n, k = a.shape
+    m = b.shape[1]
+    if not (n and m and k):
+        return np.zeros((n, m))
+    a_hi, a_lo, a_scale = _slices(a, axis=1)
+    a_scale *= 2.0 ** (-2 * _SLICE_BITS)  # powers of 2: every scaling below is exact
+    band = max(1, _BAND_VALUES // k)  # columns of b at a time
+    out = None if band >= m else np.empty((n, m))
+    for c0 in range(0, m, band):
+        b_hi, b_lo, b_scale = _slices(b[:, c0:c0 + band], axis=0)
+        acc = None
+        for k0 in range(0, k, _EXACT_K):  # inner chunks short enough for exact integer sums
+            ks = slice(k0, k0 + _EXACT_K)
+            cross = a_hi[:, ks] @ b_lo[ks]
+            cross += a_lo[:, ks] @ b_hi[ks]  # both exact integers: their sum is exact too
+            cross *= 2.0 ** -_SLICE_BITS
+            part = a_hi[:, ks] @ b_hi[ks]
+            part += cross  # the one rounding of this chunk
+            if acc is None:
+                acc = part
+            else:
+                acc += part
+        acc *= a_scale
+        acc *= b_scale
+        if out is None:
+            return acc
+        out[:, c0:c0 + band] = acc
+    return out
+
+
+def _slices(v: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(hi, lo, scale)`` with ``v ≈ scale·(hi·2^β + lo)·2^-2β`` (see :func:`_matmul`): ``scale``
+    a power of 2 per line along ``axis`` (``|v/scale| < 1``), ``|hi| ≤ 2^β``, ``|lo| ≤ 2^(β-1)``."""
+    v = np.asarray(v, dtype=np.float64)
+    peak = np.max(np.abs(v), axis=axis, keepdims=True)
+    scale = np.ldexp(1.0, np.frexp(peak)[1])  # the power of 2 just above the line's largest value
+    u = v / scale  # exact: a power of 2
+    hi = np.rint(u * 2.0 ** _SLICE_BITS)
+    lo = u - hi * 2.0 ** -_SLICE_BITS  # exact: |lo| ≤ 2^-(β+1), on the grid of u's last bit or 2^-β
+    lo *= 2.0 ** (2 * _SLICE_BITS)
+    np.rint(lo, out=lo)
+    return hi, lo, scale
+
+
+def _norm(v: np.ndarray) -> float:
+    """The Euclidean norm of a vector from a correctly rounded sum (the same bits everywhere)."""
+    v = np.asarray(v, dtype=np.float64).ravel()
+    return math.sqrt(math.fsum((v * v).tolist()))
+
+
+def _orthonormal_rows(g: np.ndarray) -> np.ndarray:
+    """Orthonormal rows spanning the rows of ``g`` (``[e, d]``, ``e ≤ d``): Gram–Schmidt, twice, with
+    :func:`math.fsum` dot products, so the bits do not depend on LAPACK or BLAS.
+
+    >>> q = _orthonormal_rows(np.random.default_rng(0).standard_normal((3, 5)))
+    >>> bool(np.allclose(q @ q.T, np.eye(3)))
+    True
+    """
+    q = np.array(g, dtype=np.float64)
+    for i in range(q.shape[0]):
+        for _ in range(2):  # a second pass restores orthogonality lost to cancellation
+            for j in range(i):
+                q[i] -= math.fsum((q[i] * q[j]).tolist()) * q[j]
+        q[i] /= _norm(q[i])
+    return q
 
 
 def synthesize(url, spec: SynthSpec, *, rows_per_chunk: int = 2048, options: StoreOptions | None = None,

@@ -155,8 +155,8 @@ def test_qr_beats_normal_equations_on_ill_conditioned_x(tmp_path):
     _, train, _ = split(S)
     ref = lstsq(x64[train], z64[train])
     err = {}
-    for solver in ("cholesky", "qr"):
-        a = fit(store, tmp_path / solver, workers=4, ridge=0.0, solver=solver)
+    for solver in ("cholesky", "qr"):  # float32 products: float64 ones solve cond(G) ≈ 1e8 as well as QR
+        a = fit(store, tmp_path / solver, workers=4, ridge=0.0, solver=solver, precision="float32")
         err[solver] = rel(a.dense(0), ref)
     assert err["qr"] <= 1e-5
     assert err["qr"] < err["cholesky"] / 10
@@ -253,9 +253,10 @@ def test_any_blocking_gives_the_same_fit(pairs, tmp_path_factory, block, tasks, 
     store, x, z = pairs
     hold, train, _ = split(S)
     # a budget for one task and ~10 columns of B: G (20·M² bytes), blocks (12·block·M), per column 20·M + 12·block
+    # (float32 products; float64 ones add 8 bytes per block value: test_spilled_b_gives_the_same_adapter)
     budget = 20 * M * M + 12 * block * M + 10 * (20 * M + 12 * block) if spill else None
     a = fit(store, tmp_path_factory.mktemp("a") / "a", workers=WORKERS, ridge=0.0, block_rows=block, tasks=tasks,
-            memory_budget=budget)
+            memory_budget=budget, precision="float32")
     if spill:
         assert a.attrs()["fit"]["plan"]["group_cols"] < N
     assert a.attrs()["fit"]["counts"] == {"train": int(train.sum()), "sub": a.attrs()["fit"]["counts"]["sub"],

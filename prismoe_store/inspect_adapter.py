@@ -85,7 +85,9 @@ class PipeReport:
         if self.int8_bytes_memory is not None:
             lines.append(f"  INT8 tiles + scales {human_bytes(self.int8_bytes_memory)} in memory, "
                          f"{human_bytes(self.int8_bytes_disk)} on disk")
-        if self.gate is None:
+        if self.gate is None and self.grid.is_band_grid:
+            lines.append("  gate: the adapter's band gate (one score per band, all pipes together)")
+        elif self.gate is None:
             lines.append("  gate: none (train one with `prismoe fit-gates`)")
         else:
             gt = self.gate
@@ -119,6 +121,7 @@ class AdapterReport:
     int8: dict  # the "int8" attribute ({} before quantize)
     jobs: dict  # progress record name -> [done, units]
     pipes: list[PipeReport] = field(default_factory=list)  # the pipes inspected
+    head: dict = field(default_factory=dict)  # a head adapter's layout, bands, order and band gate ({} otherwise)
 
     def to_dict(self) -> dict:
         """One JSON object for ``--json``."""
@@ -126,7 +129,7 @@ class AdapterReport:
             "url": self.url, "format": "adapter", "version": self.version, "d_in": self.d_in, "d_out": self.d_out,
             "mode": self.mode, "alphas": self.alphas, "complete": self.complete, "options": self.options,
             "fit": self.fit, "metrics": self.metrics, "gates": self.gates, "int8": self.int8, "jobs": self.jobs,
-            "pipes": [p.to_dict() for p in self.pipes],
+            "pipes": [p.to_dict() for p in self.pipes], "head": self.head,
         })
 
     def text(self) -> str:
@@ -136,8 +139,19 @@ class AdapterReport:
         lines = [f"{self.url}: adapter store, format version {self.version} ({opts})",
                  f"  {self.d_in} → {self.d_out} (d_in → d_out), {self.mode} tiles, {len(self.alphas)} pipes, "
                  f"alphas {', '.join(f'{a:.4g}' for a in self.alphas)}; {state}"]
-        lines += _fit_lines(self.fit, self.metrics)
-        lines += _gate_lines(self.gates)
+        if self.head:
+            h = self.head
+            lines.append(f"  head adapter: {h['layout']} layout, {h['combine']} combine (fill {h['fill']}), "
+                         f"{h['bands']} bands of {h['band_rows']} rows, {h['order']} order"
+                         + (f" (cohesion {h['cohesion']:.3f})" if h.get("cohesion") == h.get("cohesion") else "")
+                         + f"; band gate {h['gate']}")
+            held = (self.gates or {}).get("held_out")
+            if held:
+                lines.append(f"    band gate held-out: top-1 band recall {held['top1']:.4f}, mass kept "
+                             f"{held['mass']:.4f} at ρ = {(self.gates.get('settings') or {}).get('sparsity')}")
+        else:
+            lines += _fit_lines(self.fit, self.metrics)
+            lines += _gate_lines(self.gates)
         if self.int8:
             lines.append(f"  INT8: {self.int8.get('scheme', '?')}, "
                          + ("complete" if self.int8.get("complete") else "INCOMPLETE (re-run `prismoe quantize`)"))
@@ -246,8 +260,16 @@ def inspect_adapter(url, *, tensor: str | None = None, stats: bool = True, max_b
         for name, _ in sorted(store.group["_progress"].arrays()):
             record = Progress.open(store.group, name)
             jobs[name] = [len(record.done()), record.units]
+    head = {}
+    if store.layout == "partition":
+        gate = store.group["gate_weight"].shape if "gate_weight" in store.group else None
+        info = attrs.get("head") or {}
+        head = {"layout": store.layout, "combine": store.combine, "fill": attrs.get("fill"), "bands": store.n_bands,
+                "band_rows": store.band_rows, "order": (info.get("order") or {}).get("method", "?"),
+                "cohesion": info.get("cohesion"), "source": info.get("source"),
+                "gate": "none" if gate is None else f"[{gate[0]} × {gate[1]}]"}
     return AdapterReport(
-        url=str(url), version=int(attrs[FORMAT_KEY]["version"]), d_in=store.d_in, d_out=store.d_out,
+        head=head, url=str(url), version=int(attrs[FORMAT_KEY]["version"]), d_in=store.d_in, d_out=store.d_out,
         mode=store.mode, alphas=store.alphas, complete=store.complete, options=dict(attrs.get("options", {})),
         fit=dict(attrs.get("fit") or {}), metrics=dict(attrs.get("metrics") or {}),
         gates=dict(attrs.get("gates") or {}), int8=dict(attrs.get("int8") or {}), jobs=jobs, pipes=reports)

@@ -178,3 +178,14 @@ def test_a_head_with_a_bias_is_refused(tmp_path):
     with pytest.raises(DataError, match="bias"):
         build_head(str(tmp_path / "m.safetensors"), str(tmp_path / "h.zarr"))
     assert not (tmp_path / "h.zarr").exists()
+
+
+def test_inspect_describes_a_head_adapter(tmp_path):
+    from prismoe_store.inspect_adapter import inspect_adapter
+
+    np.save(tmp_path / "w.npy", _head(V=48, d=8))
+    build_head(str(tmp_path / "w.npy"), str(tmp_path / "h.zarr"), config=HeadConfig(band_rows=8))
+    r = inspect_adapter(str(tmp_path / "h.zarr"))
+    assert r.head["bands"] == 6 and r.head["layout"] == "partition" and r.head["gate"] == "[6 × 8]"
+    text = r.text()
+    assert "select combine (fill -inf)" in text and "band gate" in text and "gate: none" not in text

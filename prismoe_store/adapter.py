@@ -122,7 +122,8 @@ class AdapterStore:
         group = open_checked(url, ADAPTER_FORMAT, ADAPTER_VERSION, mode, storage_options=storage_options)
         store = cls(group, str(url))
         if require_complete and not group.attrs.get("complete"):
-            raise IncompleteStoreError(f"adapter {url} is not finished: re-run `prismoe fit` to complete it")
+            job = "prismoe head" if group.attrs.get("layout") == "partition" else "prismoe fit"
+            raise IncompleteStoreError(f"adapter {url} is not finished: re-run `{job}` to complete it")
         return store
 
     @classmethod

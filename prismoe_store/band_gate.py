@@ -44,7 +44,7 @@ import torch
 
 from .adapter import AdapterStore
 from .band_pool import BandPool
-from .errors import DataError, FitError
+from .errors import DataError, FitError, IncompleteStoreError
 from .pairs import holdout_mask
 
 ProgressFn = Callable[[int, int], None]
@@ -118,6 +118,8 @@ def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = Ban
     stored gate is then left as it was).
     """
     stage = stages or (lambda name: contextlib.nullcontext(None))
+    if not adapter.complete:
+        raise IncompleteStoreError(f"head adapter {adapter.url} is not finished: re-run `prismoe head` first")
     rows_of, S = open_hidden(hidden, adapter.d_in, config.max_rows)
     device = torch.device(config.device)
     held = holdout_mask(config.seed, 0, S, config.holdout) if config.holdout > 0 else np.zeros(S, bool)

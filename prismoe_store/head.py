@@ -167,6 +167,7 @@ def generate_all(adapter, model, prompts: list[str], *, max_new_tokens: int = 20
     """
     from .collect import load_model
 
+    head = PrisMoEHead.from_adapter(adapter, **runtime_options)  # a bad adapter fails before the model loads
     lm = load_model(model, device=runtime_options.get("device", "cpu"))
     net, tokenizer = lm.model, lm.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -179,7 +180,6 @@ def generate_all(adapter, model, prompts: list[str], *, max_new_tokens: int = 20
                                 pad_token_id=pad)[0, n:]  # [new]
 
     originals = [greedy(inputs) for inputs in encoded] if compare else [None] * len(prompts)
-    head = PrisMoEHead.from_adapter(adapter, **runtime_options)
     replace_lm_head(net, head)
     if embedding:
         replace_embedding(net, PrisMoEEmbedding(head.runtime))

@@ -143,7 +143,8 @@ class AdapterReport:
             h = self.head
             lines.append(f"  head adapter: {h['layout']} layout, {h['combine']} combine (fill {h['fill']}), "
                          f"{h['bands']} bands of {h['band_rows']} rows, {h['order']} order"
-                         + (f" (cohesion {h['cohesion']:.3f})" if h.get("cohesion") == h.get("cohesion") else "")
+                         + (f" (cohesion {h['cohesion']:.3f})" if isinstance(h.get("cohesion"), float)
+                            and h["cohesion"] == h["cohesion"] else "")
                          + f"; band gate {h['gate']}")
             held = (self.gates or {}).get("held_out")
             if held:

@@ -43,6 +43,7 @@ ORDERS = ("cluster", "identity")
 ReadRows = Callable[[int, int], np.ndarray]  # (start, stop) -> float32 rows [stop - start, d]
 Progress = Callable[[int, int], None]
 BLOCK_BYTES = 32 << 20  # rows read per block, and the similarity block [rows, bands]
+MAX_SAMPLE = 32768  # most rows in the k-means seeding sample (it is held in memory)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class OrderConfig:
     method: str = "cluster"  # "cluster": balanced spherical k-means; "identity": token-id order
     iterations: int = 6  # balanced Lloyd rounds after the k-means initialisation
     candidates: int = 16  # most similar centroids kept per row for the balanced assignment
-    sample_rows: int | None = None  # rows for the k-means initialisation; None: min(V, 16 · bands)
+    sample_rows: int | None = None  # rows for the k-means initialisation; None: min(V, 16 · bands, 32768)
     seed: int = 0  # seeds scikit-learn's k-means
 
     def __post_init__(self) -> None:
@@ -134,7 +135,7 @@ def cluster_order(read_rows: ReadRows, rows: int, d: int, *, band_rows: int, con
             yield start, torch.from_numpy(_normalise(transform(u)))
 
     # 1. initial centroids: scikit-learn's mini-batch k-means on a strided sample
-    n_sample = min(rows, config.sample_rows or 16 * bands)
+    n_sample = min(rows, config.sample_rows or min(16 * bands, MAX_SAMPLE))
     picks = np.linspace(0, rows - 1, n_sample).astype(np.int64)
     sample = np.concatenate([_normalise(transform(np.asarray(read_rows(int(i), int(i) + 1), np.float32)))
                              for i in picks]) \

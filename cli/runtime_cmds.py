@@ -11,7 +11,7 @@ import numpy as np
 from cli.output import echo_json
 from cli.progress import bar, quiet_option
 from prismoe_store.adapter import AdapterStore
-from prismoe_store.errors import DataError
+from prismoe_store.pairs import open_rows
 
 
 def _runtime_options(f):
@@ -45,24 +45,6 @@ def _cache_line(stats: dict) -> str:
             f"peak {c['peak_bytes'] / 2**20:.2f} of {c['budget_bytes'] / 2**20:.2f} MiB budget")
 
 
-def _open_rows(path: str):
-    """``(rows, d_in, read(start, stop))`` for a ``.npy`` file of x or a pairs store's x."""
-    if os.path.isfile(path) or path.endswith(".npy"):
-        if not os.path.isfile(path):
-            raise DataError(f"no such file: {path}")
-        try:
-            x = np.load(path, mmap_mode="r")
-        except (ValueError, OSError) as e:
-            raise DataError(f"cannot read {path} as a .npy array: {e}") from None
-        if x.ndim != 2:
-            raise DataError(f"{path} must hold a 2-D array [rows, d_in], got shape {x.shape}")
-        return x.shape[0], x.shape[1], lambda s, e: np.asarray(x[s:e], np.float32)
-    from prismoe_store.pairs import PairsStore
-
-    p = PairsStore.open(path)
-    return p.rows, p.d_in, lambda s, e: p.read(s, e, cols_z=slice(0, 0))[0]
-
-
 @click.command("infer")
 @click.argument("adapter")
 @click.option("--input", "input_path", required=True, help="x as a .npy file [rows, d_in], or a pairs store.")
@@ -75,10 +57,8 @@ def infer_cmd(adapter, input_path, output, device, cache_mb, int8, mode, sparsit
     """Run ADAPTER on input rows and write y [rows, d_out] (float32) to OUTPUT."""
     from prismoe_store.runtime import open_runtime
 
-    rows, d_in, read = _open_rows(input_path)
     store = AdapterStore.open(adapter, require_complete=True)
-    if d_in != store.d_in:
-        raise DataError(f"input rows are {d_in} wide but the adapter's d_in is {store.d_in}")
+    read, rows = open_rows(input_path, store.d_in)
     rt = open_runtime(store, **_runtime_kwargs(device, cache_mb, int8, mode, sparsity, mass))
     part = f"{output}.{os.getpid()}.part"  # renamed onto OUTPUT only once every row is written
     try:
@@ -218,7 +198,7 @@ def bench_runtime_cmd(adapter, device, sparsity, input_path, d_in, d_out, worker
         torch.set_num_threads(threads)
     tokens = None
     if input_path:
-        rows, _, read = _open_rows(input_path)
+        read, rows = open_rows(input_path)
         tokens = read(0, min(rows, max(64, 2 * hit_tokens)))
     with tempfile.TemporaryDirectory(prefix="prismoe-bench-") as tmp:
         if adapter is None:

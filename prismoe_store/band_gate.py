@@ -45,7 +45,7 @@ import torch
 from .adapter import AdapterStore
 from .band_pool import BandPool
 from .errors import DataError, FitError, IncompleteStoreError
-from .pairs import holdout_mask
+from .pairs import holdout_mask, open_rows
 
 ProgressFn = Callable[[int, int], None]
 Stages = Callable[[str], ContextManager[ProgressFn | None]]
@@ -120,7 +120,7 @@ def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = Ban
     stage = stages or (lambda name: contextlib.nullcontext(None))
     if not adapter.complete:
         raise IncompleteStoreError(f"head adapter {adapter.url} is not finished: re-run `prismoe head` first")
-    rows_of, S = open_hidden(hidden, adapter.d_in, config.max_rows)
+    rows_of, S = open_rows(hidden, adapter.d_in, config.max_rows)
     device = torch.device(config.device)
     held = holdout_mask(config.seed, 0, S, config.holdout) if config.holdout > 0 else np.zeros(S, bool)
     if held.all() or (~held).sum() < 1:
@@ -172,43 +172,6 @@ def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = Ban
                           before=before, after=after, history=history, teacher_seconds=teacher_seconds,
                           seconds_per_epoch=float(np.mean(epoch_seconds)) if epoch_seconds else 0.0,
                           settings=settings)
-
-
-# -- hidden states ------------------------------------------------------------------------------
-
-
-def open_hidden(hidden, d: int, max_rows: int | None = None) -> tuple[Callable[[int, int], np.ndarray], int]:
-    """``(read(start, stop) -> float32 [n, d], rows)`` over hidden states: a pairs store's ``x``
-    (a store object or its path/URL) or a ``.npy`` file (memory-mapped)."""
-    from .pairs import PairsStore
-
-    if isinstance(hidden, (str, os.PathLike)) and str(hidden).endswith(".npy"):
-        try:
-            arr = np.load(hidden, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read hidden states from {hidden}: {e}") from None
-        if arr.ndim != 2:
-            raise DataError(f"hidden states must be [rows, {d}], got {arr.shape} in {hidden}")
-        S, width = arr.shape
-        read = lambda a, b: np.array(arr[a:b], np.float32)  # noqa: E731  (a writable copy)
-    else:
-        store = hidden if isinstance(hidden, PairsStore) else PairsStore.open(hidden)
-        S, width = store.rows, store.d_in
-        read = lambda a, b: store.read_x(a, b)  # noqa: E731
-    if width != d:
-        raise DataError(f"hidden states are {width} wide but the head takes {d}")
-    if S < 1:
-        raise DataError("no hidden-state rows")
-    S = min(S, max_rows or S)
-
-    def checked(a: int, b: int) -> np.ndarray:
-        x = read(a, b)
-        if not np.isfinite(x).all():
-            bad = a + int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
-            raise DataError(f"hidden-state row {bad} holds NaN or Inf")
-        return x
-
-    return checked, S
 
 
 # -- the teacher pass ---------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .adapter import AdapterStore
-from .band_gate import open_hidden
+from .pairs import open_rows
 from .runtime import RuntimeConfig
 from .runtime_select import DEFAULT_MASS_CAP, BandRouter, SelectRuntime
 
@@ -72,7 +72,7 @@ def benchmark_head(adapter: AdapterStore, hidden, *, sparsities: Sequence[float]
     "svd": [...]}``; each setting row has ``top1``, ``top5_recall``, ``mass``, ``kl``,
     ``row_share``, ``bytes_per_token``, ``bytes_ratio``.
     """
-    rows_of, S = open_hidden(hidden, adapter.d_in, max_rows)
+    rows_of, S = open_rows(hidden, adapter.d_in, max_rows)
     V, d = adapter.d_out, adapter.d_in
     full = SelectRuntime(adapter, RuntimeConfig(sparsity=1.0, quant=quant))
     a, n = full.band_rows, full.n_bands

@@ -136,9 +136,9 @@ def build_head(source, output, *, config: HeadConfig = HeadConfig(), overwrite: 
         else:
             metric = None
             if config.hidden is not None and config.order.method == "cluster":
-                from .band_gate import open_hidden
+                from .pairs import open_rows
 
-                read_hidden, n_hidden = open_hidden(config.hidden, d, config.hidden_rows)
+                read_hidden, n_hidden = open_rows(config.hidden, d, config.hidden_rows)
                 metric = hidden_metric(read_hidden, n_hidden, d)
             with stage("order vocabulary") as progress:
                 result = (cluster_order(rows.read, V, d, band_rows=band_rows, config=config.order, metric=metric,

@@ -21,12 +21,12 @@ import fcntl
 import os
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import zarr
 
-from .errors import DataError, StoreError
+from .errors import DataError
 from .grid import plan_pipes
 from .stores import StoreOptions, create_checked, create_chunked, open_checked, reading
 
@@ -234,6 +234,50 @@ class PairsStore:
         for s in range(start, stop, batch):
             x, z = self.read(s, min(s + batch, stop))
             yield s, x, z
+
+
+def open_rows(source, d: int | None = None, max_rows: int | None = None) -> tuple[Callable[[int, int], np.ndarray], int]:
+    """``(read(start, stop) -> float32 [n, d], rows)`` over input rows (hidden states): a pairs store's
+    ``x`` (a :class:`PairsStore`, or its path/URL) or a ``.npy`` file (memory-mapped, copied per read).
+
+    With ``d`` the width is checked; ``max_rows`` caps the rows; every read refuses NaN/Inf with the
+    row named (:class:`DataError`).
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "x.npy"); np.save(path, np.ones((5, 3), np.float32))
+    >>> read, n = open_rows(path, 3, max_rows=4)
+    >>> n, read(0, 2).shape
+    (4, (2, 3))
+    """
+    if isinstance(source, (str, os.PathLike)) and (str(source).endswith(".npy") or os.path.isfile(source)):
+        if not os.path.isfile(source):
+            raise DataError(f"no such file: {source}")
+        try:
+            arr = np.load(source, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {source} as a .npy array: {e}") from None
+        if arr.ndim != 2:
+            raise DataError(f"{source} must hold a 2-D array [rows, width], got shape {arr.shape}")
+        S, width = arr.shape
+        read = lambda a, b: np.array(arr[a:b], np.float32)  # noqa: E731  (a writable copy)
+    else:
+        store = source if isinstance(source, PairsStore) else PairsStore.open(source)
+        S, width = store.rows, store.d_in
+        read = store.read_x
+    if d is not None and width != d:
+        raise DataError(f"input rows are {width} wide but {d} are expected (the adapter's d_in)")
+    if S < 1:
+        raise DataError(f"{source} holds no rows")
+    S = min(S, max_rows or S)
+
+    def checked(a: int, b: int) -> np.ndarray:
+        x = read(a, b)
+        if not np.isfinite(x).all():
+            bad = a + int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+            raise DataError(f"input row {bad} holds NaN or Inf")
+        return x
+
+    return checked, S
 
 
 def row_uniform(seed: int, start: int, stop: int) -> np.ndarray:

@@ -153,16 +153,8 @@ class Runtime:
     @torch.no_grad()
     def __call__(self, x) -> torch.Tensor:
         """Map ``x [..., d_in]`` (torch or numpy) to float32 ``y [..., d_out]`` on the runtime's device."""
-        if isinstance(x, np.ndarray):  # numpy (a read-only memmap too): float32 tensor over a copy if needed
-            x = torch.from_numpy(np.array(x, np.float32, copy=not x.flags.writeable or None))
-        x = torch.as_tensor(x)
-        if x.ndim < 1 or x.shape[-1] != self.d_in:
-            raise DataError(f"input must be [..., {self.d_in}], got {tuple(x.shape)}")
         t0 = time.perf_counter()
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.d_in).to(self.device, torch.float32)  # [B, M]
-        if not bool(torch.isfinite(x).all()):
-            raise DataError("input holds NaN or Inf")
+        x, lead = input_rows(x, self.d_in, self.device)  # [B, M]
         ys = [None] * len(self.grids)  # per pipe: [B, N]
         for p in self._pipe_order():
             if self.config.mode == "serial":  # the other pipes' tiles leave before this pipe's arrive
@@ -256,6 +248,25 @@ class Runtime:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def input_rows(x, d_in: int, device: torch.device) -> tuple[torch.Tensor, torch.Size]:
+    """``(rows [B, d_in] float32 on device, lead shape)`` of an input ``x [..., d_in]`` (torch or
+    numpy, a read-only memmap too); raises :class:`DataError` for a wrong width or NaN/Inf.
+
+    >>> rows, lead = input_rows(np.ones((2, 3, 4), np.float32), 4, torch.device("cpu"))
+    >>> tuple(rows.shape), tuple(lead)
+    ((6, 4), (2, 3))
+    """
+    if isinstance(x, np.ndarray):  # numpy: a float32 tensor over a copy when the array is read-only
+        x = torch.from_numpy(np.array(x, np.float32, copy=not x.flags.writeable or None))
+    x = torch.as_tensor(x)
+    if x.ndim < 1 or x.shape[-1] != d_in:
+        raise DataError(f"input must be [..., {d_in}], got {tuple(x.shape)}")
+    rows = x.reshape(-1, d_in).to(device, torch.float32)  # [B, d_in]
+    if not bool(torch.isfinite(rows).all()):
+        raise DataError("input holds NaN or Inf")
+    return rows, x.shape[:-1]
 
 
 def open_runtime(adapter, *, device: str = "cpu", cache_bytes: int | None = None, quant: str | None = None,

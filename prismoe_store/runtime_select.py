@@ -39,7 +39,7 @@ from .adapter import AdapterStore
 from .band_pool import BandPool
 from .errors import DataError, IncompleteStoreError
 from .quant import int8_ready
-from .runtime import RuntimeConfig
+from .runtime import RuntimeConfig, input_rows
 
 DEFAULT_HEAD_SPARSITY = 0.1  # ρ for head adapters whose gate training recorded none
 DEFAULT_MASS_CAP = 0.25  # most bands a token may take with a mass threshold, when no ρ is given
@@ -169,16 +169,8 @@ class SelectRuntime:
     @torch.no_grad()
     def __call__(self, x) -> torch.Tensor:
         """Map ``x [..., d]`` (torch or numpy) to float32 logits ``[..., V]`` in token order."""
-        if isinstance(x, np.ndarray):
-            x = torch.from_numpy(np.array(x, np.float32, copy=not x.flags.writeable or None))
-        x = torch.as_tensor(x)
-        if x.ndim < 1 or x.shape[-1] != self.d_in:
-            raise DataError(f"input must be [..., {self.d_in}], got {tuple(x.shape)}")
         t0 = time.perf_counter()
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.d_in).to(self.device, torch.float32)  # [B, d]
-        if not bool(torch.isfinite(x).all()):
-            raise DataError("input holds NaN or Inf")
+        x, lead = input_rows(x, self.d_in, self.device)  # [B, d]
         bands, valid = self.route(x)  # [B, K], [B, K]
         logits = self.logits_for(x, bands, valid)  # [B, V]
         if self.device.type == "cuda":

@@ -86,8 +86,14 @@ def benchmark_head(adapter: AdapterStore, hidden, *, sparsities: Sequence[float]
     position = full.position  # token -> adapter row
     tok_band = position // a  # [V] band of each token
 
-    contiguous = _ContiguousGate(adapter, a) if baselines else None
-    svd = _TruncatedSVD(adapter) if baselines else None
+    main_rows = full.band_sizes.float()  # [n] rows per band
+    contiguous = svd = None
+    if baselines:  # both baselines from one read of the head, in token order
+        head = _head_in_token_order(adapter)  # [V, d]
+        contiguous, svd = _ContiguousGate(head, a), _TruncatedSVD(head)
+        contiguous_band = torch.arange(V) // a  # [V] contiguous band of each token
+        contiguous_rows = _rows_per_band(a, contiguous.n, V)
+        del head
     ranks = {r: max(1, int(r * V * row_bytes + gate_bytes) // (4 * (V + d))) for r in sparsities}
     c_sums = {r: _Sums() for r in sparsities}
     s_sums = {r: _Sums() for r in sparsities}
@@ -101,13 +107,12 @@ def benchmark_head(adapter: AdapterStore, hidden, *, sparsities: Sequence[float]
             band_logp = _band_sum(logp, tok_band, n)  # [B, n] log band mass
             for name, (_, router) in routers.items():
                 chosen = router.chosen(x)  # [B, n]
-                _accumulate(sums[name], chosen, band_logp, tok_band, top5, rows_per_band=_rows_per_band(a, n, V))
+                _accumulate(sums[name], chosen, band_logp, tok_band, top5, rows_per_band=main_rows)
             if contiguous is not None:
-                cb = torch.arange(V) // a  # contiguous bands
-                c_logp = _band_sum(logp, cb, contiguous.n)
+                c_logp = _band_sum(logp, contiguous_band, contiguous.n)
                 for r in sparsities:
-                    chosen = contiguous.choose(x, r)
-                    _accumulate(c_sums[r], chosen, c_logp, cb, top5, rows_per_band=_rows_per_band(a, contiguous.n, V))
+                    _accumulate(c_sums[r], contiguous.choose(x, r), c_logp, contiguous_band, top5,
+                                rows_per_band=contiguous_rows)
             if svd is not None:
                 for r, k in ranks.items():
                     _accumulate_svd(s_sums[r], svd.logits(x, k), logp, top5)
@@ -121,10 +126,11 @@ def benchmark_head(adapter: AdapterStore, hidden, *, sparsities: Sequence[float]
         result["contiguous"] = [c_sums[r].result(f"rho={r:g}", r, V, row_bytes, gate_bytes, dense_bytes)
                                 for r in sparsities]
     if svd is not None:
-        result["svd"] = [{"setting": f"rho={r:g}", "rank": ranks[r], "top1": s_sums[r].top1 / max(1, s_sums[r].tokens),
-                          "top5_recall": s_sums[r].top5 / max(1, s_sums[r].tokens),
-                          "kl": s_sums[r].kl / max(1, s_sums[r].tokens),
+        result["svd"] = [{"setting": f"rho={r:g}", "rank": ranks[r],
+                          **{key: getattr(s_sums[r], key) / max(1, s_sums[r].tokens) for key in ("top1", "top5", "kl")},
                           "bytes_ratio": ranks[r] * (V + d) * 4 / dense_bytes} for r in sparsities]
+        for row in result["svd"]:
+            row["top5_recall"] = row.pop("top5")
     return result
 
 
@@ -163,21 +169,27 @@ def _accumulate_svd(s: _Sums, approx: torch.Tensor, logp: torch.Tensor, top5: to
     s.tokens += B
 
 
+def _head_in_token_order(adapter: AdapterStore) -> np.ndarray:
+    """The head ``[V, d]`` float32 in token order, each band read once (the baselines need all of it)."""
+    order, a = adapter.read_order(), adapter.band_rows
+    head = np.empty((adapter.d_out, adapter.d_in), np.float32)
+    for b in range(adapter.n_bands):
+        w = adapter.read_band_tiles(b)
+        head[order[b * a:b * a + len(w)]] = w
+    return head
+
+
 class _ContiguousGate:
     """The baseline grouping: bands of contiguous token ids, scored by their centroids
     (``x · mean w_v + log |b|``), top ``ceil(ρ·n)`` per token."""
 
-    def __init__(self, adapter: AdapterStore, a: int):
-        V, order = adapter.d_out, adapter.read_order()
-        position = np.argsort(order)
+    def __init__(self, head: np.ndarray, a: int):
+        V = head.shape[0]
         self.n = -(-V // a)
-        weight = np.zeros((self.n, adapter.d_in))
-        counts = np.zeros(self.n)
-        for start in range(0, V, 8192):
-            tokens = np.arange(start, min(V, start + 8192))
-            rows = adapter.read_rows(position[tokens])  # [t, d] rows of those tokens
-            np.add.at(weight, tokens // a, rows)
-            np.add.at(counts, tokens // a, 1)
+        band = np.arange(V) // a
+        weight = np.zeros((self.n, head.shape[1]))
+        np.add.at(weight, band, head)
+        counts = np.bincount(band, minlength=self.n).astype(np.float64)
         self.weight = torch.from_numpy((weight / counts[:, None]).astype(np.float32))  # [n, d]
         self.bias = torch.from_numpy(np.log(counts).astype(np.float32))  # [n]
 
@@ -188,23 +200,13 @@ class _ContiguousGate:
 
 
 class _TruncatedSVD:
-    """``W ≈ U_r Σ_r V_rᵀ`` from the Gram matrix ``WᵀW`` (streamed by bands, float64)."""
+    """``W ≈ U_r Σ_r V_rᵀ`` from the Gram matrix ``WᵀW`` (float64)."""
 
-    def __init__(self, adapter: AdapterStore):
-        d = adapter.d_in
-        order = adapter.read_order()
-        gram = np.zeros((d, d))
-        for b in range(adapter.n_bands):
-            w = adapter.read_band_tiles(b).astype(np.float64)
-            gram += w.T @ w
+    def __init__(self, head: np.ndarray):
+        gram = head.T.astype(np.float64) @ head.astype(np.float64)  # [d, d]
         evals, evecs = np.linalg.eigh(gram)
         self.right = torch.from_numpy(evecs[:, ::-1].copy().astype(np.float32))  # [d, d] V, by singular value
-        left = np.zeros((adapter.d_out, d), np.float32)  # U Σ = W V, token order
-        for b in range(adapter.n_bands):
-            w = adapter.read_band_tiles(b)
-            rows = order[b * adapter.band_rows: b * adapter.band_rows + len(w)]
-            left[rows] = w @ self.right.numpy()
-        self.left = torch.from_numpy(left)  # [V, d]
+        self.left = torch.from_numpy(head) @ self.right  # [V, d] U Σ = W V, token order
 
     def logits(self, x: torch.Tensor, rank: int) -> torch.Tensor:
         return (x @ self.right[:, :rank]) @ self.left[:, :rank].T  # [B, V]

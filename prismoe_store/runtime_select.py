@@ -136,9 +136,9 @@ class SelectRuntime:
         load = ((lambda b: source.read_band_int8(b)) if config.quant == "int8"
                 else (lambda b: (source.read_band_tiles(b),)))
         self.pool = BandPool(n_bands=self.n_bands, band_rows=self.band_rows, d=self.d_in, quant=config.quant,
-                             budget_bytes=config.cache_bytes or self._all_bytes(last), load=load,
+                             budget_bytes=config.cache_bytes or self._all_bytes(self.n_bands * self.band_rows), load=load,
                              device=self.device, last_rows=last)
-        self.total_bytes = self._all_bytes(last, true_rows=True)  # every band, true bytes
+        self.total_bytes = self._all_bytes(self.d_out)  # every band, true bytes
         self.token_of_row = torch.full((self.n_bands * self.band_rows,), self.d_out, dtype=torch.int64,
                                        device=self.device)  # [n·a] token id of each slot row (V: no token)
         self.token_of_row[:self.d_out] = order
@@ -147,10 +147,10 @@ class SelectRuntime:
         self.band_sizes[-1] = last
         self._seconds, self._tokens, self._calls, self._bands, self._rows = 0.0, 0, 0, 0, 0
 
-    def _all_bytes(self, last: int, *, true_rows: bool = False) -> int:
-        per_row = self.d_in * (1 if self.config.quant == "int8" else 4) + (4 if self.config.quant == "int8" else 0)
-        rows = self.d_out if true_rows else self.n_bands * self.band_rows
-        return rows * per_row
+    def _all_bytes(self, rows: int) -> int:
+        """Bytes of ``rows`` rows of tiles (INT8: one byte a value plus a float32 scale per row)."""
+        int8 = self.config.quant == "int8"
+        return rows * (self.d_in * (1 if int8 else 4) + (4 if int8 else 0))
 
     def _sparsity(self, config: RuntimeConfig) -> float:
         if config.sparsity is not None:

@@ -5,8 +5,9 @@ For tokens ``x [B, d]`` over a ``partition`` adapter of ``n`` bands of ``a`` row
 1. gate scores ``s = x W_gᵀ + b_g`` ``[B, n]``; ``K = ceil(ρ · n)`` bands per token, or with a mass
    threshold ``m`` the fewest bands whose predicted mass ``softmax(s)`` reaches ``m`` (at most
    ``ceil(ρ · n)``, at least one);
-2. the union of the selected bands is made resident in the :class:`~prismoe_store.band_pool.BandPool`
-   (in groups that fit it) and multiplied in one batched product per group,
+2. the union of the selected bands is made resident in the :class:`~prismoe_store.slot_pool.SlotPool`
+   (misses come from the :class:`~prismoe_store.host_tier.HostTier` or the store; in groups that
+   fit the pool and a bounded gather buffer) and multiplied in one batched product per group,
    ``[B, d] @ [d, G·a]``;
 3. a token's logits are exact on its own selected bands and ``fill`` (−inf) elsewhere, so an
    unselected token never wins an argmax or takes probability mass; the columns go back from the
@@ -36,10 +37,12 @@ import numpy as np
 import torch
 
 from .adapter import AdapterStore
-from .band_pool import BandPool
 from .errors import DataError, IncompleteStoreError
+from .grid import band_sizes
+from .host_tier import HostTier, hot_tiles
 from .quant import int8_ready
-from .runtime import RuntimeConfig, input_rows
+from .runtime import GATHER_BYTES, HEAT_DECAY, RuntimeConfig, host_budget, input_rows
+from .slot_pool import SlotPool
 
 DEFAULT_HEAD_SPARSITY = 0.1  # ρ for head adapters whose gate training recorded none
 DEFAULT_MASS_CAP = 0.25  # most bands a token may take with a mass threshold, when no ρ is given
@@ -133,12 +136,14 @@ class SelectRuntime:
         self.sparsity = self._sparsity(config)
         self.router = BandRouter(gate, sparsity=self.sparsity, mass=self.mass, device=self.device)
         last = self.d_out - self.band_rows * (self.n_bands - 1)
-        load = ((lambda b: source.read_band_int8(b)) if config.quant == "int8"
-                else (lambda b: (source.read_band_tiles(b),)))
-        self.pool = BandPool(n_bands=self.n_bands, band_rows=self.band_rows, d=self.d_in, quant=config.quant,
-                             budget_bytes=config.cache_bytes or self._all_bytes(self.n_bands * self.band_rows), load=load,
-                             device=self.device, last_rows=last)
         self.total_bytes = self._all_bytes(self.d_out)  # every band, true bytes
+        self.host = HostTier(host_budget(config, self.device, self.total_bytes), self._read)  # decompressed bands
+        self.prefetch = self.host.budget_bytes > 0 if config.prefetch is None else bool(config.prefetch)
+        self.pool = SlotPool(n_tiles=self.n_bands, tile_shape=(self.band_rows, self.d_in), quant=config.quant,
+                             budget_bytes=config.cache_bytes or self._all_bytes(self.n_bands * self.band_rows),
+                             load=self.host.get, device=self.device,
+                             tile_rows=band_sizes(self.d_out, self.band_rows))
+        self.heat = np.zeros(self.n_bands)  # decayed selection counts per band (prefetch ranks by them)
         self.token_of_row = torch.full((self.n_bands * self.band_rows,), self.d_out, dtype=torch.int64,
                                        device=self.device)  # [n·a] token id of each slot row (V: no token)
         self.token_of_row[:self.d_out] = order
@@ -146,6 +151,11 @@ class SelectRuntime:
         self.band_sizes = torch.full((self.n_bands,), self.band_rows, dtype=torch.int64, device=self.device)  # [n]
         self.band_sizes[-1] = last
         self._seconds, self._tokens, self._calls, self._bands, self._rows = 0.0, 0, 0, 0, 0
+
+    def _read(self, band: int) -> tuple[np.ndarray, ...]:
+        if self.config.quant == "int8":
+            return tuple(self.source.read_band_int8(band))  # (int8 [rows, d], float32 [rows])
+        return (self.source.read_band_tiles(band),)  # (float32 [rows, d],)
 
     def _all_bytes(self, rows: int) -> int:
         """Bytes of ``rows`` rows of tiles (INT8: one byte a value plus a float32 scale per row)."""
@@ -173,6 +183,8 @@ class SelectRuntime:
         x, lead = input_rows(x, self.d_in, self.device)  # [B, d]
         bands, valid = self.route(x)  # [B, K], [B, K]
         logits = self.logits_for(x, bands, valid)  # [B, V]
+        if self.prefetch:  # the hottest bands not on the device, into the host tier (background)
+            self.host.prefetch(int(b) for b in hot_tiles(self.heat, self.pool.slot_of >= 0, self.router.k_max))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._seconds += time.perf_counter() - t0
@@ -188,14 +200,16 @@ class SelectRuntime:
         chosen = torch.zeros(B, n, dtype=torch.bool, device=self.device)  # [B, n] band taken by token
         rows = torch.arange(B, device=self.device)[:, None].expand_as(bands)
         chosen[rows[valid], bands[valid]] = True
-        union = torch.nonzero(chosen.any(dim=0)).squeeze(1)  # [U] bands any token took
+        counts = chosen.sum(dim=0)  # [n] tokens per band
+        union = torch.nonzero(counts).squeeze(1)  # [U] bands any token took
+        self.heat = self.heat * HEAT_DECAY + counts.cpu().numpy()
         if len(union) == n and self.pool.slots >= n:  # every band: one product over the matrix in token order,
             return self._all_bands(x, chosen)  # the very product x @ Wᵀ (bit for bit)
         out = torch.full((B, self.d_out), float("-inf"), device=self.device)  # [B, V] token order
         union_np = union.cpu().numpy()
         # resident bands first: they are used before new loads could evict them
         union_np = union_np[np.argsort(~self.pool.resident(union_np), kind="stable")]
-        step = self.pool.slots
+        step = max(1, min(self.pool.slots, GATHER_BYTES // (4 * a * self.d_in)))
         try:
             for start in range(0, len(union_np), step):
                 group = union_np[start:start + step]  # [G]
@@ -262,7 +276,7 @@ class SelectRuntime:
         rows = self._rows / tokens  # rows computed per token
         row_bytes = self.total_bytes / self.d_out
         gate_bytes = 4 * self.n_bands * (self.d_in + 1)
-        return {"cache": self.pool.stats().to_dict(), "seconds": self._seconds, "tokens": self._tokens,
+        return {"cache": self.pool.stats().to_dict(), "host": self.host.stats(), "seconds": self._seconds, "tokens": self._tokens,
                 "calls": self._calls, "device": str(self.device), "quant": self.config.quant or "fp32",
                 "sparsity": self.sparsity, "mass": self.mass, "bands": self.n_bands,
                 "bands_per_token": self._bands / tokens, "row_share": rows / self.d_out,
@@ -271,11 +285,17 @@ class SelectRuntime:
     def reset_stats(self) -> None:
         """Zero the counters (resident bands stay)."""
         self.pool.reset_stats()
+        self.host.reset_stats()
         self._seconds, self._tokens, self._calls, self._bands, self._rows = 0.0, 0, 0, 0, 0
 
+    def clear(self) -> None:
+        """Drop every band from the device slots (the next call starts from a cold cache)."""
+        self.pool.clear()
+
     def close(self) -> None:
-        """Free the pool."""
+        """Free the slots and stop the reader threads."""
         self.pool.close()
+        self.host.close()
 
     def __enter__(self) -> "SelectRuntime":
         return self

@@ -275,8 +275,10 @@ class Runtime:
         tok = token[pair]  # [G, m] tokens (padding: token of pair 0, weight 0)
         w = weight[pair].masked_fill_(~valid, 0.0)  # [G, m]
         xg = xs[tok, (g % C)[:, None]]  # [G, m, b] each pair's input slice
-        y = torch.bmm(xg, tiles.transpose(1, 2))  # [G, m, a]
-        y.mul_(w[..., None])
+        if xg.shape[-1] <= tiles.shape[1]:  # weight the narrower side: the input slices ...
+            y = torch.bmm(xg.mul_(w[..., None]), tiles.transpose(1, 2))  # [G, m, a]
+        else:  # ... or the tile outputs
+            y = torch.bmm(xg, tiles.transpose(1, 2)).mul_(w[..., None])  # [G, m, a]
         out.index_add_(0, (tok * R + (g // C)[:, None]).reshape(-1), y.reshape(-1, y.shape[-1]))
 
     def _buffer(self, p: int, n: int) -> torch.Tensor:

@@ -61,10 +61,11 @@ from .slot_pool import PoolStats, SlotPool, slot_bytes
 
 QUANTS = (None, "int8")
 MODES = ("parallel", "serial")
+EVICTIONS = ("heat", "lru")
 DEFAULT_SPARSITY = 0.3  # ρ for adapters whose gates do not record one
 GATHER_BYTES = 32 << 20  # most bytes of tiles gathered for one batched product
 HOST_TIER_BYTES = 4 << 30  # default host-tier budget when tiles live on an accelerator
-HEAT_DECAY = 0.9  # per call: how fast a tile's selection count fades (prefetch ranks tiles by it)
+HEAT_DECAY = 0.99  # per call: how fast a tile's selection count fades (eviction and prefetch rank by it)
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,16 @@ class RuntimeConfig:
     # 4 GiB on an accelerator, none on the CPU (the slots are host memory there)
     prefetch: bool | None = None  # read the hottest tiles not on the device into the host tier on a
     # background thread after each call; None: whenever there is a host tier
+    eviction: str = "heat"  # which resident tile a miss replaces: "heat" (the least often selected lately,
+    # ties by recency) or "lru" (the least recently used)
     mass: float | None = None  # head adapters: take the fewest bands whose predicted mass reaches this
     # (at most ρ of them); None: a fixed ρ of the bands per token
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
             raise DataError(f"quant must be None or 'int8', got {self.quant!r}")
+        if self.eviction not in EVICTIONS:
+            raise DataError(f"eviction must be 'heat' or 'lru', got {self.eviction!r}")
         if self.mode not in MODES:
             raise DataError(f"mode must be 'parallel' or 'serial', got {self.mode!r}")
         if self.sparsity is not None and not 0.0 < float(self.sparsity) <= 1.0:
@@ -133,8 +138,8 @@ class Runtime:
         self._check_budget()
         self.host = HostTier(host_budget(config, self.device, self.total_bytes), self._read)  # decompressed tiles
         self.prefetch = self.host.budget_bytes > 0 if config.prefetch is None else bool(config.prefetch)
-        self.pools, self.shared = self._pools()  # per pipe: SlotPool; shared: pipes take turns in one arena
         self.heat = [np.zeros(g.workers) for g in self.grids]  # per pipe: decayed selection counts
+        self.pools, self.shared = self._pools()  # per pipe: SlotPool; shared: pipes take turns in one arena
         self._buffers: dict[int, torch.Tensor] = {}  # per pipe: reused gather buffer [G, a, b]
         self._peak = 0
         self._seconds, self._tokens, self._calls = 0.0, 0, 0
@@ -168,7 +173,7 @@ class Runtime:
             start += shares[p]
             pools.append(SlotPool(n_tiles=g.workers, tile_shape=g.tile_shape, budget_bytes=region.numel(),
                                   arena=region, load=lambda j, p=p: self.host.get((p, j)), quant=self.config.quant,
-                                  device=self.device))
+                                  device=self.device, heat=self.heat[p] if self.config.eviction == "heat" else None))
         return pools, shared
 
     def _read(self, key: tuple[int, int]) -> tuple[np.ndarray, ...]:
@@ -243,7 +248,8 @@ class Runtime:
         weight = r.weights.reshape(-1)[order]  # [B*K]
         counts = torch.bincount(tile, minlength=grid.workers).cpu().numpy()  # [W] tokens per tile (host)
         first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # [W] first grouped pair of each tile
-        self.heat[p] = self.heat[p] * HEAT_DECAY + counts
+        self.heat[p] *= HEAT_DECAY  # in place: the pool ranks evictions by it
+        self.heat[p] += counts
 
         union = np.flatnonzero(counts)  # [U] tiles any token chose
         union = union[np.argsort(~pool.resident(union), kind="stable")]  # resident first: used before loads evict
@@ -337,15 +343,15 @@ class Runtime:
 
 
 def _buckets(counts: np.ndarray) -> list[tuple[int, int]]:
-    """Cut ``counts`` (descending) into runs ``[lo, hi)`` whose counts exceed half the run's first:
-    padding every tile of a run to its largest count wastes less than half of the run's work.
+    """Cut ``counts`` (descending) into runs ``[lo, hi)`` whose counts are at least half the run's
+    first: padding every tile of a run to its largest count at most doubles the run's work.
 
     >>> _buckets(np.array([8, 7, 5, 4, 2, 1, 1]))
-    [(0, 3), (3, 5), (5, 7)]
+    [(0, 4), (4, 7)]
     """
     out, lo = [], 0
     for i in range(1, len(counts) + 1):
-        if i == len(counts) or 2 * counts[i] <= counts[lo]:
+        if i == len(counts) or 2 * counts[i] < counts[lo]:
             out.append((lo, i))
             lo = i
     return out
@@ -380,7 +386,7 @@ def input_rows(x, d_in: int, device: torch.device) -> tuple[torch.Tensor, torch.
 
 def open_runtime(adapter, *, device: str = "cpu", cache_bytes: int | None = None, quant: str | None = None,
                  mode: str = "parallel", sparsity: float | None = None, prefetch: bool | None = None,
-                 mass: float | None = None, host_cache_bytes: int | None = None):
+                 mass: float | None = None, host_cache_bytes: int | None = None, eviction: str = "heat"):
     """Open a runtime over ``adapter`` (a path/URL of an adapter store, or any TileSource).
 
     A head adapter (``partition`` layout, built by ``prismoe head``) gets a
@@ -397,7 +403,7 @@ def open_runtime(adapter, *, device: str = "cpu", cache_bytes: int | None = None
     if isinstance(adapter, (str, os.PathLike)):
         adapter = AdapterStore.open(adapter, require_complete=True)
     config = RuntimeConfig(device=device, cache_bytes=cache_bytes, quant=quant, mode=mode, sparsity=sparsity,
-                           prefetch=prefetch, mass=mass, host_cache_bytes=host_cache_bytes)
+                           prefetch=prefetch, mass=mass, host_cache_bytes=host_cache_bytes, eviction=eviction)
     if getattr(adapter, "layout", "ensemble") == "partition":
         from .runtime_select import SelectRuntime
 

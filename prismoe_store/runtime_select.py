@@ -139,11 +139,11 @@ class SelectRuntime:
         self.total_bytes = self._all_bytes(self.d_out)  # every band, true bytes
         self.host = HostTier(host_budget(config, self.device, self.total_bytes), self._read)  # decompressed bands
         self.prefetch = self.host.budget_bytes > 0 if config.prefetch is None else bool(config.prefetch)
-        self.pool = SlotPool(n_tiles=self.n_bands, tile_shape=(self.band_rows, self.d_in), quant=config.quant,
+        self.heat = np.zeros(self.n_bands)  # decayed selection counts per band (eviction and prefetch rank by them)
+        self.pool = SlotPool(n_tiles=self.n_bands, heat=self.heat if config.eviction == "heat" else None, tile_shape=(self.band_rows, self.d_in), quant=config.quant,
                              budget_bytes=config.cache_bytes or self._all_bytes(self.n_bands * self.band_rows),
                              load=self.host.get, device=self.device,
                              tile_rows=band_sizes(self.d_out, self.band_rows))
-        self.heat = np.zeros(self.n_bands)  # decayed selection counts per band (prefetch ranks by them)
         self.token_of_row = torch.full((self.n_bands * self.band_rows,), self.d_out, dtype=torch.int64,
                                        device=self.device)  # [n·a] token id of each slot row (V: no token)
         self.token_of_row[:self.d_out] = order
@@ -202,7 +202,8 @@ class SelectRuntime:
         chosen[rows[valid], bands[valid]] = True
         counts = chosen.sum(dim=0)  # [n] tokens per band
         union = torch.nonzero(counts).squeeze(1)  # [U] bands any token took
-        self.heat = self.heat * HEAT_DECAY + counts.cpu().numpy()
+        self.heat *= HEAT_DECAY  # in place: the pool ranks evictions by it
+        self.heat += counts.cpu().numpy()
         if len(union) == n and self.pool.slots >= n:  # every band: one product over the matrix in token order,
             return self._all_bands(x, chosen)  # the very product x @ Wᵀ (bit for bit)
         out = torch.full((B, self.d_out), float("-inf"), device=self.device)  # [B, V] token order

@@ -5,7 +5,8 @@ Like a paged KV cache: one device tensor holds ``slots`` tiles (float32 ``[slots
 is given (pools of different tile shapes can share one arena and take turns in it); a tile → slot
 map says which tile sits where. A call asks for the tiles it needs with :meth:`SlotPool.acquire`:
 resident tiles are hits, the others are read (``load``) and copied into free slots, or into the
-slots of the least recently used tiles — never into a slot the same call acquired (those are
+slots of the least recently used tiles (or, given the callers' ``heat``, of the least often
+selected, ties broken by recency) — never into a slot the same call acquired (those are
 pinned until the call's :meth:`release`). The compute then gathers slots (:meth:`weights`) and
 multiplies in one batched kernel.
 
@@ -92,12 +93,13 @@ class SlotPool:
 
     def __init__(self, *, n_tiles: int, tile_shape: tuple[int, int], budget_bytes: int, load: Load,
                  quant: str | None = None, device: str | torch.device = "cpu", tile_rows: np.ndarray | None = None,
-                 arena: torch.Tensor | None = None, read_threads: int = 4):
+                 arena: torch.Tensor | None = None, read_threads: int = 4, heat: np.ndarray | None = None):
         self.n_tiles = int(n_tiles)  # tiles the pool serves
         self.tile_shape = (int(tile_shape[0]), int(tile_shape[1]))  # (a, d): rows and width of a tile
         self.quant = quant  # None (float32) or "int8"
         self.device = torch.device(device)
         self.load = load  # reads one tile's host arrays
+        self.heat = heat  # [n_tiles] selection counts kept by the caller: evict the coldest (None: LRU)
         self.slot_bytes = slot_bytes(self.tile_shape, quant)
         budget = int(budget_bytes if arena is None else arena.numel())
         self.slots = min(self.n_tiles, budget // self.slot_bytes)  # slots in the pool
@@ -192,8 +194,10 @@ class SlotPool:
         if len(candidates) < n:
             raise CacheError(f"the cache holds {self.slots} tiles and this call pins "
                              f"{self.slots - len(candidates)}: {n} more do not fit")
-        # free slots first (tile -1, clock 0), then least recently used
-        order = np.lexsort((self.last_use[candidates], self.tile_of[candidates] >= 0))
+        # free slots first, then the coldest (with heat) and least recently used
+        tiles = self.tile_of[candidates]
+        cold = np.zeros(len(candidates)) if self.heat is None else np.where(tiles >= 0, self.heat[tiles], 0.0)
+        order = np.lexsort((self.last_use[candidates], cold, tiles >= 0))
         take = candidates[order[:n]]
         old = self.tile_of[take]
         old = old[old >= 0]

@@ -188,3 +188,18 @@ def test_cuda_pool_matches_the_host_tiles_and_allocates_its_slots_once():
         torch.testing.assert_close(got.cpu(), torch.from_numpy(tiles[want]))
     assert pool.stats().peak_bytes <= 3 * 4 * a * d
     pool.close()
+
+
+def test_heat_ranked_eviction_keeps_the_often_selected_tile():
+    heat = np.zeros(10)
+    pool = _pool(2, heat=heat)
+    _call(pool, [0])
+    heat[0] = 5.0  # tile 0 is selected often, tile 1 once
+    _call(pool, [1])
+    _call(pool, [1])
+    _call(pool, [2])  # LRU would evict 0 (least recent); heat evicts 1 (colder)
+    assert pool.resident(np.array([0, 1, 2])).tolist() == [True, False, True]
+    lru = _pool(2)
+    for t in (0, 1, 1, 2):
+        _call(lru, [t])
+    assert lru.resident(np.array([0, 1, 2])).tolist() == [False, True, True]

@@ -198,7 +198,8 @@ def band_log_mass(x: torch.Tensor, pool: SlotPool, n_bands: int, last_rows: int)
     for start in range(0, n_bands, pool.slots):
         group = np.arange(start, min(n_bands, start + pool.slots))
         slots = pool.acquire(group)
-        y = (x @ pool.weights(slots).reshape(-1, x.shape[1]).T).view(B, len(group), a)  # [B, G, a]
+        w = pool.weights(slots)  # [G, d, a] transposed band tiles
+        y = torch.bmm(x.expand(len(group), B, x.shape[1]), w).permute(1, 0, 2)  # [B, G, a]
         pool.release()
         if group[-1] == n_bands - 1 and last_rows < a:
             y[:, -1, last_rows:] = float("-inf")  # the short last band's empty rows

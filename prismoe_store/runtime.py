@@ -10,8 +10,10 @@ For a batch of tokens ``x [B, d_in]`` and each pipe ``p`` of the adapter:
    that fit it;
 3. multiply in a few batched kernels per group (a grouped GEMM): the ``B·K`` (token, tile) pairs
    are grouped by tile, tiles of similar token counts are padded to a common count, the tokens'
-   input slices are gathered ``[G, m, b]`` and multiplied by the gathered tiles ``[G, a, b]`` in one
-   ``bmm``; the weighted products are scatter-added into the (token, band) output rows;
+   input slices are gathered ``[G, m, b]`` and multiplied by the gathered (transposed) tiles
+   ``[G, b, a]`` in one ``bmm``; when every tile serves one token (decoding) one fused
+   gather-and-multiply over the slots does it without a gathered copy; the weighted products are
+   scatter-added into the (token, band) output rows;
 4. ``y = Σ_p α_p y_p``, truncated to ``d_out``. Pipes run forward on even calls and backward on
    odd ones, so the last pipe's tiles are reused first when pipes share the budget; the sum is
    always taken in pipe order. Within a band, tiles are added in the order they were computed,
@@ -259,9 +261,13 @@ class Runtime:
             for start in range(0, len(union), step):
                 group = union[start:start + step]
                 group = group[np.argsort(-counts[group], kind="stable")]  # [G] most-chosen first: buckets
-                tiles = pool.weights(pool.acquire(group), out=self._buffer(p, len(group)))  # [G, a, b]
-                for lo, hi in _buckets(counts[group]):  # tiles with similar token counts, padded together
-                    self._grouped(tiles[lo:hi], group[lo:hi], counts, first, token, weight, xs, out, grid)
+                slots = pool.acquire(group)  # [G]
+                if counts[group[0]] == 1:  # one token a tile: fused products, no gathered copy
+                    self._single(pool, slots, group, first, token, weight, xs, out, grid)
+                else:
+                    tiles = pool.weights(slots, out=self._buffer(p, len(group)))  # [G, b, a] transposed
+                    for lo, hi in _buckets(counts[group]):  # tiles with similar token counts, padded together
+                        self._grouped(tiles[lo:hi], group[lo:hi], counts, first, token, weight, xs, out, grid)
                 self._peak = max(self._peak, sum(q.used_bytes for q in self.pools))
                 pool.release()
         finally:
@@ -281,17 +287,28 @@ class Runtime:
         tok = token[pair]  # [G, m] tokens (padding: token of pair 0, weight 0)
         w = weight[pair].masked_fill_(~valid, 0.0)  # [G, m]
         xg = xs[tok, (g % C)[:, None]]  # [G, m, b] each pair's input slice
-        if xg.shape[-1] <= tiles.shape[1]:  # weight the narrower side: the input slices ...
-            y = torch.bmm(xg.mul_(w[..., None]), tiles.transpose(1, 2))  # [G, m, a]
+        if xg.shape[-1] <= tiles.shape[2]:  # weight the narrower side: the input slices ...
+            y = torch.bmm(xg.mul_(w[..., None]), tiles)  # [G, m, a]
         else:  # ... or the tile outputs
-            y = torch.bmm(xg, tiles.transpose(1, 2)).mul_(w[..., None])  # [G, m, a]
+            y = torch.bmm(xg, tiles).mul_(w[..., None])  # [G, m, a]
         out.index_add_(0, (tok * R + (g // C)[:, None]).reshape(-1), y.reshape(-1, y.shape[-1]))
 
+    def _single(self, pool, slots, group, first, token, weight, xs, out, grid) -> None:
+        """Tiles chosen by one token each (decoding): ``out[(t, band)] += T_j (w · x_{t, col})`` in one
+        fused pass over the tiles (:meth:`SlotPool.products`)."""
+        R, C = grid.rows, grid.cols
+        g = torch.as_tensor(group, device=self.device)
+        pair = torch.as_tensor(first[group], device=self.device)  # [G] each tile's one pair
+        tok = token[pair]  # [G]
+        y = pool.products(slots, xs[tok, g % C] * weight[pair][:, None])  # [G, a]
+        out.index_add_(0, tok * R + g // C, y)
+
     def _buffer(self, p: int, n: int) -> torch.Tensor:
-        """A reused float32 buffer of ``n`` gathered tiles of pipe ``p`` ``[n, a, b]``."""
+        """A reused float32 buffer of ``n`` gathered (transposed) tiles of pipe ``p`` ``[n, b, a]``."""
         buf = self._buffers.get(p)
+        a, b = self.grids[p].tile_shape
         if buf is None or buf.shape[0] < n:
-            buf = self._buffers[p] = torch.empty(n, *self.grids[p].tile_shape, device=self.device)
+            buf = self._buffers[p] = torch.empty(n, b, a, device=self.device)
         return buf[:n]
 
     def _prefetch(self) -> None:

@@ -7,8 +7,10 @@ For tokens ``x [B, d]`` over a ``partition`` adapter of ``n`` bands of ``a`` row
    ``ceil(ρ · n)``, at least one);
 2. the union of the selected bands is made resident in the :class:`~prismoe_store.slot_pool.SlotPool`
    (misses come from the :class:`~prismoe_store.host_tier.HostTier` or the store; in groups that
-   fit the pool and a bounded gather buffer) and multiplied in one batched product per group,
-   ``[B, d] @ [d, G·a]``;
+   fit the pool and a bounded gather buffer) and multiplied in one batched kernel per group: for a
+   token or two, only each token's own bands in one fused gather-and-multiply
+   (:meth:`~prismoe_store.slot_pool.SlotPool.products`); for more, every token times the union's
+   bands, ``bmm([G, B, d], [G, d, a])``;
 3. a token's logits are exact on its own selected bands and ``fill`` (−inf) elsewhere, so an
    unselected token never wins an argmax or takes probability mass; the columns go back from the
    adapter's row order to token order.
@@ -45,6 +47,7 @@ from .runtime import GATHER_BYTES, HEAT_DECAY, RuntimeConfig, host_budget, input
 from .slot_pool import SlotPool
 
 DEFAULT_HEAD_SPARSITY = 0.1  # ρ for head adapters whose gate training recorded none
+BAG_BATCH = 2  # at most this many tokens: per-pair fused products; more: one product over the union
 DEFAULT_MASS_CAP = 0.25  # most bands a token may take with a mass threshold, when no ρ is given
 
 
@@ -215,23 +218,46 @@ class SelectRuntime:
             for start in range(0, len(union_np), step):
                 group = union_np[start:start + step]  # [G]
                 g = torch.as_tensor(group, device=self.device)
-                w = self.pool.weights(self.pool.acquire(group), out=self._buffer(len(group)))  # [G, a, d]
-                y = (x @ w.view(-1, self.d_in).T).view(B, len(group), a)  # [B, G, a]
-                y = y.masked_fill_(~chosen[:, g, None], float("-inf")).view(B, -1)  # [B, G·a]
-                tokens = self.token_of_row.view(n, a)[g].reshape(-1)  # [G·a] token of each computed row
-                if group.max() == n - 1 and self.band_sizes[-1] < a:  # the short last band's empty rows
-                    real = tokens < self.d_out
-                    tokens, y = tokens[real], y[:, real]
-                out.index_copy_(1, tokens, y)
+                slots = self.pool.acquire(group)  # [G]
+                short = group.max() == n - 1 and self.band_sizes[-1] < a  # the short last band is in
+                if B <= BAG_BATCH:
+                    self._pairs(x, chosen[:, g], g, slots, out, short)
+                else:
+                    self._union(x, chosen[:, g], g, slots, out, short)
                 self.pool.release()
         finally:
             self.pool.release()
         return out
 
+    def _pairs(self, x, chosen, g, slots, out, short: bool) -> None:
+        """Few tokens: each (token, selected band) pair's products in one fused pass over the tiles
+        (no gathered copy), written into ``out [B, V]`` at the band's tokens."""
+        t, j = torch.nonzero(chosen, as_tuple=True)  # [P] token and group position of each pair
+        y = self.pool.products(slots[j], x[t])  # [P, a]
+        tokens = self.token_of_row.view(self.n_bands, self.band_rows)[g[j]]  # [P, a] token of each row
+        rows = t[:, None].expand_as(tokens)  # [P, a]
+        if short:
+            real = tokens < self.d_out
+            rows, tokens, y = rows[real], tokens[real], y[real]
+        out.index_put_((rows, tokens), y)
+
+    def _union(self, x, chosen, g, slots, out, short: bool) -> None:
+        """Many tokens: every token times every band of the group in one batched product, the
+        tokens' unselected bands filled −inf, the columns written into ``out [B, V]``."""
+        B, G, a = x.shape[0], len(g), self.band_rows
+        w = self.pool.weights(slots, out=self._buffer(G))  # [G, d, a]
+        y = torch.bmm(x.expand(G, B, self.d_in), w)  # [G, B, a]
+        y = y.masked_fill_(~chosen.T[..., None], float("-inf")).permute(1, 0, 2).reshape(B, G * a)  # [B, G·a]
+        tokens = self.token_of_row.view(self.n_bands, a)[g].reshape(-1)  # [G·a] token of each computed row
+        if short:
+            real = tokens < self.d_out
+            tokens, y = tokens[real], y[:, real]
+        out.index_copy_(1, tokens, y)
+
     def _buffer(self, bands: int) -> torch.Tensor:
-        """A reused float32 buffer for ``bands`` gathered band tiles ``[bands, a, d]`` (no allocation per call)."""
+        """A reused float32 buffer for ``bands`` gathered (transposed) band tiles ``[bands, d, a]``."""
         if self._gathered is None or self._gathered.shape[0] < bands:
-            self._gathered = torch.empty(bands, self.band_rows, self.d_in, device=self.device)
+            self._gathered = torch.empty(bands, self.d_in, self.band_rows, device=self.device)
         return self._gathered[:bands]
 
     def _all_bands(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -240,7 +266,7 @@ class SelectRuntime:
         unselected bands filled."""
         try:
             slots = self.pool.acquire(np.arange(self.n_bands))  # [n]
-            w = self.pool.weights(slots).reshape(-1, self.d_in)[self.position]  # [V, d] token order
+            w = self.pool.weights(slots).transpose(1, 2).reshape(-1, self.d_in)[self.position]  # [V, d] token order
         finally:
             self.pool.release()
         logits = x @ w.T  # [B, V]

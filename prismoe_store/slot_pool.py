@@ -1,14 +1,16 @@
 """A pool of preallocated device slots for tiles of one shape, with LRU eviction inside a byte budget.
 
-Like a paged KV cache: one device tensor holds ``slots`` tiles (float32 ``[slots, a, d]``, or INT8
-``[slots, a, d]`` plus float32 scales ``[slots, a]``), laid out in a byte *arena* the pool owns or
-is given (pools of different tile shapes can share one arena and take turns in it); a tile → slot
+Like a paged KV cache: one device tensor holds ``slots`` tiles, each stored transposed (float32
+``[slots, d, a]``, or INT8 ``[slots, d, a]`` plus float32 scales ``[slots, a]``; a tile is ``a`` rows
+of width ``d``), laid out in a byte *arena* the pool owns or is given (pools of different tile shapes can share one arena and take turns in it); a tile → slot
 map says which tile sits where. A call asks for the tiles it needs with :meth:`SlotPool.acquire`:
 resident tiles are hits, the others are read (``load``) and copied into free slots, or into the
 slots of the least recently used tiles (or, given the callers' ``heat``, of the least often
 selected, ties broken by recency) — never into a slot the same call acquired (those are
-pinned until the call's :meth:`release`). The compute then gathers slots (:meth:`weights`) and
-multiplies in one batched kernel.
+pinned until the call's :meth:`release`). The compute then runs in one batched kernel over the
+slots: :meth:`products` (the tiles times one input per tile: a fused gather-and-multiply
+``embedding_bag`` over the transposed tiles for float32, else a gather and a ``bmm``) or a gather
+of :meth:`weights` and a product of the caller's.
 
 On CUDA, loads are staged in a pinned host buffer and copied on a side stream; the compute stream
 waits for that copy before it reads the slots, and a copy into a slot waits for the compute that
@@ -20,7 +22,10 @@ Byte counts are true bytes: a tile with fewer true rows (a short last band) coun
 >>> tiles = np.arange(24, dtype=np.float32).reshape(4, 2, 3)      # 4 tiles of 2 rows, d = 3
 >>> pool = SlotPool(n_tiles=4, tile_shape=(2, 3), budget_bytes=2 * 24, load=lambda t: (tiles[t],))
 >>> slots = pool.acquire(np.array([0, 3]))
->>> pool.weights(slots)[1].tolist() == tiles[3].tolist()
+>>> pool.weights(slots)[1].T.tolist() == tiles[3].tolist()
+True
+>>> x = torch.ones(2, 3)
+>>> bool(torch.equal(pool.products(slots, x), torch.from_numpy(tiles[[0, 3]]).sum(-1)))
 True
 >>> pool.release(); s = pool.stats(); (s.misses, s.hits, s.evictions, s.slots)
 (2, 0, 0, 2)
@@ -113,7 +118,7 @@ class SlotPool:
         self.tile_rows = rows  # [n_tiles] true rows of each tile
         if arena is None:
             arena = torch.empty(self.slots * self.slot_bytes, dtype=torch.uint8, device=self.device)
-        self.data, self.scales = self._lay_out(arena)  # [slots, a, d] float32 or int8; [slots, a] or None
+        self.data, self.scales = self._lay_out(arena)  # [slots, d, a] float32 or int8 (transposed tiles); [slots, a]
         self.slot_of = np.full(self.n_tiles, -1, np.int64)  # tile -> slot (-1: not resident)
         self.tile_of = np.full(self.slots, -1, np.int64)  # slot -> tile (-1: free)
         self.last_use = np.zeros(self.slots, np.int64)  # LRU clock per slot
@@ -133,9 +138,9 @@ class SlotPool:
         a, d = self.tile_shape
         if self.quant == "int8":  # scales first (the arena starts 4-byte aligned), then the values
             scales = arena[: 4 * self.slots * a].view(torch.float32).view(self.slots, a)
-            values = arena[4 * self.slots * a: self.slots * self.slot_bytes].view(torch.int8).view(self.slots, a, d)
+            values = arena[4 * self.slots * a: self.slots * self.slot_bytes].view(torch.int8).view(self.slots, d, a)
             return values, scales
-        return arena[: self.slots * self.slot_bytes].view(torch.float32).view(self.slots, a, d), None
+        return arena[: self.slots * self.slot_bytes].view(torch.float32).view(self.slots, d, a), None
 
     # -- bookkeeping -----------------------------------------------------------------------------
     @property
@@ -225,10 +230,11 @@ class SlotPool:
 
     @staticmethod
     def _write_slot(values: torch.Tensor, scales: torch.Tensor | None, arrays: tuple[np.ndarray, ...]) -> None:
-        """Copy one tile's host arrays into a slot (or a staging row), zeroing rows past its true rows."""
+        """Copy one tile's host arrays ``[rows, d]`` into a slot ``[d, a]`` (or a staging row), transposed,
+        zeroing the rows past its true rows."""
         rows = arrays[0].shape[0]
-        values[:rows].copy_(torch.from_numpy(np.ascontiguousarray(arrays[0])))
-        values[rows:].zero_()
+        values[:, :rows].copy_(torch.from_numpy(np.ascontiguousarray(arrays[0])).T)
+        values[:, rows:].zero_()
         if scales is not None:
             scales[:rows].copy_(torch.from_numpy(np.ascontiguousarray(arrays[1], np.float32)))
             scales[rows:].zero_()
@@ -236,7 +242,8 @@ class SlotPool:
     def _fill_cuda(self, arrays: list[tuple[np.ndarray, ...]], slots: np.ndarray) -> None:
         """Stage tiles in pinned memory and copy them into their slots on the side stream."""
         if self._staging is None:
-            self._staging = torch.empty((STAGE_TILES, *self.tile_shape), dtype=self.data.dtype, pin_memory=True)
+            a, d = self.tile_shape
+            self._staging = torch.empty((STAGE_TILES, d, a), dtype=self.data.dtype, pin_memory=True)
             if self.scales is not None:
                 self._staged_scales = torch.empty((STAGE_TILES, self.tile_shape[0]), pin_memory=True)
         for start in range(0, len(arrays), STAGE_TILES):
@@ -258,17 +265,35 @@ class SlotPool:
 
     # -- reading slots ---------------------------------------------------------------------------
     def weights(self, slots: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 tiles ``[n, a, d]`` of ``slots`` (INT8 dequantized on the device), gathered into
-        ``out`` (``[n, a, d]`` float32) when given, so a call allocates nothing."""
+        """Float32 transposed tiles ``[n, d, a]`` of ``slots`` (INT8 dequantized on the device), gathered
+        into ``out`` (``[n, d, a]`` float32) when given, so a call allocates nothing."""
         if self.scales is None:
             return self.data[slots] if out is None else torch.index_select(self.data, 0, slots, out=out)
-        q = self.data[slots]  # [n, a, d] int8
+        q = self.data[slots]  # [n, d, a] int8
         out = q.to(torch.float32) if out is None else out.copy_(q)
-        return out.mul_(self.scales[slots][..., None])
+        return out.mul_(self.scales[slots][:, None, :])
+
+    def products(self, slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y [n, a]``: tile ``slots[i]`` times input ``x[i]`` (``x [n, d]`` float32), ``y[i] = T x[i]``.
+
+        float32: one fused gather-and-multiply (``embedding_bag`` over the rows of the transposed
+        tiles, weighted by ``x``): it reads each tile once and writes no gathered copy. INT8: the
+        INT8 tiles gathered, one ``bmm``, the per-row scales applied to the products.
+        """
+        n, d = x.shape
+        if self.scales is None:
+            a = self.tile_shape[0]
+            table = self.data.view(-1, a)  # [slots·d, a]: row k of slot s is column k of its tile
+            index = (slots[:, None] * d + torch.arange(d, device=self.device)).reshape(-1)  # [n·d]
+            offsets = torch.arange(0, n * d, d, device=self.device)  # [n] one bag a tile
+            return torch.nn.functional.embedding_bag(index, table, offsets, mode="sum",
+                                                     per_sample_weights=x.reshape(-1))  # [n, a]
+        y = torch.bmm(x[:, None, :], self.data[slots].to(torch.float32))[:, 0]  # [n, a]
+        return y.mul_(self.scales[slots])
 
     def rows(self, slots: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Single rows ``[n, d]``: row ``offsets[i]`` of slot ``slots[i]`` (INT8 dequantized)."""
-        rows = self.data[slots, offsets]  # [n, d]
+        rows = self.data[slots, :, offsets]  # [n, d]
         if self.scales is None:
             return rows
         return rows.to(torch.float32).mul_(self.scales[slots, offsets][:, None])

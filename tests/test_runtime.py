@@ -136,6 +136,8 @@ def test_sparse_routing_matches_a_numpy_reference(tmp_path, fit_mode, mode):
     _, mag = dense_reference(a, x)
     with open_runtime(a, sparsity=0.3, mode=mode, cache_bytes=_budgets(a)["one pipe"]) as rt:
         assert_float32_close(rt(x), ref, 4 * mag)
+        for t in range(2):  # one token a call (decoding): every tile serves one token, the fused path
+            assert_float32_close(rt(x[t]), ref[t], 4 * mag[t])
 
 
 def test_sparsity_defaults(tmp_path, adapter):

@@ -29,8 +29,8 @@ def _pool(slots: int, log: list | None = None, **kw) -> SlotPool:
 
 
 def _call(pool: SlotPool, tiles) -> torch.Tensor:
-    """One call: acquire, read the tiles back, release."""
-    got = pool.weights(pool.acquire(np.asarray(tiles)))
+    """One call: acquire, read the tiles back (``[n, a, d]``), release."""
+    got = pool.weights(pool.acquire(np.asarray(tiles))).transpose(1, 2)
     pool.release()
     return got
 
@@ -69,7 +69,7 @@ def test_an_eviction_inside_a_call_never_overwrites_a_pinned_slot():
     first = pool.acquire(np.array([0, 1]))  # both slots pinned by this call
     with pytest.raises(CacheError, match="do not fit"):
         pool.acquire(np.array([2]))
-    assert torch.equal(pool.weights(first)[1], torch.from_numpy(_tile(1)))  # untouched
+    assert torch.equal(pool.weights(first)[1].T, torch.from_numpy(_tile(1)))  # untouched
     pool.release()
     assert torch.equal(_call(pool, [2])[0], torch.from_numpy(_tile(2)))  # after the call, 0 (LRU) may go
     assert pool.resident(np.array([0, 1, 2])).tolist() == [False, True, True]
@@ -81,9 +81,31 @@ def test_within_a_call_a_second_group_takes_only_unpinned_slots():
     slots_a = pool.acquire(np.array([2]))  # pinned: hit
     slots_b = pool.acquire(np.array([5, 6]))  # must evict 0 and 1, never 2
     assert int(slots_a[0]) not in slots_b.tolist()
-    assert torch.equal(pool.weights(slots_a)[0], torch.from_numpy(_tile(2)))
-    assert torch.equal(pool.weights(slots_b)[1], torch.from_numpy(_tile(6)))
+    assert torch.equal(pool.weights(slots_a)[0].T, torch.from_numpy(_tile(2)))
+    assert torch.equal(pool.weights(slots_b)[1].T, torch.from_numpy(_tile(6)))
     pool.release()
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_products_are_each_tile_times_its_own_input(quant):
+    """The fused products against a float64 reference, with repeated and short tiles."""
+    rng = np.random.default_rng(0)
+    tiles = rng.standard_normal((5, 4, 6)).astype(np.float32)
+    q = np.clip(np.round(tiles * 20), -127, 127).astype(np.int8)
+    scales = rng.uniform(0.5, 2, (5, 4)).astype(np.float32)
+    load = (lambda t: (tiles[t][: 3 if t == 4 else 4],)) if quant is None else (lambda t: (q[t], scales[t]))
+    pool = SlotPool(n_tiles=5, tile_shape=(4, 6), budget_bytes=10 ** 4, quant=quant, load=load,
+                    tile_rows=np.array([4, 4, 4, 4, 3 if quant is None else 4]))
+    ids = np.array([4, 1, 3])
+    slots = pool.acquire(ids)
+    which = torch.tensor([0, 1, 1, 2, 0])  # tiles used more than once, in any order
+    x = torch.from_numpy(rng.standard_normal((5, 6)).astype(np.float32))
+    y = pool.products(slots[which], x).double()
+    dense = tiles.astype(np.float64) if quant is None else q.astype(np.float64) * scales[..., None]
+    if quant is None:
+        dense[4, 3] = 0.0  # the short tile's missing row reads as zero
+    ref = np.einsum("nad,nd->na", dense[ids[which.numpy()]], x.double().numpy())
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_int8_slots_dequantize_on_read():
@@ -184,8 +206,12 @@ def test_cuda_pool_matches_the_host_tiles_and_allocates_its_slots_once():
     for i in range(20):
         want = [i % 12, (i + 5) % 12]
         got = pool.weights(pool.acquire(np.array(want)))
+        x = torch.randn(2, d, device="cuda")
+        y = pool.products(pool.acquire(np.array(want)), x)
         pool.release()
-        torch.testing.assert_close(got.cpu(), torch.from_numpy(tiles[want]))
+        torch.testing.assert_close(got.transpose(1, 2).cpu(), torch.from_numpy(tiles[want]))
+        torch.testing.assert_close(y.cpu(), torch.einsum("nad,nd->na", torch.from_numpy(tiles[want]), x.cpu()),
+                                   rtol=1e-4, atol=1e-3)
     assert pool.stats().peak_bytes <= 3 * 4 * a * d
     pool.close()
 

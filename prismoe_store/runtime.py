@@ -242,6 +242,8 @@ class Runtime:
                   temperature=self.temperature)
         B, K = r.indices.shape  # r.indices, r.weights: [B, K]
         xs = F.pad(x, (0, grid.d_in_pad - self.d_in)).view(B, C, b)  # [B, C, b] input slices, zero padding
+        if B == 1:
+            return self._decode(p, xs[0], r.indices[0], r.weights[0])
 
         # the B*K (token, tile) pairs grouped by tile
         tile = r.indices.reshape(-1)  # [B*K]
@@ -292,6 +294,29 @@ class Runtime:
         else:  # ... or the tile outputs
             y = torch.bmm(xg, tiles).mul_(w[..., None])  # [G, m, a]
         out.index_add_(0, (tok * R + (g // C)[:, None]).reshape(-1), y.reshape(-1, y.shape[-1]))
+
+    def _decode(self, p: int, xs: torch.Tensor, tiles: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token (decoding): its ``K`` tiles (``tiles [K]``, ``weights [K]``; input slices
+        ``xs [C, b]``) in fused passes over the slots, resident tiles first. Returns ``[1, N_pad]``."""
+        grid, pool = self.grids[p], self.pools[p]
+        R, C, a = grid.rows, grid.cols, grid.tile_out
+        ids = tiles.cpu().numpy()  # [K] distinct (top-k)
+        self.heat[p] *= HEAT_DECAY
+        self.heat[p][ids] += 1
+        order = np.argsort(~pool.resident(ids), kind="stable")  # resident first
+        ids, pos = ids[order], torch.as_tensor(order, device=self.device)
+        out = torch.zeros(R, a, device=self.device)  # [R, a] output bands
+        try:
+            for start in range(0, len(ids), pool.slots):
+                slots = pool.acquire(ids[start:start + pool.slots])  # [G]
+                g = tiles[pos[start:start + pool.slots]]  # [G] the same tiles, on the device
+                w = weights[pos[start:start + pool.slots]]  # [G]
+                out.index_add_(0, g // C, pool.products(slots, xs[g % C] * w[:, None]))  # [G, a] into bands
+                self._peak = max(self._peak, sum(q.used_bytes for q in self.pools))
+                pool.release()
+        finally:
+            pool.release()
+        return out.view(1, R * a)
 
     def _single(self, pool, slots, group, first, token, weight, xs, out, grid) -> None:
         """Tiles chosen by one token each (decoding): ``out[(t, band)] += T_j (w · x_{t, col})`` in one

@@ -169,49 +169,68 @@ def generate_cmd(adapter, model, prompts, prompts_file, max_new_tokens, compare,
 
 @click.command("runtime")
 @click.argument("adapter", required=False)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ... (baseline too).")
-@click.option("--sparsity", type=float, default=0.3, show_default=True, help="ρ, share of tiles per token.")
-@click.option("--input", "input_path", default=None, help="Token rows (.npy or pairs store) [default: Gaussian].")
+@click.argument("hidden", required=False)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ... (baselines too).")
+@click.option("--sparsity", type=float, default=None,
+              help="ρ, share of tiles (bands) per token [default: the adapter's; 0.3 for the synthetic one].")
+@click.option("--mass", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Head adapters: a predicted-mass threshold (see `prismoe infer --mass`).")
+@click.option("--input", "input_path", default=None,
+              help="Token rows in trace order (.npy or pairs store), same as HIDDEN [default: Gaussian].")
 @click.option("--d-in", type=int, default=512, show_default=True, help="Synthetic adapter input width.")
 @click.option("--d-out", type=int, default=8192, show_default=True, help="Synthetic adapter output width.")
-@click.option("--workers", type=int, default=128, show_default=True, help="Synthetic adapter workers per pipe.")
+@click.option("--workers", type=int, default=512, show_default=True, help="Synthetic adapter workers per pipe.")
+@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Throughput batch.")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
               help="Timed repeats per measurement (medians are reported).")
-@click.option("--hit-tokens", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Tokens measured per budget of the hit-rate curve (after as many warm-up tokens).")
+@click.option("--hit-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Tokens measured per budget of the sweep (after as many warm-up tokens).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch CPU threads for runtime and baseline alike [default: torch's choice].")
+              help="torch CPU threads for runtime and baselines alike [default: torch's choice].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--markdown", type=click.Path(dir_okay=False), default=None, help="Also write the tables here (.md).")
 @click.option("--plots", type=click.Path(file_okay=False), default=None, help="Write hit_rate.png here.")
 @quiet_option
-def bench_runtime_cmd(adapter, device, sparsity, input_path, d_in, d_out, workers, repeats, hit_tokens, threads,
-                      as_json, plots, quiet):
-    """Runtime speed vs dense F.linear, INT8 vs fp32, hit rate vs cache budget, serial vs parallel.
+def bench_runtime_cmd(adapter, hidden, device, sparsity, mass, input_path, d_in, d_out, workers, batch, repeats,
+                      hit_tokens, threads, as_json, markdown, plots, quiet):
+    """Runtime speed against dense F.linear, naive offload and a host-side matrix; INT8 vs fp32;
+    hit rate and latency against the device budget over a decoding trace; serial vs parallel pipes.
 
-    Without ADAPTER a synthetic three-pipe adapter of --d-in → --d-out is built in a temporary folder.
+    ADAPTER is a fitted or a head adapter; HIDDEN the input rows in trace order (e.g. a hidden-state
+    store from `prismoe collect --target none`). Without ADAPTER a synthetic three-pipe adapter of
+    --d-in → --d-out is built in a temporary folder.
     """
     import torch
 
-    from prismoe_store.runtime_bench import benchmark_runtime, format_report, plot_hit_rate, synthetic_adapter
+    from prismoe_store.runtime_bench import (benchmark_runtime, format_markdown, format_report, plot_hit_rate,
+                                             synthetic_adapter)
 
     if threads:
         torch.set_num_threads(threads)
+    if hidden and input_path:
+        raise click.UsageError("give the input rows once: HIDDEN or --input")
+    input_path = hidden or input_path
     tokens = None
     if input_path:
         read, rows = open_rows(input_path)
-        tokens = read(0, min(rows, max(64, 2 * hit_tokens)))
+        tokens = read(0, min(rows, max(batch, 2 * hit_tokens)))
     with tempfile.TemporaryDirectory(prefix="prismoe-bench-") as tmp:
         if adapter is None:
             with bar("synthetic adapter", quiet=quiet or as_json, unit="band") as progress:
                 store = synthetic_adapter(os.path.join(tmp, "adapter.zarr"), d_in=d_in, d_out=d_out,
                                           workers=workers, progress=progress)
+            sparsity = 0.3 if sparsity is None else sparsity
         else:
             store = AdapterStore.open(adapter, require_complete=True)
         with bar("benchmark", quiet=quiet or as_json, unit="step") as progress:
-            report = benchmark_runtime(store, device=device, sparsity=sparsity, tokens=tokens, repeats=repeats,
-                                       hit_tokens=hit_tokens, progress=progress)
+            report = benchmark_runtime(store, device=device, sparsity=sparsity, mass=mass, tokens=tokens,
+                                       batch=batch, repeats=repeats, hit_tokens=hit_tokens, progress=progress)
     report["adapter"] = adapter or f"synthetic {d_in}→{d_out}, {workers} workers a pipe"
+    report["input"] = input_path or "Gaussian"
     report["threads"] = torch.get_num_threads()
+    if markdown:
+        with open(markdown, "w") as f:
+            f.write(format_markdown(report) + "\n")
     if plots:
         os.makedirs(plots, exist_ok=True)
         report["plots"] = [os.path.join(plots, "hit_rate.png")]
@@ -220,7 +239,7 @@ def bench_runtime_cmd(adapter, device, sparsity, input_path, d_in, d_out, worker
         echo_json(report)
         return
     click.echo(format_report(report))
-    for p in report.get("plots", []):
+    for p in report.get("plots", []) + ([markdown] if markdown else []):
         click.echo(f"wrote {p}")
 
 

@@ -43,9 +43,10 @@ import numpy as np
 import torch
 
 from .adapter import AdapterStore
-from .band_pool import BandPool
 from .errors import DataError, FitError, IncompleteStoreError
+from .grid import band_sizes
 from .pairs import holdout_mask, open_rows
+from .slot_pool import SlotPool
 
 ProgressFn = Callable[[int, int], None]
 Stages = Callable[[str], ContextManager[ProgressFn | None]]
@@ -187,17 +188,18 @@ class _Targets:
 
 
 
-def band_log_mass(x: torch.Tensor, pool: BandPool, n_bands: int, last_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def band_log_mass(x: torch.Tensor, pool: SlotPool, n_bands: int, last_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lse [B, n], top1_band [B])``: per band ``log Σ_{v∈b} exp(x · w_v)`` and the band of the
     top-1 token, through the pool in groups of bands that fit it."""
-    B, a = x.shape[0], pool.band_rows
+    B, a = x.shape[0], pool.tile_shape[0]
     lse = torch.empty(B, n_bands, device=x.device)
     best = torch.full((B,), float("-inf"), device=x.device)
     best_band = torch.zeros(B, dtype=torch.int64, device=x.device)
     for start in range(0, n_bands, pool.slots):
         group = np.arange(start, min(n_bands, start + pool.slots))
         slots = pool.acquire(group)
-        y = (x @ pool.weights(slots).reshape(-1, x.shape[1]).T).view(B, len(group), a)  # [B, G, a]
+        w = pool.weights(slots)  # [G, d, a] transposed band tiles
+        y = torch.bmm(x.expand(len(group), B, x.shape[1]), w).permute(1, 0, 2)  # [B, G, a]
         pool.release()
         if group[-1] == n_bands - 1 and last_rows < a:
             y[:, -1, last_rows:] = float("-inf")  # the short last band's empty rows
@@ -212,8 +214,8 @@ def band_log_mass(x: torch.Tensor, pool: BandPool, n_bands: int, last_rows: int)
 def _teacher_pass(adapter: AdapterStore, rows_of, targets: _Targets, device, cache_bytes, progress) -> None:
     last = adapter.d_out - adapter.band_rows * (adapter.n_bands - 1)
     per_band = adapter.band_rows * adapter.d_in * 4
-    pool = BandPool(n_bands=adapter.n_bands, band_rows=adapter.band_rows, d=adapter.d_in, device=device,
-                    budget_bytes=cache_bytes or per_band * adapter.n_bands, last_rows=last,
+    pool = SlotPool(n_tiles=adapter.n_bands, tile_shape=(adapter.band_rows, adapter.d_in), device=device,
+                    budget_bytes=cache_bytes or per_band * adapter.n_bands, tile_rows=band_sizes(adapter.d_out, adapter.band_rows),
                     load=lambda b: (adapter.read_band_tiles(b),))
     S = targets.top.shape[0]
     try:

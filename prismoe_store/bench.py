@@ -558,7 +558,7 @@ class _Bench:
                         if base is None:
                             base = held.score(rt)  # quality, once per ρ and format (serial sums the same terms)
                         self._tick()
-                        rt.cache.clear()  # one batch from a cold cache: the bytes a call of `batch` tokens needs
+                        rt.clear()  # one batch from a cold cache: the bytes a call of `batch` tokens needs
                         rt.reset_stats()
                         with torch.no_grad():
                             y = rt(self.xb)

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Iterator, Literal
 
+import numpy as np
+
 from .errors import GridError
 
 Layout = Literal["balanced", "wide"]
@@ -287,6 +289,17 @@ def default_band_rows(d_out: int) -> int:
     (64, 16, 1)
     """
     return min(64, next_pow2(-(-int(d_out) // 64)))
+
+
+def band_sizes(d_out: int, band_rows: int) -> np.ndarray:
+    """True rows of each band ``[n]`` (int64) when ``d_out`` rows are cut into bands of ``band_rows``
+    (the last band may be short).
+
+    >>> band_sizes(10, 4).tolist()
+    [4, 4, 2]
+    """
+    n = -(-d_out // band_rows)
+    return np.minimum(band_rows, d_out - band_rows * np.arange(n, dtype=np.int64))
 
 
 def plan_partition(d_in: int, d_out: int, band_rows: int | None = None) -> list[GridSpec]:

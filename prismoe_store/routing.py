@@ -19,6 +19,7 @@ tile is not wholly padding (padding-only workers are never selected); ``S = topk
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -40,7 +41,12 @@ def k_for(sparsity: float, n_active: int) -> int:
 
 
 def active_mask(grid: GridSpec, device=None) -> torch.Tensor:
-    """Bool ``[workers]``: True for workers whose tile touches the true matrix."""
+    """Bool ``[workers]``: True for workers whose tile touches the true matrix (cached per grid and device)."""
+    return _active_mask(grid, str(torch.device(device or "cpu"))).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _active_mask(grid: GridSpec, device: str) -> torch.Tensor:
     live_rows = -(-grid.d_out // grid.tile_out)
     live_cols = -(-grid.d_in // grid.tile_in)
     rows = torch.arange(grid.rows, device=device) < live_rows

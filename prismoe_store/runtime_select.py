@@ -5,9 +5,12 @@ For tokens ``x [B, d]`` over a ``partition`` adapter of ``n`` bands of ``a`` row
 1. gate scores ``s = x W_gᵀ + b_g`` ``[B, n]``; ``K = ceil(ρ · n)`` bands per token, or with a mass
    threshold ``m`` the fewest bands whose predicted mass ``softmax(s)`` reaches ``m`` (at most
    ``ceil(ρ · n)``, at least one);
-2. the union of the selected bands is made resident in the :class:`~prismoe_store.band_pool.BandPool`
-   (in groups that fit it) and multiplied in one batched product per group,
-   ``[B, d] @ [d, G·a]``;
+2. the union of the selected bands is made resident in the :class:`~prismoe_store.slot_pool.SlotPool`
+   (misses come from the :class:`~prismoe_store.host_tier.HostTier` or the store; in groups that
+   fit the pool and a bounded gather buffer) and multiplied in one batched kernel per group: for a
+   token or two, only each token's own bands in one fused gather-and-multiply
+   (:meth:`~prismoe_store.slot_pool.SlotPool.products`); for more, every token times the union's
+   bands, ``bmm([G, B, d], [G, d, a])``;
 3. a token's logits are exact on its own selected bands and ``fill`` (−inf) elsewhere, so an
    unselected token never wins an argmax or takes probability mass; the columns go back from the
    adapter's row order to token order.
@@ -36,12 +39,15 @@ import numpy as np
 import torch
 
 from .adapter import AdapterStore
-from .band_pool import BandPool
 from .errors import DataError, IncompleteStoreError
+from .grid import band_sizes
+from .host_tier import HostTier, hot_tiles
 from .quant import int8_ready
-from .runtime import RuntimeConfig, input_rows
+from .runtime import GATHER_BYTES, HEAT_DECAY, RuntimeConfig, host_budget, input_rows
+from .slot_pool import SlotPool
 
 DEFAULT_HEAD_SPARSITY = 0.1  # ρ for head adapters whose gate training recorded none
+BAG_BATCH = 2  # at most this many tokens: per-pair fused products; more: one product over the union
 DEFAULT_MASS_CAP = 0.25  # most bands a token may take with a mass threshold, when no ρ is given
 
 
@@ -133,12 +139,14 @@ class SelectRuntime:
         self.sparsity = self._sparsity(config)
         self.router = BandRouter(gate, sparsity=self.sparsity, mass=self.mass, device=self.device)
         last = self.d_out - self.band_rows * (self.n_bands - 1)
-        load = ((lambda b: source.read_band_int8(b)) if config.quant == "int8"
-                else (lambda b: (source.read_band_tiles(b),)))
-        self.pool = BandPool(n_bands=self.n_bands, band_rows=self.band_rows, d=self.d_in, quant=config.quant,
-                             budget_bytes=config.cache_bytes or self._all_bytes(self.n_bands * self.band_rows), load=load,
-                             device=self.device, last_rows=last)
         self.total_bytes = self._all_bytes(self.d_out)  # every band, true bytes
+        self.host = HostTier(host_budget(config, self.device, self.total_bytes), self._read)  # decompressed bands
+        self.prefetch = self.host.budget_bytes > 0 if config.prefetch is None else bool(config.prefetch)
+        self.heat = np.zeros(self.n_bands)  # decayed selection counts per band (eviction and prefetch rank by them)
+        self.pool = SlotPool(n_tiles=self.n_bands, heat=self.heat if config.eviction == "heat" else None, tile_shape=(self.band_rows, self.d_in), quant=config.quant,
+                             budget_bytes=config.cache_bytes or self._all_bytes(self.n_bands * self.band_rows),
+                             load=self.host.get, device=self.device,
+                             tile_rows=band_sizes(self.d_out, self.band_rows))
         self.token_of_row = torch.full((self.n_bands * self.band_rows,), self.d_out, dtype=torch.int64,
                                        device=self.device)  # [n·a] token id of each slot row (V: no token)
         self.token_of_row[:self.d_out] = order
@@ -146,6 +154,11 @@ class SelectRuntime:
         self.band_sizes = torch.full((self.n_bands,), self.band_rows, dtype=torch.int64, device=self.device)  # [n]
         self.band_sizes[-1] = last
         self._seconds, self._tokens, self._calls, self._bands, self._rows = 0.0, 0, 0, 0, 0
+
+    def _read(self, band: int) -> tuple[np.ndarray, ...]:
+        if self.config.quant == "int8":
+            return tuple(self.source.read_band_int8(band))  # (int8 [rows, d], float32 [rows])
+        return (self.source.read_band_tiles(band),)  # (float32 [rows, d],)
 
     def _all_bytes(self, rows: int) -> int:
         """Bytes of ``rows`` rows of tiles (INT8: one byte a value plus a float32 scale per row)."""
@@ -173,6 +186,8 @@ class SelectRuntime:
         x, lead = input_rows(x, self.d_in, self.device)  # [B, d]
         bands, valid = self.route(x)  # [B, K], [B, K]
         logits = self.logits_for(x, bands, valid)  # [B, V]
+        if self.prefetch:  # the hottest bands not on the device, into the host tier (background)
+            self.host.prefetch(int(b) for b in hot_tiles(self.heat, self.pool.slot_of >= 0, self.router.k_max))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._seconds += time.perf_counter() - t0
@@ -188,35 +203,61 @@ class SelectRuntime:
         chosen = torch.zeros(B, n, dtype=torch.bool, device=self.device)  # [B, n] band taken by token
         rows = torch.arange(B, device=self.device)[:, None].expand_as(bands)
         chosen[rows[valid], bands[valid]] = True
-        union = torch.nonzero(chosen.any(dim=0)).squeeze(1)  # [U] bands any token took
+        counts = chosen.sum(dim=0)  # [n] tokens per band
+        union = torch.nonzero(counts).squeeze(1)  # [U] bands any token took
+        self.heat *= HEAT_DECAY  # in place: the pool ranks evictions by it
+        self.heat += counts.cpu().numpy()
         if len(union) == n and self.pool.slots >= n:  # every band: one product over the matrix in token order,
             return self._all_bands(x, chosen)  # the very product x @ Wᵀ (bit for bit)
         out = torch.full((B, self.d_out), float("-inf"), device=self.device)  # [B, V] token order
         union_np = union.cpu().numpy()
         # resident bands first: they are used before new loads could evict them
         union_np = union_np[np.argsort(~self.pool.resident(union_np), kind="stable")]
-        step = self.pool.slots
+        step = max(1, min(self.pool.slots, GATHER_BYTES // (4 * a * self.d_in)))
         try:
             for start in range(0, len(union_np), step):
                 group = union_np[start:start + step]  # [G]
                 g = torch.as_tensor(group, device=self.device)
-                w = self.pool.weights(self.pool.acquire(group), out=self._buffer(len(group)))  # [G, a, d]
-                y = (x @ w.view(-1, self.d_in).T).view(B, len(group), a)  # [B, G, a]
-                y = y.masked_fill_(~chosen[:, g, None], float("-inf")).view(B, -1)  # [B, G·a]
-                tokens = self.token_of_row.view(n, a)[g].reshape(-1)  # [G·a] token of each computed row
-                if group.max() == n - 1 and self.band_sizes[-1] < a:  # the short last band's empty rows
-                    real = tokens < self.d_out
-                    tokens, y = tokens[real], y[:, real]
-                out.index_copy_(1, tokens, y)
+                slots = self.pool.acquire(group)  # [G]
+                short = group.max() == n - 1 and self.band_sizes[-1] < a  # the short last band is in
+                if B <= BAG_BATCH:
+                    self._pairs(x, chosen[:, g], g, slots, out, short)
+                else:
+                    self._union(x, chosen[:, g], g, slots, out, short)
                 self.pool.release()
         finally:
             self.pool.release()
         return out
 
+    def _pairs(self, x, chosen, g, slots, out, short: bool) -> None:
+        """Few tokens: each (token, selected band) pair's products in one fused pass over the tiles
+        (no gathered copy), written into ``out [B, V]`` at the band's tokens."""
+        t, j = torch.nonzero(chosen, as_tuple=True)  # [P] token and group position of each pair
+        y = self.pool.products(slots[j], x[t])  # [P, a]
+        tokens = self.token_of_row.view(self.n_bands, self.band_rows)[g[j]]  # [P, a] token of each row
+        rows = t[:, None].expand_as(tokens)  # [P, a]
+        if short:
+            real = tokens < self.d_out
+            rows, tokens, y = rows[real], tokens[real], y[real]
+        out.index_put_((rows, tokens), y)
+
+    def _union(self, x, chosen, g, slots, out, short: bool) -> None:
+        """Many tokens: every token times every band of the group in one batched product, the
+        tokens' unselected bands filled −inf, the columns written into ``out [B, V]``."""
+        B, G, a = x.shape[0], len(g), self.band_rows
+        w = self.pool.weights(slots, out=self._buffer(G))  # [G, d, a]
+        y = torch.bmm(x.expand(G, B, self.d_in), w)  # [G, B, a]
+        y = y.masked_fill_(~chosen.T[..., None], float("-inf")).permute(1, 0, 2).reshape(B, G * a)  # [B, G·a]
+        tokens = self.token_of_row.view(self.n_bands, a)[g].reshape(-1)  # [G·a] token of each computed row
+        if short:
+            real = tokens < self.d_out
+            tokens, y = tokens[real], y[:, real]
+        out.index_copy_(1, tokens, y)
+
     def _buffer(self, bands: int) -> torch.Tensor:
-        """A reused float32 buffer for ``bands`` gathered band tiles ``[bands, a, d]`` (no allocation per call)."""
+        """A reused float32 buffer for ``bands`` gathered (transposed) band tiles ``[bands, d, a]``."""
         if self._gathered is None or self._gathered.shape[0] < bands:
-            self._gathered = torch.empty(bands, self.band_rows, self.d_in, device=self.device)
+            self._gathered = torch.empty(bands, self.d_in, self.band_rows, device=self.device)
         return self._gathered[:bands]
 
     def _all_bands(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -225,7 +266,7 @@ class SelectRuntime:
         unselected bands filled."""
         try:
             slots = self.pool.acquire(np.arange(self.n_bands))  # [n]
-            w = self.pool.weights(slots).reshape(-1, self.d_in)[self.position]  # [V, d] token order
+            w = self.pool.weights(slots).transpose(1, 2).reshape(-1, self.d_in)[self.position]  # [V, d] token order
         finally:
             self.pool.release()
         logits = x @ w.T  # [B, V]
@@ -262,7 +303,7 @@ class SelectRuntime:
         rows = self._rows / tokens  # rows computed per token
         row_bytes = self.total_bytes / self.d_out
         gate_bytes = 4 * self.n_bands * (self.d_in + 1)
-        return {"cache": self.pool.stats().to_dict(), "seconds": self._seconds, "tokens": self._tokens,
+        return {"cache": self.pool.stats().to_dict(), "host": self.host.stats(), "seconds": self._seconds, "tokens": self._tokens,
                 "calls": self._calls, "device": str(self.device), "quant": self.config.quant or "fp32",
                 "sparsity": self.sparsity, "mass": self.mass, "bands": self.n_bands,
                 "bands_per_token": self._bands / tokens, "row_share": rows / self.d_out,
@@ -271,11 +312,17 @@ class SelectRuntime:
     def reset_stats(self) -> None:
         """Zero the counters (resident bands stay)."""
         self.pool.reset_stats()
+        self.host.reset_stats()
         self._seconds, self._tokens, self._calls, self._bands, self._rows = 0.0, 0, 0, 0, 0
 
+    def clear(self) -> None:
+        """Drop every band from the device slots (the next call starts from a cold cache)."""
+        self.pool.clear()
+
     def close(self) -> None:
-        """Free the pool."""
+        """Free the slots and stop the reader threads."""
         self.pool.close()
+        self.host.close()
 
     def __enter__(self) -> "SelectRuntime":
         return self

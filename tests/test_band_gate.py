@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from prismoe_store.adapter import AdapterStore
 from prismoe_store.band_gate import BandGateConfig, band_log_mass, fit_band_gate
-from prismoe_store.band_pool import BandPool
+from prismoe_store.slot_pool import SlotPool
 from prismoe_store.errors import DataError
 from prismoe_store.head_build import HeadConfig, build_head
 from prismoe_store.pairs import PairsStore
@@ -37,7 +37,7 @@ def test_band_log_mass_matches_a_dense_reference(tmp_path):
     order = adapter.read_order()
     x = torch.from_numpy(h[:20])
     for slots in (1, 5, adapter.n_bands):
-        pool = BandPool(n_bands=adapter.n_bands, band_rows=8, d=16, budget_bytes=slots * 8 * 16 * 4,
+        pool = SlotPool(n_tiles=adapter.n_bands, tile_shape=(8, 16), budget_bytes=slots * 8 * 16 * 4,
                         load=lambda b: (adapter.read_band_tiles(b),))
         lse, top = band_log_mass(x, pool, adapter.n_bands, 8)
         logits = x.double() @ torch.from_numpy(w[order]).double().T  # [20, V] adapter order

@@ -26,22 +26,23 @@ def _x(n=9, d=16, seed=1):
     return torch.from_numpy(np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32))
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 9])  # 1, 2: fused per-pair products; 9: one product over the union
 @pytest.mark.parametrize("budget_bands", [1, 3, 7, 16])
-def test_selected_logits_are_exact_and_the_rest_never_win(head, budget_bands):
+def test_selected_logits_are_exact_and_the_rest_never_win(head, budget_bands, tokens):
     adapter, w = head
-    x = _x()
-    ref = x.double() @ torch.from_numpy(w).double().T  # [9, 250]
+    x = _x(tokens)
+    ref = x.double() @ torch.from_numpy(w).double().T  # [B, 250]
     with open_runtime(adapter, sparsity=0.3, cache_bytes=budget_bands * 16 * 16 * 4) as rt:
         got = rt(x)
-        chosen = rt.router.chosen(x)  # [9, n]
+        chosen = rt.router.chosen(x)  # [B, n]
         assert rt.stats()["cache"]["peak_bytes"] <= budget_bands * 16 * 16 * 4
     band_of_token = rt.position // 16
-    keep = chosen[:, band_of_token]  # [9, 250] token computed for that row
-    assert keep.sum(dim=1).tolist() == [int((keep[i]).sum()) for i in range(9)]
+    keep = chosen[:, band_of_token]  # [B, 250] token computed for that row
+    assert keep.sum(dim=1).tolist() == [int((keep[i]).sum()) for i in range(tokens)]
     torch.testing.assert_close(got[keep].double(), ref[keep], rtol=1e-5, atol=1e-5)
     assert torch.isneginf(got[~keep]).all()
     # −inf never wins: the argmax is always a computed token, and the softmax puts no mass elsewhere
-    assert keep[torch.arange(9), got.argmax(dim=1)].all()
+    assert keep[torch.arange(tokens), got.argmax(dim=1)].all()
     assert float(torch.softmax(got, dim=1)[~keep].sum()) == 0.0
 
 

@@ -1,0 +1,71 @@
+"""`prismoe benchmark runtime` on a fitted and on a head adapter: every measurement present, the
+ratios consistent with the times they come from, the dense matrix the adapter stands for."""
+
+import json
+
+import numpy as np
+import torch
+from click.testing import CliRunner
+
+from cli.main import main
+from prismoe_store.adapter import AdapterStore
+from prismoe_store.grid import plan_pipes
+from prismoe_store.head_build import HeadConfig, build_head
+from prismoe_store.runtime import open_runtime
+from prismoe_store.runtime_bench import benchmark_runtime, dense_matrix, synthetic_adapter
+
+
+def test_dense_matrix_of_a_head_is_the_source_in_token_order(tmp_path):
+    w = np.random.default_rng(0).standard_normal((100, 12)).astype(np.float32)
+    np.save(tmp_path / "w.npy", w)
+    build_head(str(tmp_path / "w.npy"), str(tmp_path / "h.zarr"), config=HeadConfig(band_rows=16))
+    assert torch.equal(dense_matrix(AdapterStore.open(str(tmp_path / "h.zarr"))), torch.from_numpy(w))
+
+
+def test_dense_matrix_of_a_fitted_adapter_is_what_it_computes_at_rho_1(tmp_path):
+    """Without gates (uniform weights) the runtime at ρ = 1 computes Σ_p α_p W_p."""
+    grids = plan_pipes(24, 40, 8)
+    a = AdapterStore.create(str(tmp_path / "a.zarr"), grids=grids, alphas=(0.5, 0.3, 0.2), attrs={"complete": True})
+    rng = np.random.default_rng(3)
+    for p, g in enumerate(grids):
+        for r in range(g.rows):
+            a.write_band(p, r, rng.standard_normal((g.tile_out, g.d_in_pad)).astype(np.float32))
+    x = torch.randn(5, 24)
+    with open_runtime(a, sparsity=1.0) as rt:
+        y = rt(x)
+    torch.testing.assert_close(y, x @ dense_matrix(a).T, rtol=1e-4, atol=1e-4)
+
+
+def test_benchmark_of_a_fitted_adapter(tmp_path):
+    a = synthetic_adapter(str(tmp_path / "a.zarr"), d_in=32, d_out=64, workers=8)
+    r = benchmark_runtime(a, repeats=1, batch=4, hit_tokens=3, budgets=(0.25, 1.0))
+    assert r["kind"] == "fitted" and r["sparsity"] == 0.3  # gates that record no ρ: the runtime default
+    assert set(r["baselines"]) == {"dense", "offload", "host"}
+    assert r["baselines"]["dense"]["latency_vs_dense"] == 1.0
+    s = r["fp32"]
+    assert np.isclose(s["latency_vs_dense"], s["latency_s"] / s["dense_latency_s"])
+    int8 = sum(g.active_count * (g.tile_out * g.tile_in + 4 * g.tile_out) for g in a.grids)
+    fp32 = sum(g.active_count * 4 * g.tile_out * g.tile_in for g in a.grids)
+    assert np.isclose(r["int8"]["bytes_vs_fp32"], int8 / fp32) and 0 < r["int8"]["rel_error_vs_fp32"] < 0.02
+    assert [c["share"] for c in r["hit_rate"]] == [0.25, 1.0]
+    small, full = r["hit_rate"]
+    assert full["hit_rate"] >= small["hit_rate"] and full["bytes_loaded_per_token"] <= small["bytes_loaded_per_token"]
+    assert r["hit_rate"][0]["peak_bytes"] <= r["hit_rate"][0]["budget_bytes"]
+    assert r["modes"]["serial"]["peak_bytes"] < r["modes"]["parallel"]["peak_bytes"]
+
+
+def test_benchmark_command_on_a_head_with_hidden_rows(tmp_path):
+    w = np.random.default_rng(1).standard_normal((300, 16)).astype(np.float32)
+    np.save(tmp_path / "w.npy", w)
+    build_head(str(tmp_path / "w.npy"), str(tmp_path / "h.zarr"), config=HeadConfig(band_rows=16, int8=True))
+    np.save(tmp_path / "x.npy", np.random.default_rng(2).standard_normal((20, 16)).astype(np.float32))
+    res = CliRunner().invoke(main, ["benchmark", "runtime", str(tmp_path / "h.zarr"), str(tmp_path / "x.npy"),
+                                    "--repeats", "1", "--batch", "8", "--hit-tokens", "4", "--json", "-q",
+                                    "--markdown", str(tmp_path / "r.md"), "--plots", str(tmp_path / "plots")])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output)
+    assert r["kind"] == "head" and r["sparsity"] == 0.1 and r["modes"] is None
+    assert 0.05 < r["fp32"]["row_share"] <= 0.15
+    assert r["int8"] is not None
+    assert (tmp_path / "plots" / "hit_rate.png").stat().st_size > 0
+    assert "| dense | 1.00× |" in (tmp_path / "r.md").read_text()

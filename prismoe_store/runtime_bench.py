@@ -165,7 +165,8 @@ def benchmark_runtime(adapter: TileSource, *, device: str = "cpu", sparsity: flo
             s = rt.stats()
         curve.append({"share": share, "budget_bytes": s["cache"]["budget_bytes"], "hit_rate": s["cache"]["hit_rate"],
                       "bytes_loaded_per_token": s["cache"]["bytes_loaded"] / hit_tokens,
-                      "peak_bytes": s["cache"]["peak_bytes"], "prefetch_hit_rate": s["host"]["prefetch_hit_rate"],
+                      "peak_bytes": s["cache"]["peak_bytes"], "prefetched": s["host"]["prefetched"],
+                      "prefetch_hit_rate": s["host"]["prefetch_hit_rate"],
                       "latency_vs_dense": statistics.median(t_rt) / statistics.median(t_dense)})
         tick()
     out["hit_rate"] = curve
@@ -270,7 +271,8 @@ def format_report(r: dict) -> str:
         lines.append(f"  budget {c['share']:7.2%} of all tiles ({c['budget_bytes'] / 2**20:8.2f} MiB): "
                      f"hit rate {c['hit_rate']:.3f}, latency {c['latency_vs_dense']:.2f}× dense, "
                      f"{c['bytes_loaded_per_token'] / 2**20:.2f} MiB loaded/token, "
-                     f"prefetch hit rate {c['prefetch_hit_rate']:.2f}")
+                     f"{c['prefetched']} tiles read ahead into the host tier"
+                     + (f" (prefetch hit rate {c['prefetch_hit_rate']:.2f})" if c["prefetched"] else ""))
     m = r.get("modes")
     if m:
         lines.append(f"serial vs parallel: peak cache bytes {m['serial']['peak_bytes'] / 2**20:.2f} vs "
@@ -285,11 +287,13 @@ def format_markdown(r: dict) -> str:
     rows = [f"| way | latency (batch 1) vs dense | throughput (batch {batch}) vs dense |", "|---|---|---|"]
     for name, s in [*r["baselines"].items(), *((q, r[q]) for q in ("fp32", "int8") if r.get(q))]:
         rows.append(f"| {name} | {s['latency_vs_dense']:.2f}× | {s['throughput_vs_dense']:.2f}× |")
-    rows += ["", "| device budget | hit rate | latency vs dense | prefetch hit rate |", "|---|---|---|---|"]
+    rows += ["", "| device budget | hit rate | latency vs dense | tiles read ahead | prefetch hit rate |",
+             "|---|---|---|---|---|"]
     for c in r["hit_rate"]:
         if "error" not in c:
+            rate = f"{c['prefetch_hit_rate']:.2f}" if c["prefetched"] else "–"
             rows.append(f"| {c['share']:.2%} | {c['hit_rate']:.3f} | {c['latency_vs_dense']:.2f}× | "
-                        f"{c['prefetch_hit_rate']:.2f} |")
+                        f"{c['prefetched']} | {rate} |")
     return "\n".join(rows)
 
 

@@ -45,7 +45,7 @@ class Scores:
         self._merge_moments(n, mean, m2)
         return float(np.einsum("ij,ij->", zd, zd))
 
-    def finish(self) -> "Scores":
+    def finish(self) -> Scores:
         """Sum the blocks' parts exactly (``math.fsum``), so the totals do not depend on the stripes."""
         if self.parts:
             cols = np.array(self.parts).T

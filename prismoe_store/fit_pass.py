@@ -66,7 +66,7 @@ from .stores import reading
 if TYPE_CHECKING:  # annotations only: fit imports this module
     from .fit import FitConfig
 
-DEFAULT_BLOCK_ROWS = 4096  # rows per product block: long enough for GEMM speed, short for float32 rounding
+DEFAULT_BLOCK_ROWS = 8192  # rows per product block: long GEMMs, few float64 additions of their float32 results
 PANEL = 512  # float32 products of B: output columns per GEMM, at fixed absolute columns (see "Numerics")
 SUBSAMPLE_SEED_OFFSET = 1 << 32  # pipe 2's subsample uses row_uniform(seed + this)
 SUB, REST, HOLD = 0, 1, 2  # row sets: pipe 2's subsample, the other training rows, held out
@@ -133,7 +133,7 @@ def _budget_cols(budget: int, tasks: int, fixed: int, per_col: int, n: int, alig
 
 
 def plan_block_rows(cfg: FitConfig, pairs: PairsStore, rows: int) -> int:
-    """Rows per product block: ``cfg.block_rows``, else 4096 rounded up to the store's row chunks."""
+    """Rows per product block: ``cfg.block_rows``, else 8192 rounded up to the store's row chunks."""
     rc = pairs.rows_per_chunk
     block = cfg.block_rows or max(rc, -(-DEFAULT_BLOCK_ROWS // rc) * rc)
     return min(block, max(1, rows))

@@ -63,9 +63,9 @@ class Factor:
     def solve(self, b: np.ndarray) -> np.ndarray:
         """``A⁻¹ b`` for ``b`` of shape ``(m, k)`` (float64 result)."""
         rhs = np.asarray(b, dtype=np.float64)
-        if self.kind == "cholesky":  # A = UᵀU: A⁻¹b = U⁻¹(U⁻ᵀ b), two products with U⁻¹ (triangular)
-            (uinv,) = self.data
-            return uinv @ (uinv.T @ rhs)
+        if self.kind == "cholesky":  # A⁻¹ = U⁻¹U⁻ᵀ from the Cholesky factor A = UᵀU: one product per solve
+            (inv,) = self.data
+            return inv @ rhs
         if self.kind == "eigh":
             vecs, inv = self.data
             return vecs @ (inv[:, None] * (vecs.T @ rhs))
@@ -112,7 +112,8 @@ def factor_normal(g: np.ndarray, lam: float, *, floor: float = 0.0) -> Factor:
     if chol is not None:
         d = np.diagonal(chol)
         if float(d.min()) ** 2 > float(d.max()) ** 2 * m * _EPS:
-            return Factor("cholesky", (np.linalg.inv(chol.T),))  # LU of an upper triangle: no pivoting
+            uinv = np.linalg.inv(chol.T)  # LU of an upper triangle pivots nowhere: a triangular inverse
+            return Factor("cholesky", (uinv @ uinv.T,))
         why = f"near-singular (pivot ratio {float(d.min() / d.max()) ** 2:.1e})"
     else:
         why = "not positive definite"

@@ -25,18 +25,30 @@ read-modify-writing all of the scratch ``B`` once per such super-block — moves
 bytes for the same budget, half of them writes: ``B`` is float64 and must be both read and
 written, while ``X``, the narrow side (``M ≪ N``), is only read.)
 
-**Numerics.** The products of each block are float64 GEMMs (``precision="float64"``, the
-default) of the float32 pairs, summed across blocks in float64. A product of two float32 values
-is exact in float64, so the statistics are float64-accurate whatever BLAS kernel computes them
-(and, as GEMM kernels sum every output over the rows in the same order, in practice the same
-bits whichever column group a column of ``B`` falls in). ``precision="float32"`` makes them
-float32 GEMMs (about twice the speed) and is for well-conditioned ``X`` only: their ~1e-7
-rounding depends on the CPU's BLAS kernel and on a value's place in the product (equal columns
-of ``X`` get different rows of ``B``), which puts noise in the directions where ``X`` has no
-variance, and the ridge amplifies it by ``1/λ``: with duplicate or dependent input columns the
-solution is then far from the minimum-norm one. ``solver="qr"``
-(for ill-conditioned ``X``) replaces the normal equations by a streaming TSQR of ``[X | Z]``
-that keeps only ``R`` and ``QᵀZ`` (:mod:`prismoe_store.solve`), so the condition number is not
+**Numerics.** The products of each block are summed across blocks in float64. With
+``precision="mixed"`` (the default) ``G = XᵀX`` is a float64 GEMM of the float32 pairs — a product
+of two float32 values is exact in float64, so ``G`` is float64-accurate whatever BLAS kernel
+computes it — and ``B = XᵀZ``, which holds ``N/M`` times more products, is float32 GEMMs at twice
+the speed. A GEMM's last bits depend on an output's place in it, so ``B``'s GEMMs always cover the
+same fixed panels of ``PANEL`` output columns (a column group narrower than a panel reads and
+multiplies its whole panel; the solves work on the same panels): the bits do not depend on how
+the columns are grouped, spilled or not. float32 rounding (~1e-7 relative) is harmless except
+along directions in which ``X`` has (almost) no variance — zero, duplicate or dependent input
+columns — where the exact ``B`` is zero, the float32 one is noise, and the ridge would amplify it
+by ``1/λ``. The solve drops those directions: eigenvalues of ``G`` at or below
+``u²·block_rows·trace(G)/M`` (``u = 2⁻²⁴``), the level below which a float32 product's rounding
+exceeds anything ``X`` can put into ``B`` (``floor`` of :func:`prismoe_store.solve.factor_normal`;
+a Cholesky of ``G − floor·I`` says whether there are any). The tiles then agree with those of
+float64 statistics to float32 rounding (the tests hold the joint fit to ``numpy.linalg.lstsq``
+within 1e-5, rank-deficient ``X`` included), except that a weight along a direction of variance
+far below the mean (where the default ridge acts) may carry that rounding amplified; the
+predictions hardly see it. ``precision="float64"`` (float64 GEMMs for ``B`` too, half the speed)
+has none of it. ``precision="float32"`` makes ``G``
+float32 as well, and is for well-conditioned ``X`` only: ``G``'s own rounding then hides its null
+directions, and with duplicate or dependent input columns the solution is far from the
+minimum-norm one. ``solver="qr"`` (for ill-conditioned ``X``; float64 unless ``float32``)
+replaces the normal equations by a streaming TSQR of ``[X | Z]`` that keeps only ``R`` and
+``QᵀZ`` (:mod:`prismoe_store.solve`), so the condition number is not
 squared.
 
 >>> plan = Plan(rows=10_000, block_rows=4096, tasks=2, group_cols=8, metric_cols=8, hold_cap=512)

@@ -246,6 +246,20 @@ def test_threads_and_local_cluster_give_the_same_adapter(pairs, tmp_path):
     assert a.attrs()["metrics"] == b.attrs()["metrics"]
 
 
+def test_local_cluster_of_processes_gives_the_same_tiles(pairs, tmp_path):
+    """Stripes accumulated in two worker processes (the statistics travel pickled) give the tiles of threads."""
+    distributed = pytest.importorskip("distributed")
+    store, _, _ = pairs
+    a = fit(store, tmp_path / "threads", workers=WORKERS, tasks=2, block_rows=256)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, protocol="tcp",
+                                  host="127.0.0.1", dashboard_address=None) as cluster:
+        b = fit(store, tmp_path / "cluster", workers=WORKERS, block_rows=256, scheduler=cluster.scheduler_address)
+    assert b.attrs()["fit"]["plan"]["tasks"] == 2
+    for p in range(3):
+        assert np.array_equal(a.dense(p), b.dense(p))
+    assert a.attrs()["metrics"] == b.attrs()["metrics"]
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(block=st.sampled_from([128, 256, 384, 1500]), tasks=st.integers(1, 4), spill=st.booleans())
 def test_any_blocking_gives_the_same_fit(pairs, tmp_path_factory, block, tasks, spill):

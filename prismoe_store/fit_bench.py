@@ -203,7 +203,7 @@ def benchmark_fit(*, rows: Sequence[int] = (32768, 65536), d_in: int = 1024, d_o
                 rate = max(before, after)
                 rest = res["wall_s"] - t["statistics_s"] - t["solve_s"] - t["metrics_s"]
                 runs.append({"rows": r, "repeat": rep, "fit_s": res["wall_s"], "cpu_s": res["cpu_s"],
-                             "plan": info["plan"], "load": load, "matmul_gflops": rate / 1e9,
+                             "plan": info["plan"], "counts": info["rows"], "load": load, "matmul_gflops": rate / 1e9,
                              "matmul_gflops_before_after": [before / 1e9, after / 1e9],
                              "fit_gflops": all_fl / res["wall_s"] / 1e9,
                              "flop_ratio": all_fl / res["wall_s"] / rate,

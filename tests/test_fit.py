@@ -441,3 +441,30 @@ def test_cli_fit(pairs, tmp_path):
     assert res.exit_code == 1 and "already exists" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(main, ["fit", store.url, "-o", str(out), "--workers", str(WORKERS), "-q", "--overwrite"])
     assert res.exit_code == 0 and "R²" in res.output
+
+
+# -- the benchmark command ---------------------------------------------------------------------
+
+
+def test_benchmark_fit_runs_the_whole_command(tmp_path):
+    """`prismoe benchmark fit` runs `prismoe fit` in fresh processes; its report is self-consistent
+    (the FLOP counts of the rows the fits saw, stages within each run's wall time)."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+    from prismoe_store.fit_bench import fit_flops
+
+    res = CliRunner().invoke(main, ["benchmark", "fit", "--rows", "512,1024", "--d-in", "16", "--d-out", "32",
+                                    "--workers", "4", "--repeats", "2", "--workdir", str(tmp_path / "w"), "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output)
+    assert [x["rows"] for x in r["runs"]] == [512, 1024, 512, 1024]  # interleaved repeats
+    for run in r["runs"]:
+        assert run["plan"]["rows"] == run["rows"] and run["peak_rss_mb"] > 10
+        assert 0 < sum(v for k, v in run["stages"].items() if k != "rest") < run["fit_s"]
+        assert sum(run["counts"][k] for k in ("train", "holdout")) == run["rows"]
+        all_fl = run["fit_gflops"] * 1e9 * run["fit_s"]
+        assert all_fl == pytest.approx(fit_flops(16, 32, run["counts"])[1])
+        assert run["flop_ratio"] == pytest.approx(run["fit_gflops"] / run["matmul_gflops"])
+    assert [b["rows"] for b in r["best"]] == [512, 1024]
+    assert r["rss_ratio"] > 0 and not (tmp_path / "w" / "pairs-512").exists()

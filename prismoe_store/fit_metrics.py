@@ -9,9 +9,10 @@ adapter's ``metrics`` attribute (the example in :mod:`prismoe_store.fit` checks 
 
 >>> import numpy as np
 >>> s = Scores(3, 2)
->>> s.add_z(np.array([[1.0, 2.0], [3.0, 4.0]], np.float32))
->>> s.rows, s.mean.tolist(), s.m2.tolist(), s.sz2
-(2, [2.0, 3.0], [2.0, 2.0], 30.0)
+>>> s.add_z(np.array([[1.0, 2.0], [3.0, 4.0]], np.float32))  # returns the block's Σ‖z‖²
+30.0
+>>> s.rows, s.mean.tolist(), s.m2.tolist()
+(2, [2.0, 3.0], [2.0, 2.0])
 """
 
 from __future__ import annotations

@@ -374,12 +374,13 @@ class Stats:
     def _panels(self, b: np.ndarray, x: np.ndarray, z: np.ndarray, off: int) -> None:
         """``b += (xᵀz)[:, off:off + ncols]``, one float32 GEMM per panel of ``PANEL`` columns of ``z``."""
         ncols = b.shape[1]
-        for j0 in range(0, z.shape[1], PANEL):
-            j1 = min(z.shape[1], j0 + PANEL)
-            lo, hi = max(j0, off), min(j1, off + ncols)
-            if hi > lo:
-                out = np.matmul(x.T, z[:, j0:j1], out=_reuse(self._bufs, "p", (x.shape[1], j1 - j0)))
-                b[:, lo - off:hi - off] += out[:, lo - j0:hi - j0]
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is found at the task's end
+            for j0 in range(0, z.shape[1], PANEL):
+                j1 = min(z.shape[1], j0 + PANEL)
+                lo, hi = max(j0, off), min(j1, off + ncols)
+                if hi > lo:
+                    out = np.matmul(x.T, z[:, j0:j1], out=_reuse(self._bufs, "p", (x.shape[1], j1 - j0)))
+                    b[:, lo - off:hi - off] += out[:, lo - j0:hi - j0]
 
     def finite(self) -> bool:
         """Whether every accumulated value is finite."""

@@ -369,6 +369,16 @@ def test_nan_is_reported_with_its_row_block(tmp_path):
         fit(z_inf, tmp_path / "b", workers=4, block_rows=128)
 
 
+def test_float32_overflow_is_a_clear_error(tmp_path):
+    """Finite rows whose float32 products overflow are not mistaken for NaN/Inf rows; float64 fits them."""
+    x = (np.random.default_rng(1).standard_normal((600, 5)) * 1e19).astype(np.float32)
+    store, _, _ = make_pairs(tmp_path / "p", x=x, d_out=3)
+    with pytest.raises(FitError, match="overflow.*--precision float64"):
+        fit(store, tmp_path / "a", workers=4, block_rows=128)
+    a = fit(store, tmp_path / "b", workers=4, block_rows=128, precision="float64")
+    assert all(np.isfinite(a.dense(p)).all() for p in range(3))
+
+
 def test_mismatched_row_counts(tmp_path):
     store, _, _ = make_pairs(tmp_path / "p", rows=300)
     store.z.resize((200, N))  # a hand-damaged store: z shorter than the committed rows

@@ -32,7 +32,10 @@ computes it — and ``B = XᵀZ``, which holds ``N/M`` times more products, is f
 the speed. A GEMM's last bits depend on an output's place in it, so ``B``'s GEMMs always cover the
 same fixed panels of ``PANEL`` output columns (a column group narrower than a panel reads and
 multiplies its whole panel; the solves work on the same panels): the bits do not depend on how
-the columns are grouped, spilled or not. float32 rounding (~1e-7 relative) is harmless except
+the columns are grouped, spilled or not. Each panel (and ``G``) is one GEMM on one BLAS thread,
+the panels spread over the cores by a pool, so the bits do not depend on the scheduler either
+(how BLAS splits a GEMM over its threads changes them, and ``dask.distributed`` workers run BLAS
+on one thread). float32 rounding (~1e-7 relative) is harmless except
 along directions in which ``X`` has (almost) no variance — zero, duplicate or dependent input
 columns — where the exact ``B`` is zero, the float32 one is noise, and the ridge would amplify it
 by ``1/λ``. The solve drops those directions: eigenvalues of ``G`` at or below
@@ -62,6 +65,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -324,6 +328,43 @@ def _reuse(buffers: dict, name: str, shape: tuple[int, ...], dtype=np.float32) -
     return buf[:need].reshape(shape)
 
 
+_BLAS_LOCK = threading.Lock()  # guards the one-BLAS-thread state below
+_BLAS_STATE: dict = {"users": 0, "limiter": None, "pool": None}
+_LOCAL = threading.local()  # per-thread product buffers of the panel jobs
+
+
+@contextmanager
+def _one_blas_thread() -> Iterator[ThreadPoolExecutor]:
+    """While any task of a pass with panel products runs in this process, BLAS uses one thread and
+    the products are spread over the cores by a shared pool instead: which thread computes a
+    panel then no longer changes its bits (a GEMM's last bits depend on how BLAS splits it over
+    its threads, and dask.distributed's worker processes run BLAS single-threaded)."""
+    with _BLAS_LOCK:
+        if _BLAS_STATE["users"] == 0:
+            from threadpoolctl import threadpool_limits
+
+            _BLAS_STATE["limiter"] = threadpool_limits(1, user_api="blas")
+            if _BLAS_STATE["pool"] is None:
+                _BLAS_STATE["pool"] = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="prismoe-gemm")
+        _BLAS_STATE["users"] += 1
+        pool = _BLAS_STATE["pool"]
+    try:
+        yield pool
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_STATE["users"] -= 1
+            if _BLAS_STATE["users"] == 0:
+                _BLAS_STATE["limiter"].restore_original_limits()
+                _BLAS_STATE["limiter"] = None
+
+
+def _local_buffer(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    bufs = getattr(_LOCAL, "bufs", None)
+    if bufs is None:
+        bufs = _LOCAL.bufs = {}
+    return _reuse(bufs, name, shape, dtype)
+
+
 class Stats:
     """One stripe's accumulator for one column group: per row set (SUB, REST) and slicing, G and B
     (``cholesky``) or R and QᵀZ (``qr``), all float64."""
@@ -354,6 +395,22 @@ class Stats:
         elif p.precision == "mixed" and self.g is not None:
             xg = _reuse(self._bufs, "x64", x.shape, np.float64)
             xg[...] = x
+        if p.solver == "cholesky" and x.dtype == np.float32:  # panel products, one BLAS thread each
+            jobs = []
+            lo = 0
+            for s in (SUB, REST):
+                hi = lo + int(counts[s])
+                if hi > lo:
+                    if self.g is not None:
+                        jobs.append((self._gram, self.g[s][0], xg[lo:hi]))
+                    jobs += [(self._panel, self.b[s][0], x[lo:hi], z[lo:hi], j0, off)
+                             for j0 in range(0, z.shape[1], PANEL)
+                             if max(j0, off) < min(z.shape[1], j0 + PANEL, off + ncols)]
+                lo = hi
+            with _one_blas_thread() as pool:
+                for f in [pool.submit(job[0], *job[1:]) for job in jobs]:
+                    f.result()
+            return
         lo = 0
         for s in (SUB, REST):
             hi = lo + int(counts[s])
@@ -364,23 +421,25 @@ class Stats:
                     if self.g is not None:  # numpy computes xᵀx with syrk (the symmetric half)
                         g_out = _reuse(self._bufs, "g", self.g[s][0].shape, xg.dtype)
                         self.g[s][0] += np.matmul(xg[lo:hi].T, xg[lo:hi], out=g_out)
-                    if x.dtype == np.float64:
-                        b_out = _reuse(self._bufs, "p", self.b[s][0].shape, np.float64)
-                        self.b[s][0] += np.matmul(x[lo:hi].T, z[lo:hi], out=b_out)
-                    else:
-                        self._panels(self.b[s][0], x[lo:hi], z[lo:hi], off)
+                    b_out = _reuse(self._bufs, "p", self.b[s][0].shape, np.float64)
+                    self.b[s][0] += np.matmul(x[lo:hi].T, z[lo:hi], out=b_out)
             lo = hi
 
-    def _panels(self, b: np.ndarray, x: np.ndarray, z: np.ndarray, off: int) -> None:
-        """``b += (xᵀz)[:, off:off + ncols]``, one float32 GEMM per panel of ``PANEL`` columns of ``z``."""
-        ncols = b.shape[1]
+    @staticmethod
+    def _gram(g: np.ndarray, x: np.ndarray) -> None:
+        """``g += xᵀx`` (numpy computes it with syrk, the symmetric half)."""
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is found at the task's end
-            for j0 in range(0, z.shape[1], PANEL):
-                j1 = min(z.shape[1], j0 + PANEL)
-                lo, hi = max(j0, off), min(j1, off + ncols)
-                if hi > lo:
-                    out = np.matmul(x.T, z[:, j0:j1], out=_reuse(self._bufs, "p", (x.shape[1], j1 - j0)))
-                    b[:, lo - off:hi - off] += out[:, lo - j0:hi - j0]
+            g += np.matmul(x.T, x, out=_local_buffer("g", g.shape, x.dtype))
+
+    @staticmethod
+    def _panel(b: np.ndarray, x: np.ndarray, z: np.ndarray, j0: int, off: int) -> None:
+        """``b += (xᵀz)[:, off:off + ncols]`` on the panel of ``z``'s columns ``j0:j0 + PANEL``: one
+        float32 GEMM of the whole panel, whatever part of it the group holds."""
+        j1 = min(z.shape[1], j0 + PANEL)
+        lo, hi = max(j0, off), min(j1, off + b.shape[1])
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.matmul(x.T, z[:, j0:j1], out=_local_buffer("p", (x.shape[1], j1 - j0), np.float32))
+            b[:, lo - off:hi - off] += out[:, lo - j0:hi - j0]
 
     def finite(self) -> bool:
         """Whether every accumulated value is finite."""
@@ -518,9 +577,10 @@ class Runner:
 
 def make_runner(scheduler, tasks: int | None) -> Runner:
     """The runner for ``scheduler``; its ``threads`` is the default stripe count. In one process
-    the products already use every core (BLAS threads) and each stripe reads its next block in a
-    thread of its own, so more stripes only add reading threads: one per two cores, at most 4
-    (measured on 2 cores: one stripe's pass runs at 0.62 of the matmul rate, two stripes' at 0.48)."""
+    the products already use every core (BLAS threads, or the panel pool) and each stripe reads
+    its next block in a thread of its own, so more stripes only add reading threads: one per two
+    cores, at most 4 (measured on 2 cores: one stripe's pass runs at 0.62 of the matmul rate, two
+    stripes' at 0.48)."""
     local = max(1, min(4, (os.cpu_count() or 1) // 2))
     if scheduler is None or scheduler == "threads":
         threads = tasks or local

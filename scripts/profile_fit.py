@@ -19,20 +19,19 @@ import time
 
 T0 = time.perf_counter()
 
-import json  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
+import json
+import os
+import sys
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-import cli.main as climain  # noqa: E402
+import cli.main as climain
 
 T_CLI = time.perf_counter() - T0
-import prismoe_store.adapter as adapter_mod  # noqa: E402
-import prismoe_store.fit as fit_mod  # noqa: E402
-import prismoe_store.fit_pass as pass_mod  # noqa: E402
-import prismoe_store.pairs as pairs_mod  # noqa: E402
+import prismoe_store.fit as fit_mod
+import prismoe_store.fit_pass as pass_mod
+import prismoe_store.pairs as pairs_mod
 
 T_IMPORTS = time.perf_counter() - T0
 SECONDS: dict[str, float] = {}

@@ -56,8 +56,8 @@ def _spec(kw: dict) -> CollectSpec:
 @_spec_options
 @click.option("-o", "--out", required=True, metavar="PAIRS", help="Pairs store to create or resume.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming it.")
-@click.option("--compressor", type=click.Choice(["zstd", "blosc", "none"]), default="zstd", show_default=True,
-              help="Chunk codec of a new store (logits compress little: none writes fastest).")
+@click.option("--compressor", type=click.Choice(["zstd", "blosc", "none"]), default="none", show_default=True,
+              help="Chunk codec of a new store (activations compress little: none writes and decodes fastest).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @quiet_option
 def collect_cmd(upper, lower, texts, out, overwrite, compressor, as_json, quiet, **kw):

@@ -33,15 +33,16 @@ def _alphas(value: str | None):
 @click.option("--alphas", default=None, help="Pipe weights α1,α2,α3 summing to 1 (default: equal).")
 @click.option("--solver", type=click.Choice(["cholesky", "qr"]), default="cholesky", show_default=True,
               help="cholesky: normal equations; qr: streaming TSQR for ill-conditioned inputs.")
-@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float64", show_default=True,
-              help="Dtype of each row block's products (always summed in float64); float32 is faster, "
-                   "for well-conditioned inputs only.")
+@click.option("--precision", type=click.Choice(["mixed", "float64", "float32"]), default="mixed", show_default=True,
+              help="Products of each row block (always summed in float64): mixed: XᵀX in float64, XᵀZ in "
+                   "float32 (float32 speed; rounding dropped where X lacks variance); float64: float64-accurate "
+                   "whatever the BLAS kernel, half the speed; float32: for well-conditioned inputs only.")
 @click.option("--scheduler", default="threads", show_default=True,
               help="threads, processes, synchronous, or a dask.distributed address (tcp://HOST:PORT).")
 @click.option("--tasks", type=int, default=None, help="Row stripes accumulated in parallel (default: threads).")
 @click.option("--memory-mb", type=int, default=None,
               help="RAM budget for statistics and row blocks in MiB (default: 1/4 of physical memory).")
-@click.option("--block-rows", type=int, default=None, help="Rows per product block (default: 4096).")
+@click.option("--block-rows", type=int, default=None, help="Rows per product block (default: 8192).")
 @click.option("--keep-statistics", is_flag=True, help="Keep the G/B scratch in the adapter.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing adapter.")
@@ -87,30 +88,37 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
 
 
 @click.command("fit")
-@click.option("--rows", default="16384,65536", show_default=True,
-              help="Comma-separated row counts; peak RSS is measured at each, the rates at the largest.")
-@click.option("--d-in", type=int, default=2048, show_default=True, help="Input width of the synthetic pairs.")
+@click.option("--rows", default="32768,65536", show_default=True,
+              help="Comma-separated row counts; peak RSS and the rates are measured at each.")
+@click.option("--d-in", type=int, default=1024, show_default=True, help="Input width of the synthetic pairs.")
 @click.option("--d-out", type=int, default=8192, show_default=True, help="Output width of the synthetic pairs.")
 @click.option("--workers", type=int, default=64, show_default=True,
               help="Tiles per pipe (64 keeps 1 MiB tiles at the default size, like the 4096→128256 preset's 4 MiB).")
+@click.option("--repeats", type=int, default=1, show_default=True,
+              help="Runs per row count, interleaved across row counts (the best is reported too).")
+@click.option("--precision", type=click.Choice(["mixed", "float64", "float32"]), default="mixed", show_default=True,
+              help="The fit's --precision.")
 @click.option("--memory-mb", type=int, default=None, help="The fit's memory budget in MiB (default: the fit's).")
-@click.option("--compressor", type=click.Choice(["zstd", "blosc", "none"]), default="zstd", show_default=True,
-              help="Codec of the synthetic pairs store.")
+@click.option("--compressor", type=click.Choice(["zstd", "blosc", "none"]), default=None,
+              help="Codec of the synthetic pairs store (default: the pairs store default, none).")
+@click.option("--lstsq", is_flag=True, help="Also time dask.array.linalg.lstsq on the largest pairs.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where to write the synthetic pairs (default: a temporary folder, removed after).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @quiet_option
-def bench_fit_cmd(rows, d_in, d_out, workers, memory_mb, compressor, workdir, as_json, quiet):
-    """Fit speed as a ratio to this machine's float32 matmul rate and to dask.array.linalg.lstsq,
-    and peak RSS at several row counts (all measured in this run)."""
+def bench_fit_cmd(rows, d_in, d_out, workers, repeats, precision, memory_mb, compressor, lstsq, workdir, as_json,
+                  quiet):
+    """The whole `prismoe fit` command's FLOP rate as a ratio to this machine's float32 matmul rate,
+    and its peak RSS, at several row counts (all measured in this run)."""
     from prismoe_store.fit_bench import benchmark_fit, format_report
 
     try:
         counts = tuple(int(r) for r in rows.split(","))
     except ValueError:
         raise click.BadParameter(f"--rows: expected comma-separated integers, got {rows!r}") from None
-    report = benchmark_fit(rows=counts, d_in=d_in, d_out=d_out, workers=workers,
-                           memory_budget=memory_mb << 20 if memory_mb else None, compressor=compressor, workdir=workdir,
+    report = benchmark_fit(rows=counts, d_in=d_in, d_out=d_out, workers=workers, repeats=repeats,
+                           precision=precision, memory_budget=memory_mb << 20 if memory_mb else None,
+                           compressor=compressor, lstsq=lstsq, workdir=workdir,
                            log=None if (quiet or as_json) else lambda s: click.echo(s, err=True))
     if as_json:
         echo_json(report)

@@ -31,8 +31,8 @@ from prismoe_store.synth import KINDS, SynthSpec, synthesize, truth_summary
               help="gated: tiles per pipe of the grids the target's blocks align with (a power of 2).")
 @click.option("--rows-per-chunk", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Rows per chunk of the store; memory holds about one chunk.")
-@click.option("--compressor", type=click.Choice(["none", "zstd", "blosc"]), default="zstd", show_default=True,
-              help="Chunk compressor (every chunk also carries a crc32c checksum).")
+@click.option("--compressor", type=click.Choice(["none", "zstd", "blosc"]), default="none", show_default=True,
+              help="Chunk compressor (every chunk also carries a crc32c checksum); none decodes fastest for fits.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming/extending it.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @quiet_option

@@ -44,7 +44,7 @@ import zarr
 from .adapter import MODES, AdapterStore
 from .errors import DataError, FitError, GridError, StoreError, StoreFormatError
 from .fit_metrics import metrics_link
-from .fit_pass import (HOLD, REST, SCRATCH, SUB, SUBSAMPLE_SEED_OFFSET, TICKERS, TICKERS_LOCK, Pass, Plan, Runner,
+from .fit_pass import (HOLD, PANEL, REST, SCRATCH, SUB, SUBSAMPLE_SEED_OFFSET, TICKERS, TICKERS_LOCK, Pass, Plan, Runner,
                        categories, col_groups, input_slices, link_blocks, location, make_plan, make_runner,
                        plan_block_rows, stats_link)
 from .grid import GridSpec, is_pow2, plan_pipes
@@ -53,10 +53,11 @@ from .solve import Factor, default_ridge, factor_normal, factor_qr
 from .stores import StoreOptions, create_chunked, reading
 
 SOLVERS = ("cholesky", "qr")
-PRECISIONS = ("float32", "float64")
+PRECISIONS = ("mixed", "float64", "float32")
 SCHEDULERS = ("threads", "processes", "synchronous")
 STAT_SETS = ("train", "sub")  # statistics kept per fit: all training rows, and pipe 2's rows
 PIPE_SETS = ("train", "sub", "train")  # which statistics pipe p fits on
+_F32_FLOOR = 2.0 ** -48  # float32 unit roundoff squared: with the block rows, B's noise floor in G's units
 _SCRATCH_CHUNK_BYTES = 32 << 20  # target size of a chunk of the scratch B
 ProgressFn = Callable[[int, int], None]
 
@@ -78,11 +79,11 @@ class FitConfig:
     seed: int = 0  # seeds the held-out split and pipe 2's subsample
     alphas: tuple[float, ...] | None = None  # pipe weights α (non-negative, sum 1); None: equal
     solver: str = "cholesky"  # "cholesky" (normal equations) or "qr" (streaming TSQR, ill-conditioned X)
-    precision: str = "float64"  # dtype of each block's products; always summed across blocks in float64
-    #   ("float32": faster, for well-conditioned X only; see fit_pass "Numerics")
+    precision: str = "mixed"  # products of each block: "mixed" (G float64, B float32), "float64" or
+    #   "float32" (all); always summed across blocks in float64 (see fit_pass "Numerics")
     # -- speed and memory only --
     memory_budget: int | None = None  # bytes for accumulators and row blocks; None: 1/4 of physical RAM
-    block_rows: int | None = None  # rows per product block; None: 4096 rounded up to the store's row chunks
+    block_rows: int | None = None  # rows per product block; None: 8192 rounded up to the store's row chunks
     tasks: int | None = None  # row stripes accumulated in parallel; None: cores/2 (≤ 4) locally, a cluster's threads
     keep_statistics: bool = False  # keep the ``_fit`` scratch (G, B, held-out rows) after the fit
 
@@ -133,7 +134,7 @@ class FitConfig:
 def fit(pairs: PairsStore | str, adapter_url, *, mode: str = "joint", workers: int = 512,
         grids: Sequence[GridSpec] | None = None, ridge: float | None = None, holdout: float = 0.1,
         subsample: float = 0.6, seed: int = 0, alphas: Sequence[float] | None = None,
-        solver: str = "cholesky", precision: str = "float64", memory_budget: int | None = None,
+        solver: str = "cholesky", precision: str = "mixed", memory_budget: int | None = None,
         block_rows: int | None = None, tasks: int | None = None, keep_statistics: bool = False,
         scheduler=None, options: StoreOptions | None = None, progress: ProgressFn | None = None,
         overwrite: bool = False) -> AdapterStore:
@@ -355,6 +356,9 @@ class _Fit:
                 s, e = acc.bad
                 raise DataError(f"rows {s}..{e} of {self.pairs.url} hold NaN or Inf (first bad row block): "
                                 "clean the pairs (prismoe collect --on-nonfinite) and re-run")
+            if acc.overflow:
+                raise FitError(f"the float32 products of {self.pairs.url} overflow (values near 1e19 or larger): "
+                               "fit with precision float64 (--precision float64)")
             sets = acc.sets(p)
             for name, (gs, bs) in sets.items():
                 for k, w in enumerate(p.slicings):
@@ -396,9 +400,15 @@ class _Fit:
                     key = (set_name, width)
                     if key not in factors:
                         factors[key] = self._factors(stats, set_name, width, lams[set_name])
-                    rhs = stats.b(set_name, width if cfg.solver == "qr" else 0, o0, o1)
+                    # solved in whole panels of fixed columns: a column's bits do not depend on the runs
+                    p0, p1 = o0 // PANEL * PANEL, min(n, -(-o1 // PANEL) * PANEL)
+                    rhs = stats.b(set_name, width if cfg.solver == "qr" else 0, p0, p1)
                     for (c0, c1), f in zip(input_slices(m, width), factors[key]):
-                        block[: o1 - o0, c0:c1] = f.solve(rhs[c0:c1]).T
+                        for q0 in range(p0, p1, PANEL):
+                            q1 = min(p1, q0 + PANEL)
+                            lo, hi = max(o0, q0), min(o1, q1)
+                            sol = f.solve(rhs[c0:c1, q0 - p0:q1 - p0])
+                            block[lo - o0:hi - o0, c0:c1] = sol[:, lo - q0:hi - q0].T
                 tiles[r0 * a:r1 * a, :] = block
                 record.mark_many(range(r0, r1))
                 self._tick(r1 - r0)
@@ -416,8 +426,13 @@ class _Fit:
         out = []
         for c0, c1 in input_slices(m, width):
             block = g[c0:c1, c0:c1]
+            # mixed: B's float32 rounding is dropped where X has (almost) no variance, see fit_pass "Numerics"
+            floor = _F32_FLOOR * self._plan.block_rows * float(np.trace(block)) / max(1, c1 - c0)
             try:
-                f = factor_normal(block, lam) if cfg.solver == "cholesky" else factor_qr(block, lam)
+                if cfg.solver == "qr":
+                    f = factor_qr(block, lam)
+                else:
+                    f = factor_normal(block, lam, floor=floor if cfg.precision == "mixed" else 0.0)
             except ValueError as e:
                 raise FitError(f"cannot factor the {set_name} statistics: {e}") from None
             if f.warning:
@@ -442,6 +457,7 @@ class _Fit:
             acc = results[0]
             for other in results[1:]:
                 acc.merge(other)
+            acc.finish()
             if total is None:
                 total = acc
             else:  # column groups are disjoint: sums add, row count is the same

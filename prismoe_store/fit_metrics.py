@@ -9,12 +9,15 @@ adapter's ``metrics`` attribute (the example in :mod:`prismoe_store.fit` checks 
 
 >>> import numpy as np
 >>> s = Scores(3, 2)
->>> s.add_z(np.array([[1.0, 2.0], [3.0, 4.0]], np.float32))
->>> s.rows, s.mean.tolist(), s.m2.tolist(), s.sz2
-(2, [2.0, 3.0], [2.0, 2.0], 30.0)
+>>> s.add_z(np.array([[1.0, 2.0], [3.0, 4.0]], np.float32))  # returns the block's Σ‖z‖²
+30.0
+>>> s.rows, s.mean.tolist(), s.m2.tolist()
+(2, [2.0, 3.0], [2.0, 2.0])
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -28,18 +31,28 @@ class Scores:
 
     def __init__(self, n_pipes: int, ncols: int):
         self.rows = 0  # held-out rows seen
-        self.sse = np.zeros(n_pipes + 1)  # Σ‖y_p − z‖² per pipe, then the α-combination
-        self.sz2 = 0.0  # Σ‖z‖²
+        self.sse = np.zeros(n_pipes + 1)  # Σ‖y_p − z‖² per pipe, then the α-combination (set by finish)
+        self.sz2 = 0.0  # Σ‖z‖² (set by finish)
+        self.parts: list[np.ndarray] = []  # per block: its sse per pipe, the combination's, its Σ‖z‖²
         self.mean = np.zeros(ncols)  # per-output mean of z (Chan's parallel update)
         self.m2 = np.zeros(ncols)  # per-output Σ(z − mean)²
 
-    def add_z(self, z: np.ndarray) -> None:
+    def add_z(self, z: np.ndarray) -> float:
+        """Merge a block's per-output moments; returns its Σ‖z‖²."""
         n = z.shape[0]
         zd = z.astype(np.float64)
         mean = zd.mean(0)
         m2 = ((zd - mean) ** 2).sum(0)
         self._merge_moments(n, mean, m2)
-        self.sz2 += float(np.einsum("ij,ij->", zd, zd))
+        return float(np.einsum("ij,ij->", zd, zd))
+
+    def finish(self) -> Scores:
+        """Sum the blocks' parts exactly (``math.fsum``), so the totals do not depend on the stripes."""
+        if self.parts:
+            cols = np.array(self.parts).T
+            self.sse = np.array([math.fsum(c) for c in cols[:-1]])
+            self.sz2 = math.fsum(cols[-1])
+        return self
 
     def _merge_moments(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
         tot = self.rows + n
@@ -51,8 +64,7 @@ class Scores:
         self.rows = tot
 
     def merge(self, other: "Scores") -> "Scores":
-        self.sse += other.sse
-        self.sz2 += other.sz2
+        self.parts += other.parts
         self._merge_moments(other.rows, other.mean, other.m2)
         return self
 
@@ -79,12 +91,14 @@ def metrics_link(p: Pass, counts: np.ndarray, c0: int, c1: int, b0: int, b1: int
         comb = np.zeros_like(z)
         for q, src in enumerate(p.sources):
             comb += np.float32(p.alphas[q]) * ys[src]
+        part = np.zeros(len(p.sources) + 2)
         for q in distinct:
             ys[q] -= z
             sse = float(np.einsum("ij,ij->", ys[q], ys[q], dtype=np.float64))
-            acc.sse[[i for i, src in enumerate(p.sources) if src == q]] += sse
+            part[[i for i, src in enumerate(p.sources) if src == q]] = sse
         comb -= z
-        acc.sse[-1] += float(np.einsum("ij,ij->", comb, comb, dtype=np.float64))
-        acc.add_z(z)
+        part[-2] = float(np.einsum("ij,ij->", comb, comb, dtype=np.float64))
+        part[-1] = acc.add_z(z)
+        acc.parts.append(part)
     return acc
 

@@ -25,18 +25,33 @@ read-modify-writing all of the scratch ``B`` once per such super-block — moves
 bytes for the same budget, half of them writes: ``B`` is float64 and must be both read and
 written, while ``X``, the narrow side (``M ≪ N``), is only read.)
 
-**Numerics.** The products of each block are float64 GEMMs (``precision="float64"``, the
-default) of the float32 pairs, summed across blocks in float64. A product of two float32 values
-is exact in float64, so the statistics are float64-accurate whatever BLAS kernel computes them
-(and, as GEMM kernels sum every output over the rows in the same order, in practice the same
-bits whichever column group a column of ``B`` falls in). ``precision="float32"`` makes them
-float32 GEMMs (about twice the speed) and is for well-conditioned ``X`` only: their ~1e-7
-rounding depends on the CPU's BLAS kernel and on a value's place in the product (equal columns
-of ``X`` get different rows of ``B``), which puts noise in the directions where ``X`` has no
-variance, and the ridge amplifies it by ``1/λ``: with duplicate or dependent input columns the
-solution is then far from the minimum-norm one. ``solver="qr"``
-(for ill-conditioned ``X``) replaces the normal equations by a streaming TSQR of ``[X | Z]``
-that keeps only ``R`` and ``QᵀZ`` (:mod:`prismoe_store.solve`), so the condition number is not
+**Numerics.** The products of each block are summed across blocks in float64. With
+``precision="mixed"`` (the default) ``G = XᵀX`` is a float64 GEMM of the float32 pairs — a product
+of two float32 values is exact in float64, so ``G`` is float64-accurate whatever BLAS kernel
+computes it — and ``B = XᵀZ``, which holds ``N/M`` times more products, is float32 GEMMs at twice
+the speed. A GEMM's last bits depend on an output's place in it, so ``B``'s GEMMs always cover the
+same fixed panels of ``PANEL`` output columns (a column group narrower than a panel reads and
+multiplies its whole panel; the solves work on the same panels): the bits do not depend on how
+the columns are grouped, spilled or not. Each panel (and ``G``) is one GEMM on one BLAS thread,
+the panels spread over the cores by a pool, so the bits do not depend on the scheduler either
+(how BLAS splits a GEMM over its threads changes them, and ``dask.distributed`` workers run BLAS
+on one thread). float32 rounding (~1e-7 relative) is harmless except
+along directions in which ``X`` has (almost) no variance — zero, duplicate or dependent input
+columns — where the exact ``B`` is zero, the float32 one is noise, and the ridge would amplify it
+by ``1/λ``. The solve drops those directions: eigenvalues of ``G`` at or below
+``u²·block_rows·trace(G)/M`` (``u = 2⁻²⁴``), the level below which a float32 product's rounding
+exceeds anything ``X`` can put into ``B`` (``floor`` of :func:`prismoe_store.solve.factor_normal`;
+a Cholesky of ``G − floor·I`` says whether there are any). The tiles then agree with those of
+float64 statistics to float32 rounding (the tests hold the joint fit to ``numpy.linalg.lstsq``
+within 1e-5, rank-deficient ``X`` included), except that a weight along a direction of variance
+far below the mean (where the default ridge acts) may carry that rounding amplified; the
+predictions hardly see it. ``precision="float64"`` (float64 GEMMs for ``B`` too, half the speed)
+has none of it. ``precision="float32"`` makes ``G``
+float32 as well, and is for well-conditioned ``X`` only: ``G``'s own rounding then hides its null
+directions, and with duplicate or dependent input columns the solution is far from the
+minimum-norm one. ``solver="qr"`` (for ill-conditioned ``X``; float64 unless ``float32``)
+replaces the normal equations by a streaming TSQR of ``[X | Z]`` that keeps only ``R`` and
+``QᵀZ`` (:mod:`prismoe_store.solve`), so the condition number is not
 squared.
 
 >>> plan = Plan(rows=10_000, block_rows=4096, tasks=2, group_cols=8, metric_cols=8, hold_cap=512)
@@ -46,9 +61,11 @@ squared.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -65,7 +82,8 @@ from .stores import reading
 if TYPE_CHECKING:  # annotations only: fit imports this module
     from .fit import FitConfig
 
-DEFAULT_BLOCK_ROWS = 4096  # rows per product block: long enough for GEMM speed, short for float32 rounding
+DEFAULT_BLOCK_ROWS = 8192  # rows per product block: long GEMMs, few float64 additions of their float32 results
+PANEL = 512  # float32 products of B: output columns per GEMM, at fixed absolute columns (see "Numerics")
 SUBSAMPLE_SEED_OFFSET = 1 << 32  # pipe 2's subsample uses row_uniform(seed + this)
 SUB, REST, HOLD = 0, 1, 2  # row sets: pipe 2's subsample, the other training rows, held out
 SCRATCH = "_fit"  # the adapter's scratch group: statistics and held-out rows of an unfinished fit
@@ -131,7 +149,7 @@ def _budget_cols(budget: int, tasks: int, fixed: int, per_col: int, n: int, alig
 
 
 def plan_block_rows(cfg: FitConfig, pairs: PairsStore, rows: int) -> int:
-    """Rows per product block: ``cfg.block_rows``, else 4096 rounded up to the store's row chunks."""
+    """Rows per product block: ``cfg.block_rows``, else 8192 rounded up to the store's row chunks."""
     rc = pairs.rows_per_chunk
     block = cfg.block_rows or max(rc, -(-DEFAULT_BLOCK_ROWS // rc) * rc)
     return min(block, max(1, rows))
@@ -143,12 +161,15 @@ def make_plan(cfg: FitConfig, pairs: PairsStore, rows: int, block: int, tasks: i
     m, n = pairs.d_in, pairs.d_out
     budget = cfg.memory_budget or _default_budget()
     align = int(pairs.z.chunks[1])
-    f64 = 8 if cfg.precision == "float64" else 0
+    f64 = 8 if cfg.precision == "float64" else 0  # float64 copies of a block's z
+    x64 = 0 if cfg.precision == "float32" else 8  # float64 copies of a block's x
+    if cfg.precision != "float64" and n > PANEL:
+        align = math.lcm(align, PANEL)  # groups of whole panels: no panel is computed twice
     if cfg.solver == "cholesky":
         # per task: 2 row sets of B (float64) and a float32 product; block buffers: one read buffer
         # and two reordered ones (the block in use and the one prefetched), plus float64 copies
         per_col = 20 * m + (12 + f64) * block
-        fixed = 20 * m * m + (12 + f64) * block * m
+        fixed = 20 * m * m + (12 + x64) * block * m
     else:
         # per task and slicing: 2 row sets of R and QᵀZ; Q of a (m+block)×m QR; stacked [QᵀZ; z]
         per_col = n_slicings * 16 * m + 16 * (m + block) + 12 * block
@@ -211,17 +232,47 @@ class _Block:
 
     start: int  # first row
     stop: int  # end row
-    x: np.ndarray | None  # [rows, M] float32 (None when the block holds NaN/Inf)
-    z: np.ndarray | None  # [rows, group columns] float32
+    x: np.ndarray | None  # [rows, M] float32 (None when the block holds NaN/Inf where it was checked)
+    z: np.ndarray | None  # [rows, z columns] float32: the group's columns, or its whole panels (see z_cols)
     counts: np.ndarray | None  # rows per set
+    off: int = 0  # the group's first column within ``z``
+
+
+def panel_products(p: Pass) -> bool:
+    """True when a pass computes ``B`` in float32 GEMMs over fixed column panels (see "Numerics")."""
+    return p.precision != "float64" and p.solver == "cholesky"
+
+
+def z_cols(p: Pass, c0: int, c1: int, n: int) -> tuple[int, int]:
+    """The columns of ``z`` a pass over the group ``c0:c1`` reads: with panel products the whole
+    panels the group touches (so every panel is one GEMM whatever the grouping), else the group.
+
+    >>> p = Pass("", None, "", None, 4, 0.1, 0, 0.6, 64, "mixed", "cholesky")
+    >>> z_cols(p, 600, 700, 1200), z_cols(p, 0, 1200, 1200)
+    ((512, 1024), (0, 1200))
+    """
+    if not panel_products(p):
+        return c0, c1
+    return c0 // PANEL * PANEL, min(n, -(-c1 // PANEL) * PANEL)
+
+
+def _finite(*arrays: np.ndarray) -> bool:
+    """Whether every value is finite (a float64 sum is finite exactly when every float32 value is)."""
+    return all(bool(np.isfinite(np.sum(a, dtype=np.float64))) for a in arrays)
 
 
 def _blocks(p: Pass, b0: int, b1: int, rows: int, c0: int, c1: int) -> Iterator[_Block]:
-    """Read, check and group the row blocks ``b0:b1`` (columns ``c0:c1`` of ``z``) in a thread, one
+    """Read and group the row blocks ``b0:b1`` (columns :func:`z_cols` of ``z``) in a thread, one
     block ahead of the caller, so reading, decoding and reordering overlap the caller's products.
-    All block-sized arrays are allocated once: one read buffer and two alternating output sets."""
+    All block-sized arrays are allocated once: one read buffer and two alternating output sets.
+
+    Only held-out rows are checked for NaN/Inf here (the ``qr`` path checks every row): the
+    statistics of the training rows are checked once per task (:func:`stats_link`), as any
+    NaN/Inf in a row reaches them (``0·inf`` is NaN)."""
     store = PairsStore.open(p.pairs_url, storage_options=p.pairs_options)
     xa, za = store.x, store.z
+    zc0, zc1 = z_cols(p, c0, c1, za.shape[1])
+    off = c0 - zc0
     read_buf: dict = {}
     work: list[dict] = [{}, {}]
 
@@ -229,16 +280,19 @@ def _blocks(p: Pass, b0: int, b1: int, rows: int, c0: int, c1: int) -> Iterator[
         s, e = b * p.block_rows, min(rows, (b + 1) * p.block_rows)
         with reading(f"rows {s}..{e} of {p.pairs_url}"):
             x = _read_into(xa, (slice(s, e), slice(None)), _reuse(read_buf, "x", (e - s, xa.shape[1])))
-            z = _read_into(za, (slice(s, e), slice(c0, c1)), _reuse(read_buf, "z", (e - s, c1 - c0)))
-        # a float64 sum is finite exactly when every value is (finite float32 sums cannot overflow it)
-        if not (np.isfinite(np.sum(x, dtype=np.float64)) and np.isfinite(np.sum(z, dtype=np.float64))):
+            z = _read_into(za, (slice(s, e), slice(zc0, zc1)), _reuse(read_buf, "z", (e - s, zc1 - zc0)))
+        if p.solver == "qr" and not _finite(x, z[:, off:off + c1 - c0]):
             return _Block(s, e, None, None, None)
         cat = categories(p, s, e)
+        counts = np.bincount(cat, minlength=3)
         order = np.argsort(cat, kind="stable")  # group the rows by set, keeping their order within a set
         buf = work[b % 2]
         x = np.take(x, order, axis=0, out=_reuse(buf, "x", x.shape), mode="clip")
         z = np.take(z, order, axis=0, out=_reuse(buf, "z", z.shape), mode="clip")
-        return _Block(s, e, x, z, np.bincount(cat, minlength=3))
+        t = len(order) - int(counts[HOLD])  # held-out rows come last
+        if not _finite(x[t:], z[t:, off:off + c1 - c0]):
+            return _Block(s, e, None, None, None)
+        return _Block(s, e, x, z, counts, off)
 
     with ThreadPoolExecutor(1) as pool:
         nxt = pool.submit(prepare, b0) if b0 < b1 else None
@@ -246,6 +300,17 @@ def _blocks(p: Pass, b0: int, b1: int, rows: int, c0: int, c1: int) -> Iterator[
             cur = nxt.result()
             nxt = pool.submit(prepare, b + 1) if b + 1 < b1 else None
             yield cur
+
+
+def _first_bad_block(p: Pass, b0: int, b1: int, rows: int, c0: int, c1: int) -> tuple[int, int] | None:
+    """The first of the row blocks ``b0:b1`` holding NaN/Inf in ``x`` or in columns ``c0:c1`` of ``z``."""
+    store = PairsStore.open(p.pairs_url, storage_options=p.pairs_options)
+    for b in range(b0, b1):
+        s, e = b * p.block_rows, min(rows, (b + 1) * p.block_rows)
+        with reading(f"rows {s}..{e} of {p.pairs_url}"):
+            if not _finite(store.x[s:e], store.z[s:e, c0:c1]):
+                return s, e
+    return None
 
 
 def _read_into(array: zarr.Array, selection: tuple, out: np.ndarray) -> np.ndarray:
@@ -263,6 +328,43 @@ def _reuse(buffers: dict, name: str, shape: tuple[int, ...], dtype=np.float32) -
     return buf[:need].reshape(shape)
 
 
+_BLAS_LOCK = threading.Lock()  # guards the one-BLAS-thread state below
+_BLAS_STATE: dict = {"users": 0, "limiter": None, "pool": None}
+_LOCAL = threading.local()  # per-thread product buffers of the panel jobs
+
+
+@contextmanager
+def _one_blas_thread() -> Iterator[ThreadPoolExecutor]:
+    """While any task of a pass with panel products runs in this process, BLAS uses one thread and
+    the products are spread over the cores by a shared pool instead: which thread computes a
+    panel then no longer changes its bits (a GEMM's last bits depend on how BLAS splits it over
+    its threads, and dask.distributed's worker processes run BLAS single-threaded)."""
+    with _BLAS_LOCK:
+        if _BLAS_STATE["users"] == 0:
+            from threadpoolctl import threadpool_limits
+
+            _BLAS_STATE["limiter"] = threadpool_limits(1, user_api="blas")
+            if _BLAS_STATE["pool"] is None:
+                _BLAS_STATE["pool"] = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="prismoe-gemm")
+        _BLAS_STATE["users"] += 1
+        pool = _BLAS_STATE["pool"]
+    try:
+        yield pool
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_STATE["users"] -= 1
+            if _BLAS_STATE["users"] == 0:
+                _BLAS_STATE["limiter"].restore_original_limits()
+                _BLAS_STATE["limiter"] = None
+
+
+def _local_buffer(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    bufs = getattr(_LOCAL, "bufs", None)
+    if bufs is None:
+        bufs = _LOCAL.bufs = {}
+    return _reuse(bufs, name, shape, dtype)
+
+
 class Stats:
     """One stripe's accumulator for one column group: per row set (SUB, REST) and slicing, G and B
     (``cholesky``) or R and QᵀZ (``qr``), all float64."""
@@ -271,31 +373,77 @@ class Stats:
         m, k = p.d_in, len(p.slicings)
         self.counts = np.zeros(3, np.int64)  # rows seen per set (SUB, REST, HOLD)
         self.bad: tuple[int, int] | None = None  # first row block holding NaN/Inf
+        self.overflow = False  # float32 products overflowed on finite rows
         self.g = [[np.zeros((m, m)) for _ in range(k)] for _ in (SUB, REST)] if with_g else None
         self.b = [[np.zeros((m, ncols)) for _ in range(k)] for _ in (SUB, REST)]
         self._bufs: dict[str, np.ndarray] = {}  # work arrays reused across blocks (not pickled)
 
-    def add(self, p: Pass, x: np.ndarray, z: np.ndarray, counts: np.ndarray) -> None:
-        """Add a block whose rows are grouped by set (see :class:`_Block`)."""
+    def add(self, p: Pass, x: np.ndarray, z: np.ndarray, counts: np.ndarray, off: int = 0) -> None:
+        """Add a block whose rows are grouped by set (see :class:`_Block`); the group's columns
+        are ``z[:, off:off + ncols]`` (with panel products ``z`` holds their whole panels)."""
         self.counts += counts
-        if p.precision == "float64":
-            x64, z64 = _reuse(self._bufs, "x64", x.shape, np.float64), _reuse(self._bufs, "z64", z.shape, np.float64)
-            x64[...], z64[...] = x, z
-            x, z = x64, z64
+        ncols = self.b[0][0].shape[1]
+        xg = x  # the rows G and the QR path see
+        if p.precision == "float64" or p.solver == "qr":
+            z = z[:, off:off + ncols]
+            if p.precision != "float32":
+                x64, z64 = _reuse(self._bufs, "x64", x.shape, np.float64), _reuse(self._bufs, "z64", z.shape, np.float64)
+                x64[...], z64[...] = x, z
+                x = xg = x64
+                z = z64
+            off = 0
+        elif p.precision == "mixed" and self.g is not None:
+            xg = _reuse(self._bufs, "x64", x.shape, np.float64)
+            xg[...] = x
+        if p.solver == "cholesky" and x.dtype == np.float32:  # panel products, one BLAS thread each
+            jobs = []
+            lo = 0
+            for s in (SUB, REST):
+                hi = lo + int(counts[s])
+                if hi > lo:
+                    if self.g is not None:
+                        jobs.append((self._gram, self.g[s][0], xg[lo:hi]))
+                    jobs += [(self._panel, self.b[s][0], x[lo:hi], z[lo:hi], j0, off)
+                             for j0 in range(0, z.shape[1], PANEL)
+                             if max(j0, off) < min(z.shape[1], j0 + PANEL, off + ncols)]
+                lo = hi
+            with _one_blas_thread() as pool:
+                for f in [pool.submit(job[0], *job[1:]) for job in jobs]:
+                    f.result()
+            return
         lo = 0
         for s in (SUB, REST):
             hi = lo + int(counts[s])
             if hi > lo:
-                xs, zs = x[lo:hi], z[lo:hi]
                 if p.solver == "qr":
-                    self._qr(p, s, xs, zs)
+                    self._qr(p, s, xg[lo:hi], z[lo:hi])
                 else:
                     if self.g is not None:  # numpy computes xᵀx with syrk (the symmetric half)
-                        g_out = _reuse(self._bufs, "g", self.g[s][0].shape, xs.dtype)
-                        self.g[s][0] += np.matmul(xs.T, xs, out=g_out)
-                    b_out = _reuse(self._bufs, "p", self.b[s][0].shape, xs.dtype)
-                    self.b[s][0] += np.matmul(xs.T, zs, out=b_out)
+                        g_out = _reuse(self._bufs, "g", self.g[s][0].shape, xg.dtype)
+                        self.g[s][0] += np.matmul(xg[lo:hi].T, xg[lo:hi], out=g_out)
+                    b_out = _reuse(self._bufs, "p", self.b[s][0].shape, np.float64)
+                    self.b[s][0] += np.matmul(x[lo:hi].T, z[lo:hi], out=b_out)
             lo = hi
+
+    @staticmethod
+    def _gram(g: np.ndarray, x: np.ndarray) -> None:
+        """``g += xᵀx`` (numpy computes it with syrk, the symmetric half)."""
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is found at the task's end
+            g += np.matmul(x.T, x, out=_local_buffer("g", g.shape, x.dtype))
+
+    @staticmethod
+    def _panel(b: np.ndarray, x: np.ndarray, z: np.ndarray, j0: int, off: int) -> None:
+        """``b += (xᵀz)[:, off:off + ncols]`` on the panel of ``z``'s columns ``j0:j0 + PANEL``: one
+        float32 GEMM of the whole panel, whatever part of it the group holds."""
+        j1 = min(z.shape[1], j0 + PANEL)
+        lo, hi = max(j0, off), min(j1, off + b.shape[1])
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.matmul(x.T, z[:, j0:j1], out=_local_buffer("p", (x.shape[1], j1 - j0), np.float32))
+            b[:, lo - off:hi - off] += out[:, lo - j0:hi - j0]
+
+    def finite(self) -> bool:
+        """Whether every accumulated value is finite."""
+        return all(bool(np.isfinite(a).all()) for sets in (self.g or [], self.b) for per in sets for a in per)
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_bufs"}
@@ -314,6 +462,7 @@ class Stats:
         self.counts += other.counts
         if other.bad is not None and (self.bad is None or other.bad < self.bad):
             self.bad = other.bad
+        self.overflow |= other.overflow
         for s in (SUB, REST):
             self._combine(p, s, other.g[s] if other.g else None, other.b[s])
         return self
@@ -339,25 +488,29 @@ class Stats:
 def stats_link(p: Pass, rows: int, c0: int, c1: int, b0: int, b1: int, with_g: bool, first_group: bool,
                acc: Stats | None) -> Stats:
     """Accumulate blocks ``b0:b1`` into ``acc`` (a new one when None); copy their held-out rows to
-    the scratch. Stops at the first block with NaN/Inf and records it."""
+    the scratch. Stops at the first block found with NaN/Inf and records it (rows that reach the
+    statistics are checked through them, at the end: see :func:`_blocks`)."""
     acc = acc if acc is not None else Stats(p, c1 - c0, with_g)
-    if acc.bad is not None:
+    if acc.bad is not None or acc.overflow:
         return acc
     hold = _hold_arrays(p) if p.holdout > 0 else None
     for blk in _blocks(p, b0, b1, rows, c0, c1):
         if blk.x is None:
             acc.bad = (blk.start, blk.stop)
             return acc
-        acc.add(p, blk.x, blk.z, blk.counts)
+        acc.add(p, blk.x, blk.z, blk.counts, blk.off)
         n_hold = int(blk.counts[HOLD])
         if hold is not None and n_hold:
             b, t = blk.start // p.block_rows, blk.x.shape[0] - n_hold  # held-out rows come last
-            hold[1][b, :n_hold, c0:c1] = blk.z[t:]
+            hold[1][b, :n_hold, c0:c1] = blk.z[t:, blk.off:blk.off + c1 - c0]
             if first_group:
                 hold[0][b, :n_hold, :] = blk.x[t:]
         tick = TICKERS.get(p.run_id)
         if tick is not None:
             tick(1)
+    if not acc.finite():  # NaN/Inf rows (found again, block by block), or an overflow of finite ones
+        acc.bad = _first_bad_block(p, b0, b1, rows, c0, c1)
+        acc.overflow = acc.bad is None
     return acc
 
 
@@ -424,9 +577,10 @@ class Runner:
 
 def make_runner(scheduler, tasks: int | None) -> Runner:
     """The runner for ``scheduler``; its ``threads`` is the default stripe count. In one process
-    the products already use every core (BLAS threads) and each stripe reads its next block in a
-    thread of its own, so more stripes only add reading threads: one per two cores, at most 4
-    (measured on 2 cores: one stripe's pass runs at 0.62 of the matmul rate, two stripes' at 0.48)."""
+    the products already use every core (BLAS threads, or the panel pool) and each stripe reads
+    its next block in a thread of its own, so more stripes only add reading threads: one per two
+    cores, at most 4 (measured on 2 cores: one stripe's pass runs at 0.62 of the matmul rate, two
+    stripes' at 0.48)."""
     local = max(1, min(4, (os.cpu_count() or 1) // 2))
     if scheduler is None or scheduler == "threads":
         threads = tasks or local

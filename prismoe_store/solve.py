@@ -13,7 +13,8 @@ turns them into solutions. Two kinds of statistics, two solvers:
   :func:`factor_qr` folds the ridge in as ``√λ I`` rows and solves ``R' W_rᵀ = Q'ᵀ (QᵀZ_r)``.
 
 Both minimize ``‖X Wᵀ − Z‖² + λ‖W‖²``, so for well-conditioned data they agree.
-All arithmetic here is float64 (torch's CPU LAPACK; SciPy is not a dependency).
+All arithmetic here is float64 (numpy's LAPACK: neither SciPy nor torch is needed, so a fit
+does not pay for importing them).
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -31,7 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 RIDGE_SCALE = 1e-6  # default λ = RIDGE_SCALE · trace(G) / M: a millionth of the mean eigenvalue of G
 _EPS = np.finfo(np.float64).eps
@@ -56,64 +56,90 @@ def default_ridge(trace: float, m: int) -> float:
 class Factor:
     """A factorization of one ridge system; :meth:`solve` applies its inverse to right-hand sides."""
 
-    kind: str  # "cholesky", "eigh" (pseudo-inverse fallback), "qr" or "qr-lstsq" (rank-deficient R fallback)
-    data: tuple  # the factors (torch float64 tensors), depending on kind
+    kind: str  # "cholesky", "eigh" (pseudo-inverse fallback, or a projected solve), "qr" or "qr-lstsq"
+    data: tuple  # the factors (float64 arrays), depending on kind
     warning: str | None = None  # set when the preferred factorization failed and a fallback was used
 
     def solve(self, b: np.ndarray) -> np.ndarray:
         """``A⁻¹ b`` for ``b`` of shape ``(m, k)`` (float64 result)."""
-        rhs = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64))
-        if self.kind == "cholesky":
-            (chol,) = self.data
-            out = torch.cholesky_solve(rhs, chol)
-        elif self.kind == "eigh":
+        rhs = np.asarray(b, dtype=np.float64)
+        if self.kind == "cholesky":  # A⁻¹ = U⁻¹U⁻ᵀ from the Cholesky factor A = UᵀU: one product per solve
+            (inv,) = self.data
+            return inv @ rhs
+        if self.kind == "eigh":
             vecs, inv = self.data
-            out = vecs @ (inv[:, None] * (vecs.T @ rhs))
-        elif self.kind == "qr":
-            r, qtop = self.data
-            rhs = rhs if qtop is None else qtop.T @ rhs
-            out = torch.linalg.solve_triangular(r, rhs, upper=True)
-        else:  # "qr-lstsq": minimum-norm solution of R' w = Q'ᵀ rhs
-            r, qtop = self.data
-            rhs = rhs if qtop is None else qtop.T @ rhs
-            out = torch.linalg.lstsq(r, rhs, driver="gelsd").solution
-        return out.numpy()
+            return vecs @ (inv[:, None] * (vecs.T @ rhs))
+        r, qtop = self.data
+        rhs = rhs if qtop is None else qtop.T @ rhs
+        if self.kind == "qr":  # LU of an upper triangular R pivots nowhere: a back substitution
+            return np.linalg.solve(r, rhs)
+        return np.linalg.lstsq(r, rhs, rcond=None)[0]  # "qr-lstsq": minimum-norm solution of R' w = Q'ᵀ rhs
 
 
-def factor_normal(g: np.ndarray, lam: float) -> Factor:
+def factor_normal(g: np.ndarray, lam: float, *, floor: float = 0.0) -> Factor:
     """Factor ``G + λI`` by Cholesky, falling back to an eigh pseudo-inverse when it fails.
 
     The Cholesky counts as failed when LAPACK reports a non-positive pivot or when the pivots
     span more than ``1/(m·ε)`` (the factor exists but solves would be noise). The fallback keeps
     eigenvalues above ``m·ε·max`` and drops the rest (a minimum-norm solution in that subspace).
 
+    ``floor > 0`` (for right-hand sides carrying float32 rounding): when ``G`` has eigenvalues
+    at or below ``floor``, the solve is ``V (Λ + λI)⁻¹ Vᵀ`` over the eigenvectors above it only,
+    so a right-hand side's components along directions ``X`` (nearly) lacks — exactly zero in
+    ``XᵀZ``, rounding noise in a float32 product — are dropped rather than amplified by ``1/λ``
+    (and :attr:`Factor.warning` says how many). Whether there are any is one Cholesky of
+    ``G − floor·I``.
+
     >>> f = factor_normal(np.zeros((3, 3)), 0.0)
     >>> f.kind, f.solve(np.ones((3, 1))).ravel().tolist()
     ('eigh', [0.0, 0.0, 0.0])
+    >>> g = np.diag([4.0, 1e-20])
+    >>> factor_normal(g, 1e-6, floor=1e-12).solve(np.array([[4.0], [1e-9]])).ravel().round(6).tolist()
+    [1.0, 0.0]
     """
     m = g.shape[0]
-    a = torch.from_numpy(np.array(g, dtype=np.float64))
-    a.diagonal().add_(float(lam))
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0 and bool(torch.isfinite(chol).all()):
-        d = chol.diagonal()
+    a = np.array(g, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError("statistics hold NaN/Inf")
+    if floor > 0 and m and _cholesky(a - floor * np.eye(m)) is None:
+        vals, vecs = np.linalg.eigh(0.5 * (a + a.T))
+        keep = vals > floor
+        inv = np.where(keep, 1.0 / np.where(keep, vals + lam, 1.0), 0.0)
+        return Factor("eigh", (vecs, inv), f"G has {int((~keep).sum())} eigenvalue(s) at or below {floor:.3g} "
+                      "(zero, duplicate or dependent input columns): used an eigh solve without those directions")
+    a[np.diag_indices(m)] += float(lam)
+    chol = _cholesky(a)
+    if chol is not None:
+        d = np.diagonal(chol)
         if float(d.min()) ** 2 > float(d.max()) ** 2 * m * _EPS:
-            return Factor("cholesky", (chol,))
+            uinv = np.linalg.inv(chol.T)  # LU of an upper triangle pivots nowhere: a triangular inverse
+            return Factor("cholesky", (uinv @ uinv.T,))
         why = f"near-singular (pivot ratio {float(d.min() / d.max()) ** 2:.1e})"
     else:
-        why = f"not positive definite (leading minor {int(info)})"
+        why = "not positive definite"
     return _eigh_factor(a, f"Cholesky of G + λI (λ={lam:.3g}) failed: {why}; used an eigh pseudo-inverse")
 
 
-def _eigh_factor(a: torch.Tensor, warning: str) -> Factor:
+def _cholesky(a: np.ndarray) -> np.ndarray | None:
+    """The lower Cholesky factor of ``a``, or None when ``a`` is not (numerically) positive definite."""
+    if not a.shape[0]:
+        return a
+    try:
+        chol = np.linalg.cholesky(a)
+    except np.linalg.LinAlgError:
+        return None
+    return chol if np.isfinite(chol).all() else None
+
+
+def _eigh_factor(a: np.ndarray, warning: str) -> Factor:
     a = 0.5 * (a + a.T)
-    if not bool(torch.isfinite(a).all()):
+    if not np.isfinite(a).all():
         raise ValueError("statistics hold NaN/Inf")
-    vals, vecs = torch.linalg.eigh(a)
+    vals, vecs = np.linalg.eigh(a)
     m = a.shape[0]
-    top = float(vals.abs().max()) if m else 0.0
+    top = float(np.abs(vals).max()) if m else 0.0
     keep = vals > top * m * _EPS
-    inv = torch.where(keep, 1.0 / torch.where(keep, vals, torch.ones_like(vals)), torch.zeros_like(vals))
+    inv = np.where(keep, 1.0 / np.where(keep, vals, 1.0), 0.0)
     return Factor("eigh", (vecs, inv), warning)
 
 
@@ -129,13 +155,13 @@ def factor_qr(r: np.ndarray, lam: float) -> Factor:
     ('qr-lstsq', [2.0, 0.0])
     """
     m = r.shape[0]
-    rt = torch.from_numpy(np.array(r, dtype=np.float64))
+    rt = np.array(r, dtype=np.float64)
     qtop = None
     if lam > 0:
-        q, rt = torch.linalg.qr(torch.cat([rt, np.sqrt(lam) * torch.eye(m, dtype=torch.float64)]))
-        qtop = q[:m].contiguous()
-    d = rt.diagonal().abs()
-    if m and bool(torch.isfinite(rt).all()) and float(d.min()) > float(d.max()) * m * _EPS:
+        q, rt = np.linalg.qr(np.concatenate([rt, np.sqrt(lam) * np.eye(m)]))
+        qtop = np.ascontiguousarray(q[:m])
+    d = np.abs(np.diagonal(rt))
+    if m and bool(np.isfinite(rt).all()) and float(d.min()) > float(d.max()) * m * _EPS:
         return Factor("qr", (rt, qtop))
     return Factor("qr-lstsq", (rt, qtop),
                   f"R of the QR path is numerically singular (λ={lam:.3g}); used a minimum-norm lstsq")

@@ -246,6 +246,20 @@ def test_threads_and_local_cluster_give_the_same_adapter(pairs, tmp_path):
     assert a.attrs()["metrics"] == b.attrs()["metrics"]
 
 
+def test_local_cluster_of_processes_gives_the_same_tiles(pairs, tmp_path):
+    """Stripes accumulated in two worker processes (the statistics travel pickled) give the tiles of threads."""
+    distributed = pytest.importorskip("distributed")
+    store, _, _ = pairs
+    a = fit(store, tmp_path / "threads", workers=WORKERS, tasks=2, block_rows=256)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, protocol="tcp",
+                                  host="127.0.0.1", dashboard_address=None) as cluster:
+        b = fit(store, tmp_path / "cluster", workers=WORKERS, block_rows=256, scheduler=cluster.scheduler_address)
+    assert b.attrs()["fit"]["plan"]["tasks"] == 2
+    for p in range(3):
+        assert np.array_equal(a.dense(p), b.dense(p))
+    assert a.attrs()["metrics"] == b.attrs()["metrics"]
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(block=st.sampled_from([128, 256, 384, 1500]), tasks=st.integers(1, 4), spill=st.booleans())
 def test_any_blocking_gives_the_same_fit(pairs, tmp_path_factory, block, tasks, spill):
@@ -355,6 +369,16 @@ def test_nan_is_reported_with_its_row_block(tmp_path):
         fit(z_inf, tmp_path / "b", workers=4, block_rows=128)
 
 
+def test_float32_overflow_is_a_clear_error(tmp_path):
+    """Finite rows whose float32 products overflow are not mistaken for NaN/Inf rows; float64 fits them."""
+    x = (np.random.default_rng(1).standard_normal((600, 5)) * 1e19).astype(np.float32)
+    store, _, _ = make_pairs(tmp_path / "p", x=x, d_out=3)
+    with pytest.raises(FitError, match="overflow.*--precision float64"):
+        fit(store, tmp_path / "a", workers=4, block_rows=128)
+    a = fit(store, tmp_path / "b", workers=4, block_rows=128, precision="float64")
+    assert all(np.isfinite(a.dense(p)).all() for p in range(3))
+
+
 def test_mismatched_row_counts(tmp_path):
     store, _, _ = make_pairs(tmp_path / "p", rows=300)
     store.z.resize((200, N))  # a hand-damaged store: z shorter than the committed rows
@@ -427,3 +451,30 @@ def test_cli_fit(pairs, tmp_path):
     assert res.exit_code == 1 and "already exists" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(main, ["fit", store.url, "-o", str(out), "--workers", str(WORKERS), "-q", "--overwrite"])
     assert res.exit_code == 0 and "R²" in res.output
+
+
+# -- the benchmark command ---------------------------------------------------------------------
+
+
+def test_benchmark_fit_runs_the_whole_command(tmp_path):
+    """`prismoe benchmark fit` runs `prismoe fit` in fresh processes; its report is self-consistent
+    (the FLOP counts of the rows the fits saw, stages within each run's wall time)."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+    from prismoe_store.fit_bench import fit_flops
+
+    res = CliRunner().invoke(main, ["benchmark", "fit", "--rows", "512,1024", "--d-in", "16", "--d-out", "32",
+                                    "--workers", "4", "--repeats", "2", "--workdir", str(tmp_path / "w"), "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output)
+    assert [x["rows"] for x in r["runs"]] == [512, 1024, 512, 1024]  # interleaved repeats
+    for run in r["runs"]:
+        assert run["plan"]["rows"] == run["rows"] and run["peak_rss_mb"] > 10
+        assert 0 < sum(v for k, v in run["stages"].items() if k != "rest") < run["fit_s"]
+        assert sum(run["counts"][k] for k in ("train", "holdout")) == run["rows"]
+        all_fl = run["fit_gflops"] * 1e9 * run["fit_s"]
+        assert all_fl == pytest.approx(fit_flops(16, 32, run["counts"])[1])
+        assert run["flop_ratio"] == pytest.approx(run["fit_gflops"] / run["matmul_gflops"])
+    assert [b["rows"] for b in r["best"]] == [512, 1024]
+    assert r["rss_ratio"] > 0 and not (tmp_path / "w" / "pairs-512").exists()

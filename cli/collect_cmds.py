@@ -54,7 +54,8 @@ def _spec(kw: dict) -> CollectSpec:
 
 @click.command("collect")
 @_spec_options
-@click.option("-o", "--out", required=True, metavar="PAIRS", help="Pairs store to create or resume.")
+@click.option("-o", "--output", "--out", "out", required=True, metavar="PAIRS",
+              help="Pairs store to create or resume (--out is an older name).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming it.")
 @click.option("--compressor", type=click.Choice(["zstd", "blosc", "none"]), default="zstd", show_default=True,
               help="Chunk codec of a new store (logits compress little: none writes fastest).")

@@ -18,7 +18,8 @@ _POOLS = ("none", "last", "mean")
 
 def _stage_bars(quiet: bool):
     """A ``progress(stage)`` factory for the pipeline: one bar per stage (none when quiet)."""
-    return lambda stage: bar(stage, quiet=quiet, unit="step")
+    return lambda stage: bar(stage, quiet=quiet, unit="tok" if stage == "collect" else "step",
+                             growing=stage == "collect")
 
 
 def _floats(ctx, param, value: str | None):

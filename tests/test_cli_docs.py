@@ -271,6 +271,10 @@ def test_code_blocks_run(rel, world, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(world["home"]))
     background: list = []
     port = _free_port()
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny models' matrices gain nothing from more; on a busy machine they lose much
     try:
         for tag, line, text in code:
             if tag == "bash":
@@ -278,6 +282,7 @@ def test_code_blocks_run(rel, world, tmp_path, monkeypatch):
             else:
                 exec(compile(text, f"{rel}:{line}", "exec"), {"__name__": "__docs__"})  # noqa: S102
     finally:
+        torch.set_num_threads(threads)
         for proc in background:
             proc.terminate()
             proc.wait(timeout=30)

@@ -73,7 +73,12 @@ def train_cmd(upper, lower, texts, adapter, pairs, target, layer, pool, max_leng
     an interruption finishes the rest.
     """
     from prismoe_store.collect import CollectSpec
-    from prismoe_store.pipeline import TrainConfig, default_pairs_path, format_train, train
+    from prismoe_store.pipeline import (
+        TrainConfig,
+        default_pairs_path,
+        format_train,
+        train,
+    )
 
     if (upper is None) != (not texts):
         raise click.UsageError("give both --upper MODEL and --text PATH to collect pairs, or neither "

@@ -701,7 +701,7 @@ class _Writer:
     bookkeeping does not claim.
     """
 
-    def __init__(self, store: PairsStore, texts: dict, tokens: int, tokens_lower: int, report: "CollectReport",
+    def __init__(self, store: PairsStore, texts: dict, tokens: int, tokens_lower: int, report: CollectReport,
                  timer: dict):
         self.store, self.texts, self.report, self.timer = store, texts, report, timer
         self.tokens, self.tokens_lower = tokens, tokens_lower  # totals including the buffer
@@ -874,7 +874,7 @@ def collect(upper, lower, texts, out, *, spec: CollectSpec = CollectSpec(), over
     return report
 
 
-def _token_progress(tokens: int, tokens_start: int, docs_done: int, report: "CollectReport",
+def _token_progress(tokens: int, tokens_start: int, docs_done: int, report: CollectReport,
                     max_tokens: int | None) -> tuple[int, int | None]:
     """``(tokens in the store, total)`` for the progress bar: the total is the ``max_tokens`` cap, or
     (without one) the tokens so far extrapolated over the documents left (``None`` before a

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from .adapter import AdapterStore
 from .errors import DataError, StoreError
 
 ProgressFn = Callable[[int, int], None]
-StageProgress = Callable[[str], ContextManager[ProgressFn | None]]
+StageProgress = Callable[[str], AbstractContextManager[ProgressFn | None]]
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data" / "smollm2"
 
 
@@ -49,7 +49,7 @@ class HeadSample:
     label: str = "a head"  # what the head is, for the report
 
     @classmethod
-    def committed(cls) -> "HeadSample":
+    def committed(cls) -> HeadSample:
         """The files in ``sample_data/smollm2`` (:class:`DataError` when one is missing)."""
         sample = cls(*(str(SAMPLE_DIR / n) for n in ("head.gguf", "train_hidden.npy", "held_hidden.npy")),
                      label="SmolLM2-135M-Instruct's output head, token ids 0-8191 of 49152 (Q8_0 blocks from the "
@@ -107,7 +107,7 @@ def run_head_demo(out_dir, sample: HeadSample | None = None, config: HeadDemoCon
     existing = _finished(url, config)
     t0 = time.perf_counter()
     if existing is None:
-        stages = lambda name: progress(f"head: {name}")  # noqa: E731
+        stages = lambda name: progress(f"head: {name}")
         rep = build_head(sample.gguf, url, overwrite=True, stages=stages,
                          config=HeadConfig(hidden=sample.train, int8=True,
                                            order=OrderConfig(iterations=config.iterations)))
@@ -177,7 +177,7 @@ def _run_against_dense(adapter: AdapterStore, dense: torch.Tensor, held, config:
     x_all = torch.from_numpy(read(0, S))  # [S, d]
     steps = S + 2 * config.repeats + config.cache_tokens
     rt = SelectRuntime(adapter, RuntimeConfig(sparsity=config.sparsity))  # every band resident: compute only
-    linear = lambda x: torch.nn.functional.linear(x, dense)  # noqa: E731
+    linear = lambda x: torch.nn.functional.linear(x, dense)
     same = 0
     with torch.no_grad():
         for start in range(0, S, config.batch):
@@ -223,10 +223,10 @@ def format_head_demo(r: dict) -> list[str]:
              f"   {q['bands']} bands of {q['band_rows']} rows, vocabulary clustered in the hidden states' metric"
              + (f", built in {r['build']['seconds']:.1f} s; gate trained {r['gate']['epochs']} epochs in "
                 f"{r['gate']['seconds']:.1f} s" if ran else " (reused from an earlier run)"),
-             f"   routing on {q['rows']} held-out hidden states (docstrings of modules the gate never saw), "
-             "against the dense head:",
-             f"   {'routing':12s}{'top-1 agreement':>17s}{'mass kept':>11s}{'rows computed':>15s}"
-             f"{'bytes/token':>13s}"]
+             (f"   routing on {q['rows']} held-out hidden states (docstrings of modules the gate never saw), "
+             "against the dense head:"),
+             (f"   {'routing':12s}{'top-1 agreement':>17s}{'mass kept':>11s}{'rows computed':>15s}"
+             f"{'bytes/token':>13s}")]
     for s in q["settings"]:
         lines.append(f"   {s['setting']:12s}{s['top1']:>17.4f}{s['mass']:>11.4f}{s['row_share']:>15.3f}"
                      f"{s['bytes_ratio']:>12.3f}x")
@@ -236,17 +236,17 @@ def format_head_demo(r: dict) -> list[str]:
     if key in cont and key in svd:
         lines.append(f"   the same bytes at rho = {rho:g} otherwise: bands of contiguous token ids top-1 "
                      f"{cont[key]['top1']:.4f}, a truncated SVD (rank {svd[key]['rank']}) {svd[key]['top1']:.4f}")
-    lines += [f"   bytes: the dense head is {b['dense_fp32'] / mib:.1f} MiB fp32; at rho = {rho:g} a token reads "
+    lines += [(f"   bytes: the dense head is {b['dense_fp32'] / mib:.1f} MiB fp32; at rho = {rho:g} a token reads "
               f"{b['per_token_fp32'] / mib:.2f} MiB of it ({b['per_token_vs_dense']:.3f}x, the gate's "
-              f"{b['gate'] / mib:.2f} MiB included); INT8 tiles {b['tiles_int8'] / mib:.1f} MiB",
-              f"   the runtime itself on the {rt['rows']} rows: the same top-1 token as the dense head for "
-              f"{rt['top1_same']} ({rt['top1_agreement']:.4f}), computing {rt['row_share']:.3f} of the rows",
-              f"   speed ({rt['threads']} thread(s), ratios timed in one run): latency at batch 1 "
+              f"{b['gate'] / mib:.2f} MiB included); INT8 tiles {b['tiles_int8'] / mib:.1f} MiB"),
+              (f"   the runtime itself on the {rt['rows']} rows: the same top-1 token as the dense head for "
+              f"{rt['top1_same']} ({rt['top1_agreement']:.4f}), computing {rt['row_share']:.3f} of the rows"),
+              (f"   speed ({rt['threads']} thread(s), ratios timed in one run): latency at batch 1 "
               f"{rt['latency_vs_dense']:.2f}x the dense head's, throughput at batch {rt['batch']} "
-              f"{rt['throughput_vs_dense']:.2f}x the dense head's",
-              f"   a tile cache of {b['cache_budget'] / mib:.1f} MiB ({r['config']['cache_share']:.0%} of the bands), "
+              f"{rt['throughput_vs_dense']:.2f}x the dense head's"),
+              (f"   a tile cache of {b['cache_budget'] / mib:.1f} MiB ({r['config']['cache_share']:.0%} of the bands), "
               f"{rt['cache_tokens']} tokens one at a time: hit rate {rt['cache']['hit_rate']:.2f}, "
-              f"{rt['cache']['bytes_loaded'] / rt['cache_tokens'] / mib:.2f} MiB loaded per token"]
+              f"{rt['cache']['bytes_loaded'] / rt['cache_tokens'] / mib:.2f} MiB loaded per token")]
     return lines
 
 

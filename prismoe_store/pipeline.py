@@ -414,11 +414,10 @@ def demo(out_dir=None, *, pairs=None, workers: int = DEMO_WORKERS, epochs: int =
     help). Returns a JSON-ready dict (``head``, ``train``, ``benchmark``, ``files``, ``takeaway``,
     ``seconds``); :func:`format_demo` prints it.
     """
-    from .head_demo import HeadDemoConfig, run_head_demo, takeaway
-
     import torch
 
     from .bench import BenchConfig, benchmark_adapter, format_markdown, write_plots
+    from .head_demo import HeadDemoConfig, run_head_demo, takeaway
 
     t0 = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="prismoe-demo-"))

@@ -3,11 +3,19 @@ computed by running the same transformers models directly, one unpadded sequence
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tiny_models import (
+    corpus_lines,
+    save_llama,
+    save_qwen2,
+    write_llama_gguf,
+    write_texts,
+)
 
 from cli.main import main
 from cli.messages import error_line
@@ -15,7 +23,6 @@ from prismoe_store import errors
 from prismoe_store.collect import CollectSpec, collect, load_model
 from prismoe_store.errors import DataError
 from prismoe_store.pairs import PairsStore
-from tiny_models import corpus_lines, save_llama, save_qwen2, write_llama_gguf, write_texts
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -183,7 +190,7 @@ def test_progress_counts_tokens_up_to_the_cap(world, llama, tmp_path):
     collect(llama, None, [world["b"]], tmp_path / "p", spec=CollectSpec(max_length=24, max_tokens=60),
             progress=lambda done, total: seen.append((done, total)))
     assert seen[0] == (0, 60) and seen[-1] == (60, 60)
-    assert all(b[0] >= a[0] for a, b in zip(seen, seen[1:]))
+    assert all(b[0] >= a[0] for a, b in itertools.pairwise(seen))
     seen.clear()
     r = collect(llama, None, [world["a"]], tmp_path / "q", spec=CollectSpec(max_length=24, batch_size=2),
                 progress=lambda done, total: seen.append((done, total)))

@@ -2,8 +2,8 @@
 
 :func:`error_line` is what ``cli/main.py`` prints for a :class:`~prismoe_store.errors.PrismoeError`:
 the library's message (what is wrong, and usually what to do) on one line, without the exception's
-class name, shortened to :data:`MAX_CHARS`, with a hint of what to do for the kinds whose
-messages do not carry one.
+class name, shortened to about :data:`MAX_CHARS` by cutting its middle, with a hint of what to do
+for the kinds whose messages do not carry one.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import click
 
 from prismoe_store.errors import IncompleteStoreError, PrismoeError, TensorNotFoundError
 
-MAX_CHARS = 400  # longer messages (a listing of a checkpoint's tensors) are cut here
+MAX_CHARS = 400  # longer messages (long paths, a listing of a checkpoint's tensors) are cut to this
+KEEP_END = 160  # characters kept from the end of a long message (where it says what to do)
 HINTS: dict[type, str] = {  # what to do, for messages that say only what is wrong
     TensorNotFoundError: "name one with --tensor (the aliases lm_head and embedding find the usual names)",
     IncompleteStoreError: "re-run the command that writes it (it resumes), or pass --overwrite",
@@ -26,8 +27,8 @@ def error_line(e: PrismoeError) -> str:
     "no tensor 'lm_haed' in m.safetensors; it has 2 tensors: lm_head.weight, x — name one with --tensor (the aliases lm_head and embedding find the usual names)"
     """
     text = " ".join(str(e).split()) or type(e).__name__
-    if len(text) > MAX_CHARS:
-        text = text[:MAX_CHARS - 1].rstrip(" ,;") + "…"
+    if len(text) > MAX_CHARS:  # cut the middle: the start says what is wrong, the end what to do
+        text = text[:MAX_CHARS - KEEP_END - 3].rstrip(" ,;") + " … " + text[-KEEP_END:].lstrip()
     hint = next((h for kind, h in HINTS.items() if isinstance(e, kind)), None)
     if hint and "--tensor" not in text and "re-run" not in text and "--overwrite" not in text:
         text += f" — {hint}"

@@ -37,7 +37,10 @@ def test_a_missing_tensor_is_one_short_line_with_the_closest_names_first(tmp_pat
 def test_error_line_shortens_and_adds_a_hint_only_when_missing():
     long = TensorNotFoundError("no tensor 'x' in m; it has " + ", ".join(f"t{i}" for i in range(500)))
     text = error_line(long)
-    assert len(text) < MAX_CHARS + 120 and "\n" not in text and "…" in text and "--tensor" in text
+    assert len(text) < MAX_CHARS + 120 and "\n" not in text and " … " in text and "--tensor" in text
+    assert text.startswith("no tensor 'x' in m; it has t0, t1") and "t499 — name one" in text  # both ends kept
+    ends_with_advice = IncompleteStoreError("x" * 1000 + ": re-run it or pass --overwrite")
+    assert error_line(ends_with_advice).endswith("re-run it or pass --overwrite")
     told = IncompleteStoreError("head adapter h.zarr is not finished: re-run `prismoe head` first")
     assert error_line(told) == str(told)
     assert error_line(IncompleteStoreError("x.zarr is not finished")).endswith("or pass --overwrite")

@@ -54,7 +54,8 @@ def _spec(kw: dict) -> CollectSpec:
 
 @click.command("collect")
 @_spec_options
-@click.option("-o", "--out", required=True, metavar="PAIRS", help="Pairs store to create or resume.")
+@click.option("-o", "--output", "--out", "out", required=True, metavar="PAIRS",
+              help="Pairs store to create or resume (--out is an older name).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming it.")
 @click.option("--compressor", type=click.Choice(["zstd", "blosc", "none"]), default="none", show_default=True,
               help="Chunk codec of a new store (activations compress little: none writes and decodes fastest).")
@@ -66,9 +67,10 @@ def collect_cmd(upper, lower, texts, out, overwrite, compressor, as_json, quiet,
     Resumable: re-running the same command skips the documents already collected.
     """
     def notice(msg: str) -> None:
-        click.echo(f"note: {msg}", err=True)
+        if not (quiet or as_json) or not msg.startswith("loading "):
+            click.echo(f"note: {msg}", err=True)
 
-    with bar("collect", quiet=quiet, unit="doc") as progress:
+    with bar("collect", quiet=quiet or as_json, unit="tok", growing=True) as progress:
         report = collect(upper, lower, list(texts), out, spec=_spec(kw), overwrite=overwrite,
                          options=StoreOptions(compressor=compressor), progress=progress, notice=notice)
     if as_json:

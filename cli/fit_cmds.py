@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from cli.output import echo_json
+from cli.messages import warn_padding
 from cli.progress import bar, quiet_option
 
 
@@ -56,6 +57,7 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
     """
     from prismoe_store.fit import fit
 
+    warn_padding(pairs, workers)
     with bar("fit", quiet=quiet or as_json, unit="unit") as progress:
         store = fit(pairs, adapter, mode=mode, workers=workers, ridge=ridge, holdout=holdout, subsample=subsample,
                     seed=seed, alphas=_alphas(alphas), solver=solver, precision=precision, scheduler=scheduler,

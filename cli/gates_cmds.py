@@ -131,7 +131,10 @@ def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_js
     from prismoe_store.band_gate import BandGateConfig, fit_band_gate
 
     config = BandGateConfig(restart=restart, device=device, **given)
-    stages = lambda name: bar(name, quiet=quiet or as_json, unit="step")  # noqa: E731
+    stages = lambda name: bar(name, quiet=quiet or as_json, unit="row" if name == "teacher pass" else "epoch")  # noqa: E731
+    if not (quiet or as_json):
+        click.echo("note: teacher pass first: the full head scores every hidden state once and keeps each band's "
+                   f"share of the probability (the gate's targets); then up to {config.epochs} epochs", err=True)
     r = fit_band_gate(store, hidden, config=config, stages=stages)
     if as_json:
         echo_json(r.to_dict())

@@ -6,6 +6,7 @@ import importlib
 
 import click
 
+from cli.messages import error_line
 from prismoe_store.errors import PrismoeError
 
 # Modules under cli/ that define commands; each exposes ``commands`` (a list of click commands)
@@ -30,7 +31,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except PrismoeError as e:
-            raise click.ClickException(f"{type(e).__name__}: {e}") from None
+            raise click.ClickException(error_line(e)) from None
         except MemoryError:
             raise click.ClickException("out of memory: try a smaller --batch-size / --cache-mb / chunk size") from None
 

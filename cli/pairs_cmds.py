@@ -8,6 +8,7 @@ import click
 from cli.output import echo_json
 from cli.progress import bar, quiet_option
 from prismoe_store.grid import DEFAULT_WORKERS
+from prismoe_store.inspect import short_value
 from prismoe_store.pairs import PairsStore
 from prismoe_store.stores import StoreOptions
 from prismoe_store.synth import KINDS, SynthSpec, synthesize, truth_summary
@@ -64,11 +65,17 @@ def pairs_info_cmd(store, as_json):
     if as_json:
         echo_json(summary)
         return
-    click.echo(f"{summary['url']}: {summary['rows']} pairs, x [{summary['rows']}, {summary['d_in']}], "
-               f"z [{summary['rows']}, {summary['d_out']}]")
-    click.echo(f"chunks: x {tuple(summary['chunks_x'])}, z {tuple(summary['chunks_z'])}")
-    for k, v in summary["provenance"].items():
-        click.echo(f"  {k}: {v}")
+    if summary["chunks_z"] is None:
+        click.echo(f"{summary['url']}: {summary['rows']} rows of hidden states only, x [{summary['rows']}, "
+                   f"{summary['d_in']}] (no z: for head gates, not fits)")
+        click.echo(f"chunks: x {tuple(summary['chunks_x'])}")
+    else:
+        click.echo(f"{summary['url']}: {summary['rows']} pairs, x [{summary['rows']}, {summary['d_in']}], "
+                   f"z [{summary['rows']}, {summary['d_out']}]")
+        click.echo(f"chunks: x {tuple(summary['chunks_x'])}, z {tuple(summary['chunks_z'])}")
+    click.echo("provenance:")
+    for line in _tree(summary["provenance"]):
+        click.echo(line)
     if summary["truth"]:
         t = summary["truth"]
         click.echo(f"ground truth: {t['kind']}, w {tuple(t['w'])}, {t['regions']} region(s)")
@@ -77,7 +84,23 @@ def pairs_info_cmd(store, as_json):
 def _summary(pairs: PairsStore) -> dict:
     return {"url": pairs.url, "rows": pairs.rows, "d_in": pairs.d_in, "d_out": pairs.d_out,
             "rows_per_chunk": pairs.rows_per_chunk, "chunks_x": list(pairs.x.chunks),
-            "chunks_z": list(pairs.z.chunks), "provenance": pairs.provenance, "truth": truth_summary(pairs)}
+            "chunks_z": None if pairs.hidden_only else list(pairs.z.chunks), "provenance": pairs.provenance,
+            "truth": None if pairs.hidden_only else truth_summary(pairs)}
+
+
+def _tree(value: dict, indent: int = 2):
+    """Indented ``key: value`` lines of a nested dict (a content hash as key is shortened).
+
+    >>> list(_tree({"upper": {"path": "m.gguf", "files": [1, 2]}, "tokens": 5}))
+    ['  upper:', '    path: m.gguf', '    files: [1, 2]', '  tokens: 5']
+    """
+    for k, v in value.items():
+        key = f"{k[:12]}…" if isinstance(k, str) and len(k) == 64 else k  # sha256 of a text
+        if isinstance(v, dict) and v:
+            yield f"{' ' * indent}{key}:"
+            yield from _tree(v, indent + 2)
+        else:
+            yield f"{' ' * indent}{key}: {short_value(v, 100)}"
 
 
 commands = [synth_cmd, pairs_info_cmd]

@@ -16,15 +16,22 @@ ProgressFn = Callable[[int, int], None]
 
 
 @contextmanager
-def bar(desc: str, *, quiet: bool = False, unit: str = "it") -> Iterator[ProgressFn | None]:
-    """Yield a ``(done, total)`` callback that updates a progress bar (``None`` when quiet)."""
+def bar(desc: str, *, quiet: bool = False, unit: str = "it", growing: bool = False) -> Iterator[ProgressFn | None]:
+    """Yield a ``(done, total)`` callback that updates a progress bar (``None`` when quiet).
+
+    A new ``total`` starts a new bar (a new phase), unless ``growing``: then the total is an
+    estimate (``None``: unknown) that the same bar takes over.
+    """
     if quiet:
         yield None
         return
     state: dict = {"bar": None}
 
-    def update(done: int, total: int) -> None:
+    def update(done: int, total: int | None) -> None:
         b = state["bar"]
+        if growing and b is not None and b.total != total:
+            b.total = total
+            b.refresh()
         if b is None or b.total != total:
             if b is not None:
                 b.close()

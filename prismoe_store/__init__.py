@@ -11,6 +11,8 @@ every ``prismoe`` command that does not need them) stays light.
 (8192, 128)
 """
 
+import sys
+import types
 from importlib import import_module
 
 from .errors import PrismoeError
@@ -36,3 +38,23 @@ def __getattr__(name: str):
     if name in _LAZY:
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'prismoe_store' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """The package module: ``prismoe_store.fit`` and ``prismoe_store.extract`` stay the functions.
+
+    They share their names with the modules that define them, and importing a submodule sets it
+    as an attribute of the package, which would shadow the lazily imported function
+    (``from prismoe_store import fit`` would give the module). The submodules stay importable as
+    ``from prismoe_store.fit import ...``.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+for _name in [n for n, v in list(globals().items()) if isinstance(v, types.ModuleType) and _LAZY.get(n) == n]:
+    del globals()[_name]  # a same-named module imported while this file ran

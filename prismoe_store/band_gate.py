@@ -218,6 +218,8 @@ def _teacher_pass(adapter: AdapterStore, rows_of, targets: _Targets, device, cac
                     budget_bytes=cache_bytes or per_band * adapter.n_bands, tile_rows=band_sizes(adapter.d_out, adapter.band_rows),
                     load=lambda b: (adapter.read_band_tiles(b),))
     S = targets.top.shape[0]
+    if progress:
+        progress(0, S)  # the bar shows from the start: the first rows take the longest (bands load)
     try:
         with torch.no_grad():
             for start in range(0, S, BLOCK_ROWS):
@@ -227,8 +229,8 @@ def _teacher_pass(adapter: AdapterStore, rows_of, targets: _Targets, device, cac
                     lse, top = band_log_mass(x, pool, adapter.n_bands, last)
                     targets.logp[s:s + len(x)] = (lse - torch.logsumexp(lse, 1, keepdim=True)).cpu().numpy()
                     targets.top[s:s + len(x)] = top.cpu().numpy()
-                if progress:
-                    progress(stop, S)
+                    if progress:
+                        progress(s + len(x), S)
     finally:
         pool.close()
     targets.logp.flush()

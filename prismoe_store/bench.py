@@ -753,6 +753,10 @@ def write_plots(report: dict, out_dir) -> list[str]:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i + 1}", label=f"adapter {quant}")
         for b, e, rho in pts:
             ax.annotate(f"ρ={rho:g}", (b, e), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{i + 1}")
+        gate = (report.get("memory") or {}).get("gate_bytes")
+        if gate:  # the gates are read for every token: the bytes a token really costs
+            ax.plot([p[0] + gate for p in pts], [p[1] for p in pts], "o--", color=f"C{i + 1}", mfc="none", lw=0.8,
+                    label=f"adapter {quant} + gates ({gate / 1024:.0f} KiB a token)")
     ax.plot([dense["active_bytes"]], [dense["rel_err"]], "*", color="k", ms=12, label="dense ridge (F.linear)")
     front = sorted((r["active_bytes"], r["rel_err"]) for r in rows if r.get("pareto"))
     if front:

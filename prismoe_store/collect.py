@@ -256,8 +256,10 @@ def load_model(spec: str | os.PathLike, *, device: str = "cpu", dtype: str = "fl
     hf_logging.set_verbosity_error()
     tdtype = _torch_dtype(dtype)
     where = folder / gguf_name if gguf_name else folder
+    stack = contextlib.ExitStack()
     try:
         kw = {"gguf_file": gguf_name} if gguf_name else {}
+        stack.enter_context(_quiet_gguf_bar())
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)
         missing: list[str] = []
         if gguf_name and not transformers.utils.is_accelerate_available():
@@ -271,6 +273,7 @@ def load_model(spec: str | os.PathLike, *, device: str = "cpu", dtype: str = "fl
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError, AttributeError) as e:
         raise ModelError(f"cannot load {where}: {_first_line(e)}") from None
     finally:
+        stack.close()
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
@@ -465,6 +468,22 @@ class _Item:
     upper: list  # upper-model token ids
     lower: list  # lower-model token ids (the same list when the tokenizers are shared)
     next_id: int | None  # for pool none: the id following the window, if any (embeddings target)
+    skip: int = 0  # leading positions already collected by an earlier run (run for context, not stored)
+    full: bool = True  # False: the window is cut short (the max_tokens cap); the rest is still to do
+
+    @property
+    def new_tokens(self) -> int:
+        """Upper-model tokens this item adds to the store."""
+        return len(self.upper) - self.skip
+
+
+def _cut(it: _Item, tokens: int) -> _Item:
+    """``it`` shortened to its first ``tokens`` new tokens (a causal model's states of a prefix do not
+    depend on what follows, so the rows are those of the whole window)."""
+    end = it.skip + tokens
+    nxt = it.upper[end] if end < len(it.upper) else it.next_id
+    return replace(it, upper=it.upper[:end], lower=it.upper[:end] if it.lower is it.upper else it.lower[:end],
+                   next_id=nxt, full=end >= len(it.upper) and it.full)
 
 
 class _Collector:
@@ -502,7 +521,9 @@ class _Collector:
             zs = list(torch.split(table, [len(n) for n in nexts]))
             xs = [x[:len(it.upper) - (it.next_id is None)] for x, it in zip(xs, items)]
         out_x, out_z = [], []
-        for x, z in zip(xs, zs):
+        for it, x, z in zip(items, xs, zs):
+            if pool == "none" and it.skip:  # positions an earlier run stored: context only
+                x, z = x[it.skip:], z[it.skip:]
             if pool != "none" and (len(x) == 0 or len(z) == 0):
                 continue
             if pool == "last":
@@ -584,7 +605,7 @@ def _rows_per_chunk(width: int) -> int:
 def _items(source: TextSource, entry: dict, upper: LoadedModel, lower: LoadedModel, *, shared: bool,
            pool: str, max_length: int, timer: dict) -> Iterator[_Item]:
     """The work left in one text: windows (pool none) or truncated documents (pooled), in order."""
-    done, partial = entry["done"], entry.get("partial")
+    done, partial = entry["done"], entry.get("partial")  # partial: [doc, window(, tokens of it done)]
     docs = ((i, t) for i, t in iter_documents(source) if not _is_done(done, i))
     while True:
         chunk = [d for _, d in zip(range(_TOKENIZE_DOCS), docs)]
@@ -602,10 +623,11 @@ def _items(source: TextSource, entry: dict, upper: LoadedModel, lower: LoadedMod
                 continue
             n_win = max(1, -(-len(u) // max_length))
             first = partial[1] if partial and partial[0] == doc else 0
+            offset = partial[2] if partial and partial[0] == doc and len(partial) > 2 else 0
             for w in range(first, n_win):
                 seg = u[w * max_length:(w + 1) * max_length]
                 nxt = u[(w + 1) * max_length] if (w + 1) * max_length < len(u) else None
-                yield _Item(doc, w, n_win, seg, seg, nxt)
+                yield _Item(doc, w, n_win, seg, seg, nxt, skip=offset if w == first else 0)
 
 
 def _sources(texts) -> list[TextSource]:
@@ -616,6 +638,34 @@ def _sources(texts) -> list[TextSource]:
     return list({s.sha256: s for s in map(scan_text, texts)}.values())
 
 
+def _loading_note(model) -> str:
+    """What loading ``model`` involves, for the notice before it."""
+    path = Path(str(model))
+    if path.suffix.lower() == ".gguf" or (path.is_dir() and any(path.glob("*.gguf"))):
+        return "transformers dequantizes the GGUF into float tensors first: SmolLM2-135M's 98 MB took 40 s on 2 cores"
+    return "transformers reads the weights; large models take a while"
+
+
+@contextlib.contextmanager
+def _quiet_gguf_bar():
+    """Silence the one bar transformers' GGUF reader draws with plain tqdm (not behind its
+    ``disable_progress_bar`` switch), like the others while a model loads."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - older transformers
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = lambda *args, **kwargs: original(*args, **{**kwargs, "disable": True})
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def _check_models(*models) -> None:
     """Fail fast (before the slow loading) on model paths that cannot work."""
     for m in models:
@@ -623,15 +673,18 @@ def _check_models(*models) -> None:
             _locate(str(m))
 
 
-def _models(upper, lower, spec: CollectSpec):
+def _models(upper, lower, spec: CollectSpec, notice: Notice | None = None):
     """``(upper, lower, same)`` as :class:`LoadedModel` s (``lower=None``: the upper model)."""
     paths = [m for m in (upper, lower) if isinstance(m, (str, os.PathLike))]
     same = lower is None or lower is upper or (len(paths) == 2 and Path(lower).resolve() == Path(upper).resolve())
+    say = notice or (lambda message: None)
     if not isinstance(upper, LoadedModel):
+        say(f"loading {'the model' if same else 'the upper model'} {upper} ({_loading_note(upper)})")
         upper = load_model(upper, device=spec.device, dtype=spec.dtype)
     if same:
         lower = upper
     elif not isinstance(lower, LoadedModel):
+        say(f"loading the lower model {lower} ({_loading_note(lower)})")
         lower = load_model(lower, device=spec.device, dtype=spec.dtype)
     if spec.target == "logits":
         require_lm_head(lower)
@@ -648,7 +701,7 @@ class _Writer:
     bookkeeping does not claim.
     """
 
-    def __init__(self, store: PairsStore, texts: dict, tokens: int, tokens_lower: int, report: "CollectReport",
+    def __init__(self, store: PairsStore, texts: dict, tokens: int, tokens_lower: int, report: CollectReport,
                  timer: dict):
         self.store, self.texts, self.report, self.timer = store, texts, report, timer
         self.tokens, self.tokens_lower = tokens, tokens_lower  # totals including the buffer
@@ -660,12 +713,16 @@ class _Writer:
 
     def add(self, entry: dict, batch: list[_Item], x: np.ndarray, z: np.ndarray) -> int:
         """Buffer a batch's rows and record what it finished; returns the documents it finished."""
-        n_up, n_lo = sum(len(b.upper) for b in batch), sum(len(b.lower) for b in batch)
-        finished = sorted({b.doc for b in batch if b.window == b.windows - 1})
+        n_up = sum(b.new_tokens for b in batch)
+        n_lo = sum(len(b.lower) - b.skip if b.lower is b.upper else len(b.lower) for b in batch)
+        finished = sorted({b.doc for b in batch if b.window == b.windows - 1 and b.full})
         for d in finished:
             entry["done"] = _add_range(entry["done"], d, d + 1)
         tail = batch[-1]
-        entry["partial"] = [tail.doc, tail.window + 1] if tail.window < tail.windows - 1 else None
+        if not tail.full:  # cut by the max_tokens cap: the next run starts inside this window
+            entry["partial"] = [tail.doc, tail.window, len(tail.upper)]
+        else:
+            entry["partial"] = [tail.doc, tail.window + 1] if tail.window < tail.windows - 1 else None
         entry["tokens"] += n_up
         entry["tokens_lower"] += n_lo
         entry["rows"] += len(x)
@@ -722,8 +779,10 @@ def collect(upper, lower, texts, out, *, spec: CollectSpec = CollectSpec(), over
 
     Resumes when ``out`` already holds a store collected with the same settings; see the module
     docstring for the layout of the work and what each setting means. ``progress(done, total)``
-    counts documents; ``notice(message)`` receives one-line messages for the user (for example that
-    the tokenizers differ and pairs are pooled per document).
+    counts upper-model tokens in the store (the total is ``spec.max_tokens``, or an estimate from the
+    documents done so far; ``None`` until one is); ``notice(message)`` receives one-line messages for
+    the user (that a model is being loaded, that the tokenizers differ and pairs are pooled per
+    document).
 
     >>> collect("/nonexistent/model", None, ["t.txt"], "memory://x")
     Traceback (most recent call last):
@@ -733,7 +792,7 @@ def collect(upper, lower, texts, out, *, spec: CollectSpec = CollectSpec(), over
     t_start = time.perf_counter()
     _check_models(upper, lower)
     sources = _sources(texts)
-    upper, lower, same = _models(upper, lower, spec)
+    upper, lower, same = _models(upper, lower, spec, notice)
     collector = _Collector(upper, lower, spec, same)
 
     shared = same or _tokenizers_agree(upper, lower, sources)
@@ -763,8 +822,9 @@ def collect(upper, lower, texts, out, *, spec: CollectSpec = CollectSpec(), over
     report.documents_skipped = sum(_count_done(texts_rec[s.sha256]["done"]) for s in sources)
     timer = {"tokenize": 0.0, "forward": 0.0, "write": 0.0, "write_wait": 0.0}
     docs_done = report.documents_skipped
+    tokens_start = tokens_total
     if progress:
-        progress(docs_done, report.documents_total)
+        progress(*_token_progress(tokens_total, tokens_start, docs_done, report, spec.max_tokens))
 
     writer = _Writer(store, texts_rec, tokens_total, tokens_lower_total, report, timer)
     budget_hit = False
@@ -779,9 +839,13 @@ def collect(upper, lower, texts, out, *, spec: CollectSpec = CollectSpec(), over
                     break
                 batch: list[_Item] = []
                 for it in items:
+                    if spec.max_tokens is not None:
+                        room = spec.max_tokens - writer.tokens - sum(b.new_tokens for b in batch)
+                        if pool == "none" and it.new_tokens > room:  # stop at the cap, inside the window
+                            it = _cut(it, room)
                     batch.append(it)
                     if spec.max_tokens is not None and \
-                            writer.tokens + sum(len(b.upper) for b in batch) >= spec.max_tokens:
+                            writer.tokens + sum(b.new_tokens for b in batch) >= spec.max_tokens:
                         budget_hit = True
                         break
                     if len(batch) >= spec.batch_size:
@@ -795,7 +859,7 @@ def collect(upper, lower, texts, out, *, spec: CollectSpec = CollectSpec(), over
                 report.nonfinite_rows += bad
                 docs_done += writer.add(entry, batch, x, z)
                 if progress:
-                    progress(docs_done, report.documents_total)
+                    progress(*_token_progress(writer.tokens, tokens_start, docs_done, report, spec.max_tokens))
             if budget_hit:
                 break
     finally:
@@ -808,6 +872,26 @@ def collect(upper, lower, texts, out, *, spec: CollectSpec = CollectSpec(), over
     timer["total"] = time.perf_counter() - t_start
     report.seconds = {k: round(v, 4) for k, v in timer.items()}
     return report
+
+
+def _token_progress(tokens: int, tokens_start: int, docs_done: int, report: CollectReport,
+                    max_tokens: int | None) -> tuple[int, int | None]:
+    """``(tokens in the store, total)`` for the progress bar: the total is the ``max_tokens`` cap, or
+    (without one) the tokens so far extrapolated over the documents left (``None`` before a
+    document is finished).
+
+    >>> r = CollectReport(out="x", documents_total=10, documents_skipped=0)
+    >>> _token_progress(300, 0, 2, r, None), _token_progress(300, 0, 2, r, 1000), _token_progress(0, 0, 0, r, None)
+    ((300, 1500), (300, 1000), (0, None))
+    """
+    if max_tokens is not None:
+        return tokens, max_tokens
+    run_docs = docs_done - report.documents_skipped
+    if run_docs <= 0:
+        return tokens, None
+    estimate = tokens_start + round((tokens - tokens_start) * (report.documents_total - report.documents_skipped)
+                                    / run_docs)
+    return tokens, max(tokens, estimate)
 
 
 # -- measurement ------------------------------------------------------------------------------

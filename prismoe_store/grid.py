@@ -353,3 +353,39 @@ def partition_offsets(grids: list[GridSpec]) -> list[int]:
     for g in grids:
         offsets.append(offsets[-1] + g.d_out)
     return offsets
+
+
+PADDING_WARN_SHARE = 0.25  # warn when more than this share of a pipe's tiles hold only padding
+
+
+def padding_advice(d_in: int, d_out: int, workers: int | None = None, *,
+                   threshold: float = PADDING_WARN_SHARE) -> str | None:
+    """One line of advice when a pipe of the default grids (:func:`plan_pipes`) of ``workers`` tiles
+    has more than ``threshold`` of its tiles wholly in padding, else ``None``.
+
+    Such tiles are never computed or loaded, but each still takes a gate row, so the gates grow
+    and fewer tiles than asked do work. The line says how many, why, and which worker count gives
+    about as many working tiles as were asked for.
+
+    >>> print(padding_advice(576, 49152, 512))
+    296 of 512 tiles per pipe hold only padding (57.8%): 49152 × 576 pads to 65536 × 1024 on power-of-2 tiles; they are never computed but each takes a gate row, and 216 tiles do work. For about 512 working tiles use --workers 2048 (864), or --workers 1024 (432)
+    >>> padding_advice(64, 256, 512) is None
+    True
+    """
+    workers = DEFAULT_WORKERS if workers is None else workers
+    pipes = plan_pipes(d_in, d_out, workers)
+    worst = max(pipes, key=lambda g: 1 - g.active_count / g.workers)
+    if 1 - worst.active_count / worst.workers <= threshold:
+        return None
+    g = pipes[0]
+    line = (f"{worst.workers - worst.active_count} of {worst.workers} tiles per pipe hold only padding "
+            f"({1 - worst.active_count / worst.workers:.1%}): {d_out} × {d_in} pads to {worst.d_out_pad} × "
+            f"{worst.d_in_pad} on power-of-2 tiles; they are never computed but each takes a gate row, and "
+            f"{g.active_count} tiles do work.")
+    bigger = [(w, plan_grid(d_in, d_out, w).active_count) for w in (workers * 2, workers * 4)]
+    enough = [(w, n) for w, n in bigger if n >= workers]
+    if enough:
+        w, n = enough[0]
+        line += (f" For about {workers} working tiles use --workers {w} ({n}), or --workers {bigger[0][0]} "
+                 f"({bigger[0][1]})" if w != bigger[0][0] else f" For about {workers} working tiles use --workers {w} ({n})")
+    return line

@@ -172,11 +172,16 @@ class AdapterReport:
         return report_heatmaps(self, out_dir)
 
 
+_UNSET = {"ridge": "auto (scale-aware)", "alphas": "equal", "memory_budget": "auto", "tasks": "auto",
+          "block_rows": "auto"}  # how a fit setting left at None reads
+
+
 def _fit_lines(fit: dict, metrics: dict) -> list[str]:
     if not fit:
         return ["  fit: none recorded"]
     settings = {k: v for k, v in (fit.get("settings") or {}).items() if k != "grids"}
-    lines = ["  fit: " + ", ".join(f"{k} {short_value(v)}" for k, v in settings.items())]
+    lines = ["  fit: " + ", ".join(f"{k} {short_value(v) if v is not None else _UNSET.get(k, 'default')}"
+                                   for k, v in settings.items())]
     src = fit.get("pairs") or {}
     counts = fit.get("counts") or {}
     if src or counts:

@@ -55,6 +55,7 @@ STATUSES = ("ran", "resumed", "skipped", "off")
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data" / "gated_pairs"  # the committed sample
 SAMPLE_ROWS_PER_CHUNK = 1024  # chunking of the committed sample (sample_data/make_sample.py)
 DEMO_EPOCHS = 10  # gate-training epochs of the demo (the sample is small: ~2800 training rows)
+DEMO_WORKERS = 128  # tiles per pipe in the demo: the 64 → 256 sample needs no more (512 make the gates 7× the matrix)
 
 
 def _sample_spec():
@@ -394,23 +395,29 @@ def sample_pairs(fallback_dir) -> tuple[str, str]:
     return url, "regenerated (sample_data/gated_pairs not found)"
 
 
-def demo(out_dir=None, *, pairs=None, workers: int = 512, epochs: int = DEMO_EPOCHS, sparsity: float = 0.3,
-         threads: int | None = 1, bench_options: dict | None = None, progress: StageProgress | None = None,
-         log: Log | None = None) -> dict:
-    """The whole pipeline on the sample pairs, then the benchmark; writes everything into ``out_dir``.
+def demo(out_dir=None, *, pairs=None, workers: int = DEMO_WORKERS, epochs: int = DEMO_EPOCHS, sparsity: float = 0.3,
+         threads: int | None = 1, bench_options: dict | None = None, head: bool = True, head_sample=None,
+         head_config=None, progress: StageProgress | None = None, log: Log | None = None) -> dict:
+    """The demo: a real head's sparse adapter against the dense head, then the fitted-adapter
+    pipeline on the synthetic sample pairs; writes everything into ``out_dir``.
 
-    ``pairs`` replaces the sample pairs by another pairs store (tests use a tiny one), ``workers``
-    is the tiles per pipe, ``bench_options`` override :class:`~prismoe_store.bench.BenchConfig` fields.
+    Part 1 (``head``; :func:`prismoe_store.head_demo.run_head_demo`) runs on
+    ``sample_data/smollm2`` (``head_sample`` replaces it, ``head_config`` its settings). Part 2 is
+    the pipeline (fit → fit-gates → quantize) and the benchmark on the sample pairs: ``pairs``
+    replaces them by another pairs store (tests use a tiny one), ``workers`` is the tiles per pipe,
+    ``bench_options`` override :class:`~prismoe_store.bench.BenchConfig` fields.
 
-    ``out_dir`` (default: a new temporary folder, kept) receives ``adapter.zarr``, ``benchmark.json``,
-    ``results.md`` and ``plots/*.png``; re-running into the same folder skips the finished stages.
-    ``threads``: torch CPU threads for the run (restored after; 1 by default: the sample's
-    matrices are 64 × 256, too small for intra-op threads to help). Returns a JSON-ready dict
-    (``train``, ``benchmark``, ``files``, ``seconds``); :func:`format_demo` prints it.
+    ``out_dir`` (default: a new temporary folder, kept) receives ``head/`` (the head adapter and
+    its plot), ``adapter.zarr``, ``benchmark.json``, ``results.md`` and ``plots/*.png``; re-running
+    into the same folder skips the finished stages. ``threads``: torch CPU threads for the run
+    (restored after; 1 by default: the sample's matrices are too small for intra-op threads to
+    help). Returns a JSON-ready dict (``head``, ``train``, ``benchmark``, ``files``, ``takeaway``,
+    ``seconds``); :func:`format_demo` prints it.
     """
     import torch
 
     from .bench import BenchConfig, benchmark_adapter, format_markdown, write_plots
+    from .head_demo import HeadDemoConfig, run_head_demo, takeaway
 
     t0 = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="prismoe-demo-"))
@@ -420,9 +427,14 @@ def demo(out_dir=None, *, pairs=None, workers: int = 512, epochs: int = DEMO_EPO
     if threads is not None:
         torch.set_num_threads(threads)
     try:
+        head_result = None
+        if head:
+            if log:
+                log("part 1: a real head (sample_data/smollm2) as a sparse adapter")
+            head_result = run_head_demo(out / "head", head_sample, head_config or HeadDemoConfig(), progress=progress)
         pairs, how = sample_pairs(out) if pairs is None else (str(pairs), "given")
         if log:
-            log(f"pairs: {pairs} ({how})")
+            log(f"part 2: the fitted-adapter pipeline on {pairs} ({how})")
         cfg = TrainConfig(workers=workers, sparsity=sparsity, epochs=epochs, int8=True)
         rep = train(None, None, None, str(out / "adapter.zarr"), pairs=pairs, config=cfg, progress=progress)
         options = {"repeats": 3, "hit_tokens": 16, "hit_sparsities": (sparsity,), **(bench_options or {})}
@@ -432,9 +444,12 @@ def demo(out_dir=None, *, pairs=None, workers: int = 512, epochs: int = DEMO_EPO
         torch.set_num_threads(before)
     plots = write_plots(bench, out / "plots")
     (out / "results.md").write_text(format_markdown(bench))
-    (out / "benchmark.json").write_text(json.dumps(_finite(bench), indent=1))
-    return {"out": str(out), "pairs": pairs, "pairs_from": how, "train": rep.as_dict(), "benchmark": bench,
-            "files": {"results": str(out / "results.md"), "json": str(out / "benchmark.json"), "plots": plots},
+    (out / "benchmark.json").write_text(json.dumps(_finite({**bench, "head": head_result}), indent=1))
+    files = {"results": str(out / "results.md"), "json": str(out / "benchmark.json"), "plots": plots}
+    if head_result is not None:
+        files["plots"] = [head_result["plot"], *plots]
+    return {"out": str(out), "head": head_result, "pairs": pairs, "pairs_from": how, "train": rep.as_dict(),
+            "benchmark": bench, "files": files, "takeaway": takeaway(head_result, bench),
             "seconds": time.perf_counter() - t0}
 
 
@@ -450,12 +465,19 @@ def _finite(o):
 
 
 def format_demo(result: dict) -> str:
-    """The demo's short report: quality at several ρ, memory, speed ratios, cache hit rate, files."""
+    """The demo's report: the real head's sparse adapter against the dense head; the fitted adapter's
+    quality at several ρ, memory, speed ratios and cache hit rate; the files; the takeaway."""
+    from .head_demo import format_head_demo
+
     b = result["benchmark"]
     rows = b["rows"]
     s = b["shape"]
-    lines = [f"prismoe demo: {result['pairs']} ({result['pairs_from']}), {s['d_in']} → {s['d_out']}, "
-             f"{s['mode']} tiles, {s['workers'][0]} workers a pipe → {result['out']}"]
+    lines = [f"prismoe demo → {result['out']}", ""]
+    if result.get("head"):
+        lines += format_head_demo(result["head"]) + [""]
+    lines += [f"{'2' if result.get('head') else '1'}. A fitted adapter (three pipes of partial tiles behind learned "
+              f"gates) on synthetic pairs: {result['pairs']} ({result['pairs_from']}), {s['d_in']} → {s['d_out']}, "
+              f"{s['mode']} tiles, {s['workers'][0]} workers a pipe"]
     for st in result["train"]["stages"]:
         lines.append("  " + format_stage(StageResult(**st)))
     dense = rows[0]
@@ -488,7 +510,8 @@ def format_demo(result: dict) -> str:
                    f"{_kib(ser['peak_cache_bytes'])} serial")
     lines += ["", "; ".join(mem)]
     lines.append(f"speed at ρ = {rho:g} (ratios to dense F.linear in the same run, {b['device']}, {b['threads']} "
-                 f"thread(s)): latency (batch 1) {par['latency_vs_dense']:.0f}×, throughput (batch "
+                 f"thread(s); a {s['d_in']} × {s['d_out']} product takes microseconds, so the adapter's per-call "
+                 f"work dominates): latency (batch 1) {par['latency_vs_dense']:.0f}×, throughput (batch "
                  f"{b['config']['batch']}) {par['throughput_vs_dense']:.4f}×"
                  + (f"; serial {ser['latency_vs_dense']:.0f}× / {ser['throughput_vs_dense']:.4f}×" if ser else ""))
     sweep = [c for c in b["hit_rate"] if c["sparsity"] == rho] or b["hit_rate"]
@@ -498,6 +521,8 @@ def format_demo(result: dict) -> str:
     lines += ["", f"wrote {result['files']['results']}, {result['files']['json']}",
               "plots: " + ", ".join(result["files"]["plots"]),
               f"demo took {result['seconds']:.0f} s"]
+    if result.get("takeaway"):
+        lines += ["", "Takeaway: " + result["takeaway"]]
     return "\n".join(lines)
 
 

@@ -61,7 +61,7 @@ def resolve(infos: Mapping[str, TensorInfo], wanted: str, facts: CheckpointFacts
     if wanted in infos:
         return Resolution(wanted, wanted, "exact", "the name asked for")
     if wanted not in ALIASES:
-        raise TensorNotFoundError(f"no tensor {wanted!r} in {where}; it has {listing(infos)}")
+        raise TensorNotFoundError(f"no tensor {wanted!r} in {where}; it has {listing(infos, near=wanted)}")
     if len(infos) == 1 and not _named_otherwise(next(iter(infos)), wanted):
         (only,) = infos
         return Resolution(wanted, only, "only tensor", f"{where} holds this one tensor")
@@ -141,8 +141,20 @@ def _size(info: TensorInfo) -> int:
     return n
 
 
-def listing(infos: Mapping[str, TensorInfo], limit: int = 30) -> str:
-    """``N tensors: a, b, ...`` with matrices first, at most ``limit`` names."""
+def listing(infos: Mapping[str, TensorInfo], limit: int = 8, near: str | None = None) -> str:
+    """``N tensors: a, b, ...``: the names closest to ``near`` first (then the usual head and
+    embedding names, then other matrices), at most ``limit`` names.
+
+    >>> from prismoe_store.source_records import TensorInfo
+    >>> infos = {n: TensorInfo(n, (4, 4), "F32") for n in ["a.weight", "model.norm.weight", "lm_head.weight"]}
+    >>> listing(infos, limit=2, near="lm_haed.weight")
+    '3 tensors: lm_head.weight, a.weight and 1 more'
+    """
+    import difflib
+
     names = sorted(infos, key=lambda n: (not infos[n].is_matrix, n))
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return f"{len(names)} tensors: " + ", ".join(names[:limit]) + more
+    close = difflib.get_close_matches(near, names, n=limit, cutoff=0.5) if near else []
+    usual = [n for a in ALIASES.values() for n in a if n in infos]
+    ordered = list(dict.fromkeys([*close, *usual, *names]))
+    more = f" and {len(ordered) - limit} more" if len(ordered) > limit else ""
+    return f"{len(names)} tensors: " + ", ".join(ordered[:limit]) + more

@@ -84,7 +84,7 @@ class Source(ABC):
         """The tensor called exactly ``name``."""
         found = self.tensors().get(name)
         if found is None:
-            raise TensorNotFoundError(f"no tensor {name!r} in {self.path}; it has {listing(self.tensors())}")
+            raise TensorNotFoundError(f"no tensor {name!r} in {self.path}; it has {listing(self.tensors(), near=name)}")
         return found
 
     def resolution(self, name: str) -> Resolution:

@@ -3,17 +3,26 @@ computed by running the same transformers models directly, one unpadded sequence
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tiny_models import (
+    corpus_lines,
+    save_llama,
+    save_qwen2,
+    write_llama_gguf,
+    write_texts,
+)
 
 from cli.main import main
+from cli.messages import error_line
+from prismoe_store import errors
 from prismoe_store.collect import CollectSpec, collect, load_model
 from prismoe_store.errors import DataError
 from prismoe_store.pairs import PairsStore
-from tiny_models import corpus_lines, save_llama, save_qwen2, write_llama_gguf, write_texts
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -143,7 +152,7 @@ def test_resume_adds_the_rest_without_duplicates(world, llama, tmp_path):
     budget = PairsStore.open(full).provenance["texts"]
     budget = next(e["tokens"] for e in budget.values() if e["documents"] == 9) + 30
     first = collect(llama, None, texts, out, spec=CollectSpec(batch_size=2, max_length=24, max_tokens=budget))
-    assert not first.complete and budget <= first.tokens_total < budget + 2 * 24
+    assert not first.complete and first.tokens_total == budget == PairsStore.open(out).rows  # exactly the cap
     partial = [e["partial"] for e in PairsStore.open(out).provenance["texts"].values() if e["partial"]]
     assert partial and partial[0][1] > 0  # a document half done, resumed by window
     again = collect(llama, None, texts, out, spec=CollectSpec(batch_size=2, max_length=24, max_tokens=budget))
@@ -156,6 +165,36 @@ def test_resume_adds_the_rest_without_duplicates(world, llama, tmp_path):
     np.testing.assert_allclose(b.read(0, b.rows)[1], a.read(0, a.rows)[1], rtol=1e-5, atol=1e-5)
     with pytest.raises(DataError, match="collected with target"):
         collect(llama, None, texts, out, spec=CollectSpec(target="embeddings", max_length=24))
+
+
+@pytest.mark.parametrize("target", ["embeddings", "none"])
+def test_a_cap_inside_a_window_stops_there_and_resumes_there(world, llama, tmp_path, target):
+    texts = [world["b"]]  # long documents: windows of 24 tokens
+    full = tmp_path / "full"
+    collect(llama, None, texts, full, spec=CollectSpec(batch_size=2, max_length=24, target=target))
+    out = tmp_path / "p"
+    for cap in (37, 50, 51):  # 37: inside window 2 of a document; then 13 more, then 1
+        r = collect(llama, None, texts, out, spec=CollectSpec(batch_size=2, max_length=24, target=target,
+                                                            max_tokens=cap))
+        assert r.tokens_total == cap and not r.complete
+    collect(llama, None, texts, out, spec=CollectSpec(batch_size=2, max_length=24, target=target))
+    a, b = PairsStore.open(full), PairsStore.open(out)
+    assert a.rows == b.rows and a.provenance["tokens"] == b.provenance["tokens"]
+    np.testing.assert_allclose(b.read_x(0, b.rows), a.read_x(0, a.rows), rtol=1e-5, atol=1e-5)
+    if target == "embeddings":  # z of a cut window's last row is the embedding of the token after the cut
+        np.testing.assert_allclose(b.read(0, b.rows)[1], a.read(0, a.rows)[1], rtol=1e-5, atol=1e-6)
+
+
+def test_progress_counts_tokens_up_to_the_cap(world, llama, tmp_path):
+    seen = []
+    collect(llama, None, [world["b"]], tmp_path / "p", spec=CollectSpec(max_length=24, max_tokens=60),
+            progress=lambda done, total: seen.append((done, total)))
+    assert seen[0] == (0, 60) and seen[-1] == (60, 60)
+    assert all(b[0] >= a[0] for a, b in itertools.pairwise(seen))
+    seen.clear()
+    r = collect(llama, None, [world["a"]], tmp_path / "q", spec=CollectSpec(max_length=24, batch_size=2),
+                progress=lambda done, total: seen.append((done, total)))
+    assert seen[0] == (0, None) and seen[-1] == (r.tokens_total, r.tokens_total)  # the estimate ends exact
 
 
 def test_interrupted_run_keeps_finished_batches(world, llama, tmp_path):
@@ -256,8 +295,10 @@ def test_bad_inputs_fail_in_one_line(world, tmp_path, case, kind):
     result = _run(["collect", "--upper", model, "--text", text, "-o", str(tmp_path / "out"), "-q"])
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"Error: {kind}:"), result.stderr
-    assert "Traceback" not in result.output
+    with pytest.raises(getattr(errors, kind)) as raised:  # the library's own error, of this kind ...
+        collect(model, None, [text], str(tmp_path / "out2"))
+    assert lines == [f"Error: {error_line(raised.value)}"], result.stderr  # ... is the CLI's one line
+    assert kind not in lines[0] and "Traceback" not in result.output  # no class name: what is wrong, what to do
 
 
 def test_target_none_stores_hidden_states_only(world, llama, tmp_path):

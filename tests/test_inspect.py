@@ -277,7 +277,8 @@ def test_cli_inspect_json_and_plots(tmp_path):
     assert r.exit_code == 0 and "tile norms: min" in r.output
     create_checked(tmp_path / "other", "mystery", 1)
     r = _run("inspect", tmp_path / "other")
-    assert r.exit_code == 1 and "StoreFormatError" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.startswith("Error: ") and "Error: StoreFormatError" not in r.output and "mystery" in r.output
     r = _run("inspect", url, "--plot", tmp_path / "p2", "--no-stats")
     assert r.exit_code == 2 and "--no-stats" in r.output
 
@@ -288,7 +289,8 @@ def test_cli_inspect_json_and_plots(tmp_path):
     r = _run("inspect", url, "-q", "--no-stats")  # metadata alone still reads
     assert r.exit_code == 0
     r = _run("inspect", url, "-q")
-    assert r.exit_code == 1 and "CorruptStoreError" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and "CorruptStoreError" not in r.output and "Traceback" not in r.output
+    assert r.output.startswith("Error: ") and "lm_head" in r.output
 
 
 def test_cli_visualize(tmp_path):

@@ -17,6 +17,7 @@ from prismoe_store.adapter import AdapterStore
 from prismoe_store.collect import CollectSpec
 from prismoe_store.errors import DataError, StoreError
 from prismoe_store.pairs import PairsStore
+from prismoe_store.head_demo import HeadDemoConfig, HeadSample
 from prismoe_store.pipeline import TrainConfig, default_pairs_path, demo, format_demo, format_train, train
 from prismoe_store.synth import SynthSpec, synthesize
 from tiny_models import corpus_lines, save_llama, write_texts
@@ -144,11 +145,39 @@ def test_sample_pairs_are_regenerated_when_missing(tmp_path, monkeypatch):
     assert np.array_equal(xa, xb) and np.array_equal(za, zb)  # the same pairs, bit for bit
 
 
-def test_demo_like_run_reports_sane_values(synth_pairs, tmp_path):
+@pytest.fixture
+def head_sample(tmp_path):
+    """A small head with structure (rows in 8 directions) and hidden states near those directions."""
+    rng = np.random.default_rng(3)
+    centers = rng.standard_normal((8, 16)).astype(np.float32)
+    w = (centers[rng.integers(0, 8, 512)] + 0.3 * rng.standard_normal((512, 16))).astype(np.float32)
+    x = (2 * centers[rng.integers(0, 8, 700)] + 0.5 * rng.standard_normal((700, 16))).astype(np.float16)
+    paths = {n: str(tmp_path / f"{n}.npy") for n in ("head", "train", "held")}
+    np.save(paths["head"], w)
+    np.save(paths["train"], x[:500])
+    np.save(paths["held"], x[500:])
+    return HeadSample(paths["head"], paths["train"], paths["held"], label="a test head"), w
+
+
+def test_demo_like_run_reports_sane_values(synth_pairs, head_sample, tmp_path):
     out = tmp_path / "demo"
     fast = {"repeats": 1, "hit_tokens": 3, "budgets": (0.25, 1.0), "batch": 16, "svd_points": 4}
-    res = demo(out, pairs=synth_pairs, workers=8, epochs=2, bench_options=fast)
-    assert sorted(res) == ["benchmark", "files", "out", "pairs", "pairs_from", "seconds", "train"]
+    sample, w = head_sample
+    head_cfg = HeadDemoConfig(epochs=2, repeats=1, cache_tokens=8, batch=16)
+    res = demo(out, pairs=synth_pairs, workers=8, epochs=2, bench_options=fast, head_sample=sample,
+               head_config=head_cfg)
+    assert sorted(res) == ["benchmark", "files", "head", "out", "pairs", "pairs_from", "seconds", "takeaway", "train"]
+    h = res["head"]
+    x = np.load(sample.held).astype(np.float32)
+    assert h["runtime"]["rows"] == len(x) == h["quality"]["rows"]
+    # the runtime's own top-1 against the dense product equals the routing score at the same ρ (selected
+    # logits are exact), and both are better than chance yet counted over every held-out row
+    at = {s["setting"]: s for s in h["quality"]["settings"]}[f"rho={head_cfg.sparsity:g}"]
+    assert h["runtime"]["top1_same"] == round(at["top1"] * len(x))
+    assert 0.5 < h["runtime"]["top1_agreement"] <= 1
+    assert h["bytes"]["dense_fp32"] == w.nbytes and h["bytes"]["per_token_vs_dense"] < 0.5
+    assert h["runtime"]["latency_vs_dense"] > 0 and h["runtime"]["cache"]["misses"] > 0
+    assert os.path.getsize(h["plot"]) > 5000 and h["plot"] in res["files"]["plots"]
     assert [s["status"] for s in res["train"]["stages"]] == ["skipped", "ran", "ran", "ran"]
     b = res["benchmark"]
     assert b["gates"]["trained"] and b["gates"]["sparsity"] == 0.3 and b["quants"] == ["fp32", "int8"]
@@ -169,8 +198,13 @@ def test_demo_like_run_reports_sane_values(synth_pairs, tmp_path):
     assert json.loads(Path(res["files"]["json"]).read_text())["rows"]
     assert all(os.path.getsize(p) > 5000 for p in res["files"]["plots"])
     text = format_demo(res)
-    for word in ("quality on", "memory at ρ = 0.3", "speed at ρ = 0.3", "cache hit rate", "wrote"):
+    for word in ("1. A real head as a sparse adapter: a test head", "2. A fitted adapter", "quality on",
+                 "memory at ρ = 0.3", "speed at ρ = 0.3", "cache hit rate", "wrote", "\n\nTakeaway: "):
         assert word in text
-    again = demo(out, pairs=synth_pairs, workers=8, epochs=2, bench_options=fast)
+    assert f"{h['runtime']['top1_agreement']:.1%} of held-out tokens" in res["takeaway"]
+    again = demo(out, pairs=synth_pairs, workers=8, epochs=2, bench_options=fast, head_sample=sample,
+                 head_config=head_cfg)
     assert [s["status"] for s in again["train"]["stages"]] == ["skipped"] * 4
+    assert again["head"]["build"]["status"] == "skipped"
+    assert again["head"]["runtime"]["top1_same"] == h["runtime"]["top1_same"]
     assert np.isfinite(again["benchmark"]["rows"][0]["rel_err"])

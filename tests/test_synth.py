@@ -281,7 +281,7 @@ def test_cli_synth_and_pairs_info(tmp_path):
     res = runner.invoke(main, ["pairs-info", out])
     assert res.exit_code == 0 and "700 pairs" in res.output and "ground truth: gated" in res.output
     res = runner.invoke(main, ["synth", "-o", out, "--rows", "700", "--d-in", "8", "--d-out", "300", "--seed", "2"])
-    assert res.exit_code == 1 and res.output.count("\n") == 1 and "StoreError" in res.output
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and "holds other pairs" in res.output
     res = runner.invoke(main, ["synth", "-o", out, "--rows", "0", "--d-in", "8", "--d-out", "3"])
     assert res.exit_code == 2  # click's usage error
     res = runner.invoke(main, ["pairs-info", str(tmp_path / "nothing")])

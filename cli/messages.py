@@ -1,0 +1,59 @@
+"""What the CLI says when something is wrong: library errors as one line, and warnings.
+
+:func:`error_line` is what ``cli/main.py`` prints for a :class:`~prismoe_store.errors.PrismoeError`:
+the library's message (what is wrong, and usually what to do) on one line, without the exception's
+class name, shortened to about :data:`MAX_CHARS` by cutting its middle, with a hint of what to do
+for the kinds whose messages do not carry one.
+"""
+
+from __future__ import annotations
+
+import click
+
+from prismoe_store.errors import IncompleteStoreError, PrismoeError, TensorNotFoundError
+
+MAX_CHARS = 400  # longer messages (long paths, a listing of a checkpoint's tensors) are cut to this
+KEEP_END = 160  # characters kept from the end of a long message (where it says what to do)
+HINTS: dict[type, str] = {  # what to do, for messages that say only what is wrong
+    TensorNotFoundError: "name one with --tensor (the aliases lm_head and embedding find the usual names)",
+    IncompleteStoreError: "re-run the command that writes it (it resumes), or pass --overwrite",
+}
+
+
+def error_line(e: PrismoeError) -> str:
+    """One line for the user: the message, shortened, plus a hint when the message gives none.
+
+    >>> error_line(TensorNotFoundError("no tensor 'lm_haed' in m.safetensors; it has 2 tensors: lm_head.weight, x"))
+    "no tensor 'lm_haed' in m.safetensors; it has 2 tensors: lm_head.weight, x — name one with --tensor (the aliases lm_head and embedding find the usual names)"
+    """
+    text = " ".join(str(e).split()) or type(e).__name__
+    if len(text) > MAX_CHARS:  # cut the middle: the start says what is wrong, the end what to do
+        text = text[:MAX_CHARS - KEEP_END - 3].rstrip(" ,;") + " … " + text[-KEEP_END:].lstrip()
+    hint = next((h for kind, h in HINTS.items() if isinstance(e, kind)), None)
+    if hint and "--tensor" not in text and "re-run" not in text and "--overwrite" not in text:
+        text += f" — {hint}"
+    return text
+
+
+def warn(message: str) -> None:
+    """Print ``warning: message`` on stderr."""
+    click.echo(f"warning: {message}", err=True)
+
+
+def warn_padding(pairs, workers: int) -> None:
+    """Warn when ``workers`` tiles per pipe over the pairs' ``d_in × d_out`` leave many tiles all padding
+    (:func:`prismoe_store.grid.padding_advice`); silent when the pairs cannot be opened (the command
+    itself then says why)."""
+    from prismoe_store.errors import StoreError
+    from prismoe_store.grid import padding_advice
+    from prismoe_store.pairs import PairsStore
+
+    try:
+        store = PairsStore.open(pairs)
+    except (StoreError, OSError):
+        return
+    if store.d_out < 1:
+        return
+    advice = padding_advice(store.d_in, store.d_out, workers)
+    if advice:
+        warn(advice)

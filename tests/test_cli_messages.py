@@ -1,0 +1,87 @@
+"""What the CLI says: errors as one line without class names (closest names first), the padding
+warning with a suggested worker count, pairs-info's readable provenance, fit settings left at
+their defaults, ``--output`` as collect's option name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import write_safetensors
+
+from cli.main import main
+from cli.messages import MAX_CHARS, error_line
+from prismoe_store.errors import IncompleteStoreError, TensorNotFoundError
+from prismoe_store.grid import padding_advice, plan_pipes
+from prismoe_store.pairs import PairsStore
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_a_missing_tensor_is_one_short_line_with_the_closest_names_first(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((4, 4)) for i in range(60)}
+    tensors["lm_head.weight"] = rng.standard_normal((8, 4))
+    path = write_safetensors(tmp_path / "m.safetensors", tensors)
+    r = _run("extract", path, "-o", tmp_path / "w.zarr", "--tensor", "lm_haed.weight")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    (line,) = r.output.strip().splitlines()
+    assert line.startswith("Error: no tensor 'lm_haed.weight'") and "TensorNotFoundError" not in line
+    assert line.index("lm_head.weight") < line.index("model.layers")  # the closest name leads the listing
+    assert "61 tensors" in line and len(line) < MAX_CHARS + 150  # not the ~4000 characters of all 61 names
+    assert "--tensor" in line  # what to do
+
+
+def test_error_line_shortens_and_adds_a_hint_only_when_missing():
+    long = TensorNotFoundError("no tensor 'x' in m; it has " + ", ".join(f"t{i}" for i in range(500)))
+    text = error_line(long)
+    assert len(text) < MAX_CHARS + 120 and "\n" not in text and " … " in text and "--tensor" in text
+    assert text.startswith("no tensor 'x' in m; it has t0, t1") and "t499 — name one" in text  # both ends kept
+    ends_with_advice = IncompleteStoreError("x" * 1000 + ": re-run it or pass --overwrite")
+    assert error_line(ends_with_advice).endswith("re-run it or pass --overwrite")
+    told = IncompleteStoreError("head adapter h.zarr is not finished: re-run `prismoe head` first")
+    assert error_line(told) == str(told)
+    assert error_line(IncompleteStoreError("x.zarr is not finished")).endswith("or pass --overwrite")
+
+
+def test_padding_advice_counts_the_tiles_the_planner_makes():
+    assert padding_advice(64, 256, 512) is None
+    line = padding_advice(576, 49152, 512)
+    p1 = plan_pipes(576, 49152, 512)[0]
+    assert f"{p1.workers - p1.active_count} of 512 tiles" in line and f"{p1.active_count} tiles do work" in line
+    suggested = int(line.split("use --workers ")[1].split()[0])
+    assert plan_pipes(576, 49152, suggested)[0].active_count >= 512  # the suggestion gives what it says
+
+
+def test_fit_warns_about_padding_and_inspect_reads_defaults(tmp_path):
+    url = str(tmp_path / "p.zarr")
+    store = PairsStore.create(url, d_in=24, d_out=40)
+    x = np.random.default_rng(1).standard_normal((300, 24)).astype(np.float32)
+    store.append(x, x @ np.random.default_rng(2).standard_normal((24, 40)).astype(np.float32))
+    r = CliRunner().invoke(main, ["fit", url, "-o", str(tmp_path / "a.zarr"), "--workers", "64", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "warning: " in r.stderr and "hold only padding" in r.stderr and "--workers" in r.stderr
+    r = _run("inspect", tmp_path / "a.zarr", "--no-stats")
+    fit_line = next(line for line in r.output.splitlines() if line.strip().startswith("fit:"))
+    assert "ridge auto" in fit_line and "alphas equal" in fit_line and "None" not in fit_line
+
+
+def test_pairs_info_shows_hidden_only_stores_and_nested_provenance(tmp_path):
+    url = str(tmp_path / "h.zarr")
+    store = PairsStore.create(url, d_in=8, d_out=0)
+    store.append(np.ones((5, 8), np.float32), np.zeros((5, 0), np.float32),
+                 provenance={"kind": "collected", "upper": {"path": "m.gguf", "hidden_size": 8}})
+    r = _run("pairs-info", url)
+    assert r.exit_code == 0, r.output
+    assert "hidden states only" in r.output and "{" not in r.output
+    assert "  upper:\n    path: m.gguf\n    hidden_size: 8" in r.output
+
+
+@pytest.mark.parametrize("flag", ["--output", "-o", "--out"])
+def test_collect_takes_output_like_every_command(flag):
+    from cli.collect_cmds import collect_cmd
+
+    option = next(p for p in collect_cmd.params if p.name == "out")
+    assert flag in option.opts

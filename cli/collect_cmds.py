@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import click
 
-from cli.output import echo_json
+from cli.output import echo_json, output_store
 from cli.progress import bar, quiet_option
 from prismoe_store.collect import DTYPES, NONFINITE, POOLS, TARGETS, CollectSpec, benchmark_collect, collect
 from prismoe_store.stores import StoreOptions
@@ -54,7 +54,7 @@ def _spec(kw: dict) -> CollectSpec:
 
 @click.command("collect")
 @_spec_options
-@click.option("-o", "--out", required=True, metavar="PAIRS", help="Pairs store to create or resume.")
+@click.option("-o", "--out", required=True, metavar="PAIRS", callback=output_store, help="Pairs store to create or resume.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming it.")
 @click.option("--compressor", type=click.Choice(["zstd", "blosc", "none"]), default="zstd", show_default=True,
               help="Chunk codec of a new store (logits compress little: none writes fastest).")

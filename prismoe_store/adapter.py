@@ -41,7 +41,7 @@ from typing import Iterator, Protocol, Sequence, runtime_checkable
 import numpy as np
 import zarr
 
-from .errors import CorruptStoreError, DataError, IncompleteStoreError, StoreError
+from .errors import CorruptStoreError, DataError, IncompleteStoreError, PrismoeError, StoreError
 from .grid import GridSpec, plan_partition
 from .stores import Progress, StoreOptions, create_checked, create_chunked, damaged_chunks, open_checked, reading
 
@@ -453,16 +453,18 @@ class AdapterStore:
 
     @contextmanager
     def keeping_gates(self) -> Iterator[None]:
-        """Run a gate-training job so that, if it fails, the gates and their ``gates`` attribute are
-        put back as they were (a failed ``fit-gates --restart`` never leaves a worse store).
+        """Run a gate-training job so that, if it fails with a library error (divergence, damaged or
+        NaN input: a :class:`~prismoe_store.errors.PrismoeError`), the gates and their ``gates``
+        attribute are put back as they were (a failed ``fit-gates --restart`` never leaves a worse
+        store). Other exceptions (an interrupt) keep the saved progress so a re-run resumes.
 
         >>> from prismoe_store.grid import plan_grid
         >>> a = AdapterStore.create("memory://doc-keep", grids=[plan_grid(4, 4, 2)], overwrite=True)
         >>> a.write_gate(0, np.ones((2, 4)), np.zeros(2))
         >>> try:
         ...     with a.keeping_gates():
-        ...         a.write_gate(0, np.zeros((2, 4)), np.zeros(2)); raise RuntimeError("diverged")
-        ... except RuntimeError:
+        ...         a.write_gate(0, np.zeros((2, 4)), np.zeros(2)); raise DataError("diverged")
+        ... except DataError:
         ...     pass
         >>> float(a.read_gate(0)[0].sum())
         8.0
@@ -476,7 +478,7 @@ class AdapterStore:
         attr = self.group.attrs.get("gates")
         try:
             yield
-        except BaseException:
+        except PrismoeError:
             for p, gate in enumerate(saved):
                 if gate is not None:
                     self.write_gate(p, *gate)

@@ -163,10 +163,9 @@ def _plan(src: Source, found: Resolution, name: str, workers: int, dtype: Dtype)
     bias = src.bias_of(found)
     stored = src.stored_dtype(info.name) if dtype == "source" else dtype
     grid = plan_grid(cols, rows, workers)
-    if grid.rows > rows or grid.cols > cols:
-        raise GridError(f"{workers} tiles are too many for the {rows}×{cols} matrix {info.name!r}: the grid would "
-                        f"need {grid.rows} bands × {grid.cols} slices, more than its rows/columns (tiles of pure "
-                        "padding); use fewer --workers")
+    if grid.workers > rows * cols:  # mostly padding: a chunk (and a progress flag) each, for nothing
+        raise GridError(f"{workers} tiles are too many for the {rows}×{cols} matrix {info.name!r} (more tiles than "
+                        "it has entries): use fewer --workers")
     log.info("%s: %s%s", name, found.line(), f"; bias {bias}" if bias else "")
     return _Job(name, info, found, bias, src.stamp(info.name, bias), grid, stored)
 

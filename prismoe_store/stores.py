@@ -8,7 +8,7 @@ the store's own *progress record* (one tiny chunk per unit, so concurrent writer
 chunk), never inferred from chunk presence.
 
 Every store is opened through :class:`VerifiedStore`, which keeps a *chunk record* beside each
-chunk it writes (``<array>/_crc/<i>/<j>``: crc32c and size of the encoded bytes, written after the
+chunk it writes (``<array>/_crc/<i>/<j>``: CRC-32 and size of the encoded bytes, written after the
 chunk) and checks each chunk it reads against it: a chunk that is missing, truncated, or holds
 another chunk's bytes (a swapped tile) raises :class:`~prismoe_store.errors.CorruptStoreError`
 in every reader, never zeros. Stores created with records say so in their format attribute
@@ -30,6 +30,7 @@ True
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import json
@@ -37,11 +38,11 @@ import os
 import re
 import struct
 import threading
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncGenerator, Iterable, Iterator, Literal
 
-import crc32c
 import numpy as np
 import zarr
 from zarr.abc.store import ByteRequest, Store, SuffixByteRequest
@@ -119,6 +120,8 @@ def location(url: str | os.PathLike, *, write: bool = False) -> str:
     if not _is_url(url):
         return url
     protocol = url.split("://", 1)[0].split("::")[-1]
+    if write and protocol in READ_ONLY_PROTOCOLS:
+        raise StoreError(f"{url}: {protocol}:// is read-only here, a store cannot be written to it")
     import fsspec
 
     try:
@@ -129,8 +132,6 @@ def location(url: str | os.PathLike, *, write: bool = False) -> str:
     except ValueError:
         raise StoreError(f"{url}: unknown protocol {protocol!r} (not a path, and no fsspec filesystem of that name)"
                          ) from None
-    if write and protocol in READ_ONLY_PROTOCOLS:
-        raise StoreError(f"{url}: {protocol}:// is read-only here, a store cannot be written to it")
     return url
 
 
@@ -284,7 +285,8 @@ def _describe(kind: str) -> str:
 
 _CHUNK_KEY = re.compile(r"^(?P<array>(?:.*/)?)c(?P<index>(?:/\d+)*)$")
 RECORD_DIR = "_crc"  # beside each array's c/ folder: one record per chunk, same index path
-_RECORD = struct.Struct("<IQ4s")  # crc32c of the encoded chunk, its size, its last 4 bytes
+_RETRY_WAITS = (0.01, 0.05, 0.2, None)  # seconds between re-reads of a chunk that disagrees with its record
+_RECORD = struct.Struct("<IQ4s")  # CRC-32 of the encoded chunk, its size, its last 4 bytes
 
 
 def record_key(key: str) -> str | None:
@@ -300,14 +302,16 @@ def record_key(key: str) -> str | None:
 
 
 def _record_of(data) -> bytes:
+    # zlib's CRC-32, not crc32c: a chunk ends with its own crc32c, and the crc32c of data followed by
+    # its crc32c is the same constant for every chunk (so it could not tell two chunks apart)
     view = np.asarray(data, dtype=np.uint8).reshape(-1)
-    return _RECORD.pack(crc32c.crc32c(view), view.size, bytes(view[-4:]).rjust(4, b"\0"))
+    return _RECORD.pack(zlib.crc32(view), view.size, bytes(view[-4:]).rjust(4, b"\0"))
 
 
 class VerifiedStore(WrapperStore):
     """A Zarr store that records every chunk it writes and checks every chunk it reads.
 
-    On write, ``<array>/_crc/<index>`` gets the crc32c and size of the encoded chunk (after the
+    On write, ``<array>/_crc/<index>`` gets the CRC-32 and size of the encoded chunk (after the
     chunk, so a crash leaves a chunk without a record, never a record of unwritten bytes). On read,
     a chunk with a record must exist and match it (whole reads: crc and size; the tail read of a
     shard's index: its last bytes); with ``strict`` (stores made with records) a chunk without a
@@ -336,10 +340,21 @@ class VerifiedStore(WrapperStore):
 
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
                   ) -> Buffer | None:
-        value = await self._store.get(key, prototype, byte_range)
         rkey = record_key(key)
         if rkey is None:
-            return value
+            return await self._store.get(key, prototype, byte_range)
+        for wait in _RETRY_WAITS:  # a chunk being rewritten (an append filling it) is briefly newer than its record
+            try:
+                return await self._checked(key, rkey, prototype, byte_range)
+            except CorruptStoreError:
+                if wait is None:
+                    raise
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    async def _checked(self, key: str, rkey: str, prototype: BufferPrototype, byte_range: ByteRequest | None
+                       ) -> Buffer | None:
+        value = await self._store.get(key, prototype, byte_range)
         rec = await self._store.get(rkey, default_buffer_prototype())
         if rec is None:
             if value is not None and self.strict:
@@ -354,7 +369,7 @@ class VerifiedStore(WrapperStore):
             raise CorruptStoreError(f"chunk {key} of {self} is missing (the store recorded writing it)")
         if byte_range is None:
             data = value.as_numpy_array()
-            if data.size != size or crc32c.crc32c(data) != crc:
+            if data.size != size or zlib.crc32(data) != crc:
                 raise CorruptStoreError(f"chunk {key} of {self} does not hold what was written there "
                                         f"({data.size} bytes, {size} recorded; truncated, damaged or another "
                                         "chunk's data)")
@@ -363,6 +378,12 @@ class VerifiedStore(WrapperStore):
                 raise CorruptStoreError(f"chunk {key} of {self} does not end as written (truncated, damaged or "
                                         "another chunk's data)")
         return value
+
+    async def getsize(self, key: str) -> int:
+        return await self._store.getsize(key)  # sizes only: metadata reports read no chunk
+
+    async def getsize_prefix(self, prefix: str) -> int:
+        return await self._store.getsize_prefix(prefix)
 
     async def get_partial_values(self, prototype: BufferPrototype,
                                  key_ranges: Iterable[tuple[str, ByteRequest | None]]) -> list[Buffer | None]:
@@ -414,8 +435,6 @@ def damaged_chunks(array: zarr.Array, coords: Iterable[tuple[int, ...]]) -> list
     coords = list(coords)
 
     async def check_all() -> list[bool]:
-        import asyncio
-
         keys = ["/".join(filter(None, (prefix, array.metadata.encode_chunk_key(c)))) for c in coords]
         return list(await asyncio.gather(*(store.check_chunk(k) for k in keys)))
 

@@ -35,15 +35,30 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import zarr
 
-from .errors import CorruptStoreError, DataError, IncompleteStoreError, PrismoeError, StoreError
+from .errors import (
+    CorruptStoreError,
+    DataError,
+    IncompleteStoreError,
+    PrismoeError,
+    StoreError,
+)
 from .grid import GridSpec, plan_partition
-from .stores import Progress, StoreOptions, create_checked, create_chunked, damaged_chunks, open_checked, reading
+from .stores import (
+    Progress,
+    StoreOptions,
+    create_checked,
+    create_chunked,
+    damaged_chunks,
+    open_checked,
+    reading,
+)
 
 ADAPTER_FORMAT, ADAPTER_VERSION = "adapter", 1
 MODES = ("joint", "independent")
@@ -87,7 +102,7 @@ class AdapterStore:
     @classmethod
     def create(cls, url, *, grids: Sequence[GridSpec], mode: str = "joint", alphas: Sequence[float] | None = None,
                options: StoreOptions | None = None, attrs: dict | None = None, overwrite: bool = False
-               ) -> "AdapterStore":
+               ) -> AdapterStore:
         """Create an adapter with one pipe per grid (tiles all zero until written).
 
         >>> from prismoe_store.grid import plan_pipes
@@ -118,7 +133,7 @@ class AdapterStore:
 
     @classmethod
     def open(cls, url, mode: str = "r", *, storage_options: dict | None = None, require_complete: bool = False
-             ) -> "AdapterStore":
+             ) -> AdapterStore:
         """Open an adapter store (format and version checked); optionally insist the fit finished."""
         group = open_checked(url, ADAPTER_FORMAT, ADAPTER_VERSION, mode, storage_options=storage_options)
         store = cls(group, str(url))
@@ -130,7 +145,7 @@ class AdapterStore:
     @classmethod
     def create_partition(cls, url, *, d_in: int, d_out: int, band_rows: int | None = None,
                          options: StoreOptions | None = None, attrs: dict | None = None,
-                         overwrite: bool = False) -> "AdapterStore":
+                         overwrite: bool = False) -> AdapterStore:
         """Create a head adapter: band tiles in the ``partition`` layout, ``select`` combine, fill −inf.
 
         Its tiles, row order and gate are written afterwards (:meth:`write_order`,

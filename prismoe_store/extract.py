@@ -39,7 +39,13 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from .checkpoint import open_source
-from .errors import CastOverflowError, GridError, SourceError, SourceMismatchError, StoreError
+from .errors import (
+    CastOverflowError,
+    GridError,
+    SourceError,
+    SourceMismatchError,
+    StoreError,
+)
 from .grid import DEFAULT_WORKERS, GridSpec, plan_grid
 from .resolve import ALIASES, resolve
 from .source import Source

@@ -39,9 +39,11 @@ import re
 import struct
 import threading
 import zlib
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncGenerator, Iterable, Iterator, Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -50,7 +52,13 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from .errors import CorruptStoreError, IncompleteStoreError, StoreError, StoreFormatError, TensorNotFoundError
+from .errors import (
+    CorruptStoreError,
+    IncompleteStoreError,
+    StoreError,
+    StoreFormatError,
+    TensorNotFoundError,
+)
 from .grid import GridSpec
 
 FORMAT_KEY = "prismoe_store"
@@ -140,7 +148,7 @@ def is_persistent(url: str) -> bool:
     return not str(url).startswith("memory://")
 
 
-def _make_store(url: str, mode: str, storage_options: dict | None) -> "VerifiedStore":
+def _make_store(url: str, mode: str, storage_options: dict | None) -> VerifiedStore:
     read_only = mode == "r"
     try:
         if _is_url(url):
@@ -265,8 +273,8 @@ def existing_kind(url: str, *, storage_options: dict | None = None) -> str | Non
             return "file"
         if not os.listdir(url):
             return None
-        meta_path = os.path.join(url, "zarr.json")
-        meta = open(meta_path, "rb").read() if os.path.isfile(meta_path) else None
+        meta_path = Path(url, "zarr.json")
+        meta = meta_path.read_bytes() if meta_path.is_file() else None
     if meta is None:
         return "folder"
     try:
@@ -332,7 +340,7 @@ class VerifiedStore(WrapperStore):
         super().__init__(store)
         self.strict = strict  # refuse chunks that have no record (stores created with records)
 
-    def _with_store(self, store: Store) -> "VerifiedStore":
+    def _with_store(self, store: Store) -> VerifiedStore:
         return type(self)(store, strict=self.strict)
 
     def __str__(self) -> str:
@@ -373,10 +381,10 @@ class VerifiedStore(WrapperStore):
                 raise CorruptStoreError(f"chunk {key} of {self} does not hold what was written there "
                                         f"({data.size} bytes, {size} recorded; truncated, damaged or another "
                                         "chunk's data)")
-        elif isinstance(byte_range, SuffixByteRequest) and byte_range.suffix >= 4:
-            if bytes(value.as_numpy_array()[-4:]) != tail:
-                raise CorruptStoreError(f"chunk {key} of {self} does not end as written (truncated, damaged or "
-                                        "another chunk's data)")
+        elif (isinstance(byte_range, SuffixByteRequest) and byte_range.suffix >= 4
+              and bytes(value.as_numpy_array()[-4:]) != tail):
+            raise CorruptStoreError(f"chunk {key} of {self} does not end as written (truncated, damaged or "
+                                    "another chunk's data)")
         return value
 
     async def getsize(self, key: str) -> int:
@@ -502,7 +510,7 @@ class Progress:
         self._array = array
 
     @classmethod
-    def create(cls, group: zarr.Group, name: str, units: int) -> "Progress":
+    def create(cls, group: zarr.Group, name: str, units: int) -> Progress:
         """Create (or reuse, when it already has ``units`` units) the record ``_progress/name``."""
         path = f"_progress/{name}"
         if path in group:
@@ -515,7 +523,7 @@ class Progress:
         return cls(arr)
 
     @classmethod
-    def open(cls, group: zarr.Group, name: str) -> "Progress | None":
+    def open(cls, group: zarr.Group, name: str) -> Progress | None:
         """The record ``name``, or ``None`` when the store has none."""
         path = f"_progress/{name}"
         return cls(group[path]) if path in group else None
@@ -541,7 +549,7 @@ class Progress:
 
     def unmark(self, units) -> None:
         """Record ``units`` as not finished (their data was found damaged: the job redoes them)."""
-        for u in sorted(set(int(u) for u in units)):
+        for u in sorted({int(u) for u in units}):
             self._array[u] = 0
 
     def done(self) -> list[int]:
@@ -623,7 +631,7 @@ class WeightsStore:
 
     # -- open / create --
     @classmethod
-    def create(cls, url, *, options: StoreOptions | None = None, overwrite: bool = False) -> "WeightsStore":
+    def create(cls, url, *, options: StoreOptions | None = None, overwrite: bool = False) -> WeightsStore:
         """Create an empty weights store (or open an existing one to add/resume tensors).
 
         Resuming keeps the store's own encoding options (``options`` apply to a new store only), so
@@ -642,7 +650,7 @@ class WeightsStore:
         return cls(group, url)
 
     @classmethod
-    def open(cls, url, mode: str = "r", *, storage_options: dict | None = None) -> "WeightsStore":
+    def open(cls, url, mode: str = "r", *, storage_options: dict | None = None) -> WeightsStore:
         """Open an existing weights store (format and version checked)."""
         return cls(open_checked(url, WEIGHTS_FORMAT, WEIGHTS_VERSION, mode, storage_options=storage_options), str(url))
 
@@ -832,7 +840,7 @@ def job_lock(url: str) -> Iterator[None]:
     path = os.path.abspath(url).rstrip(os.sep)
     lock_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
     try:
-        fh = open(lock_path, "a")
+        fh = Path(lock_path).open("a")  # noqa: SIM115 (closed by the `with` below; this line only names the error)
     except OSError as e:
         raise StoreError(f"cannot write next to {url}: {e.strerror or e}") from None
     with fh:

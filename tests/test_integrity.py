@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 from click.testing import CliRunner
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -21,7 +20,14 @@ from hypothesis import strategies as st
 from cli.main import main
 from prismoe_store.adapter import AdapterStore
 from prismoe_store.compare import compare_matrices, open_matrix
-from prismoe_store.errors import CorruptStoreError, DataError, GridError, SourceError, StoreError, StoreFormatError
+from prismoe_store.errors import (
+    CorruptStoreError,
+    DataError,
+    GridError,
+    SourceError,
+    StoreError,
+    StoreFormatError,
+)
 from prismoe_store.extract import extract
 from prismoe_store.fit import fit
 from prismoe_store.gates import fit_gates
@@ -29,7 +35,12 @@ from prismoe_store.head_build import HeadConfig, build_head
 from prismoe_store.pairs import PairsStore, open_rows
 from prismoe_store.quant import quantize_adapter
 from prismoe_store.runtime import open_runtime
-from prismoe_store.stores import StoreOptions, WeightsStore, existing_kind, job_lock, location
+from prismoe_store.stores import (
+    WeightsStore,
+    existing_kind,
+    job_lock,
+    location,
+)
 from prismoe_store.synth import SynthSpec, synthesize
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -418,7 +429,7 @@ def _consumers(kind: str, array: str, d: Path, made) -> dict:
                                                     open_matrix(str(made["dir"] / "w.safetensors")).array),
                 "head": lambda: build_head(str(d / "weights"), str(d / "h2"), config=HeadConfig(band_rows=16))}
     if kind in ("adapter fp32", "adapter int8", "gates"):
-        a = lambda: AdapterStore.open(d / "adapter", "r+")  # noqa: E731
+        a = lambda: AdapterStore.open(d / "adapter", "r+")
         out = {"infer": lambda: _runtime_all(a(), quant="int8" if kind == "adapter int8" else None)}
         if kind == "adapter fp32":
             out["quantize"] = lambda: ([shutil.rmtree(d / "adapter" / f"pipe{q}" / "tiles_int8") for q in (1, 2, 3)],
@@ -431,7 +442,7 @@ def _consumers(kind: str, array: str, d: Path, made) -> dict:
         if array == "x":  # infer reads a pairs store's x only
             out["infer input"] = lambda: open_rows(str(d / "pairs"))[0](0, 400)
         return out
-    h = lambda: AdapterStore.open(d / "head")  # noqa: E731
+    h = lambda: AdapterStore.open(d / "head")
     if kind == "head int8":
         return {"infer int8": lambda: _runtime_all(h(), quant="int8")}
     out = {"infer": lambda: _runtime_all(h())}

@@ -21,13 +21,13 @@ from prismoe_store.errors import (
 )
 from prismoe_store.grid import plan_grid
 from prismoe_store.stores import (
-    existing_kind,
     WEIGHTS_FORMAT,
     WEIGHTS_VERSION,
     Progress,
     StoreOptions,
     WeightsStore,
     create_checked,
+    existing_kind,
 )
 
 compressors = st.sampled_from(["none", "zstd", "blosc"])

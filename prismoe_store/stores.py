@@ -8,8 +8,8 @@ the store's own *progress record* (one tiny chunk per unit, so concurrent writer
 chunk), never inferred from chunk presence.
 
 Every store is opened through :class:`VerifiedStore`, which keeps a *chunk record* beside each
-chunk it writes (``<array>/_crc/<i>/<j>``: CRC-32 and size of the encoded bytes, written after the
-chunk) and checks each chunk it reads against it: a chunk that is missing, truncated, or holds
+chunk it writes (``<array>/_crc/<i>/<j>``: CRC-32 and size of the encoded bytes) and checks each
+chunk it reads against it: a chunk that is missing, truncated, or holds
 another chunk's bytes (a swapped tile) raises :class:`~prismoe_store.errors.CorruptStoreError`
 in every reader, never zeros. Stores created with records say so in their format attribute
 (``"chunk_records": true``); in them a chunk without a record is refused too.
@@ -294,7 +294,8 @@ def _describe(kind: str) -> str:
 _CHUNK_KEY = re.compile(r"^(?P<array>(?:.*/)?)c(?P<index>(?:/\d+)*)$")
 RECORD_DIR = "_crc"  # beside each array's c/ folder: one record per chunk, same index path
 _RETRY_WAITS = (0.01, 0.05, 0.2, None)  # seconds between re-reads of a chunk that disagrees with its record
-_RECORD = struct.Struct("<IQ4s")  # CRC-32 of the encoded chunk, its size, its last 4 bytes
+_ENTRY = struct.Struct("<IQ")  # one state a chunk may be in: CRC-32 of its encoded bytes, and their size
+_ABSENT = (0, 2**64 - 1)  # the state "no chunk" (a chunk being created for the first time)
 
 
 def record_key(key: str) -> str | None:
@@ -309,21 +310,32 @@ def record_key(key: str) -> str | None:
     return f"{m['array']}{RECORD_DIR}{m['index'] or '/_'}"
 
 
-def _record_of(data) -> bytes:
+def _entry_of(data) -> tuple[int, int]:
     # zlib's CRC-32, not crc32c: a chunk ends with its own crc32c, and the crc32c of data followed by
     # its crc32c is the same constant for every chunk (so it could not tell two chunks apart)
     view = np.asarray(data, dtype=np.uint8).reshape(-1)
-    return _RECORD.pack(zlib.crc32(view), view.size, bytes(view[-4:]).rjust(4, b"\0"))
+    return zlib.crc32(view), int(view.size)
+
+
+def _pack(entries: Iterable[tuple[int, int]]) -> Buffer:
+    return default_buffer_prototype().buffer.from_bytes(b"".join(_ENTRY.pack(*e) for e in dict.fromkeys(entries)))
+
+
+def _unpack(rec: Buffer, key: str, where) -> list[tuple[int, int]]:
+    raw = rec.to_bytes()
+    if not raw or len(raw) % _ENTRY.size:
+        raise CorruptStoreError(f"the record of chunk {key} of {where} is damaged")
+    return [_ENTRY.unpack_from(raw, i) for i in range(0, len(raw), _ENTRY.size)]
 
 
 class VerifiedStore(WrapperStore):
     """A Zarr store that records every chunk it writes and checks every chunk it reads.
 
-    On write, ``<array>/_crc/<index>`` gets the CRC-32 and size of the encoded chunk (after the
-    chunk, so a crash leaves a chunk without a record, never a record of unwritten bytes). On read,
-    a chunk with a record must exist and match it (whole reads: crc and size; the tail read of a
-    shard's index: its last bytes); with ``strict`` (stores made with records) a chunk without a
-    record is refused as well. Failures raise :class:`CorruptStoreError` naming the chunk.
+    On write, ``<array>/_crc/<index>`` gets the CRC-32 and size of the encoded chunk (see
+    :meth:`set` for the order that keeps them in agreement whenever a writer is killed). On read,
+    a chunk with a record must exist and match it (CRC and size; a shard is checked whole the first
+    time its index is read, then its inner chunks are read by range); with ``strict`` (stores made
+    with records) a chunk without a record is refused as well. Failures raise :class:`CorruptStoreError` naming the chunk.
 
     >>> from zarr.storage import MemoryStore
     >>> s = VerifiedStore(MemoryStore())
@@ -339,6 +351,7 @@ class VerifiedStore(WrapperStore):
     def __init__(self, store: Store, *, strict: bool = False) -> None:
         super().__init__(store)
         self.strict = strict  # refuse chunks that have no record (stores created with records)
+        self._verified: set[str] = set()  # shards checked whole since this store was opened
 
     def _with_store(self, store: Store) -> VerifiedStore:
         return type(self)(store, strict=self.strict)
@@ -366,25 +379,25 @@ class VerifiedStore(WrapperStore):
         rec = await self._store.get(rkey, default_buffer_prototype())
         if rec is None:
             if value is not None and self.strict:
-                raise CorruptStoreError(f"chunk {key} of {self} has no record of being written (a stray or "
-                                        "half-written chunk)")
+                raise CorruptStoreError(f"chunk {key} of {self} has no record of being written (a stray chunk)")
             return value
-        try:
-            crc, size, tail = _RECORD.unpack(rec.to_bytes())
-        except struct.error:
-            raise CorruptStoreError(f"the record of chunk {key} of {self} is damaged") from None
+        entries = _unpack(rec, key, self)
         if value is None:
+            if _ABSENT in entries:  # its first write was cut short: it was never there
+                return None
             raise CorruptStoreError(f"chunk {key} of {self} is missing (the store recorded writing it)")
         if byte_range is None:
             data = value.as_numpy_array()
-            if data.size != size or zlib.crc32(data) != crc:
+            if _entry_of(data) not in entries:
+                sizes = " or ".join(str(n) for _, n in entries if (0, n) != _ABSENT)
                 raise CorruptStoreError(f"chunk {key} of {self} does not hold what was written there "
-                                        f"({data.size} bytes, {size} recorded; truncated, damaged or another "
+                                        f"({data.size} bytes, {sizes} recorded; truncated, damaged or another "
                                         "chunk's data)")
-        elif (isinstance(byte_range, SuffixByteRequest) and byte_range.suffix >= 4
-              and bytes(value.as_numpy_array()[-4:]) != tail):
-            raise CorruptStoreError(f"chunk {key} of {self} does not end as written (truncated, damaged or "
-                                    "another chunk's data)")
+        elif isinstance(byte_range, SuffixByteRequest) and key not in self._verified:
+            # a shard's index is read first: check the whole shard once (its index alone cannot tell two
+            # shards apart whose inner chunks have the same sizes), then trust it while this store is open
+            await self._checked(key, rkey, prototype, None)
+            self._verified.add(key)
         return value
 
     async def getsize(self, key: str) -> int:
@@ -403,11 +416,25 @@ class VerifiedStore(WrapperStore):
             yield key, await self.get(key, prototype, byte_range)
 
     async def set(self, key: str, value: Buffer) -> None:
-        await self._store.set(key, value)
+        """Write a chunk so that a kill at any moment leaves chunk and record in agreement: the record
+        first accepts both the old and the new chunk, then the chunk is written, then the record
+        names the new chunk alone (each object write is atomic in Zarr's local and fsspec stores)."""
+        self._verified.discard(key)
         rkey = record_key(key)
-        if rkey is not None:
-            rec = _record_of(value.as_numpy_array())
-            await self._store.set(rkey, default_buffer_prototype().buffer.from_bytes(rec))
+        if rkey is None:
+            await self._store.set(key, value)
+            return
+        new = _entry_of(value.as_numpy_array())
+        old = await self._store.get(rkey, default_buffer_prototype())
+        try:
+            before = _unpack(old, key, self) if old is not None else [_ABSENT]
+        except CorruptStoreError:
+            before = []  # a damaged record is replaced
+        if before != [new]:
+            await self._store.set(rkey, _pack([*before, new]))
+        await self._store.set(key, value)
+        if before != [new]:
+            await self._store.set(rkey, _pack([new]))
 
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
         if not await self._store.exists(key):
@@ -418,6 +445,7 @@ class VerifiedStore(WrapperStore):
             await self.set(key, value)
 
     async def delete(self, key: str) -> None:
+        self._verified.discard(key)
         rkey = record_key(key)
         if rkey is not None:
             await self._store.delete(rkey)

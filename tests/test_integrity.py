@@ -36,6 +36,7 @@ from prismoe_store.pairs import PairsStore, open_rows
 from prismoe_store.quant import quantize_adapter
 from prismoe_store.runtime import open_runtime
 from prismoe_store.stores import (
+    StoreOptions,
     WeightsStore,
     existing_kind,
     job_lock,
@@ -104,6 +105,7 @@ def made(tmp_path_factory):
     quantize_adapter(adapter)
     w = safetensors(d / "w.safetensors")
     extract(d / "w.safetensors", d / "weights", workers=8)
+    extract(d / "w.safetensors", d / "weights_sharded", workers=8, options=StoreOptions(shard=True))
     np.save(d / "head.npy", np.random.default_rng(3).normal(size=(100, D_IN)).astype(np.float32))
     build_head(str(d / "head.npy"), str(d / "head"), config=HeadConfig(band_rows=16, int8=True))
     np.save(d / "x.npy", pairs.read_x(0, 40))
@@ -423,11 +425,13 @@ def _runtime_all(adapter, **kw):
 
 def _consumers(kind: str, array: str, d: Path, made) -> dict:
     """The library calls that read ``array`` of a store of ``kind`` (each must fail on a damaged chunk)."""
-    if kind == "weights":
-        return {"read": lambda: WeightsStore.open(d / "weights").read("lm_head"),
-                "compare": lambda: compare_matrices(open_matrix(str(d / "weights")).array,
+    if kind.startswith("weights"):
+        w = d / KINDS[kind][0]
+        return {"read": lambda: WeightsStore.open(w).read("lm_head"),
+                "tiles": lambda: [WeightsStore.open(w).read_tile("lm_head", j) for j in range(8)],
+                "compare": lambda: compare_matrices(open_matrix(str(w)).array,
                                                     open_matrix(str(made["dir"] / "w.safetensors")).array),
-                "head": lambda: build_head(str(d / "weights"), str(d / "h2"), config=HeadConfig(band_rows=16))}
+                "head": lambda: build_head(str(w), str(d / "h2"), config=HeadConfig(band_rows=16))}
     if kind in ("adapter fp32", "adapter int8", "gates"):
         a = lambda: AdapterStore.open(d / "adapter", "r+")
         out = {"infer": lambda: _runtime_all(a(), quant="int8" if kind == "adapter int8" else None)}
@@ -453,6 +457,7 @@ def _consumers(kind: str, array: str, d: Path, made) -> dict:
 
 KINDS = {  # store kind -> (store folder, arrays whose chunks may be damaged)
     "weights": ("weights", ["tensors/lm_head"]),
+    "weights (sharded)": ("weights_sharded", ["tensors/lm_head"]),
     "adapter fp32": ("adapter", ["pipe1/tiles", "pipe2/tiles", "pipe3/tiles"]),
     "adapter int8": ("adapter", ["pipe1/tiles_int8", "pipe2/scales", "pipe3/tiles_int8", "pipe3/scales"]),
     "gates": ("adapter", ["pipe1/gate_weight", "pipe2/gate_bias", "pipe3/gate_weight"]),
@@ -462,7 +467,7 @@ KINDS = {  # store kind -> (store folder, arrays whose chunks may be damaged)
 }
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(sorted(KINDS)), damage=st.sampled_from(["delete", "truncate", "swap"]), data=st.data())
 def test_any_damaged_chunk_fails_every_consumer(tmp_path_factory, made, kind, damage, data):
     d = tmp_path_factory.mktemp("damaged")

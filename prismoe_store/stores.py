@@ -295,6 +295,7 @@ _CHUNK_KEY = re.compile(r"^(?P<array>(?:.*/)?)c(?P<index>(?:/\d+)*)$")
 RECORD_DIR = "_crc"  # beside each array's c/ folder: one record per chunk, same index path
 _RETRY_WAITS = (0.01, 0.05, 0.2, None)  # seconds between re-reads of a chunk that disagrees with its record
 _ENTRY = struct.Struct("<IQ")  # one state a chunk may be in: CRC-32 of its encoded bytes, and their size
+_MAX_RECORDS = 1 << 20  # chunk records a store remembers (about 100 MiB at most)
 _ABSENT = (0, 2**64 - 1)  # the state "no chunk" (a chunk being created for the first time)
 
 
@@ -352,6 +353,8 @@ class VerifiedStore(WrapperStore):
         super().__init__(store)
         self.strict = strict  # refuse chunks that have no record (stores created with records)
         self._verified: set[str] = set()  # shards checked whole since this store was opened
+        self._records: dict[str, list[tuple[int, int]]] = {}  # chunk records read so far (a chunk that
+        # disagrees with its remembered record is checked against the stored record again)
 
     def _with_store(self, store: Store) -> VerifiedStore:
         return type(self)(store, strict=self.strict)
@@ -375,13 +378,21 @@ class VerifiedStore(WrapperStore):
 
     async def _checked(self, key: str, rkey: str, prototype: BufferPrototype, byte_range: ByteRequest | None
                        ) -> Buffer | None:
-        value = await self._store.get(key, prototype, byte_range)
-        rec = await self._store.get(rkey, default_buffer_prototype())
+        known = self._records.get(rkey)
+        if known is not None and byte_range is None:  # record read before: one read, and a CRC of it
+            value = await self._store.get(key, prototype)
+            if value is not None and _entry_of(value.as_numpy_array()) in known:
+                return value
+        value, rec = await asyncio.gather(self._store.get(key, prototype, byte_range),
+                                          self._store.get(rkey, default_buffer_prototype()))
         if rec is None:
             if value is not None and self.strict:
                 raise CorruptStoreError(f"chunk {key} of {self} has no record of being written (a stray chunk)")
             return value
         entries = _unpack(rec, key, self)
+        if len(self._records) >= _MAX_RECORDS:
+            self._records.clear()
+        self._records[rkey] = entries
         if value is None:
             if _ABSENT in entries:  # its first write was cut short: it was never there
                 return None
@@ -435,6 +446,7 @@ class VerifiedStore(WrapperStore):
         await self._store.set(key, value)
         if before != [new]:
             await self._store.set(rkey, _pack([new]))
+        self._records[rkey] = [new]
 
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
         if not await self._store.exists(key):
@@ -448,6 +460,7 @@ class VerifiedStore(WrapperStore):
         self._verified.discard(key)
         rkey = record_key(key)
         if rkey is not None:
+            self._records.pop(rkey, None)
             await self._store.delete(rkey)
         await self._store.delete(key)
 

@@ -290,8 +290,8 @@ class _Fit:
         try:
             old = AdapterStore.open(self.adapter_url, "r+", storage_options=self.options.storage_options)
         except StoreFormatError as e:  # another kind of store, or user files: never replaced
-            raise StoreFormatError(f"{e}: refusing to replace it (--overwrite replaces only an adapter); "
-                                   "choose another output") from None
+            raise StoreFormatError(f"{self.adapter_url} already exists and is not an adapter ({e}): refusing to "
+                                   "replace it (--overwrite replaces only an adapter); choose another output") from None
         except StoreError:
             return None, None  # nothing there (AdapterStore.create refuses any other leftover)
         info = old.attrs().get("fit", {})

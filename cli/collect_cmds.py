@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import click
 
-from cli.output import echo_json
+from cli.output import echo_json, output_store
 from cli.progress import bar, quiet_option
 from prismoe_store.collect import DTYPES, NONFINITE, POOLS, TARGETS, CollectSpec, benchmark_collect, collect
 from prismoe_store.stores import StoreOptions
@@ -54,7 +54,7 @@ def _spec(kw: dict) -> CollectSpec:
 
 @click.command("collect")
 @_spec_options
-@click.option("-o", "--output", "--out", "out", required=True, metavar="PAIRS",
+@click.option("-o", "--output", "--out", "out", required=True, metavar="PAIRS", callback=output_store,
               help="Pairs store to create or resume (--out is an older name).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming it.")
 @click.option("--compressor", type=click.Choice(["zstd", "blosc", "none"]), default="none", show_default=True,

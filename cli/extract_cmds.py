@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.output import echo_json
+from cli.output import echo_json, output_store
 from cli.progress import bar, quiet_option
 from prismoe_store.extract import extract, tile
 from prismoe_store.grid import DEFAULT_WORKERS
@@ -16,7 +16,7 @@ from prismoe_store.stores import StoreOptions, WeightsStore
 def _store_options(f):
     """Options shared by both commands: output store, grid, dtype and encoding."""
     options = [
-        click.option("-o", "--output", "store", required=True, help="Store path or fsspec URL (e.g. memory://x)."),
+        click.option("-o", "--output", "store", required=True, callback=output_store, help="Store path or fsspec URL (e.g. memory://x)."),
         click.option("--workers", type=int, default=DEFAULT_WORKERS, show_default=True,
                      help="Tiles per grid (a power of 2)."),
         click.option("--dtype", type=click.Choice(["float32", "float16", "source"]), default="float32",

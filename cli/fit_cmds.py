@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import click
 
-from cli.output import echo_json
 from cli.messages import warn_padding
+from cli.output import echo_json, output_store
 from cli.progress import bar, quiet_option
 
 
@@ -21,7 +21,7 @@ def _alphas(value: str | None):
 
 @click.command("fit")
 @click.argument("pairs")
-@click.option("-o", "--output", "adapter", required=True, help="Adapter store to write (path or URL).")
+@click.option("-o", "--output", "adapter", required=True, callback=output_store, help="Adapter store to write (path or URL).")
 @click.option("--mode", type=click.Choice(["joint", "independent"]), default="joint", show_default=True,
               help="joint: band-wise ridge over the whole input (pipes reproduce the dense solution); "
                    "independent: each tile fits its own input slice.")

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from cli.output import echo_json
+from cli.output import echo_json, output_store
 from cli.progress import bar, quiet_option
 
 _ORDERS = ("cluster", "identity")  # prismoe_store.vocab_order.ORDERS (not imported: it loads numpy)
@@ -29,7 +29,7 @@ def _floats(value: str, low: float, high: float) -> tuple[float, ...]:
 
 @click.command("head")
 @click.argument("source")
-@click.option("-o", "--output", required=True, help="Head adapter store to write (path or URL).")
+@click.option("-o", "--output", required=True, callback=output_store, help="Head adapter store to write (path or URL).")
 @click.option("--tensor", default="lm_head", show_default=True,
               help="Tensor name or alias (lm_head, embedding) in a checkpoint or weights store.")
 @click.option("--bands", type=click.IntRange(min=1), default=None,

@@ -32,6 +32,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except PrismoeError as e:
             raise click.ClickException(error_line(e)) from None
+        except OSError as e:  # the disk is full, a folder is missing, a permission is lacking, ...
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            raise click.ClickException(f"{e.strerror or e}{where}") from None
         except MemoryError:
             raise click.ClickException("out of memory: try a smaller --batch-size / --cache-mb / chunk size") from None
 

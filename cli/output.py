@@ -1,4 +1,5 @@
-"""How commands print machine-readable output: one strict JSON object on stdout."""
+"""How commands print machine-readable output (one strict JSON object on stdout) and check the
+stores they are asked to write (``-o``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,22 @@ import json
 import click
 
 from prismoe_store.inspect import jsonable
+from prismoe_store.stores import is_persistent, location
 
 
 def echo_json(obj) -> None:
     """Print ``obj`` as one JSON object (non-finite floats as null, NumPy scalars as numbers)."""
     click.echo(json.dumps(jsonable(obj), allow_nan=False))
+
+
+def output_store(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Click callback of every ``-o`` that names a store: refuse an empty or odd URL before anything
+    runs (:class:`~prismoe_store.errors.StoreError`, one line), and say so when the store will not
+    outlive the command (``memory://``)."""
+    if value is None:
+        return value
+    location(value, write=True)
+    if not is_persistent(value):
+        click.echo(f"note: {value} is an in-memory store: it is gone when this command exits "
+                   "(give a path to keep it)", err=True)
+    return value

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from cli.output import echo_json
+from cli.output import echo_json, output_store
 from cli.progress import bar, quiet_option
 from prismoe_store.grid import DEFAULT_WORKERS
 from prismoe_store.inspect import short_value
@@ -15,7 +15,7 @@ from prismoe_store.synth import KINDS, SynthSpec, synthesize, truth_summary
 
 
 @click.command("synth")
-@click.option("-o", "--output", "store", required=True, help="Pairs store path or fsspec URL (e.g. memory://x).")
+@click.option("-o", "--output", "store", required=True, callback=output_store, help="Pairs store path or fsspec URL (e.g. memory://x).")
 @click.option("--rows", type=click.IntRange(min=1), required=True, help="Number of pairs S (disk is the only limit).")
 @click.option("--d-in", type=click.IntRange(min=1), required=True, help="Width M of x.")
 @click.option("--d-out", type=click.IntRange(min=1), required=True, help="Width N of z.")

@@ -35,14 +35,30 @@ True
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import zarr
 
-from .errors import CorruptStoreError, DataError, IncompleteStoreError, StoreError
+from .errors import (
+    CorruptStoreError,
+    DataError,
+    IncompleteStoreError,
+    PrismoeError,
+    StoreError,
+)
 from .grid import GridSpec, plan_partition
-from .stores import Progress, StoreOptions, create_checked, create_chunked, open_checked, reading
+from .stores import (
+    Progress,
+    StoreOptions,
+    create_checked,
+    create_chunked,
+    damaged_chunks,
+    open_checked,
+    reading,
+)
 
 ADAPTER_FORMAT, ADAPTER_VERSION = "adapter", 1
 MODES = ("joint", "independent")
@@ -86,7 +102,7 @@ class AdapterStore:
     @classmethod
     def create(cls, url, *, grids: Sequence[GridSpec], mode: str = "joint", alphas: Sequence[float] | None = None,
                options: StoreOptions | None = None, attrs: dict | None = None, overwrite: bool = False
-               ) -> "AdapterStore":
+               ) -> AdapterStore:
         """Create an adapter with one pipe per grid (tiles all zero until written).
 
         >>> from prismoe_store.grid import plan_pipes
@@ -117,7 +133,7 @@ class AdapterStore:
 
     @classmethod
     def open(cls, url, mode: str = "r", *, storage_options: dict | None = None, require_complete: bool = False
-             ) -> "AdapterStore":
+             ) -> AdapterStore:
         """Open an adapter store (format and version checked); optionally insist the fit finished."""
         group = open_checked(url, ADAPTER_FORMAT, ADAPTER_VERSION, mode, storage_options=storage_options)
         store = cls(group, str(url))
@@ -129,7 +145,7 @@ class AdapterStore:
     @classmethod
     def create_partition(cls, url, *, d_in: int, d_out: int, band_rows: int | None = None,
                          options: StoreOptions | None = None, attrs: dict | None = None,
-                         overwrite: bool = False) -> "AdapterStore":
+                         overwrite: bool = False) -> AdapterStore:
         """Create a head adapter: band tiles in the ``partition`` layout, ``select`` combine, fill −inf.
 
         Its tiles, row order and gate are written afterwards (:meth:`write_order`,
@@ -246,21 +262,27 @@ class AdapterStore:
         self.tiles(pipe)[g.tile_region(worker)] = np.asarray(tile, np.float32)
 
     def read_tile(self, pipe: int, worker: int) -> np.ndarray:
-        """Tile ``worker`` of ``pipe`` as float32 ``[tile_out, tile_in]``."""
+        """Tile ``worker`` of ``pipe`` as float32 ``[tile_out, tile_in]``.
+
+        Every chunk is checked against the store's chunk record (a missing, truncated or swapped
+        chunk raises :class:`CorruptStoreError`, never zeros), and so are NaN/Inf values."""
         g = self.grids[pipe]
-        with reading(f"tile {worker} of pipe {pipe} in {self.url}"):
-            return self.tiles(pipe)[g.tile_region(worker)]
+        what = f"tile {worker} of pipe {pipe} in {self.url}"
+        with reading(what):
+            return _finite(self.tiles(pipe)[g.tile_region(worker)], what)
 
     def read_band(self, pipe: int, row: int) -> np.ndarray:
-        """Output band ``row`` of a pipe, ``[tile_out, d_in_pad]``."""
+        """Output band ``row`` of a pipe, ``[tile_out, d_in_pad]`` (checked as :meth:`read_tile`)."""
         g = self.grids[pipe]
-        with reading(f"band {row} of pipe {pipe} in {self.url}"):
-            return self.tiles(pipe)[row * g.tile_out:(row + 1) * g.tile_out, :]
+        what = f"band {row} of pipe {pipe} in {self.url}"
+        with reading(what):
+            return _finite(self.tiles(pipe)[row * g.tile_out:(row + 1) * g.tile_out, :], what)
 
     def dense(self, pipe: int) -> np.ndarray:
         """The pipe's tiles assembled into ``[d_out, d_in]`` (small adapters, tests, baselines)."""
-        with reading(f"tiles of pipe {pipe} in {self.url}"):
-            return self.tiles(pipe)[: self.d_out, : self.d_in]
+        what = f"tiles of pipe {pipe} in {self.url}"
+        with reading(what):
+            return _finite(self.tiles(pipe)[: self.d_out, : self.d_in], what)
 
     # -- bands of a partition adapter -----------------------------------------------------------
     @property
@@ -305,8 +327,9 @@ class AdapterStore:
         g = self.grids[p]
         qa, sa = self.int8_arrays(p)
         rows = slice(r * g.tile_out, (r + 1) * g.tile_out)
-        with reading(f"INT8 band {band} in {self.url}"):
-            return qa[rows, :], sa[rows, 0]
+        what = f"INT8 band {band} in {self.url}"
+        with reading(what):
+            return qa[rows, :], _finite(sa[rows, 0], what)
 
     def read_rows(self, positions: np.ndarray) -> np.ndarray:
         """Rows at adapter positions ``positions`` (any order) as float32 ``[n, d_in]``, read band by band."""
@@ -378,12 +401,28 @@ class AdapterStore:
     def int8_arrays(self, pipe: int, *, create: bool = False) -> tuple[zarr.Array, zarr.Array]:
         """``(tiles_int8, scales)`` of a pipe, created on request."""
         pg, g = self._pipe(pipe), self.grids[pipe]
-        if "tiles_int8" not in pg:
+        if "tiles_int8" not in pg or "scales" not in pg:
             if not create:
                 raise StoreError(f"adapter {self.url} has no INT8 tiles: run `prismoe quantize` first")
-            create_chunked(pg, "tiles_int8", _stored_shape(g), g.tile_shape, "int8", self.options)
-            create_chunked(pg, "scales", (_stored_shape(g)[0], g.cols), (g.tile_out, 1), "float32", self.options)
+            if "tiles_int8" not in pg:
+                create_chunked(pg, "tiles_int8", _stored_shape(g), g.tile_shape, "int8", self.options)
+            if "scales" not in pg:
+                create_chunked(pg, "scales", (_stored_shape(g)[0], g.cols), (g.tile_out, 1), "float32", self.options)
         return self._array(pipe, "tiles_int8"), self._array(pipe, "scales")
+
+    def damaged_int8_tiles(self, pipe: int, workers: Sequence[int]) -> list[int]:
+        """Of ``workers`` (tiles recorded as quantized), those whose INT8 tile or scales chunk is
+        missing or does not match its chunk record (all of them when the INT8 arrays are gone)."""
+        workers = list(workers)
+        if not workers:
+            return []
+        pg, g = self._pipe(pipe), self.grids[pipe]
+        if "tiles_int8" not in pg or "scales" not in pg:
+            return workers
+        qa, sa = self.int8_arrays(pipe)
+        coords = {j: g.row_col(j) for j in workers}
+        bad = set(damaged_chunks(qa, coords.values())) | set(damaged_chunks(sa, coords.values()))
+        return [j for j, c in coords.items() if c in bad]
 
     def write_tile_int8(self, pipe: int, worker: int, q: np.ndarray, scales: np.ndarray) -> None:
         """Write an INT8 tile ``[tile_out, tile_in]`` and its per-row scales ``[tile_out]``."""
@@ -400,8 +439,9 @@ class AdapterStore:
         qa, sa = self.int8_arrays(pipe)
         rows, _ = g.tile_region(worker)
         c = g.row_col(worker)[1]
-        with reading(f"INT8 tile {worker} of pipe {pipe} in {self.url}"):
-            return qa[g.tile_region(worker)], sa[rows, c]
+        what = f"INT8 tile {worker} of pipe {pipe} in {self.url}"
+        with reading(what):
+            return qa[g.tile_region(worker)], _finite(sa[rows, c], what)
 
     # -- gates -----------------------------------------------------------------------------------
     def write_gate(self, pipe: int, weight: np.ndarray, bias: np.ndarray) -> None:
@@ -410,6 +450,8 @@ class AdapterStore:
         weight, bias = np.asarray(weight, np.float32), np.asarray(bias, np.float32)
         if weight.shape != (g.workers, self.d_in) or bias.shape != (g.workers,):
             raise DataError(f"gate must be [{g.workers}, {self.d_in}] and [{g.workers}], got {weight.shape}, {bias.shape}")
+        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+            raise DataError(f"the gate of pipe {pipe} holds NaN or Inf: refusing to store it (the stored gate is kept)")
         pg = self._pipe(pipe)
         for name, data in (("gate_weight", weight), ("gate_bias", bias)):
             if name not in pg:
@@ -420,8 +462,58 @@ class AdapterStore:
         """``(weight [workers, d_in], bias [workers])`` of a pipe, or ``None`` before gate training."""
         if "gate_weight" not in self._pipe(pipe):
             return None
-        with reading(f"gate of pipe {pipe} in {self.url}"):
-            return self._array(pipe, "gate_weight")[...], self._array(pipe, "gate_bias")[...]
+        what = f"gate of pipe {pipe} in {self.url}"
+        with reading(what):
+            return _finite(self._array(pipe, "gate_weight")[...], what), _finite(self._array(pipe, "gate_bias")[...], what)
+
+    @contextmanager
+    def keeping_gates(self) -> Iterator[None]:
+        """Run a gate-training job so that, if it fails with a library error (divergence, damaged or
+        NaN input: a :class:`~prismoe_store.errors.PrismoeError`), the gates and their ``gates``
+        attribute are put back as they were (a failed ``fit-gates --restart`` never leaves a worse
+        store). Other exceptions (an interrupt) keep the saved progress so a re-run resumes.
+
+        >>> from prismoe_store.grid import plan_grid
+        >>> a = AdapterStore.create("memory://doc-keep", grids=[plan_grid(4, 4, 2)], overwrite=True)
+        >>> a.write_gate(0, np.ones((2, 4)), np.zeros(2))
+        >>> try:
+        ...     with a.keeping_gates():
+        ...         a.write_gate(0, np.zeros((2, 4)), np.zeros(2)); raise DataError("diverged")
+        ... except DataError:
+        ...     pass
+        >>> float(a.read_gate(0)[0].sum())
+        8.0
+        """
+        saved = []
+        for p in range(self.n_pipes):
+            try:
+                saved.append(self.read_gate(p))
+            except StoreError:
+                saved.append(None)  # a damaged gate is not worth keeping
+        attr = self.group.attrs.get("gates")
+        try:
+            yield
+        except PrismoeError:
+            for p, gate in enumerate(saved):
+                if gate is not None:
+                    self.write_gate(p, *gate)
+                else:
+                    for name in ("gate_weight", "gate_bias"):
+                        if name in self._pipe(p):
+                            del self._pipe(p)[name]
+                    self._arrays = {k: v for k, v in self._arrays.items() if k[0] != p or "gate" not in k[1]}
+            if attr is not None:
+                self.group.attrs["gates"] = attr
+            elif "gates" in self.group.attrs:
+                del self.group.attrs["gates"]
+            raise
+
+
+def _finite(values: np.ndarray, what: str) -> np.ndarray:
+    """``values``, or :class:`CorruptStoreError` when they hold NaN/Inf (no writer stores those)."""
+    if not np.isfinite(values).all():
+        raise CorruptStoreError(f"{what} holds NaN or Inf")
+    return values
 
 
 def _stored_shape(g: GridSpec) -> tuple[int, int]:

@@ -39,12 +39,18 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from .checkpoint import open_source
-from .errors import CastOverflowError, SourceError, SourceMismatchError, StoreError
+from .errors import (
+    CastOverflowError,
+    GridError,
+    SourceError,
+    SourceMismatchError,
+    StoreError,
+)
 from .grid import DEFAULT_WORKERS, GridSpec, plan_grid
 from .resolve import ALIASES, resolve
 from .source import Source
 from .source_records import Resolution, SourceStamp, TensorInfo, parse_stamp
-from .stores import StoreOptions, TensorWriter, WeightsStore
+from .stores import StoreOptions, TensorWriter, WeightsStore, job_lock
 
 __all__ = [
     "ALIASES",
@@ -162,23 +168,28 @@ def _plan(src: Source, found: Resolution, name: str, workers: int, dtype: Dtype)
         raise SourceError(f"tensor {info.name!r} in {src.path} is empty (shape {info.shape})")
     bias = src.bias_of(found)
     stored = src.stored_dtype(info.name) if dtype == "source" else dtype
+    grid = plan_grid(cols, rows, workers)
+    if grid.workers > rows * cols:  # mostly padding: a chunk (and a progress flag) each, for nothing
+        raise GridError(f"{workers} tiles are too many for the {rows}×{cols} matrix {info.name!r} (more tiles than "
+                        "it has entries): use fewer --workers")
     log.info("%s: %s%s", name, found.line(), f"; bias {bias}" if bias else "")
-    return _Job(name, info, found, bias, src.stamp(info.name, bias), plan_grid(cols, rows, workers), stored)
+    return _Job(name, info, found, bias, src.stamp(info.name, bias), grid, stored)
 
 
 def _run(src: Source, jobs: list[_Job], store_url, *, options, overwrite, progress, block_bytes) -> WeightsStore:
     if not isinstance(block_bytes, int) or block_bytes < 1:
         raise StoreError(f"block_bytes must be a positive integer, got {block_bytes!r}")
-    store = WeightsStore.create(store_url, options=options, overwrite=overwrite)
-    writers = [_begin(store, src, job) for job in jobs]
-    total = sum(w.progress.units for w in writers)
-    done = total - sum(len(w.missing()) for w in writers)
-    tick = _ticker(progress, done, total)
-    for job, writer in zip(jobs, writers):
-        _copy(src, job, writer, block_bytes, tick)
-        if job.bias is not None:
-            store.write_bias(job.name, src.read_array(job.bias).reshape(-1))
-        writer.finish()
+    with job_lock(store_url):  # a second extract into this store fails at once, never mixes writes
+        store = WeightsStore.create(store_url, options=options, overwrite=overwrite)
+        writers = [_begin(store, src, job) for job in jobs]
+        total = sum(w.progress.units for w in writers)
+        done = total - sum(len(w.missing()) for w in writers)
+        tick = _ticker(progress, done, total)
+        for job, writer in zip(jobs, writers):
+            _copy(src, job, writer, block_bytes, tick)
+            if job.bias is not None:
+                store.write_bias(job.name, src.read_array(job.bias).reshape(-1))
+            writer.finish()
     return store
 
 

@@ -290,9 +290,9 @@ class _Fit:
             return None, None
         try:
             old = AdapterStore.open(self.adapter_url, "r+", storage_options=self.options.storage_options)
-        except StoreFormatError:
-            raise StoreError(f"{self.adapter_url} already exists and is not an adapter "
-                             "(pass overwrite=True / --overwrite to replace it)") from None
+        except StoreFormatError as e:  # another kind of store, or user files: never replaced
+            raise StoreFormatError(f"{self.adapter_url} already exists and is not an adapter ({e}): refusing to "
+                                   "replace it (--overwrite replaces only an adapter); choose another output") from None
         except StoreError:
             return None, None  # nothing there (AdapterStore.create refuses any other leftover)
         info = old.attrs().get("fit", {})

@@ -678,6 +678,16 @@ def fit_gates(adapter, pairs, *, sparsity: float = GateSettings.sparsity, epochs
     (1, (4, 8), True)
     """
     adapter, pairs = _open(adapter, pairs, write=True)
+    with adapter.keeping_gates():  # a run that fails puts the gates it replaced back
+        return _fit_gates(adapter, pairs, sparsity=sparsity, epochs=epochs, lr=lr, batch_size=batch_size,
+                          balance_coef=balance_coef, z_loss_coef=z_loss_coef, temperature=temperature, init=init,
+                          patience=patience, holdout=holdout, seed=seed, restart=restart, device=device,
+                          max_tile_bytes=max_tile_bytes, max_eval_rows=max_eval_rows, progress=progress)
+
+
+def _fit_gates(adapter: AdapterStore, pairs: PairsStore, *, sparsity, epochs, lr, batch_size, balance_coef,
+               z_loss_coef, temperature, init, patience, holdout, seed, restart, device, max_tile_bytes,
+               max_eval_rows, progress) -> dict:
     split = resolve_split(adapter, holdout, seed)
     s = GateSettings(sparsity=sparsity, temperature=temperature, epochs=epochs, lr=lr, batch_size=batch_size,
                      balance_coef=balance_coef, z_loss_coef=z_loss_coef, init=init, patience=patience,
@@ -732,6 +742,9 @@ def fit_gates(adapter, pairs, *, sparsity: float = GateSettings.sparsity, epochs
 
 
 def _write_gates(adapter: AdapterStore, gates: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    if not all(np.isfinite(w).all() and np.isfinite(b).all() for w, b in gates):
+        raise FitError("gate training produced NaN/Inf gates (NaN/Inf in the pairs, or too high --lr): "
+                       "the stored gates are kept")
     for p, (w, b) in enumerate(gates):
         adapter.write_gate(p, w, b)
 

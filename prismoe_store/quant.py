@@ -93,6 +93,8 @@ def quantize_adapter(adapter: AdapterStore, progress: Callable[[int, int], None]
     """
     grids = adapter.grids
     records = [adapter.progress(f"quantize_pipe{p}", g.workers) for p, g in enumerate(grids)]
+    for p, rec in enumerate(records):  # trust only finished tiles whose INT8 chunks still match their records
+        rec.unmark(adapter.damaged_int8_tiles(p, rec.done()))
     missing = [set(rec.missing()) for rec in records]
     total = sum(g.workers for g in grids)
     done = total - sum(len(m) for m in missing)

@@ -29,6 +29,8 @@ class ShardedSource(Source):
             if not isinstance(weight_map, dict):
                 raise SourceError(f"{self.path}: weight_map is not an object")
         folder = Path(self.path).parent
+        for name, file in weight_map.items():
+            _check_entry(self.path, folder, name, file)
         self._shards: dict[str, Source] = {}
         self.unavailable: dict[str, str] = {}  # index entries that cannot be read -> why
         missing_files = {}
@@ -87,3 +89,15 @@ class ShardedSource(Source):
 
     def _read_all(self, name):
         return self._shards[self._where[name]]._read_all(name)
+
+
+def _check_entry(index: str, folder: Path, name: str, file) -> None:
+    """Refuse an index entry that is not a file name, or names a file outside the checkpoint's folder
+    (an absolute path, ``..``, or a link leading out): a checkpoint reads only its own files."""
+    if not isinstance(file, str) or not file:
+        raise SourceError(f"{index}: weight_map[{name!r}] must be a shard file name, got {file!r}")
+    inside = folder.resolve()
+    target = (folder / file).resolve()
+    if Path(file).is_absolute() or not target.is_relative_to(inside):
+        raise SourceError(f"{index}: weight_map puts {name!r} in {file!r}, outside the checkpoint folder {folder}: "
+                          "refusing to read it")

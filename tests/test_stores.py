@@ -27,6 +27,7 @@ from prismoe_store.stores import (
     StoreOptions,
     WeightsStore,
     create_checked,
+    existing_kind,
 )
 
 compressors = st.sampled_from(["none", "zstd", "blosc"])
@@ -176,8 +177,9 @@ def test_create_refuses_to_clobber_other_format(tmp_path):
     create_checked(url, "pairs", 1)
     with pytest.raises(StoreFormatError):
         WeightsStore.create(url)
-    WeightsStore.create(url, overwrite=True)  # explicit overwrite replaces it
-    assert WeightsStore.open(url).tensors() == []
+    with pytest.raises(StoreFormatError, match="replaces only a weights store"):
+        WeightsStore.create(url, overwrite=True)  # --overwrite replaces only a store of the same kind
+    assert existing_kind(url) == "pairs"  # left as it was
 
 
 # -- format checks -----------------------------------------------------------------------------
@@ -335,7 +337,7 @@ def test_options_and_format_attribute_are_json(tmp_path):
     url = tmp_path / "s"
     WeightsStore.create(url, options=StoreOptions(compressor="none", level=0))
     meta = json.loads((url / "zarr.json").read_text())
-    assert meta["attributes"]["prismoe_store"] == {"format": "weights", "version": 1}
+    assert meta["attributes"]["prismoe_store"] == {"format": "weights", "version": 1, "chunk_records": True}
     assert meta["attributes"]["options"] == {"compressor": "none", "level": 0, "shard": False}
     with pytest.raises(StoreError):
         StoreOptions(compressor="lz4")

@@ -106,7 +106,7 @@ def test_other_settings_need_overwrite(tmp_path):
         synthesize(str(tmp_path / "weights"), SynthSpec(rows=10, d_in=4, d_out=3))
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("mine")
-    with pytest.raises(StoreError, match="already exists"):
+    with pytest.raises(StoreError, match="a folder of other files, not a pairs store"):
         synthesize(str(tmp_path / "junk"), SynthSpec(rows=10, d_in=4, d_out=3))
 
 

@@ -57,6 +57,10 @@ def infer_cmd(adapter, input_path, output, device, cache_mb, int8, mode, sparsit
     """Run ADAPTER on input rows and write y [rows, d_out] (float32) to OUTPUT."""
     from prismoe_store.runtime import open_runtime
 
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise click.BadParameter(f"the folder {folder} does not exist: create it first",
+                                 param_hint="'--output'")
     store = AdapterStore.open(adapter, require_complete=True)
     read, rows = open_rows(input_path, store.d_in)
     rt = open_runtime(store, **_runtime_kwargs(device, cache_mb, int8, mode, sparsity, mass))

@@ -340,3 +340,12 @@ def test_infer_command_bad_input_is_one_line(tmp_path, adapter):
     np.save(tmp_path / "x.npy", np.ones((2, D_IN + 1), np.float32))
     res = _invoke(["infer", adapter.url, "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")])
     assert res.exit_code == 1 and "Traceback" not in res.output and "d_in" in res.output
+
+
+def test_infer_into_a_missing_folder_says_so_before_any_work(tmp_path, adapter):
+    np.save(tmp_path / "x.npy", np.ones((2, D_IN), np.float32))
+    out = tmp_path / "missing" / "y.npy"
+    res = _invoke(["infer", adapter.url, "--input", str(tmp_path / "x.npy"), "-o", str(out)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert f"the folder {out.parent} does not exist" in res.output and ".part" not in res.output
+    assert not (tmp_path / "missing").exists()

@@ -59,8 +59,7 @@ def infer_cmd(adapter, input_path, output, device, cache_mb, int8, mode, sparsit
 
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
-        raise click.BadParameter(f"the folder {folder} does not exist: create it first",
-                                 param_hint="'--output'")
+        raise click.ClickException(f"--output: the folder {folder} does not exist: create it first")
     store = AdapterStore.open(adapter, require_complete=True)
     read, rows = open_rows(input_path, store.d_in)
     rt = open_runtime(store, **_runtime_kwargs(device, cache_mb, int8, mode, sparsity, mass))

@@ -217,9 +217,10 @@ def bench_runtime_cmd(adapter, hidden, device, sparsity, mass, input_path, d_in,
     if hidden and input_path:
         raise click.UsageError("give the input rows once: HIDDEN or --input")
     input_path = hidden or input_path
+    store = None if adapter is None else AdapterStore.open(adapter, require_complete=True)
     tokens = None
-    if input_path:
-        read, rows = open_rows(input_path)
+    if input_path:  # rows as wide as the adapter's input, checked before any work
+        read, rows = open_rows(input_path, d_in if store is None else store.d_in)
         tokens = read(0, min(rows, max(batch, 2 * hit_tokens)))
     with tempfile.TemporaryDirectory(prefix="prismoe-bench-") as tmp:
         if adapter is None:
@@ -227,8 +228,6 @@ def bench_runtime_cmd(adapter, hidden, device, sparsity, mass, input_path, d_in,
                 store = synthetic_adapter(os.path.join(tmp, "adapter.zarr"), d_in=d_in, d_out=d_out,
                                           workers=workers, progress=progress)
             sparsity = 0.3 if sparsity is None else sparsity
-        else:
-            store = AdapterStore.open(adapter, require_complete=True)
         with bar("benchmark", quiet=quiet or as_json, unit="step") as progress:
             report = benchmark_runtime(store, device=device, sparsity=sparsity, mass=mass, tokens=tokens,
                                        batch=batch, repeats=repeats, hit_tokens=hit_tokens, progress=progress)

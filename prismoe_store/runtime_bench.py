@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapter import AdapterStore, TileSource
+from .errors import DataError
 from .grid import plan_pipes
 from .quant import int8_ready, quantize_adapter
 from .runtime import open_runtime
@@ -76,7 +77,8 @@ def benchmark_runtime(adapter: TileSource, *, device: str = "cpu", sparsity: flo
                       progress: Callable[[int, int], None] | None = None) -> dict:
     """Run every measurement; returns a JSON-ready dict (see :func:`format_report` for its meaning).
 
-    ``tokens`` are input rows ``[n, d_in]`` in trace order (default: Gaussian); the first ``batch``
+    ``tokens`` are input rows ``[n, d_in]`` in trace order (default: Gaussian; another width raises
+    :class:`~prismoe_store.errors.DataError`); the first ``batch``
     are the throughput batch, the first one the latency token, and ``2 * hit_tokens`` rows (one
     token a call, like decoding) drive the hit-rate sweep. ``sparsity`` / ``mass``: the runtime's
     (None: what the adapter records). Works on fitted and head adapters alike.
@@ -85,6 +87,8 @@ def benchmark_runtime(adapter: TileSource, *, device: str = "cpu", sparsity: flo
     if tokens is None:
         tokens = np.random.default_rng(seed).standard_normal((need, adapter.d_in), dtype=np.float32)
     tokens = np.asarray(tokens, np.float32)
+    if tokens.ndim != 2 or tokens.shape[1] != adapter.d_in or not len(tokens):
+        raise DataError(f"token rows must be [n, {adapter.d_in}] (the adapter's d_in), got {tokens.shape}")
     if tokens.shape[0] < need:
         tokens = np.resize(tokens, (need, adapter.d_in))  # cycle the rows given
     head = is_head(adapter)

@@ -220,7 +220,9 @@ class SelectRuntime:
                 g = torch.as_tensor(group, device=self.device)
                 slots = self.pool.acquire(group)  # [G]
                 short = group.max() == n - 1 and self.band_sizes[-1] < a  # the short last band is in
-                if B <= BAG_BATCH:
+                if bool(chosen[:, g].all()):  # every token takes every band here (ρ = 1): rows in
+                    self._in_w_layout(x, g, slots, out, short)  # W's layout, the dense product's very kernel
+                elif B <= BAG_BATCH:
                     self._pairs(x, chosen[:, g], g, slots, out, short)
                 else:
                     self._union(x, chosen[:, g], g, slots, out, short)
@@ -228,6 +230,17 @@ class SelectRuntime:
         finally:
             self.pool.release()
         return out
+
+    def _in_w_layout(self, x, g, slots, out, short: bool) -> None:
+        """Every token times every band of the group as ``x @ W_gᵀ`` with the rows in ``W``'s own
+        layout, so the logits are bit for bit those of the dense product whatever the budget."""
+        w = self.pool.weights(slots).transpose(1, 2).reshape(-1, self.d_in)  # [G·a, d] rows of W
+        y = x @ w.T  # [B, G·a]
+        tokens = self.token_of_row.view(self.n_bands, self.band_rows)[g].reshape(-1)  # [G·a]
+        if short:
+            real = tokens < self.d_out
+            tokens, y = tokens[real], y[:, real]
+        out.index_copy_(1, tokens, y)
 
     def _pairs(self, x, chosen, g, slots, out, short: bool) -> None:
         """Few tokens: each (token, selected band) pair's products in one fused pass over the tiles

@@ -69,3 +69,13 @@ def test_benchmark_command_on_a_head_with_hidden_rows(tmp_path):
     assert r["int8"] is not None
     assert (tmp_path / "plots" / "hit_rate.png").stat().st_size > 0
     assert "| dense | 1.00× |" in (tmp_path / "r.md").read_text()
+
+
+def test_benchmark_refuses_rows_of_another_width(tmp_path):
+    w = np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32)
+    np.save(tmp_path / "w.npy", w)
+    build_head(str(tmp_path / "w.npy"), str(tmp_path / "h.zarr"), config=HeadConfig(band_rows=16))
+    np.save(tmp_path / "x.npy", np.ones((10, 100), np.float32))
+    res = CliRunner().invoke(main, ["benchmark", "runtime", str(tmp_path / "h.zarr"), str(tmp_path / "x.npy"), "-q"])
+    assert res.exit_code == 1 and "100 wide" in res.output and "16" in res.output
+

@@ -153,11 +153,13 @@ def generate_cmd(adapter, model, prompts, prompts_file, max_new_tokens, compare,
         if progress:
             progress(len(prompts), len(prompts))
     rows = [{"prompt": p, "text": g.text, "original": g.original, "same": g.same, "new_tokens": g.new_tokens,
-             "agreement": g.agreement, **g.stats} for p, g in zip(prompts, results)]
+             "agreement": g.agreement, "identical_prefix": g.identical_prefix, **g.stats}
+            for p, g in zip(prompts, results)]
     summary = None
     if compare:
         summary = {"prompts": len(rows), "same_text": sum(bool(r["same"]) for r in rows),
-                   "mean_agreement": sum(r["agreement"] for r in rows) / len(rows)}
+                   "mean_agreement": sum(r["agreement"] for r in rows) / len(rows),
+                   "mean_identical_prefix": sum(r["identical_prefix"] for r in rows) / len(rows)}
     if as_json:
         echo_json(rows[0] if len(rows) == 1 else {"generations": rows, "summary": summary})
         return
@@ -165,13 +167,15 @@ def generate_cmd(adapter, model, prompts, prompts_file, max_new_tokens, compare,
         click.echo(f"prismoe: {r['text']}")
         if compare:
             click.echo(f"original: {r['original']}")
-            click.echo(f"same text: {r['same']}; token agreement {r['agreement']:.3f}")
+            click.echo(f"same text: {r['same']}; the first {r['identical_prefix']} of {r['new_tokens']} new tokens "
+                       f"identical; token agreement by position {r['agreement']:.3f}")
         if "row_share" in r:
             click.echo(f"rows computed per token: {r['row_share']:.3f} of the head")
         click.echo(_cache_line(r))
     if summary:
         click.echo(f"{summary['same_text']} of {summary['prompts']} prompts gave the same text; "
-                   f"mean token agreement {summary['mean_agreement']:.3f}")
+                   f"on average the first {summary['mean_identical_prefix']:.1f} new tokens identical; "
+                   f"mean token agreement by position {summary['mean_agreement']:.3f}")
 
 
 @click.command("runtime")

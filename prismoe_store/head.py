@@ -132,6 +132,7 @@ class Generation:
     new_tokens: int  # tokens generated with the PrisMoE head
     agreement: float | None  # share of generated positions where both heads chose the same token
     stats: dict  # the runtime's cache and timing statistics
+    identical_prefix: int | None = None  # new tokens before the heads first chose differently (all: same text)
 
     @property
     def same(self) -> bool | None:
@@ -189,14 +190,16 @@ def generate_all(adapter, model, prompts: list[str], *, max_new_tokens: int = 20
             head.runtime.reset_stats()
             ids = greedy(inputs)
             prompt_ids = inputs["input_ids"][0]
-            agreement = None
+            agreement = prefix = None
             if original_ids is not None:
+                pairs = list(zip(ids.tolist(), original_ids.tolist()))
                 n = max(len(ids), len(original_ids))
-                same = sum(int(a == b) for a, b in zip(ids.tolist(), original_ids.tolist()))
-                agreement = same / n if n else 1.0
+                agreement = sum(int(a == b) for a, b in pairs) / n if n else 1.0
+                prefix = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
             results.append(Generation(text=_decode(tokenizer, prompt_ids, ids),
                                       original=None if original_ids is None else _decode(tokenizer, prompt_ids, original_ids),
-                                      new_tokens=len(ids), agreement=agreement, stats=head.stats()))
+                                      new_tokens=len(ids), agreement=agreement, stats=head.stats(),
+                                      identical_prefix=prefix))
     finally:
         head.runtime.close()
     return results

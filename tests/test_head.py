@@ -65,7 +65,7 @@ def test_generate_equals_the_original_model_at_rho_1(llama):
     folder, adapter, _ = llama
     g = generate(adapter, str(folder), "the model reads", max_new_tokens=12, compare=True, mode="serial")
     assert g.new_tokens == 12
-    assert g.same and g.agreement == 1.0
+    assert g.same and g.agreement == 1.0 and g.identical_prefix == 12
     assert g.text.startswith("the model reads") and g.text != "the model reads"
     assert g.stats["cache"]["misses"] > 0
 
@@ -111,5 +111,6 @@ def test_generate_command_many_prompts_on_a_head(tmp_path):
                                     "--max-new-tokens", "4", "--compare", "--sparsity", "1", "--quiet", "--json"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
-    assert info["summary"] == {"prompts": 3, "same_text": 3, "mean_agreement": 1.0}
+    assert info["summary"] == {"prompts": 3, "same_text": 3, "mean_agreement": 1.0, "mean_identical_prefix": 4.0}
+    assert [g["identical_prefix"] for g in info["generations"]] == [4, 4, 4]
     assert res.stderr == "" if hasattr(res, "stderr") else True

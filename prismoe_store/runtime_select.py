@@ -214,14 +214,15 @@ class SelectRuntime:
         # resident bands first: they are used before new loads could evict them
         union_np = union_np[np.argsort(~self.pool.resident(union_np), kind="stable")]
         step = max(1, min(self.pool.slots, GATHER_BYTES // (4 * a * self.d_in)))
+        every = bool(chosen.all())  # each token took every band (a band cache too small for all of them)
         try:
             for start in range(0, len(union_np), step):
                 group = union_np[start:start + step]  # [G]
                 g = torch.as_tensor(group, device=self.device)
                 slots = self.pool.acquire(group)  # [G]
                 short = group.max() == n - 1 and self.band_sizes[-1] < a  # the short last band is in
-                if bool(chosen[:, g].all()):  # every token takes every band here (ρ = 1): rows in
-                    self._in_w_layout(x, g, slots, out, short)  # W's layout, the dense product's very kernel
+                if every:  # every token takes every band (ρ = 1): rows in W's layout, the dense product's kernel
+                    self._in_w_layout(x, g, slots, out, short)
                 elif B <= BAG_BATCH:
                     self._pairs(x, chosen[:, g], g, slots, out, short)
                 else:

@@ -52,7 +52,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import DataError, ModelError, SourceError
+from .errors import CorruptStoreError, DataError, ModelError, SourceError
 from .pairs import NONFINITE_CHOICES, PairsStore, screen_nonfinite
 from .stores import StoreOptions, store_exists
 
@@ -586,6 +586,11 @@ def _open_or_create(out: str, collector: _Collector, settings: dict, provenance:
             k = diff[0]
             raise DataError(f"{out} was collected with {k}={old.get(k)!r}, this run has {settings[k]!r}: "
                             "use the same settings to resume, or a new -o")
+        damaged = store.damaged_rows()
+        if damaged:  # rows cannot be made again in place (they are not recorded per document)
+            s0, s1 = damaged[0]
+            raise CorruptStoreError(f"{out} is damaged ({len(damaged)} row chunk(s), first rows {s0}..{s1 - 1}): "
+                                    "collect cannot extend it; collect again into a new -o (or --overwrite)")
         return store
     d_in, d_out = collector.widths()
     return PairsStore.create(out, d_in=d_in, d_out=d_out, rows_per_chunk=_rows_per_chunk(d_in + d_out),

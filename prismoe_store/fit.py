@@ -50,7 +50,7 @@ from .fit_pass import (HOLD, PANEL, REST, SCRATCH, SUB, SUBSAMPLE_SEED_OFFSET, T
 from .grid import GridSpec, is_pow2, plan_pipes
 from .pairs import PairsStore
 from .solve import Factor, default_ridge, factor_normal, factor_qr
-from .stores import StoreOptions, create_chunked, reading
+from .stores import StoreOptions, create_chunked, reading, recheck
 
 SOLVERS = ("cholesky", "qr")
 PRECISIONS = ("mixed", "float64", "float32")
@@ -239,6 +239,8 @@ class _Fit:
                          subsample=cfg.subsample, block_rows=block, precision=cfg.precision,
                          solver=cfg.solver, slicings=slicings, run_id=run_id)
             counts, per_block = self._count(base, rows)
+            if adapter is not None:
+                self._recheck(adapter, plan, grids, slicings, per_block)
             if adapter is None:
                 plan = make_plan(cfg, pairs, rows, block, cfg.tasks or runner.threads,
                                  int(per_block.max(initial=0)), len(slicings))
@@ -305,6 +307,32 @@ class _Fit:
         if SCRATCH not in old.group:
             raise StoreError(f"{self.adapter_url} holds an unfinished fit without its scratch: use --overwrite")
         return old, Plan(**info["plan"])
+
+    def _recheck(self, adapter: AdapterStore, plan: Plan, grids, slicings, per_block: np.ndarray) -> None:
+        """Resuming trusts only finished work whose chunks still match their records: a statistics
+        group or band with a damaged chunk (missing, torn, swapped) is done again."""
+        scratch, groups = adapter.group[SCRATCH], col_groups(self.pairs.d_out, plan.group_cols)
+        held = [b for b, k in enumerate(per_block) if k and self.cfg.holdout > 0]  # blocks with held-out rows
+
+        def stat_chunks(gi: int):
+            c0, c1 = groups[gi]
+            for s in STAT_SETS:
+                for w in slicings:
+                    b = scratch[f"{s}_B{w}"]
+                    yield from ((b, (0, j)) for j in range(c0 // b.chunks[1], -(-c1 // b.chunks[1])))
+                    if gi == 0:
+                        yield scratch[f"{s}_G{w}"], (0, 0)
+            if held:
+                hz = scratch["hold_z"]
+                yield from ((hz, (b, 0, j)) for b in held for j in range(c0 // hz.chunks[2], -(-c1 // hz.chunks[2])))
+                if gi == 0:
+                    yield from ((scratch["hold_x"], (b, 0, 0)) for b in held)
+
+        recheck(adapter.progress("fit_stats", len(groups)), lambda gi: list(stat_chunks(gi)))
+        for p, grid in enumerate(grids):
+            tiles = adapter.tiles(p)
+            cols = -(-tiles.shape[1] // tiles.chunks[1])
+            recheck(adapter.progress(f"fit_pipe{p + 1}", grid.rows), lambda r: [(tiles, (r, c)) for c in range(cols)])
 
     def _create_scratch(self, adapter: AdapterStore, plan: Plan, slicings) -> None:
         m, n = self.pairs.d_in, self.pairs.d_out

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .adapter import AdapterStore
-from .errors import DataError, FitError, IncompleteStoreError, StoreError
+from .errors import DataError, FitError, IncompleteStoreError, PrismoeError, StoreError
 from .gate_settings import DEFAULT_MAX_TILE_BYTES, INITS, GateSettings
 from .grid import GridSpec
 from .pairs import PairsStore, holdout_mask
@@ -679,10 +679,16 @@ def fit_gates(adapter, pairs, *, sparsity: float = GateSettings.sparsity, epochs
     """
     adapter, pairs = _open(adapter, pairs, write=True)
     with adapter.keeping_gates():  # a run that fails puts the gates it replaced back
-        return _fit_gates(adapter, pairs, sparsity=sparsity, epochs=epochs, lr=lr, batch_size=batch_size,
-                          balance_coef=balance_coef, z_loss_coef=z_loss_coef, temperature=temperature, init=init,
-                          patience=patience, holdout=holdout, seed=seed, restart=restart, device=device,
-                          max_tile_bytes=max_tile_bytes, max_eval_rows=max_eval_rows, progress=progress)
+        try:
+            return _fit_gates(adapter, pairs, sparsity=sparsity, epochs=epochs, lr=lr, batch_size=batch_size,
+                              balance_coef=balance_coef, z_loss_coef=z_loss_coef, temperature=temperature,
+                              init=init, patience=patience, holdout=holdout, seed=seed, restart=restart,
+                              device=device, max_tile_bytes=max_tile_bytes, max_eval_rows=max_eval_rows,
+                              progress=progress)
+        except PrismoeError:
+            if restart and _STATE in adapter.group:  # its state goes with its gates: nothing resumes it
+                del adapter.group[_STATE]
+            raise
 
 
 def _fit_gates(adapter: AdapterStore, pairs: PairsStore, *, sparsity, epochs, lr, batch_size, balance_coef,

@@ -28,7 +28,7 @@ import zarr
 
 from .errors import DataError
 from .grid import plan_pipes
-from .stores import StoreOptions, create_checked, create_chunked, open_checked, reading
+from .stores import StoreOptions, create_checked, create_chunked, damaged_chunks, open_checked, reading
 
 PAIRS_FORMAT, PAIRS_VERSION = "pairs", 1
 _LOCKS: dict[str, threading.Lock] = {}
@@ -194,6 +194,39 @@ class PairsStore:
     def _reload(self) -> None:
         self.group = zarr.open_group(self.group.store, path=self.group.path,
                                      mode="r" if self.group.read_only else "r+")
+
+    def damaged_rows(self) -> list[tuple[int, int]]:
+        """Committed row ranges ``(start, stop)``, one per row chunk, where a chunk of ``x`` or ``z``
+        is missing, unrecorded or does not match its record (reads every committed chunk once).
+
+        A resuming writer calls this before appending: ``synth`` writes those rows again, ``collect``
+        (which cannot recreate rows in place) refuses to extend a damaged store.
+
+        >>> PairsStore.open("memory://doc-pairs").damaged_rows()
+        []
+        """
+        n, rpc = self.rows, self.rows_per_chunk
+        bad: set[int] = set()
+        for arr in (self.x, *(() if self.hidden_only else (self.z,))):
+            col_chunks = -(-arr.shape[1] // arr.chunks[1])
+            coords = [(i, j) for i in range(-(-n // rpc)) for j in range(col_chunks)]
+            bad.update(i for i, _ in damaged_chunks(arr, coords))
+        return [(i * rpc, min(n, (i + 1) * rpc)) for i in sorted(bad)]
+
+    def rewrite(self, start: int, x: np.ndarray, z: np.ndarray) -> None:
+        """Write committed rows ``start:start + len(x)`` again (repairing damaged chunks with rows a
+        deterministic generator made again); the row count does not change."""
+        x = np.asarray(x, dtype=np.float32)
+        z = np.asarray(z, dtype=np.float32)
+        stop = start + x.shape[0]
+        if not 0 <= start <= stop <= self.rows or x.shape[1:] != (self.d_in,) or \
+                z.shape != (x.shape[0], self.d_out):
+            raise DataError(f"rewrite needs committed rows and x [n, {self.d_in}], z [n, {self.d_out}]; got rows "
+                            f"{start}:{stop} of {self.rows}, {x.shape} and {z.shape}")
+        with self._lock():
+            self.x[start:stop] = x
+            if not self.hidden_only:
+                self.z[start:stop] = z
 
     # -- reading ---------------------------------------------------------------------------------
     def read(self, start: int, stop: int, *, cols_x: slice = slice(None), cols_z: slice = slice(None)

@@ -39,7 +39,7 @@ import re
 import struct
 import threading
 import zlib
-from collections.abc import AsyncGenerator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -836,19 +836,43 @@ class WeightsStore:
 def _recheck_done(arr: zarr.Array, grid: GridSpec, progress: Progress, sharded: bool) -> None:
     """Resuming trusts only finished units whose stored chunks still match their records: damaged
     ones (missing, torn, swapped) are marked unfinished, so the job writes them again."""
-    done = progress.done()
-    if sharded:
-        coords = {u: (u, 0) for u in done if u * grid.tile_out < grid.d_out}
-    else:
-        coords = {}
-        for u in done:
-            rows, cols = grid.valid_region(u)
-            if rows.stop > rows.start and cols.stop > cols.start:
-                coords[u] = grid.row_col(u)
-    bad = set(damaged_chunks(arr, coords.values()))
-    if bad:
-        progress.unmark(u for u, c in coords.items() if c in bad)
+
+    def chunks(u: int) -> list[tuple[zarr.Array, tuple[int, ...]]]:
+        if sharded:
+            return [(arr, (u, 0))] if u * grid.tile_out < grid.d_out else []
+        rows, cols = grid.valid_region(u)
+        return [(arr, grid.row_col(u))] if rows.stop > rows.start and cols.stop > cols.start else []
+
+    if recheck(progress, chunks):
         arr.attrs["complete"] = False
+
+
+def recheck(progress: Progress,
+            chunks: Callable[[int], Iterable[tuple[zarr.Array, tuple[int, ...]]]]) -> list[int]:
+    """Mark unfinished again every finished unit of ``progress`` one of whose stored chunks is
+    missing, unrecorded or does not match its record; returns those units (ascending).
+
+    ``chunks(unit)`` lists the ``(array, chunk coordinates)`` a unit wrote (shard coordinates for
+    sharded arrays). Each chunk is read once; a resuming job calls this before trusting its record,
+    so a damaged chunk is written again instead of failing the next reader.
+
+    >>> g = zarr.open_group("memory://doc-recheck", mode="w")
+    >>> a = g.create_array("a", shape=(4,), chunks=(2,), dtype="f4")
+    >>> p = Progress.create(g, "a", 2); p.mark_many([0, 1])
+    >>> recheck(p, lambda u: [(a, (u,))])  # not a verified store: nothing is recorded, nothing checked
+    []
+    """
+    wanted: dict[int, tuple[zarr.Array, dict[tuple[int, ...], list[int]]]] = {}
+    for u in progress.done():
+        for array, coord in chunks(u):
+            wanted.setdefault(id(array), (array, {}))[1].setdefault(tuple(coord), []).append(u)
+    bad: set[int] = set()
+    for array, coords in wanted.values():
+        for c in damaged_chunks(array, coords):
+            bad.update(coords[c])
+    if bad:
+        progress.unmark(bad)
+    return sorted(bad)
 
 
 def store_exists(url: str) -> bool:

@@ -43,6 +43,7 @@ The ground truth (``w``, ``mix``; for ``gated`` also ``gates`` and
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Literal
@@ -53,7 +54,7 @@ import zarr
 from .errors import DataError, IncompleteStoreError, StoreError, StoreFormatError
 from .grid import GridSpec, is_pow2, plan_pipes
 from .pairs import PairsStore
-from .stores import StoreOptions, create_chunked, reading
+from .stores import StoreOptions, create_chunked, damaged_chunks, reading
 
 Kind = Literal["linear", "gated"]
 KINDS = ("linear", "gated")
@@ -411,8 +412,10 @@ def synthesize(url, spec: SynthSpec, *, rows_per_chunk: int = 2048, options: Sto
                                   options=options, provenance=spec.provenance(), overwrite=overwrite)
     truth = make_truth(spec)
     group = store.group.require_group("truth")
-    if not group.attrs.get("complete"):
+    if not group.attrs.get("complete") or _truth_damaged(group):
         truth._save(group, options)
+    for s0, s1 in store.damaged_rows():  # resuming: rows a damaged chunk held are made again, bit for bit
+        store.rewrite(s0, *generate(spec, truth, s0, s1))
     start, rpc = store.rows, store.rows_per_chunk
     if progress:
         progress(min(start, spec.rows), spec.rows)
@@ -425,6 +428,15 @@ def synthesize(url, spec: SynthSpec, *, rows_per_chunk: int = 2048, options: Sto
         if progress:
             progress(start, spec.rows)
     return store
+
+
+def _truth_damaged(group: zarr.Group) -> bool:
+    """True when a chunk of a saved ground truth is missing or does not match its record."""
+    for _, arr in group.arrays():
+        grid = [range(-(-n // c)) for n, c in zip(arr.shape, arr.chunks)]
+        if damaged_chunks(arr, itertools.product(*grid)):
+            return True
+    return False
 
 
 def _open_for_resume(url, spec: SynthSpec, options: StoreOptions) -> PairsStore | None:

@@ -21,7 +21,7 @@ from cli.main import main
 from cli.messages import error_line
 from prismoe_store import errors
 from prismoe_store.collect import CollectSpec, collect, load_model
-from prismoe_store.errors import DataError
+from prismoe_store.errors import CorruptStoreError, DataError
 from prismoe_store.pairs import PairsStore
 
 torch = pytest.importorskip("torch")
@@ -312,3 +312,17 @@ def test_target_none_stores_hidden_states_only(world, llama, tmp_path):
     docs = [line for line in open(world["a"]).read().splitlines() if line.strip()]
     want = np.concatenate([_reference(llama, doc)[1][-1] for doc in docs])
     np.testing.assert_allclose(store.read_x(0, store.rows), want, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_refuses_a_damaged_store_and_keeps_it(world, llama, tmp_path):
+    texts = [world["a"], world["b"]]
+    out = tmp_path / "p"
+    collect(llama, None, texts, out, spec=CollectSpec(batch_size=2, max_length=24, max_tokens=40))
+    chunk = sorted(p for p in (out / "z" / "c").rglob("*") if p.is_file())[0]
+    chunk.write_bytes(chunk.read_bytes()[:-4])
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(CorruptStoreError, match="damaged .*rows 0..39.*new -o"):
+        collect(llama, None, texts, out, spec=CollectSpec(batch_size=2, max_length=24))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing lost, nothing added
+    collect(llama, None, texts, out, spec=CollectSpec(batch_size=2, max_length=24), overwrite=True)
+    assert PairsStore.open(out).damaged_rows() == []

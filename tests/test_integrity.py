@@ -23,6 +23,7 @@ from prismoe_store.compare import compare_matrices, open_matrix
 from prismoe_store.errors import (
     CorruptStoreError,
     DataError,
+    FitError,
     GridError,
     SourceError,
     StoreError,
@@ -42,7 +43,7 @@ from prismoe_store.stores import (
     job_lock,
     location,
 )
-from prismoe_store.synth import SynthSpec, synthesize
+from prismoe_store.synth import SynthSpec, load_truth, synthesize
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -321,6 +322,26 @@ def test_failed_fit_gates_restart_keeps_the_trained_gates(tmp_path, made):
     assert np.isfinite(np.load(tmp_path / "y.npy")).all()
 
 
+def test_a_failed_restart_leaves_no_training_state_to_resume(tmp_path, made):
+    a, p = copy(made, "adapter", tmp_path), str(made["dir"] / "pairs")
+    before = [AdapterStore.open(a).read_gate(q) for q in range(3)]
+    calls = {"n": 0}
+
+    def fail_in_training(done, total):  # a library error after the run saved its first state
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise FitError("diverged")
+
+    with pytest.raises(FitError):
+        fit_gates(str(a), p, epochs=3, restart=True, progress=fail_in_training)
+    assert calls["n"] > 2
+    assert "_gates_training" not in AdapterStore.open(a).group
+    for q in range(3):
+        for old, new in zip(before[q], AdapterStore.open(a).read_gate(q)):
+            np.testing.assert_array_equal(old, new)
+    assert fit_gates(str(a), p, epochs=1)["resumed_from"] is None  # a fresh run, not the failed one's state
+
+
 def test_a_second_writer_fails_clearly(tmp_path):
     safetensors(tmp_path / "good.safetensors")
     out = tmp_path / "s"
@@ -503,3 +524,56 @@ def test_any_damaged_chunk_fails_every_consumer(tmp_path_factory, made, kind, da
         with pytest.raises(CorruptStoreError):
             consume()
             pytest.fail(f"{name} read a damaged {kind} chunk ({damage} {target.relative_to(d)}) without error")
+
+
+# -- resumed jobs re-verify what they trust ----------------------------------------------------
+
+
+def test_resumed_synth_rewrites_damaged_rows_bit_for_bit(tmp_path):
+    spec = SynthSpec(rows=1000, d_in=D_IN, d_out=D_OUT, kind="gated", workers=4)
+    ref = synthesize(str(tmp_path / "ref"), spec, rows_per_chunk=128)
+    url = tmp_path / "p"
+    synthesize(str(url), spec, rows_per_chunk=128)
+    chunks(url / "x")[2].write_bytes(b"")  # a torn chunk of x, a missing chunk of z, a damaged truth
+    chunks(url / "z")[5].unlink()
+    c = chunks(url / "truth" / "w")[0]
+    c.write_bytes(c.read_bytes()[:-3])
+    with pytest.raises(CorruptStoreError):
+        PairsStore.open(url).read(0, 1000)
+    assert [r for r in PairsStore.open(url).damaged_rows()] == [(256, 384), (640, 768)]
+    store = synthesize(str(url), spec)  # the re-run repairs, then finds nothing left to add
+    assert store.damaged_rows() == []
+    for a, b in zip(store.read(0, 1000), ref.read(0, 1000)):
+        assert a.tobytes() == b.tobytes()
+    assert load_truth(store).w.tobytes() == load_truth(ref).w.tobytes()
+
+
+@pytest.mark.parametrize("damage", ["tiles", "statistics"])
+def test_resumed_fit_redoes_damaged_bands_and_statistics(tmp_path, made, damage):
+    pairs = PairsStore.open(made["dir"] / "pairs")
+    kw = dict(workers=4, block_rows=64, tasks=2, memory_budget=200_000, scheduler="synchronous")
+    ref = fit(pairs, tmp_path / "ref", **kw)
+    class Stop(Exception):
+        pass
+
+    def stop_late(done, total):  # in the solves: the statistics (7 row blocks) and a band finished
+        if done > 7:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(pairs, tmp_path / "a", progress=stop_late, **kw)
+    part = AdapterStore.open(tmp_path / "a")
+    if damage == "tiles":
+        done = part.progress("fit_pipe1", part.grids[0].rows).done()
+        assert done
+        targets = [chunks(tmp_path / "a" / "pipe1" / "tiles")[0]]
+    else:  # pipe 1's bands are done: pipe 2 still solves from the sub rows' statistics
+        targets = [chunks(tmp_path / "a" / "_fit" / name)[0] for name in ("train_B0", "sub_B0", "sub_G0")]
+    for target in targets:
+        target.write_bytes(target.read_bytes()[:-7])
+    a = fit(pairs, tmp_path / "a", **kw)
+    assert a.complete
+    for p in range(3):
+        assert np.array_equal(a.dense(p), ref.dense(p))
+    assert a.attrs()["metrics"] == ref.attrs()["metrics"]
+

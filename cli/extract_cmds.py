@@ -8,9 +8,9 @@ import click
 
 from cli.output import echo_json, output_store
 from cli.progress import bar, quiet_option
-from prismoe_store.extract import extract, tile
+from prismoe_store.data.extract import extract, tile
 from prismoe_store.grid import DEFAULT_WORKERS
-from prismoe_store.stores import StoreOptions, WeightsStore
+from prismoe_store.stores.base import StoreOptions, WeightsStore
 
 
 def _store_options(f):

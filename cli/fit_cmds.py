@@ -55,7 +55,7 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
     One pass over the pairs (Dask, out of core), then ridge solves; held-out relative error and
     R² per pipe are stored in the adapter and printed. Re-running an interrupted fit resumes it.
     """
-    from prismoe_store.fit import fit
+    from prismoe_store.fit.job import fit
 
     warn_padding(pairs, workers)
     with bar("fit", quiet=quiet or as_json, unit="unit") as progress:
@@ -112,7 +112,7 @@ def bench_fit_cmd(rows, d_in, d_out, workers, repeats, precision, memory_mb, com
                   quiet):
     """The whole `prismoe fit` command's FLOP rate as a ratio to this machine's float32 matmul rate,
     and its peak RSS, at several row counts (all measured in this run)."""
-    from prismoe_store.fit_bench import benchmark_fit, format_report
+    from prismoe_store.bench.fit import benchmark_fit, format_report
 
     try:
         counts = tuple(int(r) for r in rows.split(","))

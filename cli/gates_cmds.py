@@ -1,6 +1,6 @@
 """``prismoe fit-gates``, ``prismoe routing`` and ``prismoe benchmark gates``: phase 2 of the adapter.
 
-:func:`format_routing` renders :func:`prismoe_store.gate_report.routing_report` as text; ``prismoe inspect
+:func:`format_routing` renders :func:`prismoe_store.gates.report.routing_report` as text; ``prismoe inspect
 ADAPTER --routing PAIRS`` can call the two the same way ``prismoe routing`` does.
 """
 
@@ -12,19 +12,19 @@ import click
 
 from cli.output import echo_json
 from cli.progress import bar, quiet_option
-from prismoe_store import gate_settings as S
+from prismoe_store.gates import settings as S
 
 
 def _gates():
     """The training module, imported on use (it needs torch)."""
-    from prismoe_store import gates
+    from prismoe_store.gates import training as gates
 
     return gates
 
 
 def _report():
     """The routing / quality report module, imported on use (it needs torch)."""
-    from prismoe_store import gate_report
+    from prismoe_store.gates import report as gate_report
 
     return gate_report
 
@@ -98,7 +98,7 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
     --epochs, --lr, --batch-size, --holdout, --seed, --restart and --device apply (their defaults
     then: 0.1, 10, 0.002, 256, 0.05, 0, off, cpu).
     """
-    from prismoe_store.adapter import AdapterStore
+    from prismoe_store.stores.adapter import AdapterStore
 
     store = AdapterStore.open(adapter, "r+")
     if store.layout == "partition":
@@ -128,7 +128,7 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
 
 
 def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_json: bool, quiet: bool) -> None:
-    from prismoe_store.band_gate import BandGateConfig, fit_band_gate
+    from prismoe_store.head.band_gate import BandGateConfig, fit_band_gate
 
     config = BandGateConfig(restart=restart, device=device, **given)
     stages = lambda name: bar(name, quiet=quiet or as_json, unit="row" if name == "teacher pass" else "epoch")  # noqa: E731
@@ -147,7 +147,7 @@ def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_js
 
 
 def format_routing(report: dict) -> str:
-    """Text rendering of :func:`prismoe_store.gate_report.routing_report` (statistics, then quality)."""
+    """Text rendering of :func:`prismoe_store.gates.report.routing_report` (statistics, then quality)."""
     lines = [f"routing of {report['adapter']} on {report['pipes'][0]['rows']} held-out rows of {report['pairs']} "
              f"(ρ = {report['sparsity']}, temperature {report['temperature']}, {report['mode']} tiles)"]
     head = f"{'pipe':<6}{'grid':>9}{'K/n':>9}{'util CV':>9}{'dead':>6}{'balance':>9}{'H tok':>8}{'H util':>8}{'energy':>8}"
@@ -165,7 +165,7 @@ def format_routing(report: dict) -> str:
 
 
 def format_quality(q: dict) -> str:
-    """Text table of :func:`prismoe_store.gate_report.quality_report`: relative error (R²) per gate and ρ."""
+    """Text table of :func:`prismoe_store.gates.report.quality_report`: relative error (R²) per gate and ρ."""
     rhos = sorted({r["sparsity"] for r in q["rows"]})
     gates = list(dict.fromkeys(r["gate"] for r in q["rows"]))
     cell = {(r["gate"], r["sparsity"]): r for r in q["rows"]}

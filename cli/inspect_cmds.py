@@ -1,7 +1,7 @@
 """``prismoe inspect``, ``prismoe compare`` and ``prismoe visualize``: look at stores and matrices.
 
 ``prismoe inspect ADAPTER --routing PAIRS`` adds the routing report of ``prismoe routing``
-(:func:`prismoe_store.gate_report.routing_report`, rendered by :func:`cli.gates_cmds.format_routing`).
+(:func:`prismoe_store.gates.report.routing_report`, rendered by :func:`cli.gates_cmds.format_routing`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import click
 
 from cli.output import echo_json
 from cli.progress import bar, quiet_option
-from prismoe_store.compare import compare_matrices, open_matrix, open_tensor
-from prismoe_store.inspect import inspect_store, store_format
+from prismoe_store.inspection.compare import compare_matrices, open_matrix, open_tensor
+from prismoe_store.inspection.common import inspect_store, store_format
 
 
 @click.command("inspect")
@@ -69,7 +69,7 @@ def inspect_cmd(store, tensor, as_json, plot_dir, no_stats, routing_pairs, spars
 
 def _routing(adapter: str, pairs: str, sparsity, plot_dir, quiet: bool) -> dict:
     """The routing report ``prismoe routing ADAPTER PAIRS`` makes (statistics and quality), with its plots."""
-    from prismoe_store import gate_report as R
+    from prismoe_store.gates import report as R
 
     with bar("routing", quiet=quiet, unit="row") as progress:
         report = R.routing_report(adapter, pairs, sparsity=sparsity, progress=progress)

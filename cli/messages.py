@@ -46,7 +46,7 @@ def warn_padding(pairs, workers: int) -> None:
     itself then says why)."""
     from prismoe_store.errors import StoreError
     from prismoe_store.grid import padding_advice
-    from prismoe_store.pairs import PairsStore
+    from prismoe_store.stores.pairs import PairsStore
 
     try:
         store = PairsStore.open(pairs)

@@ -8,10 +8,10 @@ import click
 from cli.output import echo_json, output_store
 from cli.progress import bar, quiet_option
 from prismoe_store.grid import DEFAULT_WORKERS
-from prismoe_store.inspect import short_value
-from prismoe_store.pairs import PairsStore
-from prismoe_store.stores import StoreOptions
-from prismoe_store.synth import KINDS, SynthSpec, synthesize, truth_summary
+from prismoe_store.inspection.common import short_value
+from prismoe_store.stores.pairs import PairsStore
+from prismoe_store.stores.base import StoreOptions
+from prismoe_store.data.synth import KINDS, SynthSpec, synthesize, truth_summary
 
 
 @click.command("synth")

@@ -10,7 +10,7 @@ from cli.messages import warn_padding
 from cli.output import echo_json, output_store
 from cli.progress import bar, quiet_option
 
-_TARGETS = ("logits", "embeddings", "hidden")  # prismoe_store.collect.TARGETS (not imported: it loads numpy)
+_TARGETS = ("logits", "embeddings", "hidden")  # prismoe_store.data.collect.TARGETS (not imported: it loads numpy)
 _POOLS = ("none", "last", "mean")
 
 
@@ -72,7 +72,7 @@ def train_cmd(upper, lower, texts, adapter, pairs, target, layer, pool, max_leng
     Each stage is resumable and finished stages are skipped, so re-running the same command after
     an interruption finishes the rest.
     """
-    from prismoe_store.collect import CollectSpec
+    from prismoe_store.data.collect import CollectSpec
     from prismoe_store.pipeline import (
         TrainConfig,
         default_pairs_path,
@@ -158,7 +158,7 @@ def bench_adapter_cmd(adapter, pairs, sparsities, device, logits, max_rows, batc
     On the same held-out rows and device: relative error, R² (top-1, KL for logits), latency and
     throughput as ratios to dense F.linear, active bytes, peak cache bytes, hit rate.
     """
-    from prismoe_store.bench import benchmark_adapter, format_markdown, write_plots
+    from prismoe_store.bench.adapter import benchmark_adapter, format_markdown, write_plots
 
     with bar("benchmark", quiet=quiet or as_json, unit="step") as progress:
         report = benchmark_adapter(adapter, pairs, sparsities=sparsities, device=device, logits=logits,

@@ -10,8 +10,8 @@ import numpy as np
 
 from cli.output import echo_json
 from cli.progress import bar, quiet_option
-from prismoe_store.adapter import AdapterStore
-from prismoe_store.pairs import open_rows
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.pairs import open_rows
 
 
 def _runtime_options(f):
@@ -55,7 +55,7 @@ def _cache_line(stats: dict) -> str:
 @quiet_option
 def infer_cmd(adapter, input_path, output, device, cache_mb, int8, mode, sparsity, mass, batch_size, as_json, quiet):
     """Run ADAPTER on input rows and write y [rows, d_out] (float32) to OUTPUT."""
-    from prismoe_store.runtime import open_runtime
+    from prismoe_store.runtime.grouped import open_runtime
 
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
@@ -98,7 +98,7 @@ def quantize_cmd(adapter, as_json, quiet):
     """Write INT8 tiles (symmetric per-row absmax) into ADAPTER; resumable."""
     from dataclasses import asdict
 
-    from prismoe_store.quant import quantize_adapter
+    from prismoe_store.runtime.quant import quantize_adapter
 
     store = AdapterStore.open(adapter, "r+", require_complete=True)
     with bar("quantize", quiet=quiet or as_json, unit="tile") as progress:
@@ -133,7 +133,7 @@ def quantize_cmd(adapter, as_json, quiet):
 def generate_cmd(adapter, model, prompts, prompts_file, max_new_tokens, compare, embedding, device, cache_mb, int8,
                  mode, sparsity, mass, as_json, quiet):
     """Generate greedily from MODEL with its lm_head replaced by ADAPTER (hidden → vocab)."""
-    from prismoe_store.head import generate_all
+    from prismoe_store.head.generate import generate_all
 
     prompts = list(prompts)
     if prompts_file:
@@ -213,7 +213,7 @@ def bench_runtime_cmd(adapter, hidden, device, sparsity, mass, input_path, d_in,
     """
     import torch
 
-    from prismoe_store.runtime_bench import (benchmark_runtime, format_markdown, format_report, plot_hit_rate,
+    from prismoe_store.bench.runtime import (benchmark_runtime, format_markdown, format_report, plot_hit_rate,
                                              synthetic_adapter)
 
     if threads:

@@ -15,15 +15,15 @@ import sys
 import types
 from importlib import import_module
 
-from .errors import PrismoeError
-from .grid import GridSpec, plan_grid, plan_pipes
-from .stores import StoreOptions, WeightsStore
+from prismoe_store.errors import PrismoeError
+from prismoe_store.grid import GridSpec, plan_grid, plan_pipes
+from prismoe_store.stores.base import StoreOptions, WeightsStore  # light: no torch, no Dask
 
 # public name -> module that defines it (imported lazily)
 _LAZY = {
-    "PairsStore": "pairs",
-    "AdapterStore": "adapter",
-    "extract": "extract",
+    "PairsStore": "stores",
+    "AdapterStore": "stores",
+    "extract": "data",
     "fit": "fit",
     "fit_gates": "gates",
     "open_runtime": "runtime",
@@ -41,12 +41,12 @@ def __getattr__(name: str):
 
 
 class _Package(types.ModuleType):
-    """The package module: ``prismoe_store.fit`` and ``prismoe_store.extract`` stay the functions.
+    """The package module: ``prismoe_store.fit`` stays the function.
 
-    They share their names with the modules that define them, and importing a submodule sets it
+    It shares its name with the sub-package that defines it, and importing a sub-package sets it
     as an attribute of the package, which would shadow the lazily imported function
-    (``from prismoe_store import fit`` would give the module). The submodules stay importable as
-    ``from prismoe_store.fit import ...``.
+    (``from prismoe_store import fit`` would give the package). The sub-package stays importable
+    as ``from prismoe_store.fit import ...``.
     """
 
     def __setattr__(self, name: str, value) -> None:

@@ -19,7 +19,7 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from .errors import GridError
+from prismoe_store.errors import GridError
 
 Layout = Literal["balanced", "wide"]
 DEFAULT_WORKERS = 512

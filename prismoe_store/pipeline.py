@@ -4,7 +4,7 @@
 is done), and the pipeline reads the stores' states before each stage:
 
 - **collect** is skipped when the pairs store already holds every document of the texts (or the
-  ``max_tokens`` cap) with the same settings; otherwise :func:`prismoe_store.collect.collect`
+  ``max_tokens`` cap) with the same settings; otherwise :func:`prismoe_store.data.collect.collect`
   resumes it. Without models and texts the stage uses an existing pairs store as it is.
 - **fit** is skipped when the adapter is complete, fitted on the same pairs (same row count) with
   the same mode and worker count; an unfinished fit is resumed; an adapter fitted on fewer rows
@@ -14,11 +14,11 @@ is done), and the pipeline reads the stores' states before each stage:
 - **quantize** (only with ``int8``) is skipped when the INT8 tiles are complete, else resumed.
 
 :func:`demo` runs the pipeline on the committed sample pairs (``sample_data/gated_pairs``,
-regenerated when missing) and then :func:`prismoe_store.bench.benchmark_adapter`, writing the
+regenerated when missing) and then :func:`prismoe_store.bench.adapter.benchmark_adapter`, writing the
 Markdown report, the JSON and the plots into one folder.
 
 >>> import tempfile, numpy as np
->>> from prismoe_store.pairs import PairsStore
+>>> from prismoe_store.stores.pairs import PairsStore
 >>> d = tempfile.mkdtemp()
 >>> p = PairsStore.create(d + "/p.zarr", d_in=8, d_out=8, overwrite=True)
 >>> x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
@@ -41,11 +41,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
-from .adapter import AdapterStore
-from .collect import CollectSpec
-from .errors import DataError, StoreError, StoreFormatError
-from .pairs import PairsStore
-from .stores import StoreOptions
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.data.collect import CollectSpec
+from prismoe_store.errors import DataError, StoreError, StoreFormatError
+from prismoe_store.stores.pairs import PairsStore
+from prismoe_store.stores.base import StoreOptions
 
 ProgressFn = Callable[[int, int], None]
 StageProgress = Callable[[str], ContextManager[ProgressFn | None]]  # stage name -> context yielding (done, total)
@@ -59,7 +59,7 @@ DEMO_WORKERS = 128  # tiles per pipe in the demo: the 64 → 256 sample needs no
 
 
 def _sample_spec():
-    from .synth import SynthSpec
+    from prismoe_store.data.synth import SynthSpec
 
     # the settings of sample_data/make_sample.py (the committed store's provenance says the same)
     return SynthSpec(rows=3072, d_in=64, d_out=256, kind="gated", noise=0.01, seed=0, regions=4)
@@ -87,8 +87,8 @@ class TrainConfig:
     int8: bool = False  # also write INT8 tiles (the quantize stage)
 
     def __post_init__(self) -> None:
-        from .fit import FitConfig
-        from .gate_settings import GateSettings
+        from prismoe_store.fit.job import FitConfig
+        from prismoe_store.gates.settings import GateSettings
 
         if self.collect is None:
             object.__setattr__(self, "collect", CollectSpec())
@@ -102,7 +102,7 @@ class TrainConfig:
 
     def gate_settings(self) -> dict:
         """The gate settings this pipeline trains with (as stored by ``fit_gates``)."""
-        from .gate_settings import GateSettings
+        from prismoe_store.gates.settings import GateSettings
 
         return asdict(GateSettings(sparsity=self.sparsity, epochs=self.epochs, holdout=self.holdout, seed=self.seed))
 
@@ -196,7 +196,7 @@ def _same_place(a: str, b: str) -> bool:
 
 
 def _collect_stage(upper, lower, texts, pairs: str, cfg: TrainConfig, overwrite: bool, prog, say) -> StageResult:
-    from .collect import collect
+    from prismoe_store.data.collect import collect
 
     if upper is None and not texts:
         try:
@@ -223,7 +223,7 @@ def _collect_stage(upper, lower, texts, pairs: str, cfg: TrainConfig, overwrite:
 def _collect_state(upper, lower, texts, pairs: str, spec) -> tuple[str, PairsStore | None]:
     """``("done" | "partial" | "none", store)``: how far an earlier collection into ``pairs`` got,
     judged from the store's provenance without loading the models."""
-    from .collect import scan_text
+    from prismoe_store.data.collect import scan_text
 
     try:
         store = PairsStore.open(pairs)
@@ -261,7 +261,7 @@ def _model_matches(info, given) -> bool:
 
 
 def _fit_stage(pairs: str, adapter: str, cfg: TrainConfig, overwrite: bool, prog) -> StageResult:
-    from .fit import fit
+    from prismoe_store.fit.job import fit
 
     store = PairsStore.open(pairs)
     existing = None if overwrite else _open_adapter(adapter)
@@ -305,7 +305,7 @@ def _fit_detail(a: AdapterStore) -> dict:
 
 
 def _gates_stage(adapter: str, pairs: str, cfg: TrainConfig, restart: bool, prog) -> StageResult:
-    from .gates import fit_gates
+    from prismoe_store.gates.training import fit_gates
 
     a = AdapterStore.open(adapter, "r+", require_complete=True)
     info = a.attrs().get("gates") or {}
@@ -323,7 +323,7 @@ def _gates_stage(adapter: str, pairs: str, cfg: TrainConfig, restart: bool, prog
 
 
 def _quantize_stage(adapter: str, cfg: TrainConfig, prog) -> StageResult:
-    from .quant import int8_ready, quantize_adapter
+    from prismoe_store.runtime.quant import int8_ready, quantize_adapter
 
     if not cfg.int8:
         return StageResult("quantize", "off", detail={"reason": "no --int8"})
@@ -380,7 +380,7 @@ def format_train(report: TrainReport) -> str:
 def sample_pairs(fallback_dir) -> tuple[str, str]:
     """``(url, how)``: the committed sample pairs (``sample_data/gated_pairs`` beside the package),
     or, when they are missing or damaged, the same pairs regenerated into ``fallback_dir``."""
-    from .synth import synthesize
+    from prismoe_store.data.synth import synthesize
 
     spec = _sample_spec()
     try:
@@ -401,11 +401,11 @@ def demo(out_dir=None, *, pairs=None, workers: int = DEMO_WORKERS, epochs: int =
     """The demo: a real head's sparse adapter against the dense head, then the fitted-adapter
     pipeline on the synthetic sample pairs; writes everything into ``out_dir``.
 
-    Part 1 (``head``; :func:`prismoe_store.head_demo.run_head_demo`) runs on
+    Part 1 (``head``; :func:`prismoe_store.head.demo.run_head_demo`) runs on
     ``sample_data/smollm2`` (``head_sample`` replaces it, ``head_config`` its settings). Part 2 is
     the pipeline (fit → fit-gates → quantize) and the benchmark on the sample pairs: ``pairs``
     replaces them by another pairs store (tests use a tiny one), ``workers`` is the tiles per pipe,
-    ``bench_options`` override :class:`~prismoe_store.bench.BenchConfig` fields.
+    ``bench_options`` override :class:`~prismoe_store.bench.adapter.BenchConfig` fields.
 
     ``out_dir`` (default: a new temporary folder, kept) receives ``head/`` (the head adapter and
     its plot), ``adapter.zarr``, ``benchmark.json``, ``results.md`` and ``plots/*.png``; re-running
@@ -416,8 +416,8 @@ def demo(out_dir=None, *, pairs=None, workers: int = DEMO_WORKERS, epochs: int =
     """
     import torch
 
-    from .bench import BenchConfig, benchmark_adapter, format_markdown, write_plots
-    from .head_demo import HeadDemoConfig, run_head_demo, takeaway
+    from prismoe_store.bench.adapter import BenchConfig, benchmark_adapter, format_markdown, write_plots
+    from prismoe_store.head.demo import HeadDemoConfig, run_head_demo, takeaway
 
     t0 = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="prismoe-demo-"))
@@ -467,7 +467,7 @@ def _finite(o):
 def format_demo(result: dict) -> str:
     """The demo's report: the real head's sparse adapter against the dense head; the fitted adapter's
     quality at several ρ, memory, speed ratios and cache hit rate; the files; the takeaway."""
-    from .head_demo import format_head_demo
+    from prismoe_store.head.demo import format_head_demo
 
     b = result["benchmark"]
     rows = b["rows"]

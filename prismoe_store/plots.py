@@ -127,7 +127,7 @@ def pairs_plots(report, out_dir) -> list[Path]:
 
     >>> import tempfile
     >>> from types import SimpleNamespace
-    >>> from prismoe_store.inspect_pairs import column_stats
+    >>> from prismoe_store.inspection.pairs import column_stats
     >>> rng = np.random.default_rng(0)
     >>> rep = SimpleNamespace(url="demo", stats={"x": column_stats(rng.normal(size=(50, 6)))})
     >>> [p.name for p in pairs_plots(rep, tempfile.mkdtemp())]

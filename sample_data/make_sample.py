@@ -2,7 +2,7 @@
 
     python sample_data/make_sample.py
 
-Deterministic: the same settings give the same rows bit for bit (see :mod:`prismoe_store.synth`),
+Deterministic: the same settings give the same rows bit for bit (see :mod:`prismoe_store.data.synth`),
 so the committed store can always be checked against a fresh regeneration
 (``tests/test_synth.py::test_sample_data_matches_a_regeneration``).
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from prismoe_store.stores import StoreOptions  # noqa: E402
-from prismoe_store.synth import SynthSpec, synthesize  # noqa: E402
+from prismoe_store.stores.base import StoreOptions  # noqa: E402
+from prismoe_store.data.synth import SynthSpec, synthesize  # noqa: E402
 
 PATH = HERE / "gated_pairs"
 SPEC = SynthSpec(rows=3072, d_in=64, d_out=256, kind="gated", noise=0.01, seed=0, regions=4)

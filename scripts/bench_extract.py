@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 # so a child started from a big parent would report the parent's peak.
 CHILD = """
 import json, sys, time
-from prismoe_store.extract import extract
-from prismoe_store.stores import StoreOptions
+from prismoe_store.data.extract import extract
+from prismoe_store.stores.base import StoreOptions
 
 def status_kb(key):
     with open("/proc/self/status") as f:

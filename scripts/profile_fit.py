@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import cli.main as climain
 
 T_CLI = time.perf_counter() - T0
-import prismoe_store.fit as fit_mod
-import prismoe_store.fit_pass as pass_mod
-import prismoe_store.pairs as pairs_mod
+import prismoe_store.fit.job as fit_mod
+import prismoe_store.fit.statistics as pass_mod
+import prismoe_store.stores.pairs as pairs_mod
 
 T_IMPORTS = time.perf_counter() - T0
 SECONDS: dict[str, float] = {}

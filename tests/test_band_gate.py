@@ -7,12 +7,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from prismoe_store.adapter import AdapterStore
-from prismoe_store.band_gate import BandGateConfig, band_log_mass, fit_band_gate
-from prismoe_store.slot_pool import SlotPool
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.head.band_gate import BandGateConfig, band_log_mass, fit_band_gate
+from prismoe_store.runtime.slot_pool import SlotPool
 from prismoe_store.errors import DataError
-from prismoe_store.head_build import HeadConfig, build_head
-from prismoe_store.pairs import PairsStore
+from prismoe_store.head.build import HeadConfig, build_head
+from prismoe_store.stores.pairs import PairsStore
 
 
 def _planted(tmp_path, groups=24, size=8, d=16, rows=3000, seed=0):

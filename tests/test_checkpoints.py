@@ -32,8 +32,8 @@ from prismoe_store.errors import (
     TensorNotFoundError,
     UnsafeCheckpointError,
 )
-from prismoe_store.extract import extract, open_source
-from prismoe_store.stores import WeightsStore
+from prismoe_store.data.extract import extract, open_source
+from prismoe_store.stores.base import WeightsStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -312,9 +312,9 @@ def test_gguf_output_bias_is_stored(tmp_path, write_gguf):
 
 
 def test_a_biased_lm_head_is_not_replaced_by_a_head_without_bias(tmp_path, tiny_phi):
-    from prismoe_store.adapter import AdapterStore
+    from prismoe_store.stores.adapter import AdapterStore
     from prismoe_store.grid import plan_grid
-    from prismoe_store.head import PrisMoEHead, replace_lm_head
+    from prismoe_store.head.generate import PrisMoEHead, replace_lm_head
 
     _, model = tiny_phi
     vocab, hidden = model.get_output_embeddings().weight.shape
@@ -424,7 +424,7 @@ def test_collect_logits_from_an_encoder_is_refused(tmp_path):
     transformers = pytest.importorskip("transformers")
     from tiny_models import corpus_lines, save_llama, train_tokenizer, write_texts
 
-    from prismoe_store.collect import CollectSpec, collect, load_model
+    from prismoe_store.data.collect import CollectSpec, collect, load_model
 
     tokenizer = train_tokenizer(corpus_lines(50), kind="wordlevel", vocab_size=80)
     config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
@@ -468,8 +468,8 @@ def test_gguf_rss_stays_flat_in_the_matrix_and_vocabulary_size(tmp_path):
     """Peak RSS growth while extracting a GGUF head (and its vocabulary metadata) stays small at 4× the size."""
     script = textwrap.dedent("""
         import sys
-        from prismoe_store.extract import extract
-        from prismoe_store.stores import StoreOptions
+        from prismoe_store.data.extract import extract
+        from prismoe_store.stores.base import StoreOptions
         def kb(key):  # VmHWM, not ru_maxrss: Linux carries the parent's peak into a child's ru_maxrss
             return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
         base = kb("VmRSS")

@@ -13,7 +13,7 @@ from cli.main import main
 from cli.messages import MAX_CHARS, error_line
 from prismoe_store.errors import IncompleteStoreError, TensorNotFoundError
 from prismoe_store.grid import padding_advice, plan_pipes
-from prismoe_store.pairs import PairsStore
+from prismoe_store.stores.pairs import PairsStore
 
 
 def _run(*args):

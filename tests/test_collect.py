@@ -20,9 +20,9 @@ from tiny_models import (
 from cli.main import main
 from cli.messages import error_line
 from prismoe_store import errors
-from prismoe_store.collect import CollectSpec, collect, load_model
+from prismoe_store.data.collect import CollectSpec, collect, load_model
 from prismoe_store.errors import CorruptStoreError, DataError
-from prismoe_store.pairs import PairsStore
+from prismoe_store.stores.pairs import PairsStore
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

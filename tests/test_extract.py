@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from cli.main import main
 from conftest import GGUF_TYPES, write_safetensors, write_torch
 from prismoe_store.errors import IncompleteStoreError, SourceError, StoreError, TensorNotFoundError
-from prismoe_store.extract import extract, open_source, tile
-from prismoe_store.resolve import resolve
-from prismoe_store.source_records import CheckpointFacts, TensorInfo
-from prismoe_store.stores import StoreOptions, WeightsStore
+from prismoe_store.data.extract import extract, open_source, tile
+from prismoe_store.sources.resolve import resolve
+from prismoe_store.sources.records import CheckpointFacts, TensorInfo
+from prismoe_store.stores.base import StoreOptions, WeightsStore
 
 REPO = Path(__file__).resolve().parents[1]
 CKPTS = ["safetensors_ckpt", "sharded_ckpt", "torch_ckpt"]
@@ -299,7 +299,7 @@ def test_resume_after_kill(tmp_path, safetensors_ckpt):
     url = _store(tmp_path)
     script = textwrap.dedent(f"""
         import os, signal
-        from prismoe_store.extract import extract
+        from prismoe_store.data.extract import extract
         def progress(done, total):
             if done >= 6:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -342,8 +342,8 @@ def test_rss_stays_flat_on_a_64mb_matrix(tmp_path):
     rows, cols = 4096, 4096
     np.lib.format.open_memmap(tmp_path / "big.npy", "w+", np.float32, (rows, cols))[:] = 1.5
     script = textwrap.dedent(f"""
-        from prismoe_store.extract import extract
-        from prismoe_store.stores import StoreOptions
+        from prismoe_store.data.extract import extract
+        from prismoe_store.stores.base import StoreOptions
         def kb(key):  # VmHWM, not ru_maxrss: Linux carries the parent's peak into a child's ru_maxrss
             return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
         base = kb("VmRSS")

@@ -1,5 +1,5 @@
-"""Gate training on frozen tiles (prismoe_store.gates), routing statistics and the quality report
-(prismoe_store.gate_report).
+"""Gate training on frozen tiles (prismoe_store.gates.training), routing statistics and the quality report
+(prismoe_store.gates.report).
 
 References: float64 numpy products and statistics recomputed from the stores' bytes, the fit's
 own held-out metrics, numpy.linalg.lstsq, and an uninterrupted run for resume.
@@ -17,16 +17,16 @@ import torch
 from click.testing import CliRunner
 
 from cli.main import main
-from prismoe_store.adapter import AdapterStore
+from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import DataError, StoreError
-from prismoe_store.fit import fit
-from prismoe_store.gate_report import quality_report, routing_report
-from prismoe_store.gate_settings import GateSettings
-from prismoe_store.gates import FrozenTiles, Gates, Split, fit_gates, gated_forward, init_gates, resolve_split
+from prismoe_store.fit.job import fit
+from prismoe_store.gates.report import quality_report, routing_report
+from prismoe_store.gates.settings import GateSettings
+from prismoe_store.gates.training import FrozenTiles, Gates, Split, fit_gates, gated_forward, init_gates, resolve_split
 from prismoe_store.grid import plan_pipes
-from prismoe_store.pairs import PairsStore, holdout_mask
-from prismoe_store.routing import active_mask, k_for
-from prismoe_store.synth import SynthSpec, load_truth, synthesize
+from prismoe_store.stores.pairs import PairsStore, holdout_mask
+from prismoe_store.gates.routing import active_mask, k_for
+from prismoe_store.data.synth import SynthSpec, load_truth, synthesize
 
 D_IN, D_OUT, WORKERS = 32, 32, 16  # pipes 1, 2: 4×4 tiles of 8×8; pipe 3: 8×2 tiles of 4×16
 

@@ -9,13 +9,13 @@ import torch
 from click.testing import CliRunner
 
 from conftest import write_gguf, write_safetensors
-from prismoe_store.adapter import AdapterStore
+from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import DataError, StoreError
 from prismoe_store.grid import plan_grid
-from prismoe_store.head_build import HeadConfig, build_head
-from prismoe_store.runtime import open_runtime
-from prismoe_store.stores import WeightsStore
-from prismoe_store.vocab_order import OrderConfig
+from prismoe_store.head.build import HeadConfig, build_head
+from prismoe_store.runtime.grouped import open_runtime
+from prismoe_store.stores.base import WeightsStore
+from prismoe_store.head.vocab_order import OrderConfig
 
 
 def _head(V=203, d=32, seed=0):
@@ -95,7 +95,7 @@ def test_int8_bytes_and_values(tmp_path):
 
 
 def test_an_interrupted_build_finishes_on_rerun(tmp_path, monkeypatch):
-    import prismoe_store.head_build as hb
+    import prismoe_store.head.build as hb
 
     w = _head(V=96, d=8)
     np.save(tmp_path / "w.npy", w)
@@ -181,7 +181,7 @@ def test_a_head_with_a_bias_is_refused(tmp_path):
 
 
 def test_inspect_describes_a_head_adapter(tmp_path):
-    from prismoe_store.inspect_adapter import inspect_adapter
+    from prismoe_store.inspection.adapter import inspect_adapter
 
     np.save(tmp_path / "w.npy", _head(V=48, d=8))
     build_head(str(tmp_path / "w.npy"), str(tmp_path / "h.zarr"), config=HeadConfig(band_rows=8))

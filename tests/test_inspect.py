@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from cli.main import main
 from prismoe_store.errors import CorruptStoreError, DataError, StoreError, StoreFormatError, TensorNotFoundError
 from prismoe_store.grid import GridSpec, plan_grid
-from prismoe_store.compare import compare_matrices, open_matrix, open_tensor
-from prismoe_store.inspect import INSPECTORS, inspect_store, store_format, tile_stats
-from prismoe_store.inspect_pairs import column_stats
+from prismoe_store.inspection.compare import compare_matrices, open_matrix, open_tensor
+from prismoe_store.inspection.common import INSPECTORS, inspect_store, store_format, tile_stats
+from prismoe_store.inspection.pairs import column_stats
 from prismoe_store.plots import tile_heatmap, visualize_tensor
-from prismoe_store.stores import StoreOptions, WeightsStore, create_checked
+from prismoe_store.stores.base import StoreOptions, WeightsStore, create_checked
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -426,7 +426,7 @@ def test_column_stats_match_numpy(rows, cols, chunk_r, chunk_c, seed, max_bytes,
 
 
 def _pairs_store(path, seed: int = 0, rows=(40, 25, 30), d_in=13, d_out=21):
-    from prismoe_store.pairs import PairsStore
+    from prismoe_store.stores.pairs import PairsStore
 
     p = PairsStore.create(path, d_in=d_in, d_out=d_out, rows_per_chunk=16, col_chunks=(8, 8),
                           options=StoreOptions(compressor="zstd"),
@@ -479,7 +479,7 @@ def test_inspect_pairs_store(tmp_path):
 
 
 def test_inspect_empty_pairs_store():
-    from prismoe_store.pairs import PairsStore
+    from prismoe_store.stores.pairs import PairsStore
 
     url = _mem_url()
     PairsStore.create(url, d_in=3, d_out=2)
@@ -495,8 +495,8 @@ def test_inspect_empty_pairs_store():
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """A small pairs store and an adapter fitted on it (gates and INT8 added by the tests that need them)."""
-    from prismoe_store.fit import fit
-    from prismoe_store.pairs import PairsStore
+    from prismoe_store.fit.job import fit
+    from prismoe_store.stores.pairs import PairsStore
 
     root = tmp_path_factory.mktemp("adapter")
     rng = np.random.default_rng(0)
@@ -523,9 +523,9 @@ def _check_pipe_norms(rep, adapter) -> None:
 def test_inspect_adapter_store(fitted, tmp_path):
     import shutil
 
-    from prismoe_store.adapter import AdapterStore
-    from prismoe_store.gates import fit_gates
-    from prismoe_store.quant import quantize_adapter
+    from prismoe_store.stores.adapter import AdapterStore
+    from prismoe_store.gates.training import fit_gates
+    from prismoe_store.runtime.quant import quantize_adapter
 
     root, pairs, _ = fitted
     url = tmp_path / "a.zarr"  # a copy: gates and INT8 tiles are added below
@@ -571,7 +571,7 @@ def test_inspect_adapter_store(fitted, tmp_path):
 
 
 def test_inspect_incomplete_adapter():
-    from prismoe_store.adapter import AdapterStore
+    from prismoe_store.stores.adapter import AdapterStore
 
     url = _mem_url()
     AdapterStore.create(url, grids=[plan_grid(6, 10, 8)])
@@ -600,8 +600,8 @@ def test_cli_inspect_pairs(tmp_path):
 
 
 def test_cli_inspect_adapter_and_routing(fitted):
-    from prismoe_store.gate_report import routing_report
-    from prismoe_store.gates import fit_gates
+    from prismoe_store.gates.report import routing_report
+    from prismoe_store.gates.training import fit_gates
 
     root, pairs, adapter = fitted
     url, purl = root / "a.zarr", root / "p.zarr"

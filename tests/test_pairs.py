@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from prismoe_store.errors import DataError, StoreError, StoreFormatError
 from prismoe_store.grid import is_pow2, plan_pipes
-from prismoe_store.pairs import (
+from prismoe_store.stores.pairs import (
     PAIRS_FORMAT,
     NONFINITE_CHOICES,
     PairsStore,
@@ -30,7 +30,7 @@ from prismoe_store.pairs import (
     row_uniform,
     screen_nonfinite,
 )
-from prismoe_store.stores import StoreOptions, WeightsStore, format_attrs
+from prismoe_store.stores.base import StoreOptions, WeightsStore, format_attrs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,7 +219,7 @@ def test_interrupted_append_is_invisible_and_a_re_append_works(tmp_path, monkeyp
 _KILL_WRITER = textwrap.dedent("""
     import sys
     import numpy as np
-    from prismoe_store.pairs import PairsStore
+    from prismoe_store.stores.pairs import PairsStore
     sys.path.insert(0, sys.argv[2])
     from test_pairs import _tagged
     store = PairsStore.open(sys.argv[1], "r+")
@@ -333,7 +333,7 @@ def test_racing_appenders_in_threads(tmp_path, where):
 _RACER = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[3])
-    from prismoe_store.pairs import PairsStore
+    from prismoe_store.stores.pairs import PairsStore
     from test_pairs import _tag_rows
     w, url = int(sys.argv[1]), sys.argv[2]
     store = PairsStore.open(url, "r+")

@@ -13,13 +13,13 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
-from prismoe_store.adapter import AdapterStore
-from prismoe_store.collect import CollectSpec
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.data.collect import CollectSpec
 from prismoe_store.errors import DataError, StoreError
-from prismoe_store.pairs import PairsStore
-from prismoe_store.head_demo import HeadDemoConfig, HeadSample
+from prismoe_store.stores.pairs import PairsStore
+from prismoe_store.head.demo import HeadDemoConfig, HeadSample
 from prismoe_store.pipeline import TrainConfig, default_pairs_path, demo, format_demo, format_train, train
-from prismoe_store.synth import SynthSpec, synthesize
+from prismoe_store.data.synth import SynthSpec, synthesize
 from tiny_models import corpus_lines, save_llama, write_texts
 
 pytest.importorskip("transformers")

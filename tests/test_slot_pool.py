@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prismoe_store.errors import CacheError
-from prismoe_store.host_tier import HostTier, hot_tiles
-from prismoe_store.slot_pool import SlotPool, slot_bytes
+from prismoe_store.runtime.host_tier import HostTier, hot_tiles
+from prismoe_store.runtime.slot_pool import SlotPool, slot_bytes
 
 A, D = 2, 3  # tile shape: 24 float32 bytes a slot
 

@@ -20,7 +20,7 @@ from prismoe_store.errors import (
     TensorNotFoundError,
 )
 from prismoe_store.grid import plan_grid
-from prismoe_store.stores import (
+from prismoe_store.stores.base import (
     WEIGHTS_FORMAT,
     WEIGHTS_VERSION,
     Progress,

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from prismoe_store.errors import DataError
 from prismoe_store.grid import plan_partition
-from prismoe_store.vocab_order import OrderConfig, balanced_assign, band_sizes, cluster_order
+from prismoe_store.head.vocab_order import OrderConfig, balanced_assign, band_sizes, cluster_order
 
 
 @settings(max_examples=40, deadline=None)
@@ -57,7 +57,7 @@ def test_cluster_order_recovers_planted_groups_as_bands():
 
 
 def test_cluster_order_is_reproducible_and_streams_in_blocks(monkeypatch):
-    import prismoe_store.vocab_order as vo
+    import prismoe_store.head.vocab_order as vo
 
     w, _ = _planted(groups=16, size=8, d=12, seed=3)
     reads = []

@@ -1,0 +1,544 @@
+"""Phase 1: the one-shot streaming fit of the three pipes' tiles (DESIGN.md §4).
+
+The fit reads the pairs once, reducing them to small float64 statistics per row set
+(``G = XᵀX`` and ``B = XᵀZ``, or TSQR factors) — the pass, its plan, row sets and scheduling are in
+:mod:`prismoe_store.fit.statistics` — then solves the ridge systems, cuts the solutions into the pipes'
+tiles (this module) and scores them on held-out rows (:mod:`prismoe_store.fit.metrics`).
+λ defaults to ``1e-6 · trace(G)/M`` per statistics set (:func:`solve.default_ridge`).
+
+**Solves and pipes.** Pipe 1 fits on all training rows and pipe 3 on the same statistics with
+its own grid; pipe 2 on the ``sub`` rows. ``joint``: each output band ``W_r = (G + λI)⁻¹ B_r``
+over the whole input, cut into the band's tiles (one Cholesky per statistics set).
+``independent``: each tile ``T = (G_cc + λI)⁻¹ B_c,r`` from its own input slice; a pipe's
+prediction averages its tiles over the live input slices (per-band weights ``1/C_live``, what
+:func:`prismoe_store.gates.routing.route` gives with a uniform gate and ρ = 1).
+
+**Resumable.** The adapter's progress records mark finished statistic groups (``fit_stats``)
+and solved bands (``fit_pipe1..3``); a re-run with the same settings skips them and gives a
+bit-identical adapter (the plan — block rows, stripes, groups — is stored on the first run and
+reused). The scratch is deleted when the fit completes (``keep_statistics`` keeps it).
+>>> import numpy as np
+>>> from prismoe_store.stores.pairs import PairsStore
+>>> rng = np.random.default_rng(0)
+>>> x = rng.standard_normal((600, 8)).astype(np.float32)
+>>> w = rng.standard_normal((12, 8)).astype(np.float32)
+>>> p = PairsStore.create("memory://doc-fit-pairs", d_in=8, d_out=12, rows_per_chunk=128, overwrite=True)
+>>> _ = p.append(x, x @ w.T)
+>>> a = fit(p, "memory://doc-fit-adapter", workers=4, overwrite=True)
+>>> bool(np.allclose(a.dense(0), w, atol=1e-4)), a.attrs()["metrics"]["combined"]["r2"] > 0.999
+(True, True)
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Sequence
+
+import numpy as np
+import zarr
+
+from prismoe_store.stores.adapter import MODES, AdapterStore
+from prismoe_store.errors import DataError, FitError, GridError, StoreError, StoreFormatError
+from prismoe_store.fit.metrics import metrics_link
+from prismoe_store.fit.statistics import (HOLD, PANEL, REST, SCRATCH, SUB, SUBSAMPLE_SEED_OFFSET, TICKERS, TICKERS_LOCK, Pass, Plan, Runner,
+                       categories, col_groups, input_slices, link_blocks, location, make_plan, make_runner,
+                       plan_block_rows, stats_link)
+from prismoe_store.grid import GridSpec, is_pow2, plan_pipes
+from prismoe_store.stores.pairs import PairsStore
+from prismoe_store.fit.solve import Factor, default_ridge, factor_normal, factor_qr
+from prismoe_store.stores.base import StoreOptions, create_chunked, reading, recheck
+
+SOLVERS = ("cholesky", "qr")
+PRECISIONS = ("mixed", "float64", "float32")
+SCHEDULERS = ("threads", "processes", "synchronous")
+STAT_SETS = ("train", "sub")  # statistics kept per fit: all training rows, and pipe 2's rows
+PIPE_SETS = ("train", "sub", "train")  # which statistics pipe p fits on
+_F32_FLOOR = 2.0 ** -48  # float32 unit roundoff squared: with the block rows, B's noise floor in G's units
+_SCRATCH_CHUNK_BYTES = 32 << 20  # target size of a chunk of the scratch B
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Settings of a fit; the first group changes the result, the second only speed and memory.
+
+    >>> FitConfig(mode="independent", holdout=0.2).subsample
+    0.6
+    """
+
+    mode: str = "joint"  # "joint" (band-wise ridge over the whole input) or "independent" (per-tile ridge)
+    workers: int = 512  # tiles per pipe, a power of 2 (the grids come from plan_pipes)
+    grids: tuple[GridSpec, ...] | None = None  # the three pipes' grids; None: plan_pipes(d_in, d_out, workers)
+    ridge: float | None = None  # λ ≥ 0; None: 1e-6·trace(G)/M for each statistics set
+    holdout: float = 0.1  # share of rows held out for the metrics, in [0, 1)
+    subsample: float = 0.6  # share of training rows pipe 2 fits on, in (0, 1]
+    seed: int = 0  # seeds the held-out split and pipe 2's subsample
+    alphas: tuple[float, ...] | None = None  # pipe weights α (non-negative, sum 1); None: equal
+    solver: str = "cholesky"  # "cholesky" (normal equations) or "qr" (streaming TSQR, ill-conditioned X)
+    precision: str = "mixed"  # products of each block: "mixed" (G float64, B float32), "float64" or
+    #   "float32" (all); always summed across blocks in float64 (see fit_pass "Numerics")
+    # -- speed and memory only --
+    memory_budget: int | None = None  # bytes for accumulators and row blocks; None: 1/4 of physical RAM
+    block_rows: int | None = None  # rows per product block; None: 8192 rounded up to the store's row chunks
+    tasks: int | None = None  # row stripes accumulated in parallel; None: cores/2 (≤ 4) locally, a cluster's threads
+    keep_statistics: bool = False  # keep the ``_fit`` scratch (G, B, held-out rows) after the fit
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise DataError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not is_pow2(self.workers):
+            raise GridError(f"workers must be a power of 2, got {self.workers!r}")
+        if self.grids is not None:
+            grids = tuple(self.grids)
+            if len(grids) != 3 or not all(isinstance(g, GridSpec) for g in grids):
+                raise GridError("grids must be three GridSpec, one per pipe")
+            object.__setattr__(self, "grids", grids)
+        if self.ridge is not None and not (np.isfinite(self.ridge) and self.ridge >= 0):
+            raise DataError(f"ridge must be a finite number ≥ 0, got {self.ridge!r}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise DataError(f"holdout must be in [0, 1), got {self.holdout!r}")
+        if not 0.0 < self.subsample <= 1.0:
+            raise DataError(f"subsample must be in (0, 1], got {self.subsample!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < SUBSAMPLE_SEED_OFFSET:
+            raise DataError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if self.alphas is not None:
+            alphas = tuple(float(a) for a in self.alphas)
+            if len(alphas) != 3 or any(not np.isfinite(a) or a < 0 for a in alphas) or abs(sum(alphas) - 1) > 1e-6:
+                raise DataError(f"alphas must be 3 non-negative numbers summing to 1, got {list(alphas)}")
+            object.__setattr__(self, "alphas", alphas)
+        if self.solver not in SOLVERS:
+            raise DataError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if self.precision not in PRECISIONS:
+            raise DataError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("memory_budget", "block_rows", "tasks"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise DataError(f"{name} must be a positive integer, got {v!r}")
+
+    def settings(self, grids: Sequence[GridSpec]) -> dict:
+        """The result-affecting settings as plain data (stored in the adapter; compared on resume)."""
+        d = {k: v for k, v in asdict(self).items()
+             if k not in ("memory_budget", "block_rows", "tasks", "keep_statistics", "grids", "workers")}
+        d["grids"] = [g.to_dict() for g in grids]
+        d["alphas"] = list(self.alphas) if self.alphas is not None else None
+        return d
+
+
+# -- the public entry point ----------------------------------------------------------------
+
+
+def fit(pairs: PairsStore | str, adapter_url, *, mode: str = "joint", workers: int = 512,
+        grids: Sequence[GridSpec] | None = None, ridge: float | None = None, holdout: float = 0.1,
+        subsample: float = 0.6, seed: int = 0, alphas: Sequence[float] | None = None,
+        solver: str = "cholesky", precision: str = "mixed", memory_budget: int | None = None,
+        block_rows: int | None = None, tasks: int | None = None, keep_statistics: bool = False,
+        scheduler=None, options: StoreOptions | None = None, progress: ProgressFn | None = None,
+        overwrite: bool = False) -> AdapterStore:
+    """Fit the three pipes' tiles on ``pairs`` by streamed ridge least squares; write the adapter.
+
+    The settings are those of :class:`FitConfig`. ``scheduler``: ``"threads"`` (default),
+    ``"processes"``, ``"synchronous"``, a ``tcp://`` address of a ``dask.distributed`` scheduler or
+    a ``distributed.Client`` (the pairs and adapter URLs must then be readable by the workers).
+    ``options``: the adapter's encoding. An existing unfinished adapter with the same settings is
+    resumed; any other existing store is refused unless ``overwrite``.
+
+    >>> from prismoe_store.stores.pairs import PairsStore
+    >>> p = PairsStore.open("memory://doc-fit-pairs")
+    >>> a = fit(p, "memory://doc-fit-indep", workers=4, mode="independent", holdout=0.2, overwrite=True)
+    >>> a.mode, a.complete, sorted(a.attrs()["metrics"])
+    ('independent', True, ['combined', 'holdout_rows', 'pipes', 'warnings'])
+    """
+    cfg = FitConfig(mode=mode, workers=workers, grids=tuple(grids) if grids is not None else None, ridge=ridge,
+                    holdout=holdout, subsample=subsample, seed=seed,
+                    alphas=tuple(alphas) if alphas is not None else None, solver=solver, precision=precision,
+                    memory_budget=memory_budget, block_rows=block_rows, tasks=tasks,
+                    keep_statistics=keep_statistics)
+    return _Fit(cfg, pairs, adapter_url, scheduler, options, progress, overwrite).run()
+
+
+class _Fit:
+    """One fit run: checks, plan, statistics pass, solves, metrics (see the module docstring)."""
+
+    def __init__(self, cfg: FitConfig, pairs, adapter_url, scheduler, options, progress, overwrite):
+        self.cfg = cfg
+        self.pairs = pairs if isinstance(pairs, PairsStore) else PairsStore.open(str(pairs))
+        self.adapter_url = location(adapter_url)
+        self.options = options or StoreOptions()
+        self.progress = progress
+        self.overwrite = overwrite
+        self.scheduler = scheduler
+        self.timings: dict[str, float] = {}
+        self._done = 0
+        self._total = 0
+        self._lock = threading.Lock()
+
+    # -- checks --
+    def _check_pairs(self) -> tuple[int, tuple[GridSpec, ...]]:
+        p = self.pairs
+        m, n, rows = p.d_in, p.d_out, p.rows
+        if p.x.ndim != 2 or p.z.ndim != 2 or p.x.shape[1] != m or p.z.shape[1] != n:
+            raise DataError(f"pairs {p.url}: x {p.x.shape} and z {p.z.shape} do not match d_in={m}, d_out={n}")
+        if p.x.shape[0] < rows or p.z.shape[0] < rows:
+            raise DataError(f"pairs {p.url} claim {rows} rows but x has {p.x.shape[0]} and z {p.z.shape[0]}: "
+                            "the store is damaged (mismatched row counts)")
+        if rows < 2:
+            raise DataError(f"pairs {p.url} hold {rows} rows: a fit needs at least 2")
+        grids = self.cfg.grids or plan_pipes(m, n, self.cfg.workers)
+        for i, g in enumerate(grids):
+            if (g.d_in, g.d_out) != (m, n):
+                raise GridError(f"the grid of pipe {i + 1} covers {g.d_in}→{g.d_out} but the pairs are {m}→{n}")
+        return rows, tuple(grids)
+
+    def _count(self, p: Pass, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows per set, and held-out rows per block (checked: enough of each)."""
+        block = p.block_rows
+        per_block = np.zeros(-(-rows // block), np.int64)
+        total = np.zeros(3, np.int64)
+        for b, s in enumerate(range(0, rows, block)):
+            c = np.bincount(categories(p, s, min(rows, s + block)), minlength=3)
+            total += c
+            per_block[b] = c[HOLD]
+        cfg = self.cfg
+        if cfg.holdout > 0 and total[HOLD] == 0:
+            raise DataError(f"{rows} rows with a {cfg.holdout} holdout leave no held-out row: "
+                            "add rows or lower --holdout (0 disables the metrics)")
+        if total[SUB] + total[REST] < 1 or total[SUB] < 1:
+            raise DataError(f"{rows} rows leave {total[SUB] + total[REST]} training rows and {total[SUB]} for pipe 2: "
+                            "add rows, lower --holdout or raise --subsample")
+        return total, per_block
+
+    # -- progress --
+    def _tick(self, k: int = 1) -> None:
+        with self._lock:  # tasks of in-process schedulers tick from their threads
+            self._done += k
+            if self.progress is not None:
+                self.progress(min(self._done, self._total), self._total)
+
+    # -- main --
+    def run(self) -> AdapterStore:
+        cfg, pairs = self.cfg, self.pairs
+        t0 = time.perf_counter()
+        rows, grids = self._check_pairs()
+        m = pairs.d_in
+        # the input slicings the statistics need: QR triangularizes each slice of an independent fit
+        slicings = (0,)
+        if cfg.solver == "qr" and cfg.mode == "independent":
+            slicings = tuple(sorted({g.tile_in for g in grids}))
+        source = {"url": location(pairs.url), "rows": rows, "d_in": m, "d_out": pairs.d_out}
+        runner = make_runner(self.scheduler, cfg.tasks)
+        run_id = uuid.uuid4().hex if runner.local else ""  # in-process tasks tick the progress per block
+        try:
+            adapter, plan = self._resume(grids, source)
+            block = plan.block_rows if plan else plan_block_rows(cfg, pairs, rows)
+            base = Pass(pairs_url=source["url"], pairs_options=None, adapter_url=self.adapter_url,
+                         adapter_options=self.options.storage_options, d_in=m, holdout=cfg.holdout, seed=cfg.seed,
+                         subsample=cfg.subsample, block_rows=block, precision=cfg.precision,
+                         solver=cfg.solver, slicings=slicings, run_id=run_id)
+            counts, per_block = self._count(base, rows)
+            if adapter is not None:
+                self._recheck(adapter, plan, grids, slicings, per_block)
+            if adapter is None:
+                plan = make_plan(cfg, pairs, rows, block, cfg.tasks or runner.threads,
+                                 int(per_block.max(initial=0)), len(slicings))
+                adapter = AdapterStore.create(
+                    self.adapter_url, grids=grids, mode=cfg.mode, alphas=cfg.alphas, options=self.options,
+                    overwrite=self.overwrite,
+                    attrs={"fit": {"settings": cfg.settings(grids), "pairs": source, "plan": asdict(plan)}})
+                self._create_scratch(adapter, plan, slicings)
+            runner.tick = self._tick
+            if run_id:
+                with TICKERS_LOCK:
+                    TICKERS[run_id] = self._tick
+            self._plan = plan
+            self._plan_progress(adapter, plan, grids)
+            stats = self._statistics(adapter, plan, base, runner)
+            self.timings["statistics_s"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            lams = self._solve(adapter, grids, stats)
+            self.timings["solve_s"] = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            metrics = self._metrics(adapter, grids, plan, base, runner, per_block)
+            self.timings["metrics_s"] = time.perf_counter() - t2
+        finally:
+            runner.close()
+            with TICKERS_LOCK:
+                TICKERS.pop(run_id, None)
+        for p in range(len(grids)):
+            used = counts[SUB] + (counts[REST] if PIPE_SETS[p] == "train" else 0)
+            adapter.group[f"pipe{p + 1}"].attrs["rows"] = int(used)
+        info = dict(adapter.attrs()["fit"])
+        info.update(ridge=lams, counts={"train": int(counts[SUB] + counts[REST]), "sub": int(counts[SUB]),
+                                        "holdout": int(counts[HOLD])}, timings=self.timings)
+        adapter.update_attrs(fit=info, metrics=metrics)
+        if not cfg.keep_statistics and SCRATCH in adapter.group:
+            del adapter.group[SCRATCH]
+        adapter.update_attrs(complete=True)
+        return adapter
+
+    def _warn(self, adapter: AdapterStore, msg: str) -> None:
+        """Record a solver warning in the adapter at once (so a resumed run keeps it)."""
+        info = dict(adapter.attrs()["fit"])
+        old = list(info.get("warnings", []))
+        if msg not in old:
+            adapter.update_attrs(fit={**info, "warnings": old + [msg]})
+
+    def _resume(self, grids, source: dict) -> tuple[AdapterStore | None, Plan | None]:
+        """The unfinished adapter to resume (with its plan), or ``(None, None)`` to create one."""
+        if self.overwrite:
+            return None, None
+        try:
+            old = AdapterStore.open(self.adapter_url, "r+", storage_options=self.options.storage_options)
+        except StoreFormatError as e:  # another kind of store, or user files: never replaced
+            raise StoreFormatError(f"{self.adapter_url} already exists and is not an adapter ({e}): refusing to "
+                                   "replace it (--overwrite replaces only an adapter); choose another output") from None
+        except StoreError:
+            return None, None  # nothing there (AdapterStore.create refuses any other leftover)
+        info = old.attrs().get("fit", {})
+        if old.complete:
+            raise StoreError(f"adapter {self.adapter_url} already exists and is complete "
+                             "(pass overwrite=True / --overwrite to refit)")
+        if info.get("settings") != self.cfg.settings(grids) or info.get("pairs") != source or "plan" not in info:
+            raise StoreError(f"{self.adapter_url} holds an unfinished fit with other settings or pairs "
+                             "(pass overwrite=True / --overwrite to start over)")
+        if SCRATCH not in old.group:
+            raise StoreError(f"{self.adapter_url} holds an unfinished fit without its scratch: use --overwrite")
+        return old, Plan(**info["plan"])
+
+    def _recheck(self, adapter: AdapterStore, plan: Plan, grids, slicings, per_block: np.ndarray) -> None:
+        """Resuming trusts only finished work whose chunks still match their records: a statistics
+        group or band with a damaged chunk (missing, torn, swapped) is done again."""
+        scratch, groups = adapter.group[SCRATCH], col_groups(self.pairs.d_out, plan.group_cols)
+        held = [b for b, k in enumerate(per_block) if k and self.cfg.holdout > 0]  # blocks with held-out rows
+
+        def stat_chunks(gi: int):
+            c0, c1 = groups[gi]
+            for s in STAT_SETS:
+                for w in slicings:
+                    b = scratch[f"{s}_B{w}"]
+                    yield from ((b, (0, j)) for j in range(c0 // b.chunks[1], -(-c1 // b.chunks[1])))
+                    if gi == 0:
+                        yield scratch[f"{s}_G{w}"], (0, 0)
+            if held:
+                hz = scratch["hold_z"]
+                yield from ((hz, (b, 0, j)) for b in held for j in range(c0 // hz.chunks[2], -(-c1 // hz.chunks[2])))
+                if gi == 0:
+                    yield from ((scratch["hold_x"], (b, 0, 0)) for b in held)
+
+        recheck(adapter.progress("fit_stats", len(groups)), lambda gi: list(stat_chunks(gi)))
+        for p, grid in enumerate(grids):
+            tiles = adapter.tiles(p)
+            cols = -(-tiles.shape[1] // tiles.chunks[1])
+            recheck(adapter.progress(f"fit_pipe{p + 1}", grid.rows), lambda r: [(tiles, (r, c)) for c in range(cols)])
+
+    def _create_scratch(self, adapter: AdapterStore, plan: Plan, slicings) -> None:
+        m, n = self.pairs.d_in, self.pairs.d_out
+        raw = StoreOptions(compressor="none", storage_options=self.options.storage_options)
+        g = adapter.group.create_group(SCRATCH)
+        # column chunks: whole multiples of z's chunks up to ~32 MiB of B, so a group writes few
+        align = int(self.pairs.z.chunks[1])
+        cw = min(n, plan.group_cols, max(align, (_SCRATCH_CHUNK_BYTES // (8 * m)) // align * align))
+        for s in STAT_SETS:
+            for w in slicings:
+                create_chunked(g, f"{s}_G{w}", (m, m), (m, m), "float64", raw)
+                create_chunked(g, f"{s}_B{w}", (m, n), (m, cw), "float64", raw)
+        if self.cfg.holdout > 0:
+            create_chunked(g, "hold_x", (plan.blocks, plan.hold_cap, m), (1, plan.hold_cap, m), "float32", raw)
+            create_chunked(g, "hold_z", (plan.blocks, plan.hold_cap, n), (1, plan.hold_cap, cw), "float32", raw)
+
+    def _plan_progress(self, adapter, plan: Plan, grids) -> None:
+        n = self.pairs.d_out
+        n_groups = len(col_groups(n, plan.group_cols))
+        self._total = n_groups * plan.blocks + sum(g.rows for g in grids)
+        if self.cfg.holdout > 0:
+            self._total += len(col_groups(n, plan.metric_cols)) * plan.blocks
+        self._done = len(adapter.progress("fit_stats", n_groups).done()) * plan.blocks
+        for p, g in enumerate(grids):
+            self._done += len(adapter.progress(f"fit_pipe{p + 1}", g.rows).done())
+        self._tick(0)
+
+    # -- statistics --
+    def _statistics(self, adapter: AdapterStore, plan: Plan, p: Pass, runner: Runner) -> "_StatSource":
+        n = self.pairs.d_out
+        groups = col_groups(n, plan.group_cols)
+        record = adapter.progress("fit_stats", len(groups))
+        scratch = adapter.group[SCRATCH]
+        source = _StatSource(scratch, p.slicings)
+        for gi in record.missing():
+            c0, c1 = groups[gi]
+            with_g = gi == 0 or p.solver == "qr"  # the normal equations' G comes from the first group
+            chains = []
+            for b0, b1 in plan.stripes():
+                # in-process: one task per stripe (ticking per block); else a chain of tasks, see link_blocks
+                step = b1 - b0 if runner.local else link_blocks(p, plan, c1 - c0)
+                chains.append([(0 if runner.local else min(b1, lb + step) - lb, stats_link, p, plan.rows, c0, c1,
+                                lb, min(b1, lb + step), with_g, gi == 0) for lb in range(b0, b1, step)])
+            results = runner.run(chains, f"fit-stats-g{gi}")
+            acc = results[0]
+            for other in results[1:]:
+                acc.merge(other, p)
+            if acc.bad is not None:
+                s, e = acc.bad
+                raise DataError(f"rows {s}..{e} of {self.pairs.url} hold NaN or Inf (first bad row block): "
+                                "clean the pairs (prismoe collect --on-nonfinite) and re-run")
+            if acc.overflow:
+                raise FitError(f"the float32 products of {self.pairs.url} overflow (values near 1e19 or larger): "
+                               "fit with precision float64 (--precision float64)")
+            sets = acc.sets(p)
+            for name, (gs, bs) in sets.items():
+                for k, w in enumerate(p.slicings):
+                    scratch[f"{name}_B{w}"][:, c0:c1] = bs[k]
+                    if gi == 0:
+                        scratch[f"{name}_G{w}"][...] = gs[k]
+            record.mark(gi)
+            if len(groups) == 1:
+                source.keep(sets)
+        return source
+
+    # -- solves --
+    def _solve(self, adapter: AdapterStore, grids, stats: "_StatSource") -> dict[str, float]:
+        cfg, m, n = self.cfg, self.pairs.d_in, self.pairs.d_out
+        lams = dict(adapter.attrs().get("fit", {}).get("ridge") or {})
+        for s in STAT_SETS:
+            if s not in lams:
+                g0 = stats.g(s, stats.slicings[0])
+                trace = float(np.trace(g0)) if cfg.solver == "cholesky" else float(np.sum(g0 * g0))
+                lams[s] = float(cfg.ridge) if cfg.ridge is not None else default_ridge(trace, m)
+        fit_attrs = dict(adapter.attrs()["fit"])
+        adapter.update_attrs(fit={**fit_attrs, "ridge": lams})
+        factors: dict[tuple, list] = {}
+        self._adapter = adapter
+        sources = self._sources(grids)
+        for p, grid in enumerate(grids):
+            record = adapter.progress(f"fit_pipe{p + 1}", grid.rows)
+            set_name, a = PIPE_SETS[p], grid.tile_out
+            width = 0 if cfg.mode == "joint" else grid.tile_in
+            # AdapterStore hands out arrays that write every chunk, zero tiles too
+            tiles, src = adapter.tiles(p), adapter.tiles(sources[p])
+            for r0, r1 in _band_runs(record.missing(), max(1, self._plan.group_cols // a)):
+                o0, o1 = r0 * a, min(n, r1 * a)  # o1 <= o0: output padding only, written as zeros
+                block = np.zeros(((r1 - r0) * a, grid.d_in_pad), np.float32)
+                if o1 > o0 and sources[p] != p:  # the same dense solution, already written: copy it
+                    with reading(f"tiles of pipe {sources[p] + 1} in {self.adapter_url}"):
+                        block[: o1 - o0, :m] = src[o0:o1, :m]
+                elif o1 > o0:
+                    key = (set_name, width)
+                    if key not in factors:
+                        factors[key] = self._factors(stats, set_name, width, lams[set_name])
+                    # solved in whole panels of fixed columns: a column's bits do not depend on the runs
+                    p0, p1 = o0 // PANEL * PANEL, min(n, -(-o1 // PANEL) * PANEL)
+                    rhs = stats.b(set_name, width if cfg.solver == "qr" else 0, p0, p1)
+                    for (c0, c1), f in zip(input_slices(m, width), factors[key]):
+                        for q0 in range(p0, p1, PANEL):
+                            q1 = min(p1, q0 + PANEL)
+                            lo, hi = max(o0, q0), min(o1, q1)
+                            sol = f.solve(rhs[c0:c1, q0 - p0:q1 - p0])
+                            block[lo - o0:hi - o0, c0:c1] = sol[:, lo - q0:hi - q0].T
+                tiles[r0 * a:r1 * a, :] = block
+                record.mark_many(range(r0, r1))
+                self._tick(r1 - r0)
+        return lams
+
+    def _sources(self, grids) -> tuple[int, ...]:
+        """For each pipe, the first pipe with the same dense solution (joint mode, same rows)."""
+        if self.cfg.mode != "joint":
+            return tuple(range(len(grids)))
+        return tuple(PIPE_SETS.index(PIPE_SETS[p]) for p in range(len(grids)))
+
+    def _factors(self, stats: "_StatSource", set_name: str, width: int, lam: float) -> list[Factor]:
+        cfg, m = self.cfg, self.pairs.d_in
+        g = stats.g(set_name, width if cfg.solver == "qr" else 0)
+        out = []
+        for c0, c1 in input_slices(m, width):
+            block = g[c0:c1, c0:c1]
+            # mixed: B's float32 rounding is dropped where X has (almost) no variance, see fit_pass "Numerics"
+            floor = _F32_FLOOR * self._plan.block_rows * float(np.trace(block)) / max(1, c1 - c0)
+            try:
+                if cfg.solver == "qr":
+                    f = factor_qr(block, lam)
+                else:
+                    f = factor_normal(block, lam, floor=floor if cfg.precision == "mixed" else 0.0)
+            except ValueError as e:
+                raise FitError(f"cannot factor the {set_name} statistics: {e}") from None
+            if f.warning:
+                where = f"{set_name} rows" + (f", input columns {c0}..{c1}" if width else "")
+                self._warn(self._adapter, f"{where}: {f.warning}")
+            out.append(f)
+        return out
+
+    # -- metrics --
+    def _metrics(self, adapter: AdapterStore, grids, plan: Plan, base: Pass, runner: Runner,
+                 per_block: np.ndarray) -> dict | None:
+        if self.cfg.holdout <= 0:
+            return None
+        n = self.pairs.d_out
+        scales = tuple(1.0 if self.cfg.mode == "joint" else 1.0 / -(-g.d_in // g.tile_in) for g in grids)
+        p = replace(base, alphas=tuple(adapter.alphas), scales=scales, sources=self._sources(grids))
+        total = None
+        for gi, (c0, c1) in enumerate(col_groups(n, plan.metric_cols)):
+            # one task per stripe: each loads its rows of the three pipes' tiles once
+            chains = [[(b1 - b0, metrics_link, p, per_block, c0, c1, b0, b1)] for b0, b1 in plan.stripes()]
+            results = runner.run(chains, f"fit-metrics-g{gi}")
+            acc = results[0]
+            for other in results[1:]:
+                acc.merge(other)
+            acc.finish()
+            if total is None:
+                total = acc
+            else:  # column groups are disjoint: sums add, row count is the same
+                total.sse += acc.sse
+                total.sz2 += acc.sz2
+                total.m2 = np.concatenate([total.m2, acc.m2])
+        sst = float(total.m2.sum())
+
+        def score(sse: float) -> dict:
+            return {"rel_err": math.sqrt(sse / total.sz2) if total.sz2 > 0 else float("nan"),
+                    "r2": 1.0 - sse / sst if sst > 0 else float("nan")}
+
+        return {"holdout_rows": int(total.rows), "pipes": [score(float(s)) for s in total.sse[:-1]],
+                "combined": score(float(total.sse[-1])),
+                "warnings": list(adapter.attrs()["fit"].get("warnings", []))}
+
+
+def _band_runs(bands: list[int], most: int) -> list[tuple[int, int]]:
+    """Runs ``[r0, r1)`` of consecutive bands, at most ``most`` bands each (solved and written together).
+
+    >>> _band_runs([0, 1, 2, 5, 6], 2)
+    [(0, 2), (2, 3), (5, 7)]
+    """
+    runs: list[tuple[int, int]] = []
+    for r in bands:
+        if runs and runs[-1][1] == r and r - runs[-1][0] < most:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
+class _StatSource:
+    """The finished statistics: from memory when the pass just produced them whole, else the scratch."""
+
+    def __init__(self, scratch: zarr.Group, slicings: tuple[int, ...]):
+        self.scratch = scratch
+        self.slicings = slicings
+        self._mem: dict | None = None
+
+    def keep(self, sets: dict) -> None:
+        self._mem = sets
+
+    def g(self, set_name: str, width: int) -> np.ndarray:
+        k = self.slicings.index(width)
+        if self._mem is not None:
+            return self._mem[set_name][0][k]
+        with reading("fit statistics"):
+            return self.scratch[f"{set_name}_G{width}"][...]
+
+    def b(self, set_name: str, width: int, o0: int, o1: int) -> np.ndarray:
+        k = self.slicings.index(width)
+        if self._mem is not None:
+            return self._mem[set_name][1][k][:, o0:o1]
+        with reading("fit statistics"):
+            return self.scratch[f"{set_name}_B{width}"][:, o0:o1]

@@ -1,0 +1,291 @@
+"""Train a head adapter's band gate from hidden states alone (``prismoe fit-gates`` on a head).
+
+The gate scores bands, ``s = x W_gᵀ + b_g`` ``[B, n]``; the runtime computes the bands with the
+highest scores. It is trained to predict where the head's probability mass lies — knowledge
+distillation of the **band-mass distribution** (DESIGN §8)::
+
+    p_b(x) = Σ_{v ∈ band b} softmax(x Wᵀ)_v          loss = − Σ_b p_b log softmax(s)_b
+
+(the cross-entropy of the gate's softmax against ``p``, i.e. KL(p ‖ q) up to a constant). The
+targets come from the tiles themselves: one **teacher pass** streams the hidden states through
+all bands (in groups that fit the tile cache) and writes, per row, ``log p`` ``[n]`` (float16)
+and the band of the top-1 token to a scratch file — nothing vocabulary-sized is stored. Epochs
+then stream row blocks of that file in a seeded random order, shuffled within a block; memory
+holds one block. A seeded share of the rows is held out: after every epoch the gate is scored
+there (top-1 agreement at ρ = the share of bands a token takes: is the winning token's band
+among the gate's top ``ceil(ρ·n)``? and the predicted mass kept), and the best epoch's gate is
+the one stored. A gate that is not finite is never stored.
+
+>>> import numpy as np, tempfile, os
+>>> from prismoe_store.head.build import HeadConfig, build_head
+>>> from prismoe_store.stores.adapter import AdapterStore
+>>> d = tempfile.mkdtemp(); rng = np.random.default_rng(0)
+>>> np.save(os.path.join(d, "w.npy"), rng.normal(size=(256, 16)).astype(np.float32))
+>>> np.save(os.path.join(d, "h.npy"), rng.normal(size=(600, 16)).astype(np.float32))
+>>> _ = build_head(os.path.join(d, "w.npy"), os.path.join(d, "a.zarr"), config=HeadConfig(band_rows=8))
+>>> rep = fit_band_gate(AdapterStore.open(os.path.join(d, "a.zarr"), "r+"), os.path.join(d, "h.npy"),
+...                     config=BandGateConfig(epochs=3, sparsity=0.25))
+>>> rep.after["top1"] >= rep.before["top1"]
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, ContextManager
+
+import numpy as np
+import torch
+
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.errors import DataError, FitError, IncompleteStoreError
+from prismoe_store.grid import band_sizes
+from prismoe_store.stores.pairs import holdout_mask, open_rows
+from prismoe_store.runtime.slot_pool import SlotPool
+
+ProgressFn = Callable[[int, int], None]
+Stages = Callable[[str], ContextManager[ProgressFn | None]]
+BLOCK_ROWS = 8192  # rows per streamed block (teacher pass and epochs)
+
+
+@dataclass(frozen=True)
+class BandGateConfig:
+    """How the band gate is trained.
+
+    >>> BandGateConfig(lr=0)
+    Traceback (most recent call last):
+    ...
+    prismoe_store.errors.DataError: lr must be a positive number, got 0
+    """
+
+    epochs: int = 10  # most passes over the training rows (the best held-out epoch is kept)
+    batch_size: int = 256  # rows per optimizer step
+    lr: float = 2e-3  # Adam learning rate
+    sparsity: float = 0.1  # ρ: share of bands a token takes, for the held-out score (and recorded for the runtime)
+    holdout: float = 0.05  # share of rows held out to choose the best epoch
+    seed: int = 0  # the held-out split and the shuffling
+    restart: bool = False  # start from the centroid gate instead of the stored gate
+    device: str = "cpu"  # where the teacher pass and the training run
+    cache_bytes: int | None = None  # tile budget of the teacher pass (None: every band)
+    max_rows: int | None = None  # use at most this many hidden-state rows (None: all)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name != "batch_size" else 1):
+                raise DataError(f"{name} must be a non-negative integer, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise DataError(f"lr must be a positive number, got {self.lr!r}")
+        if not 0 < self.sparsity <= 1:
+            raise DataError(f"sparsity must be in (0, 1], got {self.sparsity}")
+        if not 0 <= self.holdout < 1:
+            raise DataError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise DataError(f"max_rows must be positive, got {self.max_rows}")
+
+
+@dataclass(frozen=True)
+class BandGateReport:
+    """What :func:`fit_band_gate` did: held-out scores before and after, per epoch."""
+
+    rows: int  # hidden-state rows used (train + held out)
+    held_out: int  # rows held out
+    epochs: int  # epochs run
+    best_epoch: int  # the epoch whose gate was stored (0: the starting gate was best)
+    before: dict  # held-out {"top1", "mass", "loss"} of the starting gate
+    after: dict  # held-out scores of the stored gate
+    history: list  # per epoch: {"epoch", "loss", "top1", "mass"}
+    teacher_seconds: float  # the teacher pass
+    seconds_per_epoch: float  # mean wall time of an epoch
+    settings: dict  # the config
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON)."""
+        return asdict(self)
+
+
+def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = BandGateConfig(),
+                  stages: Stages | None = None) -> BandGateReport:
+    """Train ``adapter``'s band gate on the hidden states ``hidden`` (see the module docstring).
+
+    ``hidden`` is a pairs store (its ``x``; a hidden-states-only store from ``prismoe collect
+    --target none``), a path to one, or a ``.npy`` ``[S, d]``. Raises :class:`DataError` for a
+    width mismatch or non-finite hidden states, :class:`FitError` when training diverges (the
+    stored gate is then left as it was).
+    """
+    stage = stages or (lambda name: contextlib.nullcontext(None))
+    if not adapter.complete:
+        raise IncompleteStoreError(f"head adapter {adapter.url} is not finished: re-run `prismoe head` first")
+    rows_of, S = open_rows(hidden, adapter.d_in, config.max_rows)
+    device = torch.device(config.device)
+    held = holdout_mask(config.seed, 0, S, config.holdout) if config.holdout > 0 else np.zeros(S, bool)
+    if held.all() or (~held).sum() < 1:
+        raise DataError(f"{S} rows leave nothing to train on with holdout {config.holdout}")
+    n = adapter.n_bands
+    k = max(1, math.ceil(config.sparsity * n))
+    gate = adapter.read_band_gate() if not config.restart else None
+    if gate is None or config.restart:
+        from prismoe_store.head.build import centroid_gate
+
+        gate = centroid_gate(adapter)
+    weight = torch.nn.Parameter(torch.as_tensor(gate[0], device=device).clone())  # [n, d]
+    bias = torch.nn.Parameter(torch.as_tensor(gate[1], device=device).clone())  # [n]
+
+    with tempfile.TemporaryDirectory(prefix="prismoe-gate-") as scratch:
+        t0 = time.perf_counter()
+        with stage("teacher pass") as progress:
+            targets = _Targets(os.path.join(scratch, "targets"), S, n)
+            _teacher_pass(adapter, rows_of, targets, device, config.cache_bytes, progress)
+        teacher_seconds = time.perf_counter() - t0
+        train_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
+        score = lambda: _score(weight, bias, rows_of, targets, held_rows, k, device)  # noqa: E731
+        before = score()
+        best = (before["top1"], before["mass"], 0, weight.detach().clone(), bias.detach().clone())
+        opt = torch.optim.Adam([weight, bias], lr=config.lr)
+        rng = np.random.default_rng(config.seed)
+        history, epoch_seconds = [], []
+        with stage("gate epochs") as progress:
+            for epoch in range(1, config.epochs + 1):
+                t1 = time.perf_counter()
+                loss = _epoch(weight, bias, opt, rows_of, targets, train_rows, config.batch_size, rng, device)
+                if not math.isfinite(loss) or not bool(torch.isfinite(weight).all()):
+                    raise FitError(f"gate training diverged at epoch {epoch} (loss {loss}): lower --lr; "
+                                   "the stored gate is unchanged")
+                s = score()
+                history.append({"epoch": epoch, "loss": loss, **s})
+                epoch_seconds.append(time.perf_counter() - t1)
+                if (s["top1"], s["mass"]) > best[:2]:
+                    best = (s["top1"], s["mass"], epoch, weight.detach().clone(), bias.detach().clone())
+                if progress:
+                    progress(epoch, config.epochs)
+    _, _, best_epoch, w_best, b_best = best
+    adapter.write_band_gate(w_best.cpu().numpy(), b_best.cpu().numpy())
+    settings = {**asdict(config), "kind": "band-mass distillation"}
+    after = history[best_epoch - 1] if best_epoch else before
+    after = {key: after[key] for key in ("top1", "mass", "loss")}
+    adapter.update_attrs(gates={"settings": settings, "held_out": after})
+    return BandGateReport(rows=S, held_out=int(held.sum()), epochs=len(history), best_epoch=best_epoch,
+                          before=before, after=after, history=history, teacher_seconds=teacher_seconds,
+                          seconds_per_epoch=float(np.mean(epoch_seconds)) if epoch_seconds else 0.0,
+                          settings=settings)
+
+
+# -- the teacher pass ---------------------------------------------------------------------------
+
+
+class _Targets:
+    """Per row: ``log p`` over bands (float16 ``[S, n]``) and the top-1 token's band (int32 ``[S]``),
+    in raw scratch files read back by row ranges."""
+
+    def __init__(self, stem: str, rows: int, bands: int):
+        self.logp = np.lib.format.open_memmap(stem + ".logp.npy", "w+", np.float16, (rows, bands))
+        self.top = np.lib.format.open_memmap(stem + ".top.npy", "w+", np.int32, (rows,))
+
+
+
+def band_log_mass(x: torch.Tensor, pool: SlotPool, n_bands: int, last_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse [B, n], top1_band [B])``: per band ``log Σ_{v∈b} exp(x · w_v)`` and the band of the
+    top-1 token, through the pool in groups of bands that fit it."""
+    B, a = x.shape[0], pool.tile_shape[0]
+    lse = torch.empty(B, n_bands, device=x.device)
+    best = torch.full((B,), float("-inf"), device=x.device)
+    best_band = torch.zeros(B, dtype=torch.int64, device=x.device)
+    for start in range(0, n_bands, pool.slots):
+        group = np.arange(start, min(n_bands, start + pool.slots))
+        slots = pool.acquire(group)
+        w = pool.weights(slots)  # [G, d, a] transposed band tiles
+        y = torch.bmm(x.expand(len(group), B, x.shape[1]), w).permute(1, 0, 2)  # [B, G, a]
+        pool.release()
+        if group[-1] == n_bands - 1 and last_rows < a:
+            y[:, -1, last_rows:] = float("-inf")  # the short last band's empty rows
+        lse[:, group] = torch.logsumexp(y, dim=2)
+        m, where = y.reshape(B, -1).max(dim=1)
+        better = m > best
+        best = torch.where(better, m, best)
+        best_band = torch.where(better, torch.as_tensor(group, device=x.device)[where // a], best_band)
+    return lse, best_band
+
+
+def _teacher_pass(adapter: AdapterStore, rows_of, targets: _Targets, device, cache_bytes, progress) -> None:
+    last = adapter.d_out - adapter.band_rows * (adapter.n_bands - 1)
+    per_band = adapter.band_rows * adapter.d_in * 4
+    pool = SlotPool(n_tiles=adapter.n_bands, tile_shape=(adapter.band_rows, adapter.d_in), device=device,
+                    budget_bytes=cache_bytes or per_band * adapter.n_bands, tile_rows=band_sizes(adapter.d_out, adapter.band_rows),
+                    load=lambda b: (adapter.read_band_tiles(b),))
+    S = targets.top.shape[0]
+    if progress:
+        progress(0, S)  # the bar shows from the start: the first rows take the longest (bands load)
+    try:
+        with torch.no_grad():
+            for start in range(0, S, BLOCK_ROWS):
+                stop = min(S, start + BLOCK_ROWS)
+                for s in range(start, stop, 1024):
+                    x = torch.from_numpy(rows_of(s, min(stop, s + 1024))).to(device)  # [b, d]
+                    lse, top = band_log_mass(x, pool, adapter.n_bands, last)
+                    targets.logp[s:s + len(x)] = (lse - torch.logsumexp(lse, 1, keepdim=True)).cpu().numpy()
+                    targets.top[s:s + len(x)] = top.cpu().numpy()
+                    if progress:
+                        progress(s + len(x), S)
+    finally:
+        pool.close()
+    targets.logp.flush()
+    targets.top.flush()
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+def _blocks(rows: np.ndarray, rng: np.random.Generator | None) -> list[tuple[int, int, np.ndarray]]:
+    """``rows`` (sorted) cut into ``(start, stop, local)`` blocks of at most ``BLOCK_ROWS`` source rows
+    (``local``: the rows' offsets from ``start``), in random order and shuffled within when ``rng``
+    is given. A block is read with one contiguous read."""
+    out = []
+    for start in range(0, int(rows[-1]) + 1, BLOCK_ROWS):
+        inside = rows[(rows >= start) & (rows < start + BLOCK_ROWS)]
+        if len(inside):
+            out.append((start, int(inside[-1]) + 1, inside - start))
+    if rng is not None:
+        out = [(a, b, rng.permutation(local)) for a, b, local in (out[i] for i in rng.permutation(len(out)))]
+    return out
+
+
+def _epoch(weight, bias, opt, rows_of, targets: _Targets, train_rows, batch_size: int, rng, device) -> float:
+    total, count = 0.0, 0
+    for start, stop, local in _blocks(train_rows, rng):
+        xb = torch.from_numpy(rows_of(start, stop)[local]).to(device)  # [n_b, d] in shuffled order
+        pb = torch.from_numpy(np.asarray(targets.logp[start:stop], np.float32)[local]).exp_().to(device)  # [n_b, n]
+        for i in range(0, len(local), batch_size):
+            x, p = xb[i:i + batch_size], pb[i:i + batch_size]  # [b, d], [b, n] band-mass targets
+            q = torch.log_softmax(torch.addmm(bias, x, weight.T), dim=1)  # [b, n]
+            loss = -(p * q).sum(dim=1).mean()  # cross-entropy to the band-mass distribution
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(x)
+            count += len(x)
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def _score(weight, bias, rows_of, targets: _Targets, rows: np.ndarray, k: int, device) -> dict:
+    """Held-out ``top1`` (winning token's band among the gate's top k), ``mass`` (true band mass in
+    those k bands) and ``loss``."""
+    if not len(rows):
+        return {"top1": float("nan"), "mass": float("nan"), "loss": float("nan")}
+    hit = mass = loss = 0.0
+    for start, stop, local in _blocks(rows, None):
+        x = torch.from_numpy(rows_of(start, stop)[local]).to(device)  # [b, d]
+        p = torch.from_numpy(np.asarray(targets.logp[start:stop], np.float32)[local]).exp_().to(device)  # [b, n]
+        top = torch.from_numpy(np.asarray(targets.top[start:stop])[local]).to(device)  # [b]
+        s = torch.addmm(bias, x, weight.T)  # [b, n]
+        sel = torch.topk(s, k, dim=1).indices  # [b, k]
+        hit += float((sel == top[:, None]).any(dim=1).sum())
+        mass += float(torch.gather(p, 1, sel).sum())
+        loss += float(-(p * torch.log_softmax(s, dim=1)).sum())
+    n = len(rows)
+    return {"top1": hit / n, "mass": mass / n, "loss": loss / n}

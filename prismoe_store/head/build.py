@@ -1,0 +1,326 @@
+"""Build a head adapter straight from a matrix (``prismoe head``): no pairs, no fit.
+
+The matrix ``W [V, d]`` (an ``lm_head``, an embedding table, or an adapter's combined matrix)
+becomes band tiles in the ``partition`` layout (:func:`~prismoe_store.grid.plan_partition`):
+each band is ``band_rows`` whole rows of ``W``, so a selected band yields exact logits. The rows
+are first put in a vocabulary order (:mod:`prismoe_store.head.vocab_order`) so that a band holds
+tokens that win together; the order is stored and the runtime returns logits in token order.
+The band gate starts from the band centroids — ``s_b(x) = x · mean_{v∈b} w_v + log |b|``, a
+lower bound of the band's log-sum-exp ``log Σ_{v∈b} exp(x · w_v)`` by Jensen's inequality — so
+it is useful before any training (``prismoe fit-gates`` then trains it).
+
+Streaming: one pass copies the matrix, in row blocks, into a raw float32 scratch file (the
+source may be a GGUF, safetensors or a store; the scratch gives cheap random row access); the
+clustering streams that file; each band is then gathered from it with ``pread`` and written as
+one chunk. Memory holds a block of rows, never the matrix. Bands finished are recorded in the
+store's progress record, so an interrupted build re-run with the same command writes only the
+rest.
+
+>>> import numpy as np, tempfile, os
+>>> d = tempfile.mkdtemp()
+>>> w = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+>>> np.save(os.path.join(d, "w.npy"), w)
+>>> report = build_head(os.path.join(d, "w.npy"), os.path.join(d, "head.zarr"), config=HeadConfig(band_rows=8))
+>>> report.bands, report.stored_fp32_bytes == w.nbytes
+(5, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, ContextManager
+
+import numpy as np
+
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.errors import DataError, StoreError
+from prismoe_store.grid import default_band_rows, next_pow2
+from prismoe_store.stores.base import StoreOptions, store_exists
+from prismoe_store.head.vocab_order import OrderConfig, band_sizes, cluster_order, hidden_metric, identity_order
+
+ProgressFn = Callable[[int, int], None]
+Stages = Callable[[str], ContextManager[ProgressFn | None]]  # stage name -> progress callback
+BLOCK_BYTES = 16 << 20  # rows copied per block in the first pass
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """What head adapter to build.
+
+    >>> HeadConfig(bands=0)
+    Traceback (most recent call last):
+    ...
+    prismoe_store.errors.DataError: bands must be a positive integer, got 0
+    """
+
+    tensor: str | None = "lm_head"  # tensor name or alias in a checkpoint / weights store (None: the only matrix)
+    band_rows: int | None = None  # rows per band (a power of 2); None: from `bands`, else 64 (fewer for tiny heads)
+    bands: int | None = None  # about how many bands (sets band_rows = next_pow2(ceil(V / bands)))
+    order: OrderConfig = field(default_factory=OrderConfig)  # vocabulary order: clustered or token ids
+    int8: bool = False  # also write INT8 tiles with per-row scales
+    options: StoreOptions = field(default_factory=StoreOptions)  # chunk encoding of the adapter
+    scratch_dir: str | None = None  # where the float32 scratch copy of the matrix goes (None: the temp dir)
+    hidden: str | None = None  # hidden states (pairs store or .npy) whose metric the cluster order uses
+    hidden_rows: int = 65536  # at most this many of them
+
+    def __post_init__(self) -> None:
+        for name in ("band_rows", "bands"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise DataError(f"{name} must be a positive integer, got {v!r}")
+        if self.band_rows is not None and self.bands is not None:
+            raise DataError("give band_rows or bands, not both")
+
+    def rows_per_band(self, rows: int) -> int:
+        """The band height for a head of ``rows`` rows."""
+        if self.band_rows is not None:
+            return self.band_rows
+        if self.bands is not None:
+            return min(next_pow2(-(-rows // self.bands)), 1 << (rows.bit_length() - 1))
+        return default_band_rows(rows)
+
+
+@dataclass(frozen=True)
+class HeadReport:
+    """What :func:`build_head` made."""
+
+    url: str  # the adapter store
+    source: str  # "path:tensor" of the matrix
+    d_in: int  # hidden width d
+    d_out: int  # rows V
+    band_rows: int  # rows per band
+    bands: int  # number of bands
+    pipe_rows: list[int]  # rows per pipe of the partition layout
+    order: str  # "cluster" or "identity"
+    cohesion: float  # mean cosine of a row with its band centroid (NaN for identity order)
+    matrix_bytes: int  # the source matrix as float32, V · d · 4
+    stored_fp32_bytes: int  # true bytes of the float32 tiles (equal to matrix_bytes: nothing padded or copied)
+    gate_bytes: int  # the band gate, float32 [bands, d] + [bands]
+    int8_bytes: int | None  # INT8 tiles + float32 scales, when written
+    bands_written: int  # bands this call wrote (fewer than `bands` when resuming)
+    seconds: float  # wall time
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON)."""
+        return asdict(self)
+
+
+def build_head(source, output, *, config: HeadConfig = HeadConfig(), overwrite: bool = False,
+               stages: Stages | None = None) -> HeadReport:
+    """Build a head adapter at ``output`` from the matrix at ``source`` (see the module docstring).
+
+    ``source`` is anything :func:`prismoe_store.inspection.compare.open_matrix` reads (a checkpoint file or
+    folder, a ``.npy``, a weights store; ``config.tensor`` names the tensor or an alias) or an
+    adapter store (its combined matrix). Re-running over an unfinished head adapter built from
+    the same matrix finishes it. Raises :class:`StoreError` when ``output`` exists (and is not an
+    unfinished build of the same head) without ``overwrite``, :class:`DataError` for a matrix
+    holding NaN/Inf, and the source readers' errors for unreadable checkpoints.
+    """
+    t0 = time.perf_counter()
+    stage = stages or (lambda name: contextlib.nullcontext(None))
+    matrix, label = _open_source(source, config.tensor)
+    V, d = (int(n) for n in matrix.shape)
+    band_rows = config.rows_per_band(V)
+    adapter, resume = _open_output(output, d, V, band_rows, label, config, overwrite)
+
+    with tempfile.TemporaryDirectory(prefix="prismoe-head-", dir=config.scratch_dir) as scratch:
+        rows = _ScratchRows(os.path.join(scratch, "rows.f32"), V, d)
+        with stage("read matrix") as progress:
+            rows.fill(matrix, progress)
+        if resume:
+            order, cohesion = adapter.read_order(), float(adapter.attrs()["head"].get("cohesion", float("nan")))
+        else:
+            metric = None
+            if config.hidden is not None and config.order.method == "cluster":
+                from prismoe_store.stores.pairs import open_rows
+
+                read_hidden, n_hidden = open_rows(config.hidden, d, config.hidden_rows)
+                metric = hidden_metric(read_hidden, n_hidden, d)
+            with stage("order vocabulary") as progress:
+                result = (cluster_order(rows.read, V, d, band_rows=band_rows, config=config.order, metric=metric,
+                                        progress=progress)
+                          if config.order.method == "cluster" else identity_order(V))
+            order, cohesion = result.order, result.cohesion
+            adapter.write_order(order)
+            adapter.update_attrs(head={**adapter.attrs()["head"], "cohesion": cohesion, "order_seconds": result.seconds})
+        written = _write_bands(adapter, rows, order, stage)
+    _write_centroid_gate(adapter)
+    int8_bytes = None
+    if config.int8:
+        from prismoe_store.runtime.quant import quantize_adapter
+
+        with stage("quantize") as progress:
+            quantize_adapter(adapter, progress=progress)
+        int8_bytes = V * d + 4 * V
+    adapter.update_attrs(complete=True)
+    sizes = band_sizes(V, band_rows)
+    return HeadReport(url=str(output), source=label, d_in=d, d_out=V, band_rows=band_rows, bands=len(sizes),
+                      pipe_rows=[g.d_out for g in adapter.grids], order=config.order.method, cohesion=cohesion,
+                      matrix_bytes=4 * V * d, stored_fp32_bytes=4 * V * d, gate_bytes=4 * len(sizes) * (d + 1),
+                      int8_bytes=int8_bytes, bands_written=written, seconds=time.perf_counter() - t0)
+
+
+# -- the source ---------------------------------------------------------------------------------
+
+
+def _open_source(source, tensor: str | None):
+    """``(matrix, label)``: a ``[V, d]`` object sliced by rows, and ``"path:tensor"``."""
+    from prismoe_store.inspection.compare import is_store, open_matrix
+
+    if is_store(source):
+        from prismoe_store.inspection.common import store_format
+
+        if store_format(source) == "adapter":
+            adapter = AdapterStore.open(source, require_complete=True)
+            return _AdapterMatrix(adapter), f"{source}:combined"
+        if tensor is not None:  # an alias in a weights store: the one tensor named like it
+            from prismoe_store.stores.base import WeightsStore
+
+            names = WeightsStore.open(source).tensors()
+            like = [n for n in names if n == f"{tensor}.weight" or n.endswith(f".{tensor}.weight")]
+            if tensor not in names and len(like) == 1:
+                tensor = like[0]
+    opened = open_matrix(source, tensor=tensor)
+    if len(opened.shape) != 2:
+        raise DataError(f"{opened.label} is not a matrix: shape {opened.shape}")
+    _refuse_bias(source, tensor, opened)
+    return opened.array, opened.label
+
+
+def _refuse_bias(source, tensor: str | None, opened) -> None:
+    """A head adapter holds ``x Wᵀ`` only: refuse a head whose checkpoint adds a bias (Phi-2, GPT-J)."""
+    from prismoe_store.inspection.compare import is_store
+
+    if is_store(source):
+        from prismoe_store.stores.base import WeightsStore
+
+        bias = WeightsStore.open(source).bias(opened.name)
+    else:
+        src = opened.array.source  # the opened checkpoint behind the lazy matrix
+        bias = src.bias_of(src.resolution(tensor or opened.name))
+    if bias is not None:
+        raise DataError(f"{opened.label} has a bias added to its outputs ({bias if isinstance(bias, str) else 'stored'}): "
+                        "head adapters hold x Wᵀ only and would drop it; this head cannot be served sparsely yet")
+
+
+class _AdapterMatrix:
+    """An adapter's combined matrix ``Σ_p α_p W_p`` (ensemble) or its rows in token order (partition),
+    sliced by rows."""
+
+    def __init__(self, adapter: AdapterStore):
+        self.adapter = adapter  # the source adapter
+        self.shape = (adapter.d_out, adapter.d_in)  # [V, d]
+        self._inverse = None  # token id -> adapter row, for a partition adapter
+        if adapter.layout == "partition":
+            self._inverse = np.argsort(adapter.read_order())
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows = key[0] if isinstance(key, tuple) else key
+        a = self.adapter
+        if self._inverse is not None:
+            return a.read_rows(self._inverse[rows])
+        out = np.zeros((rows.stop - rows.start, a.d_in), np.float32)
+        for p, alpha in enumerate(a.alphas):
+            out += alpha * a.tiles(p)[rows, : a.d_in]
+        return out
+
+
+# -- the output ---------------------------------------------------------------------------------
+
+
+def _open_output(output, d: int, V: int, band_rows: int, label: str, config: HeadConfig, overwrite: bool
+                 ) -> tuple[AdapterStore, bool]:
+    """``(adapter, resume)``: a new head adapter, or the unfinished one of an earlier run to finish."""
+    want = {"source": label, "band_rows": band_rows, "order": asdict(config.order), "int8": config.int8,
+            "hidden": None if config.hidden is None else str(config.hidden), "hidden_rows": config.hidden_rows}
+    if not overwrite and store_exists(str(output)):
+        try:
+            old = AdapterStore.open(output, "r+")
+            head = old.attrs().get("head") or {}
+        except StoreError:
+            raise StoreError(f"{output} already exists and is not a head adapter (pass --overwrite to replace it)") from None
+        same = (old.layout == "partition" and (old.d_in, old.d_out) == (d, V)
+                and all(head.get(k) == v for k, v in want.items()))
+        if not same or old.complete:
+            why = "a finished head adapter" if same else "an adapter built differently"
+            raise StoreError(f"{output} already holds {why} (pass --overwrite to replace it)")
+        return old, "cohesion" in head
+    adapter = AdapterStore.create_partition(output, d_in=d, d_out=V, band_rows=band_rows, options=config.options,
+                                            overwrite=overwrite, attrs={"head": want, "complete": False})
+    return adapter, False
+
+
+class _ScratchRows:
+    """A raw float32 copy of the matrix on disk, read back by row blocks or by row index (``pread``)."""
+
+    def __init__(self, path: str, rows: int, d: int):
+        self.path, self.rows, self.d = path, rows, d  # file, [rows, d]
+        self.row_bytes = 4 * d
+
+    def fill(self, matrix, progress: ProgressFn | None) -> None:
+        step = max(1, BLOCK_BYTES // self.row_bytes)
+        with open(self.path, "wb") as f:
+            for start in range(0, self.rows, step):
+                block = np.ascontiguousarray(matrix[start:min(self.rows, start + step), :], dtype=np.float32)
+                if not np.isfinite(block).all():
+                    bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+                    raise DataError(f"row {bad} of the matrix holds NaN or Inf: a head cannot be built from it")
+                f.write(block.tobytes())
+                if progress:
+                    progress(min(self.rows, start + step), self.rows)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as float32 ``[stop - start, d]``."""
+        out = np.empty((stop - start, self.d), np.float32)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(start * self.row_bytes)
+            f.readinto(memoryview(out).cast("B"))
+        return out
+
+    def gather(self, index: np.ndarray) -> np.ndarray:
+        """Rows ``index`` (any order) as float32 ``[len(index), d]``, one ``pread`` per row."""
+        out = np.empty((len(index), self.d), np.float32)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for i, r in enumerate(index.tolist()):
+                out[i] = np.frombuffer(os.pread(fd, self.row_bytes, r * self.row_bytes), np.float32)
+        finally:
+            os.close(fd)
+        return out
+
+
+def _write_bands(adapter: AdapterStore, rows: _ScratchRows, order: np.ndarray, stage) -> int:
+    """Write every band not yet recorded as done; returns how many were written."""
+    record = adapter.progress("head_bands", adapter.n_bands)
+    missing = record.missing()
+    a = adapter.band_rows
+    with stage("write bands") as progress:
+        for i, band in enumerate(missing):
+            adapter.write_band_tiles(band, rows.gather(order[band * a:(band + 1) * a]))
+            record.mark(band)
+            if progress:
+                progress(i + 1, len(missing))
+    return len(missing)
+
+
+def _write_centroid_gate(adapter: AdapterStore) -> None:
+    """Store the centroid gate, unless a trained gate is there already (a resumed build keeps it)."""
+    if adapter.read_band_gate() is not None and adapter.attrs().get("gates"):
+        return
+    adapter.write_band_gate(*centroid_gate(adapter))
+
+
+def centroid_gate(adapter: AdapterStore) -> tuple[np.ndarray, np.ndarray]:
+    """The band gate's initialisation ``(weight [n, d], bias [n])``: ``weight_b = mean_{v∈b} w_v``,
+    ``bias_b = log |b|`` — ``x · weight_b + bias_b ≤ log Σ_{v∈b} exp(x · w_v)`` (Jensen)."""
+    weight = np.empty((adapter.n_bands, adapter.d_in), np.float32)
+    bias = np.empty(adapter.n_bands, np.float32)
+    for b in range(adapter.n_bands):
+        band = adapter.read_band_tiles(b)  # [rows, d]
+        weight[b] = band.mean(axis=0, dtype=np.float64)
+        bias[b] = np.log(len(band))
+    return weight, bias

@@ -1,0 +1,530 @@
+"""The adapter store: per pipe, the grid, the tiles, optional INT8 tiles, and the gate.
+
+Layout of a Zarr v3 group (format ``"adapter"``, version 1)::
+
+    /                    attrs: d_in, d_out, mode, alphas, fit, metrics, gates, complete
+    /pipe{p+1}/          attrs: grid (GridSpec.to_dict), rows (training rows it was fitted on)
+        tiles            float32 [d_out_pad, d_in_pad], chunk (tile_out, tile_in): one chunk per tile
+        tiles_int8       int8    [d_out_pad, d_in_pad], chunk (tile_out, tile_in)      (after quantize)
+        scales           float32 [d_out_pad, cols],     chunk (tile_out, 1): per-row absmax / 127
+        gate_weight      float32 [workers, d_in]                                      (after fit-gates)
+        gate_bias        float32 [workers]
+    /_progress/...       done flags of resumable jobs (fit bands, quantized tiles, ...)
+
+A head adapter (``layout = "partition"``, ``combine = "select"``, built by ``prismoe head``) has
+band tiles (``cols = 1``, ``tile_in = d_in``) and stores only true rows; its pipes split the
+(permuted) output rows between them, and it adds::
+
+    /order               int32   [d_out]: position in the adapter's row order → token id
+    /gate_weight         float32 [bands, d_in]: one gate score per band, all pipes together
+    /gate_bias           float32 [bands]
+    /pipe{p+1}/tiles     float32 [rows of this pipe, d_in], chunk (band_rows, d_in)
+
+Pipes are indexed from 0 in the API (``pipe=0`` is stored as ``pipe1``, the seed's "pipe 1").
+The runtime and the solvers depend on the small :class:`TileSource` protocol, not on Zarr.
+
+>>> import numpy as np
+>>> from prismoe_store.grid import plan_grid
+>>> from prismoe_store.stores.adapter import AdapterStore
+>>> g = plan_grid(6, 10, 8)
+>>> a = AdapterStore.create("memory://doc-adapter", grids=[g], overwrite=True)
+>>> a.write_band(0, 0, np.ones((g.tile_out, g.d_in_pad), np.float32))
+>>> a.read_tile(0, 0).shape == g.tile_shape
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import zarr
+
+from prismoe_store.errors import (
+    CorruptStoreError,
+    DataError,
+    IncompleteStoreError,
+    PrismoeError,
+    StoreError,
+)
+from prismoe_store.grid import GridSpec, plan_partition
+from prismoe_store.stores.base import (
+    Progress,
+    StoreOptions,
+    create_checked,
+    create_chunked,
+    damaged_chunks,
+    open_checked,
+    reading,
+)
+
+ADAPTER_FORMAT, ADAPTER_VERSION = "adapter", 1
+MODES = ("joint", "independent")
+LAYOUTS = ("ensemble", "partition")  # each pipe estimates all of z / the pipes split the output rows
+COMBINES = ("mix", "select")  # gate-weighted sum of tiles / selected bands exact, the rest `fill`
+
+
+@runtime_checkable
+class TileSource(Protocol):
+    """What the runtime needs from an adapter: its shape, grids, tiles and gates."""
+
+    d_in: int
+    d_out: int
+
+    @property
+    def mode(self) -> str: ...  # "joint" or "independent"
+
+    @property
+    def alphas(self) -> list[float]: ...  # pipe weights, summing to 1
+
+    @property
+    def grids(self) -> list[GridSpec]: ...  # one grid per pipe
+
+    def read_tile(self, pipe: int, worker: int) -> np.ndarray: ...  # float32 (tile_out, tile_in)
+
+    def read_tile_int8(self, pipe: int, worker: int) -> tuple[np.ndarray, np.ndarray]: ...  # int8 tile, scales (tile_out,)
+
+    def read_gate(self, pipe: int) -> tuple[np.ndarray, np.ndarray] | None: ...  # ([workers, d_in], [workers])
+
+
+class AdapterStore:
+    """A PrisMoE adapter in a Zarr v3 store (see the module docstring for the layout)."""
+
+    def __init__(self, group: zarr.Group, url: str):
+        self.group = group  # the root Zarr group
+        self.url = url  # where the store lives
+        self._arrays: dict[tuple[int, str], zarr.Array] = {}  # open array handles, (pipe, name) -> array
+        self._grids: list[GridSpec] | None = None  # pipe grids (fixed at creation), read once
+
+    # -- create / open ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, url, *, grids: Sequence[GridSpec], mode: str = "joint", alphas: Sequence[float] | None = None,
+               options: StoreOptions | None = None, attrs: dict | None = None, overwrite: bool = False
+               ) -> AdapterStore:
+        """Create an adapter with one pipe per grid (tiles all zero until written).
+
+        >>> from prismoe_store.grid import plan_pipes
+        >>> a = AdapterStore.create("memory://doc-adapter-c", grids=plan_pipes(64, 100, 8), overwrite=True)
+        >>> a.n_pipes, a.alphas
+        (3, [0.3333333333333333, 0.3333333333333333, 0.3333333333333333])
+        """
+        grids = list(grids)
+        if not grids:
+            raise DataError("an adapter needs at least one pipe grid")
+        partition = (attrs or {}).get("layout") == "partition"
+        d_in, d_out = grids[0].d_in, (sum(g.d_out for g in grids) if partition else grids[0].d_out)
+        if any(g.d_in != d_in or (g.d_out != d_out and not partition) for g in grids):
+            raise DataError("all pipe grids must cover the same d_in → d_out")
+        if mode not in MODES:
+            raise DataError(f"mode must be one of {MODES}, got {mode!r}")
+        alphas = _check_alphas(alphas, len(grids))
+        options = options or StoreOptions()
+        group = create_checked(url, ADAPTER_FORMAT, ADAPTER_VERSION, overwrite=overwrite,
+                               storage_options=options.storage_options,
+                               attrs={"d_in": d_in, "d_out": d_out, "mode": mode, "alphas": alphas,
+                                      "n_pipes": len(grids), "complete": False, **(attrs or {})})
+        for p, g in enumerate(grids):
+            pg = group.create_group(f"pipe{p + 1}", attributes={"grid": g.to_dict()})
+            create_chunked(pg, "tiles", _stored_shape(g), g.tile_shape, "float32", options)
+        group.attrs["options"] = {"compressor": options.compressor, "level": options.level}
+        return cls(group, str(url))
+
+    @classmethod
+    def open(cls, url, mode: str = "r", *, storage_options: dict | None = None, require_complete: bool = False
+             ) -> AdapterStore:
+        """Open an adapter store (format and version checked); optionally insist the fit finished."""
+        group = open_checked(url, ADAPTER_FORMAT, ADAPTER_VERSION, mode, storage_options=storage_options)
+        store = cls(group, str(url))
+        if require_complete and not group.attrs.get("complete"):
+            job = "prismoe head" if group.attrs.get("layout") == "partition" else "prismoe fit"
+            raise IncompleteStoreError(f"adapter {url} is not finished: re-run `{job}` to complete it")
+        return store
+
+    @classmethod
+    def create_partition(cls, url, *, d_in: int, d_out: int, band_rows: int | None = None,
+                         options: StoreOptions | None = None, attrs: dict | None = None,
+                         overwrite: bool = False) -> AdapterStore:
+        """Create a head adapter: band tiles in the ``partition`` layout, ``select`` combine, fill −inf.
+
+        Its tiles, row order and gate are written afterwards (:meth:`write_order`,
+        :meth:`write_band_tiles`, :meth:`write_band_gate`); see :mod:`prismoe_store.head.build`.
+
+        >>> a = AdapterStore.create_partition("memory://doc-part", d_in=4, d_out=10, band_rows=4, overwrite=True)
+        >>> a.layout, a.combine, a.n_bands, [g.d_out for g in a.grids]
+        ('partition', 'select', 3, [8, 2])
+        """
+        grids = plan_partition(d_in, d_out, band_rows)
+        store = cls.create(url, grids=grids, options=options, overwrite=overwrite,
+                           attrs={"layout": "partition", "combine": "select", "fill": "-inf",
+                                  "band_rows": grids[0].tile_out, **(attrs or {})})
+        return store
+
+    # -- description -----------------------------------------------------------------------------
+    @property
+    def layout(self) -> str:
+        """``"ensemble"`` (every pipe estimates all outputs; fitted adapters) or ``"partition"``
+        (the pipes split the output rows; head adapters)."""
+        return str(self.group.attrs.get("layout", "ensemble"))
+
+    @property
+    def combine(self) -> str:
+        """``"mix"`` (gate-weighted sum of tiles) or ``"select"`` (selected bands exact, the rest fill)."""
+        return str(self.group.attrs.get("combine", "mix"))
+
+    @property
+    def d_in(self) -> int:
+        """Input width M."""
+        return int(self.group.attrs["d_in"])
+
+    @property
+    def d_out(self) -> int:
+        """Output width N."""
+        return int(self.group.attrs["d_out"])
+
+    @property
+    def n_pipes(self) -> int:
+        """Number of pipes."""
+        return int(self.group.attrs["n_pipes"])
+
+    @property
+    def mode(self) -> str:
+        """Fit mode, ``"joint"`` or ``"independent"``: it fixes how gate weights combine tiles."""
+        return str(self.group.attrs["mode"])
+
+    @property
+    def alphas(self) -> list[float]:
+        """Pipe weights α (sum 1)."""
+        return [float(a) for a in self.group.attrs["alphas"]]
+
+    @property
+    def grids(self) -> list[GridSpec]:
+        """One grid per pipe."""
+        if self._grids is None:
+            self._grids = [GridSpec.from_dict(self._pipe(p).attrs["grid"]) for p in range(self.n_pipes)]
+        return list(self._grids)
+
+    @property
+    def options(self) -> StoreOptions:
+        """The encoding options the store was created with."""
+        return StoreOptions(**self.group.attrs.get("options", {}))
+
+    @property
+    def complete(self) -> bool:
+        """True once the fit has written every tile."""
+        return bool(self.group.attrs.get("complete"))
+
+    def attrs(self) -> dict:
+        """All root attributes (fit settings, metrics, gate settings, ...)."""
+        return dict(self.group.attrs)
+
+    def update_attrs(self, **entries) -> None:
+        """Merge entries into the root attributes (write metadata last, after the data)."""
+        self.group.attrs.update(entries)
+
+    def set_alphas(self, alphas: Sequence[float]) -> None:
+        """Replace the pipe weights (validated: one per pipe, non-negative, sum 1)."""
+        self.group.attrs["alphas"] = _check_alphas(alphas, self.n_pipes)
+
+    def progress(self, name: str, units: int) -> Progress:
+        """The resumable-job record ``name`` with ``units`` units (created on first use)."""
+        return Progress.create(self.group, name, units)
+
+    def _pipe(self, pipe: int) -> zarr.Group:
+        if not 0 <= pipe < self.n_pipes:
+            raise StoreError(f"pipe {pipe} is outside 0..{self.n_pipes - 1}")
+        return self.group[f"pipe{pipe + 1}"]
+
+    # -- tiles -----------------------------------------------------------------------------------
+    def _array(self, pipe: int, name: str) -> zarr.Array:
+        key = (pipe, name)
+        if key not in self._arrays:
+            self._arrays[key] = self._pipe(pipe)[name].with_config({"write_empty_chunks": True})
+        return self._arrays[key]
+
+    def tiles(self, pipe: int) -> zarr.Array:
+        """The pipe's float32 tile array ``[d_out_pad, d_in_pad]`` (one chunk per tile)."""
+        return self._array(pipe, "tiles")
+
+    def write_band(self, pipe: int, row: int, band: np.ndarray) -> None:
+        """Write output band ``row`` of a pipe: ``band`` is ``[tile_out, d_in_pad]`` (all its tiles)."""
+        g = self.grids[pipe]
+        if band.shape != (g.tile_out, g.d_in_pad):
+            raise DataError(f"band must be {(g.tile_out, g.d_in_pad)}, got {band.shape}")
+        self.tiles(pipe)[row * g.tile_out:(row + 1) * g.tile_out, :] = np.asarray(band, np.float32)
+
+    def write_tile(self, pipe: int, worker: int, tile: np.ndarray) -> None:
+        """Write one tile ``[tile_out, tile_in]``."""
+        g = self.grids[pipe]
+        if tile.shape != g.tile_shape:
+            raise DataError(f"tile must be {g.tile_shape}, got {tile.shape}")
+        self.tiles(pipe)[g.tile_region(worker)] = np.asarray(tile, np.float32)
+
+    def read_tile(self, pipe: int, worker: int) -> np.ndarray:
+        """Tile ``worker`` of ``pipe`` as float32 ``[tile_out, tile_in]``.
+
+        Every chunk is checked against the store's chunk record (a missing, truncated or swapped
+        chunk raises :class:`CorruptStoreError`, never zeros), and so are NaN/Inf values."""
+        g = self.grids[pipe]
+        what = f"tile {worker} of pipe {pipe} in {self.url}"
+        with reading(what):
+            return _finite(self.tiles(pipe)[g.tile_region(worker)], what)
+
+    def read_band(self, pipe: int, row: int) -> np.ndarray:
+        """Output band ``row`` of a pipe, ``[tile_out, d_in_pad]`` (checked as :meth:`read_tile`)."""
+        g = self.grids[pipe]
+        what = f"band {row} of pipe {pipe} in {self.url}"
+        with reading(what):
+            return _finite(self.tiles(pipe)[row * g.tile_out:(row + 1) * g.tile_out, :], what)
+
+    def dense(self, pipe: int) -> np.ndarray:
+        """The pipe's tiles assembled into ``[d_out, d_in]`` (small adapters, tests, baselines)."""
+        what = f"tiles of pipe {pipe} in {self.url}"
+        with reading(what):
+            return _finite(self.tiles(pipe)[: self.d_out, : self.d_in], what)
+
+    # -- bands of a partition adapter -----------------------------------------------------------
+    @property
+    def band_rows(self) -> int:
+        """Rows per band tile (the last band of the last pipe may hold fewer)."""
+        return self.grids[0].tile_out
+
+    @property
+    def n_bands(self) -> int:
+        """Bands of all pipes together (a partition adapter's unit of selection)."""
+        return sum(-(-g.d_out // g.tile_out) for g in self.grids)
+
+    def band_location(self, band: int) -> tuple[int, int]:
+        """``(pipe, row)`` of global band ``band`` (bands are numbered across pipes, pipe 1 first)."""
+        self._require_partition()
+        if not 0 <= band < self.n_bands:
+            raise StoreError(f"band {band} is outside 0..{self.n_bands - 1}")
+        for p, g in enumerate(self.grids):
+            n = -(-g.d_out // g.tile_out)
+            if band < n:
+                return p, band
+            band -= n
+        raise AssertionError("unreachable")
+
+    def write_band_tiles(self, band: int, rows: np.ndarray) -> None:
+        """Write global band ``band``: its true rows ``[≤ band_rows, d_in]`` float32."""
+        p, r = self.band_location(band)
+        g = self.grids[p]
+        n = min(g.tile_out, g.d_out - r * g.tile_out)
+        if rows.shape != (n, self.d_in):
+            raise DataError(f"band {band} must be {(n, self.d_in)}, got {rows.shape}")
+        self.tiles(p)[r * g.tile_out:r * g.tile_out + n, :] = np.asarray(rows, np.float32)
+
+    def read_band_tiles(self, band: int) -> np.ndarray:
+        """Global band ``band`` as float32 ``[rows, d_in]`` (its true rows only)."""
+        p, r = self.band_location(band)
+        return self.read_band(p, r)
+
+    def read_band_int8(self, band: int) -> tuple[np.ndarray, np.ndarray]:
+        """Global band ``band`` as ``(q int8 [rows, d_in], scales float32 [rows])``."""
+        p, r = self.band_location(band)
+        g = self.grids[p]
+        qa, sa = self.int8_arrays(p)
+        rows = slice(r * g.tile_out, (r + 1) * g.tile_out)
+        what = f"INT8 band {band} in {self.url}"
+        with reading(what):
+            return qa[rows, :], _finite(sa[rows, 0], what)
+
+    def read_rows(self, positions: np.ndarray) -> np.ndarray:
+        """Rows at adapter positions ``positions`` (any order) as float32 ``[n, d_in]``, read band by band."""
+        positions = np.asarray(positions, np.int64)
+        out = np.empty((len(positions), self.d_in), np.float32)
+        bands = positions // self.band_rows
+        for b in np.unique(bands):
+            at = np.flatnonzero(bands == b)
+            out[at] = self.read_band_tiles(int(b))[positions[at] - b * self.band_rows]
+        return out
+
+    def write_order(self, order: np.ndarray) -> None:
+        """Store the row order: ``order[i]`` is the token id (original row) at adapter row ``i``."""
+        self._require_partition()
+        order = np.asarray(order)
+        if order.shape != (self.d_out,) or not np.array_equal(np.sort(order), np.arange(self.d_out)):
+            raise DataError(f"order must be a permutation of 0..{self.d_out - 1}")
+        if "order" not in self.group:
+            create_chunked(self.group, "order", (self.d_out,), (min(self.d_out, 1 << 18),), "int32", self.options)
+        self.group["order"][...] = order.astype(np.int32)
+
+    def read_order(self) -> np.ndarray:
+        """The row order ``[d_out]`` int64 (identity when none was stored)."""
+        self._require_partition()
+        if "order" not in self.group:
+            return np.arange(self.d_out, dtype=np.int64)
+        with reading(f"row order in {self.url}"):
+            order = self.group["order"][...].astype(np.int64)
+        if not np.array_equal(np.sort(order), np.arange(self.d_out)):
+            raise CorruptStoreError(f"the row order in {self.url} is not a permutation of 0..{self.d_out - 1}")
+        return order
+
+    def write_band_gate(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        """Write the band gate: ``weight [bands, d_in]``, ``bias [bands]`` float32, finite."""
+        self._require_partition()
+        weight, bias = np.asarray(weight, np.float32), np.asarray(bias, np.float32)
+        if weight.shape != (self.n_bands, self.d_in) or bias.shape != (self.n_bands,):
+            raise DataError(f"band gate must be [{self.n_bands}, {self.d_in}] and [{self.n_bands}], "
+                            f"got {weight.shape}, {bias.shape}")
+        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+            raise DataError("band gate holds NaN or Inf: refusing to store it")
+        for name, data in (("gate_weight", weight), ("gate_bias", bias)):
+            if name not in self.group:
+                create_chunked(self.group, name, data.shape, data.shape, "float32", self.options)
+            self.group[name][...] = data
+
+    def read_band_gate(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(weight [bands, d_in], bias [bands])``, or ``None`` when the adapter has no band gate."""
+        self._require_partition()
+        if "gate_weight" not in self.group:
+            return None
+        with reading(f"band gate in {self.url}"):
+            weight, bias = self.group["gate_weight"][...], self.group["gate_bias"][...]
+        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+            raise CorruptStoreError(f"the band gate in {self.url} holds NaN or Inf")
+        return weight, bias
+
+    def _require_partition(self) -> None:
+        if self.layout != "partition":
+            raise StoreError(f"adapter {self.url} has the {self.layout!r} layout: bands, order and band gate "
+                             "belong to head adapters (`prismoe head`)")
+
+    # -- INT8 tiles ------------------------------------------------------------------------------
+    @property
+    def has_int8(self) -> bool:
+        """True when every pipe has INT8 tiles and scales."""
+        return all("tiles_int8" in self._pipe(p) and "scales" in self._pipe(p) for p in range(self.n_pipes))
+
+    def int8_arrays(self, pipe: int, *, create: bool = False) -> tuple[zarr.Array, zarr.Array]:
+        """``(tiles_int8, scales)`` of a pipe, created on request."""
+        pg, g = self._pipe(pipe), self.grids[pipe]
+        if "tiles_int8" not in pg or "scales" not in pg:
+            if not create:
+                raise StoreError(f"adapter {self.url} has no INT8 tiles: run `prismoe quantize` first")
+            if "tiles_int8" not in pg:
+                create_chunked(pg, "tiles_int8", _stored_shape(g), g.tile_shape, "int8", self.options)
+            if "scales" not in pg:
+                create_chunked(pg, "scales", (_stored_shape(g)[0], g.cols), (g.tile_out, 1), "float32", self.options)
+        return self._array(pipe, "tiles_int8"), self._array(pipe, "scales")
+
+    def damaged_int8_tiles(self, pipe: int, workers: Sequence[int]) -> list[int]:
+        """Of ``workers`` (tiles recorded as quantized), those whose INT8 tile or scales chunk is
+        missing or does not match its chunk record (all of them when the INT8 arrays are gone)."""
+        workers = list(workers)
+        if not workers:
+            return []
+        pg, g = self._pipe(pipe), self.grids[pipe]
+        if "tiles_int8" not in pg or "scales" not in pg:
+            return workers
+        qa, sa = self.int8_arrays(pipe)
+        coords = {j: g.row_col(j) for j in workers}
+        bad = set(damaged_chunks(qa, coords.values())) | set(damaged_chunks(sa, coords.values()))
+        return [j for j, c in coords.items() if c in bad]
+
+    def write_tile_int8(self, pipe: int, worker: int, q: np.ndarray, scales: np.ndarray) -> None:
+        """Write an INT8 tile ``[tile_out, tile_in]`` and its per-row scales ``[tile_out]``."""
+        g = self.grids[pipe]
+        qa, sa = self.int8_arrays(pipe, create=True)
+        rows, _ = g.tile_region(worker)
+        c = g.row_col(worker)[1]
+        qa[g.tile_region(worker)] = np.asarray(q, np.int8)
+        sa[rows, c] = np.asarray(scales, np.float32).reshape(-1)
+
+    def read_tile_int8(self, pipe: int, worker: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(q int8 [tile_out, tile_in], scales float32 [tile_out])`` of one tile."""
+        g = self.grids[pipe]
+        qa, sa = self.int8_arrays(pipe)
+        rows, _ = g.tile_region(worker)
+        c = g.row_col(worker)[1]
+        what = f"INT8 tile {worker} of pipe {pipe} in {self.url}"
+        with reading(what):
+            return qa[g.tile_region(worker)], _finite(sa[rows, c], what)
+
+    # -- gates -----------------------------------------------------------------------------------
+    def write_gate(self, pipe: int, weight: np.ndarray, bias: np.ndarray) -> None:
+        """Write a pipe's gate: ``weight [workers, d_in]``, ``bias [workers]`` (float32)."""
+        g = self.grids[pipe]
+        weight, bias = np.asarray(weight, np.float32), np.asarray(bias, np.float32)
+        if weight.shape != (g.workers, self.d_in) or bias.shape != (g.workers,):
+            raise DataError(f"gate must be [{g.workers}, {self.d_in}] and [{g.workers}], got {weight.shape}, {bias.shape}")
+        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+            raise DataError(f"the gate of pipe {pipe} holds NaN or Inf: refusing to store it (the stored gate is kept)")
+        pg = self._pipe(pipe)
+        for name, data in (("gate_weight", weight), ("gate_bias", bias)):
+            if name not in pg:
+                create_chunked(pg, name, data.shape, data.shape, "float32", self.options)
+            pg[name][...] = data
+
+    def read_gate(self, pipe: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(weight [workers, d_in], bias [workers])`` of a pipe, or ``None`` before gate training."""
+        if "gate_weight" not in self._pipe(pipe):
+            return None
+        what = f"gate of pipe {pipe} in {self.url}"
+        with reading(what):
+            return _finite(self._array(pipe, "gate_weight")[...], what), _finite(self._array(pipe, "gate_bias")[...], what)
+
+    @contextmanager
+    def keeping_gates(self) -> Iterator[None]:
+        """Run a gate-training job so that, if it fails with a library error (divergence, damaged or
+        NaN input: a :class:`~prismoe_store.errors.PrismoeError`), the gates and their ``gates``
+        attribute are put back as they were (a failed ``fit-gates --restart`` never leaves a worse
+        store). Other exceptions (an interrupt) keep the saved progress so a re-run resumes.
+
+        >>> from prismoe_store.grid import plan_grid
+        >>> a = AdapterStore.create("memory://doc-keep", grids=[plan_grid(4, 4, 2)], overwrite=True)
+        >>> a.write_gate(0, np.ones((2, 4)), np.zeros(2))
+        >>> try:
+        ...     with a.keeping_gates():
+        ...         a.write_gate(0, np.zeros((2, 4)), np.zeros(2)); raise DataError("diverged")
+        ... except DataError:
+        ...     pass
+        >>> float(a.read_gate(0)[0].sum())
+        8.0
+        """
+        saved = []
+        for p in range(self.n_pipes):
+            try:
+                saved.append(self.read_gate(p))
+            except StoreError:
+                saved.append(None)  # a damaged gate is not worth keeping
+        attr = self.group.attrs.get("gates")
+        try:
+            yield
+        except PrismoeError:
+            for p, gate in enumerate(saved):
+                if gate is not None:
+                    self.write_gate(p, *gate)
+                else:
+                    for name in ("gate_weight", "gate_bias"):
+                        if name in self._pipe(p):
+                            del self._pipe(p)[name]
+                    self._arrays = {k: v for k, v in self._arrays.items() if k[0] != p or "gate" not in k[1]}
+            if attr is not None:
+                self.group.attrs["gates"] = attr
+            elif "gates" in self.group.attrs:
+                del self.group.attrs["gates"]
+            raise
+
+
+def _finite(values: np.ndarray, what: str) -> np.ndarray:
+    """``values``, or :class:`CorruptStoreError` when they hold NaN/Inf (no writer stores those)."""
+    if not np.isfinite(values).all():
+        raise CorruptStoreError(f"{what} holds NaN or Inf")
+    return values
+
+
+def _stored_shape(g: GridSpec) -> tuple[int, int]:
+    """A band grid stores only its true rows and columns; other grids store their padded shape."""
+    return (g.d_out, g.d_in) if g.is_band_grid else g.padded_shape
+
+
+def _check_alphas(alphas: Sequence[float] | None, n: int) -> list[float]:
+    if alphas is None:
+        return [1.0 / n] * n
+    alphas = [float(a) for a in alphas]
+    if len(alphas) != n or any(a < 0 or not np.isfinite(a) for a in alphas) or abs(sum(alphas) - 1.0) > 1e-6:
+        raise DataError(f"alphas must be {n} non-negative numbers summing to 1, got {alphas}")
+    return alphas

@@ -8,7 +8,9 @@ import click
 
 from cli.output import echo_json, output_store
 from cli.progress import bar, quiet_option
-from prismoe_store.data.collect import DTYPES, NONFINITE, POOLS, TARGETS, CollectSpec, benchmark_collect, collect
+from prismoe_store.data.collect import NONFINITE, POOLS, TARGETS, CollectSpec, collect
+from prismoe_store.data.collect_bench import benchmark_collect
+from prismoe_store.data.models import DTYPES
 from prismoe_store.stores.base import StoreOptions
 
 

@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
-
 import click
 
 from cli.output import echo_json
 from cli.progress import bar, quiet_option
-from prismoe_store.inspection.compare import compare_matrices, open_matrix, open_tensor
 from prismoe_store.inspection.common import inspect_store, store_format
+from prismoe_store.inspection.compare import compare_matrices, open_matrix, open_tensor
 
 
 @click.command("inspect")
@@ -59,7 +58,7 @@ def inspect_cmd(store, tensor, as_json, plot_dir, no_stats, routing_pairs, spars
         return
     click.echo(report.text())
     if routing is not None:
-        from cli.gates_cmds import format_routing
+        from prismoe_store.gates.report import format_routing
 
         click.echo("")
         click.echo(format_routing(routing))

@@ -88,7 +88,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from prismoe_store.fit.job import FitConfig
-        from prismoe_store.gates.settings import GateSettings
 
         if self.collect is None:
             object.__setattr__(self, "collect", CollectSpec())
@@ -98,13 +97,17 @@ class TrainConfig:
                   memory_budget=self.memory_budget)  # validates
         if self.holdout <= 0:
             raise DataError("holdout must be > 0: gate training stops early on held-out rows")
-        GateSettings(sparsity=self.sparsity, epochs=self.epochs, holdout=self.holdout, seed=self.seed)  # validates
+        self.gate_config()  # validates
+
+    def gate_config(self):
+        """The :class:`~prismoe_store.gates.settings.GateSettings` this pipeline trains the gates with."""
+        from prismoe_store.gates.settings import GateSettings
+
+        return GateSettings(sparsity=self.sparsity, epochs=self.epochs, holdout=self.holdout, seed=self.seed)
 
     def gate_settings(self) -> dict:
         """The gate settings this pipeline trains with (as stored by ``fit_gates``)."""
-        from prismoe_store.gates.settings import GateSettings
-
-        return asdict(GateSettings(sparsity=self.sparsity, epochs=self.epochs, holdout=self.holdout, seed=self.seed))
+        return asdict(self.gate_config())
 
 
 @dataclass
@@ -223,7 +226,7 @@ def _collect_stage(upper, lower, texts, pairs: str, cfg: TrainConfig, overwrite:
 def _collect_state(upper, lower, texts, pairs: str, spec) -> tuple[str, PairsStore | None]:
     """``("done" | "partial" | "none", store)``: how far an earlier collection into ``pairs`` got,
     judged from the store's provenance without loading the models."""
-    from prismoe_store.data.collect import scan_text
+    from prismoe_store.data.texts import scan_text
 
     try:
         store = PairsStore.open(pairs)
@@ -316,8 +319,8 @@ def _gates_stage(adapter: str, pairs: str, cfg: TrainConfig, restart: bool, prog
     if info.get("complete") and same and stored.get("epochs") == cfg.epochs:
         return StageResult("gates", "skipped", detail={"reason": "gates complete", "sparsity": cfg.sparsity,
                                                        "metrics": info.get("metrics")})
-    r = fit_gates(a, pairs, sparsity=cfg.sparsity, epochs=cfg.epochs, holdout=cfg.holdout, seed=cfg.seed,
-                  device=cfg.device, restart=restart or (bool(stored) and not same), progress=prog)
+    r = fit_gates(a, pairs, cfg.gate_config(), device=cfg.device, restart=restart or (bool(stored) and not same),
+                  progress=prog)
     detail = {k: r[k] for k in ("sparsity", "k", "epochs_run", "best_epoch", "stopped_early", "before", "after")}
     return StageResult("gates", "resumed" if r["resumed_from"] is not None else "ran", detail=detail)
 

@@ -11,7 +11,7 @@ import click
 
 from cli.options import device_option, json_option, plot_dir_option
 from cli.output import echo_json
-from cli.progress import bar, quiet_option
+from cli.progress import bar, quiet_option, stage_bars
 from prismoe_store.gates import settings as S
 
 
@@ -121,7 +121,7 @@ def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_js
     from prismoe_store.head.band_gate import BandGateConfig, fit_band_gate
 
     config = BandGateConfig(restart=restart, device=device, **given)
-    stages = lambda name: bar(name, quiet=quiet or as_json, unit="row" if name == "teacher pass" else "epoch")  # noqa: E731
+    stages = stage_bars(quiet or as_json, {"teacher pass": "row"}, default_unit="epoch")
     if not (quiet or as_json):
         click.echo("note: teacher pass first: the full head scores every hidden state once and keeps each band's "
                    f"share of the probability (the gate's targets); then up to {config.epochs} epochs", err=True)

@@ -313,3 +313,17 @@ def token_progress(tokens: int, tokens_start: int, docs_done: int, report: Colle
     estimate = tokens_start + round((tokens - tokens_start) * (report.documents_total - report.documents_skipped)
                                     / run_docs)
     return tokens, max(tokens, estimate)
+
+
+def format_collect(report: CollectReport) -> str:
+    """The one line ``prismoe collect`` prints about a run.
+
+    >>> print(format_collect(CollectReport(out="p.zarr", rows_added=5, rows_total=5, tokens_added=5, tokens_total=5,
+    ...                                    documents_added=1, documents_total=1, complete=True)))
+    5 pairs added from 5 tokens, 1 documents (0 already done); p.zarr holds 5 pairs, 5 tokens; pool=none; complete
+    """
+    state = "complete" if report.complete else "partial (re-run to continue)"
+    return (f"{report.rows_added} pairs added from {report.tokens_added} tokens, {report.documents_added} "
+            f"documents ({report.documents_skipped} already done); {report.out} holds {report.rows_total} pairs, "
+            f"{report.tokens_total} tokens; pool={report.pool}; {state}")
+

@@ -89,3 +89,15 @@ def benchmark_collect(upper, lower, texts, *, spec: CollectSpec = CollectSpec(),
         "ratio": (last.tokens_added / c) / (total / b),
         "bare_seconds": bare_s, "collect_seconds": coll_s, "collect_phases": last.seconds,
     }
+
+
+def format_benchmark_collect(result: dict) -> str:
+    """The text of :func:`benchmark_collect`: what was run, the two rates and their ratio, the phases."""
+    return "\n".join([
+        f"{result['tokens']} tokens in {result['windows']} sequences (batch {result['batch_size']}, "
+        f"length <= {result['max_length']}), target {result['target']}, pool {result['pool']}, "
+        f"pairs {result['widths'][0]}->{result['widths'][1]}, compressor {result['compressor']}",
+        f"bare forward: {result['bare_tokens_per_s']:.0f} tokens/s; collect: "
+        f"{result['collect_tokens_per_s']:.0f} tokens/s; ratio collect/bare = {result['ratio']:.3f}",
+        "collect phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in result["collect_phases"].items())])
+

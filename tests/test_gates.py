@@ -256,6 +256,27 @@ def test_split_comes_from_the_fit_and_bad_input_is_refused(gated, tmp_path):
         GateSettings(sparsity=0.0)
 
 
+def test_fit_gates_takes_one_validated_config(gated, tmp_path):
+    """fit_gates is entered through a GateSettings only; holdout/seed left None take the fit's split and are
+    stored resolved (what a resumed run and the pipeline compare)."""
+    pairs, fitted, _ = gated
+    a = _copy(fitted, tmp_path / "a")
+    with pytest.raises(DataError, match="GateSettings"):
+        fit_gates(a, pairs, {"epochs": 1})
+    with pytest.raises(TypeError):
+        fit_gates(a, pairs, GateSettings(epochs=1), "cpu")  # runtime options are keyword-only
+    for bad in (dict(holdout=1.0), dict(holdout=0.0), dict(seed=-1), dict(epochs=True), dict(batch_size=0),
+                dict(lr=float("nan")), dict(init="random"), dict(z_loss_coef=-1.0)):
+        with pytest.raises(DataError):
+            GateSettings(**bad)
+    r = fit_gates(a, pairs, GateSettings(sparsity=0.5, epochs=1))
+    fit_split = fitted.attrs()["fit"]["settings"]
+    stored = AdapterStore.open(a.url).attrs()["gates"]
+    assert (stored["settings"]["holdout"], stored["settings"]["seed"]) == (fit_split["holdout"], fit_split["seed"])
+    assert stored["split"]["source"] == "fit" and r["split"] == stored["split"]
+    assert fit_gates(a, pairs, GateSettings(sparsity=0.5, epochs=1))["resumed_from"] == 1  # the same settings
+
+
 # -- statistics and the quality report --------------------------------------------------------
 
 

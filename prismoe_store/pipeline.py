@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Sequence
 
 from prismoe_store.data.collect import CollectSpec
 from prismoe_store.errors import DataError, StoreError, StoreFormatError

@@ -27,7 +27,7 @@ from prismoe_store.data.texts import scan_texts
 from prismoe_store.stores.base import StoreOptions
 
 
-def benchmark_collect(upper, lower, texts, *, spec: CollectSpec = CollectSpec(), repeats: int = 3,
+def benchmark_collect(upper, lower, texts, *, spec: CollectSpec = CollectSpec(), repeats: int = 3,  # noqa: B008
                       options: StoreOptions | None = None, workdir: str | os.PathLike | None = None) -> dict:
     """Collection throughput against a bare forward pass of the same model(s), in one run.
 

@@ -38,6 +38,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from prismoe_store.sources.checkpoint import open_source
 from prismoe_store.errors import (
     CastOverflowError,
     GridError,
@@ -46,15 +47,9 @@ from prismoe_store.errors import (
     StoreError,
 )
 from prismoe_store.grid import DEFAULT_WORKERS, GridSpec, plan_grid
-from prismoe_store.sources.base import Source
-from prismoe_store.sources.checkpoint import open_source
-from prismoe_store.sources.records import (
-    Resolution,
-    SourceStamp,
-    TensorInfo,
-    parse_stamp,
-)
 from prismoe_store.sources.resolve import ALIASES, resolve
+from prismoe_store.sources.base import Source
+from prismoe_store.sources.records import Resolution, SourceStamp, TensorInfo, parse_stamp
 from prismoe_store.stores.base import StoreOptions, TensorWriter, WeightsStore, job_lock
 
 __all__ = [

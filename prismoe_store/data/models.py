@@ -141,7 +141,7 @@ def load_model(spec: str | os.PathLike, *, device: str = "cpu", dtype: str = "fl
     folder, gguf_name = _locate(str(spec))
     device = _resolve_device(device)
     try:
-        import torch
+        import torch  # noqa: F401 (the models need it: fail here with the extra's name)
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging

@@ -141,10 +141,10 @@ def work_items(source: TextSource, entry: dict, upper: LoadedModel, lower: Loade
         up = upper.tokenizer(texts, add_special_tokens=True)["input_ids"]
         lo = up if shared else lower.tokenizer(texts, add_special_tokens=True)["input_ids"]
         timer["tokenize"] += time.perf_counter() - t0
-        for (doc, _), u, l in zip(chunk, up, lo):
+        for (doc, _), u, lw in zip(chunk, up, lo):
             if pool != "none":
                 u_cut = u[:max_length]
-                yield WorkItem(doc, 0, 1, u_cut, u_cut if shared else l[:max_length], None)
+                yield WorkItem(doc, 0, 1, u_cut, u_cut if shared else lw[:max_length], None)
                 continue
             n_win = max(1, -(-len(u) // max_length))
             first = partial[1] if partial and partial[0] == doc else 0

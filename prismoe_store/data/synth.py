@@ -45,27 +45,16 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import zarr
 
-from prismoe_store.errors import (
-    DataError,
-    IncompleteStoreError,
-    StoreError,
-    StoreFormatError,
-)
+from prismoe_store.errors import DataError, IncompleteStoreError, StoreError, StoreFormatError
 from prismoe_store.grid import GridSpec, is_pow2, plan_pipes
-from prismoe_store.stores.base import (
-    StoreOptions,
-    create_chunked,
-    damaged_chunks,
-    reading,
-)
 from prismoe_store.stores.pairs import PairsStore
+from prismoe_store.stores.base import StoreOptions, create_chunked, damaged_chunks, reading
 
 Kind = Literal["linear", "gated"]
 KINDS = ("linear", "gated")
@@ -226,7 +215,7 @@ class SynthTruth:
         group.attrs.update({"kind": self.kind, "block_shape": list(self.block_shape or []), "complete": True})
 
     @classmethod
-    def _load(cls, group: zarr.Group, where: str = "") -> SynthTruth:
+    def _load(cls, group: zarr.Group, where: str = "") -> "SynthTruth":
         attrs = dict(group.attrs)
         if not attrs.get("complete"):
             raise IncompleteStoreError(f"the ground truth in {where} is incomplete: re-run synth")

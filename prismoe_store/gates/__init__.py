@@ -24,8 +24,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
 
 if TYPE_CHECKING:  # the same names, for type checkers
     from prismoe_store.gates.gate import Gates
+    from prismoe_store.gates.report import quality_report, routing_report
+    from prismoe_store.gates.routing import Routing, k_for, route
+    from prismoe_store.gates.settings import GateSettings
     from prismoe_store.gates.tiles import FrozenTiles
     from prismoe_store.gates.training import fit_gates
-    from prismoe_store.gates.settings import GateSettings
-    from prismoe_store.gates.routing import Routing, k_for, route
-    from prismoe_store.gates.report import quality_report, routing_report

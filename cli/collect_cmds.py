@@ -6,9 +6,19 @@ from dataclasses import replace
 
 import click
 
+from cli.options import compressor_option, device_option, json_option, overwrite_option
 from cli.output import echo_json, output_store
 from cli.progress import bar, quiet_option
-from prismoe_store.data.collect import DTYPES, NONFINITE, POOLS, TARGETS, CollectSpec, benchmark_collect, collect
+from prismoe_store.data.collect import (
+    NONFINITE,
+    POOLS,
+    TARGETS,
+    CollectSpec,
+    collect,
+    format_collect,
+)
+from prismoe_store.data.collect_bench import benchmark_collect, format_benchmark_collect
+from prismoe_store.data.models import DTYPES
 from prismoe_store.stores.base import StoreOptions
 
 
@@ -35,7 +45,7 @@ def _spec_options(f):
                      help="Tokens per sequence (longer documents: windows, or truncated when pooling)."),
         click.option("--max-tokens", type=int, default=None,
                      help="Stop once the store holds this many upper-model tokens (re-run to add more)."),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
+        device_option("cpu, cuda, cuda:N or auto."),
         click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
                      help="Compute dtype of the models (pairs are stored float32)."),
         click.option("--on-nonfinite", type=click.Choice(NONFINITE), default="error", show_default=True,
@@ -56,10 +66,9 @@ def _spec(kw: dict) -> CollectSpec:
 @_spec_options
 @click.option("-o", "--output", "--out", "out", required=True, metavar="PAIRS", callback=output_store,
               help="Pairs store to create or resume (--out is an older name).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming it.")
-@click.option("--compressor", type=click.Choice(["zstd", "blosc", "none"]), default="none", show_default=True,
-              help="Chunk codec of a new store (activations compress little: none writes and decodes fastest).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@overwrite_option("Replace an existing store instead of resuming it.")
+@compressor_option("none", "Chunk codec of a new store (activations compress little: none writes and decodes fastest).")
+@json_option("Print the report as one JSON object.")
 @quiet_option
 def collect_cmd(upper, lower, texts, out, overwrite, compressor, as_json, quiet, **kw):
     """Collect activation pairs (x: upper hidden states, z: the target) into a pairs store.
@@ -76,10 +85,7 @@ def collect_cmd(upper, lower, texts, out, overwrite, compressor, as_json, quiet,
     if as_json:
         echo_json(report.as_dict())
         return
-    state = "complete" if report.complete else "partial (re-run to continue)"
-    click.echo(f"{report.rows_added} pairs added from {report.tokens_added} tokens, {report.documents_added} "
-               f"documents ({report.documents_skipped} already done); {out} holds {report.rows_total} pairs, "
-               f"{report.tokens_total} tokens; pool={report.pool}; {state}")
+    click.echo(format_collect(report))
     if report.nonfinite_rows:
         click.echo(f"{report.nonfinite_rows} pairs held NaN/Inf ({kw['on_nonfinite']})", err=True)
 
@@ -87,9 +93,8 @@ def collect_cmd(upper, lower, texts, out, overwrite, compressor, as_json, quiet,
 @click.command("collect")
 @_spec_options
 @click.option("--repeats", type=int, default=3, show_default=True, help="Alternating timed runs of each side.")
-@click.option("--compressor", type=click.Choice(["zstd", "blosc", "none"]), default="zstd", show_default=True,
-              help="Chunk codec of the store collect writes.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@compressor_option("zstd", "Chunk codec of the store collect writes.")
+@json_option("Print the result as one JSON object.")
 def collect_bench(upper, lower, texts, repeats, compressor, as_json, **kw):
     """Collection throughput (tokens/s) as a ratio to a bare forward pass of the same model(s)."""
     spec = _spec(kw)
@@ -100,12 +105,7 @@ def collect_bench(upper, lower, texts, repeats, compressor, as_json, **kw):
     if as_json:
         echo_json(result)
         return
-    click.echo(f"{result['tokens']} tokens in {result['windows']} sequences (batch {result['batch_size']}, "
-               f"length <= {result['max_length']}), target {result['target']}, pool {result['pool']}, "
-               f"pairs {result['widths'][0]}->{result['widths'][1]}, compressor {result['compressor']}")
-    click.echo(f"bare forward: {result['bare_tokens_per_s']:.0f} tokens/s; collect: "
-               f"{result['collect_tokens_per_s']:.0f} tokens/s; ratio collect/bare = {result['ratio']:.3f}")
-    click.echo("collect phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in result["collect_phases"].items()))
+    click.echo(format_benchmark_collect(result))
 
 
 commands = [collect_cmd]

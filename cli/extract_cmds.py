@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
+from cli.options import compressor_option, json_option, overwrite_option
 from cli.output import echo_json, output_store
 from cli.progress import bar, quiet_option
-from prismoe_store.data.extract import extract, tile
+from prismoe_store.data.extract import extract, format_extract, tile
 from prismoe_store.grid import DEFAULT_WORKERS
 from prismoe_store.stores.base import StoreOptions, WeightsStore
 
@@ -21,11 +22,10 @@ def _store_options(f):
                      help="Tiles per grid (a power of 2)."),
         click.option("--dtype", type=click.Choice(["float32", "float16", "source"]), default="float32",
                      show_default=True, help="Stored dtype; 'source' keeps fp16/fp64, else float32."),
-        click.option("--compressor", type=click.Choice(["none", "zstd", "blosc"]), default="zstd", show_default=True,
-                     help="Codec for every chunk (a crc32c checksum is always added)."),
+        compressor_option("zstd", "Codec for every chunk (a crc32c checksum is always added)."),
         click.option("--shard", is_flag=True, help="One Zarr shard per band of tiles (many small tiles)."),
-        click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming into it."),
-        click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
+        overwrite_option("Replace an existing store instead of resuming into it."),
+        json_option("Print a JSON summary on stdout."),
         quiet_option,
     ]
     for option in reversed(options):
@@ -78,20 +78,10 @@ def tile_cmd(matrix, name, store, workers, dtype, compressor, shard, overwrite, 
 
 
 def _report(store: WeightsStore, names: list[str], as_json: bool) -> None:
-    infos = {n: store.info(n) for n in names}
     if as_json:
-        echo_json({"store": store.url, "tensors": infos})
+        echo_json({"store": store.url, "tensors": {n: store.info(n) for n in names}})
         return
-    for name, info in infos.items():
-        shape = "×".join(str(d) for d in info["source_shape"])
-        click.echo(f"{name}: {info['source_tensor']} [{shape}, {info['source_dtype']}] -> {info['dtype']}, "
-                   f"{store.grid(name)}")
-        found = info.get("source_resolution")
-        if found:
-            click.echo(f"  chosen by {found['rule']}: {found['why']}")
-        if info.get("source_bias"):
-            click.echo(f"  bias {info['source_bias']} stored with it")
-    click.echo(f"wrote {store.url}")
+    click.echo(format_extract(store, names))
 
 
 commands = [extract_cmd, tile_cmd]

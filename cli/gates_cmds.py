@@ -1,17 +1,17 @@
 """``prismoe fit-gates``, ``prismoe routing`` and ``prismoe benchmark gates``: phase 2 of the adapter.
 
-:func:`format_routing` renders :func:`prismoe_store.gates.report.routing_report` as text; ``prismoe inspect
-ADAPTER --routing PAIRS`` can call the two the same way ``prismoe routing`` does.
+The reports and their text are :mod:`prismoe_store.gates.report` and
+:mod:`prismoe_store.gates.training`; ``prismoe inspect ADAPTER --routing PAIRS`` calls them the same way
+``prismoe routing`` does.
 """
 
 from __future__ import annotations
 
-import math
-
 import click
 
+from cli.options import device_option, json_option, plot_dir_option
 from cli.output import echo_json
-from cli.progress import bar, quiet_option
+from cli.progress import bar, quiet_option, stage_bars
 from prismoe_store.gates import settings as S
 
 
@@ -27,8 +27,6 @@ def _report():
     from prismoe_store.gates import report as gate_report
 
     return gate_report
-
-
 
 
 def _sparsities(ctx, param, value: str) -> list[float]:
@@ -52,8 +50,7 @@ def _split_options(f):
 def _common_options(f):
     f = click.option("--max-tile-mb", type=click.FloatRange(min=1), default=S.DEFAULT_MAX_TILE_BYTES / 2**20,
                      show_default=True, help="Memory budget for the tiles (held whole) and one minibatch.")(f)
-    f = click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1, ...")(f)
-    return f
+    return device_option()(f)
 
 
 def _training_options(f):
@@ -84,7 +81,7 @@ def _training_options(f):
 @_split_options
 @click.option("--restart", is_flag=True, help="Start over instead of resuming a saved run.")
 @_common_options
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@json_option()
 @quiet_option
 def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef, z_loss_coef, temperature,
                   patience, init, holdout, seed, restart, device, max_tile_mb, as_json, quiet):
@@ -108,30 +105,23 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
                  if value is not None and ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
         _fit_band_gate(store, pairs, given, restart, device, as_json, quiet)
         return
+    config = S.GateSettings(sparsity=sparsity, epochs=epochs, lr=lr, batch_size=batch_size, balance_coef=balance_coef,
+                            z_loss_coef=z_loss_coef, temperature=temperature, init=init, patience=patience,
+                            holdout=holdout, seed=seed)
     with bar("fit-gates", quiet=quiet, unit="row") as progress:
-        r = _gates().fit_gates(adapter, pairs, sparsity=sparsity, epochs=epochs, lr=lr, batch_size=batch_size,
-                        balance_coef=balance_coef, z_loss_coef=z_loss_coef, temperature=temperature, init=init,
-                        patience=patience, holdout=holdout, seed=seed, restart=restart, device=device,
-                        max_tile_bytes=int(max_tile_mb * 2**20), progress=progress)
+        r = _gates().fit_gates(adapter, pairs, config, restart=restart, device=device,
+                               max_tile_bytes=int(max_tile_mb * 2**20), progress=progress)
     if as_json:
         echo_json(r)
         return
-    if r["resumed_from"] is not None:
-        click.echo(f"resumed from epoch {r['resumed_from']}")
-    b, a = r["before"], r["after"]
-    click.echo(f"ρ = {r['sparsity']} (K = {', '.join(map(str, r['k']))} per pipe), {r['epochs_run']} epochs"
-               f"{' (stopped early)' if r['stopped_early'] else ''}, best epoch {r['best_epoch']}, "
-               f"{r['heldout_rows']} held-out rows")
-    click.echo(f"{'held-out':<18}{'rel. error':>11}{'R²':>9}")
-    for name, m in (("zero gate", b["zero"]), ("init gate", b["init"]), ("trained gate", a), ("dense (ρ=1)", b["dense"])):
-        click.echo(f"{name:<18}{m['rel_err']:>11.4f}{m['r2']:>9.4f}")
+    click.echo(_gates().format_fit_gates(r))
 
 
 def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_json: bool, quiet: bool) -> None:
     from prismoe_store.head.band_gate import BandGateConfig, fit_band_gate
 
     config = BandGateConfig(restart=restart, device=device, **given)
-    stages = lambda name: bar(name, quiet=quiet or as_json, unit="row" if name == "teacher pass" else "epoch")  # noqa: E731
+    stages = stage_bars(quiet or as_json, {"teacher pass": "row"}, default_unit="epoch")
     if not (quiet or as_json):
         click.echo("note: teacher pass first: the full head scores every hidden state once and keeps each band's "
                    f"share of the probability (the gate's targets); then up to {config.epochs} epochs", err=True)
@@ -146,44 +136,6 @@ def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_js
                f"mass kept {b['mass']:.4f} → {a['mass']:.4f}")
 
 
-def format_routing(report: dict) -> str:
-    """Text rendering of :func:`prismoe_store.gates.report.routing_report` (statistics, then quality)."""
-    lines = [f"routing of {report['adapter']} on {report['pipes'][0]['rows']} held-out rows of {report['pairs']} "
-             f"(ρ = {report['sparsity']}, temperature {report['temperature']}, {report['mode']} tiles)"]
-    head = f"{'pipe':<6}{'grid':>9}{'K/n':>9}{'util CV':>9}{'dead':>6}{'balance':>9}{'H tok':>8}{'H util':>8}{'energy':>8}"
-    lines += [head]
-    for p, s in enumerate(report["pipes"]):
-        lines.append(f"{p + 1:<6}{'{}×{}'.format(*s['grid']):>9}{'{}/{}'.format(s['k'], s['active']):>9}"
-                     f"{s['utilization_cv']:>9.3f}{s['dead_workers']:>6}{s['balance_loss']:>9.3f}"
-                     f"{s['token_entropy_norm']:>8.3f}{s['utilization_entropy_norm']:>8.3f}{s['energy_share']:>8.3f}")
-    lines.append("util CV: coefficient of variation of per-worker utilization; balance: W·Σf·P/K (1 = even); "
-                 "H tok / H util: per-token gate entropy and utilization entropy, ÷ ln n; energy: share of "
-                 "Σ‖T x‖² in the selected tiles")
-    if "quality" in report:
-        lines += ["", format_quality(report["quality"])]
-    return "\n".join(lines)
-
-
-def format_quality(q: dict) -> str:
-    """Text table of :func:`prismoe_store.gates.report.quality_report`: relative error (R²) per gate and ρ."""
-    rhos = sorted({r["sparsity"] for r in q["rows"]})
-    gates = list(dict.fromkeys(r["gate"] for r in q["rows"]))
-    cell = {(r["gate"], r["sparsity"]): r for r in q["rows"]}
-    lines = [f"held-out quality on {q['heldout_rows']} rows: relative error (R²)"
-             + (f"; stored gate trained at ρ = {q['trained_sparsity']}" if q.get("trained_sparsity") else ""),
-             f"{'gate':<10}" + "".join(f"{'ρ = ' + format(r, 'g'):>20}" for r in rhos)]
-    for g in gates:
-        lines.append(f"{g:<10}" + "".join(f"{_pair(cell[(g, r)]):>20}" for r in rhos))
-    for name, b in q["baselines"].items():
-        lines.append(f"{name:<10}{_pair(b) if 'rel_err' in b else '—':>20}   {b['what']}")
-    return "\n".join(lines)
-
-
-def _pair(m: dict) -> str:
-    r2 = m["r2"]
-    return f"{m['rel_err']:.4f} ({'nan' if math.isnan(r2) else format(r2, '.4f')})"
-
-
 @click.command("routing")
 @click.argument("adapter")
 @click.argument("pairs")
@@ -193,9 +145,8 @@ def _pair(m: dict) -> str:
 @click.option("--max-rows", type=click.IntRange(min=1), default=None, help="Use at most this many held-out rows.")
 @_split_options
 @_common_options
-@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), default=None,
-              help="Write utilization heatmaps and histograms (PNG) into this folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@plot_dir_option("--plot", help="Write utilization heatmaps and histograms (PNG) into this folder.")
+@json_option()
 @quiet_option
 def routing_cmd(adapter, pairs, sparsity, no_quality, max_rows, holdout, seed, device, max_tile_mb, plot_dir,
                 as_json, quiet):
@@ -211,7 +162,7 @@ def routing_cmd(adapter, pairs, sparsity, no_quality, max_rows, holdout, seed, d
     if as_json:
         echo_json(report)
         return
-    click.echo(format_routing(report))
+    click.echo(_report().format_routing(report))
     for path in report.get("plots", []):
         click.echo(f"wrote {path}")
 
@@ -225,9 +176,8 @@ def routing_cmd(adapter, pairs, sparsity, no_quality, max_rows, holdout, seed, d
 @click.option("--max-eval-rows", type=click.IntRange(min=1), default=None, help="Cap on held-out rows per evaluation.")
 @_split_options
 @_common_options
-@click.option("--plots", "plot_dir", type=click.Path(file_okay=False), default=None,
-              help="Write quality.png (error against ρ per gate) into this folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@plot_dir_option("--plots", help="Write quality.png (error against ρ per gate) into this folder.")
+@json_option()
 @quiet_option
 def bench_gates_cmd(adapter, pairs, sparsities, epochs, lr, batch_size, balance_coef, z_loss_coef, temperature,
                     patience, max_eval_rows, holdout, seed, device, max_tile_mb, plot_dir, as_json, quiet):
@@ -235,20 +185,19 @@ def bench_gates_cmd(adapter, pairs, sparsities, epochs, lr, batch_size, balance_
 
     Trains one gate per ρ in memory; ADAPTER is not changed.
     """
+    config = S.GateSettings(epochs=epochs, lr=lr, batch_size=batch_size, balance_coef=balance_coef,
+                            z_loss_coef=z_loss_coef, temperature=temperature, patience=patience, holdout=holdout,
+                            seed=seed)
     with bar("benchmark gates", quiet=quiet, unit="row") as progress:
-        q = _report().benchmark_gates(adapter, pairs, sparsities=sparsities, epochs=epochs, lr=lr,
-                                      batch_size=batch_size, balance_coef=balance_coef, z_loss_coef=z_loss_coef,
-                                      temperature=temperature, patience=patience, holdout=holdout, seed=seed,
-                                      device=device, max_tile_bytes=int(max_tile_mb * 2**20),
-                                      max_eval_rows=max_eval_rows, progress=progress)
+        q = _report().benchmark_gates(adapter, pairs, config, sparsities=sparsities, device=device,
+                                      max_tile_bytes=int(max_tile_mb * 2**20), max_eval_rows=max_eval_rows,
+                                      progress=progress)
     if plot_dir:
         q["plots"] = [_report().plot_quality(q, plot_dir)]
     if as_json:
         echo_json(q)
         return
-    click.echo(format_quality(q))
-    for rho, t in q["training"].items():
-        click.echo(f"ρ = {rho}: trained {t['epochs_run']} epochs, best epoch {t['best_epoch']}")
+    click.echo(_report().format_benchmark_gates(q))
     for path in q.get("plots", []):
         click.echo(f"wrote {path}")
 

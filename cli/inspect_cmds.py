@@ -6,23 +6,23 @@
 
 from __future__ import annotations
 
-
 import click
 
+from cli.options import json_option, plot_dir_option
 from cli.output import echo_json
 from cli.progress import bar, quiet_option
-from prismoe_store.inspection.compare import compare_matrices, open_matrix, open_tensor
 from prismoe_store.inspection.common import inspect_store, store_format
+from prismoe_store.inspection.compare import compare_matrices, open_matrix, open_tensor
 
 
 @click.command("inspect")
 @click.argument("store")
 @click.option("--tensor", "-t", default=None,
               help="Inspect only this item: a weights store's tensor, x or z of a pairs store, pipe1.. of an adapter.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, with the per-tile / per-column arrays.")
-@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), default=None,
-              help="Write PNGs into this folder: tile-norm heatmaps (weights, adapter pipes), column profiles and "
-                   "row-block heatmaps (pairs), routing plots (with --routing).")
+@json_option("Print one JSON object, with the per-tile / per-column arrays.")
+@plot_dir_option("--plot",
+                 help="Write PNGs into this folder: tile-norm heatmaps (weights, adapter pipes), column profiles and "
+                      "row-block heatmaps (pairs), routing plots (with --routing).")
 @click.option("--no-stats", is_flag=True, help="Metadata only: do not read the tiles or rows.")
 @click.option("--routing", "routing_pairs", default=None, metavar="PAIRS",
               help="Adapter only: also report the routing statistics and held-out quality of its trained gates "
@@ -59,7 +59,7 @@ def inspect_cmd(store, tensor, as_json, plot_dir, no_stats, routing_pairs, spars
         return
     click.echo(report.text())
     if routing is not None:
-        from cli.gates_cmds import format_routing
+        from prismoe_store.gates.report import format_routing
 
         click.echo("")
         click.echo(format_routing(routing))
@@ -89,7 +89,7 @@ def _routing(adapter: str, pairs: str, sparsity, plot_dir, quiet: bool) -> dict:
               help="Tensor of B (default: --tensor, else A's tensor name when B holds several).")
 @click.option("--atol", type=float, default=0.0, show_default=True,
               help="Succeed (exit 0) only when max |A - B| <= ATOL.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@json_option()
 @quiet_option
 def compare_cmd(a, b, tensor, tensor_b, atol, as_json, quiet):
     """Compare matrix A with reference B: max abs diff, relative Frobenius error, cosine.

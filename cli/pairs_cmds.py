@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-
 import click
 
+from cli.options import compressor_option, json_option, overwrite_option
 from cli.output import echo_json, output_store
 from cli.progress import bar, quiet_option
+from prismoe_store.data.synth import KINDS, SynthSpec, synthesize, truth_summary
 from prismoe_store.grid import DEFAULT_WORKERS
 from prismoe_store.inspection.common import short_value
-from prismoe_store.stores.pairs import PairsStore
 from prismoe_store.stores.base import StoreOptions
-from prismoe_store.data.synth import KINDS, SynthSpec, synthesize, truth_summary
+from prismoe_store.stores.pairs import PairsStore
 
 
 @click.command("synth")
@@ -32,10 +32,10 @@ from prismoe_store.data.synth import KINDS, SynthSpec, synthesize, truth_summary
               help="gated: tiles per pipe of the grids the target's blocks align with (a power of 2).")
 @click.option("--rows-per-chunk", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Rows per chunk of the store; memory holds about one chunk.")
-@click.option("--compressor", type=click.Choice(["none", "zstd", "blosc"]), default="none", show_default=True,
-              help="Chunk compressor (every chunk also carries a crc32c checksum); none decodes fastest for fits.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming/extending it.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@compressor_option("none", "Chunk compressor (every chunk also carries a crc32c checksum); none decodes fastest "
+                           "for fits.")
+@overwrite_option("Replace an existing store instead of resuming/extending it.")
+@json_option("Print a JSON summary on stdout.")
 @quiet_option
 def synth_cmd(store, rows, d_in, d_out, kind, noise, seed, regions, workers, rows_per_chunk, compressor,
               overwrite, as_json, quiet):
@@ -58,7 +58,7 @@ def synth_cmd(store, rows, d_in, d_out, kind, noise, seed, regions, workers, row
 
 @click.command("pairs-info")
 @click.argument("store")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@json_option()
 def pairs_info_cmd(store, as_json):
     """Show a pairs store's rows, widths, chunking, provenance and ground truth (if synthetic)."""
     summary = _summary(PairsStore.open(store))

@@ -7,8 +7,9 @@ import os
 import click
 
 from cli.messages import warn_padding
+from cli.options import device_option, json_option, overwrite_option, plot_dir_option
 from cli.output import echo_json, output_store
-from cli.progress import bar, quiet_option
+from cli.progress import bar, quiet_option, stage_bars
 
 _TARGETS = ("logits", "embeddings", "hidden")  # prismoe_store.data.collect.TARGETS (not imported: it loads numpy)
 _POOLS = ("none", "last", "mean")
@@ -18,8 +19,7 @@ _POOLS = ("none", "last", "mean")
 
 def _stage_bars(quiet: bool):
     """A ``progress(stage)`` factory for the pipeline: one bar per stage (none when quiet)."""
-    return lambda stage: bar(stage, quiet=quiet, unit="tok" if stage == "collect" else "step",
-                             growing=stage == "collect")
+    return stage_bars(quiet, {"collect": "tok"}, growing=("collect",))
 
 
 def _floats(ctx, param, value: str | None):
@@ -61,9 +61,9 @@ def _floats(ctx, param, value: str | None):
               show_default=True, help="Share of rows held out.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the split.")
 @click.option("--scheduler", default=None, help="Fit scheduler: threads, processes, synchronous or tcp://HOST:PORT.")
-@click.option("--device", default="cpu", show_default=True, help="Device of collection and gate training.")
-@click.option("--overwrite", is_flag=True, help="Redo every stage from scratch.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@device_option("Device of collection and gate training.")
+@overwrite_option("Redo every stage from scratch.")
+@json_option("Print the summary as one JSON object.")
 @quiet_option
 def train_cmd(upper, lower, texts, adapter, pairs, target, layer, pool, max_length, max_tokens, workers, mode,
               sparsity, epochs, int8, holdout, seed, scheduler, device, overwrite, as_json, quiet):
@@ -104,7 +104,7 @@ def train_cmd(upper, lower, texts, adapter, pairs, target, layer, pool, max_leng
               help="Gate-training epochs of the synthetic part.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch CPU threads (the sample's matrices are too small for more to help).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option("Print one JSON object.")
 @quiet_option
 def demo_cmd(out_dir, epochs, threads, as_json, quiet):
     """Show what prismoe buys on the data in sample_data/, in about a minute.
@@ -115,7 +115,7 @@ def demo_cmd(out_dir, epochs, threads, as_json, quiet):
     2. The fitted-adapter pipeline (fit → fit-gates → quantize → benchmark) on the synthetic sample
     pairs (3072 pairs 64 → 256, gated target). Writes results.md, benchmark.json and plots/*.png.
     """
-    from prismoe_store.pipeline import demo, format_demo
+    from prismoe_store.demo import demo, format_demo
 
     log = None if (quiet or as_json) else (lambda m: click.echo(m, err=True))
     result = demo(out_dir, epochs=epochs, threads=threads, progress=_stage_bars(quiet or as_json), log=log)
@@ -130,7 +130,7 @@ def demo_cmd(out_dir, epochs, threads, as_json, quiet):
 @click.argument("pairs")
 @click.option("--sparsities", default="0.1,0.3,0.5,1", show_default=True, callback=_floats,
               help="Comma-separated ρ values the adapter runs at.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@device_option("cpu, cuda, cuda:1, ...")
 @click.option("--logits/--no-logits", default=None,
               help="Z are logits: add top-1 agreement and KL [default: from the pairs' provenance].")
 @click.option("--max-rows", type=click.IntRange(min=1), default=2048, show_default=True,
@@ -145,9 +145,8 @@ def demo_cmd(out_dir, epochs, threads, as_json, quiet):
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads for every method alike [default: torch's choice].")
 @click.option("--from-store", is_flag=True, help="Read tiles from the store on every miss (default: host RAM).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.option("--plots", "plot_dir", type=click.Path(file_okay=False), default=None,
-              help="Write quality_vs_bytes.png, hit_rate.png and latency.png here.")
+@json_option("Print the report as one JSON object.")
+@plot_dir_option("--plots", help="Write quality_vs_bytes.png, hit_rate.png and latency.png here.")
 @click.option("--markdown", "markdown", type=click.Path(dir_okay=False), default=None,
               help="Write the Markdown table to this file.")
 @quiet_option
@@ -158,7 +157,11 @@ def bench_adapter_cmd(adapter, pairs, sparsities, device, logits, max_rows, batc
     On the same held-out rows and device: relative error, R² (top-1, KL for logits), latency and
     throughput as ratios to dense F.linear, active bytes, peak cache bytes, hit rate.
     """
-    from prismoe_store.bench.adapter import benchmark_adapter, format_markdown, write_plots
+    from prismoe_store.bench.adapter import (
+        benchmark_adapter,
+        format_markdown,
+        write_plots,
+    )
 
     with bar("benchmark", quiet=quiet or as_json, unit="step") as progress:
         report = benchmark_adapter(adapter, pairs, sparsities=sparsities, device=device, logits=logits,

@@ -6,8 +6,9 @@ that drives a tqdm bar on stderr, or does nothing when quiet.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import click
 from tqdm import tqdm
@@ -43,6 +44,14 @@ def bar(desc: str, *, quiet: bool = False, unit: str = "it", growing: bool = Fal
     finally:
         if state["bar"] is not None:
             state["bar"].close()
+
+
+def stage_bars(quiet: bool, units: dict[str, str] | None = None, *, default_unit: str = "step",
+               growing: tuple[str, ...] = ()) -> Callable[[str], ContextManager[ProgressFn | None]]:
+    """A ``progress(stage)`` factory for jobs of several stages: one :func:`bar` per stage, named after
+    it, counting ``units[stage]`` (else ``default_unit``); stages in ``growing`` have estimated totals."""
+    units = units or {}
+    return lambda stage: bar(stage, quiet=quiet, unit=units.get(stage, default_unit), growing=stage in growing)
 
 
 def quiet_option(f):

@@ -1,4 +1,4 @@
-"""The main job end to end: ``prismoe train`` (collect → fit → fit-gates → quantize) and ``prismoe demo``.
+"""The main job end to end: ``prismoe train`` (collect → fit → fit-gates → quantize), and its report text.
 
 :func:`train` chains the four stages. Each stage is resumable on its own (its store records what
 is done), and the pipeline reads the stores' states before each stage:
@@ -13,9 +13,8 @@ is done), and the pipeline reads the stores' states before each stage:
   training resumes from its last saved epoch; other settings restart it.
 - **quantize** (only with ``int8``) is skipped when the INT8 tiles are complete, else resumed.
 
-:func:`demo` runs the pipeline on the committed sample pairs (``sample_data/gated_pairs``,
-regenerated when missing) and then :func:`prismoe_store.bench.adapter.benchmark_adapter`, writing the
-Markdown report, the JSON and the plots into one folder.
+:func:`format_train` and :func:`format_stage` are its text. ``prismoe demo`` runs it on the sample
+data: :mod:`prismoe_store.demo`.
 
 >>> import tempfile, numpy as np
 >>> from prismoe_store.stores.pairs import PairsStore
@@ -32,37 +31,24 @@ Markdown report, the JSON and the plots into one folder.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Sequence
 
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.data.collect import CollectSpec
 from prismoe_store.errors import DataError, StoreError, StoreFormatError
+from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.pairs import PairsStore
-from prismoe_store.stores.base import StoreOptions
 
 ProgressFn = Callable[[int, int], None]
 StageProgress = Callable[[str], ContextManager[ProgressFn | None]]  # stage name -> context yielding (done, total)
 Log = Callable[[str], None]
 STAGES = ("collect", "fit", "gates", "quantize")
 STATUSES = ("ran", "resumed", "skipped", "off")
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data" / "gated_pairs"  # the committed sample
-SAMPLE_ROWS_PER_CHUNK = 1024  # chunking of the committed sample (sample_data/make_sample.py)
-DEMO_EPOCHS = 10  # gate-training epochs of the demo (the sample is small: ~2800 training rows)
-DEMO_WORKERS = 128  # tiles per pipe in the demo: the 64 → 256 sample needs no more (512 make the gates 7× the matrix)
-
-
-def _sample_spec():
-    from prismoe_store.data.synth import SynthSpec
-
-    # the settings of sample_data/make_sample.py (the committed store's provenance says the same)
-    return SynthSpec(rows=3072, d_in=64, d_out=256, kind="gated", noise=0.01, seed=0, regions=4)
 
 
 @dataclass(frozen=True)
@@ -88,7 +74,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from prismoe_store.fit.job import FitConfig
-        from prismoe_store.gates.settings import GateSettings
 
         if self.collect is None:
             object.__setattr__(self, "collect", CollectSpec())
@@ -98,13 +83,17 @@ class TrainConfig:
                   memory_budget=self.memory_budget)  # validates
         if self.holdout <= 0:
             raise DataError("holdout must be > 0: gate training stops early on held-out rows")
-        GateSettings(sparsity=self.sparsity, epochs=self.epochs, holdout=self.holdout, seed=self.seed)  # validates
+        self.gate_config()  # validates
+
+    def gate_config(self):
+        """The :class:`~prismoe_store.gates.settings.GateSettings` this pipeline trains the gates with."""
+        from prismoe_store.gates.settings import GateSettings
+
+        return GateSettings(sparsity=self.sparsity, epochs=self.epochs, holdout=self.holdout, seed=self.seed)
 
     def gate_settings(self) -> dict:
         """The gate settings this pipeline trains with (as stored by ``fit_gates``)."""
-        from prismoe_store.gates.settings import GateSettings
-
-        return asdict(GateSettings(sparsity=self.sparsity, epochs=self.epochs, holdout=self.holdout, seed=self.seed))
+        return asdict(self.gate_config())
 
 
 @dataclass
@@ -223,7 +212,7 @@ def _collect_stage(upper, lower, texts, pairs: str, cfg: TrainConfig, overwrite:
 def _collect_state(upper, lower, texts, pairs: str, spec) -> tuple[str, PairsStore | None]:
     """``("done" | "partial" | "none", store)``: how far an earlier collection into ``pairs`` got,
     judged from the store's provenance without loading the models."""
-    from prismoe_store.data.collect import scan_text
+    from prismoe_store.data.texts import scan_text
 
     try:
         store = PairsStore.open(pairs)
@@ -316,8 +305,8 @@ def _gates_stage(adapter: str, pairs: str, cfg: TrainConfig, restart: bool, prog
     if info.get("complete") and same and stored.get("epochs") == cfg.epochs:
         return StageResult("gates", "skipped", detail={"reason": "gates complete", "sparsity": cfg.sparsity,
                                                        "metrics": info.get("metrics")})
-    r = fit_gates(a, pairs, sparsity=cfg.sparsity, epochs=cfg.epochs, holdout=cfg.holdout, seed=cfg.seed,
-                  device=cfg.device, restart=restart or (bool(stored) and not same), progress=prog)
+    r = fit_gates(a, pairs, cfg.gate_config(), device=cfg.device, restart=restart or (bool(stored) and not same),
+                  progress=prog)
     detail = {k: r[k] for k in ("sparsity", "k", "epochs_run", "best_epoch", "stopped_early", "before", "after")}
     return StageResult("gates", "resumed" if r["resumed_from"] is not None else "ran", detail=detail)
 
@@ -372,159 +361,3 @@ def format_train(report: TrainReport) -> str:
     lines.append(f"  {done} stage(s) run, {sum(s.status == 'skipped' for s in report.stages)} skipped; "
                  f"total {sum(s.seconds for s in report.stages):.1f} s")
     return "\n".join(lines)
-
-
-# -- the demo ----------------------------------------------------------------------------------
-
-
-def sample_pairs(fallback_dir) -> tuple[str, str]:
-    """``(url, how)``: the committed sample pairs (``sample_data/gated_pairs`` beside the package),
-    or, when they are missing or damaged, the same pairs regenerated into ``fallback_dir``."""
-    from prismoe_store.data.synth import synthesize
-
-    spec = _sample_spec()
-    try:
-        store = PairsStore.open(str(SAMPLE_DIR))
-        prov = store.provenance
-        if store.rows == spec.rows and all(prov.get(k) == v for k, v in spec.provenance().items() if k != "rows"):
-            return str(SAMPLE_DIR), "committed sample_data/gated_pairs"
-    except StoreError:
-        pass
-    url = str(Path(fallback_dir) / "gated_pairs")
-    synthesize(url, spec, rows_per_chunk=SAMPLE_ROWS_PER_CHUNK, options=StoreOptions(compressor="zstd", level=3))
-    return url, "regenerated (sample_data/gated_pairs not found)"
-
-
-def demo(out_dir=None, *, pairs=None, workers: int = DEMO_WORKERS, epochs: int = DEMO_EPOCHS, sparsity: float = 0.3,
-         threads: int | None = 1, bench_options: dict | None = None, head: bool = True, head_sample=None,
-         head_config=None, progress: StageProgress | None = None, log: Log | None = None) -> dict:
-    """The demo: a real head's sparse adapter against the dense head, then the fitted-adapter
-    pipeline on the synthetic sample pairs; writes everything into ``out_dir``.
-
-    Part 1 (``head``; :func:`prismoe_store.head.demo.run_head_demo`) runs on
-    ``sample_data/smollm2`` (``head_sample`` replaces it, ``head_config`` its settings). Part 2 is
-    the pipeline (fit → fit-gates → quantize) and the benchmark on the sample pairs: ``pairs``
-    replaces them by another pairs store (tests use a tiny one), ``workers`` is the tiles per pipe,
-    ``bench_options`` override :class:`~prismoe_store.bench.adapter.BenchConfig` fields.
-
-    ``out_dir`` (default: a new temporary folder, kept) receives ``head/`` (the head adapter and
-    its plot), ``adapter.zarr``, ``benchmark.json``, ``results.md`` and ``plots/*.png``; re-running
-    into the same folder skips the finished stages. ``threads``: torch CPU threads for the run
-    (restored after; 1 by default: the sample's matrices are too small for intra-op threads to
-    help). Returns a JSON-ready dict (``head``, ``train``, ``benchmark``, ``files``, ``takeaway``,
-    ``seconds``); :func:`format_demo` prints it.
-    """
-    import torch
-
-    from prismoe_store.bench.adapter import BenchConfig, benchmark_adapter, format_markdown, write_plots
-    from prismoe_store.head.demo import HeadDemoConfig, run_head_demo, takeaway
-
-    t0 = time.perf_counter()
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="prismoe-demo-"))
-    out.mkdir(parents=True, exist_ok=True)
-    progress = progress or (lambda stage: nullcontext(None))
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        head_result = None
-        if head:
-            if log:
-                log("part 1: a real head (sample_data/smollm2) as a sparse adapter")
-            head_result = run_head_demo(out / "head", head_sample, head_config or HeadDemoConfig(), progress=progress)
-        pairs, how = sample_pairs(out) if pairs is None else (str(pairs), "given")
-        if log:
-            log(f"part 2: the fitted-adapter pipeline on {pairs} ({how})")
-        cfg = TrainConfig(workers=workers, sparsity=sparsity, epochs=epochs, int8=True)
-        rep = train(None, None, None, str(out / "adapter.zarr"), pairs=pairs, config=cfg, progress=progress)
-        options = {"repeats": 3, "hit_tokens": 16, "hit_sparsities": (sparsity,), **(bench_options or {})}
-        with progress("benchmark") as prog:
-            bench = benchmark_adapter(rep.adapter, pairs, BenchConfig(**options), progress=prog)
-    finally:
-        torch.set_num_threads(before)
-    plots = write_plots(bench, out / "plots")
-    (out / "results.md").write_text(format_markdown(bench))
-    (out / "benchmark.json").write_text(json.dumps(_finite({**bench, "head": head_result}), indent=1))
-    files = {"results": str(out / "results.md"), "json": str(out / "benchmark.json"), "plots": plots}
-    if head_result is not None:
-        files["plots"] = [head_result["plot"], *plots]
-    return {"out": str(out), "head": head_result, "pairs": pairs, "pairs_from": how, "train": rep.as_dict(),
-            "benchmark": bench, "files": files, "takeaway": takeaway(head_result, bench),
-            "seconds": time.perf_counter() - t0}
-
-
-def _finite(o):
-    """JSON-safe copy: non-finite floats become ``None``."""
-    if isinstance(o, float):
-        return o if o == o and o not in (float("inf"), float("-inf")) else None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
-
-
-def format_demo(result: dict) -> str:
-    """The demo's report: the real head's sparse adapter against the dense head; the fitted adapter's
-    quality at several ρ, memory, speed ratios and cache hit rate; the files; the takeaway."""
-    from prismoe_store.head.demo import format_head_demo
-
-    b = result["benchmark"]
-    rows = b["rows"]
-    s = b["shape"]
-    lines = [f"prismoe demo → {result['out']}", ""]
-    if result.get("head"):
-        lines += format_head_demo(result["head"]) + [""]
-    lines += [f"{'2' if result.get('head') else '1'}. A fitted adapter (three pipes of partial tiles behind learned "
-              f"gates) on synthetic pairs: {result['pairs']} ({result['pairs_from']}), {s['d_in']} → {s['d_out']}, "
-              f"{s['mode']} tiles, {s['workers'][0]} workers a pipe"]
-    for st in result["train"]["stages"]:
-        lines.append("  " + format_stage(StageResult(**st)))
-    dense = rows[0]
-    rhos = sorted({r["sparsity"] for r in rows if r["method"] == "adapter"})
-    gate = b["gates"]
-    lines += ["", f"quality on {b['heldout']['rows']} held-out rows, relative error (R²)"
-              + (f", gates trained at ρ = {gate['sparsity']}:" if gate.get("trained") else ":")]
-    lines.append(f"  {'':14s}" + "".join(f"{'ρ = ' + format(r, 'g'):>18s}" for r in rhos))
-    for quant in b["quants"]:
-        cells = {r["sparsity"]: r for r in rows if r["method"] == "adapter" and r["quant"] == quant
-                 and r["mode"] == "parallel"}
-        lines.append(f"  {'adapter ' + quant:14s}" + "".join(
-            f"{cells[r]['rel_err']:>10.4f} ({cells[r]['r2']:.3f})" if r in cells else f"{'—':>18s}" for r in rhos))
-    svd = {r["sparsity"]: r for r in rows if r["method"] == "svd"}
-    lines.append(f"  {'SVD same bytes':14s}" + "".join(
-        f"{svd[r]['rel_err']:>10.4f} ({svd[r]['r2']:.3f})" if r in svd else f"{'—':>18s}" for r in rhos))
-    lines.append(f"  {'dense ridge':14s}{dense['rel_err']:>10.4f} ({dense['r2']:.3f})")
-    rho = gate.get("sparsity") if gate.get("trained") and gate.get("sparsity") in rhos else rhos[0]
-    pick = {(r["quant"], r["mode"]): r for r in rows if r["method"] == "adapter" and r["sparsity"] == rho}
-    par, ser, i8 = pick.get(("fp32", "parallel")), pick.get(("fp32", "serial")), pick.get(("int8", "parallel"))
-    mem = [f"memory at ρ = {rho:g}: {_kib(par['active_bytes'])} of tiles per token fp32 "
-           f"({par['active_vs_dense']:.2f}× the dense matrix's {_kib(dense['active_bytes'])})"]
-    if i8:
-        mem.append(f"{_kib(i8['active_bytes'])} INT8 ({i8['active_vs_dense']:.2f}×; outputs within "
-                   f"{i8.get('output_vs_fp32', float('nan')):.1e} of fp32)")
-    gate = b["memory"]["gate_bytes"]
-    mem.append(f"plus the gates, {_kib(gate)} read for every token ({par['with_gates_vs_dense']:.2f}× dense with them)")
-    if ser:
-        mem.append(f"peak cache for {b['config']['batch']} tokens {_kib(par['peak_cache_bytes'])} parallel, "
-                   f"{_kib(ser['peak_cache_bytes'])} serial")
-    lines += ["", "; ".join(mem)]
-    lines.append(f"speed at ρ = {rho:g} (ratios to dense F.linear in the same run, {b['device']}, {b['threads']} "
-                 f"thread(s); a {s['d_in']} × {s['d_out']} product takes microseconds, so the adapter's per-call "
-                 f"work dominates): latency (batch 1) {par['latency_vs_dense']:.0f}×, throughput (batch "
-                 f"{b['config']['batch']}) {par['throughput_vs_dense']:.4f}×"
-                 + (f"; serial {ser['latency_vs_dense']:.0f}× / {ser['throughput_vs_dense']:.4f}×" if ser else ""))
-    sweep = [c for c in b["hit_rate"] if c["sparsity"] == rho] or b["hit_rate"]
-    if sweep:
-        lines.append(f"cache hit rate at ρ = {sweep[0]['sparsity']:g}, one token a call: " + ", ".join(
-            f"{c['share']:.0%} budget → {c['hit_rate']:.2f}" for c in sweep if c["share"] >= 0.1))
-    lines += ["", f"wrote {result['files']['results']}, {result['files']['json']}",
-              "plots: " + ", ".join(result["files"]["plots"]),
-              f"demo took {result['seconds']:.0f} s"]
-    if result.get("takeaway"):
-        lines += ["", "Takeaway: " + result["takeaway"]]
-    return "\n".join(lines)
-
-
-def _kib(n) -> str:
-    return "—" if n is None else f"{n / 1024:.1f} KiB"

@@ -424,7 +424,8 @@ def test_collect_logits_from_an_encoder_is_refused(tmp_path):
     transformers = pytest.importorskip("transformers")
     from tiny_models import corpus_lines, save_llama, train_tokenizer, write_texts
 
-    from prismoe_store.data.collect import CollectSpec, collect, load_model
+    from prismoe_store.data.collect import CollectSpec, collect
+    from prismoe_store.data.models import load_model
 
     tokenizer = train_tokenizer(corpus_lines(50), kind="wordlevel", vocab_size=80)
     config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,

@@ -39,3 +39,27 @@ def test_help(path, cmd):
     undocumented = [p.name for p in cmd.params
                     if isinstance(p, click.Option) and not (p.help or "").strip()]
     assert not undocumented, f"options without help in {' '.join(path) or 'prismoe'}: {undocumented}"
+
+
+SHARED = {  # option -> (destination, flag, default) wherever a command has it (cli/options.py, cli/progress.py)
+    "--json": ("as_json", True, False),
+    "--quiet": ("quiet", True, False),
+    "--overwrite": ("overwrite", True, False),
+    "--device": ("device", False, "cpu"),
+}
+
+
+def test_shared_options_mean_the_same_in_every_command():
+    """An option that several commands take is defined alike in all of them (same destination, kind and
+    default), so scripts can pass it the same way everywhere."""
+    seen = {name: 0 for name in SHARED}
+    for path, cmd in COMMANDS:
+        for p in cmd.params:
+            if not isinstance(p, click.Option):
+                continue
+            for name in set(p.opts) & set(SHARED):
+                dest, flag, default = SHARED[name]
+                got = p.default is True if p.is_flag else p.default  # click 8.3 leaves a flag's default UNSET (off)
+                assert (p.name, p.is_flag, got) == (dest, flag, default), (" ".join(path), name)
+                seen[name] += 1
+    assert all(n >= 3 for n in seen.values()), seen  # each is shared by several commands

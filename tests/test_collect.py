@@ -20,7 +20,8 @@ from tiny_models import (
 from cli.main import main
 from cli.messages import error_line
 from prismoe_store import errors
-from prismoe_store.data.collect import CollectSpec, collect, load_model
+from prismoe_store.data.collect import CollectSpec, collect
+from prismoe_store.data.models import load_model
 from prismoe_store.errors import CorruptStoreError, DataError
 from prismoe_store.stores.pairs import PairsStore
 

@@ -1,5 +1,5 @@
-"""Gate training on frozen tiles (prismoe_store.gates.training), routing statistics and the quality report
-(prismoe_store.gates.report).
+"""Gate training on frozen tiles (prismoe_store.gates: tiles, gate, heldout, training), routing statistics
+and the quality report (prismoe_store.gates.report).
 
 References: float64 numpy products and statistics recomputed from the stores' bytes, the fit's
 own held-out metrics, numpy.linalg.lstsq, and an uninterrupted run for resume.
@@ -17,16 +17,19 @@ import torch
 from click.testing import CliRunner
 
 from cli.main import main
-from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.data.synth import SynthSpec, load_truth, synthesize
 from prismoe_store.errors import DataError, StoreError
 from prismoe_store.fit.job import fit
+from prismoe_store.gates.gate import Gates, gated_forward, init_gates
+from prismoe_store.gates.heldout import Split, resolve_split
 from prismoe_store.gates.report import quality_report, routing_report
-from prismoe_store.gates.settings import GateSettings
-from prismoe_store.gates.training import FrozenTiles, Gates, Split, fit_gates, gated_forward, init_gates, resolve_split
-from prismoe_store.grid import plan_pipes
-from prismoe_store.stores.pairs import PairsStore, holdout_mask
 from prismoe_store.gates.routing import active_mask, k_for
-from prismoe_store.data.synth import SynthSpec, load_truth, synthesize
+from prismoe_store.gates.settings import GateSettings
+from prismoe_store.gates.tiles import FrozenTiles
+from prismoe_store.gates.training import fit_gates
+from prismoe_store.grid import plan_pipes
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.pairs import PairsStore, holdout_mask
 
 D_IN, D_OUT, WORKERS = 32, 32, 16  # pipes 1, 2: 4×4 tiles of 8×8; pipe 3: 8×2 tiles of 4×16
 
@@ -171,7 +174,7 @@ def test_training_lowers_heldout_error_where_a_good_gate_exists(gated, tmp_path)
     """Ground-truth tiles, ρ = 1/regions: the right gate reproduces z, the zero gate does not."""
     pairs, _, truth = gated
     a = _copy(truth, tmp_path / "a")
-    r = fit_gates(a, pairs, sparsity=0.25, epochs=6, init="zero")
+    r = fit_gates(a, pairs, GateSettings(sparsity=0.25, epochs=6, init="zero"))
     zero, after = r["before"]["zero"]["rel_err"], r["after"]["rel_err"]
     assert zero > 1.0  # an arbitrary quarter of the tiles is worse than nothing
     assert after < 0.6 * zero, r["history"]
@@ -188,7 +191,7 @@ def test_training_lowers_heldout_error_where_a_good_gate_exists(gated, tmp_path)
 def test_fit_then_fit_gates_on_gated_pairs_beats_the_untrained_gate(gated, tmp_path):
     pairs, fitted, _ = gated
     a = _copy(fitted, tmp_path / "a")
-    r = fit_gates(a, pairs, sparsity=0.3, epochs=6)
+    r = fit_gates(a, pairs, GateSettings(sparsity=0.3, epochs=6))
     assert r["after"]["rel_err"] < 0.9 * r["before"]["zero"]["rel_err"]
     assert r["after"]["rel_err"] <= r["before"]["init"]["rel_err"]  # never worse than the init on held-out rows
     info = AdapterStore.open(a.url).attrs()["gates"]
@@ -204,11 +207,11 @@ def test_resume_continues_from_the_last_saved_epoch(gated, tmp_path):
     pairs, fitted, _ = gated
     kw = dict(sparsity=0.3, epochs=4, patience=0, lr=2e-2)
     ref = _copy(fitted, tmp_path / "ref")
-    full = fit_gates(ref, pairs, **kw)
+    full = fit_gates(ref, pairs, GateSettings(**kw))
     assert full["epochs_run"] == 4 and full["resumed_from"] is None
 
     a = _copy(fitted, tmp_path / "a")
-    first = fit_gates(a, pairs, **{**kw, "epochs": 2})
+    first = fit_gates(a, pairs, GateSettings(**{**kw, "epochs": 2}))
     assert first["epochs_run"] == 2
     n_train = Split(0.1, 0).counts(pairs)[0]
 
@@ -217,8 +220,8 @@ def test_resume_continues_from_the_last_saved_epoch(gated, tmp_path):
             raise _Stop
 
     with pytest.raises(_Stop):
-        fit_gates(a, pairs, **kw, progress=crash)
-    resumed = fit_gates(a, pairs, **kw)
+        fit_gates(a, pairs, GateSettings(**kw), progress=crash)
+    resumed = fit_gates(a, pairs, GateSettings(**kw))
     assert resumed["resumed_from"] == 2 and resumed["epochs_run"] == 4
     assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2, 3, 4]
     for h1, h2 in zip(full["history"], resumed["history"]):
@@ -229,11 +232,12 @@ def test_resume_continues_from_the_last_saved_epoch(gated, tmp_path):
         np.testing.assert_allclose(w1, w2, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(b1, b2, rtol=1e-5, atol=1e-6)
     # a finished run is not redone; other settings need --restart
-    again = fit_gates(a, pairs, **kw)
+    again = fit_gates(a, pairs, GateSettings(**kw))
     assert again["resumed_from"] == 4 and again["epochs_run"] == 4
     with pytest.raises(DataError, match="restart"):
-        fit_gates(a, pairs, **{**kw, "sparsity": 0.5})
-    assert fit_gates(a, pairs, **{**kw, "sparsity": 0.5, "epochs": 1}, restart=True)["resumed_from"] is None
+        fit_gates(a, pairs, GateSettings(**{**kw, "sparsity": 0.5}))
+    restarted = fit_gates(a, pairs, GateSettings(**{**kw, "sparsity": 0.5, "epochs": 1}), restart=True)
+    assert restarted["resumed_from"] is None
 
 
 def test_split_comes_from_the_fit_and_bad_input_is_refused(gated, tmp_path):
@@ -247,9 +251,30 @@ def test_split_comes_from_the_fit_and_bad_input_is_refused(gated, tmp_path):
     with pytest.raises(StoreError, match="read-only"):
         fit_gates(AdapterStore.open(fitted.url), pairs)
     with pytest.raises(DataError, match="batch-size"):
-        fit_gates(_copy(fitted, tmp_path / "b"), pairs, batch_size=10**6, max_tile_bytes=1 << 20)
+        fit_gates(_copy(fitted, tmp_path / "b"), pairs, GateSettings(batch_size=10**6), max_tile_bytes=1 << 20)
     with pytest.raises(DataError):
         GateSettings(sparsity=0.0)
+
+
+def test_fit_gates_takes_one_validated_config(gated, tmp_path):
+    """fit_gates is entered through a GateSettings only; holdout/seed left None take the fit's split and are
+    stored resolved (what a resumed run and the pipeline compare)."""
+    pairs, fitted, _ = gated
+    a = _copy(fitted, tmp_path / "a")
+    with pytest.raises(DataError, match="GateSettings"):
+        fit_gates(a, pairs, {"epochs": 1})
+    with pytest.raises(TypeError):
+        fit_gates(a, pairs, GateSettings(epochs=1), "cpu")  # runtime options are keyword-only
+    for bad in (dict(holdout=1.0), dict(holdout=0.0), dict(seed=-1), dict(epochs=True), dict(batch_size=0),
+                dict(lr=float("nan")), dict(init="random"), dict(z_loss_coef=-1.0)):
+        with pytest.raises(DataError):
+            GateSettings(**bad)
+    r = fit_gates(a, pairs, GateSettings(sparsity=0.5, epochs=1))
+    fit_split = fitted.attrs()["fit"]["settings"]
+    stored = AdapterStore.open(a.url).attrs()["gates"]
+    assert (stored["settings"]["holdout"], stored["settings"]["seed"]) == (fit_split["holdout"], fit_split["seed"])
+    assert stored["split"]["source"] == "fit" and r["split"] == stored["split"]
+    assert fit_gates(a, pairs, GateSettings(sparsity=0.5, epochs=1))["resumed_from"] == 1  # the same settings
 
 
 # -- statistics and the quality report --------------------------------------------------------
@@ -368,7 +393,7 @@ def test_cli_errors_are_one_line(gated, tmp_path):
 def test_cuda_training_matches_cpu(gated, tmp_path):
     pairs, fitted, _ = gated
     kw = dict(sparsity=0.3, epochs=2, patience=0)
-    cpu = fit_gates(_copy(fitted, tmp_path / "cpu"), pairs, **kw)
-    gpu = fit_gates(_copy(fitted, tmp_path / "gpu"), pairs, device="cuda", **kw)
+    cpu = fit_gates(_copy(fitted, tmp_path / "cpu"), pairs, GateSettings(**kw))
+    gpu = fit_gates(_copy(fitted, tmp_path / "gpu"), pairs, GateSettings(**kw), device="cuda")
     for h1, h2 in zip(cpu["history"], gpu["history"]):
         assert h1["rel_err"] == pytest.approx(h2["rel_err"], rel=1e-2)

@@ -524,6 +524,7 @@ def test_inspect_adapter_store(fitted, tmp_path):
     import shutil
 
     from prismoe_store.stores.adapter import AdapterStore
+    from prismoe_store.gates.settings import GateSettings
     from prismoe_store.gates.training import fit_gates
     from prismoe_store.runtime.quant import quantize_adapter
 
@@ -543,7 +544,7 @@ def test_inspect_adapter_store(fitted, tmp_path):
                  "gates: none", "1 padding-only", "fitted on", "tile norms"):
         assert want in text, want
 
-    fit_gates(adapter, pairs, sparsity=0.5, epochs=1)
+    fit_gates(adapter, pairs, GateSettings(sparsity=0.5, epochs=1))
     quantize_adapter(adapter)
     rep = inspect_store(url)
     assert rep.gates["settings"]["sparsity"] == 0.5 and rep.int8["complete"]
@@ -601,12 +602,13 @@ def test_cli_inspect_pairs(tmp_path):
 
 def test_cli_inspect_adapter_and_routing(fitted):
     from prismoe_store.gates.report import routing_report
+    from prismoe_store.gates.settings import GateSettings
     from prismoe_store.gates.training import fit_gates
 
     root, pairs, adapter = fitted
     url, purl = root / "a.zarr", root / "p.zarr"
     if adapter.read_gate(0) is None:
-        fit_gates(adapter, pairs, sparsity=0.5, epochs=1)
+        fit_gates(adapter, pairs, GateSettings(sparsity=0.5, epochs=1))
     r = _run("inspect", url, "-q", "--plot", root / "plots")
     assert r.exit_code == 0, r.output
     assert "pipe 3: 4×1 grid" in r.output and r.output.count("wrote ") == 3

@@ -31,6 +31,7 @@ from prismoe_store.errors import (
 )
 from prismoe_store.data.extract import extract
 from prismoe_store.fit.job import fit
+from prismoe_store.gates.settings import GateSettings
 from prismoe_store.gates.training import fit_gates
 from prismoe_store.head.build import HeadConfig, build_head
 from prismoe_store.stores.pairs import PairsStore, open_rows
@@ -111,7 +112,7 @@ def made(tmp_path_factory):
     pairs = synthesize(str(d / "pairs"), SynthSpec(rows=400, d_in=D_IN, d_out=D_OUT, kind="gated", workers=4),
                        rows_per_chunk=100)
     adapter = fit(pairs, str(d / "adapter"), workers=4, scheduler="synchronous")
-    fit_gates(adapter, pairs, sparsity=0.5, epochs=2)
+    fit_gates(adapter, pairs, GateSettings(sparsity=0.5, epochs=2))
     quantize_adapter(adapter)
     w = safetensors(d / "w.safetensors")
     extract(d / "w.safetensors", d / "weights", workers=8)
@@ -333,13 +334,14 @@ def test_a_failed_restart_leaves_no_training_state_to_resume(tmp_path, made):
             raise FitError("diverged")
 
     with pytest.raises(FitError):
-        fit_gates(str(a), p, epochs=3, restart=True, progress=fail_in_training)
+        fit_gates(str(a), p, GateSettings(epochs=3), restart=True, progress=fail_in_training)
     assert calls["n"] > 2
     assert "_gates_training" not in AdapterStore.open(a).group
     for q in range(3):
         for old, new in zip(before[q], AdapterStore.open(a).read_gate(q)):
             np.testing.assert_array_equal(old, new)
-    assert fit_gates(str(a), p, epochs=1)["resumed_from"] is None  # a fresh run, not the failed one's state
+    fresh = fit_gates(str(a), p, GateSettings(epochs=1))
+    assert fresh["resumed_from"] is None  # a fresh run, not the failed one's state
 
 
 def test_a_second_writer_fails_clearly(tmp_path):
@@ -468,11 +470,12 @@ def _consumers(kind: str, array: str, d: Path, made) -> dict:
         if kind == "adapter fp32":
             out["quantize"] = lambda: ([shutil.rmtree(d / "adapter" / f"pipe{q}" / "tiles_int8") for q in (1, 2, 3)],
                                        quantize_adapter(a()))
-            out["fit-gates"] = lambda: fit_gates(a(), str(made["dir"] / "pairs"), epochs=1, restart=True)
+            out["fit-gates"] = lambda: fit_gates(a(), str(made["dir"] / "pairs"), GateSettings(epochs=1), restart=True)
         return out
     if kind == "pairs":
         out = {"fit": lambda: fit(str(d / "pairs"), str(d / "a2"), workers=4, scheduler="synchronous"),
-               "fit-gates": lambda: fit_gates(str(copy(made, "adapter", d)), str(d / "pairs"), epochs=1, restart=True)}
+               "fit-gates": lambda: fit_gates(str(copy(made, "adapter", d)), str(d / "pairs"), GateSettings(epochs=1),
+                                              restart=True)}
         if array == "x":  # infer reads a pairs store's x only
             out["infer input"] = lambda: open_rows(str(d / "pairs"))[0](0, 400)
         return out

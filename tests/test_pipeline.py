@@ -11,16 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tiny_models import corpus_lines, save_llama, write_texts
 
 from cli.main import main
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.data.collect import CollectSpec
-from prismoe_store.errors import DataError, StoreError
-from prismoe_store.stores.pairs import PairsStore
-from prismoe_store.head.demo import HeadDemoConfig, HeadSample
-from prismoe_store.pipeline import TrainConfig, default_pairs_path, demo, format_demo, format_train, train
 from prismoe_store.data.synth import SynthSpec, synthesize
-from tiny_models import corpus_lines, save_llama, write_texts
+from prismoe_store.demo import demo, format_demo
+from prismoe_store.errors import DataError, StoreError
+from prismoe_store.head.demo import HeadDemoConfig, HeadSample
+from prismoe_store.pipeline import TrainConfig, default_pairs_path, format_train, train
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.pairs import PairsStore
 
 pytest.importorskip("transformers")
 
@@ -131,12 +132,12 @@ def test_refuses_what_it_cannot_resume(synth_pairs, tmp_path):
 
 
 def test_sample_pairs_are_regenerated_when_missing(tmp_path, monkeypatch):
-    import prismoe_store.pipeline as pipeline
+    import prismoe_store.demo as pipeline_demo
 
-    url, how = pipeline.sample_pairs(tmp_path)
+    url, how = pipeline_demo.sample_pairs(tmp_path)
     assert how.startswith("committed") and PairsStore.open(url).rows == 3072
-    monkeypatch.setattr(pipeline, "SAMPLE_DIR", tmp_path / "nowhere")
-    url2, how2 = pipeline.sample_pairs(tmp_path)
+    monkeypatch.setattr(pipeline_demo, "SAMPLE_DIR", tmp_path / "nowhere")
+    url2, how2 = pipeline_demo.sample_pairs(tmp_path)
     assert how2.startswith("regenerated") and url2 != url
     a, b = PairsStore.open(url), PairsStore.open(url2)
     assert a.rows == b.rows and a.rows_per_chunk == b.rows_per_chunk

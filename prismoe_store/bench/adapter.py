@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import DataError, IncompleteStoreError
-from prismoe_store.gates.training import resolve_split
+from prismoe_store.gates.heldout import resolve_split
 from prismoe_store.grid import GridSpec
 from prismoe_store.stores.pairs import PairsStore
 from prismoe_store.plots import figure

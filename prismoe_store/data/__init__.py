@@ -14,12 +14,14 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
         "extract": ["extract", "tile"],
-        "collect": ["collect", "CollectSpec", "load_model"],
+        "collect": ["collect", "CollectSpec"],
+        "models": ["load_model"],
         "synth": ["synthesize", "SynthSpec", "load_truth"],
     },
 )
 
 if TYPE_CHECKING:  # the same names, for type checkers
+    from prismoe_store.data.collect import CollectSpec, collect
     from prismoe_store.data.extract import extract, tile
-    from prismoe_store.data.collect import CollectSpec, collect, load_model
+    from prismoe_store.data.models import load_model
     from prismoe_store.data.synth import SynthSpec, load_truth, synthesize

@@ -159,6 +159,31 @@ def tile(
                 block_bytes=block_bytes)
 
 
+def format_extract(store: WeightsStore, names: Sequence[str]) -> str:
+    """What ``prismoe extract`` / ``prismoe tile`` print about the tensors ``names`` of ``store``: each
+    one's source tensor, shape, dtypes and grid, the rule that chose it, its bias; then the store.
+
+    >>> import tempfile, os, numpy as np
+    >>> d = tempfile.mkdtemp(); np.save(os.path.join(d, "w.npy"), np.ones((4, 8), np.float32))
+    >>> print(format_extract(tile(os.path.join(d, "w.npy"), "memory://doc-fmt-extract", workers=4,
+    ...                           overwrite=True), ["w"]).splitlines()[0])
+    w: w [4×8, float32] -> float32, 2×2 grid of 2×4 tiles (8→4, padded 8→4)
+    """
+    lines = []
+    for name in names:
+        info = store.info(name)
+        shape = "×".join(str(d) for d in info["source_shape"])
+        lines.append(f"{name}: {info['source_tensor']} [{shape}, {info['source_dtype']}] -> {info['dtype']}, "
+                     f"{store.grid(name)}")
+        found = info.get("source_resolution")
+        if found:
+            lines.append(f"  chosen by {found['rule']}: {found['why']}")
+        if info.get("source_bias"):
+            lines.append(f"  bias {info['source_bias']} stored with it")
+    lines.append(f"wrote {store.url}")
+    return "\n".join(lines)
+
+
 def _plan(src: Source, found: Resolution, name: str, workers: int, dtype: Dtype) -> _Job:
     if dtype not in ("float32", "float16", "source"):
         raise StoreError(f"dtype must be float32, float16 or source, got {dtype!r}")

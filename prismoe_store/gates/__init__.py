@@ -13,7 +13,9 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "training": ["fit_gates", "Gates", "FrozenTiles"],
+        "training": ["fit_gates"],
+        "gate": ["Gates"],
+        "tiles": ["FrozenTiles"],
         "settings": ["GateSettings"],
         "routing": ["Routing", "route", "k_for"],
         "report": ["routing_report", "quality_report"],
@@ -21,7 +23,9 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
 )
 
 if TYPE_CHECKING:  # the same names, for type checkers
-    from prismoe_store.gates.training import FrozenTiles, Gates, fit_gates
-    from prismoe_store.gates.settings import GateSettings
-    from prismoe_store.gates.routing import Routing, k_for, route
+    from prismoe_store.gates.gate import Gates
     from prismoe_store.gates.report import quality_report, routing_report
+    from prismoe_store.gates.routing import Routing, k_for, route
+    from prismoe_store.gates.settings import GateSettings
+    from prismoe_store.gates.tiles import FrozenTiles
+    from prismoe_store.gates.training import fit_gates

@@ -1,7 +1,7 @@
 """Reports on an adapter's gates: routing statistics, the quality table, the gate benchmark, plots.
 
-Built on :mod:`prismoe_store.gates.training` (frozen tiles, gates, the held-out split, training); that
-module does not import this one.
+Built on :mod:`~prismoe_store.gates.tiles`, :mod:`~prismoe_store.gates.gate`,
+:mod:`~prismoe_store.gates.heldout` and :mod:`~prismoe_store.gates.training`; none of them imports this one.
 
 - :func:`routing_stats`: per-pipe statistics of a gate over batches of tokens (utilization per
   worker, balance loss, gate entropy, energy share of the selected tiles);
@@ -10,12 +10,14 @@ module does not import this one.
 - :func:`quality_report`: held-out relative error and R² of the zero, initialised and trained
   gates at each sparsity, beside the ``dense`` and ``lstsq`` baselines;
 - :func:`benchmark_gates`: the quality table with one gate trained per sparsity (in memory);
+- :func:`format_routing`, :func:`format_quality`, :func:`format_benchmark_gates`: their text;
 - :func:`plot_routing`, :func:`plot_quality`: PNGs (matplotlib, imported lazily).
 
 See ``docs/gates.md`` for what the numbers mean.
 
 >>> import torch
->>> from prismoe_store.gates.training import FrozenTiles, Gates
+>>> from prismoe_store.gates.gate import Gates
+>>> from prismoe_store.gates.tiles import FrozenTiles
 >>> from prismoe_store.grid import plan_grid
 >>> g = plan_grid(8, 8, 4)
 >>> t = FrozenTiles([torch.randn(*g.padded_shape)], [g], [1.0], "joint")
@@ -27,20 +29,35 @@ See ``docs/gates.md`` for what the numbers mean.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from prismoe_store.gates.settings import DEFAULT_MAX_TILE_BYTES, SPARSITIES, GateSettings
-from prismoe_store.gates.training import (FrozenTiles, Gates, Progress, Split, _check_batch, _device, _heldout_batches, _open, _Run,
-                    _sample_train, gated_forward, heldout_metrics, init_gates, resolve_split)
-from prismoe_store.grid import GridSpec
-from prismoe_store.stores.pairs import PairsStore
-from prismoe_store.plots import figure
+from prismoe_store.errors import DataError
+from prismoe_store.gates.gate import Gates, gated_forward, init_gates
+from prismoe_store.gates.heldout import (
+    Progress,
+    Split,
+    heldout_batches,
+    heldout_metrics,
+    open_stores,
+    resolve_split,
+    sample_training_rows,
+)
 from prismoe_store.gates.routing import Routing, active_mask, k_for, route
+from prismoe_store.gates.settings import (
+    DEFAULT_MAX_TILE_BYTES,
+    SPARSITIES,
+    GateSettings,
+)
+from prismoe_store.gates.tiles import FrozenTiles, torch_device
+from prismoe_store.gates.training import GateRun
+from prismoe_store.grid import GridSpec
+from prismoe_store.plots import figure
+from prismoe_store.stores.pairs import PairsStore
 
 LSTSQ_MAX_BYTES = 256 << 20  # largest float64 training set the dense lstsq baseline loads
 _HIST_BINS = 20  # bins of the per-token histograms (normalized entropy, energy share)
@@ -162,16 +179,16 @@ def routing_report(adapter, pairs, *, sparsity: float | None = None, temperature
     >>> rep["pipes"][0]["utilization"]
     [[0.0, 0.0], [1.0, 1.0]]
     """
-    adapter, pairs = _open(adapter, pairs)
+    adapter, pairs = open_stores(adapter, pairs)
     settings = (adapter.attrs().get("gates") or {}).get("settings") or {}
     sparsity = float(settings.get("sparsity", 0.3)) if sparsity is None else float(sparsity)
     temperature = float(settings.get("temperature", 1.0)) if temperature is None else float(temperature)
     split = resolve_split(adapter, holdout, seed)
-    dev = _device(device)
+    dev = torch_device(device)
     tiles = FrozenTiles.load(adapter, device=dev, max_bytes=max_tile_bytes)
     gates = Gates.from_store(adapter).to(dev)
     total = split.counts(pairs)[1] if max_rows is None else max_rows
-    batches = (x for x, _ in _heldout_batches(pairs, split, dev, max_rows=max_rows, batch=1024))
+    batches = (x for x, _ in heldout_batches(pairs, split, dev, max_rows=max_rows, batch=1024))
     pipes = routing_stats(tiles, gates, batches, sparsity=sparsity, temperature=temperature,
                           progress=progress, total=total)
     out = {"adapter": adapter.url, "pairs": pairs.url, "mode": tiles.mode, "sparsity": sparsity,
@@ -228,16 +245,16 @@ def quality_report(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES, 
     >>> q["rows"][0]["gate"], q["rows"][0]["rel_err"] < 1e-5, q["baselines"]["dense"]["rel_err"] < 1e-5
     ('zero', True, True)
     """
-    adapter, pairs = _open(adapter, pairs)
+    adapter, pairs = open_stores(adapter, pairs)
     info = adapter.attrs().get("gates") or {}
     settings = info.get("settings") or {}
     temperature = float(settings.get("temperature", 1.0)) if temperature is None else float(temperature)
     split = resolve_split(adapter, holdout, seed)
-    dev = _device(device)
+    dev = torch_device(device)
     tiles = _tiles or FrozenTiles.load(adapter, device=dev, max_bytes=max_tile_bytes)
     if gates is None:
         gates = {"zero": Gates.zeros(tiles.grids, tiles.d_in)}
-        xs, zs = _sample_train(pairs, split, int(settings.get("init_rows", GateSettings.init_rows)),
+        xs, zs = sample_training_rows(pairs, split, int(settings.get("init_rows", GateSettings.init_rows)),
                                int(settings.get("seed", split.seed)))
         kind = settings.get("init", GateSettings.init)
         gates["init"] = init_gates(tiles, torch.from_numpy(xs).to(dev), torch.from_numpy(zs).to(dev),
@@ -265,16 +282,17 @@ def quality_report(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES, 
             "heldout_rows": m["dense@None"]["rows"], "split": asdict(split), "rows": rows, "baselines": base}
 
 
-def benchmark_gates(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES, epochs: int = GateSettings.epochs,
-                    lr: float = GateSettings.lr, batch_size: int = GateSettings.batch_size,
-                    balance_coef: float = GateSettings.balance_coef, z_loss_coef: float = GateSettings.z_loss_coef,
-                    temperature: float = GateSettings.temperature, patience: int = GateSettings.patience, holdout: float | None = None,
-                    seed: int | None = None, device="cpu", max_tile_bytes: int = DEFAULT_MAX_TILE_BYTES,
-                    max_eval_rows: int | None = None, progress: Progress | None = None) -> dict:
+def benchmark_gates(adapter, pairs, config: GateSettings = GateSettings(), *,  # noqa: B008 (frozen)
+                    sparsities: Sequence[float] = SPARSITIES, device="cpu",
+                    max_tile_bytes: int = DEFAULT_MAX_TILE_BYTES, max_eval_rows: int | None = None,
+                    progress: Progress | None = None) -> dict:
     """The quality table with one gate trained per sparsity (in memory; the store is not changed).
 
-    For each ρ: the zero gate, the init (``gain``), and a gate trained from that init at that ρ
-    (``trained``); plus the ``dense`` and ``lstsq`` baselines of :func:`quality_report`.
+    For each ρ in ``sparsities``: the zero gate, the init (``config.init``), and a gate trained
+    from that init at that ρ (``trained``) with ``config``'s other settings (its ``sparsity`` is
+    not used; ``holdout``/``seed`` ``None``: the adapter fit's split); plus the ``dense`` and
+    ``lstsq`` baselines of :func:`quality_report`. The other options are those of
+    :func:`~prismoe_store.gates.training.fit_gates`.
 
     >>> import numpy as np
     >>> from prismoe_store.fit.job import fit
@@ -283,18 +301,19 @@ def benchmark_gates(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES,
     >>> p = PairsStore.create("memory://doc-gates-b-p", d_in=8, d_out=4, overwrite=True)
     >>> _ = p.append(x, x @ rng.normal(size=(8, 4)).astype(np.float32))
     >>> a = fit(p, "memory://doc-gates-b-a", workers=4, scheduler="synchronous", overwrite=True)
-    >>> sorted(r["gate"] for r in benchmark_gates(a, p, sparsities=[0.5], epochs=1)["rows"])
+    >>> sorted(r["gate"] for r in benchmark_gates(a, p, GateSettings(epochs=1), sparsities=[0.5])["rows"])
     ['init', 'trained', 'zero']
     """
-    adapter, pairs = _open(adapter, pairs)
-    split = resolve_split(adapter, holdout, seed)
-    dev = _device(device)
+    adapter, pairs = open_stores(adapter, pairs)
+    if not isinstance(config, GateSettings):
+        raise DataError(f"config must be a GateSettings, got {type(config).__name__}")
+    split = resolve_split(adapter, config.holdout, config.seed)
+    dev = torch_device(device)
     tiles = FrozenTiles.load(adapter, device=dev, max_bytes=max_tile_bytes)
-    base = GateSettings(temperature=temperature, epochs=epochs, lr=lr, batch_size=batch_size,
-                        balance_coef=balance_coef, z_loss_coef=z_loss_coef, patience=patience,
-                        holdout=split.holdout, seed=split.seed)
-    _check_batch(tiles, batch_size, max_tile_bytes)
-    xs, zs = _sample_train(pairs, split, base.init_rows, base.seed)
+    base = replace(config, holdout=split.holdout, seed=split.seed)
+    epochs, temperature = base.epochs, base.temperature
+    tiles.check_batch(base.batch_size, max_tile_bytes)
+    xs, zs = sample_training_rows(pairs, split, base.init_rows, base.seed)
     init = init_gates(tiles, torch.from_numpy(xs).to(dev), torch.from_numpy(zs).to(dev), kind=base.init,
                       scale=base.init_scale)
     z_scale = float(np.mean(np.square(zs, dtype=np.float64))) or 1.0
@@ -304,7 +323,7 @@ def benchmark_gates(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES,
     for i, rho in enumerate(sparsities):
         s = GateSettings(**{**asdict(base), "sparsity": float(rho)})
         gates = Gates([w for w in init.weights], [b for b in init.biases], mean=init.mean, scale=init.scale).to(dev)
-        run = _Run(tiles, pairs, split, s, gates=gates, z_scale=z_scale, max_eval_rows=max_eval_rows)
+        run = GateRun(tiles, pairs, split, s, gates=gates, z_scale=z_scale, max_eval_rows=max_eval_rows)
         run.record(None)
         offset = i * epochs * n_train
         run.train((lambda d, t, o=offset: progress(o + d, total)) if progress else None)
@@ -320,6 +339,64 @@ def benchmark_gates(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES,
     q["training"] = {str(r): v for r, v in runs.items()}
     q["settings"] = {k: v for k, v in asdict(base).items() if k != "sparsity"}
     return q
+
+
+# -- text ------------------------------------------------------------------------------------
+
+
+def format_routing(report: dict) -> str:
+    """Text rendering of :func:`routing_report` (statistics, then quality): what ``prismoe routing`` prints."""
+    lines = [f"routing of {report['adapter']} on {report['pipes'][0]['rows']} held-out rows of {report['pairs']} "
+             f"(ρ = {report['sparsity']}, temperature {report['temperature']}, {report['mode']} tiles)"]
+    head = f"{'pipe':<6}{'grid':>9}{'K/n':>9}{'util CV':>9}{'dead':>6}{'balance':>9}{'H tok':>8}{'H util':>8}{'energy':>8}"
+    lines += [head]
+    for p, s in enumerate(report["pipes"]):
+        lines.append(f"{p + 1:<6}{'{}×{}'.format(*s['grid']):>9}{'{}/{}'.format(s['k'], s['active']):>9}"
+                     f"{s['utilization_cv']:>9.3f}{s['dead_workers']:>6}{s['balance_loss']:>9.3f}"
+                     f"{s['token_entropy_norm']:>8.3f}{s['utilization_entropy_norm']:>8.3f}{s['energy_share']:>8.3f}")
+    lines.append("util CV: coefficient of variation of per-worker utilization; balance: W·Σf·P/K (1 = even); "
+                 "H tok / H util: per-token gate entropy and utilization entropy, ÷ ln n; energy: share of "
+                 "Σ‖T x‖² in the selected tiles")
+    if "quality" in report:
+        lines += ["", format_quality(report["quality"])]
+    return "\n".join(lines)
+
+
+def format_quality(q: dict) -> str:
+    """Text table of :func:`quality_report` (or :func:`benchmark_gates`): relative error (R²) per gate and ρ.
+
+    >>> rep = {"heldout_rows": 10, "rows": [{"gate": "zero", "sparsity": 0.5, "rel_err": 0.5, "r2": 0.75}],
+    ...        "baselines": {"lstsq": {"what": "skipped"}}}
+    >>> print(format_quality(rep))
+    held-out quality on 10 rows: relative error (R²)
+    gate                   ρ = 0.5
+    zero           0.5000 (0.7500)
+    lstsq                        —   skipped
+    """
+    rhos = sorted({r["sparsity"] for r in q["rows"]})
+    gates = list(dict.fromkeys(r["gate"] for r in q["rows"]))
+    cell = {(r["gate"], r["sparsity"]): r for r in q["rows"]}
+    lines = [f"held-out quality on {q['heldout_rows']} rows: relative error (R²)"
+             + (f"; stored gate trained at ρ = {q['trained_sparsity']}" if q.get("trained_sparsity") else ""),
+             f"{'gate':<10}" + "".join(f"{'ρ = ' + format(r, 'g'):>20}" for r in rhos)]
+    for g in gates:
+        lines.append(f"{g:<10}" + "".join(f"{_pair(cell[(g, r)]):>20}" for r in rhos))
+    for name, b in q["baselines"].items():
+        lines.append(f"{name:<10}{_pair(b) if 'rel_err' in b else '—':>20}   {b['what']}")
+    return "\n".join(lines)
+
+
+def _pair(m: dict) -> str:
+    r2 = m["r2"]
+    return f"{m['rel_err']:.4f} ({'nan' if math.isnan(r2) else format(r2, '.4f')})"
+
+
+def format_benchmark_gates(q: dict) -> str:
+    """Text of :func:`benchmark_gates`: the quality table, then each ρ's training run."""
+    lines = [format_quality(q)]
+    lines += [f"ρ = {rho}: trained {t['epochs_run']} epochs, best epoch {t['best_epoch']}"
+              for rho, t in q["training"].items()]
+    return "\n".join(lines)
 
 
 # -- plots -------------------------------------------------------------------------------------

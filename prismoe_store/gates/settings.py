@@ -16,15 +16,74 @@ SPARSITIES = (0.1, 0.3, 0.5, 1.0)  # the quality report's sparsities
 INITS = ("gain", "energy", "zero")  # gate initialisations (see docs/gates.md)
 
 
+# -- validation of single fields ----------------------------------------------------------------
+
+
+def parse_fraction(name: str, value, *, low_open: bool = True, high_open: bool = False) -> float:
+    """``value`` as a share in ``(0, 1]`` (the ends open or closed as asked); else :class:`DataError`.
+
+    >>> parse_fraction("sparsity", 1), parse_fraction("holdout", 0.1, high_open=True)
+    (1.0, 0.1)
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (0 < value if low_open else 0 <= value) and (value < 1 if high_open else value <= 1)
+    if not ok:
+        span = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise DataError(f"{name} must be in {span}, got {value!r}")
+    return float(value)
+
+
+def parse_positive(name: str, value, *, zero: bool = False) -> float:
+    """``value`` as a finite number ``> 0`` (``>= 0`` with ``zero``); else :class:`DataError`.
+
+    >>> parse_positive("lr", 0.01), parse_positive("z_loss_coef", 0, zero=True)
+    (0.01, 0.0)
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and (value >= 0 if zero else value > 0)):
+        raise DataError(f"{name} must be a {'non-negative' if zero else 'positive'} number, got {value!r}")
+    return float(value)
+
+
+def parse_count(name: str, value, *, minimum: int = 0) -> int:
+    """``value`` as an integer ``>= minimum`` (not a bool); else :class:`DataError`.
+
+    >>> parse_count("epochs", 0), parse_count("batch_size", 8, minimum=1)
+    (0, 8)
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "non-negative" if minimum == 0 else "positive" if minimum == 1 else f">= {minimum}"
+        raise DataError(f"{name} must be a {kind} integer, got {value!r}")
+    return value
+
+
+def parse_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    """``value`` when it is one of ``choices``; else :class:`DataError`.
+
+    >>> parse_choice("init", "gain", INITS)
+    'gain'
+    """
+    if value not in choices:
+        raise DataError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
 # -- settings ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class GateSettings:
-    """Gate-training settings (stored in the adapter's ``gates`` attribute).
+    """Gate-training settings: the config of :func:`prismoe_store.gates.training.fit_gates` (stored,
+    with the split resolved, in the adapter's ``gates`` attribute). Validated on construction
+    (:class:`~prismoe_store.errors.DataError`).
 
     >>> GateSettings(sparsity=0.5).k(16)
     8
+    >>> GateSettings(lr=0)
+    Traceback (most recent call last):
+    ...
+    prismoe_store.errors.DataError: lr must be a positive number, got 0
     """
 
     sparsity: float = 0.3  # ρ: share of the active workers each token uses (K = round(ρ·n))
@@ -37,33 +96,25 @@ class GateSettings:
     init: str = "gain"  # gate initialisation: "gain" or "energy" (regressions of per-tile quantities), "zero"
     init_rows: int = 4096  # training rows sampled for the init, the input scaling and the loss scale
     init_scale: float = 0.01  # standard deviation of the initial scores: small, so the weights start ≈ 1
-    patience: int = 5  # epochs without held-out improvement before early stopping
-    holdout: float = 0.1  # share of rows held out (the fit's seeded split)
-    seed: int = 0  # seed of the held-out split, the init sample and the minibatch order
+    patience: int = 5  # epochs without held-out improvement before early stopping (0: never stop early)
+    holdout: float | None = None  # share of rows held out; None: the adapter fit's split (else 0.1)
+    seed: int | None = None  # seed of the held-out split, the init sample and the minibatch order; None: the fit's
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.sparsity, (int, float)) and 0.0 < self.sparsity <= 1.0):
-            raise DataError(f"sparsity must be in (0, 1], got {self.sparsity!r}")
+        parse_fraction("sparsity", self.sparsity)
         for name in ("temperature", "lr", "init_scale"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise DataError(f"{name} must be a positive number, got {v!r}")
+            parse_positive(name, getattr(self, name))
         for name in ("balance_coef", "z_loss_coef"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise DataError(f"{name} must be a non-negative number, got {v!r}")
-        for name in ("epochs", "patience", "seed"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise DataError(f"{name} must be a non-negative integer, got {v!r}")
+            parse_positive(name, getattr(self, name), zero=True)
+        for name in ("epochs", "patience"):
+            parse_count(name, getattr(self, name))
         for name in ("batch_size", "init_rows"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise DataError(f"{name} must be a positive integer, got {v!r}")
-        if self.init not in INITS:
-            raise DataError(f"init must be one of {INITS}, got {self.init!r}")
-        if not 0.0 < self.holdout < 1.0:
+            parse_count(name, getattr(self, name), minimum=1)
+        parse_choice("init", self.init, INITS)
+        if self.holdout is not None and not (isinstance(self.holdout, (int, float)) and 0.0 < self.holdout < 1.0):
             raise DataError(f"holdout must be in (0, 1): gates stop early on held-out rows, got {self.holdout}")
+        if self.seed is not None:
+            parse_count("seed", self.seed)
 
     def k(self, n_active: int) -> int:
         """``K`` for a pipe with ``n_active`` non-padding workers."""

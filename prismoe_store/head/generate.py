@@ -142,8 +142,8 @@ class Generation:
 
 def load_causal_lm(model):
     """``(model, tokenizer)`` of a causal LM — a transformers folder, a ``.gguf`` or a folder holding
-    one — loaded offline in eval mode (see :func:`prismoe_store.data.collect.load_model`)."""
-    from prismoe_store.data.collect import load_model
+    one — loaded offline in eval mode (see :func:`prismoe_store.data.models.load_model`)."""
+    from prismoe_store.data.models import load_model
 
     lm = load_model(model)
     return lm.model, lm.tokenizer
@@ -166,7 +166,7 @@ def generate_all(adapter, model, prompts: list[str], *, max_new_tokens: int = 20
     band pool). Raises :class:`ModelError` for a model that cannot be loaded, :class:`DataError`
     when the widths do not match.
     """
-    from prismoe_store.data.collect import load_model
+    from prismoe_store.data.models import load_model
 
     head = PrisMoEHead.from_adapter(adapter, **runtime_options)  # a bad adapter fails before the model loads
     lm = load_model(model, device=runtime_options.get("device", "cpu"))

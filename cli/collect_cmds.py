@@ -9,7 +9,7 @@ import click
 from cli.output import echo_json, output_store
 from cli.progress import bar, quiet_option
 from prismoe_store.data.collect import DTYPES, NONFINITE, POOLS, TARGETS, CollectSpec, benchmark_collect, collect
-from prismoe_store.stores.base import StoreOptions
+from prismoe_store.stores.formats import StoreOptions
 
 
 def _spec_options(f):

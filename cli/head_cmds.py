@@ -62,7 +62,7 @@ def head_cmd(source, output, tensor, bands, band_rows, order, iterations, hidden
     the bands not yet written.
     """
     from prismoe_store.head.build import HeadConfig, build_head
-    from prismoe_store.stores.base import StoreOptions
+    from prismoe_store.stores.formats import StoreOptions
     from prismoe_store.head.vocab_order import OrderConfig
 
     config = HeadConfig(tensor=tensor, bands=bands, band_rows=band_rows, int8=int8,

@@ -45,7 +45,7 @@ from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.data.collect import CollectSpec
 from prismoe_store.errors import DataError, StoreError, StoreFormatError
 from prismoe_store.stores.pairs import PairsStore
-from prismoe_store.stores.base import StoreOptions
+from prismoe_store.stores.formats import StoreOptions
 
 ProgressFn = Callable[[int, int], None]
 StageProgress = Callable[[str], ContextManager[ProgressFn | None]]  # stage name -> context yielding (done, total)

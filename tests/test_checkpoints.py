@@ -33,7 +33,7 @@ from prismoe_store.errors import (
     UnsafeCheckpointError,
 )
 from prismoe_store.data.extract import extract, open_source
-from prismoe_store.stores.base import WeightsStore
+from prismoe_store.stores.weights import WeightsStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -469,7 +469,7 @@ def test_gguf_rss_stays_flat_in_the_matrix_and_vocabulary_size(tmp_path):
     script = textwrap.dedent("""
         import sys
         from prismoe_store.data.extract import extract
-        from prismoe_store.stores.base import StoreOptions
+        from prismoe_store.stores.formats import StoreOptions
         def kb(key):  # VmHWM, not ru_maxrss: Linux carries the parent's peak into a child's ru_maxrss
             return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
         base = kb("VmRSS")

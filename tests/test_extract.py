@@ -22,7 +22,8 @@ from prismoe_store.errors import IncompleteStoreError, SourceError, StoreError, 
 from prismoe_store.data.extract import extract, open_source, tile
 from prismoe_store.sources.resolve import resolve
 from prismoe_store.sources.records import CheckpointFacts, TensorInfo
-from prismoe_store.stores.base import StoreOptions, WeightsStore
+from prismoe_store.stores.formats import StoreOptions
+from prismoe_store.stores.weights import WeightsStore
 
 REPO = Path(__file__).resolve().parents[1]
 CKPTS = ["safetensors_ckpt", "sharded_ckpt", "torch_ckpt"]
@@ -343,7 +344,7 @@ def test_rss_stays_flat_on_a_64mb_matrix(tmp_path):
     np.lib.format.open_memmap(tmp_path / "big.npy", "w+", np.float32, (rows, cols))[:] = 1.5
     script = textwrap.dedent(f"""
         from prismoe_store.data.extract import extract
-        from prismoe_store.stores.base import StoreOptions
+        from prismoe_store.stores.formats import StoreOptions
         def kb(key):  # VmHWM, not ru_maxrss: Linux carries the parent's peak into a child's ru_maxrss
             return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
         base = kb("VmRSS")

@@ -20,7 +20,8 @@ from prismoe_store.inspection.compare import compare_matrices, open_matrix, open
 from prismoe_store.inspection.common import INSPECTORS, inspect_store, store_format, tile_stats
 from prismoe_store.inspection.pairs import column_stats
 from prismoe_store.plots import tile_heatmap, visualize_tensor
-from prismoe_store.stores.base import StoreOptions, WeightsStore, create_checked
+from prismoe_store.stores.formats import StoreOptions, create_checked
+from prismoe_store.stores.weights import WeightsStore
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

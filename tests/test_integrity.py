@@ -36,13 +36,8 @@ from prismoe_store.head.build import HeadConfig, build_head
 from prismoe_store.stores.pairs import PairsStore, open_rows
 from prismoe_store.runtime.quant import quantize_adapter
 from prismoe_store.runtime.grouped import open_runtime
-from prismoe_store.stores.base import (
-    StoreOptions,
-    WeightsStore,
-    existing_kind,
-    job_lock,
-    location,
-)
+from prismoe_store.stores.formats import StoreOptions, existing_kind, job_lock, location
+from prismoe_store.stores.weights import WeightsStore
 from prismoe_store.data.synth import SynthSpec, load_truth, synthesize
 
 # -- helpers -----------------------------------------------------------------------------------

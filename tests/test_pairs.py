@@ -30,7 +30,8 @@ from prismoe_store.stores.pairs import (
     row_uniform,
     screen_nonfinite,
 )
-from prismoe_store.stores.base import StoreOptions, WeightsStore, format_attrs
+from prismoe_store.stores.formats import StoreOptions, format_attrs
+from prismoe_store.stores.weights import WeightsStore
 
 REPO = Path(__file__).resolve().parents[1]
 

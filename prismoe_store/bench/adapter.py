@@ -65,7 +65,7 @@ from prismoe_store.plots import figure
 from prismoe_store.runtime.quant import int8_ready
 from prismoe_store.gates.routing import k_for
 from prismoe_store.runtime.grouped import open_runtime
-from prismoe_store.stores.base import reading
+from prismoe_store.stores.verified import reading
 
 SPARSITIES = (0.1, 0.3, 0.5, 1.0)  # ρ values the adapter runs at
 BUDGETS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # cache budgets, shares of every tile's bytes

@@ -54,7 +54,7 @@ import numpy as np
 
 from prismoe_store.errors import CorruptStoreError, DataError, ModelError, SourceError
 from prismoe_store.stores.pairs import NONFINITE_CHOICES, PairsStore, screen_nonfinite
-from prismoe_store.stores.base import StoreOptions, store_exists
+from prismoe_store.stores.formats import StoreOptions, store_exists
 
 TARGETS = ("logits", "embeddings", "hidden", "none")
 POOLS = ("none", "last", "mean")

@@ -50,7 +50,9 @@ from prismoe_store.fit.statistics import (HOLD, PANEL, REST, SCRATCH, SUB, SUBSA
 from prismoe_store.grid import GridSpec, is_pow2, plan_pipes
 from prismoe_store.stores.pairs import PairsStore
 from prismoe_store.fit.solve import Factor, default_ridge, factor_normal, factor_qr
-from prismoe_store.stores.base import StoreOptions, create_chunked, reading, recheck
+from prismoe_store.stores.formats import StoreOptions, create_chunked
+from prismoe_store.stores.progress import recheck
+from prismoe_store.stores.verified import reading
 
 SOLVERS = ("cholesky", "qr")
 PRECISIONS = ("mixed", "float64", "float32")

@@ -51,7 +51,8 @@ from prismoe_store.gates.settings import DEFAULT_MAX_TILE_BYTES, INITS, GateSett
 from prismoe_store.grid import GridSpec
 from prismoe_store.stores.pairs import PairsStore, holdout_mask
 from prismoe_store.gates.routing import Routing, active_mask, balance_loss, route, z_loss
-from prismoe_store.stores.base import create_chunked, reading
+from prismoe_store.stores.formats import create_chunked
+from prismoe_store.stores.verified import reading
 
 Progress = Callable[[int, int], None]
 WORK_BYTES = 128 << 20  # bytes of per-tile partial products computed at a time (statistics, init)

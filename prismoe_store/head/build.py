@@ -39,7 +39,7 @@ import numpy as np
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import DataError, StoreError
 from prismoe_store.grid import default_band_rows, next_pow2
-from prismoe_store.stores.base import StoreOptions, store_exists
+from prismoe_store.stores.formats import StoreOptions, store_exists
 from prismoe_store.head.vocab_order import OrderConfig, band_sizes, cluster_order, hidden_metric, identity_order
 
 ProgressFn = Callable[[int, int], None]
@@ -178,7 +178,7 @@ def _open_source(source, tensor: str | None):
             adapter = AdapterStore.open(source, require_complete=True)
             return _AdapterMatrix(adapter), f"{source}:combined"
         if tensor is not None:  # an alias in a weights store: the one tensor named like it
-            from prismoe_store.stores.base import WeightsStore
+            from prismoe_store.stores.weights import WeightsStore
 
             names = WeightsStore.open(source).tensors()
             like = [n for n in names if n == f"{tensor}.weight" or n.endswith(f".{tensor}.weight")]
@@ -196,7 +196,7 @@ def _refuse_bias(source, tensor: str | None, opened) -> None:
     from prismoe_store.inspection.compare import is_store
 
     if is_store(source):
-        from prismoe_store.stores.base import WeightsStore
+        from prismoe_store.stores.weights import WeightsStore
 
         bias = WeightsStore.open(source).bias(opened.name)
     else:

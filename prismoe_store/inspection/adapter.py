@@ -32,7 +32,8 @@ from prismoe_store.inspection.common import (
     short_value,
     tile_stats,
 )
-from prismoe_store.stores.base import FORMAT_KEY, Progress
+from prismoe_store.stores.formats import FORMAT_KEY
+from prismoe_store.stores.progress import Progress
 
 
 @dataclass(frozen=True)

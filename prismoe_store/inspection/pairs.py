@@ -34,7 +34,8 @@ from prismoe_store.inspection.common import (
     pick_name,
     short_value,
 )
-from prismoe_store.stores.base import FORMAT_KEY, reading
+from prismoe_store.stores.formats import FORMAT_KEY
+from prismoe_store.stores.verified import reading
 
 
 # -- per-column statistics -------------------------------------------------------------------

@@ -17,13 +17,18 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "base": ["StoreOptions", "WeightsStore", "TensorWriter", "Progress", "job_lock", "store_exists", "recheck"],
+        "formats": ["StoreOptions", "job_lock", "store_exists"],
+        "progress": ["Progress", "recheck"],
+        "weights": ["WeightsStore", "TensorWriter"],
+        "records": ["FitRecord", "FitMetrics", "GatesRecord", "TensorRecord"],
         "adapter": ["AdapterStore", "TileSource"],
         "pairs": ["PairsStore", "open_rows"],
     },
 )
 
 if TYPE_CHECKING:  # the same names, for type checkers
-    from prismoe_store.stores.base import Progress, StoreOptions, TensorWriter, WeightsStore, job_lock, recheck, store_exists
+    from prismoe_store.stores.formats import StoreOptions, job_lock, store_exists
+    from prismoe_store.stores.progress import Progress, recheck
+    from prismoe_store.stores.weights import TensorWriter, WeightsStore
     from prismoe_store.stores.adapter import AdapterStore, TileSource
     from prismoe_store.stores.pairs import PairsStore, open_rows

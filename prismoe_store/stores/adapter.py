@@ -50,15 +50,9 @@ from prismoe_store.errors import (
     StoreError,
 )
 from prismoe_store.grid import GridSpec, plan_partition
-from prismoe_store.stores.base import (
-    Progress,
-    StoreOptions,
-    create_checked,
-    create_chunked,
-    damaged_chunks,
-    open_checked,
-    reading,
-)
+from prismoe_store.stores.formats import StoreOptions, create_checked, create_chunked, open_checked
+from prismoe_store.stores.progress import Progress
+from prismoe_store.stores.verified import damaged_chunks, reading
 
 ADAPTER_FORMAT, ADAPTER_VERSION = "adapter", 1
 MODES = ("joint", "independent")

@@ -420,7 +420,7 @@ def _benchmark(adapter, pairs, cfg: BenchConfig, progress: Progress | None) -> d
     source = _HostTiles(adapter, int8="int8" in quants) if in_ram else adapter
     uniform = source.uniform() if in_ram else _UniformStore(adapter)
     has_gates = all(adapter.read_gate(p) is not None for p in range(adapter.n_pipes))
-    gate_info = (adapter.attrs().get("gates") or {}).get("settings") or {}
+    gate_info = adapter.gate_settings()
 
     w = dense_matrix(adapter)
     rows = [bench.dense_row(w)]
@@ -430,7 +430,7 @@ def _benchmark(adapter, pairs, cfg: BenchConfig, progress: Progress | None) -> d
     _mark_pareto(rows)
     sweep = bench.hit_sweep(source, x, grids)
 
-    fit_metrics = adapter.attrs().get("metrics") or {}
+    fit_metrics = (m.to_dict() if (m := adapter.metrics_record()) else {})
     if fit_metrics.get("combined"):
         checks["fit_combined_rel_err"] = fit_metrics["combined"].get("rel_err")
         checks["fit_holdout_rows"] = fit_metrics.get("holdout_rows")

@@ -53,6 +53,7 @@ from prismoe_store.stores.pairs import PairsStore, holdout_mask
 from prismoe_store.gates.routing import Routing, active_mask, balance_loss, route, z_loss
 from prismoe_store.stores.formats import create_chunked
 from prismoe_store.stores.verified import reading
+from prismoe_store.stores.records import GatesRecord, SplitRecord
 
 Progress = Callable[[int, int], None]
 WORK_BYTES = 128 << 20  # bytes of per-tile partial products computed at a time (statistics, init)
@@ -374,9 +375,8 @@ def resolve_split(adapter: AdapterStore, holdout: float | None = None, seed: int
     >>> resolve_split(a)
     Split(holdout=0.2, seed=5, source='fit')
     """
-    fit = adapter.attrs().get("fit") or {}
-    fit = fit.get("settings", fit)  # prismoe_store.fit.job keeps them in fit["settings"]
-    f_hold, f_seed = fit.get("holdout"), fit.get("seed")
+    fit = adapter.fit_record()
+    f_hold, f_seed = (fit.holdout, fit.seed) if fit is not None else (None, None)
     if f_hold is not None and f_seed is not None:
         if (holdout is not None and abs(holdout - float(f_hold)) > 1e-12) or (seed is not None and seed != int(f_seed)):
             warnings.warn(f"held-out split ({holdout}, seed {seed}) differs from the fit's ({f_hold}, seed {f_seed}): "
@@ -707,7 +707,7 @@ def _fit_gates(adapter: AdapterStore, pairs: PairsStore, *, sparsity, epochs, lr
     if saved is not None and saved[0].get("settings") != s.resume_key():
         diff = sorted(k for k, v in s.resume_key().items() if saved[0].get("settings", {}).get(k) != v)
         raise DataError(f"saved gate training used other settings ({', '.join(diff)}): pass --restart to start over")
-    adapter.update_attrs(gates={"complete": False, "settings": asdict(s), "split": asdict(split)})
+    adapter.update_attrs(gates=GatesRecord(asdict(s), False, SplitRecord(**asdict(split))).to_dict())
 
     if saved is not None:
         meta, arrays = saved
@@ -742,9 +742,9 @@ def _fit_gates(adapter: AdapterStore, pairs: PairsStore, *, sparsity, epochs, lr
                "resumed_from": resumed_from, "heldout_rows": split.counts(pairs)[1] if max_eval_rows is None else max_eval_rows,
                "before": before, "after": {"rel_err": run.best["rel_err"], "r2": run.best["r2"]},
                "history": run.history, "split": asdict(split)}
-    adapter.update_attrs(gates={"complete": True, "settings": asdict(s), "split": asdict(split),
-                                "metrics": {k: summary[k] for k in ("before", "after", "best_epoch", "epochs_run",
-                                                                    "stopped_early")}})
+    adapter.update_attrs(gates=GatesRecord(asdict(s), True, SplitRecord(**asdict(split)),
+                                           {k: summary[k] for k in ("before", "after", "best_epoch", "epochs_run",
+                                                                    "stopped_early")}).to_dict())
     return summary
 
 

@@ -309,7 +309,7 @@ def _write_bands(adapter: AdapterStore, rows: _ScratchRows, order: np.ndarray, s
 
 def _write_centroid_gate(adapter: AdapterStore) -> None:
     """Store the centroid gate, unless a trained gate is there already (a resumed build keeps it)."""
-    if adapter.read_band_gate() is not None and adapter.attrs().get("gates"):
+    if adapter.read_band_gate() is not None and adapter.gates_record() is not None:
         return
     adapter.write_band_gate(*centroid_gate(adapter))
 

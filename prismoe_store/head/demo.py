@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.records import GatesRecord
 from prismoe_store.errors import DataError, StoreError
 
 ProgressFn = Callable[[int, int], None]
@@ -123,7 +124,7 @@ def run_head_demo(out_dir, sample: HeadSample | None = None, config: HeadDemoCon
         build = {"status": "skipped", "seconds": 0.0, "source": adapter.attrs().get("head", {}).get("source"),
                  "d_in": adapter.d_in, "d_out": adapter.d_out, "bands": adapter.n_bands,
                  "band_rows": adapter.band_rows}
-        gate = {"status": "skipped", "after": (adapter.attrs().get("gates") or {}).get("held_out")}
+        gate = {"status": "skipped", "after": (adapter.gates_record() or GatesRecord()).held_out}
     sparsities = tuple(sorted({0.05, 0.1, config.sparsity, 0.2}))
     with progress("head: quality") as prog:
         quality = benchmark_head(adapter, sample.held, sparsities=sparsities, masses=(0.99,), baselines=True,
@@ -150,7 +151,7 @@ def _finished(url: str, config: HeadDemoConfig) -> AdapterStore | None:
         a = AdapterStore.open(url, "r+")
     except StoreError:
         return None
-    settings = (a.attrs().get("gates") or {}).get("settings") or {}
+    settings = a.gate_settings()
     same = settings.get("epochs") == config.epochs and settings.get("sparsity") == config.sparsity
     return a if a.complete and same else None
 

@@ -50,8 +50,14 @@ from prismoe_store.errors import (
     StoreError,
 )
 from prismoe_store.grid import GridSpec, plan_partition
-from prismoe_store.stores.formats import StoreOptions, create_checked, create_chunked, open_checked
+from prismoe_store.stores.formats import (
+    StoreOptions,
+    create_checked,
+    create_chunked,
+    open_checked,
+)
 from prismoe_store.stores.progress import Progress
+from prismoe_store.stores.records import FitMetrics, FitRecord, GatesRecord
 from prismoe_store.stores.verified import damaged_chunks, reading
 
 ADAPTER_FORMAT, ADAPTER_VERSION = "adapter", 1
@@ -212,6 +218,42 @@ class AdapterStore:
     def attrs(self) -> dict:
         """All root attributes (fit settings, metrics, gate settings, ...)."""
         return dict(self.group.attrs)
+
+    def fit_record(self) -> FitRecord | None:
+        """The ``fit`` attribute (how ``prismoe fit`` made the tiles), or ``None`` when there is none
+        (a head adapter); a damaged record raises :class:`CorruptStoreError`."""
+        return self._record("fit", FitRecord)
+
+    def metrics_record(self) -> FitMetrics | None:
+        """The fit's held-out scores (``metrics``), or ``None`` (no fit, or a fit without held-out rows)."""
+        return self._record("metrics", FitMetrics)
+
+    def gates_record(self) -> GatesRecord | None:
+        """The ``gates`` attribute (how the gates were trained), or ``None`` before gate training.
+
+        >>> from prismoe_store.grid import plan_grid
+        >>> a = AdapterStore.create("memory://doc-gates-rec", grids=[plan_grid(4, 4, 2)], overwrite=True)
+        >>> a.gates_record() is None, a.gate_settings()
+        (True, {})
+        >>> a.update_attrs(gates=GatesRecord(settings={"sparsity": 0.5}, complete=True).to_dict())
+        >>> a.gates_record().finished, a.gate_settings()["sparsity"]
+        (True, 0.5)
+        """
+        return self._record("gates", GatesRecord)
+
+    def gate_settings(self) -> dict:
+        """The settings the gates were trained with (``{}`` before gate training)."""
+        record = self.gates_record()
+        return dict(record.settings) if record is not None else {}
+
+    def _record(self, name: str, kind):
+        value = self.group.attrs.get(name)
+        if value is None:
+            return None
+        try:
+            return kind.from_dict(value)
+        except StoreError as e:
+            raise CorruptStoreError(f"adapter {self.url}: the {name!r} attribute is damaged: {e}") from None
 
     def update_attrs(self, **entries) -> None:
         """Merge entries into the root attributes (write metadata last, after the data)."""

@@ -40,6 +40,7 @@ from prismoe_store.stores.formats import (
     open_checked,
 )
 from prismoe_store.stores.progress import Progress, recheck
+from prismoe_store.stores.records import TensorRecord
 from prismoe_store.stores.verified import check_stored, reading
 
 WEIGHTS_FORMAT, WEIGHTS_VERSION = "weights", 1
@@ -157,9 +158,23 @@ class WeightsStore:
         """The tensor's attributes: source, tensor name, source dtype/shape, grid, complete."""
         return dict(self._array(tensor, require_complete=False).attrs)
 
+    def record(self, tensor: str) -> TensorRecord:
+        """The tensor's attributes, typed: grid, dtype, complete, source stamp and provenance.
+
+        >>> from prismoe_store.grid import plan_grid
+        >>> s = WeightsStore.create("memory://doc-weights-rec", overwrite=True)
+        >>> s.write_matrix("w", np.ones((4, 4), np.float16), plan_grid(4, 4, 2))
+        >>> r = s.record("w"); r.dtype, r.complete, r.stamp
+        ('float16', True, None)
+        """
+        try:
+            return TensorRecord.from_dict(self.info(tensor))
+        except StoreError as e:
+            raise CorruptStoreError(f"the attributes of {tensor!r} in {self.url} are damaged: {e}") from None
+
     def grid(self, tensor: str) -> GridSpec:
         """The tile grid a tensor is chunked on."""
-        return GridSpec.from_dict(self.info(tensor)["grid"])
+        return self.record(tensor).grid
 
     # -- writing --
     def begin(self, tensor: str, grid: GridSpec, *, dtype="float32", source: dict | None = None) -> TensorWriter:
@@ -170,8 +185,8 @@ class WeightsStore:
         """
         key = _key(tensor)
         options = self.options
-        attrs = {"tensor": tensor, "grid": grid.to_dict(), "dtype": str(np.dtype(dtype)), "complete": False,
-                 **(source or {})}
+        attrs = TensorRecord.from_dict({"tensor": tensor, "grid": grid.to_dict(), "dtype": str(np.dtype(dtype)),
+                                        "complete": False, **(source or {})}).to_dict()
         if key in self.group:
             arr = self.group[key]
             old = dict(arr.attrs)

@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from cli.main import main
 from conftest import GGUF_TYPES, write_safetensors, write_torch
@@ -58,19 +56,6 @@ def test_gguf_matches_gguf_dequantize_exactly(tmp_path, gguf_ckpt, gguf_type):
     store = extract(gguf_ckpt.path, _store(tmp_path), tensors=[name], workers=16, block_bytes=1)
     assert np.array_equal(store.read(name), gguf_ckpt.tensors[name])
     assert store.info(name)["source_dtype"] == gguf_type
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_gguf_reads_any_region(gguf_ckpt, data):
-    """Column windows that cut quant blocks (32 values) anywhere still give the exact values."""
-    src = open_source(gguf_ckpt.path)
-    name = data.draw(st.sampled_from([f"{t.lower()}.weight" for t in GGUF_TYPES]))
-    rows, cols = src.resolve(name).shape
-    r0, c0 = data.draw(st.integers(0, rows - 1)), data.draw(st.integers(0, cols - 1))
-    r1, c1 = data.draw(st.integers(r0 + 1, rows)), data.draw(st.integers(c0 + 1, cols))
-    got = src.read(name, slice(r0, r1), slice(c0, c1))
-    assert got.flags.c_contiguous and np.array_equal(got, gguf_ckpt.tensors[name][r0:r1, c0:c1])
 
 
 def test_bf16_and_fp16_sources(tmp_path):

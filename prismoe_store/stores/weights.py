@@ -185,8 +185,8 @@ class WeightsStore:
         """
         key = _key(tensor)
         options = self.options
-        attrs = TensorRecord.from_dict({"tensor": tensor, "grid": grid.to_dict(), "dtype": str(np.dtype(dtype)),
-                                        "complete": False, **(source or {})}).to_dict()
+        record = TensorRecord(tensor, grid, str(np.dtype(dtype)), complete=False, source=source or {})
+        attrs = TensorRecord.from_dict(record.to_dict()).to_dict()  # a source stamp among ``source`` is checked too
         if key in self.group:
             arr = self.group[key]
             old = dict(arr.attrs)

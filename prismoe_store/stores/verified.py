@@ -262,3 +262,14 @@ def check_stored(array: zarr.Array, rows: slice, cols: slice, what: str) -> None
             if not size:
                 raise CorruptStoreError(f"{what}: stored chunk {key} is missing or empty")
 
+
+
+def finite(values: np.ndarray, what: str) -> np.ndarray:
+    """``values``, or :class:`CorruptStoreError` when they hold NaN/Inf (no writer stores those).
+
+    >>> finite(np.ones(2), "x").tolist()
+    [1.0, 1.0]
+    """
+    if not np.isfinite(values).all():
+        raise CorruptStoreError(f"{what} holds NaN or Inf")
+    return values

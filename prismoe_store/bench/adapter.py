@@ -430,7 +430,7 @@ def _benchmark(adapter, pairs, cfg: BenchConfig, progress: Progress | None) -> d
     _mark_pareto(rows)
     sweep = bench.hit_sweep(source, x, grids)
 
-    fit_metrics = (m.to_dict() if (m := adapter.metrics_record()) else {})
+    fit_metrics = adapter.metrics_record().to_dict() if adapter.metrics_record() else {}
     if fit_metrics.get("combined"):
         checks["fit_combined_rel_err"] = fit_metrics["combined"].get("rel_err")
         checks["fit_holdout_rows"] = fit_metrics.get("holdout_rows")

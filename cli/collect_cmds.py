@@ -19,7 +19,7 @@ from prismoe_store.data.collect import (
 )
 from prismoe_store.data.collect_bench import benchmark_collect, format_benchmark_collect
 from prismoe_store.data.models import DTYPES
-from prismoe_store.stores.base import StoreOptions
+from prismoe_store.stores.formats import StoreOptions
 
 
 def _spec_options(f):

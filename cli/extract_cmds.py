@@ -11,7 +11,8 @@ from cli.output import echo_json, output_store
 from cli.progress import bar, quiet_option
 from prismoe_store.data.extract import extract, format_extract, tile
 from prismoe_store.grid import DEFAULT_WORKERS
-from prismoe_store.stores.base import StoreOptions, WeightsStore
+from prismoe_store.stores.formats import StoreOptions
+from prismoe_store.stores.weights import WeightsStore
 
 
 def _store_options(f):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import click
 
 from cli.messages import warn_padding
@@ -63,8 +62,7 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
                     seed=seed, alphas=_alphas(alphas), solver=solver, precision=precision, scheduler=scheduler,
                     tasks=tasks, memory_budget=memory_mb << 20 if memory_mb else None, block_rows=block_rows,
                     keep_statistics=keep_statistics, progress=progress, overwrite=overwrite)
-    attrs = store.attrs()
-    info, metrics = attrs["fit"], attrs.get("metrics")
+    info, metrics = store.fit_record().to_dict(), (store.metrics_record().to_dict() if store.metrics_record() else None)
     if as_json:
         echo_json({"adapter": str(adapter), "mode": store.mode, "alphas": store.alphas,
                                "grids": [g.to_dict() for g in store.grids], "rows": info["counts"],

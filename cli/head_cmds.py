@@ -62,8 +62,8 @@ def head_cmd(source, output, tensor, bands, band_rows, order, iterations, hidden
     the bands not yet written.
     """
     from prismoe_store.head.build import HeadConfig, build_head
-    from prismoe_store.stores.base import StoreOptions
     from prismoe_store.head.vocab_order import OrderConfig
+    from prismoe_store.stores.formats import StoreOptions
 
     config = HeadConfig(tensor=tensor, bands=bands, band_rows=band_rows, int8=int8,
                         order=OrderConfig(method=order, iterations=iterations),
@@ -105,8 +105,8 @@ def head_cmd(source, output, tensor, bands, band_rows, order, iterations, hidden
 def bench_head_cmd(adapter, hidden, sparsities, masses, mass_cap, max_rows, int8, no_baselines, markdown, plot_dir,
                    as_json, quiet):
     """Quality of a head adapter on held-out HIDDEN states: top-1, top-5, mass, KL, rows and bytes per token."""
-    from prismoe_store.stores.adapter import AdapterStore
     from prismoe_store.bench.head import benchmark_head, format_head_report, plot_head
+    from prismoe_store.stores.adapter import AdapterStore
 
     store = AdapterStore.open(adapter, require_complete=True)
     with bar("benchmark head", quiet=quiet or as_json, unit="row") as progress:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-COMPRESSORS = ("none", "zstd", "blosc")  # chunk codecs of prismoe_store.stores.base.StoreOptions
+COMPRESSORS = ("none", "zstd", "blosc")  # chunk codecs of prismoe_store.stores.formats.StoreOptions
 
 
 def json_option(help: str = "Print one JSON object instead of text."):

@@ -8,7 +8,7 @@ import json
 import click
 
 from prismoe_store.inspection.common import jsonable
-from prismoe_store.stores.base import is_persistent, location
+from prismoe_store.stores.formats import is_persistent, location
 
 
 def echo_json(obj) -> None:

@@ -10,7 +10,7 @@ from cli.progress import bar, quiet_option
 from prismoe_store.data.synth import KINDS, SynthSpec, synthesize, truth_summary
 from prismoe_store.grid import DEFAULT_WORKERS
 from prismoe_store.inspection.common import short_value
-from prismoe_store.stores.base import StoreOptions
+from prismoe_store.stores.formats import StoreOptions
 from prismoe_store.stores.pairs import PairsStore
 
 

@@ -213,8 +213,13 @@ def bench_runtime_cmd(adapter, hidden, device, sparsity, mass, input_path, d_in,
     """
     import torch
 
-    from prismoe_store.bench.runtime import (benchmark_runtime, format_markdown, format_report, plot_hit_rate,
-                                             synthetic_adapter)
+    from prismoe_store.bench.runtime import (
+        benchmark_runtime,
+        format_markdown,
+        format_report,
+        plot_hit_rate,
+        synthetic_adapter,
+    )
 
     if threads:
         torch.set_num_threads(threads)

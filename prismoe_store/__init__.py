@@ -17,7 +17,8 @@ from importlib import import_module
 
 from prismoe_store.errors import PrismoeError
 from prismoe_store.grid import GridSpec, plan_grid, plan_pipes
-from prismoe_store.stores.base import StoreOptions, WeightsStore  # light: no torch, no Dask
+from prismoe_store.stores.formats import StoreOptions  # light: no torch, no Dask
+from prismoe_store.stores.weights import WeightsStore
 
 # public name -> module that defines it (imported lazily)
 _LAZY = {

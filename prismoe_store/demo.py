@@ -27,7 +27,7 @@ from prismoe_store.pipeline import (
     format_stage,
     train,
 )
-from prismoe_store.stores.base import StoreOptions
+from prismoe_store.stores.formats import StoreOptions
 from prismoe_store.stores.pairs import PairsStore
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data" / "gated_pairs"  # the committed sample

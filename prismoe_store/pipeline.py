@@ -43,6 +43,7 @@ from prismoe_store.data.collect import CollectSpec
 from prismoe_store.errors import DataError, StoreError, StoreFormatError
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.pairs import PairsStore
+from prismoe_store.stores.records import FitRecord, GatesRecord
 
 ProgressFn = Callable[[int, int], None]
 StageProgress = Callable[[str], ContextManager[ProgressFn | None]]  # stage name -> context yielding (done, total)
@@ -256,8 +257,8 @@ def _fit_stage(pairs: str, adapter: str, cfg: TrainConfig, overwrite: bool, prog
     existing = None if overwrite else _open_adapter(adapter)
     reason = None
     if existing is not None and existing.complete:
-        info = existing.attrs().get("fit") or {}
-        settings, source = info.get("settings") or {}, info.get("pairs") or {}
+        info = existing.fit_record() or FitRecord()
+        settings, source = info.settings, info.pairs or {}
         if settings.get("mode") != cfg.mode or existing.grids[0].workers != cfg.workers:
             raise StoreError(f"{adapter} is a finished adapter fitted with mode={settings.get('mode')}, "
                              f"{existing.grids[0].workers} workers: pass --overwrite to refit, or give another -o")
@@ -287,24 +288,23 @@ def _open_adapter(url: str) -> AdapterStore | None:
 
 
 def _fit_detail(a: AdapterStore) -> dict:
-    attrs = a.attrs()
-    info = attrs.get("fit") or {}
-    return {"mode": a.mode, "grids": [str(g) for g in a.grids], "counts": info.get("counts"),
-            "metrics": attrs.get("metrics")}
+    info, metrics = a.fit_record() or FitRecord(), a.metrics_record()
+    return {"mode": a.mode, "grids": [str(g) for g in a.grids], "counts": info.counts,
+            "metrics": metrics.to_dict() if metrics else None}
 
 
 def _gates_stage(adapter: str, pairs: str, cfg: TrainConfig, restart: bool, prog) -> StageResult:
     from prismoe_store.gates.training import fit_gates
 
     a = AdapterStore.open(adapter, "r+", require_complete=True)
-    info = a.attrs().get("gates") or {}
-    stored = info.get("settings") or {}
+    info = a.gates_record() or GatesRecord()
+    stored = info.settings
     want = cfg.gate_settings()
     ignore = ("epochs", "patience")
     same = bool(stored) and all(stored.get(k) == v for k, v in want.items() if k not in ignore)
-    if info.get("complete") and same and stored.get("epochs") == cfg.epochs:
+    if info.complete and same and stored.get("epochs") == cfg.epochs:
         return StageResult("gates", "skipped", detail={"reason": "gates complete", "sparsity": cfg.sparsity,
-                                                       "metrics": info.get("metrics")})
+                                                       "metrics": info.metrics})
     r = fit_gates(a, pairs, cfg.gate_config(), device=cfg.device, restart=restart or (bool(stored) and not same),
                   progress=prog)
     detail = {k: r[k] for k in ("sparsity", "k", "epochs_run", "best_epoch", "stopped_early", "before", "after")}

@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from prismoe_store.stores.base import StoreOptions  # noqa: E402
+from prismoe_store.stores.formats import StoreOptions  # noqa: E402
 from prismoe_store.data.synth import SynthSpec, synthesize  # noqa: E402
 
 PATH = HERE / "gated_pairs"

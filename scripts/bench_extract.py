@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, sys, time
 from prismoe_store.data.extract import extract
-from prismoe_store.stores.base import StoreOptions
+from prismoe_store.stores.formats import StoreOptions
 
 def status_kb(key):
     with open("/proc/self/status") as f:

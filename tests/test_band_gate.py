@@ -7,11 +7,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from prismoe_store.stores.adapter import AdapterStore
-from prismoe_store.head.band_gate import BandGateConfig, band_log_mass, fit_band_gate
-from prismoe_store.runtime.slot_pool import SlotPool
 from prismoe_store.errors import DataError
+from prismoe_store.head.band_gate import BandGateConfig, band_log_mass, fit_band_gate
 from prismoe_store.head.build import HeadConfig, build_head
+from prismoe_store.runtime.slot_pool import SlotPool
+from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.pairs import PairsStore
 
 

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from conftest import write_safetensors, write_sharded
 
 from cli.main import main
+from prismoe_store.data.extract import extract, open_source
 from prismoe_store.errors import (
     CastOverflowError,
     IncompleteStoreError,
@@ -32,8 +33,7 @@ from prismoe_store.errors import (
     TensorNotFoundError,
     UnsafeCheckpointError,
 )
-from prismoe_store.data.extract import extract, open_source
-from prismoe_store.stores.base import WeightsStore
+from prismoe_store.stores.weights import WeightsStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -312,9 +312,9 @@ def test_gguf_output_bias_is_stored(tmp_path, write_gguf):
 
 
 def test_a_biased_lm_head_is_not_replaced_by_a_head_without_bias(tmp_path, tiny_phi):
-    from prismoe_store.stores.adapter import AdapterStore
     from prismoe_store.grid import plan_grid
     from prismoe_store.head.generate import PrisMoEHead, replace_lm_head
+    from prismoe_store.stores.adapter import AdapterStore
 
     _, model = tiny_phi
     vocab, hidden = model.get_output_embeddings().weight.shape
@@ -470,7 +470,7 @@ def test_gguf_rss_stays_flat_in_the_matrix_and_vocabulary_size(tmp_path):
     script = textwrap.dedent("""
         import sys
         from prismoe_store.data.extract import extract
-        from prismoe_store.stores.base import StoreOptions
+        from prismoe_store.stores.formats import StoreOptions
         def kb(key):  # VmHWM, not ru_maxrss: Linux carries the parent's peak into a child's ru_maxrss
             return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
         base = kb("VmRSS")

@@ -10,13 +10,13 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import DataError, FitError, GridError, StoreError
 from prismoe_store.fit.job import SUBSAMPLE_SEED_OFFSET, FitConfig, fit
-from prismoe_store.grid import plan_grid, plan_pipes
-from prismoe_store.stores.pairs import PairsStore, holdout_mask, row_uniform
 from prismoe_store.fit.solve import factor_normal, factor_qr, qr_update
-from prismoe_store.stores.base import check_stored
+from prismoe_store.grid import plan_grid, plan_pipes
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.pairs import PairsStore, holdout_mask, row_uniform
+from prismoe_store.stores.verified import check_stored
 
 S, M, N = 1500, 20, 28  # small: odd widths, so every grid pads
 WORKERS = 8

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import write_gguf, write_safetensors
-from prismoe_store.stores.adapter import AdapterStore
+
 from prismoe_store.errors import DataError, StoreError
 from prismoe_store.grid import plan_grid
 from prismoe_store.head.build import HeadConfig, build_head
-from prismoe_store.runtime.grouped import open_runtime
-from prismoe_store.stores.base import WeightsStore
 from prismoe_store.head.vocab_order import OrderConfig
+from prismoe_store.runtime.grouped import open_runtime
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.weights import WeightsStore
 
 
 def _head(V=203, d=32, seed=0):

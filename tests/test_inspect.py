@@ -16,11 +16,12 @@ from hypothesis import strategies as st
 from cli.main import main
 from prismoe_store.errors import CorruptStoreError, DataError, StoreError, StoreFormatError, TensorNotFoundError
 from prismoe_store.grid import GridSpec, plan_grid
-from prismoe_store.inspection.compare import compare_matrices, open_matrix, open_tensor
 from prismoe_store.inspection.common import INSPECTORS, inspect_store, store_format, tile_stats
+from prismoe_store.inspection.compare import compare_matrices, open_matrix, open_tensor
 from prismoe_store.inspection.pairs import column_stats
 from prismoe_store.plots import tile_heatmap, visualize_tensor
-from prismoe_store.stores.base import StoreOptions, WeightsStore, create_checked
+from prismoe_store.stores.formats import StoreOptions, create_checked
+from prismoe_store.stores.weights import WeightsStore
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -523,10 +524,10 @@ def _check_pipe_norms(rep, adapter) -> None:
 def test_inspect_adapter_store(fitted, tmp_path):
     import shutil
 
-    from prismoe_store.stores.adapter import AdapterStore
     from prismoe_store.gates.settings import GateSettings
     from prismoe_store.gates.training import fit_gates
     from prismoe_store.runtime.quant import quantize_adapter
+    from prismoe_store.stores.adapter import AdapterStore
 
     root, pairs, _ = fitted
     url = tmp_path / "a.zarr"  # a copy: gates and INT8 tiles are added below

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from cli.main import main
-from prismoe_store.stores.adapter import AdapterStore
-from prismoe_store.inspection.compare import compare_matrices, open_matrix
+from prismoe_store.data.extract import extract
+from prismoe_store.data.synth import SynthSpec, load_truth, synthesize
 from prismoe_store.errors import (
     CorruptStoreError,
     DataError,
@@ -29,22 +29,17 @@ from prismoe_store.errors import (
     StoreError,
     StoreFormatError,
 )
-from prismoe_store.data.extract import extract
 from prismoe_store.fit.job import fit
 from prismoe_store.gates.settings import GateSettings
 from prismoe_store.gates.training import fit_gates
 from prismoe_store.head.build import HeadConfig, build_head
-from prismoe_store.stores.pairs import PairsStore, open_rows
-from prismoe_store.runtime.quant import quantize_adapter
+from prismoe_store.inspection.compare import compare_matrices, open_matrix
 from prismoe_store.runtime.grouped import open_runtime
-from prismoe_store.stores.base import (
-    StoreOptions,
-    WeightsStore,
-    existing_kind,
-    job_lock,
-    location,
-)
-from prismoe_store.data.synth import SynthSpec, load_truth, synthesize
+from prismoe_store.runtime.quant import quantize_adapter
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.formats import StoreOptions, existing_kind, job_lock, location
+from prismoe_store.stores.pairs import PairsStore, open_rows
+from prismoe_store.stores.weights import WeightsStore
 
 # -- helpers -----------------------------------------------------------------------------------
 

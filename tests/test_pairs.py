@@ -21,16 +21,17 @@ from hypothesis import strategies as st
 
 from prismoe_store.errors import DataError, StoreError, StoreFormatError
 from prismoe_store.grid import is_pow2, plan_pipes
+from prismoe_store.stores.formats import StoreOptions, format_attrs
 from prismoe_store.stores.pairs import (
-    PAIRS_FORMAT,
     NONFINITE_CHOICES,
+    PAIRS_FORMAT,
     PairsStore,
     default_col_chunks,
     holdout_mask,
     row_uniform,
     screen_nonfinite,
 )
-from prismoe_store.stores.base import StoreOptions, WeightsStore, format_attrs
+from prismoe_store.stores.weights import WeightsStore
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,10 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import DataError
 from prismoe_store.grid import plan_grid
 from prismoe_store.runtime.quant import QMAX, dequantize_tile, int8_ready, quantize_adapter, quantize_tile
+from prismoe_store.stores.adapter import AdapterStore
 
 finite32 = st.floats(-2.0**100, 2.0**100, allow_nan=False, allow_infinity=False, width=32)
 

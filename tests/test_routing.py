@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prismoe_store.errors import DataError
-from prismoe_store.grid import plan_grid
 from prismoe_store.gates.routing import Routing, active_mask, balance_loss, k_for, route, z_loss
+from prismoe_store.grid import plan_grid
 
 
 @pytest.fixture(autouse=True)

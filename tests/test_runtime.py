@@ -10,13 +10,13 @@ import torch
 from click.testing import CliRunner
 
 from prismoe_store import open_runtime
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import CacheError, DataError, IncompleteStoreError
-from prismoe_store.grid import plan_grid
-from prismoe_store.stores.pairs import PairsStore
-from prismoe_store.runtime.quant import quantize_adapter
 from prismoe_store.gates.routing import route
-from prismoe_store.stores.base import StoreOptions
+from prismoe_store.grid import plan_grid
+from prismoe_store.runtime.quant import quantize_adapter
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.formats import StoreOptions
+from prismoe_store.stores.pairs import PairsStore
 
 D_IN, D_OUT = 40, 72  # odd widths: every grid has padding, some tiles wholly padding
 

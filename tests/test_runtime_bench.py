@@ -8,11 +8,11 @@ import torch
 from click.testing import CliRunner
 
 from cli.main import main
-from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.bench.runtime import benchmark_runtime, dense_matrix, synthetic_adapter
 from prismoe_store.grid import plan_pipes
 from prismoe_store.head.build import HeadConfig, build_head
 from prismoe_store.runtime.grouped import open_runtime
-from prismoe_store.bench.runtime import benchmark_runtime, dense_matrix, synthetic_adapter
+from prismoe_store.stores.adapter import AdapterStore
 
 
 def test_dense_matrix_of_a_head_is_the_source_in_token_order(tmp_path):

@@ -20,15 +20,9 @@ from prismoe_store.errors import (
     TensorNotFoundError,
 )
 from prismoe_store.grid import plan_grid
-from prismoe_store.stores.base import (
-    WEIGHTS_FORMAT,
-    WEIGHTS_VERSION,
-    Progress,
-    StoreOptions,
-    WeightsStore,
-    create_checked,
-    existing_kind,
-)
+from prismoe_store.stores.formats import StoreOptions, create_checked, existing_kind
+from prismoe_store.stores.progress import Progress
+from prismoe_store.stores.weights import WEIGHTS_FORMAT, WEIGHTS_VERSION, WeightsStore
 
 compressors = st.sampled_from(["none", "zstd", "blosc"])
 dtypes = st.sampled_from(["float32", "float16", "float64", "int32"])

@@ -18,12 +18,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from prismoe_store.errors import DataError, StoreError, StoreFormatError
-from prismoe_store.grid import plan_grid, plan_pipes
-from prismoe_store.stores.pairs import PairsStore
-from prismoe_store.gates.routing import route
-from prismoe_store.stores.base import StoreOptions, WeightsStore
 from prismoe_store.data.synth import SynthSpec, generate, load_truth, make_truth, synthesize, truth_summary
+from prismoe_store.errors import DataError, StoreError, StoreFormatError
+from prismoe_store.gates.routing import route
+from prismoe_store.grid import plan_grid, plan_pipes
+from prismoe_store.stores.formats import StoreOptions
+from prismoe_store.stores.pairs import PairsStore
+from prismoe_store.stores.weights import WeightsStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -294,7 +295,7 @@ def test_cli_synth_and_pairs_info(tmp_path):
 # (self or children) would also count the forking parent's RSS (pytest with torch loaded).
 _PEAK = textwrap.dedent("""
     import resource, sys
-    from prismoe_store.stores.base import StoreOptions
+    from prismoe_store.stores.formats import StoreOptions
     from prismoe_store.data.synth import SynthSpec, synthesize
     spec = SynthSpec(rows=int(sys.argv[2]), d_in=256, d_out=1024, kind="linear")
     synthesize(sys.argv[1], spec, rows_per_chunk=1024, options=StoreOptions(compressor="none"))

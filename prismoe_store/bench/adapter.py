@@ -56,16 +56,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import DataError, IncompleteStoreError
 from prismoe_store.gates.heldout import resolve_split
-from prismoe_store.grid import GridSpec
-from prismoe_store.stores.pairs import PairsStore
-from prismoe_store.plots import figure
-from prismoe_store.runtime.quant import int8_ready
 from prismoe_store.gates.routing import k_for
+from prismoe_store.grid import GridSpec
+from prismoe_store.plots import figure
 from prismoe_store.runtime.grouped import open_runtime
-from prismoe_store.stores.base import reading
+from prismoe_store.runtime.quant import int8_ready
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.pairs import PairsStore
+from prismoe_store.stores.verified import reading
 
 SPARSITIES = (0.1, 0.3, 0.5, 1.0)  # ρ values the adapter runs at
 BUDGETS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # cache budgets, shares of every tile's bytes
@@ -420,7 +420,7 @@ def _benchmark(adapter, pairs, cfg: BenchConfig, progress: Progress | None) -> d
     source = _HostTiles(adapter, int8="int8" in quants) if in_ram else adapter
     uniform = source.uniform() if in_ram else _UniformStore(adapter)
     has_gates = all(adapter.read_gate(p) is not None for p in range(adapter.n_pipes))
-    gate_info = (adapter.attrs().get("gates") or {}).get("settings") or {}
+    gate_info = adapter.gate_settings()
 
     w = dense_matrix(adapter)
     rows = [bench.dense_row(w)]
@@ -430,7 +430,7 @@ def _benchmark(adapter, pairs, cfg: BenchConfig, progress: Progress | None) -> d
     _mark_pareto(rows)
     sweep = bench.hit_sweep(source, x, grids)
 
-    fit_metrics = adapter.attrs().get("metrics") or {}
+    fit_metrics = adapter.metrics_record().to_dict() if adapter.metrics_record() else {}
     if fit_metrics.get("combined"):
         checks["fit_combined_rel_err"] = fit_metrics["combined"].get("rel_err")
         checks["fit_holdout_rows"] = fit_metrics.get("holdout_rows")

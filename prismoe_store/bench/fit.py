@@ -53,8 +53,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from prismoe_store.errors import DataError
+from prismoe_store.stores.formats import StoreOptions
 from prismoe_store.stores.pairs import PAIRS_OPTIONS, PairsStore
-from prismoe_store.stores.base import StoreOptions
 
 _GEN_ROWS = 4096  # rows per generated block
 _MATMUL_ROWS = 4096  # rows of the timed matmul block

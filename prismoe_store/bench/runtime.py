@@ -35,11 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prismoe_store.stores.adapter import AdapterStore, TileSource
 from prismoe_store.errors import DataError
 from prismoe_store.grid import plan_pipes
-from prismoe_store.runtime.quant import int8_ready, quantize_adapter
 from prismoe_store.runtime.grouped import open_runtime
+from prismoe_store.runtime.quant import int8_ready, quantize_adapter
+from prismoe_store.stores.adapter import AdapterStore, TileSource
 
 BUDGETS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # device budgets as shares of every tile
 HOST_TIER_LIMIT = 4 << 30  # the hit-rate sweep holds every tile in the host tier below this size

@@ -60,7 +60,7 @@ from prismoe_store.data.pairs_writer import PairsWriter
 from prismoe_store.data.rows import RowCollector, WorkItem, cut_item, work_items
 from prismoe_store.data.texts import count_done, scan_texts
 from prismoe_store.errors import CorruptStoreError, DataError
-from prismoe_store.stores.base import StoreOptions, store_exists
+from prismoe_store.stores.formats import StoreOptions, store_exists
 from prismoe_store.stores.pairs import NONFINITE_CHOICES, PairsStore, screen_nonfinite
 
 TARGETS = ("logits", "embeddings", "hidden", "none")

@@ -24,7 +24,7 @@ from prismoe_store.data.models import (
 )
 from prismoe_store.data.rows import work_items
 from prismoe_store.data.texts import scan_texts
-from prismoe_store.stores.base import StoreOptions
+from prismoe_store.stores.formats import StoreOptions
 
 
 def benchmark_collect(upper, lower, texts, *, spec: CollectSpec = CollectSpec(), repeats: int = 3,  # noqa: B008

@@ -8,7 +8,7 @@ so), and the choice is logged and recorded in the store (``source_resolution``).
 exact or refused: scaled FP8 is multiplied by its scales, GGUF quants are dequantized block by
 block, and a down-cast that would overflow (``--dtype float16`` of a value above 65504) stops
 the extraction with :class:`~prismoe_store.errors.CastOverflowError`. A head's bias
-(``lm_head.bias``) is stored beside it (:meth:`~prismoe_store.stores.base.WeightsStore.bias`).
+(``lm_head.bias``) is stored beside it (:meth:`~prismoe_store.stores.weights.WeightsStore.bias`).
 
 Each stored tensor records its source — path, size and a content fingerprint
 (:class:`~prismoe_store.sources.records.SourceStamp`) — and resuming it from a checkpoint with
@@ -38,7 +38,6 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from prismoe_store.sources.checkpoint import open_source
 from prismoe_store.errors import (
     CastOverflowError,
     GridError,
@@ -47,10 +46,12 @@ from prismoe_store.errors import (
     StoreError,
 )
 from prismoe_store.grid import DEFAULT_WORKERS, GridSpec, plan_grid
-from prismoe_store.sources.resolve import ALIASES, resolve
 from prismoe_store.sources.base import Source
+from prismoe_store.sources.checkpoint import open_source
 from prismoe_store.sources.records import Resolution, SourceStamp, TensorInfo, parse_stamp
-from prismoe_store.stores.base import StoreOptions, TensorWriter, WeightsStore, job_lock
+from prismoe_store.sources.resolve import ALIASES, resolve
+from prismoe_store.stores.formats import StoreOptions, job_lock
+from prismoe_store.stores.weights import TensorWriter, WeightsStore
 
 __all__ = [
     "ALIASES",

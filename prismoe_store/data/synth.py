@@ -53,8 +53,9 @@ import zarr
 
 from prismoe_store.errors import DataError, IncompleteStoreError, StoreError, StoreFormatError
 from prismoe_store.grid import GridSpec, is_pow2, plan_pipes
+from prismoe_store.stores.formats import StoreOptions, create_chunked
 from prismoe_store.stores.pairs import PairsStore
-from prismoe_store.stores.base import StoreOptions, create_chunked, damaged_chunks, reading
+from prismoe_store.stores.verified import damaged_chunks, reading
 
 Kind = Literal["linear", "gated"]
 KINDS = ("linear", "gated")

@@ -41,16 +41,38 @@ from typing import Callable, Sequence
 import numpy as np
 import zarr
 
-from prismoe_store.stores.adapter import MODES, AdapterStore
 from prismoe_store.errors import DataError, FitError, GridError, StoreError, StoreFormatError
 from prismoe_store.fit.metrics import metrics_link
-from prismoe_store.fit.statistics import (HOLD, PANEL, REST, SCRATCH, SUB, SUBSAMPLE_SEED_OFFSET, TICKERS, TICKERS_LOCK, Pass, Plan, Runner,
-                       categories, col_groups, input_slices, link_blocks, location, make_plan, make_runner,
-                       plan_block_rows, stats_link)
-from prismoe_store.grid import GridSpec, is_pow2, plan_pipes
-from prismoe_store.stores.pairs import PairsStore
 from prismoe_store.fit.solve import Factor, default_ridge, factor_normal, factor_qr
-from prismoe_store.stores.base import StoreOptions, create_chunked, reading, recheck
+from prismoe_store.fit.statistics import (
+    HOLD,
+    PANEL,
+    REST,
+    SCRATCH,
+    SUB,
+    SUBSAMPLE_SEED_OFFSET,
+    TICKERS,
+    TICKERS_LOCK,
+    Pass,
+    Plan,
+    Runner,
+    categories,
+    col_groups,
+    input_slices,
+    link_blocks,
+    location,
+    make_plan,
+    make_runner,
+    plan_block_rows,
+    stats_link,
+)
+from prismoe_store.grid import GridSpec, is_pow2, plan_pipes
+from prismoe_store.stores.adapter import MODES, AdapterStore
+from prismoe_store.stores.formats import StoreOptions, create_chunked
+from prismoe_store.stores.pairs import PairsStore
+from prismoe_store.stores.progress import recheck
+from prismoe_store.stores.records import FitRecord
+from prismoe_store.stores.verified import reading
 
 SOLVERS = ("cholesky", "qr")
 PRECISIONS = ("mixed", "float64", "float32")
@@ -247,7 +269,7 @@ class _Fit:
                 adapter = AdapterStore.create(
                     self.adapter_url, grids=grids, mode=cfg.mode, alphas=cfg.alphas, options=self.options,
                     overwrite=self.overwrite,
-                    attrs={"fit": {"settings": cfg.settings(grids), "pairs": source, "plan": asdict(plan)}})
+                    attrs={"fit": FitRecord(cfg.settings(grids), source, asdict(plan)).to_dict()})
                 self._create_scratch(adapter, plan, slicings)
             runner.tick = self._tick
             if run_id:
@@ -270,10 +292,10 @@ class _Fit:
         for p in range(len(grids)):
             used = counts[SUB] + (counts[REST] if PIPE_SETS[p] == "train" else 0)
             adapter.group[f"pipe{p + 1}"].attrs["rows"] = int(used)
-        info = dict(adapter.attrs()["fit"])
-        info.update(ridge=lams, counts={"train": int(counts[SUB] + counts[REST]), "sub": int(counts[SUB]),
-                                        "holdout": int(counts[HOLD])}, timings=self.timings)
-        adapter.update_attrs(fit=info, metrics=metrics)
+        info = replace(adapter.fit_record(), ridge=lams, timings=self.timings,
+                       counts={"train": int(counts[SUB] + counts[REST]), "sub": int(counts[SUB]),
+                               "holdout": int(counts[HOLD])})
+        adapter.update_attrs(fit=info.to_dict(), metrics=metrics)
         if not cfg.keep_statistics and SCRATCH in adapter.group:
             del adapter.group[SCRATCH]
         adapter.update_attrs(complete=True)
@@ -281,10 +303,9 @@ class _Fit:
 
     def _warn(self, adapter: AdapterStore, msg: str) -> None:
         """Record a solver warning in the adapter at once (so a resumed run keeps it)."""
-        info = dict(adapter.attrs()["fit"])
-        old = list(info.get("warnings", []))
-        if msg not in old:
-            adapter.update_attrs(fit={**info, "warnings": old + [msg]})
+        info = adapter.fit_record()
+        if msg not in info.warnings:
+            adapter.update_attrs(fit=replace(info, warnings=(*info.warnings, msg)).to_dict())
 
     def _resume(self, grids, source: dict) -> tuple[AdapterStore | None, Plan | None]:
         """The unfinished adapter to resume (with its plan), or ``(None, None)`` to create one."""
@@ -297,16 +318,16 @@ class _Fit:
                                    "replace it (--overwrite replaces only an adapter); choose another output") from None
         except StoreError:
             return None, None  # nothing there (AdapterStore.create refuses any other leftover)
-        info = old.attrs().get("fit", {})
+        info = old.fit_record() or FitRecord()
         if old.complete:
             raise StoreError(f"adapter {self.adapter_url} already exists and is complete "
                              "(pass overwrite=True / --overwrite to refit)")
-        if info.get("settings") != self.cfg.settings(grids) or info.get("pairs") != source or "plan" not in info:
+        if info.settings != self.cfg.settings(grids) or info.pairs != source or info.plan is None:
             raise StoreError(f"{self.adapter_url} holds an unfinished fit with other settings or pairs "
                              "(pass overwrite=True / --overwrite to start over)")
         if SCRATCH not in old.group:
             raise StoreError(f"{self.adapter_url} holds an unfinished fit without its scratch: use --overwrite")
-        return old, Plan(**info["plan"])
+        return old, Plan(**info.plan)
 
     def _recheck(self, adapter: AdapterStore, plan: Plan, grids, slicings, per_block: np.ndarray) -> None:
         """Resuming trusts only finished work whose chunks still match their records: a statistics
@@ -401,14 +422,13 @@ class _Fit:
     # -- solves --
     def _solve(self, adapter: AdapterStore, grids, stats: "_StatSource") -> dict[str, float]:
         cfg, m, n = self.cfg, self.pairs.d_in, self.pairs.d_out
-        lams = dict(adapter.attrs().get("fit", {}).get("ridge") or {})
+        lams = dict(adapter.fit_record().ridge or {})
         for s in STAT_SETS:
             if s not in lams:
                 g0 = stats.g(s, stats.slicings[0])
                 trace = float(np.trace(g0)) if cfg.solver == "cholesky" else float(np.sum(g0 * g0))
                 lams[s] = float(cfg.ridge) if cfg.ridge is not None else default_ridge(trace, m)
-        fit_attrs = dict(adapter.attrs()["fit"])
-        adapter.update_attrs(fit={**fit_attrs, "ridge": lams})
+        adapter.update_attrs(fit=replace(adapter.fit_record(), ridge=lams).to_dict())
         factors: dict[tuple, list] = {}
         self._adapter = adapter
         sources = self._sources(grids)
@@ -500,7 +520,7 @@ class _Fit:
 
         return {"holdout_rows": int(total.rows), "pipes": [score(float(s)) for s in total.sse[:-1]],
                 "combined": score(float(total.sse[-1])),
-                "warnings": list(adapter.attrs()["fit"].get("warnings", []))}
+                "warnings": list(adapter.fit_record().warnings)}
 
 
 def _band_runs(bands: list[int], most: int) -> list[tuple[int, int]]:

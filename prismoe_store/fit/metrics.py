@@ -21,9 +21,9 @@ import math
 
 import numpy as np
 
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.fit.statistics import SCRATCH, Pass
-from prismoe_store.stores.base import reading
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.verified import reading
 
 
 class Scores:

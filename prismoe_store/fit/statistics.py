@@ -73,11 +73,11 @@ import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import DataError, FitError
-from prismoe_store.stores.pairs import PairsStore, holdout_mask, row_uniform
 from prismoe_store.fit.solve import qr_merge, qr_update
-from prismoe_store.stores.base import reading
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.pairs import PairsStore, holdout_mask, row_uniform
+from prismoe_store.stores.verified import reading
 
 if TYPE_CHECKING:  # annotations only: fit imports this module
     from prismoe_store.fit.job import FitConfig

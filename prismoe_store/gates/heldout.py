@@ -74,9 +74,8 @@ def resolve_split(adapter: AdapterStore, holdout: float | None = None, seed: int
     >>> resolve_split(a)
     Split(holdout=0.2, seed=5, source='fit')
     """
-    fit = adapter.attrs().get("fit") or {}
-    fit = fit.get("settings", fit)  # prismoe_store.fit.job keeps them in fit["settings"]
-    f_hold, f_seed = fit.get("holdout"), fit.get("seed")
+    fit = adapter.fit_record()
+    f_hold, f_seed = (fit.holdout, fit.seed) if fit is not None else (None, None)
     if f_hold is not None and f_seed is not None:
         if (holdout is not None and abs(holdout - float(f_hold)) > 1e-12) or (seed is not None and seed != int(f_seed)):
             warnings.warn(f"held-out split ({holdout}, seed {seed}) differs from the fit's ({f_hold}, seed {f_seed}): "

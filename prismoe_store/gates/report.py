@@ -180,7 +180,7 @@ def routing_report(adapter, pairs, *, sparsity: float | None = None, temperature
     [[0.0, 0.0], [1.0, 1.0]]
     """
     adapter, pairs = open_stores(adapter, pairs)
-    settings = (adapter.attrs().get("gates") or {}).get("settings") or {}
+    settings = adapter.gate_settings()
     sparsity = float(settings.get("sparsity", 0.3)) if sparsity is None else float(sparsity)
     temperature = float(settings.get("temperature", 1.0)) if temperature is None else float(temperature)
     split = resolve_split(adapter, holdout, seed)
@@ -246,8 +246,7 @@ def quality_report(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES, 
     ('zero', True, True)
     """
     adapter, pairs = open_stores(adapter, pairs)
-    info = adapter.attrs().get("gates") or {}
-    settings = info.get("settings") or {}
+    settings = adapter.gate_settings()
     temperature = float(settings.get("temperature", 1.0)) if temperature is None else float(temperature)
     split = resolve_split(adapter, holdout, seed)
     dev = torch_device(device)

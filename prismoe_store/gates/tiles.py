@@ -26,7 +26,7 @@ from prismoe_store.gates.routing import active_mask
 from prismoe_store.gates.settings import DEFAULT_MAX_TILE_BYTES
 from prismoe_store.grid import GridSpec
 from prismoe_store.stores.adapter import AdapterStore
-from prismoe_store.stores.base import reading
+from prismoe_store.stores.verified import reading
 
 WORK_BYTES = 128 << 20  # bytes of per-tile partial products computed at a time (statistics, init)
 

@@ -32,8 +32,10 @@ from prismoe_store.gates.routing import balance_loss, z_loss
 from prismoe_store.gates.settings import DEFAULT_MAX_TILE_BYTES, GateSettings
 from prismoe_store.gates.tiles import FrozenTiles, torch_device
 from prismoe_store.stores.adapter import AdapterStore
-from prismoe_store.stores.base import create_chunked, reading
+from prismoe_store.stores.formats import create_chunked
 from prismoe_store.stores.pairs import PairsStore
+from prismoe_store.stores.records import GatesRecord, SplitRecord
+from prismoe_store.stores.verified import reading
 
 STATE_GROUP = "_gates_training"  # adapter group holding the resumable training state
 
@@ -246,7 +248,7 @@ def _fit_gates(adapter: AdapterStore, pairs: PairsStore, config: GateSettings, *
     if saved is not None and saved[0].get("settings") != s.resume_key():
         diff = sorted(k for k, v in s.resume_key().items() if saved[0].get("settings", {}).get(k) != v)
         raise DataError(f"saved gate training used other settings ({', '.join(diff)}): pass --restart to start over")
-    adapter.update_attrs(gates={"complete": False, "settings": asdict(s), "split": asdict(split)})
+    adapter.update_attrs(gates=GatesRecord(asdict(s), False, SplitRecord(**asdict(split))).to_dict())
 
     if saved is not None:
         meta, arrays = saved
@@ -281,9 +283,9 @@ def _fit_gates(adapter: AdapterStore, pairs: PairsStore, config: GateSettings, *
                "resumed_from": resumed_from, "heldout_rows": split.counts(pairs)[1] if max_eval_rows is None else max_eval_rows,
                "before": before, "after": {"rel_err": run.best["rel_err"], "r2": run.best["r2"]},
                "history": run.history, "split": asdict(split)}
-    adapter.update_attrs(gates={"complete": True, "settings": asdict(s), "split": asdict(split),
-                                "metrics": {k: summary[k] for k in ("before", "after", "best_epoch", "epochs_run",
-                                                                    "stopped_early")}})
+    adapter.update_attrs(gates=GatesRecord(asdict(s), True, SplitRecord(**asdict(split)),
+                                           {k: summary[k] for k in ("before", "after", "best_epoch", "epochs_run",
+                                                                    "stopped_early")}).to_dict())
     return summary
 
 

@@ -42,11 +42,12 @@ from typing import Callable, ContextManager
 import numpy as np
 import torch
 
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import DataError, FitError, IncompleteStoreError
 from prismoe_store.grid import band_sizes
-from prismoe_store.stores.pairs import holdout_mask, open_rows
 from prismoe_store.runtime.slot_pool import SlotPool
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.pairs import holdout_mask, open_rows
+from prismoe_store.stores.records import GatesRecord
 
 ProgressFn = Callable[[int, int], None]
 Stages = Callable[[str], ContextManager[ProgressFn | None]]
@@ -168,7 +169,7 @@ def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = Ban
     settings = {**asdict(config), "kind": "band-mass distillation"}
     after = history[best_epoch - 1] if best_epoch else before
     after = {key: after[key] for key in ("top1", "mass", "loss")}
-    adapter.update_attrs(gates={"settings": settings, "held_out": after})
+    adapter.update_attrs(gates=GatesRecord(settings, held_out=after).to_dict())
     return BandGateReport(rows=S, held_out=int(held.sum()), epochs=len(history), best_epoch=best_epoch,
                           before=before, after=after, history=history, teacher_seconds=teacher_seconds,
                           seconds_per_epoch=float(np.mean(epoch_seconds)) if epoch_seconds else 0.0,

@@ -36,11 +36,11 @@ from typing import Callable, ContextManager
 
 import numpy as np
 
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import DataError, StoreError
 from prismoe_store.grid import default_band_rows, next_pow2
-from prismoe_store.stores.base import StoreOptions, store_exists
 from prismoe_store.head.vocab_order import OrderConfig, band_sizes, cluster_order, hidden_metric, identity_order
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.formats import StoreOptions, store_exists
 
 ProgressFn = Callable[[int, int], None]
 Stages = Callable[[str], ContextManager[ProgressFn | None]]  # stage name -> progress callback
@@ -178,7 +178,7 @@ def _open_source(source, tensor: str | None):
             adapter = AdapterStore.open(source, require_complete=True)
             return _AdapterMatrix(adapter), f"{source}:combined"
         if tensor is not None:  # an alias in a weights store: the one tensor named like it
-            from prismoe_store.stores.base import WeightsStore
+            from prismoe_store.stores.weights import WeightsStore
 
             names = WeightsStore.open(source).tensors()
             like = [n for n in names if n == f"{tensor}.weight" or n.endswith(f".{tensor}.weight")]
@@ -196,7 +196,7 @@ def _refuse_bias(source, tensor: str | None, opened) -> None:
     from prismoe_store.inspection.compare import is_store
 
     if is_store(source):
-        from prismoe_store.stores.base import WeightsStore
+        from prismoe_store.stores.weights import WeightsStore
 
         bias = WeightsStore.open(source).bias(opened.name)
     else:
@@ -309,7 +309,7 @@ def _write_bands(adapter: AdapterStore, rows: _ScratchRows, order: np.ndarray, s
 
 def _write_centroid_gate(adapter: AdapterStore) -> None:
     """Store the centroid gate, unless a trained gate is there already (a resumed build keeps it)."""
-    if adapter.read_band_gate() is not None and adapter.attrs().get("gates"):
+    if adapter.read_band_gate() is not None and adapter.gates_record() is not None:
         return
     adapter.write_band_gate(*centroid_gate(adapter))
 

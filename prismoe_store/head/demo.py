@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import DataError, StoreError
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.records import GatesRecord
 
 ProgressFn = Callable[[int, int], None]
 StageProgress = Callable[[str], AbstractContextManager[ProgressFn | None]]
@@ -94,11 +95,11 @@ def run_head_demo(out_dir, sample: HeadSample | None = None, config: HeadDemoCon
     ``runtime`` (measured top-1 agreement and speed of the sparse runtime against the dense
     head), ``bytes`` and ``plot``.
     """
-    from prismoe_store.head.band_gate import BandGateConfig, fit_band_gate
-    from prismoe_store.inspection.compare import open_matrix
     from prismoe_store.bench.head import benchmark_head, plot_head
+    from prismoe_store.head.band_gate import BandGateConfig, fit_band_gate
     from prismoe_store.head.build import HeadConfig, build_head
     from prismoe_store.head.vocab_order import OrderConfig
+    from prismoe_store.inspection.compare import open_matrix
 
     sample = sample or HeadSample.committed()
     progress = progress or (lambda stage: nullcontext(None))
@@ -123,7 +124,7 @@ def run_head_demo(out_dir, sample: HeadSample | None = None, config: HeadDemoCon
         build = {"status": "skipped", "seconds": 0.0, "source": adapter.attrs().get("head", {}).get("source"),
                  "d_in": adapter.d_in, "d_out": adapter.d_out, "bands": adapter.n_bands,
                  "band_rows": adapter.band_rows}
-        gate = {"status": "skipped", "after": (adapter.attrs().get("gates") or {}).get("held_out")}
+        gate = {"status": "skipped", "after": (adapter.gates_record() or GatesRecord()).held_out}
     sparsities = tuple(sorted({0.05, 0.1, config.sparsity, 0.2}))
     with progress("head: quality") as prog:
         quality = benchmark_head(adapter, sample.held, sparsities=sparsities, masses=(0.99,), baselines=True,
@@ -150,7 +151,7 @@ def _finished(url: str, config: HeadDemoConfig) -> AdapterStore | None:
         a = AdapterStore.open(url, "r+")
     except StoreError:
         return None
-    settings = (a.attrs().get("gates") or {}).get("settings") or {}
+    settings = a.gate_settings()
     same = settings.get("epochs") == config.epochs and settings.get("sparsity") == config.sparsity
     return a if a.complete and same else None
 
@@ -169,9 +170,9 @@ def _run_against_dense(adapter: AdapterStore, dense: torch.Tensor, held, config:
     """Top-1 of the sparse runtime against ``F.linear(x, dense)`` on every held-out row; speed ratios
     (batch 1 and ``config.batch``) timed interleaved in this run; then ``config.cache_tokens`` rows
     one at a time through a runtime whose tile cache holds ``config.cache_share`` of the bands."""
-    from prismoe_store.stores.pairs import open_rows
-    from prismoe_store.runtime.grouped import RuntimeConfig
     from prismoe_store.runtime.bands import SelectRuntime
+    from prismoe_store.runtime.grouped import RuntimeConfig
+    from prismoe_store.stores.pairs import open_rows
 
     read, S = open_rows(held, adapter.d_in)
     x_all = torch.from_numpy(read(0, S))  # [S, d]

@@ -32,7 +32,8 @@ from prismoe_store.inspection.common import (
     short_value,
     tile_stats,
 )
-from prismoe_store.stores.base import FORMAT_KEY, Progress
+from prismoe_store.stores.formats import FORMAT_KEY
+from prismoe_store.stores.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -277,8 +278,8 @@ def inspect_adapter(url, *, tensor: str | None = None, stats: bool = True, max_b
     return AdapterReport(
         head=head, url=str(url), version=int(attrs[FORMAT_KEY]["version"]), d_in=store.d_in, d_out=store.d_out,
         mode=store.mode, alphas=store.alphas, complete=store.complete, options=dict(attrs.get("options", {})),
-        fit=dict(attrs.get("fit") or {}), metrics=dict(attrs.get("metrics") or {}),
-        gates=dict(attrs.get("gates") or {}), int8=dict(attrs.get("int8") or {}), jobs=jobs, pipes=reports)
+        fit=_stored(store.fit_record()), metrics=_stored(store.metrics_record()),
+        gates=_stored(store.gates_record()), int8=dict(attrs.get("int8") or {}), jobs=jobs, pipes=reports)
 
 
 def _gate_info(store, pipe: int, stats: bool) -> dict | None:
@@ -293,3 +294,8 @@ def _gate_info(store, pipe: int, stats: bool) -> dict | None:
         info.update(weight_norm=float(np.linalg.norm(w64)), bias_min=float(b64.min()), bias_max=float(b64.max()),
                     bias_mean=float(b64.mean()))
     return info
+
+
+def _stored(record) -> dict:
+    """A stored record's dict form (``{}`` when the adapter has none)."""
+    return record.to_dict() if record is not None else {}

@@ -31,7 +31,8 @@ import numpy as np
 
 from prismoe_store.errors import DataError, StoreFormatError, TensorNotFoundError
 from prismoe_store.grid import GridSpec
-from prismoe_store.stores.base import FORMAT_KEY, check_stored, open_root, reading
+from prismoe_store.stores.formats import FORMAT_KEY, open_root
+from prismoe_store.stores.verified import check_stored, reading
 
 ProgressFn = Callable[[int, int], None]
 DEFAULT_MAX_BYTES = 16 << 20  # float64 bytes per block read (tiles, bands); peak RSS is a few times this
@@ -62,7 +63,7 @@ class Report(Protocol):
 def store_format(url, *, storage_options: dict | None = None) -> str:
     """The format name (``"weights"``, ``"pairs"``, ``"adapter"``, ...) of the prismoe store at ``url``.
 
-    >>> from prismoe_store.stores.base import WeightsStore
+    >>> from prismoe_store.stores.weights import WeightsStore
     >>> _ = WeightsStore.create("memory://doc-format", overwrite=True)
     >>> store_format("memory://doc-format")
     'weights'
@@ -84,7 +85,7 @@ def inspect_store(url, *, tensor: str | None = None, stats: bool = True, max_byt
     (metadata only). ``progress(done, total)`` counts the blocks or tiles read.
 
     >>> from prismoe_store.grid import plan_grid
-    >>> from prismoe_store.stores.base import WeightsStore
+    >>> from prismoe_store.stores.weights import WeightsStore
     >>> ws = WeightsStore.create("memory://doc-inspect", overwrite=True)
     >>> ws.write_matrix("w", np.ones((8, 4), np.float32), plan_grid(4, 8, 4))
     >>> rep = inspect_store("memory://doc-inspect")

@@ -26,8 +26,8 @@ import numpy as np
 from prismoe_store.errors import DataError, SourceError, TensorNotFoundError
 from prismoe_store.grid import GridSpec
 from prismoe_store.inspection.common import DEFAULT_MAX_BYTES, ProgressFn, block_shape, chunk_shape, jsonable, pick_name
-from prismoe_store.stores.base import WeightsStore, reading
-
+from prismoe_store.stores.verified import reading
+from prismoe_store.stores.weights import WeightsStore
 
 # -- comparing two matrices ------------------------------------------------------------------
 

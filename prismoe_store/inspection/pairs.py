@@ -34,8 +34,8 @@ from prismoe_store.inspection.common import (
     pick_name,
     short_value,
 )
-from prismoe_store.stores.base import FORMAT_KEY, reading
-
+from prismoe_store.stores.formats import FORMAT_KEY
+from prismoe_store.stores.verified import reading
 
 # -- per-column statistics -------------------------------------------------------------------
 
@@ -285,8 +285,8 @@ def inspect_pairs(url, *, tensor: str | None = None, stats: bool = True, max_byt
     >>> r.rows, r.stats["x"].mean.tolist(), r.stats["z"].std.tolist()
     (4, [4.5, 5.5, 6.5], [0.0, 0.0])
     """
-    from prismoe_store.stores.pairs import PairsStore
     from prismoe_store.data.synth import truth_summary
+    from prismoe_store.stores.pairs import PairsStore
 
     store = PairsStore.open(url, storage_options=storage_options)
     rows = store.rows  # read once: a concurrent append may commit more while we read

@@ -30,7 +30,9 @@ from prismoe_store.inspection.common import (
     jsonable,
     tile_stats,
 )
-from prismoe_store.stores.base import FORMAT_KEY, Progress, WeightsStore
+from prismoe_store.stores.formats import FORMAT_KEY
+from prismoe_store.stores.progress import Progress
+from prismoe_store.stores.weights import WeightsStore
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,6 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
 )
 
 if TYPE_CHECKING:  # the same names, for type checkers
-    from prismoe_store.runtime.grouped import Runtime, RuntimeConfig, open_runtime
     from prismoe_store.runtime.bands import SelectRuntime
+    from prismoe_store.runtime.grouped import Runtime, RuntimeConfig, open_runtime
     from prismoe_store.runtime.quant import int8_ready, quantize_adapter

@@ -38,13 +38,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import DataError, IncompleteStoreError
 from prismoe_store.grid import band_sizes
+from prismoe_store.runtime.grouped import GATHER_BYTES, HEAT_DECAY, RuntimeConfig, host_budget, input_rows
 from prismoe_store.runtime.host_tier import HostTier, hot_tiles
 from prismoe_store.runtime.quant import int8_ready
-from prismoe_store.runtime.grouped import GATHER_BYTES, HEAT_DECAY, RuntimeConfig, host_budget, input_rows
 from prismoe_store.runtime.slot_pool import SlotPool
+from prismoe_store.stores.adapter import AdapterStore
 
 DEFAULT_HEAD_SPARSITY = 0.1  # ρ for head adapters whose gate training recorded none
 BAG_BATCH = 2  # at most this many tokens: per-pair fused products; more: one product over the union

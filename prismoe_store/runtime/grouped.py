@@ -53,13 +53,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prismoe_store.stores.adapter import AdapterStore, TileSource
 from prismoe_store.errors import CacheError, DataError, IncompleteStoreError
+from prismoe_store.gates.routing import k_for, route
 from prismoe_store.grid import GridSpec
 from prismoe_store.runtime.host_tier import HostTier, hot_tiles
 from prismoe_store.runtime.quant import int8_ready
-from prismoe_store.gates.routing import k_for, route
 from prismoe_store.runtime.slot_pool import PoolStats, SlotPool, slot_bytes
+from prismoe_store.stores.adapter import AdapterStore, TileSource
 
 QUANTS = (None, "int8")
 MODES = ("parallel", "serial")

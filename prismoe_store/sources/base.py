@@ -23,8 +23,6 @@ from contextlib import contextmanager
 import numpy as np
 
 from prismoe_store.errors import SourceError, TensorNotFoundError
-from prismoe_store.sources.resolve import head_bias, listing, resolve
-from prismoe_store.sources.scales import apply_scale, find_scale
 from prismoe_store.sources.records import (
     FINGERPRINT_METHOD,
     BlockScale,
@@ -33,6 +31,8 @@ from prismoe_store.sources.records import (
     SourceStamp,
     TensorInfo,
 )
+from prismoe_store.sources.resolve import head_bias, listing, resolve
+from prismoe_store.sources.scales import apply_scale, find_scale
 
 PIECE_BYTES = 4 * 2**20  # source rows one backend call maps at most; unmapped before the next call
 SMALL_VALUES = 2**26  # elements read_array() reads whole at most (biases, scale grids)
@@ -67,13 +67,15 @@ class Source(ABC):
         """Every file read as this checkpoint (for its recorded size)."""
 
     @abstractmethod
-    def _read(self, name: str, rows: slice, cols: slice):
-        """Region of a 2-D tensor (bounds checked): a numpy array or torch tensor, possibly a view
-        of a memory map that the caller copies and then drops (which unmaps it)."""
+    def read_stored(self, name: str, rows: slice, cols: slice):
+        """The backend's read: region of 2-D tensor ``name`` (an exact tensor name; bounds already
+        checked) as stored, before scales: a numpy array or torch tensor, possibly a view of a memory
+        map that the caller copies and then drops (which unmaps it). Readers call :meth:`read`."""
 
     @abstractmethod
-    def _read_all(self, name: str):
-        """A whole (small) tensor of any rank: a numpy array or torch tensor."""
+    def read_stored_all(self, name: str):
+        """The backend's read of a whole (small) tensor of any rank, as stored: a numpy array or torch
+        tensor. Readers call :meth:`read_array`."""
 
     def value_dtype(self, source_dtype: str) -> str | None:
         """The dtype a source dtype's exact values are read as (``None``: not floating point)."""
@@ -138,7 +140,7 @@ class Source(ABC):
         with reading(self.path, self.format):
             for r in range(rows.start, rows.stop, step):
                 piece = slice(r, min(r + step, rows.stop))
-                copy_into(out[r - rows.start:piece.stop - rows.start], self._read(info.name, piece, cols))
+                copy_into(out[r - rows.start:piece.stop - rows.start], self.read_stored(info.name, piece, cols))
         if scale is not None and out.size:
             apply_scale(out, self.read_array(scale.tensor), scale.block, rows, cols)
         return out
@@ -153,7 +155,7 @@ class Source(ABC):
                 raise SourceError(f"tensor {name!r} in {self.path} has dtype {info.dtype}, not a floating-point type")
             out = np.empty(info.shape, np.float32)
             with reading(self.path, self.format):
-                copy_into(out, self._read_all(name))
+                copy_into(out, self.read_stored_all(name))
             self._small[name] = out
         return self._small[name]
 

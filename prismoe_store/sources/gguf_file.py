@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from prismoe_store.errors import SourceError
-from prismoe_store.sources.gguf_header import GGUFHeader, GGUFTensorEntry, read_gguf_header
 from prismoe_store.sources.base import FLOAT_DTYPES, Source
+from prismoe_store.sources.gguf_header import GGUFHeader, GGUFTensorEntry, read_gguf_header
 from prismoe_store.sources.records import CheckpointFacts, TensorInfo
 
 SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -88,7 +88,7 @@ class GGUFSource(Source):
                 f"(supported: {', '.join(supported_types())})")
         return super().matrix(name)
 
-    def _read(self, name, rows, cols):
+    def read_stored(self, name, rows, cols):
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
         e = self._entries[name]
@@ -100,7 +100,7 @@ class GGUFSource(Source):
         values = dequantize(mm[:, b0 * type_size:b1 * type_size], e.type_name)  # may be a view of the map
         return values[:, cols.start - b0 * block:cols.stop - b0 * block]
 
-    def _read_all(self, name):
+    def read_stored_all(self, name):
         e = self._entries[name]
         mm = np.memmap(e.file, np.uint8, "r", offset=e.offset, shape=(e.n_bytes,))
         return np.array(dequantize(mm, e.type_name)).reshape(e.shape)

@@ -29,8 +29,8 @@ class NpySource(Source):
     def files(self) -> list[str]:
         return [self.path]
 
-    def _read(self, name, rows, cols):
+    def read_stored(self, name, rows, cols):
         return np.load(self.path, mmap_mode="r")[rows, cols]  # a view: unmapped once the caller drops it
 
-    def _read_all(self, name):
+    def read_stored_all(self, name):
         return np.array(np.load(self.path, mmap_mode="r"))

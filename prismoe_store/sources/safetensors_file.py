@@ -38,10 +38,10 @@ class SafetensorsSource(Source):
         numpy_ok = self._infos[name].dtype in _NUMPY_DTYPES
         return safe_open(self.path, framework="numpy" if numpy_ok else "pt")  # bf16/fp8 need torch
 
-    def _read(self, name, rows, cols):
+    def read_stored(self, name, rows, cols):
         return self._open(name).get_slice(name)[rows, cols]
 
-    def _read_all(self, name):
+    def read_stored_all(self, name):
         return self._open(name).get_tensor(name)
 
 

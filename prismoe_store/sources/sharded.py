@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prismoe_store.errors import SourceError, TensorNotFoundError
-from prismoe_store.sources.resolve import ALIASES, HEAD_BIASES
 from prismoe_store.sources.base import Source, reading
 from prismoe_store.sources.records import CheckpointFacts, Resolution, TensorInfo
+from prismoe_store.sources.resolve import ALIASES, HEAD_BIASES
 
 
 class ShardedSource(Source):
@@ -84,11 +84,11 @@ class ShardedSource(Source):
             return ""
         return f" (unreadable index entries: {', '.join(sorted(self.unavailable)[:6])})"
 
-    def _read(self, name, rows, cols):
-        return self._shards[self._where[name]]._read(name, rows, cols)
+    def read_stored(self, name, rows, cols):
+        return self._shards[self._where[name]].read_stored(name, rows, cols)
 
-    def _read_all(self, name):
-        return self._shards[self._where[name]]._read_all(name)
+    def read_stored_all(self, name):
+        return self._shards[self._where[name]].read_stored_all(name)
 
 
 def _check_entry(index: str, folder: Path, name: str, file) -> None:

@@ -61,10 +61,10 @@ class TorchSource(Source):
     def _state(self) -> dict:
         return self._cached if self._cached is not None else self._load()
 
-    def _read(self, name, rows, cols):
+    def read_stored(self, name, rows, cols):
         return self._state()[name][rows, cols]
 
-    def _read_all(self, name):
+    def read_stored_all(self, name):
         return self._state()[name]
 
 

@@ -1,7 +1,9 @@
 """The stores: chunked Zarr v3 groups that hold weights, activation pairs and adapters.
 
-Every store is self-describing (a format tag and version), verified chunk by chunk (CRC records),
-and written by resumable jobs (progress records). See docs/store-format.md.
+Every store is self-describing (a format tag and version: ``formats``), verified chunk by chunk
+(CRC records: ``verified``), written by resumable jobs (progress records: ``progress``), and keeps
+typed records of how it was made (``records``). The stores: ``weights``, ``pairs``, ``adapter``
+(with ``adapter_bands`` for head adapters). See docs/store-format.md.
 
 Public names are imported on first use (``lazy_loader``).
 
@@ -17,13 +19,19 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "base": ["StoreOptions", "WeightsStore", "TensorWriter", "Progress", "job_lock", "store_exists", "recheck"],
+        "formats": ["StoreOptions", "job_lock", "store_exists"],
+        "progress": ["Progress", "recheck"],
+        "weights": ["WeightsStore", "TensorWriter"],
+        "records": ["FitRecord", "FitMetrics", "GatesRecord", "TensorRecord"],
         "adapter": ["AdapterStore", "TileSource"],
         "pairs": ["PairsStore", "open_rows"],
     },
 )
 
 if TYPE_CHECKING:  # the same names, for type checkers
-    from prismoe_store.stores.base import Progress, StoreOptions, TensorWriter, WeightsStore, job_lock, recheck, store_exists
     from prismoe_store.stores.adapter import AdapterStore, TileSource
+    from prismoe_store.stores.formats import StoreOptions, job_lock, store_exists
     from prismoe_store.stores.pairs import PairsStore, open_rows
+    from prismoe_store.stores.progress import Progress, recheck
+    from prismoe_store.stores.records import FitMetrics, FitRecord, GatesRecord, TensorRecord
+    from prismoe_store.stores.weights import TensorWriter, WeightsStore

@@ -50,15 +50,16 @@ from prismoe_store.errors import (
     StoreError,
 )
 from prismoe_store.grid import GridSpec, plan_partition
-from prismoe_store.stores.base import (
-    Progress,
+from prismoe_store.stores.adapter_bands import PartitionBands
+from prismoe_store.stores.formats import (
     StoreOptions,
     create_checked,
     create_chunked,
-    damaged_chunks,
     open_checked,
-    reading,
 )
+from prismoe_store.stores.progress import Progress
+from prismoe_store.stores.records import FitMetrics, FitRecord, GatesRecord
+from prismoe_store.stores.verified import damaged_chunks, finite, reading
 
 ADAPTER_FORMAT, ADAPTER_VERSION = "adapter", 1
 MODES = ("joint", "independent")
@@ -89,7 +90,7 @@ class TileSource(Protocol):
     def read_gate(self, pipe: int) -> tuple[np.ndarray, np.ndarray] | None: ...  # ([workers, d_in], [workers])
 
 
-class AdapterStore:
+class AdapterStore(PartitionBands):
     """A PrisMoE adapter in a Zarr v3 store (see the module docstring for the layout)."""
 
     def __init__(self, group: zarr.Group, url: str):
@@ -219,6 +220,42 @@ class AdapterStore:
         """All root attributes (fit settings, metrics, gate settings, ...)."""
         return dict(self.group.attrs)
 
+    def fit_record(self) -> FitRecord | None:
+        """The ``fit`` attribute (how ``prismoe fit`` made the tiles), or ``None`` when there is none
+        (a head adapter); a damaged record raises :class:`CorruptStoreError`."""
+        return self._record("fit", FitRecord)
+
+    def metrics_record(self) -> FitMetrics | None:
+        """The fit's held-out scores (``metrics``), or ``None`` (no fit, or a fit without held-out rows)."""
+        return self._record("metrics", FitMetrics)
+
+    def gates_record(self) -> GatesRecord | None:
+        """The ``gates`` attribute (how the gates were trained), or ``None`` before gate training.
+
+        >>> from prismoe_store.grid import plan_grid
+        >>> a = AdapterStore.create("memory://doc-gates-rec", grids=[plan_grid(4, 4, 2)], overwrite=True)
+        >>> a.gates_record() is None, a.gate_settings()
+        (True, {})
+        >>> a.update_attrs(gates=GatesRecord(settings={"sparsity": 0.5}, complete=True).to_dict())
+        >>> a.gates_record().finished, a.gate_settings()["sparsity"]
+        (True, 0.5)
+        """
+        return self._record("gates", GatesRecord)
+
+    def gate_settings(self) -> dict:
+        """The settings the gates were trained with (``{}`` before gate training)."""
+        record = self.gates_record()
+        return dict(record.settings) if record is not None else {}
+
+    def _record(self, name: str, kind):
+        value = self.group.attrs.get(name)
+        if value is None:
+            return None
+        try:
+            return kind.from_dict(value)
+        except StoreError as e:
+            raise CorruptStoreError(f"adapter {self.url}: the {name!r} attribute is damaged: {e}") from None
+
     def update_attrs(self, **entries) -> None:
         """Merge entries into the root attributes (write metadata last, after the data)."""
         self.group.attrs.update(entries)
@@ -269,128 +306,20 @@ class AdapterStore:
         g = self.grids[pipe]
         what = f"tile {worker} of pipe {pipe} in {self.url}"
         with reading(what):
-            return _finite(self.tiles(pipe)[g.tile_region(worker)], what)
+            return finite(self.tiles(pipe)[g.tile_region(worker)], what)
 
     def read_band(self, pipe: int, row: int) -> np.ndarray:
         """Output band ``row`` of a pipe, ``[tile_out, d_in_pad]`` (checked as :meth:`read_tile`)."""
         g = self.grids[pipe]
         what = f"band {row} of pipe {pipe} in {self.url}"
         with reading(what):
-            return _finite(self.tiles(pipe)[row * g.tile_out:(row + 1) * g.tile_out, :], what)
+            return finite(self.tiles(pipe)[row * g.tile_out:(row + 1) * g.tile_out, :], what)
 
     def dense(self, pipe: int) -> np.ndarray:
         """The pipe's tiles assembled into ``[d_out, d_in]`` (small adapters, tests, baselines)."""
         what = f"tiles of pipe {pipe} in {self.url}"
         with reading(what):
-            return _finite(self.tiles(pipe)[: self.d_out, : self.d_in], what)
-
-    # -- bands of a partition adapter -----------------------------------------------------------
-    @property
-    def band_rows(self) -> int:
-        """Rows per band tile (the last band of the last pipe may hold fewer)."""
-        return self.grids[0].tile_out
-
-    @property
-    def n_bands(self) -> int:
-        """Bands of all pipes together (a partition adapter's unit of selection)."""
-        return sum(-(-g.d_out // g.tile_out) for g in self.grids)
-
-    def band_location(self, band: int) -> tuple[int, int]:
-        """``(pipe, row)`` of global band ``band`` (bands are numbered across pipes, pipe 1 first)."""
-        self._require_partition()
-        if not 0 <= band < self.n_bands:
-            raise StoreError(f"band {band} is outside 0..{self.n_bands - 1}")
-        for p, g in enumerate(self.grids):
-            n = -(-g.d_out // g.tile_out)
-            if band < n:
-                return p, band
-            band -= n
-        raise AssertionError("unreachable")
-
-    def write_band_tiles(self, band: int, rows: np.ndarray) -> None:
-        """Write global band ``band``: its true rows ``[≤ band_rows, d_in]`` float32."""
-        p, r = self.band_location(band)
-        g = self.grids[p]
-        n = min(g.tile_out, g.d_out - r * g.tile_out)
-        if rows.shape != (n, self.d_in):
-            raise DataError(f"band {band} must be {(n, self.d_in)}, got {rows.shape}")
-        self.tiles(p)[r * g.tile_out:r * g.tile_out + n, :] = np.asarray(rows, np.float32)
-
-    def read_band_tiles(self, band: int) -> np.ndarray:
-        """Global band ``band`` as float32 ``[rows, d_in]`` (its true rows only)."""
-        p, r = self.band_location(band)
-        return self.read_band(p, r)
-
-    def read_band_int8(self, band: int) -> tuple[np.ndarray, np.ndarray]:
-        """Global band ``band`` as ``(q int8 [rows, d_in], scales float32 [rows])``."""
-        p, r = self.band_location(band)
-        g = self.grids[p]
-        qa, sa = self.int8_arrays(p)
-        rows = slice(r * g.tile_out, (r + 1) * g.tile_out)
-        what = f"INT8 band {band} in {self.url}"
-        with reading(what):
-            return qa[rows, :], _finite(sa[rows, 0], what)
-
-    def read_rows(self, positions: np.ndarray) -> np.ndarray:
-        """Rows at adapter positions ``positions`` (any order) as float32 ``[n, d_in]``, read band by band."""
-        positions = np.asarray(positions, np.int64)
-        out = np.empty((len(positions), self.d_in), np.float32)
-        bands = positions // self.band_rows
-        for b in np.unique(bands):
-            at = np.flatnonzero(bands == b)
-            out[at] = self.read_band_tiles(int(b))[positions[at] - b * self.band_rows]
-        return out
-
-    def write_order(self, order: np.ndarray) -> None:
-        """Store the row order: ``order[i]`` is the token id (original row) at adapter row ``i``."""
-        self._require_partition()
-        order = np.asarray(order)
-        if order.shape != (self.d_out,) or not np.array_equal(np.sort(order), np.arange(self.d_out)):
-            raise DataError(f"order must be a permutation of 0..{self.d_out - 1}")
-        if "order" not in self.group:
-            create_chunked(self.group, "order", (self.d_out,), (min(self.d_out, 1 << 18),), "int32", self.options)
-        self.group["order"][...] = order.astype(np.int32)
-
-    def read_order(self) -> np.ndarray:
-        """The row order ``[d_out]`` int64 (identity when none was stored)."""
-        self._require_partition()
-        if "order" not in self.group:
-            return np.arange(self.d_out, dtype=np.int64)
-        with reading(f"row order in {self.url}"):
-            order = self.group["order"][...].astype(np.int64)
-        if not np.array_equal(np.sort(order), np.arange(self.d_out)):
-            raise CorruptStoreError(f"the row order in {self.url} is not a permutation of 0..{self.d_out - 1}")
-        return order
-
-    def write_band_gate(self, weight: np.ndarray, bias: np.ndarray) -> None:
-        """Write the band gate: ``weight [bands, d_in]``, ``bias [bands]`` float32, finite."""
-        self._require_partition()
-        weight, bias = np.asarray(weight, np.float32), np.asarray(bias, np.float32)
-        if weight.shape != (self.n_bands, self.d_in) or bias.shape != (self.n_bands,):
-            raise DataError(f"band gate must be [{self.n_bands}, {self.d_in}] and [{self.n_bands}], "
-                            f"got {weight.shape}, {bias.shape}")
-        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
-            raise DataError("band gate holds NaN or Inf: refusing to store it")
-        for name, data in (("gate_weight", weight), ("gate_bias", bias)):
-            if name not in self.group:
-                create_chunked(self.group, name, data.shape, data.shape, "float32", self.options)
-            self.group[name][...] = data
-
-    def read_band_gate(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(weight [bands, d_in], bias [bands])``, or ``None`` when the adapter has no band gate."""
-        self._require_partition()
-        if "gate_weight" not in self.group:
-            return None
-        with reading(f"band gate in {self.url}"):
-            weight, bias = self.group["gate_weight"][...], self.group["gate_bias"][...]
-        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
-            raise CorruptStoreError(f"the band gate in {self.url} holds NaN or Inf")
-        return weight, bias
-
-    def _require_partition(self) -> None:
-        if self.layout != "partition":
-            raise StoreError(f"adapter {self.url} has the {self.layout!r} layout: bands, order and band gate "
-                             "belong to head adapters (`prismoe head`)")
+            return finite(self.tiles(pipe)[: self.d_out, : self.d_in], what)
 
     # -- INT8 tiles ------------------------------------------------------------------------------
     @property
@@ -441,7 +370,7 @@ class AdapterStore:
         c = g.row_col(worker)[1]
         what = f"INT8 tile {worker} of pipe {pipe} in {self.url}"
         with reading(what):
-            return qa[g.tile_region(worker)], _finite(sa[rows, c], what)
+            return qa[g.tile_region(worker)], finite(sa[rows, c], what)
 
     # -- gates -----------------------------------------------------------------------------------
     def write_gate(self, pipe: int, weight: np.ndarray, bias: np.ndarray) -> None:
@@ -464,7 +393,7 @@ class AdapterStore:
             return None
         what = f"gate of pipe {pipe} in {self.url}"
         with reading(what):
-            return _finite(self._array(pipe, "gate_weight")[...], what), _finite(self._array(pipe, "gate_bias")[...], what)
+            return finite(self._array(pipe, "gate_weight")[...], what), finite(self._array(pipe, "gate_bias")[...], what)
 
     @contextmanager
     def keeping_gates(self) -> Iterator[None]:
@@ -507,13 +436,6 @@ class AdapterStore:
             elif "gates" in self.group.attrs:
                 del self.group.attrs["gates"]
             raise
-
-
-def _finite(values: np.ndarray, what: str) -> np.ndarray:
-    """``values``, or :class:`CorruptStoreError` when they hold NaN/Inf (no writer stores those)."""
-    if not np.isfinite(values).all():
-        raise CorruptStoreError(f"{what} holds NaN or Inf")
-    return values
 
 
 def _stored_shape(g: GridSpec) -> tuple[int, int]:

@@ -28,7 +28,8 @@ import zarr
 
 from prismoe_store.errors import DataError
 from prismoe_store.grid import plan_pipes
-from prismoe_store.stores.base import StoreOptions, create_checked, create_chunked, damaged_chunks, open_checked, reading
+from prismoe_store.stores.formats import StoreOptions, create_checked, create_chunked, open_checked
+from prismoe_store.stores.verified import damaged_chunks, reading
 
 PAIRS_FORMAT, PAIRS_VERSION = "pairs", 1
 _LOCKS: dict[str, threading.Lock] = {}

@@ -158,7 +158,8 @@ def bench_adapter_cmd(adapter, pairs, sparsities, device, logits, max_rows, batc
     On the same held-out rows and device: relative error, R² (top-1, KL for logits), latency and
     throughput as ratios to dense F.linear, active bytes, peak cache bytes, hit rate.
     """
-    from prismoe_store.bench.adapter import benchmark_adapter, format_markdown, write_plots
+    from prismoe_store.bench.adapter import benchmark_adapter
+    from prismoe_store.bench.adapter_report import format_markdown, write_plots
 
     with bar("benchmark", quiet=quiet or as_json, unit="step") as progress:
         report = benchmark_adapter(adapter, pairs, sparsities=sparsities, device=device, logits=logits,

@@ -10,8 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
-from prismoe_store.bench.adapter import (BenchConfig, active_bytes, benchmark_adapter, dense_matrix, format_markdown,
-                                 svd_rank, _mark_pareto)
+from prismoe_store.bench.adapter import BenchConfig, active_bytes, benchmark_adapter, mark_pareto
+from prismoe_store.bench.adapter_report import format_markdown
+from prismoe_store.bench.svd import svd_rank
+from prismoe_store.runtime.dense import dense_matrix
 from prismoe_store.errors import DataError
 from prismoe_store.fit.job import fit
 from prismoe_store.stores.pairs import PairsStore, holdout_mask
@@ -111,7 +113,7 @@ def test_logits_add_top1_and_kl(tmp_path):
                           provenance={"kind": "collected", "settings": {"target": "logits"}})
     p.append(x, z)
     a = fit(p, str(tmp_path / "a.zarr"), workers=4, scheduler="synchronous")
-    small = dict(FAST, sparsities=(1.0,), quants=("fp32",), modes=("parallel",), hit_sparsities=())
+    small = dict(FAST, sparsities=(1.0,), quants=("fp32",), schedules=("parallel",), hit_sparsities=())
     r = benchmark_adapter(a, p, **small)
     assert r["heldout"]["logits"] is True and r["heldout"]["logits_from"] == "provenance"
     d = r["rows"][0]
@@ -164,5 +166,5 @@ def test_bad_input_is_one_clear_error(stores, tmp_path):
 
 def test_pareto_marks_the_non_dominated_rows():
     rows = [{"active_bytes": b, "rel_err": e} for b, e in ((100, 0.5), (50, 0.6), (60, 0.7), (200, 0.5), (10, 0.9))]
-    _mark_pareto(rows)
+    mark_pareto(rows)
     assert [r["pareto"] for r in rows] == [True, True, False, False, True]

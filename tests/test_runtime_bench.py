@@ -51,7 +51,7 @@ def test_benchmark_of_a_fitted_adapter(tmp_path):
     small, full = r["hit_rate"]
     assert full["hit_rate"] >= small["hit_rate"] and full["bytes_loaded_per_token"] <= small["bytes_loaded_per_token"]
     assert r["hit_rate"][0]["peak_bytes"] <= r["hit_rate"][0]["budget_bytes"]
-    assert r["modes"]["serial"]["peak_bytes"] < r["modes"]["parallel"]["peak_bytes"]
+    assert r["schedules"]["serial"]["peak_bytes"] < r["schedules"]["parallel"]["peak_bytes"]
 
 
 def test_benchmark_command_on_a_head_with_hidden_rows(tmp_path):
@@ -64,7 +64,7 @@ def test_benchmark_command_on_a_head_with_hidden_rows(tmp_path):
                                     "--markdown", str(tmp_path / "r.md"), "--plots", str(tmp_path / "plots")])
     assert res.exit_code == 0, res.output
     r = json.loads(res.output)
-    assert r["kind"] == "head" and r["sparsity"] == 0.1 and r["modes"] is None
+    assert r["kind"] == "head" and r["sparsity"] == 0.1 and r["schedules"] is None
     assert 0.05 < r["fp32"]["row_share"] <= 0.15
     assert r["int8"] is not None
     assert (tmp_path / "plots" / "hit_rate.png").stat().st_size > 0

@@ -33,7 +33,7 @@ import torch
 
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.pairs import open_rows
-from prismoe_store.runtime.grouped import RuntimeConfig
+from prismoe_store.runtime.config import RuntimeConfig
 from prismoe_store.runtime.bands import DEFAULT_MASS_CAP, BandRouter, SelectRuntime
 
 SPARSITIES = (0.02, 0.05, 0.1, 0.2, 0.3)

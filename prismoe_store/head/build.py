@@ -108,6 +108,20 @@ class HeadReport:
         """Plain dict (JSON)."""
         return asdict(self)
 
+    def text(self) -> str:
+        """What was built, its bytes against the matrix, and the next step, as three lines."""
+        ratio = self.stored_fp32_bytes / self.matrix_bytes
+        lines = [f"wrote {self.url}: {self.source} ({self.d_out} × {self.d_in}) as {self.bands} bands of "
+                 f"{self.band_rows} rows in {len(self.pipe_rows)} pipes {self.pipe_rows}, {self.order} order"
+                 + (f" (cohesion {self.cohesion:.3f})" if self.order == "cluster" else "")
+                 + f", {self.bands_written} bands written in {self.seconds:.1f} s",
+                 f"bytes: tiles {self.stored_fp32_bytes / 2**20:.1f} MiB fp32 = {ratio:.3f}× the matrix; "
+                 f"gate {self.gate_bytes / 2**20:.2f} MiB ({self.gate_bytes / self.matrix_bytes:.4f}×)"
+                 + (f"; INT8 tiles + scales {self.int8_bytes / 2**20:.1f} MiB "
+                    f"({self.int8_bytes / self.matrix_bytes:.3f}×)" if self.int8_bytes else ""),
+                 f"next: prismoe fit-gates {self.url} HIDDEN   (hidden states: prismoe collect --target none ...)"]
+        return "\n".join(lines)
+
 
 def build_head(source, output, *, config: HeadConfig = HeadConfig(), overwrite: bool = False,
                stages: Stages | None = None) -> HeadReport:

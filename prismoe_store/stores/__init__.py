@@ -18,12 +18,12 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
         "base": ["StoreOptions", "WeightsStore", "TensorWriter", "Progress", "job_lock", "store_exists", "recheck"],
-        "adapter": ["AdapterStore", "TileSource"],
+        "adapter": ["AdapterStore"],
         "pairs": ["PairsStore", "open_rows"],
     },
 )
 
 if TYPE_CHECKING:  # the same names, for type checkers
     from prismoe_store.stores.base import Progress, StoreOptions, TensorWriter, WeightsStore, job_lock, recheck, store_exists
-    from prismoe_store.stores.adapter import AdapterStore, TileSource
+    from prismoe_store.stores.adapter import AdapterStore
     from prismoe_store.stores.pairs import PairsStore, open_rows

@@ -127,7 +127,7 @@ def generate_cmd(adapter, model, prompts, prompts_file, max_new_tokens, compare,
             progress(len(prompts), len(prompts))
     rows = [{"prompt": p, "text": g.text, "original": g.original, "same": g.same, "new_tokens": g.new_tokens,
              "agreement": g.agreement, "identical_prefix": g.identical_prefix, **g.stats}
-            for p, g in zip(prompts, results)]
+            for p, g in zip(prompts, results, strict=True)]
     summary = compare_summary(results) if compare else None
     if as_json:
         echo_json(rows[0] if len(rows) == 1 else {"generations": rows, "summary": summary})

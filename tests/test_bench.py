@@ -13,12 +13,12 @@ from cli.main import main
 from prismoe_store.bench.adapter import BenchConfig, active_bytes, benchmark_adapter, mark_pareto
 from prismoe_store.bench.adapter_report import format_markdown
 from prismoe_store.bench.svd import svd_rank
-from prismoe_store.runtime.dense import dense_matrix
+from prismoe_store.data.synth import SynthSpec, synthesize
 from prismoe_store.errors import DataError
 from prismoe_store.fit.job import fit
-from prismoe_store.stores.pairs import PairsStore, holdout_mask
+from prismoe_store.runtime.dense import dense_matrix
 from prismoe_store.runtime.quant import quantize_adapter
-from prismoe_store.data.synth import SynthSpec, synthesize
+from prismoe_store.stores.pairs import PairsStore, holdout_mask
 
 FAST = dict(repeats=1, hit_tokens=3, budgets=(0.25, 1.0), svd_points=4, batch=16)
 

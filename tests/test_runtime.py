@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from tile_sources import Recording
 
 from prismoe_store import open_runtime
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import CacheError, DataError, IncompleteStoreError
-from prismoe_store.grid import plan_grid
-from prismoe_store.stores.pairs import PairsStore
-from prismoe_store.runtime.quant import quantize_adapter
 from prismoe_store.gates.routing import route
+from prismoe_store.grid import plan_grid
+from prismoe_store.runtime.quant import quantize_adapter
+from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.base import StoreOptions
-from tile_sources import Recording
+from prismoe_store.stores.pairs import PairsStore
 
 D_IN, D_OUT = 40, 72  # odd widths: every grid has padding, some tiles wholly padding
 
@@ -53,7 +53,7 @@ def routed_reference(a, x, sparsity):
     """float64 numpy sum over routing.route's selections, tile by tile."""
     x = np.asarray(x, np.float64)
     y = np.zeros((x.shape[0], a.d_out))
-    for p, (alpha, g) in enumerate(zip(a.alphas, a.grids)):
+    for p, (alpha, g) in enumerate(zip(a.alphas, a.grids, strict=True)):
         gw, gb = a.read_gate(p) or (np.zeros((g.workers, a.d_in), np.float32), np.zeros(g.workers, np.float32))
         r = route(torch.from_numpy(x).float(), torch.from_numpy(gw), torch.from_numpy(gb), grid=g,
                   sparsity=sparsity, mode=a.mode)
@@ -61,7 +61,7 @@ def routed_reference(a, x, sparsity):
         xp[:, : a.d_in] = x
         yp = np.zeros((x.shape[0], g.d_out_pad))
         for t in range(x.shape[0]):
-            for j, w in zip(r.indices[t].tolist(), r.weights[t].double().tolist()):
+            for j, w in zip(r.indices[t].tolist(), r.weights[t].double().tolist(), strict=True):
                 rows, cols = g.tile_region(j)
                 yp[t, rows] += w * (a.read_tile(p, j).astype(np.float64) @ xp[t, cols])
         y += alpha * yp[:, : a.d_out]
@@ -111,7 +111,7 @@ def test_prefetch_changes_nothing_but_timing(adapter):
     for prefetch in (False, True):
         with open_runtime(adapter, cache_bytes=_budgets(adapter)["one pipe"], prefetch=prefetch) as rt:
             out[prefetch] = ([rt(x) for _ in range(2)], rt.stats()["cache"])
-    assert all(torch.equal(a, b) for a, b in zip(out[False][0], out[True][0]))
+    assert all(torch.equal(a, b) for a, b in zip(out[False][0], out[True][0], strict=True))
     assert out[False][1] == out[True][1]
 
 

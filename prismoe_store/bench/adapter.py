@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -287,7 +287,7 @@ class _Bench:
         curve = []
         for r in sorted({int(v) for v in np.geomspace(1, k_max, self.cfg.svd_points).round()} | {k_max}):
             a_, b_ = (t.to(self.device) for t in svd.factors(w, r))
-            s = self.held.score(lambda t: F.linear(F.linear(t, b_), a_))
+            s = self.held.score(lambda t, a_=a_, b_=b_: F.linear(F.linear(t, b_), a_))
             curve.append({"rank": r, "active_bytes": 4 * r * (m + n), "rel_err": s["rel_err"], "r2": s["r2"]})
         self._tick()
         rows = []
@@ -390,6 +390,6 @@ def _peak_rss() -> int:
 def mark_pareto(rows: list[dict]) -> None:
     """Flag rows on the quality/bytes Pareto frontier (no other row is at most as big and more accurate)."""
     pts = [(r["active_bytes"], r["rel_err"]) for r in rows]
-    for r, (b, e) in zip(rows, pts):
+    for r, (b, e) in zip(rows, pts, strict=True):
         r["pareto"] = not any((b2 <= b and e2 < e) or (b2 < b and e2 <= e) for b2, e2 in pts)
 

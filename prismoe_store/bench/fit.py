@@ -48,13 +48,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from prismoe_store.errors import DataError
-from prismoe_store.stores.pairs import PAIRS_OPTIONS, PairsStore
 from prismoe_store.stores.base import StoreOptions
+from prismoe_store.stores.pairs import PAIRS_OPTIONS, PairsStore
 
 _GEN_ROWS = 4096  # rows per generated block
 _MATMUL_ROWS = 4096  # rows of the timed matmul block

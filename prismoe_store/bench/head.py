@@ -25,16 +25,16 @@ Baselines on the same rows: bands of **contiguous token ids** with a centroid ga
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from prismoe_store.runtime.bands import DEFAULT_MASS_CAP, BandRouter, SelectRuntime
+from prismoe_store.runtime.config import RuntimeConfig
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.pairs import open_rows
-from prismoe_store.runtime.config import RuntimeConfig
-from prismoe_store.runtime.bands import DEFAULT_MASS_CAP, BandRouter, SelectRuntime
 
 SPARSITIES = (0.02, 0.05, 0.1, 0.2, 0.3)
 MASSES = (0.9, 0.95, 0.99)

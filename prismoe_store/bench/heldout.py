@@ -15,8 +15,8 @@ rows) and, when ``z`` are logits, top-1 agreement and the mean ``KL(softmax z â€
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Callable
 
 import numpy as np
 import torch

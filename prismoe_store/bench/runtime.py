@@ -31,8 +31,8 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

@@ -28,7 +28,7 @@ class GramSvd:
     right: bool  # True: basis spans the input side (V), False: the output side (U)
 
     @classmethod
-    def of(cls, w: np.ndarray, band: int = 4096) -> "GramSvd":
+    def of(cls, w: np.ndarray, band: int = 4096) -> GramSvd:
         n, m = w.shape
         right = m <= n
         k = min(m, n)

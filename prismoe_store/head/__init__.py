@@ -21,7 +21,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
 )
 
 if TYPE_CHECKING:  # the same names, for type checkers
-    from prismoe_store.head.build import HeadConfig, build_head
     from prismoe_store.head.band_gate import BandGateConfig, fit_band_gate
+    from prismoe_store.head.build import HeadConfig, build_head
     from prismoe_store.head.generate import PrisMoEHead, generate, replace_lm_head
     from prismoe_store.head.vocab_order import OrderConfig

@@ -36,20 +36,21 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
-from typing import Callable, ContextManager
 
 import numpy as np
 import torch
 
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import DataError, FitError, IncompleteStoreError
 from prismoe_store.grid import band_sizes
-from prismoe_store.stores.pairs import holdout_mask, open_rows
 from prismoe_store.runtime.slot_pool import SlotPool
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.pairs import holdout_mask, open_rows
 
 ProgressFn = Callable[[int, int], None]
-Stages = Callable[[str], ContextManager[ProgressFn | None]]
+Stages = Callable[[str], AbstractContextManager[ProgressFn | None]]
 BLOCK_ROWS = 8192  # rows per streamed block (teacher pass and epochs)
 
 

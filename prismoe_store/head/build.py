@@ -31,19 +31,20 @@ import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, ContextManager
 
 import numpy as np
 
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import DataError, StoreError
 from prismoe_store.grid import default_band_rows, next_pow2
-from prismoe_store.stores.base import StoreOptions, store_exists
 from prismoe_store.head.vocab_order import OrderConfig, band_sizes, cluster_order, hidden_metric, identity_order
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.base import StoreOptions, store_exists
 
 ProgressFn = Callable[[int, int], None]
-Stages = Callable[[str], ContextManager[ProgressFn | None]]  # stage name -> progress callback
+Stages = Callable[[str], AbstractContextManager[ProgressFn | None]]  # stage name -> progress callback
 BLOCK_BYTES = 16 << 20  # rows copied per block in the first pass
 
 

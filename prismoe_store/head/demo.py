@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import DataError, StoreError
+from prismoe_store.stores.adapter import AdapterStore
 
 ProgressFn = Callable[[int, int], None]
 StageProgress = Callable[[str], AbstractContextManager[ProgressFn | None]]
@@ -94,11 +94,11 @@ def run_head_demo(out_dir, sample: HeadSample | None = None, config: HeadDemoCon
     ``runtime`` (measured top-1 agreement and speed of the sparse runtime against the dense
     head), ``bytes`` and ``plot``.
     """
-    from prismoe_store.head.band_gate import BandGateConfig, fit_band_gate
-    from prismoe_store.inspection.compare import open_matrix
     from prismoe_store.bench.head import benchmark_head, plot_head
+    from prismoe_store.head.band_gate import BandGateConfig, fit_band_gate
     from prismoe_store.head.build import HeadConfig, build_head
     from prismoe_store.head.vocab_order import OrderConfig
+    from prismoe_store.inspection.compare import open_matrix
 
     sample = sample or HeadSample.committed()
     progress = progress or (lambda stage: nullcontext(None))
@@ -107,7 +107,9 @@ def run_head_demo(out_dir, sample: HeadSample | None = None, config: HeadDemoCon
     existing = _finished(url, config)
     t0 = time.perf_counter()
     if existing is None:
-        stages = lambda name: progress(f"head: {name}")
+        def stages(name):
+            return progress(f"head: {name}")
+
         rep = build_head(sample.gguf, url, overwrite=True, stages=stages,
                          config=HeadConfig(hidden=sample.train, int8=True,
                                            order=OrderConfig(iterations=config.iterations)))
@@ -169,15 +171,17 @@ def _run_against_dense(adapter: AdapterStore, dense: torch.Tensor, held, config:
     """Top-1 of the sparse runtime against ``F.linear(x, dense)`` on every held-out row; speed ratios
     (batch 1 and ``config.batch``) timed interleaved in this run; then ``config.cache_tokens`` rows
     one at a time through a runtime whose tile cache holds ``config.cache_share`` of the bands."""
-    from prismoe_store.stores.pairs import open_rows
-    from prismoe_store.runtime.config import RuntimeConfig
     from prismoe_store.runtime.bands import SelectRuntime
+    from prismoe_store.runtime.config import RuntimeConfig
+    from prismoe_store.stores.pairs import open_rows
 
     read, S = open_rows(held, adapter.d_in)
     x_all = torch.from_numpy(read(0, S))  # [S, d]
     steps = S + 2 * config.repeats + config.cache_tokens
     rt = SelectRuntime(adapter, RuntimeConfig(sparsity=config.sparsity))  # every band resident: compute only
-    linear = lambda x: torch.nn.functional.linear(x, dense)
+    def linear(x):
+        return torch.nn.functional.linear(x, dense)
+
     same = 0
     with torch.no_grad():
         for start in range(0, S, config.batch):

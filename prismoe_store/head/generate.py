@@ -41,7 +41,7 @@ class PrisMoEHead(torch.nn.Module):
         self.out_features = runtime.d_out  # vocabulary size, like nn.Linear
 
     @classmethod
-    def from_adapter(cls, adapter, **runtime_options) -> "PrisMoEHead":
+    def from_adapter(cls, adapter, **runtime_options) -> PrisMoEHead:
         """Open a runtime on ``adapter`` (path, URL or TileSource) with :func:`open_runtime` options."""
         return cls(open_runtime(adapter, **runtime_options))
 
@@ -203,13 +203,13 @@ def generate_all(adapter, model, prompts: list[str], *, max_new_tokens: int = 20
         replace_embedding(net, PrisMoEEmbedding(head.runtime))
     results = []
     try:
-        for inputs, original_ids in zip(encoded, originals):
+        for inputs, original_ids in zip(encoded, originals, strict=True):
             head.runtime.reset_stats()
             ids = greedy(inputs)
             prompt_ids = inputs["input_ids"][0]
             agreement = prefix = None
             if original_ids is not None:
-                pairs = list(zip(ids.tolist(), original_ids.tolist()))
+                pairs = list(zip(ids.tolist(), original_ids.tolist(), strict=False))
                 n = max(len(ids), len(original_ids))
                 agreement = sum(int(a == b) for a, b in pairs) / n if n else 1.0
                 prefix = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))

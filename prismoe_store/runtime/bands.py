@@ -317,7 +317,7 @@ class SelectRuntime:
         self.pool.close()
         self.host.close()
 
-    def __enter__(self) -> "SelectRuntime":
+    def __enter__(self) -> SelectRuntime:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -51,7 +51,7 @@ def dense_matrix(source: TileSource | BandSource) -> np.ndarray:
             w[order[start:start + len(rows)]] = rows
         return w
     w = np.zeros((source.d_out, source.d_in), np.float64)
-    for p, (alpha, g) in enumerate(zip(source.alphas, source.grids)):
+    for p, (alpha, g) in enumerate(zip(source.alphas, source.grids, strict=True)):
         weight = alpha * tile_scale(source.mode, g)
         for j in g.active_workers():
             rows, cols = g.valid_region(j)

@@ -46,7 +46,6 @@ True
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -68,6 +67,7 @@ from prismoe_store.runtime.quant import int8_ready
 from prismoe_store.runtime.slot_pool import PoolStats, SlotPool, slot_bytes
 from prismoe_store.runtime.tile_source import TileSource
 from prismoe_store.stores.adapter import AdapterStore
+
 
 class Runtime:
     """A callable ``[..., d_in] → [..., d_out]`` over an adapter (see the module docstring)."""
@@ -167,7 +167,7 @@ class Runtime:
                     if q != p:
                         pool.clear()
             ys[p] = self._pipe(p, x)[:, : self.d_out]  # [B, N]
-        y = sum(alpha * yp for alpha, yp in zip(self.alphas, ys))  # [B, N], summed in pipe order
+        y = sum(alpha * yp for alpha, yp in zip(self.alphas, ys, strict=True))  # [B, N], summed in pipe order
         if self.prefetch:
             self._prefetch()
         if self.device.type == "cuda":
@@ -329,7 +329,7 @@ class Runtime:
             q.close()
         self.host.close()
 
-    def __enter__(self) -> "Runtime":
+    def __enter__(self) -> Runtime:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -20,7 +20,7 @@ and :func:`infer_line` are the one-line summaries the CLI prints.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -16,14 +16,14 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.errors import DataError
+from prismoe_store.stores.adapter import AdapterStore
 
 QMAX = 127  # symmetric range [-127, 127]; -128 is never used, so negation is exact
 SCHEME = "int8-absmax-per-row"  # what the adapter's ``int8`` attribute records

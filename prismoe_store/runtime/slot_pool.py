@@ -33,9 +33,9 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ class PoolStats:
         return {**asdict(self), "hit_rate": self.hit_rate}
 
     @staticmethod
-    def combine(stats: list["PoolStats"], *, peak_bytes: int, budget_bytes: int) -> "PoolStats":
+    def combine(stats: list[PoolStats], *, peak_bytes: int, budget_bytes: int) -> PoolStats:
         """The counters of several pools summed (the peak and budget are the caller's, taken over all)."""
         total = {k: sum(getattr(s, k) for s in stats) for k in ("hits", "misses", "evictions", "bytes_loaded",
                                                                  "used_bytes", "tiles", "slots")}
@@ -216,7 +216,7 @@ class SlotPool:
         ids = tiles.tolist()
         reads = self._readers.map(self.load, ids) if self._readers and len(ids) > 1 else map(self.load, ids)
         if self._copy_stream is None:
-            for slot, arrays in zip(slots.tolist(), reads):
+            for slot, arrays in zip(slots.tolist(), reads, strict=True):
                 self._write_slot(self.data[slot], None if self.scales is None else self.scales[slot], arrays)
         else:
             self._fill_cuda(list(reads), slots)

@@ -50,7 +50,7 @@ def test_quality_matches_float64_references(stores):
     r = benchmark_adapter(adapter, pairs, sparsities=(0.5, 1.0), **FAST)
     x, z = _heldout(pairs)
     assert r["heldout"]["rows"] == len(x) and r["heldout"]["logits"] is False
-    rows = {(row["method"], row["sparsity"], row["quant"], row["mode"]): row for row in r["rows"]}
+    rows = {(row["method"], row["sparsity"], row["quant"], row["schedule"]): row for row in r["rows"]}
     assert len(r["rows"]) == 1 + 2 + 2 * 2 * 2
 
     # dense: Σ α_p W_p against a float64 product, and against the fit's own held-out metric
@@ -63,8 +63,8 @@ def test_quality_matches_float64_references(stores):
     assert d["active_bytes"] == 4 * 16 * 48 and d["top1"] is None and d["kl"] is None
 
     # the adapter at ρ = 1 with its (uniform) gate is the dense matrix, parallel or serial
-    for mode in ("parallel", "serial"):
-        assert rows[("adapter", 1.0, "fp32", mode)]["rel_err"] == pytest.approx(d["rel_err"], abs=1e-5)
+    for schedule in ("parallel", "serial"):
+        assert rows[("adapter", 1.0, "fp32", schedule)]["rel_err"] == pytest.approx(d["rel_err"], abs=1e-5)
     assert r["checks"]["uniform_rho1_vs_dense_rel_err_diff"] < 1e-6
     assert r["checks"]["serial_vs_parallel_max_rel_diff"] < 1e-5
 

@@ -116,7 +116,8 @@ def generate_cmd(adapter, model, prompts, prompts_file, max_new_tokens, compare,
         raise click.UsageError("give --prompt TEXT (repeatable) or --prompts-file PATH")
     if not (quiet or as_json):
         click.echo(f"note: loading the model {model} (a GGUF is dequantized into float tensors first), then "
-                   f"{len(prompts)} prompt(s) of {max_new_tokens} new tokens" + (", twice to compare" if compare else ""),
+                   f"{len(prompts)} prompt(s) of {max_new_tokens} new tokens"
+                   + (", twice to compare" if compare else ""),
                    err=True)
     with bar("generate", quiet=quiet or as_json, unit="prompt") as progress:
         if progress:

@@ -10,11 +10,12 @@ from click.testing import CliRunner
 
 pytest.importorskip("transformers")
 
-from prismoe_store.stores.adapter import AdapterStore  # noqa: E402
+from tiny_models import save_llama  # noqa: E402
+
 from prismoe_store.errors import DataError  # noqa: E402
 from prismoe_store.grid import plan_grid  # noqa: E402
 from prismoe_store.head.generate import PrisMoEHead, generate, load_causal_lm, replace_lm_head  # noqa: E402
-from tiny_models import save_llama  # noqa: E402
+from prismoe_store.stores.adapter import AdapterStore  # noqa: E402
 
 
 def head_adapter(path, weight: np.ndarray, workers: int = 8) -> AdapterStore:
@@ -88,8 +89,8 @@ def test_generate_command(llama):
 def test_head_adapter_and_embedding_keep_the_text_at_all_bands(tmp_path):
     """A head adapter of a tied model's matrix (`prismoe head`), swapped in for both the lm_head and
     the input embedding, generates exactly the original text when every band is computed."""
-    from prismoe_store.head.generate import generate_all
     from prismoe_store.head.build import HeadConfig, build_head
+    from prismoe_store.head.generate import generate_all
 
     folder = save_llama(tmp_path / "model", tie_embeddings=True)
     build_head(str(folder), str(tmp_path / "head.zarr"), config=HeadConfig(band_rows=16))

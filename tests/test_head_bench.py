@@ -7,9 +7,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.bench.head import benchmark_head, format_head_report, plot_head
 from prismoe_store.head.build import HeadConfig, build_head
+from prismoe_store.stores.adapter import AdapterStore
 
 
 @pytest.fixture(scope="module")

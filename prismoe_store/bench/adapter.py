@@ -177,7 +177,8 @@ def _benchmark(adapter, pairs, cfg: BenchConfig, progress: Progress | None) -> d
     xb = torch.from_numpy(np.resize(x, (cfg.batch, m))).to(device)  # the throughput batch (rows cycled if few)
     gate_bytes = sum(4 * g.workers * (m + 1) for g in grids)
     bench = _Bench(held=held, x1=xb[:1], xb=xb, cfg=cfg, device=device, dense_bytes=4 * m * n, gate_bytes=gate_bytes)
-    steps = 2 + len(cfg.sparsities) * (1 + 2 * len(quants) * len(cfg.schedules)) + len(cfg.budgets) * len(cfg.hit_rhos())
+    steps = (2 + len(cfg.sparsities) * (1 + 2 * len(quants) * len(cfg.schedules))
+             + len(cfg.budgets) * len(cfg.hit_rhos()))
     bench.ticker(progress, steps)
 
     # the tiles' source: host RAM (read once) or the store

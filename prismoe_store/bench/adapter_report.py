@@ -48,7 +48,8 @@ def format_markdown(report: dict) -> str:
     batch = report["config"]["batch"]
     lines = [f"## Benchmark: {report['adapter']} on {report['pairs']}", "",
              f"{s['d_in']} → {s['d_out']}, {s['mode']} tiles, {gate}; {h['rows']} held-out rows; "
-             f"device {report['device']} ({report['threads']} CPU thread{'s' if report['threads'] != 1 else ''}); tiles served from {report['tiles_from']}.",
+             f"device {report['device']} ({report['threads']} CPU thread{'s' if report['threads'] != 1 else ''}); "
+             f"tiles served from {report['tiles_from']}.",
              ""]
     lines += [f"- pipe {p + 1}: {g}" for p, g in enumerate(s["grids"])]
     lines.append("")

@@ -244,7 +244,8 @@ def plot_head(r: dict, path) -> str:
     ax = fig.add_subplot()
     fixed = [s for s in r["settings"] if s["setting"].startswith("rho")]
     adaptive = [s for s in r["settings"] if s["setting"].startswith("mass")]
-    ax.plot([s["row_share"] for s in fixed], [s["top1"] for s in fixed], "o-", label="clustered bands, trained gate (ρ)")
+    ax.plot([s["row_share"] for s in fixed], [s["top1"] for s in fixed], "o-",
+            label="clustered bands, trained gate (ρ)")
     if adaptive:
         ax.plot([s["row_share"] for s in adaptive], [s["top1"] for s in adaptive], "s", label="mass threshold m")
     if "contiguous" in r:

@@ -302,7 +302,8 @@ def format_report(r: dict) -> str:
         s = r["int8"]
         lines.append(f"int8 vs fp32: latency {s['latency_vs_fp32']:.2f}×, throughput {s['throughput_vs_fp32']:.2f}×, "
                      f"cache bytes {s['bytes_vs_fp32']:.2f}×, relative output error {s['rel_error_vs_fp32']:.2e}")
-    lines.append("device budget sweep over the trace (one token a call, warm half excluded; misses from the host tier):")
+    lines.append("device budget sweep over the trace "
+                 "(one token a call, warm half excluded; misses from the host tier):")
     for c in r["hit_rate"]:
         if "error" in c:
             lines.append(f"  budget {c['share']:7.2%}: {c['error']}")

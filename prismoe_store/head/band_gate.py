@@ -216,7 +216,8 @@ def _teacher_pass(adapter: AdapterStore, rows_of, targets: _Targets, device, cac
     last = adapter.d_out - adapter.band_rows * (adapter.n_bands - 1)
     per_band = adapter.band_rows * adapter.d_in * 4
     pool = SlotPool(n_tiles=adapter.n_bands, tile_shape=(adapter.band_rows, adapter.d_in), device=device,
-                    budget_bytes=cache_bytes or per_band * adapter.n_bands, tile_rows=band_sizes(adapter.d_out, adapter.band_rows),
+                    budget_bytes=cache_bytes or per_band * adapter.n_bands,
+                    tile_rows=band_sizes(adapter.d_out, adapter.band_rows),
                     load=lambda b: (adapter.read_band_tiles(b),))
     S = targets.top.shape[0]
     if progress:

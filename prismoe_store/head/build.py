@@ -161,7 +161,8 @@ def build_head(source, output, *, config: HeadConfig = HeadConfig(), overwrite: 
                           if config.order.method == "cluster" else identity_order(V))
             order, cohesion = result.order, result.cohesion
             adapter.write_order(order)
-            adapter.update_attrs(head={**adapter.attrs()["head"], "cohesion": cohesion, "order_seconds": result.seconds})
+            adapter.update_attrs(head={**adapter.attrs()["head"], "cohesion": cohesion,
+                                       "order_seconds": result.seconds})
         written = _write_bands(adapter, rows, order, stage)
     _write_centroid_gate(adapter)
     int8_bytes = None
@@ -218,7 +219,8 @@ def _refuse_bias(source, tensor: str | None, opened) -> None:
         src = opened.array.source  # the opened checkpoint behind the lazy matrix
         bias = src.bias_of(src.resolution(tensor or opened.name))
     if bias is not None:
-        raise DataError(f"{opened.label} has a bias added to its outputs ({bias if isinstance(bias, str) else 'stored'}): "
+        where = bias if isinstance(bias, str) else "stored"
+        raise DataError(f"{opened.label} has a bias added to its outputs ({where}): "
                         "head adapters hold x Wᵀ only and would drop it; this head cannot be served sparsely yet")
 
 
@@ -257,7 +259,8 @@ def _open_output(output, d: int, V: int, band_rows: int, label: str, config: Hea
             old = AdapterStore.open(output, "r+")
             head = old.attrs().get("head") or {}
         except StoreError:
-            raise StoreError(f"{output} already exists and is not a head adapter (pass --overwrite to replace it)") from None
+            raise StoreError(f"{output} already exists and is not a head adapter "
+                             "(pass --overwrite to replace it)") from None
         same = (old.layout == "partition" and (old.d_in, old.d_out) == (d, V)
                 and all(head.get(k) == v for k, v in want.items()))
         if not same or old.complete:

@@ -214,7 +214,8 @@ def generate_all(adapter, model, prompts: list[str], *, max_new_tokens: int = 20
                 agreement = sum(int(a == b) for a, b in pairs) / n if n else 1.0
                 prefix = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
             results.append(Generation(text=_decode(tokenizer, prompt_ids, ids),
-                                      original=None if original_ids is None else _decode(tokenizer, prompt_ids, original_ids),
+                                      original=(None if original_ids is None
+                                                else _decode(tokenizer, prompt_ids, original_ids)),
                                       new_tokens=len(ids), agreement=agreement, stats=head.stats(),
                                       identical_prefix=prefix))
     finally:

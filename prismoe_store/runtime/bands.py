@@ -296,7 +296,8 @@ class SelectRuntime:
         rows = self._rows / tokens  # rows computed per token
         row_bytes = self.total_bytes / self.d_out
         gate_bytes = 4 * self.n_bands * (self.d_in + 1)
-        return {"cache": self.pool.stats().to_dict(), "host": self.host.stats(), "seconds": self._seconds, "tokens": self._tokens,
+        return {"cache": self.pool.stats().to_dict(), "host": self.host.stats(), "seconds": self._seconds,
+                "tokens": self._tokens,
                 "calls": self._calls, "device": str(self.device), "quant": self.config.quant or "fp32",
                 "sparsity": self.sparsity, "mass": self.mass, "bands": self.n_bands,
                 "bands_per_token": self._bands / tokens, "row_share": rows / self.d_out,

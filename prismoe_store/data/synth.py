@@ -58,7 +58,7 @@ from prismoe_store.stores.base import StoreOptions, create_chunked, damaged_chun
 
 Kind = Literal["linear", "gated"]
 KINDS = ("linear", "gated")
-GENERATOR, GENERATOR_VERSION = "prismoe_store.data.synth", 2  # 2: machine-independent arithmetic
+GENERATOR, GENERATOR_VERSION = "prismoe_store.synth", 2  # an identity kept in provenance; 2: exact arithmetic
 _GEN_BLOCK = 256  # rows per generation block (fixed: part of what a seed means)
 _STREAM_TRUTH, _STREAM_ROWS = 0, 1  # random streams: (seed, stream[, block])
 _MIX_SCALE, _MIX_DECAY = 3.0, 0.75  # scale of the first correlated direction, ratio to the next

@@ -63,7 +63,7 @@ def head_cmd(source, output, tensor, bands, band_rows, order, iterations, hidden
     """
     from prismoe_store.head.build import HeadConfig, build_head
     from prismoe_store.head.vocab_order import OrderConfig
-    from prismoe_store.stores.formats import StoreOptions
+    from prismoe_store.stores import StoreOptions
 
     config = HeadConfig(tensor=tensor, bands=bands, band_rows=band_rows, int8=int8,
                         order=OrderConfig(method=order, iterations=iterations),
@@ -73,15 +73,7 @@ def head_cmd(source, output, tensor, bands, band_rows, order, iterations, hidden
     if as_json:
         echo_json(r.to_dict())
         return
-    click.echo(f"wrote {r.url}: {r.source} ({r.d_out} × {r.d_in}) as {r.bands} bands of {r.band_rows} rows "
-               f"in {len(r.pipe_rows)} pipes {r.pipe_rows}, {r.order} order"
-               + (f" (cohesion {r.cohesion:.3f})" if r.order == "cluster" else "")
-               + f", {r.bands_written} bands written in {r.seconds:.1f} s")
-    click.echo(f"bytes: tiles {r.stored_fp32_bytes / 2**20:.1f} MiB fp32 = {r.stored_fp32_bytes / r.matrix_bytes:.3f}× "
-               f"the matrix; gate {r.gate_bytes / 2**20:.2f} MiB ({r.gate_bytes / r.matrix_bytes:.4f}×)"
-               + (f"; INT8 tiles + scales {r.int8_bytes / 2**20:.1f} MiB ({r.int8_bytes / r.matrix_bytes:.3f}×)"
-                  if r.int8_bytes else ""))
-    click.echo(f"next: prismoe fit-gates {r.url} HIDDEN   (hidden states: prismoe collect --target none ...)")
+    click.echo(r.text())
 
 
 @click.command("head")
@@ -106,6 +98,7 @@ def bench_head_cmd(adapter, hidden, sparsities, masses, mass_cap, max_rows, int8
                    as_json, quiet):
     """Quality of a head adapter on held-out HIDDEN states: top-1, top-5, mass, KL, rows and bytes per token."""
     from prismoe_store.bench.head import benchmark_head, format_head_report, plot_head
+    from prismoe_store.stores import AdapterStore
     from prismoe_store.stores.adapter import AdapterStore
 
     store = AdapterStore.open(adapter, require_complete=True)

@@ -162,6 +162,7 @@ def bench_adapter_cmd(adapter, pairs, sparsities, device, logits, max_rows, batc
         format_markdown,
         write_plots,
     )
+    from prismoe_store.bench.adapter_report import format_markdown, write_plots
 
     with bar("benchmark", quiet=quiet or as_json, unit="step") as progress:
         report = benchmark_adapter(adapter, pairs, sparsities=sparsities, device=device, logits=logits,

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import click
-import numpy as np
 
 from cli.output import echo_json
 from cli.progress import bar, quiet_option
@@ -20,8 +16,9 @@ def _runtime_options(f):
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
         click.option("--cache-mb", type=float, default=None, help="Tile cache budget in MiB [default: every tile]."),
         click.option("--int8", is_flag=True, help="Use the INT8 tiles (run `prismoe quantize` first)."),
-        click.option("--mode", type=click.Choice(["parallel", "serial"]), default="parallel", show_default=True,
-                     help="serial: one pipe's tiles in the cache at a time."),
+        click.option("--schedule", "--mode", "schedule", type=click.Choice(["parallel", "serial"]), default="parallel",
+                     show_default=True, help="How the pipes share the tile cache; serial: one pipe's tiles in it at "
+                                             "a time (--mode is the old spelling)."),
         click.option("--sparsity", type=float, default=None,
                      help="ρ, share of tiles (bands of a head adapter) per token [default: the gates' ρ; "
                           "1.0 without gates; 0.1 for a head adapter]."),
@@ -33,16 +30,9 @@ def _runtime_options(f):
     return f
 
 
-def _runtime_kwargs(device, cache_mb, int8, mode, sparsity, mass=None) -> dict:
+def _runtime_kwargs(device, cache_mb, int8, schedule, sparsity, mass=None) -> dict:
     return {"device": device, "cache_bytes": None if cache_mb is None else max(1, int(cache_mb * 2**20)),
-            "quant": "int8" if int8 else None, "mode": mode, "sparsity": sparsity, "mass": mass}
-
-
-def _cache_line(stats: dict) -> str:
-    c = stats["cache"]
-    return (f"cache: hit rate {c['hit_rate']:.3f} ({c['hits']} hits, {c['misses']} misses, "
-            f"{c['evictions']} evictions), {c['bytes_loaded'] / 2**20:.2f} MiB loaded, "
-            f"peak {c['peak_bytes'] / 2**20:.2f} of {c['budget_bytes'] / 2**20:.2f} MiB budget")
+            "quant": "int8" if int8 else None, "schedule": schedule, "sparsity": sparsity, "mass": mass}
 
 
 @click.command("infer")
@@ -53,41 +43,23 @@ def _cache_line(stats: dict) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Rows per call.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object of statistics.")
 @quiet_option
-def infer_cmd(adapter, input_path, output, device, cache_mb, int8, mode, sparsity, mass, batch_size, as_json, quiet):
+def infer_cmd(adapter, input_path, output, device, cache_mb, int8, schedule, sparsity, mass, batch_size, as_json,
+              quiet):
     """Run ADAPTER on input rows and write y [rows, d_out] (float32) to OUTPUT."""
-    from prismoe_store.runtime.grouped import open_runtime
+    from prismoe_store.runtime.infer import cache_line, check_output_folder, infer_line, infer_rows
+    from prismoe_store.runtime.open import open_runtime
 
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise click.ClickException(f"--output: the folder {folder} does not exist: create it first")
+    check_output_folder(output)
     store = AdapterStore.open(adapter, require_complete=True)
     read, rows = open_rows(input_path, store.d_in)
-    rt = open_runtime(store, **_runtime_kwargs(device, cache_mb, int8, mode, sparsity, mass))
-    part = f"{output}.{os.getpid()}.part"  # renamed onto OUTPUT only once every row is written
-    try:
-        y = np.lib.format.open_memmap(part, mode="w+", dtype=np.float32, shape=(rows, rt.d_out))
-        with rt, bar("infer", quiet=quiet or as_json, unit="row") as progress:
-            for start in range(0, rows, batch_size):
-                stop = min(rows, start + batch_size)
-                y[start:stop] = rt(read(start, stop)).cpu().numpy()
-                if progress:
-                    progress(stop, rows)
-            stats = rt.stats()
-        y.flush()
-        del y
-        os.replace(part, output)
-    finally:
-        if os.path.exists(part):
-            os.remove(part)
-    stats.update(rows=rows, d_out=rt.d_out, output=str(output),
-                 rows_per_second=rows / stats["seconds"] if stats["seconds"] else None)
+    rt = open_runtime(store, **_runtime_kwargs(device, cache_mb, int8, schedule, sparsity, mass))
+    with bar("infer", quiet=quiet or as_json, unit="row") as progress:
+        stats = infer_rows(rt, read, rows, output, batch_size=batch_size, progress=progress)
     if as_json:
         echo_json(stats)
         return
-    click.echo(f"wrote {output}: {rows} × {rt.d_out} float32 in {stats['seconds']:.3f} s "
-               f"({stats['rows_per_second'] or 0:.0f} rows/s; {stats['quant']}, {stats.get('mode', 'select')}, "
-               f"ρ = {stats['sparsity']}, {stats['device']})")
-    click.echo(_cache_line(stats))
+    click.echo(infer_line(stats))
+    click.echo(cache_line(stats))
 
 
 @click.command("quantize")
@@ -131,9 +103,10 @@ def quantize_cmd(adapter, as_json, quiet):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @quiet_option
 def generate_cmd(adapter, model, prompts, prompts_file, max_new_tokens, compare, embedding, device, cache_mb, int8,
-                 mode, sparsity, mass, as_json, quiet):
+                 schedule, sparsity, mass, as_json, quiet):
     """Generate greedily from MODEL with its lm_head replaced by ADAPTER (hidden → vocab)."""
-    from prismoe_store.head.generate import generate_all
+    from prismoe_store.head.generate import compare_summary, generate_all
+    from prismoe_store.runtime.infer import cache_line
 
     prompts = list(prompts)
     if prompts_file:
@@ -143,23 +116,20 @@ def generate_cmd(adapter, model, prompts, prompts_file, max_new_tokens, compare,
         raise click.UsageError("give --prompt TEXT (repeatable) or --prompts-file PATH")
     if not (quiet or as_json):
         click.echo(f"note: loading the model {model} (a GGUF is dequantized into float tensors first), then "
-                   f"{len(prompts)} prompt(s) of {max_new_tokens} new tokens" + (", twice to compare" if compare else ""),
+                   f"{len(prompts)} prompt(s) of {max_new_tokens} new tokens"
+                   + (", twice to compare" if compare else ""),
                    err=True)
     with bar("generate", quiet=quiet or as_json, unit="prompt") as progress:
         if progress:
             progress(0, len(prompts))
         results = generate_all(adapter, model, prompts, max_new_tokens=max_new_tokens, compare=compare,
-                               embedding=embedding, **_runtime_kwargs(device, cache_mb, int8, mode, sparsity, mass))
+                               embedding=embedding, **_runtime_kwargs(device, cache_mb, int8, schedule, sparsity, mass))
         if progress:
             progress(len(prompts), len(prompts))
     rows = [{"prompt": p, "text": g.text, "original": g.original, "same": g.same, "new_tokens": g.new_tokens,
              "agreement": g.agreement, "identical_prefix": g.identical_prefix, **g.stats}
-            for p, g in zip(prompts, results)]
-    summary = None
-    if compare:
-        summary = {"prompts": len(rows), "same_text": sum(bool(r["same"]) for r in rows),
-                   "mean_agreement": sum(r["agreement"] for r in rows) / len(rows),
-                   "mean_identical_prefix": sum(r["identical_prefix"] for r in rows) / len(rows)}
+            for p, g in zip(prompts, results, strict=True)]
+    summary = compare_summary(results) if compare else None
     if as_json:
         echo_json(rows[0] if len(rows) == 1 else {"generations": rows, "summary": summary})
         return
@@ -171,7 +141,7 @@ def generate_cmd(adapter, model, prompts, prompts_file, max_new_tokens, compare,
                        f"identical; token agreement by position {r['agreement']:.3f}")
         if "row_share" in r:
             click.echo(f"rows computed per token: {r['row_share']:.3f} of the head")
-        click.echo(_cache_line(r))
+        click.echo(cache_line(r))
     if summary:
         click.echo(f"{summary['same_text']} of {summary['prompts']} prompts gave the same text; "
                    f"on average the first {summary['mean_identical_prefix']:.1f} new tokens identical; "
@@ -211,50 +181,20 @@ def bench_runtime_cmd(adapter, hidden, device, sparsity, mass, input_path, d_in,
     store from `prismoe collect --target none`). Without ADAPTER a synthetic three-pipe adapter of
     --d-in → --d-out is built in a temporary folder.
     """
-    import torch
+    from prismoe_store.bench.runtime import benchmark_runtime_store, format_report, write_outputs
 
-    from prismoe_store.bench.runtime import (
-        benchmark_runtime,
-        format_markdown,
-        format_report,
-        plot_hit_rate,
-        synthetic_adapter,
-    )
-
-    if threads:
-        torch.set_num_threads(threads)
     if hidden and input_path:
         raise click.UsageError("give the input rows once: HIDDEN or --input")
-    input_path = hidden or input_path
-    store = None if adapter is None else AdapterStore.open(adapter, require_complete=True)
-    tokens = None
-    if input_path:  # rows as wide as the adapter's input, checked before any work
-        read, rows = open_rows(input_path, d_in if store is None else store.d_in)
-        tokens = read(0, min(rows, max(batch, 2 * hit_tokens)))
-    with tempfile.TemporaryDirectory(prefix="prismoe-bench-") as tmp:
-        if adapter is None:
-            with bar("synthetic adapter", quiet=quiet or as_json, unit="band") as progress:
-                store = synthetic_adapter(os.path.join(tmp, "adapter.zarr"), d_in=d_in, d_out=d_out,
-                                          workers=workers, progress=progress)
-            sparsity = 0.3 if sparsity is None else sparsity
-        with bar("benchmark", quiet=quiet or as_json, unit="step") as progress:
-            report = benchmark_runtime(store, device=device, sparsity=sparsity, mass=mass, tokens=tokens,
-                                       batch=batch, repeats=repeats, hit_tokens=hit_tokens, progress=progress)
-    report["adapter"] = adapter or f"synthetic {d_in}→{d_out}, {workers} workers a pipe"
-    report["input"] = input_path or "Gaussian"
-    report["threads"] = torch.get_num_threads()
-    if markdown:
-        with open(markdown, "w") as f:
-            f.write(format_markdown(report) + "\n")
-    if plots:
-        os.makedirs(plots, exist_ok=True)
-        report["plots"] = [os.path.join(plots, "hit_rate.png")]
-        plot_hit_rate(report, report["plots"][0])
+    report = benchmark_runtime_store(adapter, rows=hidden or input_path, d_in=d_in, d_out=d_out, workers=workers,
+                                     device=device, sparsity=sparsity, mass=mass, batch=batch, repeats=repeats,
+                                     hit_tokens=hit_tokens, threads=threads,
+                                     stage=lambda name, unit: bar(name, quiet=quiet or as_json, unit=unit))
+    written = write_outputs(report, markdown=markdown, plots=plots)
     if as_json:
         echo_json(report)
         return
     click.echo(format_report(report))
-    for p in report.get("plots", []) + ([markdown] if markdown else []):
+    for p in written:
         click.echo(f"wrote {p}")
 
 

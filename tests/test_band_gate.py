@@ -59,7 +59,8 @@ def test_the_trained_gate_recovers_the_planted_bands(tmp_path):
     assert rep.after["top1"] >= 0.95, rep.after
     assert rep.after["loss"] < rep.before["loss"] and rep.after["mass"] > rep.before["mass"]
     # the centroid start is already good on such clean groups
-    rep = fit_band_gate(adapter, str(tmp_path / "h.npy"), config=BandGateConfig(epochs=0, sparsity=1 / 24, restart=True))
+    rep = fit_band_gate(adapter, str(tmp_path / "h.npy"),
+                        config=BandGateConfig(epochs=0, sparsity=1 / 24, restart=True))
     assert rep.before["top1"] >= 0.9
     stored = adapter.read_band_gate()
     assert np.isfinite(stored[0]).all() and adapter.attrs()["gates"]["settings"]["sparsity"] == pytest.approx(1 / 24)
@@ -83,7 +84,7 @@ def test_hidden_only_store_and_refusals(tmp_path):
     after = adapter.read_band_gate()
     assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])  # unchanged
     with pytest.raises(DataError, match="hidden states only"):
-        store.z
+        _ = store.z
 
 
 def test_fit_gates_command_on_a_head(tmp_path):

@@ -12,16 +12,19 @@ from click.testing import CliRunner
 from cli.main import main
 from prismoe_store.bench.adapter import (
     BenchConfig,
-    _mark_pareto,
     active_bytes,
     benchmark_adapter,
     dense_matrix,
     format_markdown,
+    mark_pareto,
     svd_rank,
 )
+from prismoe_store.bench.adapter_report import format_markdown
+from prismoe_store.bench.svd import svd_rank
 from prismoe_store.data.synth import SynthSpec, synthesize
 from prismoe_store.errors import DataError
 from prismoe_store.fit.job import fit
+from prismoe_store.runtime.dense import dense_matrix
 from prismoe_store.runtime.quant import quantize_adapter
 from prismoe_store.stores.pairs import PairsStore, holdout_mask
 
@@ -55,7 +58,7 @@ def test_quality_matches_float64_references(stores):
     r = benchmark_adapter(adapter, pairs, sparsities=(0.5, 1.0), **FAST)
     x, z = _heldout(pairs)
     assert r["heldout"]["rows"] == len(x) and r["heldout"]["logits"] is False
-    rows = {(row["method"], row["sparsity"], row["quant"], row["mode"]): row for row in r["rows"]}
+    rows = {(row["method"], row["sparsity"], row["quant"], row["schedule"]): row for row in r["rows"]}
     assert len(r["rows"]) == 1 + 2 + 2 * 2 * 2
 
     # dense: Σ α_p W_p against a float64 product, and against the fit's own held-out metric
@@ -68,8 +71,8 @@ def test_quality_matches_float64_references(stores):
     assert d["active_bytes"] == 4 * 16 * 48 and d["top1"] is None and d["kl"] is None
 
     # the adapter at ρ = 1 with its (uniform) gate is the dense matrix, parallel or serial
-    for mode in ("parallel", "serial"):
-        assert rows[("adapter", 1.0, "fp32", mode)]["rel_err"] == pytest.approx(d["rel_err"], abs=1e-5)
+    for schedule in ("parallel", "serial"):
+        assert rows[("adapter", 1.0, "fp32", schedule)]["rel_err"] == pytest.approx(d["rel_err"], abs=1e-5)
     assert r["checks"]["uniform_rho1_vs_dense_rel_err_diff"] < 1e-6
     assert r["checks"]["serial_vs_parallel_max_rel_diff"] < 1e-5
 
@@ -118,7 +121,7 @@ def test_logits_add_top1_and_kl(tmp_path):
                           provenance={"kind": "collected", "settings": {"target": "logits"}})
     p.append(x, z)
     a = fit(p, str(tmp_path / "a.zarr"), workers=4, scheduler="synchronous")
-    small = dict(FAST, sparsities=(1.0,), quants=("fp32",), modes=("parallel",), hit_sparsities=())
+    small = dict(FAST, sparsities=(1.0,), quants=("fp32",), schedules=("parallel",), hit_sparsities=())
     r = benchmark_adapter(a, p, **small)
     assert r["heldout"]["logits"] is True and r["heldout"]["logits_from"] == "provenance"
     d = r["rows"][0]
@@ -171,5 +174,5 @@ def test_bad_input_is_one_clear_error(stores, tmp_path):
 
 def test_pareto_marks_the_non_dominated_rows():
     rows = [{"active_bytes": b, "rel_err": e} for b, e in ((100, 0.5), (50, 0.6), (60, 0.7), (200, 0.5), (10, 0.9))]
-    _mark_pareto(rows)
+    mark_pareto(rows)
     assert [r["pareto"] for r in rows] == [True, True, False, False, True]

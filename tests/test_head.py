@@ -64,7 +64,7 @@ def test_replace_checks_widths(llama, tmp_path):
 
 def test_generate_equals_the_original_model_at_rho_1(llama):
     folder, adapter, _ = llama
-    g = generate(adapter, str(folder), "the model reads", max_new_tokens=12, compare=True, mode="serial")
+    g = generate(adapter, str(folder), "the model reads", max_new_tokens=12, compare=True, schedule="serial")
     assert g.new_tokens == 12
     assert g.same and g.agreement == 1.0 and g.identical_prefix == 12
     assert g.text.startswith("the model reads") and g.text != "the model reads"

@@ -33,7 +33,7 @@ def test_metrics_match_a_dense_reference(setup):
     assert full["row_share"] == pytest.approx(1.0)
     # ρ = 0.25 by hand: the runtime's routing, the dense softmax
     part = next(s for s in r["settings"] if s["setting"] == "rho=0.25")
-    from prismoe_store.runtime.grouped import open_runtime
+    from prismoe_store.runtime import open_runtime
 
     with open_runtime(adapter, sparsity=0.25) as rt:
         x = torch.from_numpy(h)

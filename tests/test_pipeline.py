@@ -182,7 +182,7 @@ def test_demo_like_run_reports_sane_values(synth_pairs, head_sample, tmp_path):
     assert [s["status"] for s in res["train"]["stages"]] == ["skipped", "ran", "ran", "ran"]
     b = res["benchmark"]
     assert b["gates"]["trained"] and b["gates"]["sparsity"] == 0.3 and b["quants"] == ["fp32", "int8"]
-    rows = {(r["method"], r["sparsity"], r["quant"], r["mode"]): r for r in b["rows"]}
+    rows = {(r["method"], r["sparsity"], r["quant"], r["schedule"]): r for r in b["rows"]}
     dense = rows[("dense", None, "fp32", None)]
     assert dense["rel_err"] == pytest.approx(AdapterStore.open(out / "adapter.zarr").attrs()["metrics"]["combined"]
                                              ["rel_err"], abs=1e-6)

@@ -1,5 +1,5 @@
 """The runtime against float64 references: dense products at ρ = 1 for every cache budget and
-both pipe modes, a numpy re-implementation of the routed sum at ρ < 1, INT8, budgets, padding,
+both pipe schedules, a numpy re-implementation of the routed sum at ρ < 1, INT8, budgets, padding,
 and the `prismoe infer` / `prismoe quantize` commands."""
 
 import json
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from tile_sources import Recording
 
 from prismoe_store import open_runtime
 from prismoe_store.errors import CacheError, DataError, IncompleteStoreError
@@ -52,7 +53,7 @@ def routed_reference(a, x, sparsity):
     """float64 numpy sum over routing.route's selections, tile by tile."""
     x = np.asarray(x, np.float64)
     y = np.zeros((x.shape[0], a.d_out))
-    for p, (alpha, g) in enumerate(zip(a.alphas, a.grids)):
+    for p, (alpha, g) in enumerate(zip(a.alphas, a.grids, strict=True)):
         gw, gb = a.read_gate(p) or (np.zeros((g.workers, a.d_in), np.float32), np.zeros(g.workers, np.float32))
         r = route(torch.from_numpy(x).float(), torch.from_numpy(gw), torch.from_numpy(gb), grid=g,
                   sparsity=sparsity, mode=a.mode)
@@ -60,7 +61,7 @@ def routed_reference(a, x, sparsity):
         xp[:, : a.d_in] = x
         yp = np.zeros((x.shape[0], g.d_out_pad))
         for t in range(x.shape[0]):
-            for j, w in zip(r.indices[t].tolist(), r.weights[t].double().tolist()):
+            for j, w in zip(r.indices[t].tolist(), r.weights[t].double().tolist(), strict=True):
                 rows, cols = g.tile_region(j)
                 yp[t, rows] += w * (a.read_tile(p, j).astype(np.float64) @ xp[t, cols])
         y += alpha * yp[:, : a.d_out]
@@ -86,12 +87,12 @@ def _budgets(a):
     return {"one tile": tile, "one pipe": pipe, "one token": token, "everything": None}
 
 
-@pytest.mark.parametrize("mode", ["parallel", "serial"])
+@pytest.mark.parametrize("schedule", ["parallel", "serial"])
 @pytest.mark.parametrize("budget", ["one tile", "one pipe", "one token", "everything"])
-def test_rho1_equals_the_dense_product_for_every_budget(adapter, mode, budget):
+def test_rho1_equals_the_dense_product_for_every_budget(adapter, schedule, budget):
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 3, D_IN)).astype(np.float32))
     ref, mag = dense_reference(adapter, x.numpy())
-    with open_runtime(adapter, cache_bytes=_budgets(adapter)[budget], mode=mode, sparsity=1.0) as rt:
+    with open_runtime(adapter, cache_bytes=_budgets(adapter)[budget], schedule=schedule, sparsity=1.0) as rt:
         for _ in range(2):  # cold then warm (or streaming) cache
             y = rt(x)
             assert y.shape == (2, 3, D_OUT) and y.dtype == torch.float32
@@ -100,7 +101,7 @@ def test_rho1_equals_the_dense_product_for_every_budget(adapter, mode, budget):
         assert s["peak_bytes"] <= s["budget_bytes"]
         live = sum(g.active_count for g in adapter.grids)
         assert s["hits"] + s["misses"] == 2 * live
-        if mode == "parallel" and budget in ("one token", "everything"):
+        if schedule == "parallel" and budget in ("one token", "everything"):
             assert s["misses"] == live and s["evictions"] == 0  # the second call is all hits
 
 
@@ -110,7 +111,7 @@ def test_prefetch_changes_nothing_but_timing(adapter):
     for prefetch in (False, True):
         with open_runtime(adapter, cache_bytes=_budgets(adapter)["one pipe"], prefetch=prefetch) as rt:
             out[prefetch] = ([rt(x) for _ in range(2)], rt.stats()["cache"])
-    assert all(torch.equal(a, b) for a, b in zip(out[False][0], out[True][0]))
+    assert all(torch.equal(a, b) for a, b in zip(out[False][0], out[True][0], strict=True))
     assert out[False][1] == out[True][1]
 
 
@@ -128,13 +129,13 @@ def test_batch_shapes_and_numpy_input(adapter):
 
 
 @pytest.mark.parametrize("fit_mode", ["joint", "independent"])
-@pytest.mark.parametrize("mode", ["parallel", "serial"])
-def test_sparse_routing_matches_a_numpy_reference(tmp_path, fit_mode, mode):
+@pytest.mark.parametrize("schedule", ["parallel", "serial"])
+def test_sparse_routing_matches_a_numpy_reference(tmp_path, fit_mode, schedule):
     a = make_adapter(tmp_path / "g.zarr", mode=fit_mode, gates=True, seed=3)
     x = np.random.default_rng(4).standard_normal((6, D_IN)).astype(np.float32)
     ref = routed_reference(a, x, 0.3)
     _, mag = dense_reference(a, x)
-    with open_runtime(a, sparsity=0.3, mode=mode, cache_bytes=_budgets(a)["one pipe"]) as rt:
+    with open_runtime(a, sparsity=0.3, schedule=schedule, cache_bytes=_budgets(a)["one pipe"]) as rt:
         assert_float32_close(rt(x), ref, 4 * mag)
         for t in range(2):  # one token a call (decoding): every tile serves one token, the fused path
             assert_float32_close(rt(x[t]), ref[t], 4 * mag[t])
@@ -147,26 +148,6 @@ def test_sparsity_defaults(tmp_path, adapter):
     g.update_attrs(gates={"complete": True, "settings": {"sparsity": 0.5, "temperature": 2.0}})
     assert open_runtime(g).sparsity == 0.5 and open_runtime(g).temperature == 2.0
     assert open_runtime(g, sparsity=0.1).sparsity == 0.1
-
-
-class Recording:
-    """A TileSource that records every tile read (and stands in for any non-Zarr source)."""
-
-    def __init__(self, inner):
-        self.inner, self.reads = inner, []
-        self.d_in, self.d_out, self.mode, self.alphas, self.grids = (
-            inner.d_in, inner.d_out, inner.mode, inner.alphas, inner.grids)
-
-    def read_tile(self, pipe, worker):
-        self.reads.append((pipe, worker))
-        return self.inner.read_tile(pipe, worker)
-
-    def read_tile_int8(self, pipe, worker):
-        self.reads.append((pipe, worker))
-        return self.inner.read_tile_int8(pipe, worker)
-
-    def read_gate(self, pipe):
-        return self.inner.read_gate(pipe)
 
 
 @pytest.mark.parametrize("sparsity", [1.0, 0.3])
@@ -183,11 +164,11 @@ def test_padding_workers_are_never_selected_nor_loaded(tmp_path, sparsity):
 def test_serial_holds_one_pipe_parallel_holds_all(adapter):
     x = np.random.default_rng(6).standard_normal((4, D_IN)).astype(np.float32)
     peaks = {}
-    for mode in ("parallel", "serial"):
-        with open_runtime(adapter, mode=mode) as rt:
+    for schedule in ("parallel", "serial"):
+        with open_runtime(adapter, schedule=schedule) as rt:
             rt(x)
             rt(x)
-            peaks[mode] = rt.stats()["cache"]["peak_bytes"]
+            peaks[schedule] = rt.stats()["cache"]["peak_bytes"]
     b = _budgets(adapter)
     assert peaks["parallel"] == b["one token"]
     assert peaks["serial"] == b["one pipe"] < peaks["parallel"]
@@ -241,7 +222,7 @@ def test_errors(tmp_path, adapter):
     with pytest.raises(CacheError, match="smaller than one tile"):
         open_runtime(adapter, cache_bytes=tile - 1)
     with pytest.raises(DataError):
-        open_runtime(adapter, mode="sideways")
+        open_runtime(adapter, schedule="sideways")
     with pytest.raises(DataError):
         open_runtime(adapter, sparsity=0.0)
     unfinished = make_adapter(tmp_path / "u.zarr")
@@ -255,8 +236,8 @@ def test_errors(tmp_path, adapter):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("quant", [None, "int8"])
-@pytest.mark.parametrize("mode", ["parallel", "serial"])
-def test_cuda_matches_dense_and_stays_in_budget(tmp_path, mode, quant):
+@pytest.mark.parametrize("schedule", ["parallel", "serial"])
+def test_cuda_matches_dense_and_stays_in_budget(tmp_path, schedule, quant):
     a = make_adapter(tmp_path / "big.zarr", d_in=1024, d_out=4096, workers=16)  # 1 MiB float32 tiles
     if quant:
         quantize_adapter(a)
@@ -264,12 +245,12 @@ def test_cuda_matches_dense_and_stays_in_budget(tmp_path, mode, quant):
     ref, mag = dense_reference(a, x)
     xc = torch.from_numpy(x).cuda()
     torch.cuda.synchronize()
-    with open_runtime(a, device="cuda", mode=mode, quant=quant, sparsity=1.0) as probe:
+    with open_runtime(a, device="cuda", schedule=schedule, quant=quant, sparsity=1.0) as probe:
         budget = max(g.active_count for g in a.grids) * max(probe.entry_bytes(p) for p in range(3))  # one pipe
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    with open_runtime(a, device="cuda", cache_bytes=budget, mode=mode, quant=quant, sparsity=1.0) as rt:
+    with open_runtime(a, device="cuda", cache_bytes=budget, schedule=schedule, quant=quant, sparsity=1.0) as rt:
         for _ in range(3):
             y = rt(xc)
         torch.cuda.synchronize()

@@ -4,36 +4,11 @@ ratios consistent with the times they come from, the dense matrix the adapter st
 import json
 
 import numpy as np
-import torch
 from click.testing import CliRunner
 
 from cli.main import main
-from prismoe_store.bench.runtime import benchmark_runtime, dense_matrix, synthetic_adapter
-from prismoe_store.grid import plan_pipes
+from prismoe_store.bench.runtime import benchmark_runtime, synthetic_adapter
 from prismoe_store.head.build import HeadConfig, build_head
-from prismoe_store.runtime.grouped import open_runtime
-from prismoe_store.stores.adapter import AdapterStore
-
-
-def test_dense_matrix_of_a_head_is_the_source_in_token_order(tmp_path):
-    w = np.random.default_rng(0).standard_normal((100, 12)).astype(np.float32)
-    np.save(tmp_path / "w.npy", w)
-    build_head(str(tmp_path / "w.npy"), str(tmp_path / "h.zarr"), config=HeadConfig(band_rows=16))
-    assert torch.equal(dense_matrix(AdapterStore.open(str(tmp_path / "h.zarr"))), torch.from_numpy(w))
-
-
-def test_dense_matrix_of_a_fitted_adapter_is_what_it_computes_at_rho_1(tmp_path):
-    """Without gates (uniform weights) the runtime at ρ = 1 computes Σ_p α_p W_p."""
-    grids = plan_pipes(24, 40, 8)
-    a = AdapterStore.create(str(tmp_path / "a.zarr"), grids=grids, alphas=(0.5, 0.3, 0.2), attrs={"complete": True})
-    rng = np.random.default_rng(3)
-    for p, g in enumerate(grids):
-        for r in range(g.rows):
-            a.write_band(p, r, rng.standard_normal((g.tile_out, g.d_in_pad)).astype(np.float32))
-    x = torch.randn(5, 24)
-    with open_runtime(a, sparsity=1.0) as rt:
-        y = rt(x)
-    torch.testing.assert_close(y, x @ dense_matrix(a).T, rtol=1e-4, atol=1e-4)
 
 
 def test_benchmark_of_a_fitted_adapter(tmp_path):
@@ -51,7 +26,7 @@ def test_benchmark_of_a_fitted_adapter(tmp_path):
     small, full = r["hit_rate"]
     assert full["hit_rate"] >= small["hit_rate"] and full["bytes_loaded_per_token"] <= small["bytes_loaded_per_token"]
     assert r["hit_rate"][0]["peak_bytes"] <= r["hit_rate"][0]["budget_bytes"]
-    assert r["modes"]["serial"]["peak_bytes"] < r["modes"]["parallel"]["peak_bytes"]
+    assert r["schedules"]["serial"]["peak_bytes"] < r["schedules"]["parallel"]["peak_bytes"]
 
 
 def test_benchmark_command_on_a_head_with_hidden_rows(tmp_path):
@@ -64,7 +39,7 @@ def test_benchmark_command_on_a_head_with_hidden_rows(tmp_path):
                                     "--markdown", str(tmp_path / "r.md"), "--plots", str(tmp_path / "plots")])
     assert res.exit_code == 0, res.output
     r = json.loads(res.output)
-    assert r["kind"] == "head" and r["sparsity"] == 0.1 and r["modes"] is None
+    assert r["kind"] == "head" and r["sparsity"] == 0.1 and r["schedules"] is None
     assert 0.05 < r["fp32"]["row_share"] <= 0.15
     assert r["int8"] is not None
     assert (tmp_path / "plots" / "hit_rate.png").stat().st_size > 0

@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -243,7 +243,8 @@ def format_report(r: dict) -> str:
              f"{budget}, pairs {r.get('compressor', '?')}"]
     for run in r["runs"]:
         st = run["stages"]
-        lines.append(f"  {run['rows']:>9d} rows: {run['fit_s']:6.2f} s (pass {st['pass']:.2f}, solve {st['solve']:.2f}, "
+        lines.append(f"  {run['rows']:>9d} rows: {run['fit_s']:6.2f} s "
+                     f"(pass {st['pass']:.2f}, solve {st['solve']:.2f}, "
                      f"metrics {st['metrics']:.2f}, rest {st['rest']:.2f}), flop ratio {run['flop_ratio']:.2f} "
                      f"(pass {run['pass_ratio']:.2f}, per CPU-s {run['cpu_flop_ratio']:.2f}) of "
                      f"{run['matmul_gflops']:.0f} GFLOP/s float32 matmul, peak RSS {run['peak_rss_mb']:.0f} MiB, "
@@ -252,6 +253,7 @@ def format_report(r: dict) -> str:
     lines.append(f"  best flop ratio per row count: {best} (target ≥ 0.5, goal 0.8); per CPU-second (largest) "
                  f"{r['cpu_flop_ratio']:.2f}")
     if "lstsq_time_ratio" in r:
-        lines.append(f"  time vs dask.array.linalg.lstsq: {r['lstsq_time_ratio']:.2f}× ({r['lstsq_s']:.2f} s for lstsq)")
+        lines.append(f"  time vs dask.array.linalg.lstsq: {r['lstsq_time_ratio']:.2f}× "
+                     f"({r['lstsq_s']:.2f} s for lstsq)")
     lines.append(f"  peak RSS largest/smallest rows: {r['rss_ratio']:.3f} (flat: ≤ 1.10)")
     return "\n".join(lines)

@@ -25,13 +25,14 @@ Baselines on the same rows: bands of **contiguous token ids** with a centroid ga
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from prismoe_store.runtime.bands import DEFAULT_MASS_CAP, BandRouter, SelectRuntime
+from prismoe_store.runtime.config import RuntimeConfig
 from prismoe_store.runtime.grouped import RuntimeConfig
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.pairs import open_rows
@@ -244,7 +245,8 @@ def plot_head(r: dict, path) -> str:
     ax = fig.add_subplot()
     fixed = [s for s in r["settings"] if s["setting"].startswith("rho")]
     adaptive = [s for s in r["settings"] if s["setting"].startswith("mass")]
-    ax.plot([s["row_share"] for s in fixed], [s["top1"] for s in fixed], "o-", label="clustered bands, trained gate (ρ)")
+    ax.plot([s["row_share"] for s in fixed], [s["top1"] for s in fixed], "o-",
+            label="clustered bands, trained gate (ρ)")
     if adaptive:
         ax.plot([s["row_share"] for s in adaptive], [s["top1"] for s in adaptive], "s", label="mass threshold m")
     if "contiguous" in r:

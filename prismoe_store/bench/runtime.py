@@ -22,14 +22,17 @@ timed against a dense call on the same token.
 ...     a = synthetic_adapter(d + "/a.zarr", d_in=32, d_out=64, workers=8)
 ...     r = benchmark_runtime(a, repeats=1, batch=4, hit_tokens=1, budgets=(1.0,))
 >>> sorted(r)
-['baselines', 'device', 'fp32', 'hit_rate', 'int8', 'kind', 'modes', 'shape', 'sparsity']
+['baselines', 'device', 'fp32', 'hit_rate', 'int8', 'kind', 'schedules', 'shape', 'sparsity']
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import tempfile
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -37,9 +40,13 @@ import torch.nn.functional as F
 
 from prismoe_store.errors import DataError
 from prismoe_store.grid import plan_pipes
+from prismoe_store.runtime.dense import dense_matrix
 from prismoe_store.runtime.grouped import open_runtime
+from prismoe_store.runtime.open import open_runtime
 from prismoe_store.runtime.quant import int8_ready, quantize_adapter
+from prismoe_store.runtime.tile_source import TileSource
 from prismoe_store.stores.adapter import AdapterStore, TileSource
+from prismoe_store.stores.pairs import open_rows
 
 BUDGETS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # device budgets as shares of every tile
 HOST_TIER_LIMIT = 4 << 30  # the hit-rate sweep holds every tile in the host tier below this size
@@ -66,9 +73,9 @@ def synthetic_adapter(url, *, d_in: int = 512, d_out: int = 8192, workers: int =
     return a
 
 
-def is_head(adapter) -> bool:
+def is_head(adapter: TileSource) -> bool:
     """Whether ``adapter`` is a head adapter (``partition`` layout, bands behind one gate)."""
-    return getattr(adapter, "layout", "ensemble") == "partition"
+    return adapter.layout == "partition"
 
 
 def benchmark_runtime(adapter: TileSource, *, device: str = "cpu", sparsity: float | None = None,
@@ -104,7 +111,7 @@ def benchmark_runtime(adapter: TileSource, *, device: str = "cpu", sparsity: flo
     dev = torch.device(device)
     x1 = torch.from_numpy(tokens[:1]).to(dev)  # [1, M]
     xb = torch.from_numpy(tokens[:batch]).to(dev)  # [batch, M]
-    host = dense_matrix(adapter)  # [N, M] float32 on the host
+    host = torch.from_numpy(dense_matrix(adapter))  # [N, M] float32 on the host
     dense = host.to(dev)
     opts = dict(device=device, sparsity=sparsity, mass=mass)
     runtimes = {"fp32": open_runtime(adapter, **opts)}
@@ -175,44 +182,73 @@ def benchmark_runtime(adapter: TileSource, *, device: str = "cpu", sparsity: flo
         tick()
     out["hit_rate"] = curve
 
-    # 4. serial against parallel pipes (fitted adapters): peak cache bytes and time for two batches
-    out["modes"] = None if head else _modes(adapter, device, sparsity, xb, tick)
+    # 4. serial against parallel pipe schedules (fitted adapters): peak cache bytes and time for two batches
+    out["schedules"] = None if head else _schedules(adapter, device, sparsity, xb, tick)
     return out
 
 
-def _modes(adapter, device, sparsity, xb, tick) -> dict:
-    modes = {}
-    for mode in ("parallel", "serial"):
-        with open_runtime(adapter, device=device, sparsity=sparsity, mode=mode) as rt:
+def benchmark_runtime_store(adapter: str | None, *, rows: str | None = None, d_in: int = 512, d_out: int = 8192,
+                            workers: int = 512, threads: int | None = None, stage=None, **options) -> dict:
+    """:func:`benchmark_runtime` as ``prismoe benchmark runtime`` runs it: ``adapter`` a path/URL of a
+    finished adapter store, or ``None`` for a synthetic three-pipe ``d_in → d_out`` adapter of
+    ``workers`` tiles a pipe built in a temporary folder (at ρ = 0.3 unless ``sparsity`` is given);
+    ``rows`` a ``.npy`` or pairs store of input rows in trace order (``None``: Gaussian), checked
+    against the adapter's width before any work; ``threads`` the torch CPU threads (left as set
+    after the run). ``stage(name, unit)`` opens a context giving a ``progress(done, total)``
+    callback (or ``None``); ``options`` go to :func:`benchmark_runtime`. The report also names
+    ``adapter``, ``input`` and ``threads``."""
+    stage = stage or (lambda name, unit: nullcontext(None))
+    if threads:
+        torch.set_num_threads(threads)
+    store = None if adapter is None else AdapterStore.open(adapter, require_complete=True)
+    tokens = None
+    if rows:  # rows as wide as the adapter's input, checked before any work
+        read, n = open_rows(rows, d_in if store is None else store.d_in)
+        tokens = read(0, min(n, max(options.get("batch", 64), 2 * options.get("hit_tokens", 32))))
+    with tempfile.TemporaryDirectory(prefix="prismoe-bench-") as tmp:
+        if store is None:
+            with stage("synthetic adapter", "band") as progress:
+                store = synthetic_adapter(os.path.join(tmp, "adapter.zarr"), d_in=d_in, d_out=d_out,
+                                          workers=workers, progress=progress)
+            options["sparsity"] = 0.3 if options.get("sparsity") is None else options["sparsity"]
+        with stage("benchmark", "step") as progress:
+            report = benchmark_runtime(store, tokens=tokens, progress=progress, **options)
+    report["adapter"] = adapter or f"synthetic {d_in}→{d_out}, {workers} workers a pipe"
+    report["input"] = rows or "Gaussian"
+    report["threads"] = torch.get_num_threads()
+    return report
+
+
+def write_outputs(report: dict, *, markdown=None, plots=None) -> list[str]:
+    """Write the report's Markdown tables to ``markdown`` (a file) and ``hit_rate.png`` into
+    ``plots`` (a folder, made if missing); returns the paths written (plots first), and lists the
+    plots in ``report["plots"]``."""
+    written = []
+    if plots:
+        os.makedirs(plots, exist_ok=True)
+        report["plots"] = [os.path.join(plots, "hit_rate.png")]
+        plot_hit_rate(report, report["plots"][0])
+        written += report["plots"]
+    if markdown:
+        with open(markdown, "w") as f:
+            f.write(format_markdown(report) + "\n")
+        written.append(str(markdown))
+    return written
+
+
+def _schedules(adapter, device, sparsity, xb, tick) -> dict:
+    out = {}
+    for schedule in ("parallel", "serial"):
+        with open_runtime(adapter, device=device, sparsity=sparsity, schedule=schedule) as rt:
             rt(xb)
             rt(xb)
             s = rt.stats()
-        modes[mode] = {"peak_bytes": s["cache"]["peak_bytes"], "seconds": s["seconds"],
-                       "hit_rate": s["cache"]["hit_rate"]}
+        out[schedule] = {"peak_bytes": s["cache"]["peak_bytes"], "seconds": s["seconds"],
+                         "hit_rate": s["cache"]["hit_rate"]}
         tick()
-    modes["serial_vs_parallel_peak"] = modes["serial"]["peak_bytes"] / modes["parallel"]["peak_bytes"]
-    modes["serial_vs_parallel_time"] = modes["serial"]["seconds"] / modes["parallel"]["seconds"]
-    return modes
-
-
-def dense_matrix(adapter: TileSource) -> torch.Tensor:
-    """The float32 matrix ``[d_out, d_in]`` the adapter stands for: ``Σ_p α_p W_p`` assembled tile by
-    tile for a fitted adapter (what it computes at ρ = 1), the head's rows in token order for a head
-    adapter."""
-    if is_head(adapter):
-        order = adapter.read_order()  # [V] adapter row -> token
-        w = torch.empty(adapter.d_out, adapter.d_in)
-        for b in range(adapter.n_bands):
-            tiles = torch.from_numpy(np.asarray(adapter.read_band_tiles(b)))
-            w[torch.from_numpy(order[b * adapter.band_rows: b * adapter.band_rows + len(tiles)])] = tiles
-        return w
-    w = torch.zeros(adapter.d_out, adapter.d_in)
-    for p, (alpha, g) in enumerate(zip(adapter.alphas, adapter.grids)):
-        for j in g.active_workers():
-            rows, cols = g.valid_region(j)
-            tile = torch.from_numpy(np.asarray(adapter.read_tile(p, j)))
-            w[rows, cols] += alpha * tile[: rows.stop - rows.start, : cols.stop - cols.start]
-    return w
+    out["serial_vs_parallel_peak"] = out["serial"]["peak_bytes"] / out["parallel"]["peak_bytes"]
+    out["serial_vs_parallel_time"] = out["serial"]["seconds"] / out["parallel"]["seconds"]
+    return out
 
 
 def _timed(fn, x, dev: torch.device) -> float:
@@ -267,7 +303,8 @@ def format_report(r: dict) -> str:
         s = r["int8"]
         lines.append(f"int8 vs fp32: latency {s['latency_vs_fp32']:.2f}×, throughput {s['throughput_vs_fp32']:.2f}×, "
                      f"cache bytes {s['bytes_vs_fp32']:.2f}×, relative output error {s['rel_error_vs_fp32']:.2e}")
-    lines.append("device budget sweep over the trace (one token a call, warm half excluded; misses from the host tier):")
+    lines.append("device budget sweep over the trace "
+                 "(one token a call, warm half excluded; misses from the host tier):")
     for c in r["hit_rate"]:
         if "error" in c:
             lines.append(f"  budget {c['share']:7.2%}: {c['error']}")
@@ -277,7 +314,7 @@ def format_report(r: dict) -> str:
                      f"{c['bytes_loaded_per_token'] / 2**20:.2f} MiB loaded/token, "
                      f"{c['prefetched']} tiles read ahead into the host tier"
                      + (f" (prefetch hit rate {c['prefetch_hit_rate']:.2f})" if c["prefetched"] else ""))
-    m = r.get("modes")
+    m = r.get("schedules")
     if m:
         lines.append(f"serial vs parallel: peak cache bytes {m['serial']['peak_bytes'] / 2**20:.2f} vs "
                      f"{m['parallel']['peak_bytes'] / 2**20:.2f} MiB ({m['serial_vs_parallel_peak']:.2f}×), "

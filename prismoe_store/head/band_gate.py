@@ -36,8 +36,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
-from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ from prismoe_store.stores.pairs import holdout_mask, open_rows
 from prismoe_store.stores.records import GatesRecord
 
 ProgressFn = Callable[[int, int], None]
-Stages = Callable[[str], ContextManager[ProgressFn | None]]
+Stages = Callable[[str], AbstractContextManager[ProgressFn | None]]
 BLOCK_ROWS = 8192  # rows per streamed block (teacher pass and epochs)
 
 
@@ -216,7 +217,8 @@ def _teacher_pass(adapter: AdapterStore, rows_of, targets: _Targets, device, cac
     last = adapter.d_out - adapter.band_rows * (adapter.n_bands - 1)
     per_band = adapter.band_rows * adapter.d_in * 4
     pool = SlotPool(n_tiles=adapter.n_bands, tile_shape=(adapter.band_rows, adapter.d_in), device=device,
-                    budget_bytes=cache_bytes or per_band * adapter.n_bands, tile_rows=band_sizes(adapter.d_out, adapter.band_rows),
+                    budget_bytes=cache_bytes or per_band * adapter.n_bands,
+                    tile_rows=band_sizes(adapter.d_out, adapter.band_rows),
                     load=lambda b: (adapter.read_band_tiles(b),))
     S = targets.top.shape[0]
     if progress:

@@ -31,8 +31,9 @@ import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, ContextManager
 
 import numpy as np
 
@@ -43,7 +44,7 @@ from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.formats import StoreOptions, store_exists
 
 ProgressFn = Callable[[int, int], None]
-Stages = Callable[[str], ContextManager[ProgressFn | None]]  # stage name -> progress callback
+Stages = Callable[[str], AbstractContextManager[ProgressFn | None]]  # stage name -> progress callback
 BLOCK_BYTES = 16 << 20  # rows copied per block in the first pass
 
 
@@ -108,6 +109,20 @@ class HeadReport:
         """Plain dict (JSON)."""
         return asdict(self)
 
+    def text(self) -> str:
+        """What was built, its bytes against the matrix, and the next step, as three lines."""
+        ratio = self.stored_fp32_bytes / self.matrix_bytes
+        lines = [f"wrote {self.url}: {self.source} ({self.d_out} × {self.d_in}) as {self.bands} bands of "
+                 f"{self.band_rows} rows in {len(self.pipe_rows)} pipes {self.pipe_rows}, {self.order} order"
+                 + (f" (cohesion {self.cohesion:.3f})" if self.order == "cluster" else "")
+                 + f", {self.bands_written} bands written in {self.seconds:.1f} s",
+                 f"bytes: tiles {self.stored_fp32_bytes / 2**20:.1f} MiB fp32 = {ratio:.3f}× the matrix; "
+                 f"gate {self.gate_bytes / 2**20:.2f} MiB ({self.gate_bytes / self.matrix_bytes:.4f}×)"
+                 + (f"; INT8 tiles + scales {self.int8_bytes / 2**20:.1f} MiB "
+                    f"({self.int8_bytes / self.matrix_bytes:.3f}×)" if self.int8_bytes else ""),
+                 f"next: prismoe fit-gates {self.url} HIDDEN   (hidden states: prismoe collect --target none ...)"]
+        return "\n".join(lines)
+
 
 def build_head(source, output, *, config: HeadConfig = HeadConfig(), overwrite: bool = False,
                stages: Stages | None = None) -> HeadReport:
@@ -146,7 +161,8 @@ def build_head(source, output, *, config: HeadConfig = HeadConfig(), overwrite: 
                           if config.order.method == "cluster" else identity_order(V))
             order, cohesion = result.order, result.cohesion
             adapter.write_order(order)
-            adapter.update_attrs(head={**adapter.attrs()["head"], "cohesion": cohesion, "order_seconds": result.seconds})
+            adapter.update_attrs(head={**adapter.attrs()["head"], "cohesion": cohesion,
+                                       "order_seconds": result.seconds})
         written = _write_bands(adapter, rows, order, stage)
     _write_centroid_gate(adapter)
     int8_bytes = None
@@ -203,7 +219,8 @@ def _refuse_bias(source, tensor: str | None, opened) -> None:
         src = opened.array.source  # the opened checkpoint behind the lazy matrix
         bias = src.bias_of(src.resolution(tensor or opened.name))
     if bias is not None:
-        raise DataError(f"{opened.label} has a bias added to its outputs ({bias if isinstance(bias, str) else 'stored'}): "
+        where = bias if isinstance(bias, str) else "stored"
+        raise DataError(f"{opened.label} has a bias added to its outputs ({where}): "
                         "head adapters hold x Wᵀ only and would drop it; this head cannot be served sparsely yet")
 
 
@@ -242,7 +259,8 @@ def _open_output(output, d: int, V: int, band_rows: int, label: str, config: Hea
             old = AdapterStore.open(output, "r+")
             head = old.attrs().get("head") or {}
         except StoreError:
-            raise StoreError(f"{output} already exists and is not a head adapter (pass --overwrite to replace it)") from None
+            raise StoreError(f"{output} already exists and is not a head adapter "
+                             "(pass --overwrite to replace it)") from None
         same = (old.layout == "partition" and (old.d_in, old.d_out) == (d, V)
                 and all(head.get(k) == v for k, v in want.items()))
         if not same or old.complete:

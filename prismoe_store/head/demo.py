@@ -108,7 +108,9 @@ def run_head_demo(out_dir, sample: HeadSample | None = None, config: HeadDemoCon
     existing = _finished(url, config)
     t0 = time.perf_counter()
     if existing is None:
-        stages = lambda name: progress(f"head: {name}")
+        def stages(name):
+            return progress(f"head: {name}")
+
         rep = build_head(sample.gguf, url, overwrite=True, stages=stages,
                          config=HeadConfig(hidden=sample.train, int8=True,
                                            order=OrderConfig(iterations=config.iterations)))
@@ -171,6 +173,7 @@ def _run_against_dense(adapter: AdapterStore, dense: torch.Tensor, held, config:
     (batch 1 and ``config.batch``) timed interleaved in this run; then ``config.cache_tokens`` rows
     one at a time through a runtime whose tile cache holds ``config.cache_share`` of the bands."""
     from prismoe_store.runtime.bands import SelectRuntime
+    from prismoe_store.runtime.config import RuntimeConfig
     from prismoe_store.runtime.grouped import RuntimeConfig
     from prismoe_store.stores.pairs import open_rows
 
@@ -178,7 +181,9 @@ def _run_against_dense(adapter: AdapterStore, dense: torch.Tensor, held, config:
     x_all = torch.from_numpy(read(0, S))  # [S, d]
     steps = S + 2 * config.repeats + config.cache_tokens
     rt = SelectRuntime(adapter, RuntimeConfig(sparsity=config.sparsity))  # every band resident: compute only
-    linear = lambda x: torch.nn.functional.linear(x, dense)
+    def linear(x):
+        return torch.nn.functional.linear(x, dense)
+
     same = 0
     with torch.no_grad():
         for start in range(0, S, config.batch):

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from prismoe_store.errors import DataError, ModelError
-from prismoe_store.runtime.grouped import Runtime, open_runtime
+from prismoe_store.runtime.grouped import Runtime
+from prismoe_store.runtime.open import open_runtime
 
 
 class PrisMoEHead(torch.nn.Module):
@@ -40,7 +41,7 @@ class PrisMoEHead(torch.nn.Module):
         self.out_features = runtime.d_out  # vocabulary size, like nn.Linear
 
     @classmethod
-    def from_adapter(cls, adapter, **runtime_options) -> "PrisMoEHead":
+    def from_adapter(cls, adapter, **runtime_options) -> PrisMoEHead:
         """Open a runtime on ``adapter`` (path, URL or TileSource) with :func:`open_runtime` options."""
         return cls(open_runtime(adapter, **runtime_options))
 
@@ -55,7 +56,7 @@ class PrisMoEHead(torch.nn.Module):
     def extra_repr(self) -> str:
         c = self.runtime.config
         return (f"in_features={self.in_features}, out_features={self.out_features}, device={c.device}, "
-                f"quant={c.quant or 'fp32'}, mode={c.mode}, sparsity={self.runtime.sparsity}")
+                f"quant={c.quant or 'fp32'}, schedule={c.schedule}, sparsity={self.runtime.sparsity}")
 
 
 class PrisMoEEmbedding(torch.nn.Module):
@@ -140,6 +141,22 @@ class Generation:
         return None if self.original is None else self.text == self.original
 
 
+def compare_summary(generations: list[Generation]) -> dict:
+    """How a compared run went over its prompts: ``prompts``, ``same_text`` (prompts whose text is
+    identical), ``mean_agreement`` and ``mean_identical_prefix`` (means over the prompts).
+
+    >>> g = Generation("a b", "a b", 2, 1.0, {}, 2), Generation("a c", "a b", 2, 0.5, {}, 1)
+    >>> compare_summary(list(g))
+    {'prompts': 2, 'same_text': 1, 'mean_agreement': 0.75, 'mean_identical_prefix': 1.5}
+    """
+    n = len(generations)
+    if n == 0 or any(g.original is None for g in generations):
+        raise DataError("a comparison summary needs compared generations (generate with compare=True)")
+    return {"prompts": n, "same_text": sum(bool(g.same) for g in generations),
+            "mean_agreement": sum(g.agreement for g in generations) / n,
+            "mean_identical_prefix": sum(g.identical_prefix for g in generations) / n}
+
+
 def load_causal_lm(model):
     """``(model, tokenizer)`` of a causal LM — a transformers folder, a ``.gguf`` or a folder holding
     one — loaded offline in eval mode (see :func:`prismoe_store.data.models.load_model`)."""
@@ -160,7 +177,7 @@ def generate_all(adapter, model, prompts: list[str], *, max_new_tokens: int = 20
 
     ``model`` is a transformers causal-LM folder, a ``.gguf`` file, or a folder holding one (read
     offline, progress bars off). ``runtime_options`` go to
-    :func:`~prismoe_store.runtime.grouped.open_runtime`; the model runs on the runtime's device. With
+    :func:`~prismoe_store.runtime.open.open_runtime`; the model runs on the runtime's device. With
     ``compare`` the original head generates first, from the same prompts. With ``embedding`` the
     model's input embedding is replaced too (a head adapter of the tied matrix; the two share one
     band pool). Raises :class:`ModelError` for a model that cannot be loaded, :class:`DataError`
@@ -186,18 +203,19 @@ def generate_all(adapter, model, prompts: list[str], *, max_new_tokens: int = 20
         replace_embedding(net, PrisMoEEmbedding(head.runtime))
     results = []
     try:
-        for inputs, original_ids in zip(encoded, originals):
+        for inputs, original_ids in zip(encoded, originals, strict=True):
             head.runtime.reset_stats()
             ids = greedy(inputs)
             prompt_ids = inputs["input_ids"][0]
             agreement = prefix = None
             if original_ids is not None:
-                pairs = list(zip(ids.tolist(), original_ids.tolist()))
+                pairs = list(zip(ids.tolist(), original_ids.tolist(), strict=False))
                 n = max(len(ids), len(original_ids))
                 agreement = sum(int(a == b) for a, b in pairs) / n if n else 1.0
                 prefix = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
             results.append(Generation(text=_decode(tokenizer, prompt_ids, ids),
-                                      original=None if original_ids is None else _decode(tokenizer, prompt_ids, original_ids),
+                                      original=(None if original_ids is None
+                                                else _decode(tokenizer, prompt_ids, original_ids)),
                                       new_tokens=len(ids), agreement=agreement, stats=head.stats(),
                                       identical_prefix=prefix))
     finally:

@@ -33,43 +33,23 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Protocol
 
 import numpy as np
 import torch
 
 from prismoe_store.errors import DataError, IncompleteStoreError
 from prismoe_store.grid import band_sizes
+from prismoe_store.runtime.config import GATHER_BYTES, HEAT_DECAY, RuntimeConfig, host_budget, input_rows
 from prismoe_store.runtime.grouped import GATHER_BYTES, HEAT_DECAY, RuntimeConfig, host_budget, input_rows
 from prismoe_store.runtime.host_tier import HostTier, hot_tiles
 from prismoe_store.runtime.quant import int8_ready
 from prismoe_store.runtime.slot_pool import SlotPool
+from prismoe_store.runtime.tile_source import BandSource
 from prismoe_store.stores.adapter import AdapterStore
 
 DEFAULT_HEAD_SPARSITY = 0.1  # ρ for head adapters whose gate training recorded none
 BAG_BATCH = 2  # at most this many tokens: per-pair fused products; more: one product over the union
 DEFAULT_MASS_CAP = 0.25  # most bands a token may take with a mass threshold, when no ρ is given
-
-
-class BandSource(Protocol):
-    """What the select runtime needs from a head adapter (an :class:`AdapterStore` has it all)."""
-
-    d_in: int
-    d_out: int
-
-    @property
-    def band_rows(self) -> int: ...  # rows a per band
-
-    @property
-    def n_bands(self) -> int: ...  # bands n
-
-    def read_band_tiles(self, band: int) -> np.ndarray: ...  # float32 [rows, d_in], true rows only
-
-    def read_band_int8(self, band: int) -> tuple[np.ndarray, np.ndarray]: ...  # int8 [rows, d_in], scales [rows]
-
-    def read_order(self) -> np.ndarray: ...  # int64 [d_out]: adapter row -> token id
-
-    def read_band_gate(self) -> tuple[np.ndarray, np.ndarray] | None: ...  # [n, d_in], [n]
 
 
 class BandRouter:
@@ -143,7 +123,8 @@ class SelectRuntime:
         self.host = HostTier(host_budget(config, self.device, self.total_bytes), self._read)  # decompressed bands
         self.prefetch = self.host.budget_bytes > 0 if config.prefetch is None else bool(config.prefetch)
         self.heat = np.zeros(self.n_bands)  # decayed selection counts per band (eviction and prefetch rank by them)
-        self.pool = SlotPool(n_tiles=self.n_bands, heat=self.heat if config.eviction == "heat" else None, tile_shape=(self.band_rows, self.d_in), quant=config.quant,
+        self.pool = SlotPool(n_tiles=self.n_bands, heat=self.heat if config.eviction == "heat" else None,
+                             tile_shape=(self.band_rows, self.d_in), quant=config.quant,
                              budget_bytes=config.cache_bytes or self._all_bytes(self.n_bands * self.band_rows),
                              load=self.host.get, device=self.device,
                              tile_rows=band_sizes(self.d_out, self.band_rows))
@@ -168,8 +149,7 @@ class SelectRuntime:
     def _sparsity(self, config: RuntimeConfig) -> float:
         if config.sparsity is not None:
             return float(config.sparsity)
-        attrs = self.source.attrs() if callable(getattr(self.source, "attrs", None)) else {}
-        trained = (attrs.get("gates") or {}).get("settings") or {}
+        trained = (self.source.attrs().get("gates") or {}).get("settings") or {}
         if config.mass is not None:
             return float(trained.get("mass_cap", DEFAULT_MASS_CAP))
         return float(trained.get("sparsity", DEFAULT_HEAD_SPARSITY))
@@ -317,7 +297,8 @@ class SelectRuntime:
         rows = self._rows / tokens  # rows computed per token
         row_bytes = self.total_bytes / self.d_out
         gate_bytes = 4 * self.n_bands * (self.d_in + 1)
-        return {"cache": self.pool.stats().to_dict(), "host": self.host.stats(), "seconds": self._seconds, "tokens": self._tokens,
+        return {"cache": self.pool.stats().to_dict(), "host": self.host.stats(), "seconds": self._seconds,
+                "tokens": self._tokens,
                 "calls": self._calls, "device": str(self.device), "quant": self.config.quant or "fp32",
                 "sparsity": self.sparsity, "mass": self.mass, "bands": self.n_bands,
                 "bands_per_token": self._bands / tokens, "row_share": rows / self.d_out,
@@ -338,7 +319,7 @@ class SelectRuntime:
         self.pool.close()
         self.host.close()
 
-    def __enter__(self) -> "SelectRuntime":
+    def __enter__(self) -> SelectRuntime:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -20,8 +20,8 @@ For a batch of tokens ``x [B, d_in]`` and each pipe ``p`` of the adapter:
    so two calls on the same input may differ in the last bits (never beyond float32 rounding)
    when the cache held different tiles.
 
-Device memory: one arena of ``cache_bytes`` holds every pipe's slots. ``mode="parallel"`` gives
-each pipe a share of it proportional to its tile bytes (every pipe's tiles stay resident across
+Device memory: one arena of ``cache_bytes`` holds every pipe's slots. ``schedule="parallel"``
+gives each pipe a share of it proportional to its tile bytes (every pipe's tiles stay resident across
 calls when the budget holds them all); ``"serial"`` — and any budget too small for a slot per
 pipe — lets the pipes take turns in the whole arena: a pipe's tiles leave before the next pipe's
 arrive, so the cache never holds more than one pipe's tiles. Any budget that holds one tile works
@@ -35,7 +35,7 @@ budget (``[workers, d_in]`` floats a pipe); a reused gather buffer (at most ``GA
 >>> a = AdapterStore.create("memory://doc-runtime", grids=[g], overwrite=True, attrs={"complete": True})
 >>> w = np.zeros(g.padded_shape, np.float32); w[:10, :6] = np.arange(60).reshape(10, 6)
 >>> for r in range(g.rows): a.write_band(0, r, w[r * g.tile_out:(r + 1) * g.tile_out])
->>> rt = open_runtime(a)
+>>> rt = Runtime(a, RuntimeConfig())
 >>> x = torch.ones(2, 3, 6)
 >>> y = rt(x); y.shape, bool(torch.allclose(y, x @ torch.from_numpy(w[:10, :6]).T))
 (torch.Size([2, 3, 10]), True)
@@ -45,76 +45,28 @@ True
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prismoe_store.errors import CacheError, DataError, IncompleteStoreError
+from prismoe_store.errors import CacheError, IncompleteStoreError
 from prismoe_store.gates.routing import k_for, route
 from prismoe_store.grid import GridSpec
+from prismoe_store.runtime.config import (
+    DEFAULT_SPARSITY,
+    GATHER_BYTES,
+    HEAT_DECAY,
+    RuntimeConfig,
+    host_budget,
+    input_rows,
+)
 from prismoe_store.runtime.host_tier import HostTier, hot_tiles
 from prismoe_store.runtime.quant import int8_ready
 from prismoe_store.runtime.slot_pool import PoolStats, SlotPool, slot_bytes
-from prismoe_store.stores.adapter import AdapterStore, TileSource
-
-QUANTS = (None, "int8")
-MODES = ("parallel", "serial")
-EVICTIONS = ("heat", "lru")
-DEFAULT_SPARSITY = 0.3  # ρ for adapters whose gates do not record one
-GATHER_BYTES = 32 << 20  # most bytes of tiles gathered for one batched product
-HOST_TIER_BYTES = 4 << 30  # default host-tier budget when tiles live on an accelerator
-HEAT_DECAY = 0.99  # per call: how fast a tile's selection count fades (eviction and prefetch rank by it)
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """How the runtime runs an adapter.
-
-    >>> RuntimeConfig(mode="serial", quant="int8").mode
-    'serial'
-    """
-
-    device: str = "cpu"  # where tiles live and are multiplied: "cpu", "cuda", "cuda:1", ...
-    cache_bytes: int | None = None  # tile cache budget in bytes; None: room for every non-padding tile
-    quant: str | None = None  # None: float32 tiles; "int8": INT8 tiles + per-row scales
-    mode: str = "parallel"  # "parallel": pipes share the cache; "serial": one pipe's tiles at a time
-    sparsity: float | None = None  # ρ; None: the ρ `fit-gates` recorded, else 1.0 without gates, else 0.3
-    host_cache_bytes: int | None = None  # host-RAM tier of decompressed tiles; None: every tile up to
-    # 4 GiB on an accelerator, none on the CPU (the slots are host memory there)
-    prefetch: bool | None = None  # read the hottest tiles not on the device into the host tier on a
-    # background thread after each call; None: whenever there is a host tier
-    eviction: str = "heat"  # which resident tile a miss replaces: "heat" (the least often selected lately,
-    # ties by recency) or "lru" (the least recently used)
-    mass: float | None = None  # head adapters: take the fewest bands whose predicted mass reaches this
-    # (at most ρ of them); None: a fixed ρ of the bands per token
-
-    def __post_init__(self) -> None:
-        if self.quant not in QUANTS:
-            raise DataError(f"quant must be None or 'int8', got {self.quant!r}")
-        if self.eviction not in EVICTIONS:
-            raise DataError(f"eviction must be 'heat' or 'lru', got {self.eviction!r}")
-        if self.mode not in MODES:
-            raise DataError(f"mode must be 'parallel' or 'serial', got {self.mode!r}")
-        if self.sparsity is not None and not 0.0 < float(self.sparsity) <= 1.0:
-            raise DataError(f"sparsity must be in (0, 1], got {self.sparsity}")
-        if self.mass is not None and not 0.0 < float(self.mass) <= 1.0:
-            raise DataError(f"mass must be in (0, 1], got {self.mass}")
-        bad_budget = not isinstance(self.cache_bytes, (int, np.integer)) or self.cache_bytes < 1
-        if self.cache_bytes is not None and bad_budget:
-            raise DataError(f"cache_bytes must be a positive integer, got {self.cache_bytes!r}")
-        bad_host = not isinstance(self.host_cache_bytes, (int, np.integer)) or self.host_cache_bytes < 0
-        if self.host_cache_bytes is not None and bad_host:
-            raise DataError(f"host_cache_bytes must be a non-negative integer, got {self.host_cache_bytes!r}")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as e:
-            raise DataError(f"bad device {self.device!r}: {e}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise DataError("device 'cuda' asked for but CUDA is not available: use --device cpu")
+from prismoe_store.runtime.tile_source import TileSource
+from prismoe_store.stores.adapter import AdapterStore
 
 
 class Runtime:
@@ -131,7 +83,7 @@ class Runtime:
         self.d_in, self.d_out = int(source.d_in), int(source.d_out)
         self.grids: list[GridSpec] = list(source.grids)  # one grid per pipe
         self.alphas: list[float] = list(source.alphas)  # pipe weights, sum 1
-        self.fit_mode: str = source.mode  # "joint" or "independent": how tile weights combine
+        self.fit_mode: str = source.mode  # the adapter's "joint" or "independent": how tile weights combine
         raw_gates = [source.read_gate(p) for p in range(len(self.grids))]
         self.gates = [self._gate(p, g) for p, g in enumerate(raw_gates)]  # per pipe: (weight [W, M], bias [W])
         self.sparsity, self.temperature = self._routing_settings(config.sparsity, any(g is not None for g in raw_gates))
@@ -160,11 +112,11 @@ class Runtime:
 
     def _pools(self) -> tuple[list[SlotPool], bool]:
         """One slot pool per pipe, laid out in one arena of ``budget_bytes``: side by side (a share
-        proportional to the pipe's tile bytes) in parallel mode when every pipe gets a slot, else
+        proportional to the pipe's tile bytes) with the parallel schedule when every pipe gets a slot, else
         each pipe over the whole arena (they take turns)."""
         need = [g.active_count * self.entry_bytes(p) for p, g in enumerate(self.grids)]
         shares = [self.budget_bytes * n // sum(need) // 4 * 4 for n in need]  # 4-byte aligned regions
-        shared = self.config.mode == "serial" or any(s < self.entry_bytes(p) + 4 for p, s in enumerate(shares))
+        shared = self.config.schedule == "serial" or any(s < self.entry_bytes(p) + 4 for p, s in enumerate(shares))
         if self.budget_bytes >= sum(need) + 4 * len(need):
             shares = [n + 4 for n in need]  # room for every tile of every pipe (and INT8 scale alignment)
         size = min(self.budget_bytes, max(need) + 4) if shared else sum(shares)
@@ -194,8 +146,7 @@ class Runtime:
                 torch.as_tensor(np.asarray(bias, np.float32), device=self.device))
 
     def _routing_settings(self, sparsity: float | None, has_gates: bool) -> tuple[float, float]:
-        attrs = self.source.attrs() if callable(getattr(self.source, "attrs", None)) else {}
-        trained = (attrs.get("gates") or {}).get("settings") or {}  # what `prismoe fit-gates` recorded
+        trained = (self.source.attrs().get("gates") or {}).get("settings") or {}  # what `prismoe fit-gates` recorded
         temperature = float(trained.get("temperature", 1.0))
         if sparsity is not None:
             return float(sparsity), temperature
@@ -216,7 +167,7 @@ class Runtime:
                     if q != p:
                         pool.clear()
             ys[p] = self._pipe(p, x)[:, : self.d_out]  # [B, N]
-        y = sum(alpha * yp for alpha, yp in zip(self.alphas, ys))  # [B, N], summed in pipe order
+        y = sum(alpha * yp for alpha, yp in zip(self.alphas, ys, strict=True))  # [B, N], summed in pipe order
         if self.prefetch:
             self._prefetch()
         if self.device.type == "cuda":
@@ -349,13 +300,14 @@ class Runtime:
         Keys: ``cache`` (the device slots: hits, misses, evictions, bytes_loaded, peak_bytes,
         budget_bytes, used_bytes, tiles, slots, hit_rate), ``host`` (the host tier: hits, misses,
         prefetched, prefetch_hits, prefetch_hit_rate, evictions, bytes, budget_bytes), ``seconds``
-        (time inside calls), ``tokens``, ``calls``, ``device``, ``mode``, ``quant``, ``sparsity``,
+        (time inside calls), ``tokens``, ``calls``, ``device``, ``schedule``, ``quant``, ``sparsity``,
         ``total_bytes`` (every non-padding tile).
         """
         cache = PoolStats.combine([q.stats() for q in self.pools], peak_bytes=self._peak,
                                   budget_bytes=self.budget_bytes)
         return {"cache": cache.to_dict(), "host": self.host.stats(), "seconds": self._seconds,
-                "tokens": self._tokens, "calls": self._calls, "device": str(self.device), "mode": self.config.mode,
+                "tokens": self._tokens, "calls": self._calls, "device": str(self.device),
+                "schedule": self.config.schedule,
                 "quant": self.config.quant or "fp32", "sparsity": self.sparsity, "total_bytes": self.total_bytes}
 
     def reset_stats(self) -> None:
@@ -377,7 +329,7 @@ class Runtime:
             q.close()
         self.host.close()
 
-    def __enter__(self) -> "Runtime":
+    def __enter__(self) -> Runtime:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -397,59 +349,3 @@ def _buckets(counts: np.ndarray) -> list[tuple[int, int]]:
             out.append((lo, i))
             lo = i
     return out
-
-
-def host_budget(config: "RuntimeConfig", device: torch.device, total_bytes: int) -> int:
-    """Bytes of the host tier: ``config.host_cache_bytes``, else every tile up to ``HOST_TIER_BYTES``
-    when the device is not the host (on the CPU the slots are host memory already: no tier)."""
-    if config.host_cache_bytes is not None:
-        return int(config.host_cache_bytes)
-    return min(total_bytes, HOST_TIER_BYTES) if device.type != "cpu" else 0
-
-
-def input_rows(x, d_in: int, device: torch.device) -> tuple[torch.Tensor, torch.Size]:
-    """``(rows [B, d_in] float32 on device, lead shape)`` of an input ``x [..., d_in]`` (torch or
-    numpy, a read-only memmap too); raises :class:`DataError` for a wrong width or NaN/Inf.
-
-    >>> rows, lead = input_rows(np.ones((2, 3, 4), np.float32), 4, torch.device("cpu"))
-    >>> tuple(rows.shape), tuple(lead)
-    ((6, 4), (2, 3))
-    """
-    if isinstance(x, np.ndarray):  # numpy: a float32 tensor over a copy when the array is read-only
-        x = torch.from_numpy(np.array(x, np.float32, copy=not x.flags.writeable or None))
-    x = torch.as_tensor(x)
-    if x.ndim < 1 or x.shape[-1] != d_in:
-        raise DataError(f"input must be [..., {d_in}], got {tuple(x.shape)}")
-    rows = x.reshape(-1, d_in).to(device, torch.float32)  # [B, d_in]
-    if not bool(torch.isfinite(rows).all()):
-        raise DataError("input holds NaN or Inf")
-    return rows, x.shape[:-1]
-
-
-def open_runtime(adapter, *, device: str = "cpu", cache_bytes: int | None = None, quant: str | None = None,
-                 mode: str = "parallel", sparsity: float | None = None, prefetch: bool | None = None,
-                 mass: float | None = None, host_cache_bytes: int | None = None, eviction: str = "heat"):
-    """Open a runtime over ``adapter`` (a path/URL of an adapter store, or any TileSource).
-
-    A head adapter (``partition`` layout, built by ``prismoe head``) gets a
-    :class:`~prismoe_store.runtime.bands.SelectRuntime` (``mass`` applies to it); a fitted
-    adapter a :class:`Runtime`.
-
-    >>> from prismoe_store.grid import plan_grid
-    >>> from prismoe_store.stores.adapter import AdapterStore
-    >>> a = AdapterStore.create("memory://doc-open-rt", grids=[plan_grid(4, 4, 4)], overwrite=True,
-    ...                         attrs={"complete": True})
-    >>> open_runtime(a, mode="serial")(torch.ones(4)).shape
-    torch.Size([4])
-    """
-    if isinstance(adapter, (str, os.PathLike)):
-        adapter = AdapterStore.open(adapter, require_complete=True)
-    config = RuntimeConfig(device=device, cache_bytes=cache_bytes, quant=quant, mode=mode, sparsity=sparsity,
-                           prefetch=prefetch, mass=mass, host_cache_bytes=host_cache_bytes, eviction=eviction)
-    if getattr(adapter, "layout", "ensemble") == "partition":
-        from prismoe_store.runtime.bands import SelectRuntime
-
-        return SelectRuntime(adapter, config)
-    if mass is not None:
-        raise DataError("a mass threshold applies to head adapters (`prismoe head`), not to fitted adapters")
-    return Runtime(adapter, config)

@@ -1,16 +1,16 @@
 """A pool of preallocated device slots for tiles of one shape, with LRU eviction inside a byte budget.
 
 Like a paged KV cache: one device tensor holds ``slots`` tiles, each stored transposed (float32
-``[slots, d, a]``, or INT8 ``[slots, d, a]`` plus float32 scales ``[slots, a]``; a tile is ``a`` rows
-of width ``d``), laid out in a byte *arena* the pool owns or is given (pools of different tile shapes can share one arena and take turns in it); a tile → slot
-map says which tile sits where. A call asks for the tiles it needs with :meth:`SlotPool.acquire`:
-resident tiles are hits, the others are read (``load``) and copied into free slots, or into the
-slots of the least recently used tiles (or, given the callers' ``heat``, of the least often
-selected, ties broken by recency) — never into a slot the same call acquired (those are
-pinned until the call's :meth:`release`). The compute then runs in one batched kernel over the
-slots: :meth:`products` (the tiles times one input per tile: a fused gather-and-multiply
-``embedding_bag`` over the transposed tiles for float32, else a gather and a ``bmm``) or a gather
-of :meth:`weights` and a product of the caller's.
+``[slots, d, a]``, or INT8 ``[slots, d, a]`` plus float32 scales ``[slots, a]``; a tile is ``a``
+rows of width ``d``), laid out in a byte *arena* the pool owns or is given (pools of different tile
+shapes can share one arena and take turns in it); a tile → slot map says which tile sits where. A
+call asks for the tiles it needs with :meth:`SlotPool.acquire`: resident tiles are hits, the others
+are read (``load``) and copied into free slots, or into the slots of the least recently used tiles
+(or, given the callers' ``heat``, of the least often selected, ties broken by recency) — never into
+a slot the same call acquired (those are pinned until the call's :meth:`release`). The compute then
+runs in one batched kernel over the slots: :meth:`products` (the tiles times one input per tile: a
+fused gather-and-multiply ``embedding_bag`` over the transposed tiles for float32, else a gather
+and a ``bmm``) or a gather of :meth:`weights` and a product of the caller's.
 
 On CUDA, loads are staged in a pinned host buffer and copied on a side stream; the compute stream
 waits for that copy before it reads the slots, and a copy into a slot waits for the compute that
@@ -33,9 +33,9 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ class PoolStats:
         return {**asdict(self), "hit_rate": self.hit_rate}
 
     @staticmethod
-    def combine(stats: list["PoolStats"], *, peak_bytes: int, budget_bytes: int) -> "PoolStats":
+    def combine(stats: list[PoolStats], *, peak_bytes: int, budget_bytes: int) -> PoolStats:
         """The counters of several pools summed (the peak and budget are the caller's, taken over all)."""
         total = {k: sum(getattr(s, k) for s in stats) for k in ("hits", "misses", "evictions", "bytes_loaded",
                                                                  "used_bytes", "tiles", "slots")}
@@ -216,7 +216,7 @@ class SlotPool:
         ids = tiles.tolist()
         reads = self._readers.map(self.load, ids) if self._readers and len(ids) > 1 else map(self.load, ids)
         if self._copy_stream is None:
-            for slot, arrays in zip(slots.tolist(), reads):
+            for slot, arrays in zip(slots.tolist(), reads, strict=True):
                 self._write_slot(self.data[slot], None if self.scales is None else self.scales[slot], arrays)
         else:
             self._fill_cuda(list(reads), slots)
@@ -258,7 +258,8 @@ class SlotPool:
                     self._copy_stream.wait_event(self._released)  # the last call has finished with these slots
                 self.data.index_copy_(0, target, self._staging[:len(chunk)].to(self.device, non_blocking=True))
                 if self.scales is not None:
-                    self.scales.index_copy_(0, target, self._staged_scales[:len(chunk)].to(self.device, non_blocking=True))
+                    staged = self._staged_scales[:len(chunk)].to(self.device, non_blocking=True)
+                    self.scales.index_copy_(0, target, staged)
                 self._copied = torch.cuda.Event()
                 self._copied.record(self._copy_stream)
         torch.cuda.current_stream(self.device).wait_event(self._copied)  # compute reads the slots after the copy

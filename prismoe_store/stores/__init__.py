@@ -23,13 +23,13 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "progress": ["Progress", "recheck"],
         "weights": ["WeightsStore", "TensorWriter"],
         "records": ["FitRecord", "FitMetrics", "GatesRecord", "TensorRecord"],
-        "adapter": ["AdapterStore", "TileSource"],
+        "adapter": ["AdapterStore"],
         "pairs": ["PairsStore", "open_rows"],
     },
 )
 
 if TYPE_CHECKING:  # the same names, for type checkers
-    from prismoe_store.stores.adapter import AdapterStore, TileSource
+    from prismoe_store.stores.adapter import AdapterStore
     from prismoe_store.stores.formats import StoreOptions, job_lock, store_exists
     from prismoe_store.stores.pairs import PairsStore, open_rows
     from prismoe_store.stores.progress import Progress, recheck

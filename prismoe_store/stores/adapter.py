@@ -21,7 +21,7 @@ band tiles (``cols = 1``, ``tile_in = d_in``) and stores only true rows; its pip
     /pipe{p+1}/tiles     float32 [rows of this pipe, d_in], chunk (band_rows, d_in)
 
 Pipes are indexed from 0 in the API (``pipe=0`` is stored as ``pipe1``, the seed's "pipe 1").
-The runtime and the solvers depend on the small :class:`TileSource` protocol, not on Zarr.
+The runtime reads an adapter through :class:`prismoe_store.runtime.tile_source.TileSource`, not Zarr.
 
 >>> import numpy as np
 >>> from prismoe_store.grid import plan_grid
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import zarr
@@ -65,29 +64,6 @@ ADAPTER_FORMAT, ADAPTER_VERSION = "adapter", 1
 MODES = ("joint", "independent")
 LAYOUTS = ("ensemble", "partition")  # each pipe estimates all of z / the pipes split the output rows
 COMBINES = ("mix", "select")  # gate-weighted sum of tiles / selected bands exact, the rest `fill`
-
-
-@runtime_checkable
-class TileSource(Protocol):
-    """What the runtime needs from an adapter: its shape, grids, tiles and gates."""
-
-    d_in: int
-    d_out: int
-
-    @property
-    def mode(self) -> str: ...  # "joint" or "independent"
-
-    @property
-    def alphas(self) -> list[float]: ...  # pipe weights, summing to 1
-
-    @property
-    def grids(self) -> list[GridSpec]: ...  # one grid per pipe
-
-    def read_tile(self, pipe: int, worker: int) -> np.ndarray: ...  # float32 (tile_out, tile_in)
-
-    def read_tile_int8(self, pipe: int, worker: int) -> tuple[np.ndarray, np.ndarray]: ...  # int8 tile, scales (tile_out,)
-
-    def read_gate(self, pipe: int) -> tuple[np.ndarray, np.ndarray] | None: ...  # ([workers, d_in], [workers])
 
 
 class AdapterStore(PartitionBands):

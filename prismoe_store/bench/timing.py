@@ -1,0 +1,59 @@
+"""Speed as ratios to a dense ``F.linear`` timed in the same interleaved loop.
+
+Each sample is a block of back-to-back calls lasting about ``MIN_BLOCK_S`` (a microsecond
+``F.linear`` is timed in its steady state, not cold after the other method ran); medians of the
+repeats are reported.
+
+>>> import torch
+>>> s = speed_against_dense(lambda t: t * 2, lambda t: t + 1, torch.ones(1, 4), torch.ones(8, 4), repeats=1)
+>>> sorted(s)[:3]
+['dense_latency_s', 'dense_throughput_tok_s', 'latency_s']
+>>> sorted(s)[3:]
+['latency_vs_dense', 'throughput_tok_s', 'throughput_vs_dense']
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+
+MIN_BLOCK_S = 2e-3  # a timing sample is a block of back-to-back calls lasting about this long
+MAX_INNER = 1000  # most calls in one timing block
+
+
+def timed(fn, x: torch.Tensor, sync, inner: int = 1) -> float:
+    """Seconds per call of ``fn(x)``, over ``inner`` back-to-back calls."""
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn(x)
+    sync()
+    return (time.perf_counter() - t0) / inner
+
+
+def speed_against_dense(fn, dense, x1: torch.Tensor, xb: torch.Tensor, repeats: int) -> dict:
+    """Median latency (batch 1) and throughput (batch ``len(xb)``) of ``fn`` and of ``dense``, timed
+    interleaved (dense, fn, dense, fn, ...) so that both see the same machine load. Each sample is a
+    block of back-to-back calls lasting about ``MIN_BLOCK_S`` (so a microsecond ``F.linear`` is timed
+    in its steady state, not cold after the other method ran)."""
+    sync = torch.cuda.synchronize if x1.is_cuda else (lambda: None)
+    with torch.no_grad():
+        inner = {}
+        for name, f, x in (("d1", dense, x1), ("f1", fn, x1), ("db", dense, xb), ("fb", fn, xb)):
+            f(x)  # warm
+            once = timed(f, x, sync)
+            inner[name] = max(1, min(MAX_INNER, math.ceil(MIN_BLOCK_S / max(once, 1e-9))))
+        t = {k: [] for k in inner}
+        for _ in range(repeats):
+            t["d1"].append(timed(dense, x1, sync, inner["d1"]))
+            t["f1"].append(timed(fn, x1, sync, inner["f1"]))
+            t["db"].append(timed(dense, xb, sync, inner["db"]))
+            t["fb"].append(timed(fn, xb, sync, inner["fb"]))
+    m = {k: statistics.median(v) for k, v in t.items()}
+    n = xb.shape[0]
+    return {"latency_s": m["f1"], "dense_latency_s": m["d1"], "latency_vs_dense": m["f1"] / m["d1"],
+            "throughput_tok_s": n / m["fb"], "dense_throughput_tok_s": n / m["db"],
+            "throughput_vs_dense": m["db"] / m["fb"]}

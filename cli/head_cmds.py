@@ -98,7 +98,6 @@ def bench_head_cmd(adapter, hidden, sparsities, masses, mass_cap, max_rows, int8
                    as_json, quiet):
     """Quality of a head adapter on held-out HIDDEN states: top-1, top-5, mass, KL, rows and bytes per token."""
     from prismoe_store.bench.head import benchmark_head, format_head_report, plot_head
-    from prismoe_store.stores import AdapterStore
     from prismoe_store.stores.adapter import AdapterStore
 
     store = AdapterStore.open(adapter, require_complete=True)

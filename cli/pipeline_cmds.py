@@ -159,8 +159,6 @@ def bench_adapter_cmd(adapter, pairs, sparsities, device, logits, max_rows, batc
     """
     from prismoe_store.bench.adapter import (
         benchmark_adapter,
-        format_markdown,
-        write_plots,
     )
     from prismoe_store.bench.adapter_report import format_markdown, write_plots
 

@@ -83,12 +83,8 @@ def demo(out_dir=None, *, pairs=None, workers: int = DEMO_WORKERS, epochs: int =
     """
     import torch
 
-    from prismoe_store.bench.adapter import (
-        BenchConfig,
-        benchmark_adapter,
-        format_markdown,
-        write_plots,
-    )
+    from prismoe_store.bench.adapter import BenchConfig, benchmark_adapter
+    from prismoe_store.bench.adapter_report import format_markdown, write_plots
     from prismoe_store.head.demo import HeadDemoConfig, run_head_demo, takeaway
 
     t0 = time.perf_counter()
@@ -160,7 +156,7 @@ def format_demo(result: dict) -> str:
     lines.append(f"  {'':14s}" + "".join(f"{'ρ = ' + format(r, 'g'):>18s}" for r in rhos))
     for quant in b["quants"]:
         cells = {r["sparsity"]: r for r in rows if r["method"] == "adapter" and r["quant"] == quant
-                 and r["mode"] == "parallel"}
+                 and r["schedule"] == "parallel"}
         lines.append(f"  {'adapter ' + quant:14s}" + "".join(
             f"{cells[r]['rel_err']:>10.4f} ({cells[r]['r2']:.3f})" if r in cells else f"{'—':>18s}" for r in rhos))
     svd = {r["sparsity"]: r for r in rows if r["method"] == "svd"}
@@ -168,7 +164,7 @@ def format_demo(result: dict) -> str:
         f"{svd[r]['rel_err']:>10.4f} ({svd[r]['r2']:.3f})" if r in svd else f"{'—':>18s}" for r in rhos))
     lines.append(f"  {'dense ridge':14s}{dense['rel_err']:>10.4f} ({dense['r2']:.3f})")
     rho = gate.get("sparsity") if gate.get("trained") and gate.get("sparsity") in rhos else rhos[0]
-    pick = {(r["quant"], r["mode"]): r for r in rows if r["method"] == "adapter" and r["sparsity"] == rho}
+    pick = {(r["quant"], r["schedule"]): r for r in rows if r["method"] == "adapter" and r["sparsity"] == rho}
     par, ser, i8 = pick.get(("fp32", "parallel")), pick.get(("fp32", "serial")), pick.get(("int8", "parallel"))
     mem = [f"memory at ρ = {rho:g}: {_kib(par['active_bytes'])} of tiles per token fp32 "
            f"({par['active_vs_dense']:.2f}× the dense matrix's {_kib(dense['active_bytes'])})"]

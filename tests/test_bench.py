@@ -14,10 +14,7 @@ from prismoe_store.bench.adapter import (
     BenchConfig,
     active_bytes,
     benchmark_adapter,
-    dense_matrix,
-    format_markdown,
     mark_pareto,
-    svd_rank,
 )
 from prismoe_store.bench.adapter_report import format_markdown
 from prismoe_store.bench.svd import svd_rank

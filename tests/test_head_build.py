@@ -14,7 +14,6 @@ from prismoe_store.grid import plan_grid
 from prismoe_store.head.build import HeadConfig, build_head
 from prismoe_store.head.vocab_order import OrderConfig
 from prismoe_store.runtime import open_runtime
-from prismoe_store.runtime.grouped import open_runtime
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.weights import WeightsStore
 

@@ -35,7 +35,6 @@ from prismoe_store.gates.training import fit_gates
 from prismoe_store.head.build import HeadConfig, build_head
 from prismoe_store.inspection.compare import compare_matrices, open_matrix
 from prismoe_store.runtime import open_runtime
-from prismoe_store.runtime.grouped import open_runtime
 from prismoe_store.runtime.quant import quantize_adapter
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.formats import StoreOptions, existing_kind, job_lock, location

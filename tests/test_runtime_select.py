@@ -10,7 +10,6 @@ from prismoe_store.head.build import HeadConfig, build_head
 from prismoe_store.head.generate import PrisMoEEmbedding, PrisMoEHead
 from prismoe_store.runtime import open_runtime
 from prismoe_store.runtime.bands import BandRouter
-from prismoe_store.runtime.grouped import open_runtime
 from prismoe_store.stores.adapter import AdapterStore
 
 

@@ -60,7 +60,6 @@ from prismoe_store.errors import DataError, IncompleteStoreError
 from prismoe_store.gates.routing import k_for
 from prismoe_store.grid import GridSpec
 from prismoe_store.runtime.dense import dense_matrix
-from prismoe_store.runtime.grouped import open_runtime
 from prismoe_store.runtime.open import open_runtime
 from prismoe_store.runtime.quant import int8_ready
 from prismoe_store.runtime.tile_source import HostTiles, UniformGate

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from prismoe_store.runtime.bands import DEFAULT_MASS_CAP, BandRouter, SelectRuntime
-from prismoe_store.runtime.config import RuntimeConfig
 from prismoe_store.runtime.grouped import RuntimeConfig
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.pairs import open_rows

@@ -41,11 +41,10 @@ import torch.nn.functional as F
 from prismoe_store.errors import DataError
 from prismoe_store.grid import plan_pipes
 from prismoe_store.runtime.dense import dense_matrix
-from prismoe_store.runtime.grouped import open_runtime
 from prismoe_store.runtime.open import open_runtime
 from prismoe_store.runtime.quant import int8_ready, quantize_adapter
 from prismoe_store.runtime.tile_source import TileSource
-from prismoe_store.stores.adapter import AdapterStore, TileSource
+from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.pairs import open_rows
 
 BUDGETS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # device budgets as shares of every tile

@@ -173,7 +173,6 @@ def _run_against_dense(adapter: AdapterStore, dense: torch.Tensor, held, config:
     (batch 1 and ``config.batch``) timed interleaved in this run; then ``config.cache_tokens`` rows
     one at a time through a runtime whose tile cache holds ``config.cache_share`` of the bands."""
     from prismoe_store.runtime.bands import SelectRuntime
-    from prismoe_store.runtime.config import RuntimeConfig
     from prismoe_store.runtime.grouped import RuntimeConfig
     from prismoe_store.stores.pairs import open_rows
 

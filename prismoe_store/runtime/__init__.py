@@ -28,9 +28,8 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
 
 if TYPE_CHECKING:  # the same names, for type checkers
     from prismoe_store.runtime.bands import SelectRuntime
-    from prismoe_store.runtime.config import RuntimeConfig
     from prismoe_store.runtime.dense import dense_matrix
-    from prismoe_store.runtime.grouped import Runtime, RuntimeConfig, open_runtime
+    from prismoe_store.runtime.grouped import Runtime, RuntimeConfig
     from prismoe_store.runtime.open import open_runtime
     from prismoe_store.runtime.quant import int8_ready, quantize_adapter
     from prismoe_store.runtime.tile_source import BandSource, HostTiles, TileSource, TileSourceWrapper, UniformGate

@@ -39,7 +39,6 @@ import torch
 
 from prismoe_store.errors import DataError, IncompleteStoreError
 from prismoe_store.grid import band_sizes
-from prismoe_store.runtime.config import GATHER_BYTES, HEAT_DECAY, RuntimeConfig, host_budget, input_rows
 from prismoe_store.runtime.grouped import GATHER_BYTES, HEAT_DECAY, RuntimeConfig, host_budget, input_rows
 from prismoe_store.runtime.host_tier import HostTier, hot_tiles
 from prismoe_store.runtime.quant import int8_ready

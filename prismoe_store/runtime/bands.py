@@ -45,6 +45,7 @@ from prismoe_store.runtime.quant import int8_ready
 from prismoe_store.runtime.slot_pool import SlotPool
 from prismoe_store.runtime.tile_source import BandSource
 from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.records import GatesRecord
 
 DEFAULT_HEAD_SPARSITY = 0.1  # ρ for head adapters whose gate training recorded none
 BAG_BATCH = 2  # at most this many tokens: per-pair fused products; more: one product over the union
@@ -148,7 +149,8 @@ class SelectRuntime:
     def _sparsity(self, config: RuntimeConfig) -> float:
         if config.sparsity is not None:
             return float(config.sparsity)
-        trained = (self.source.attrs().get("gates") or {}).get("settings") or {}
+        gates = self.source.attrs().get("gates")
+        trained = GatesRecord.from_dict(gates).settings if gates else {}
         if config.mass is not None:
             return float(trained.get("mass_cap", DEFAULT_MASS_CAP))
         return float(trained.get("sparsity", DEFAULT_HEAD_SPARSITY))

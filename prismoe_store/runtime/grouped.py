@@ -30,6 +30,7 @@ budget (``[workers, d_in]`` floats a pipe); a reused gather buffer (at most ``GA
 
 >>> import numpy as np, torch
 >>> from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.records import GatesRecord
 >>> from prismoe_store.grid import plan_grid
 >>> g = plan_grid(6, 10, 8)
 >>> a = AdapterStore.create("memory://doc-runtime", grids=[g], overwrite=True, attrs={"complete": True})
@@ -146,7 +147,8 @@ class Runtime:
                 torch.as_tensor(np.asarray(bias, np.float32), device=self.device))
 
     def _routing_settings(self, sparsity: float | None, has_gates: bool) -> tuple[float, float]:
-        trained = (self.source.attrs().get("gates") or {}).get("settings") or {}  # what `prismoe fit-gates` recorded
+        gates = self.source.attrs().get("gates")
+        trained = GatesRecord.from_dict(gates).settings if gates else {}  # what `prismoe fit-gates` recorded
         temperature = float(trained.get("temperature", 1.0))
         if sparsity is not None:
             return float(sparsity), temperature

@@ -18,7 +18,8 @@ from prismoe_store.stores.weights import WeightsStore
 def _store_options(f):
     """Options shared by both commands: output store, grid, dtype and encoding."""
     options = [
-        click.option("-o", "--output", "store", required=True, callback=output_store, help="Store path or fsspec URL (e.g. memory://x)."),
+        click.option("-o", "--output", "store", required=True, callback=output_store,
+                     help="Store path or fsspec URL (e.g. memory://x)."),
         click.option("--workers", type=int, default=DEFAULT_WORKERS, show_default=True,
                      help="Tiles per grid (a power of 2)."),
         click.option("--dtype", type=click.Choice(["float32", "float16", "source"]), default="float32",

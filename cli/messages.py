@@ -24,7 +24,9 @@ def error_line(e: PrismoeError) -> str:
     """One line for the user: the message, shortened, plus a hint when the message gives none.
 
     >>> error_line(TensorNotFoundError("no tensor 'lm_haed' in m.safetensors; it has 2 tensors: lm_head.weight, x"))
-    "no tensor 'lm_haed' in m.safetensors; it has 2 tensors: lm_head.weight, x — name one with --tensor (the aliases lm_head and embedding find the usual names)"
+    ... # doctest: +NORMALIZE_WHITESPACE
+    "no tensor 'lm_haed' in m.safetensors; it has 2 tensors: lm_head.weight, x — name one with --tensor
+    (the aliases lm_head and embedding find the usual names)"
     """
     text = " ".join(str(e).split()) or type(e).__name__
     if len(text) > MAX_CHARS:  # cut the middle: the start says what is wrong, the end what to do

@@ -15,7 +15,8 @@ from prismoe_store.stores.pairs import PairsStore
 
 
 @click.command("synth")
-@click.option("-o", "--output", "store", required=True, callback=output_store, help="Pairs store path or fsspec URL (e.g. memory://x).")
+@click.option("-o", "--output", "store", required=True, callback=output_store,
+              help="Pairs store path or fsspec URL (e.g. memory://x).")
 @click.option("--rows", type=click.IntRange(min=1), required=True, help="Number of pairs S (disk is the only limit).")
 @click.option("--d-in", type=click.IntRange(min=1), required=True, help="Width M of x.")
 @click.option("--d-out", type=click.IntRange(min=1), required=True, help="Width N of z.")

@@ -38,7 +38,8 @@ def _floats(ctx, param, value: str | None):
 @click.option("--upper", default=None, metavar="MODEL", help="Model giving x (HF folder or .gguf).")
 @click.option("--lower", default=None, metavar="MODEL", help="Model giving z (default: the upper model).")
 @click.option("--text", "texts", multiple=True, metavar="PATH", help="Text file to collect on (repeatable).")
-@click.option("-o", "--output", "adapter", required=True, callback=output_store, help="Adapter store to write (path or URL).")
+@click.option("-o", "--output", "adapter", required=True, callback=output_store,
+              help="Adapter store to write (path or URL).")
 @click.option("--pairs", default=None,
               help="Pairs store [default: beside the adapter, ADAPTER.pairs.zarr]. An existing store is used "
                    "as it is when --upper/--text are not given.")

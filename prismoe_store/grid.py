@@ -14,8 +14,9 @@ in its top-left corner, the rest is zero padding.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -188,7 +189,7 @@ class GridSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GridSpec":
+    def from_dict(cls, d: dict) -> GridSpec:
         """Build from :meth:`to_dict` output, with a clear error on missing keys."""
         try:
             return cls(**{k: int(d[k]) for k in ("d_in", "d_out", "rows", "cols", "tile_out", "tile_in")})
@@ -367,8 +368,10 @@ def padding_advice(d_in: int, d_out: int, workers: int | None = None, *,
     and fewer tiles than asked do work. The line says how many, why, and which worker count gives
     about as many working tiles as were asked for.
 
-    >>> print(padding_advice(576, 49152, 512))
-    296 of 512 tiles per pipe hold only padding (57.8%): 49152 × 576 pads to 65536 × 1024 on power-of-2 tiles; they are never computed but each takes a gate row, and 216 tiles do work. For about 512 working tiles use --workers 2048 (864), or --workers 1024 (432)
+    >>> print(padding_advice(576, 49152, 512))  # doctest: +NORMALIZE_WHITESPACE
+    296 of 512 tiles per pipe hold only padding (57.8%): 49152 × 576 pads to 65536 × 1024 on power-of-2 tiles;
+    they are never computed but each takes a gate row, and 216 tiles do work. For about 512 working tiles use
+    --workers 2048 (864), or --workers 1024 (432)
     >>> padding_advice(64, 256, 512) is None
     True
     """
@@ -387,5 +390,6 @@ def padding_advice(d_in: int, d_out: int, workers: int | None = None, *,
     if enough:
         w, n = enough[0]
         line += (f" For about {workers} working tiles use --workers {w} ({n}), or --workers {bigger[0][0]} "
-                 f"({bigger[0][1]})" if w != bigger[0][0] else f" For about {workers} working tiles use --workers {w} ({n})")
+                 f"({bigger[0][1]})" if w != bigger[0][0]
+                 else f" For about {workers} working tiles use --workers {w} ({n})")
     return line

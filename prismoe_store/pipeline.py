@@ -60,7 +60,8 @@ class TrainConfig:
     True
     """
 
-    collect: CollectSpec | None = None  # a CollectSpec (layer, target, pooling, batch, device, ...); None: CollectSpec()
+    # a CollectSpec (layer, target, pooling, batch, device, ...); None: CollectSpec()
+    collect: CollectSpec | None = None
     mode: str = "joint"  # fit mode: "joint" or "independent"
     workers: int = 512  # tiles per pipe (a power of 2)
     ridge: float | None = None  # ridge λ; None: the fit's scale-aware default
@@ -346,7 +347,8 @@ def format_stage(s: StageResult) -> str:
     if s.name == "gates":
         b, a = d["before"], d["after"]
         return (f"{head}: ρ = {d['sparsity']}, {d['epochs_run']} epochs (best {d['best_epoch']}); held-out relative "
-                f"error {b['init']['rel_err']:.4f} (init gate) → {a['rel_err']:.4f} (dense {b['dense']['rel_err']:.4f})")
+                f"error {b['init']['rel_err']:.4f} (init gate) → {a['rel_err']:.4f} "
+                f"(dense {b['dense']['rel_err']:.4f})")
     if s.name == "quantize":
         return (f"{head}: {d['tiles']} tiles, {d['bytes_int8'] / 2**20:.2f} MiB INT8 for {d['bytes_fp32'] / 2**20:.2f} "
                 f"MiB fp32, largest tile error {d['max_rel_error']:.1e}")

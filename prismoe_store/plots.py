@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -355,7 +355,7 @@ def _slices_png(images, picks, view: _Slices, rms: bool, title: str, unit: str, 
         cmap, label, clip = matplotlib.colormaps["RdBu_r"], "value", "±99.5th percentile of |value|"
     axes = fig.subplots(nrows, ncols, squeeze=False)
     im = None
-    for ax, (img, fr, fc), i in zip(axes.ravel(), images, picks):
+    for ax, (img, _fr, _fc), i in zip(axes.ravel(), images, picks):
         im = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest",
                        extent=(0, view.w, view.h, 0))
         ax.set_title(names(i) if view.three_d else "matrix", fontsize=9)

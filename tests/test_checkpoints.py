@@ -187,7 +187,8 @@ def test_fp8_refusals(tmp_path):
     from safetensors.torch import save_file
 
     (tmp_path / "unscaled").mkdir()
-    save_file({"lm_head.weight": torch.ones(8, 4).to(torch.float8_e4m3fn)}, str(tmp_path / "unscaled" / "m.safetensors"))
+    save_file({"lm_head.weight": torch.ones(8, 4).to(torch.float8_e4m3fn)},
+              str(tmp_path / "unscaled" / "m.safetensors"))
     (tmp_path / "unscaled" / "config.json").write_text(json.dumps(FP8_CONFIG))
     with pytest.raises(QuantizedTensorError, match="no lm_head.weight_scale_inv"):
         extract(tmp_path / "unscaled" / "m.safetensors", tmp_path / "c.zarr")
@@ -437,8 +438,8 @@ def test_collect_logits_from_an_encoder_is_refused(tmp_path):
     with pytest.raises(ModelError, match=r"\(BertModel\) has no language-model head.*cls\.predictions"):
         collect(str(bert), None, [texts], tmp_path / "pairs", spec=CollectSpec(target="logits"))
     assert not (tmp_path / "pairs").exists()
-    result = CliRunner().invoke(main, ["collect", "--upper", str(bert), "--text", str(texts), "-o", str(tmp_path / "p2"),
-                                       "-q"])
+    result = CliRunner().invoke(main, ["collect", "--upper", str(bert), "--text", str(texts),
+                                       "-o", str(tmp_path / "p2"), "-q"])
     assert result.exit_code == 1 and "no language-model head" in result.output, result.output
     tied = load_model(save_llama(tmp_path / "tied", tie_embeddings=True))  # a tied causal LM has its head
     assert tied.missing_head == ()

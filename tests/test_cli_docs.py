@@ -246,7 +246,7 @@ def _parse_only(rel: str, line: int, text: str) -> None:
             cmd = cmd.get_command(click.Context(cmd), argv[i])
             assert cmd is not None, f"{where}: no command {argv[i]!r}"
             i += 1
-        args = [a for a in argv[i:]]
+        args = list(argv[i:])
         try:
             cmd.make_context(argv[i - 1], args)
         except click.BadParameter as e:

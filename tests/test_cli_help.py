@@ -52,7 +52,7 @@ SHARED = {  # option -> (destination, flag, default) wherever a command has it (
 def test_shared_options_mean_the_same_in_every_command():
     """An option that several commands take is defined alike in all of them (same destination, kind and
     default), so scripts can pass it the same way everywhere."""
-    seen = {name: 0 for name in SHARED}
+    seen = dict.fromkeys(SHARED, 0)
     for path, cmd in COMMANDS:
         for p in cmd.params:
             if not isinstance(p, click.Option):

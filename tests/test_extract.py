@@ -121,7 +121,8 @@ TIED = CheckpointFacts(tied=True, tied_why="config.json: tie_word_embeddings=tru
     (["model.embed_tokens.weight", "model.norm.weight"], "lm_head", None, None),  # nothing says tied
     (["transformer.wte.weight", "transformer.wpe.weight"], "lm_head", TIED, "transformer.wte.weight"),  # GPT-2
     (["bert.embeddings.word_embeddings.weight"], "embedding", None, "bert.embeddings.word_embeddings.weight"),
-    (["embeddings.word_embeddings.weight", "pooler.dense.weight"], "lm_head", TIED, "embeddings.word_embeddings.weight"),
+    (["embeddings.word_embeddings.weight", "pooler.dense.weight"], "lm_head", TIED,
+     "embeddings.word_embeddings.weight"),
     (["token_embd.weight", "output.weight"], "lm_head", None, "output.weight"),  # GGUF
     (["model.language_model.embed_tokens.weight", "x"], "embedding", None, "model.language_model.embed_tokens.weight"),
     (["foo.my_lm_head.weight", "x"], "lm_head", None, "foo.my_lm_head.weight"),  # unique suffix

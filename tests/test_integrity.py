@@ -538,7 +538,7 @@ def test_resumed_synth_rewrites_damaged_rows_bit_for_bit(tmp_path):
     c.write_bytes(c.read_bytes()[:-3])
     with pytest.raises(CorruptStoreError):
         PairsStore.open(url).read(0, 1000)
-    assert [r for r in PairsStore.open(url).damaged_rows()] == [(256, 384), (640, 768)]
+    assert list(PairsStore.open(url).damaged_rows()) == [(256, 384), (640, 768)]
     store = synthesize(str(url), spec)  # the re-run repairs, then finds nothing left to add
     assert store.damaged_rows() == []
     for a, b in zip(store.read(0, 1000), ref.read(0, 1000)):

@@ -240,7 +240,7 @@ def test_killed_appender_leaves_a_consistent_store(tmp_path):
     PairsStore.create(url, d_in=64, d_out=256, rows_per_chunk=1000, options=StoreOptions(compressor="zstd"))
     rng = np.random.default_rng(0)
     seen = set()
-    for attempt in range(2):
+    for _attempt in range(2):
         proc = subprocess.Popen([sys.executable, "-c", _KILL_WRITER, url, str(REPO / "tests")],
                                 stdout=subprocess.PIPE, env=_env(), text=True)
         assert proc.stdout.readline().strip() == "appending"
@@ -302,7 +302,7 @@ def _check_racers(url, expected: dict[tuple[int, int], int], d_out: int) -> None
     want = sorted((w, b, j) for (w, b), n in expected.items() for j in range(n))
     assert got == want  # every row of every batch once, nothing lost or doubled
     # each batch is contiguous: a racing append never interleaves with another
-    for (w, b), n in expected.items():
+    for w, b in expected:
         where = np.flatnonzero((x[:, 0] == w) & (x[:, 1] == b))
         assert (np.diff(where) == 1).all()
 

@@ -34,7 +34,7 @@ def _numpy_pipe(x: np.ndarray, tiles: np.ndarray, grid, w: np.ndarray) -> np.nda
     xp = np.zeros((x.shape[0], grid.d_in_pad))
     xp[:, : grid.d_in] = x
     y = np.zeros((x.shape[0], grid.d_out_pad))
-    for j, r, c in grid.iter_tiles():
+    for _j, r, c in grid.iter_tiles():
         part = xp[:, c * b:(c + 1) * b] @ tiles[r * a:(r + 1) * a, c * b:(c + 1) * b].T
         y[:, r * a:(r + 1) * a] += w[:, r, c][:, None] * part
     return y[:, : grid.d_out]

@@ -45,8 +45,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import zarr
@@ -189,7 +190,7 @@ class SynthTruth:
             raise DataError(f"grid is {grid.d_in}→{grid.d_out}, the truth is {d_in}→{d_out}")
         out = np.full(grid.workers, -1, dtype=np.int64)
         bo, bi = self.block_shape or (grid.d_out_pad, grid.d_in_pad)
-        for j, r, c in grid.iter_tiles():
+        for j, _r, _c in grid.iter_tiles():
             if grid.is_padding(j):
                 continue
             rows, cols = grid.tile_region(j)
@@ -216,7 +217,7 @@ class SynthTruth:
         group.attrs.update({"kind": self.kind, "block_shape": list(self.block_shape or []), "complete": True})
 
     @classmethod
-    def _load(cls, group: zarr.Group, where: str = "") -> "SynthTruth":
+    def _load(cls, group: zarr.Group, where: str = "") -> SynthTruth:
         attrs = dict(group.attrs)
         if not attrs.get("complete"):
             raise IncompleteStoreError(f"the ground truth in {where} is incomplete: re-run synth")

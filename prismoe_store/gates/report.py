@@ -117,7 +117,8 @@ class _RoutingSums:
             "utilization_cv": float(fa.std() / mean) if mean > 0 else float("nan"),
             "dead_workers": int((fa == 0).sum()),
             "balance_loss": float(g.workers * (f * P).sum() / self.k),
-            "token_entropy": self.entropy / n, "token_entropy_norm": self.entropy / n / math.log(n_act) if n_act > 1 else 0.0,
+            "token_entropy": self.entropy / n,
+            "token_entropy_norm": self.entropy / n / math.log(n_act) if n_act > 1 else 0.0,
             "utilization_entropy": u_ent, "utilization_entropy_norm": u_ent / math.log(n_act) if n_act > 1 else 1.0,
             "energy_share": self.e_sel / self.e_all if self.e_all > 0 else float("nan"),
             "hist_token_entropy_norm": self.h_entropy.tolist(), "hist_energy_share": self.h_share.tolist(),
@@ -229,7 +230,8 @@ def quality_report(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES, 
 
     Gates (default): ``zero`` (the untrained uniform gate: all scores tie, so ``torch.topk`` keeps
     a fixed arbitrary subset of K workers for every token), ``init`` (:func:`init_gates` with the
-    trained gate's init kind, default ``gain``; untrained) and ``trained`` (the stored gate, when there is one). Baselines: ``dense`` — every
+    trained gate's init kind, default ``gain``; untrained) and ``trained`` (the stored gate, when there is
+    one). Baselines: ``dense`` — every
     tile at weight 1, which for ``joint`` tiles is the dense ridge solution of the fit — and
     ``lstsq`` (``numpy.linalg.lstsq`` on the training rows, when they take at most
     ``lstsq_max_bytes``). Returns ``{"rows": [{gate, sparsity, rel_err, r2}], "baselines": {...}}``.
@@ -321,7 +323,7 @@ def benchmark_gates(adapter, pairs, config: GateSettings = GateSettings(), *,  #
     total = len(sparsities) * epochs * n_train
     for i, rho in enumerate(sparsities):
         s = GateSettings(**{**asdict(base), "sparsity": float(rho)})
-        gates = Gates([w for w in init.weights], [b for b in init.biases], mean=init.mean, scale=init.scale).to(dev)
+        gates = Gates(list(init.weights), list(init.biases), mean=init.mean, scale=init.scale).to(dev)
         run = GateRun(tiles, pairs, split, s, gates=gates, z_scale=z_scale, max_eval_rows=max_eval_rows)
         run.record(None)
         offset = i * epochs * n_train
@@ -347,7 +349,8 @@ def format_routing(report: dict) -> str:
     """Text rendering of :func:`routing_report` (statistics, then quality): what ``prismoe routing`` prints."""
     lines = [f"routing of {report['adapter']} on {report['pipes'][0]['rows']} held-out rows of {report['pairs']} "
              f"(ρ = {report['sparsity']}, temperature {report['temperature']}, {report['mode']} tiles)"]
-    head = f"{'pipe':<6}{'grid':>9}{'K/n':>9}{'util CV':>9}{'dead':>6}{'balance':>9}{'H tok':>8}{'H util':>8}{'energy':>8}"
+    head = (f"{'pipe':<6}{'grid':>9}{'K/n':>9}{'util CV':>9}{'dead':>6}{'balance':>9}"
+            f"{'H tok':>8}{'H util':>8}{'energy':>8}")
     lines += [head]
     for p, s in enumerate(report["pipes"]):
         lines.append(f"{p + 1:<6}{'{}×{}'.format(*s['grid']):>9}{'{}/{}'.format(s['k'], s['active']):>9}"

@@ -165,7 +165,8 @@ class GateRun:
                          "exp_avg_sq": torch.from_numpy(arrays[f"adam{i}_v"]).to(dev)} for i in range(len(params))}
             self.opt.load_state_dict({"state": state, "param_groups": self.opt.state_dict()["param_groups"]})
         self.epoch, self.history, self.best = int(meta["epoch"]), list(meta["history"]), dict(meta["best"])
-        self.bad_epochs, self.stopped, self.z_scale = int(meta["bad_epochs"]), bool(meta["stopped"]), float(meta["z_scale"])
+        self.bad_epochs, self.stopped = int(meta["bad_epochs"]), bool(meta["stopped"])
+        self.z_scale = float(meta["z_scale"])
 
 
 def _save_state(adapter: AdapterStore, run: GateRun, settings: GateSettings, split: Split) -> None:
@@ -280,7 +281,8 @@ def _fit_gates(adapter: AdapterStore, pairs: PairsStore, config: GateSettings, *
     run.train(progress, on_epoch)
     summary = {"sparsity": s.sparsity, "k": [s.k(g.active_count) for g in tiles.grids],
                "epochs_run": run.epoch, "best_epoch": run.best["epoch"], "stopped_early": run.stopped,
-               "resumed_from": resumed_from, "heldout_rows": split.counts(pairs)[1] if max_eval_rows is None else max_eval_rows,
+               "resumed_from": resumed_from,
+               "heldout_rows": split.counts(pairs)[1] if max_eval_rows is None else max_eval_rows,
                "before": before, "after": {"rel_err": run.best["rel_err"], "r2": run.best["r2"]},
                "history": run.history, "split": asdict(split)}
     adapter.update_attrs(gates=GatesRecord(asdict(s), True, SplitRecord(**asdict(split)),

@@ -30,7 +30,6 @@ budget (``[workers, d_in]`` floats a pipe); a reused gather buffer (at most ``GA
 
 >>> import numpy as np, torch
 >>> from prismoe_store.stores.adapter import AdapterStore
-from prismoe_store.stores.records import GatesRecord
 >>> from prismoe_store.grid import plan_grid
 >>> g = plan_grid(6, 10, 8)
 >>> a = AdapterStore.create("memory://doc-runtime", grids=[g], overwrite=True, attrs={"complete": True})
@@ -68,6 +67,7 @@ from prismoe_store.runtime.quant import int8_ready
 from prismoe_store.runtime.slot_pool import PoolStats, SlotPool, slot_bytes
 from prismoe_store.runtime.tile_source import TileSource
 from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.records import GatesRecord
 
 
 class Runtime:

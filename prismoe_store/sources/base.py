@@ -1,8 +1,9 @@
 """The checkpoint-source protocol: list tensors, resolve names, read regions as exact float values.
 
 A :class:`Source` is an opened checkpoint (one backend per format: ``source_safetensors``,
-``source_torch``, ``source_gguf``, ``source_npy``, ``source_sharded``; :func:`prismoe_store.sources.checkpoint.open_source`
-picks one). It lists its tensors (:class:`~prismoe_store.sources.records.TensorInfo`), knows what
+``source_torch``, ``source_gguf``, ``source_npy``, ``source_sharded``;
+:func:`prismoe_store.sources.checkpoint.open_source` picks one). It lists its tensors
+(:class:`~prismoe_store.sources.records.TensorInfo`), knows what
 the checkpoint says about itself (:class:`~prismoe_store.sources.records.CheckpointFacts`),
 resolves aliases with a reason (:mod:`prismoe_store.sources.resolve`) and reads any rectangular region of
 a 2-D tensor as float32 (float64 for float64 tensors) with scales applied (:mod:`prismoe_store.sources.scales`).

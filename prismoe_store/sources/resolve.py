@@ -110,7 +110,8 @@ def head_bias(infos: Mapping[str, TensorInfo], resolution: Resolution) -> str | 
 
 PACKED_MARKERS = ("qweight", "qzeros", "scales", "g_idx", "weight_packed", "weight_shape", "weight_scale",
                   "weight_scale_inv", "weight_zero_point", "weight_global_scale", "SCB", "weight_format", "absmax",
-                  "quant_map", "nested_absmax", "weight_blocks", "weight_scales")  # GPTQ/AWQ, compressed-tensors, bnb, MXFP4
+                  "quant_map", "nested_absmax", "weight_blocks",
+                  "weight_scales")  # GPTQ/AWQ, compressed-tensors, bnb, MXFP4
 
 
 def _refuse_packed_head(infos: Mapping[str, TensorInfo], where: str) -> None:

@@ -46,7 +46,8 @@ class ShardedSource(Source):
             if file in missing_files:
                 self.unavailable[name] = missing_files[file]
             elif name not in self._shards[file].tensors():
-                self.unavailable[name] = f"{self.path} puts it in {file}, which has no such tensor (a stale index entry)"
+                self.unavailable[name] = (f"{self.path} puts it in {file}, which has no such tensor "
+                                          "(a stale index entry)")
             else:
                 self._where[name] = file
                 self._infos[name] = self._shards[file].tensors()[name]

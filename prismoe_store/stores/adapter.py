@@ -354,7 +354,8 @@ class AdapterStore(PartitionBands):
         g = self.grids[pipe]
         weight, bias = np.asarray(weight, np.float32), np.asarray(bias, np.float32)
         if weight.shape != (g.workers, self.d_in) or bias.shape != (g.workers,):
-            raise DataError(f"gate must be [{g.workers}, {self.d_in}] and [{g.workers}], got {weight.shape}, {bias.shape}")
+            raise DataError(f"gate must be [{g.workers}, {self.d_in}] and [{g.workers}], "
+                            f"got {weight.shape}, {bias.shape}")
         if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
             raise DataError(f"the gate of pipe {pipe} holds NaN or Inf: refusing to store it (the stored gate is kept)")
         pg = self._pipe(pipe)
@@ -369,7 +370,8 @@ class AdapterStore(PartitionBands):
             return None
         what = f"gate of pipe {pipe} in {self.url}"
         with reading(what):
-            return finite(self._array(pipe, "gate_weight")[...], what), finite(self._array(pipe, "gate_bias")[...], what)
+            return (finite(self._array(pipe, "gate_weight")[...], what),
+                    finite(self._array(pipe, "gate_bias")[...], what))
 
     @contextmanager
     def keeping_gates(self) -> Iterator[None]:

@@ -89,10 +89,11 @@ def location(url: str | os.PathLike, *, write: bool = False) -> str:
 
     >>> location("file:///tmp/x.zarr"), location("memory://a")
     ('/tmp/x.zarr', 'memory://a')
-    >>> location("bogus://x")
+    >>> location("bogus://x")  # doctest: +NORMALIZE_WHITESPACE
     Traceback (most recent call last):
     ...
-    prismoe_store.errors.StoreError: bogus://x: unknown protocol 'bogus' (not a path, and no fsspec filesystem of that name)
+    prismoe_store.errors.StoreError: bogus://x: unknown protocol 'bogus'
+    (not a path, and no fsspec filesystem of that name)
     """
     url = os.fspath(url) if isinstance(url, os.PathLike) else url
     if not isinstance(url, str) or not url.strip():
@@ -300,19 +301,21 @@ def job_lock(url: str) -> Iterator[None]:
 
     >>> import tempfile, os
     >>> d = tempfile.mkdtemp()
-    >>> with job_lock(os.path.join(d, "s.zarr")):
+    >>> with job_lock(os.path.join(d, "s.zarr")):  # doctest: +NORMALIZE_WHITESPACE
     ...     with job_lock(os.path.join(d, "s.zarr")):
     ...         pass
     Traceback (most recent call last):
     ...
-    prismoe_store.errors.StoreError: another job is writing ... right now (it holds ...): wait for it to finish, or write to another output
+    prismoe_store.errors.StoreError: another job is writing ... right now (it holds ...):
+    wait for it to finish, or write to another output
     """
     url = location(url, write=True)
     if _is_url(url):
         with _JOB_LOCKS_GUARD:
             lock = _JOB_LOCKS.setdefault(url, threading.Lock())
         if not lock.acquire(blocking=False):
-            raise StoreError(f"another job is writing {url} right now: wait for it to finish, or write to another output")
+            raise StoreError(f"another job is writing {url} right now: "
+                             "wait for it to finish, or write to another output")
         try:
             yield
         finally:

@@ -65,7 +65,7 @@ class Progress:
 
     def mark_many(self, units) -> None:
         """Record several units as finished in one Zarr call (their chunks are written concurrently)."""
-        units = np.asarray(sorted(set(int(u) for u in units)), dtype=np.int64)
+        units = np.asarray(sorted({int(u) for u in units}), dtype=np.int64)
         if units.size == 0:
             return
         if units[-1] - units[0] + 1 == units.size:  # a contiguous run: one slice write

@@ -77,7 +77,8 @@ class VerifiedStore(WrapperStore):
     :meth:`set` for the order that keeps them in agreement whenever a writer is killed). On read,
     a chunk with a record must exist and match it (CRC and size; a shard is checked whole the first
     time its index is read, then its inner chunks are read by range); with ``strict`` (stores made
-    with records) a chunk without a record is refused as well. Failures raise :class:`CorruptStoreError` naming the chunk.
+    with records) a chunk without a record is refused as well. Failures raise :class:`CorruptStoreError`
+    naming the chunk.
 
     >>> from zarr.storage import MemoryStore
     >>> s = VerifiedStore(MemoryStore())

@@ -160,7 +160,8 @@ def made(tmp_path, kind) -> str:
 
 
 def _same(got: list[np.ndarray], want: list[np.ndarray]) -> bool:
-    return len(got) == len(want) and all(g.shape == w.shape and np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+    return len(got) == len(want) and all(g.shape == w.shape and np.array_equal(g, w)
+                                         for g, w in zip(got, want, strict=True))
 
 
 def _chunk_files(url: str, array: str) -> list[Path]:

@@ -238,9 +238,11 @@ def plan_grid(
             raise GridError(f"rows*cols = {rows}*{cols} = {rows * cols} but workers = {workers}")
         workers = rows * cols
     workers = DEFAULT_WORKERS if workers is None else workers
-    for name, v in (("workers", workers), ("rows", rows), ("cols", cols), ("tile_out", tile_out), ("tile_in", tile_in)):
-        if v is not None and not is_pow2(v):
-            raise GridError(f"{name} must be a power of 2, got {v!r}")
+    sizes: tuple[tuple[str, int | None], ...] = (("workers", workers), ("rows", rows), ("cols", cols),
+                                                  ("tile_out", tile_out), ("tile_in", tile_in))
+    for name, size in sizes:
+        if size is not None and not is_pow2(size):
+            raise GridError(f"{name} must be a power of 2, got {size!r}")
     if layout not in ("balanced", "wide"):
         raise GridError(f"layout must be 'balanced' or 'wide', got {layout!r}")
 

@@ -201,12 +201,15 @@ def _collect_stage(upper, lower, texts, pairs: str, cfg: TrainConfig, overwrite:
                                                          "rows_total": store.rows})
     if upper is None or not texts:
         raise DataError("collecting pairs needs both the upper model and at least one text file")
-    state, store = ("none", None) if overwrite else _collect_state(upper, lower, texts, pairs, cfg.collect)
+    spec = cfg.collect
+    assert spec is not None, "TrainConfig fills in CollectSpec()"
+    state, prior = ("none", None) if overwrite else _collect_state(upper, lower, texts, pairs, spec)
     if state == "done":
+        assert prior is not None, "a finished collection has its store"
         return StageResult("collect", "skipped", detail={"reason": "every document already collected",
-                                                         "rows_total": store.rows,
-                                                         "tokens_total": int(store.provenance.get("tokens", 0))})
-    rep = collect(upper, lower, list(texts), pairs, spec=cfg.collect, overwrite=overwrite, progress=prog,
+                                                         "rows_total": prior.rows,
+                                                         "tokens_total": int(prior.provenance.get("tokens", 0))})
+    rep = collect(upper, lower, list(texts), pairs, spec=spec, overwrite=overwrite, progress=prog,
                   notice=lambda m: say(f"note: {m}"))
     return StageResult("collect", "resumed" if state == "partial" else "ran", detail=rep.as_dict())
 

@@ -60,6 +60,7 @@ from prismoe_store.errors import DataError, IncompleteStoreError
 from prismoe_store.gates.routing import k_for
 from prismoe_store.grid import GridSpec
 from prismoe_store.runtime.dense import dense_matrix
+from prismoe_store.runtime.grouped import Runtime
 from prismoe_store.runtime.open import open_runtime
 from prismoe_store.runtime.quant import int8_ready
 from prismoe_store.runtime.tile_source import HostTiles, UniformGate
@@ -288,7 +289,11 @@ class _Bench:
         curve = []
         for r in sorted({int(v) for v in np.geomspace(1, k_max, self.cfg.svd_points).round()} | {k_max}):
             a_, b_ = (t.to(self.device) for t in svd.factors(w, r))
-            s = self.held.score(lambda t, a_=a_, b_=b_: F.linear(F.linear(t, b_), a_))
+
+            def low_rank(t: torch.Tensor, a_: torch.Tensor = a_, b_: torch.Tensor = b_) -> torch.Tensor:
+                return F.linear(F.linear(t, b_), a_)
+
+            s = self.held.score(low_rank)
             curve.append({"rank": r, "active_bytes": 4 * r * (m + n), "rel_err": s["rel_err"], "r2": s["r2"]})
         self._tick()
         rows = []
@@ -362,6 +367,7 @@ class _Bench:
         """Hit rate against the cache budget, one held-out token a call (the first half warms the cache)."""
         cfg, dev = self.cfg, str(self.device)
         with open_runtime(source, device=dev, sparsity=1.0) as rt:
+            assert isinstance(rt, Runtime), "a fitted (ensemble) adapter opens as a Runtime"
             total = rt.total_bytes
             biggest = max(rt.entry_bytes(p) for p in range(len(grids)))
         tokens = np.resize(x, (2 * cfg.hit_tokens, x.shape[1]))

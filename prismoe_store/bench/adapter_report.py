@@ -76,10 +76,10 @@ def format_markdown(report: dict) -> str:
                       "Serial rows share the parallel rows' quality (same sums, another order). "
                       "‖Δy‖ INT8/fp32: relative difference of the INT8 adapter's outputs from the fp32 "
                       "adapter's at the same ρ."]
-        gate = (report.get("memory") or {}).get("gate_bytes")
-        if gate:
+        gate_bytes = (report.get("memory") or {}).get("gate_bytes")
+        if gate_bytes:
             lines[-1] += (f" Active bytes count the selected tiles; every token also reads every pipe's gate "
-                          f"({_bytes(gate)} fp32, {gate / d['active_bytes']:.3f}× the dense matrix): "
+                          f"({_bytes(gate_bytes)} fp32, {gate_bytes / d['active_bytes']:.3f}× the dense matrix): "
                           "“×dense with gates” adds them.")
     if report["hit_rate"]:
         rhos = sorted({c["sparsity"] for c in report["hit_rate"]})
@@ -160,8 +160,8 @@ def write_plots(report: dict, out_dir) -> list[str]:
     fig = figure(6.0, 4.0, dpi=110)
     ax = fig.add_subplot(1, 1, 1)
     for i, rho in enumerate(sorted({c["sparsity"] for c in report["hit_rate"]})):
-        pts = sorted((c["share"], c["hit_rate"]) for c in report["hit_rate"] if c["sparsity"] == rho)
-        ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=f"ρ = {rho:g}")
+        hits = sorted((c["share"], c["hit_rate"]) for c in report["hit_rate"] if c["sparsity"] == rho)
+        ax.plot([100 * p[0] for p in hits], [p[1] for p in hits], "o-", color=f"C{i}", label=f"ρ = {rho:g}")
         ax.axvline(100 * rho, color=f"C{i}", ls=":", lw=0.8)
     ax.set_xscale("log")
     ax.set_ylim(-0.02, 1.02)
@@ -182,10 +182,10 @@ def write_plots(report: dict, out_dir) -> list[str]:
         i = 0
         for quant in report["quants"]:
             for schedule in ("parallel", "serial"):
-                pts = sorted((r["sparsity"], r[key]) for r in rows
-                             if r["method"] == "adapter" and r["quant"] == quant and r["schedule"] == schedule)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if schedule == "parallel" else "s--",
+                curve = sorted((r["sparsity"], r[key]) for r in rows
+                               if r["method"] == "adapter" and r["quant"] == quant and r["schedule"] == schedule)
+                if curve:
+                    ax.plot([p[0] for p in curve], [p[1] for p in curve], "o-" if schedule == "parallel" else "s--",
                             color=f"C{i + 1}", label=f"adapter {quant} {schedule}")
                     i += 1
         svd = sorted((r["sparsity"], r[key]) for r in rows if r["method"] == "svd")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,6 +80,7 @@ def benchmark_head(adapter: AdapterStore, hidden, *, sparsities: Sequence[float]
     row_bytes = d * (1 if quant == "int8" else 4) + (4 if quant == "int8" else 0)
     gate_bytes, dense_bytes = 4 * n * (d + 1), 4 * V * d
     gate = adapter.read_band_gate()
+    assert gate is not None, "SelectRuntime above refuses a head adapter without a band gate"
     routers = {f"rho={r:g}": (r, BandRouter(gate, sparsity=r)) for r in sparsities}
     cap = mass_cap if mass_cap is not None else DEFAULT_MASS_CAP
     routers.update({f"mass={m:g}": (m, BandRouter(gate, sparsity=cap, mass=m)) for m in masses})
@@ -119,7 +121,7 @@ def benchmark_head(adapter: AdapterStore, hidden, *, sparsities: Sequence[float]
             if progress:
                 progress(min(S, start + batch), S)
     full.close()
-    result = {"rows": S, "V": V, "d": d, "bands": n, "band_rows": a, "quant": quant or "fp32",
+    result: dict[str, Any] = {"rows": S, "V": V, "d": d, "bands": n, "band_rows": a, "quant": quant or "fp32",
               "settings": [sums[name].result(name, value, V, row_bytes, gate_bytes, dense_bytes)
                            for name, (value, _) in routers.items()]}
     if contiguous is not None:

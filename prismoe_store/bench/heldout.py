@@ -36,7 +36,8 @@ def targets_are_logits(provenance: dict) -> bool:
     >>> targets_are_logits({"settings": {"target": "logits"}}), targets_are_logits({"source": "synth"})
     (True, False)
     """
-    settings = provenance.get("settings") if isinstance(provenance.get("settings"), dict) else {}
+    value = provenance.get("settings")
+    settings: dict = value if isinstance(value, dict) else {}
     return (settings.get("target") or provenance.get("target")) == "logits"
 
 

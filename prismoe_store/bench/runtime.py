@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 
 from prismoe_store.errors import DataError
 from prismoe_store.grid import plan_pipes
+from prismoe_store.runtime.bands import SelectRuntime
 from prismoe_store.runtime.dense import dense_matrix
 from prismoe_store.runtime.open import open_runtime
 from prismoe_store.runtime.quant import int8_ready, quantize_adapter
@@ -112,17 +114,19 @@ def benchmark_runtime(adapter: TileSource, *, device: str = "cpu", sparsity: flo
     xb = torch.from_numpy(tokens[:batch]).to(dev)  # [batch, M]
     host = torch.from_numpy(dense_matrix(adapter))  # [N, M] float32 on the host
     dense = host.to(dev)
-    opts = dict(device=device, sparsity=sparsity, mass=mass)
+    opts: dict[str, Any] = dict(device=device, sparsity=sparsity, mass=mass)
     runtimes = {"fp32": open_runtime(adapter, **opts)}
     if int8_ready(adapter):
         runtimes["int8"] = open_runtime(adapter, **opts, quant="int8")
     first = next(iter(runtimes.values()))
-    out = {"device": str(dev), "kind": "head" if head else "fitted", "sparsity": first.sparsity,
-           "shape": {"d_in": adapter.d_in, "d_out": adapter.d_out, "batch": batch,
-                     "grids": [str(g) for g in adapter.grids] if not head else
-                     [f"{first.n_bands} bands of {first.band_rows} rows"]}}
+    grids = [str(g) for g in adapter.grids]
     if head:
-        out["mass"] = first.mass
+        assert isinstance(first, SelectRuntime), "open_runtime opens a head adapter as a SelectRuntime"
+        grids, mass = [f"{first.n_bands} bands of {first.band_rows} rows"], first.mass
+    out: dict[str, Any] = {"device": str(dev), "kind": "head" if head else "fitted", "sparsity": first.sparsity,
+                           "shape": {"d_in": adapter.d_in, "d_out": adapter.d_out, "batch": batch, "grids": grids}}
+    if head:
+        out["mass"] = mass
 
     # 1-2. fp32 and INT8 runtimes (warm: every tile the batch selects is resident) against the
     # baselines, timed interleaved in one loop so that all see the same machine load
@@ -262,7 +266,8 @@ def _timed(fn, x, dev: torch.device) -> float:
 def _speed(fns: dict, x1: torch.Tensor, xb: torch.Tensor, repeats: int, dev: torch.device) -> dict:
     """Median latency (batch 1) and throughput (batch ``len(xb)``) of each callable, timed interleaved
     (every callable once per repeat), with ratios to ``fns["dense"]``."""
-    t = {name: ([], []) for name in fns}  # name -> (batch-1 times, batch times)
+    # name -> (batch-1 times, batch times)
+    t: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in fns}
     for fn in fns.values():  # warm every path
         _timed(fn, x1, dev), _timed(fn, xb, dev)
     for _ in range(repeats):

@@ -46,7 +46,7 @@ def speed_against_dense(fn, dense, x1: torch.Tensor, xb: torch.Tensor, repeats: 
             f(x)  # warm
             once = timed(f, x, sync)
             inner[name] = max(1, min(MAX_INNER, math.ceil(MIN_BLOCK_S / max(once, 1e-9))))
-        t = {k: [] for k in inner}
+        t: dict[str, list[float]] = {k: [] for k in inner}
         for _ in range(repeats):
             t["d1"].append(timed(dense, x1, sync, inner["d1"]))
             t["f1"].append(timed(fn, x1, sync, inner["f1"]))

@@ -67,7 +67,7 @@ TARGETS = ("logits", "embeddings", "hidden", "none")
 POOLS = ("none", "last", "mean")
 NONFINITE = NONFINITE_CHOICES  # the pairs store's NaN/Inf policies: error, drop, zero
 
-Progress = Callable[[int, int], None]  # progress(done, total)
+Progress = Callable[[int, int | None], None]  # progress(done, total); total None while unknown
 Notice = Callable[[str], None]  # notice(message)
 
 

@@ -24,6 +24,7 @@ from prismoe_store.data.models import (
 )
 from prismoe_store.data.rows import work_items
 from prismoe_store.data.texts import scan_texts
+from prismoe_store.errors import DataError
 from prismoe_store.stores.formats import StoreOptions
 
 
@@ -79,6 +80,8 @@ def benchmark_collect(upper, lower, texts, *, spec: CollectSpec = CollectSpec(),
             last = collect(up, up if same else lo, texts, os.path.join(tmp, f"pairs{r}"),
                            spec=replace(spec, max_tokens=total), options=options, overwrite=True)
             coll_s.append(time.perf_counter() - t0)
+    if last is None:
+        raise DataError(f"repeats must be at least 1, got {repeats}")
     b, c = float(np.median(bare_s)), float(np.median(coll_s))
     return {
         "tokens": total, "windows": len(windows), "batch_size": bs, "max_length": spec.max_length,

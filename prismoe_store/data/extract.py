@@ -349,6 +349,7 @@ def _prefetched(read: Callable[[int], np.ndarray | None], n: int) -> Iterator[np
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(read, 0) if n else None
         for i in range(n):
+            assert pending is not None, "read i is submitted before step i"
             data = pending.result()
             pending = pool.submit(read, i + 1) if i + 1 < n else None
             yield data

@@ -27,9 +27,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from prismoe_store.data.texts import TextSource, iter_documents
 from prismoe_store.errors import DataError, ModelError, SourceError
+
+if TYPE_CHECKING:  # transformers is an optional dependency (the `models` extra), imported when a model loads
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DTYPES = ("float32", "float16", "bfloat16")  # compute dtypes of the models
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json", "*.pt", "*.pth")
@@ -42,8 +46,8 @@ Notice = Callable[[str], None]  # notice(message): one-line messages for the use
 class LoadedModel:
     """A causal LM and its tokenizer, loaded offline by :func:`load_model`."""
 
-    model: object  # a transformers ``PreTrainedModel`` (``*ForCausalLM``), in eval mode on its device
-    tokenizer: object  # its tokenizer (fast)
+    model: PreTrainedModel  # a transformers ``*ForCausalLM``, in eval mode on its device
+    tokenizer: PreTrainedTokenizerBase  # its tokenizer (fast)
     info: dict  # provenance: path, format (folder|gguf), model_type, widths, files
     device: str  # where the model runs
     missing_head: tuple[str, ...] = ()  # head parameters the checkpoint lacked (randomly initialised)
@@ -162,8 +166,9 @@ def load_model(spec: str | os.PathLike, *, device: str = "cpu", dtype: str = "fl
         if gguf_name and not transformers.utils.is_accelerate_available():
             model = _load_gguf_without_accelerate(folder, gguf_name, tdtype)  # refuses missing tensors itself
         else:
-            model, loading = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kw,
-                                                                  **_dtype_kwarg(tdtype), output_loading_info=True)
+            # with output_loading_info transformers returns (model, info); its annotation names the model only
+            model, loading = cast("tuple[PreTrainedModel, dict[str, list[str]]]", AutoModelForCausalLM.from_pretrained(
+                folder, local_files_only=True, **kw, **_dtype_kwarg(tdtype), output_loading_info=True))
             missing = list(loading.get("missing_keys") or [])
     except ModelError:
         raise

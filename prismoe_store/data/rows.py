@@ -99,6 +99,7 @@ class RowCollector:
             table = embed_tokens(self.lower, [t for n in nexts for t in n])
             zs = list(torch.split(table, [len(n) for n in nexts]))
             xs = [x[:len(it.upper) - (it.next_id is None)] for x, it in zip(xs, items)]
+        assert zs is not None, f"every target sets z above ({target!r})"
         out_x, out_z = [], []
         for it, x, z in zip(items, xs, zs):
             if pool == "none" and it.skip:  # positions an earlier run stored: context only

@@ -165,6 +165,7 @@ class SynthTruth:
         if self.gates is None:
             return _matmul(x, self.w.T).astype(np.float32)
         d_out, d_in = self.w.shape
+        assert self.block_shape is not None and self.block_region is not None, "a gated truth has blocks"
         bo, bi = self.block_shape
         regions = self.region(x)[:, None]
         block_row = np.arange(d_out) // bo  # the block row of each output
@@ -356,6 +357,7 @@ def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         if out is None:
             return acc
         out[:, c0:c0 + band] = acc
+    assert out is not None, "one band (out None) returned inside the loop"
     return out
 
 

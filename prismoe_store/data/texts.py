@@ -99,7 +99,7 @@ def add_range(ranges: list, start: int, stop: int) -> list:
     >>> add_range([[0, 3], [5, 6]], 3, 5)
     [[0, 6]]
     """
-    out = []
+    out: list[list[int]] = []
     for a, b in sorted([*map(list, ranges), [start, stop]]):
         if out and a <= out[-1][1]:
             out[-1][1] = max(out[-1][1], b)

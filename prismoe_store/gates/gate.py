@@ -56,6 +56,9 @@ class Gates(torch.nn.Module):
     True
     """
 
+    mean: torch.Tensor  # buffer [d_in]: μ
+    scale: torch.Tensor  # buffer [d_in]: σ̃
+
     def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], *,
                  mean: torch.Tensor | None = None, scale: torch.Tensor | None = None):
         super().__init__()
@@ -80,9 +83,10 @@ class Gates(torch.nn.Module):
     def from_store(cls, adapter: AdapterStore) -> Gates:
         """The adapter's stored gates; :class:`~prismoe_store.errors.DataError` when it has none."""
         stored = [adapter.read_gate(p) for p in range(adapter.n_pipes)]
-        if any(s is None for s in stored):
+        gates = [s for s in stored if s is not None]
+        if len(gates) < len(stored):
             raise DataError(f"adapter {adapter.url} has no gates yet: run `prismoe fit-gates` first")
-        return cls.from_arrays(stored)
+        return cls.from_arrays(gates)
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         """``(x − μ)/σ̃``: the input the gate weights act on."""
@@ -119,13 +123,15 @@ def gated_forward(tiles: FrozenTiles, gates: Gates, x: torch.Tensor, *, sparsity
     """
     xs = gates.standardize(x)
     xpad = tiles.pad(x)
-    y, routings = 0.0, []
+    y: torch.Tensor | float = 0.0
+    routings: list[Routing] = []
     for p, g in enumerate(tiles.grids):
         r = route(xs, gates.weights[p], gates.biases[p], grid=g, sparsity=sparsity, mode=tiles.mode,
                   temperature=temperature)
         w = r.dense_weights().reshape(-1, g.rows, g.cols)
         y = y + tiles.alphas[p] * tiles.product(p, xpad, w)
         routings.append(r)
+    assert isinstance(y, torch.Tensor), "an adapter has at least one pipe"
     return y, routings
 
 

@@ -29,7 +29,7 @@ See ``docs/gates.md`` for what the numbers mean.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -207,6 +207,11 @@ def _gated(tiles, gates, sparsity, temperature):
     return lambda x: gated_forward(tiles, gates, x, sparsity=sparsity, temperature=temperature)[0]
 
 
+def _shifted(progress: Progress, offset: int, total: int) -> Progress:
+    """``progress`` for one run of several: the run's done count shifted by ``offset``, out of ``total``."""
+    return lambda done, _run_total: progress(offset + done, total)
+
+
 def _lstsq_baseline(pairs: PairsStore, split: Split, max_bytes: int) -> tuple[np.ndarray | None, str]:
     """Dense least squares ``W [d_out, d_in]`` on the training rows (float64), when they fit in ``max_bytes``."""
     n_train = split.counts(pairs)[0]
@@ -264,7 +269,8 @@ def quality_report(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES, 
         if all(adapter.read_gate(p) is not None for p in range(adapter.n_pipes)):
             gates["trained"] = Gates.from_store(adapter)
     gates = {k: v.to(dev) for k, v in gates.items()}
-    preds = {(name, rho): _gated(tiles, g, rho, temperature) for name, g in gates.items() for rho in sparsities}
+    preds: dict[tuple[str, float | None], Callable[[torch.Tensor], torch.Tensor]] = {
+        (name, rho): _gated(tiles, g, rho, temperature) for name, g in gates.items() for rho in sparsities}
     preds[("dense", None)] = tiles.dense
     lstsq, how = _lstsq_baseline(pairs, split, lstsq_max_bytes)
     if lstsq is not None:
@@ -314,7 +320,7 @@ def benchmark_gates(adapter, pairs, config: GateSettings = GateSettings(), *,  #
     base = replace(config, holdout=split.holdout, seed=split.seed)
     epochs, temperature = base.epochs, base.temperature
     tiles.check_batch(base.batch_size, max_tile_bytes)
-    xs, zs = sample_training_rows(pairs, split, base.init_rows, base.seed)
+    xs, zs = sample_training_rows(pairs, split, base.init_rows, split.seed)  # base.seed is split.seed
     init = init_gates(tiles, torch.from_numpy(xs).to(dev), torch.from_numpy(zs).to(dev), kind=base.init,
                       scale=base.init_scale)
     z_scale = float(np.mean(np.square(zs, dtype=np.float64))) or 1.0
@@ -327,7 +333,7 @@ def benchmark_gates(adapter, pairs, config: GateSettings = GateSettings(), *,  #
         run = GateRun(tiles, pairs, split, s, gates=gates, z_scale=z_scale, max_eval_rows=max_eval_rows)
         run.record(None)
         offset = i * epochs * n_train
-        run.train((lambda d, t, o=offset: progress(o + d, total)) if progress else None)
+        run.train(_shifted(progress, offset, total) if progress else None)
         trained[rho] = Gates.from_arrays(run.best_gates).to(dev)
         runs[rho] = {"best_epoch": run.best["epoch"], "epochs_run": run.epoch, "history": run.history}
     q = quality_report(adapter, pairs, sparsities=sparsities, temperature=temperature, holdout=split.holdout,

@@ -141,11 +141,13 @@ class FrozenTiles:
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter with every tile used and a uniform gate (ρ = 1): for ``joint`` tiles every weight
         is 1 (the dense ridge solution), for ``independent`` tiles each band averages its live tiles."""
-        xpad, y = self.pad(x), 0.0
+        xpad = self.pad(x)
+        y: torch.Tensor | float = 0.0
         for p, g in enumerate(self.grids):
             act = active_mask(g, self.device).reshape(g.rows, g.cols).float()
             w = act if self.mode == "joint" else act / act.sum(1, keepdim=True).clamp_min(1)
             y = y + self.alphas[p] * self.product(p, xpad, w.expand(x.shape[0], -1, -1))
+        assert isinstance(y, torch.Tensor), "an adapter has at least one pipe"
         return y
 
 

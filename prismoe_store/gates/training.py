@@ -52,6 +52,7 @@ def _loss(tiles, gates, x, z, s: GateSettings, z_scale: float) -> torch.Tensor:
 
 def _epoch(tiles, gates, opt, pairs, split, s: GateSettings, epoch: int, z_scale: float, tick) -> float:
     """One pass over the training rows in a seeded shuffled block order; returns the mean loss."""
+    assert s.seed is not None, "the settings are resolved against the split (seed filled in) before training"
     rng = np.random.default_rng([s.seed, epoch, 11])
     blocks = split.blocks(pairs)
     total, n = 0.0, 0
@@ -257,11 +258,12 @@ def _fit_gates(adapter: AdapterStore, pairs: PairsStore, config: GateSettings, *
                       z_scale=float(meta["z_scale"]), max_eval_rows=max_eval_rows)
         run.load_state(arrays, meta)
         stored = [adapter.read_gate(p) for p in range(adapter.n_pipes)]
-        run.best_gates = stored if all(x is not None for x in stored) else run.gates.export()
+        present = [g for g in stored if g is not None]
+        run.best_gates = present if len(present) == len(stored) else run.gates.export()
         resumed_from = run.epoch
         before = meta.get("before") or {}
     else:
-        xs, zs = sample_training_rows(pairs, split, s.init_rows, s.seed)
+        xs, zs = sample_training_rows(pairs, split, s.init_rows, split.seed)  # s.seed is split.seed
         x0 = torch.from_numpy(xs).to(dev)
         z_scale = float(np.mean(np.square(zs, dtype=np.float64))) or 1.0
         gates = init_gates(tiles, x0, torch.from_numpy(zs).to(dev), kind=s.init, scale=s.init_scale)

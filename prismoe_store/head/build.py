@@ -296,7 +296,7 @@ class _ScratchRows:
         out = np.empty((stop - start, self.d), np.float32)
         with open(self.path, "rb", buffering=0) as f:
             f.seek(start * self.row_bytes)
-            f.readinto(memoryview(out).cast("B"))
+            f.readinto(out.data.cast("B"))
         return out
 
     def gather(self, index: np.ndarray) -> np.ndarray:

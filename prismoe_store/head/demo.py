@@ -52,7 +52,8 @@ class HeadSample:
     @classmethod
     def committed(cls) -> HeadSample:
         """The files in ``sample_data/smollm2`` (:class:`DataError` when one is missing)."""
-        sample = cls(*(str(SAMPLE_DIR / n) for n in ("head.gguf", "train_hidden.npy", "held_hidden.npy")),
+        sample = cls(str(SAMPLE_DIR / "head.gguf"), str(SAMPLE_DIR / "train_hidden.npy"),
+                     str(SAMPLE_DIR / "held_hidden.npy"),
                      label="SmolLM2-135M-Instruct's output head, token ids 0-8191 of 49152 (Q8_0 blocks from the "
                            "model's GGUF)")
         missing = [p for p in (sample.gguf, sample.train, sample.held) if not Path(p).is_file()]

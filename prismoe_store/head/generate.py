@@ -23,18 +23,23 @@ torch.bfloat16
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from prismoe_store.errors import DataError, ModelError
+from prismoe_store.runtime.bands import SelectRuntime
 from prismoe_store.runtime.grouped import Runtime
 from prismoe_store.runtime.open import open_runtime
+
+if TYPE_CHECKING:  # transformers is an optional dependency (the `models` extra)
+    from transformers import GenerationMixin
 
 
 class PrisMoEHead(torch.nn.Module):
     """``lm_head`` replacement: ``hidden [..., d_in] → logits [..., d_out]`` through a runtime."""
 
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime | SelectRuntime):
         super().__init__()
         self.runtime = runtime  # the adapter runtime (its own device and tile cache)
         self.in_features = runtime.d_in  # hidden width, like nn.Linear
@@ -150,11 +155,12 @@ def compare_summary(generations: list[Generation]) -> dict:
     {'prompts': 2, 'same_text': 1, 'mean_agreement': 0.75, 'mean_identical_prefix': 1.5}
     """
     n = len(generations)
-    if n == 0 or any(g.original is None for g in generations):
+    agreements = [g.agreement for g in generations if g.agreement is not None]
+    prefixes = [g.identical_prefix for g in generations if g.identical_prefix is not None]
+    if n == 0 or any(g.original is None for g in generations) or len(agreements) < n or len(prefixes) < n:
         raise DataError("a comparison summary needs compared generations (generate with compare=True)")
     return {"prompts": n, "same_text": sum(bool(g.same) for g in generations),
-            "mean_agreement": sum(g.agreement for g in generations) / n,
-            "mean_identical_prefix": sum(g.identical_prefix for g in generations) / n}
+            "mean_agreement": sum(agreements) / n, "mean_identical_prefix": sum(prefixes) / n}
 
 
 def load_causal_lm(model):
@@ -194,8 +200,9 @@ def generate_all(adapter, model, prompts: list[str], *, max_new_tokens: int = 20
     def greedy(inputs) -> torch.Tensor:
         with torch.no_grad():
             n = inputs["input_ids"].shape[1]
-            return net.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                pad_token_id=pad)[0, n:]  # [new]
+            generator = cast("GenerationMixin", net)  # a *ForCausalLM generates
+            return generator.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                      pad_token_id=pad)[0, n:]  # [new]
 
     originals = [greedy(inputs) for inputs in encoded] if compare else [None] * len(prompts)
     replace_lm_head(net, head)

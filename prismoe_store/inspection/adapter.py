@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,7 @@ class PipeReport:
             f"  tiles {human_bytes(self.bytes_memory)} fp32 in memory, {human_bytes(self.bytes_disk)} on disk; codecs "
             f"{' + '.join(self.codecs)}",
         ]
-        if self.int8_bytes_memory is not None:
+        if self.int8_bytes_memory is not None and self.int8_bytes_disk is not None:  # both set, or neither
             lines.append(f"  INT8 tiles + scales {human_bytes(self.int8_bytes_memory)} in memory, "
                          f"{human_bytes(self.int8_bytes_disk)} on disk")
         if self.gate is None and self.grid.is_band_grid:
@@ -262,10 +263,11 @@ def inspect_adapter(url, *, tensor: str | None = None, stats: bool = True, max_b
             int8_bytes_memory=None if int8 is None else int(sum(a.nbytes for a in int8)),
             int8_bytes_disk=None if int8 is None else int(sum(a.nbytes_stored() for a in int8)),
             gate=_gate_info(store, p, stats), stats=pipe_stats))
-    jobs = {}
+    jobs: dict[str, list[int]] = {}
     if "_progress" in store.group:
         for name, _ in sorted(store.group["_progress"].arrays()):
             record = Progress.open(store.group, name)
+            assert record is not None, f"{name} is listed under _progress"
             jobs[name] = [len(record.done()), record.units]
     head = {}
     if store.layout == "partition":
@@ -287,7 +289,7 @@ def _gate_info(store, pipe: int, stats: bool) -> dict | None:
     group = store.group[f"pipe{pipe + 1}"]
     if "gate_weight" not in group:
         return None
-    info = {"shape": list(group["gate_weight"].shape)}
+    info: dict[str, Any] = {"shape": list(group["gate_weight"].shape)}
     if stats:
         w, b = store.read_gate(pipe)
         w64, b64 = np.asarray(w, np.float64), np.asarray(b, np.float64)

@@ -26,7 +26,7 @@ import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -170,7 +170,7 @@ class TileStats:
 
     def to_dict(self) -> dict:
         """JSON-ready: the summary plus every per-tile array (NaN as ``None``)."""
-        out = {"summary": self.summary()}
+        out: dict[str, Any] = {"summary": self.summary()}
         for name in ("count", "norm", "mean", "std", "absmax", "zero_share", "nonfinite"):
             out[name] = [_num(v) for v in np.asarray(getattr(self, name)).tolist()]
         return jsonable(out)
@@ -366,7 +366,7 @@ def short_value(v, width: int = 80) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def human_bytes(n: int) -> str:
+def human_bytes(n: float) -> str:
     """A byte count in B, KiB, MiB, GiB or TiB.
 
     >>> human_bytes(512), human_bytes(3 << 20), human_bytes(5 << 40)

@@ -179,7 +179,8 @@ def open_matrix(path, *, tensor: str | None = None, fallback: str | None = None,
             raise TensorNotFoundError(
                 f"{path} holds {len(matrices)} matrices ({', '.join(matrices) or 'none'}): name one with --tensor")
     info = src.matrix(tensor)
-    return OpenedArray(_SourceMatrix(src, info.name, info.shape), info.name, f"{path}:{info.name}")
+    rows, cols = info.shape  # matrix() refuses anything but 2-D
+    return OpenedArray(_SourceMatrix(src, info.name, (rows, cols)), info.name, f"{path}:{info.name}")
 
 
 class _SourceMatrix:

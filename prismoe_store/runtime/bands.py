@@ -201,7 +201,7 @@ class SelectRuntime:
                 group = union_np[start:start + step]  # [G]
                 g = torch.as_tensor(group, device=self.device)
                 slots = self.pool.acquire(group)  # [G]
-                short = group.max() == n - 1 and self.band_sizes[-1] < a  # the short last band is in
+                short = bool(group.max() == n - 1 and self.band_sizes[-1] < a)  # the short last band is in
                 if every:  # every token takes every band (ρ = 1): rows in W's layout, the dense product's kernel
                     self._in_w_layout(x, g, slots, out, short)
                 elif B <= BAG_BATCH:

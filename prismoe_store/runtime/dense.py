@@ -20,6 +20,8 @@ order. Benchmarks use it as their dense baseline and the contract tests as the r
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
 from prismoe_store.grid import GridSpec
@@ -43,13 +45,14 @@ def dense_matrix(source: TileSource | BandSource) -> np.ndarray:
     tiles (see the module docstring), or a head adapter's rows in token order (exact copies).
     Reads every live tile once; raises what the source raises for a damaged tile."""
     if source.layout == "partition":
-        order = np.asarray(source.read_order())  # [V] adapter row → token id
-        w = np.empty((source.d_out, source.d_in), np.float32)
-        for b in range(source.n_bands):
-            rows = np.asarray(source.read_band_tiles(b), np.float32)  # [≤ a, d_in]
-            start = b * source.band_rows
-            w[order[start:start + len(rows)]] = rows
-        return w
+        bands = cast(BandSource, source)  # a partition-layout source is a head adapter: a BandSource
+        order = np.asarray(bands.read_order())  # [V] adapter row → token id
+        head = np.empty((bands.d_out, bands.d_in), np.float32)
+        for b in range(bands.n_bands):
+            band = np.asarray(bands.read_band_tiles(b), np.float32)  # [≤ a, d_in]
+            start = b * bands.band_rows
+            head[order[start:start + len(band)]] = band
+        return head
     w = np.zeros((source.d_out, source.d_in), np.float64)
     for p, (alpha, g) in enumerate(zip(source.alphas, source.grids, strict=True)):
         weight = alpha * tile_scale(source.mode, g)

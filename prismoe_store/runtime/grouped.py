@@ -46,6 +46,7 @@ True
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -127,9 +128,13 @@ class Runtime:
             region = arena if shared else arena[start:start + shares[p]]
             start += shares[p]
             pools.append(SlotPool(n_tiles=g.workers, tile_shape=g.tile_shape, budget_bytes=region.numel(),
-                                  arena=region, load=lambda j, p=p: self.host.get((p, j)), quant=self.config.quant,
+                                  arena=region, load=self._loader(p), quant=self.config.quant,
                                   device=self.device, heat=self.heat[p] if self.config.eviction == "heat" else None))
         return pools, shared
+
+    def _loader(self, p: int) -> Callable[[int], tuple[np.ndarray, ...]]:
+        """Pipe ``p``'s tile reader for its slot pool: through the host tier."""
+        return lambda j: self.host.get((p, j))
 
     def _read(self, key: tuple[int, int]) -> tuple[np.ndarray, ...]:
         p, j = key
@@ -162,14 +167,15 @@ class Runtime:
         """Map ``x [..., d_in]`` (torch or numpy) to float32 ``y [..., d_out]`` on the runtime's device."""
         t0 = time.perf_counter()
         x, lead = input_rows(x, self.d_in, self.device)  # [B, M]
-        ys = [None] * len(self.grids)  # per pipe: [B, N]
+        ys: dict[int, torch.Tensor] = {}  # per pipe: [B, N]
         for p in self._pipe_order():
             if self.shared:  # the other pipes' slots are this pipe's now
                 for q, pool in enumerate(self.pools):
                     if q != p:
                         pool.clear()
             ys[p] = self._pipe(p, x)[:, : self.d_out]  # [B, N]
-        y = sum(alpha * yp for alpha, yp in zip(self.alphas, ys, strict=True))  # [B, N], summed in pipe order
+        y = sum(alpha * ys[p] for p, alpha in enumerate(self.alphas))  # [B, N], summed in pipe order
+        assert isinstance(y, torch.Tensor), "an adapter has at least one pipe"
         if self.prefetch:
             self._prefetch()
         if self.device.type == "cuda":

@@ -26,10 +26,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Generic, TypeVar
 
 import numpy as np
 
-Load = Callable[[Hashable], tuple[np.ndarray, ...]]  # reads one tile's host arrays from the store
+K = TypeVar("K", bound=Hashable)  # a tile's key: (pipe, worker) for fitted adapters, a band for heads
+Load = Callable[[K], tuple[np.ndarray, ...]]  # reads one tile's host arrays from the store
 
 
 def hot_tiles(heat: np.ndarray, resident: np.ndarray, n: int) -> np.ndarray:
@@ -42,21 +44,21 @@ def hot_tiles(heat: np.ndarray, resident: np.ndarray, n: int) -> np.ndarray:
     return cold[np.argsort(-heat[cold], kind="stable")[:n]]
 
 
-class HostTier:
+class HostTier(Generic[K]):
     """LRU host-RAM tier of decompressed tiles over ``load`` (see the module docstring)."""
 
-    def __init__(self, budget_bytes: int, load: Load):
+    def __init__(self, budget_bytes: int, load: Load[K]):
         self.budget_bytes = max(0, int(budget_bytes))  # most bytes held (0: the tier is off)
         self.load = load  # reads a tile from the store
-        self._tiles: OrderedDict[Hashable, tuple[np.ndarray, ...]] = OrderedDict()  # LRU order: oldest first
-        self._prefetched: set[Hashable] = set()  # held because of a prefetch, not yet asked for
-        self._pending: dict[Hashable, Future] = {}  # prefetch reads under way
+        self._tiles: OrderedDict[K, tuple[np.ndarray, ...]] = OrderedDict()  # LRU order: oldest first
+        self._prefetched: set[K] = set()  # held because of a prefetch, not yet asked for
+        self._pending: dict[K, Future] = {}  # prefetch reads under way
         self._lock = threading.Lock()
         self._bytes = 0
         self._counts = dict(hits=0, misses=0, prefetched=0, prefetch_hits=0, evictions=0)
         self._pool: ThreadPoolExecutor | None = None
 
-    def get(self, key: Hashable) -> tuple[np.ndarray, ...]:
+    def get(self, key: K) -> tuple[np.ndarray, ...]:
         """The host arrays of tile ``key``: from the tier (a hit), a prefetch under way, or the store."""
         if self.budget_bytes == 0:
             self._counts["misses"] += 1
@@ -79,7 +81,7 @@ class HostTier:
         self._put(key, arrays)
         return arrays
 
-    def prefetch(self, keys: Iterable[Hashable]) -> None:
+    def prefetch(self, keys: Iterable[K]) -> None:
         """Read ``keys`` not held yet into the tier on a background thread."""
         if self.budget_bytes == 0:
             return
@@ -91,7 +93,7 @@ class HostTier:
                     continue
                 self._pending[key] = self._pool.submit(self._prefetch_one, key)
 
-    def _prefetch_one(self, key: Hashable) -> None:
+    def _prefetch_one(self, key: K) -> None:
         try:
             arrays = tuple(self.load(key))
             if self._put(key, arrays):
@@ -102,7 +104,7 @@ class HostTier:
             with self._lock:
                 self._pending.pop(key, None)
 
-    def _put(self, key: Hashable, arrays: tuple[np.ndarray, ...]) -> bool:
+    def _put(self, key: K, arrays: tuple[np.ndarray, ...]) -> bool:
         nbytes = sum(int(a.nbytes) for a in arrays)
         if nbytes > self.budget_bytes:
             return False
@@ -123,13 +125,13 @@ class HostTier:
         for fut in list(self._pending.values()):
             fut.result()
 
-    def __contains__(self, key: Hashable) -> bool:
+    def __contains__(self, key: K) -> bool:
         return key in self._tiles
 
     def stats(self) -> dict:
         """Counters: ``hits``, ``misses`` (store reads on request), ``prefetched``, ``prefetch_hits``,
         ``prefetch_hit_rate``, ``evictions``, ``bytes`` held, ``budget_bytes``."""
-        c = dict(self._counts)
+        c: dict[str, float] = dict(self._counts)
         c["prefetch_hit_rate"] = c["prefetch_hits"] / c["prefetched"] if c["prefetched"] else 0.0
         return {**c, "bytes": self._bytes, "budget_bytes": self.budget_bytes}
 

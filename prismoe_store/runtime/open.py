@@ -17,12 +17,13 @@ torch.Size([4])
 from __future__ import annotations
 
 import os
+from typing import cast
 
 from prismoe_store.errors import DataError
 from prismoe_store.runtime.bands import SelectRuntime
 from prismoe_store.runtime.config import RuntimeConfig
 from prismoe_store.runtime.grouped import Runtime
-from prismoe_store.runtime.tile_source import TileSource
+from prismoe_store.runtime.tile_source import BandSource, TileSource
 from prismoe_store.stores.adapter import AdapterStore
 
 
@@ -40,8 +41,8 @@ def open_runtime(adapter: TileSource | str | os.PathLike, *, device: str = "cpu"
         adapter = AdapterStore.open(adapter, require_complete=True)
     config = RuntimeConfig(device=device, cache_bytes=cache_bytes, quant=quant, schedule=schedule, sparsity=sparsity,
                            prefetch=prefetch, mass=mass, host_cache_bytes=host_cache_bytes, eviction=eviction)
-    if adapter.layout == "partition":
-        return SelectRuntime(adapter, config)
+    if adapter.layout == "partition":  # a head adapter: a BandSource
+        return SelectRuntime(cast(BandSource, adapter), config)
     if mass is not None:
         raise DataError("a mass threshold applies to head adapters (`prismoe head`), not to fitted adapters")
     return Runtime(adapter, config)

@@ -131,8 +131,8 @@ class SlotPool:
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self._staging: torch.Tensor | None = None  # pinned host buffer [STAGE_TILES, a, d] (CUDA)
         self._staged_scales: torch.Tensor | None = None  # pinned [STAGE_TILES, a] (CUDA, INT8)
-        self._copied = None  # CUDA event: the last copy out of the staging buffer finished
-        self._released = None  # CUDA event: the compute of the last call finished with its slots
+        self._copied: torch.cuda.Event | None = None  # CUDA event: the last copy out of the staging buffer finished
+        self._released: torch.cuda.Event | None = None  # CUDA event: the last call's compute is done with its slots
 
     def _lay_out(self, arena: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         a, d = self.tile_shape
@@ -241,6 +241,7 @@ class SlotPool:
 
     def _fill_cuda(self, arrays: list[tuple[np.ndarray, ...]], slots: np.ndarray) -> None:
         """Stage tiles in pinned memory and copy them into their slots on the side stream."""
+        assert self._copy_stream is not None, "CUDA pools have a copy stream"
         if self._staging is None:
             a, d = self.tile_shape
             self._staging = torch.empty((STAGE_TILES, d, a), dtype=self.data.dtype, pin_memory=True)
@@ -258,10 +259,12 @@ class SlotPool:
                     self._copy_stream.wait_event(self._released)  # the last call has finished with these slots
                 self.data.index_copy_(0, target, self._staging[:len(chunk)].to(self.device, non_blocking=True))
                 if self.scales is not None:
+                    assert self._staged_scales is not None, "staged with the staging buffer when there are scales"
                     staged = self._staged_scales[:len(chunk)].to(self.device, non_blocking=True)
                     self.scales.index_copy_(0, target, staged)
                 self._copied = torch.cuda.Event()
                 self._copied.record(self._copy_stream)
+        assert self._copied is not None, "arrays is not empty: at least one copy was made"
         torch.cuda.current_stream(self.device).wait_event(self._copied)  # compute reads the slots after the copy
 
     # -- reading slots ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ bands, row order and band gate. Shapes and dtypes of every member are on the pro
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -138,24 +138,29 @@ class TileSourceWrapper:
 
     # -- BandSource --------------------------------------------------------------------------------
     @property
+    def _bands(self) -> BandSource:
+        # only called on head adapters; on another source the member lookup fails there, as it would here
+        return cast(BandSource, self.inner)
+
+    @property
     def band_rows(self) -> int:
-        return int(self.inner.band_rows)
+        return int(self._bands.band_rows)
 
     @property
     def n_bands(self) -> int:
-        return int(self.inner.n_bands)
+        return int(self._bands.n_bands)
 
     def read_band_tiles(self, band: int) -> np.ndarray:
-        return self.inner.read_band_tiles(band)
+        return self._bands.read_band_tiles(band)
 
     def read_band_int8(self, band: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.inner.read_band_int8(band)
+        return self._bands.read_band_int8(band)
 
     def read_order(self) -> np.ndarray:
-        return self.inner.read_order()
+        return self._bands.read_order()
 
     def read_band_gate(self) -> tuple[np.ndarray, np.ndarray] | None:
-        return self.inner.read_band_gate()
+        return self._bands.read_band_gate()
 
 
 class UniformGate(TileSourceWrapper):

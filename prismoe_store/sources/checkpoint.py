@@ -112,9 +112,10 @@ def config_facts(folder: Path) -> CheckpointFacts:
     if not isinstance(cfg, dict):
         raise SourceError(f"{path} is not a JSON object")
     tied, why = _tie_flag(cfg, path)
-    qc = cfg.get("quantization_config") if isinstance(cfg.get("quantization_config"), dict) else {}
+    qc_value, arch_value = cfg.get("quantization_config"), cfg.get("architectures")
+    qc: dict = qc_value if isinstance(qc_value, dict) else {}
     block = qc.get("weight_block_size")
-    arch = cfg.get("architectures") if isinstance(cfg.get("architectures"), list) else []
+    arch: list = arch_value if isinstance(arch_value, list) else []
     return CheckpointFacts(
         tied=tied, tied_why=why, block_size=parse_block_size(block) if block is not None else None,
         quant_method=str(qc["quant_method"]) if qc.get("quant_method") else None,

@@ -83,13 +83,13 @@ def _block(shape: tuple[int, ...], scale_shape: tuple[int, ...], facts: Checkpoi
                 f"scale {scale_name!r} in {where} is {grid[0]}×{grid[1]}, but config.json's weight_block_size "
                 f"{br}×{bc} over a {rows}×{cols} tensor needs {-(-rows // br)}×{-(-cols // bc)}")
         return (br, bc), "config.json quantization_config.weight_block_size"
-    br, bc = _unique_block(rows, grid[0]), _unique_block(cols, grid[1])
-    if br is None or bc is None:
+    ubr, ubc = _unique_block(rows, grid[0]), _unique_block(cols, grid[1])
+    if ubr is None or ubc is None:
         raise QuantizedTensorError(
             f"scale {scale_name!r} in {where} is {grid[0]}×{grid[1]} over a {rows}×{cols} tensor: the block size "
             "cannot be told from the shapes; put the model's config.json (with quantization_config."
             "weight_block_size) beside the checkpoint")
-    return (br, bc), "the only block size the shapes allow"
+    return (ubr, ubc), "the only block size the shapes allow"
 
 
 def _unique_block(n: int, blocks: int) -> int | None:

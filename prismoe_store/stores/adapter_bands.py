@@ -38,14 +38,25 @@ class PartitionBands:
     # provided by the adapter store
     group: zarr.Group
     url: str
-    d_in: int
-    d_out: int
-    layout: str
-    grids: list[GridSpec]
-    options: StoreOptions
     tiles: Callable[[int], zarr.Array]  # a pipe's float32 tile array
     read_band: Callable[[int, int], np.ndarray]  # (pipe, row) -> the band's tiles, checked
     int8_arrays: Callable[..., tuple[zarr.Array, zarr.Array]]  # a pipe's (tiles_int8, scales)
+
+    if TYPE_CHECKING:  # read-only properties there
+        @property
+        def d_in(self) -> int: ...
+
+        @property
+        def d_out(self) -> int: ...
+
+        @property
+        def layout(self) -> str: ...
+
+        @property
+        def grids(self) -> list[GridSpec]: ...
+
+        @property
+        def options(self) -> StoreOptions: ...
 
     @property
     def band_rows(self) -> int:

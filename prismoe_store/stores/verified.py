@@ -56,7 +56,7 @@ def _entry_of(data) -> tuple[int, int]:
     # zlib's CRC-32, not crc32c: a chunk ends with its own crc32c, and the crc32c of data followed by
     # its crc32c is the same constant for every chunk (so it could not tell two chunks apart)
     view = np.asarray(data, dtype=np.uint8).reshape(-1)
-    return zlib.crc32(view), int(view.size)
+    return zlib.crc32(view.data), int(view.size)
 
 
 def _pack(entries: Iterable[tuple[int, int]]) -> Buffer:

@@ -207,11 +207,6 @@ def _gated(tiles, gates, sparsity, temperature):
     return lambda x: gated_forward(tiles, gates, x, sparsity=sparsity, temperature=temperature)[0]
 
 
-def _shifted(progress: Progress, offset: int, total: int) -> Progress:
-    """``progress`` for one run of several: the run's done count shifted by ``offset``, out of ``total``."""
-    return lambda done, _run_total: progress(offset + done, total)
-
-
 def _lstsq_baseline(pairs: PairsStore, split: Split, max_bytes: int) -> tuple[np.ndarray | None, str]:
     """Dense least squares ``W [d_out, d_in]`` on the training rows (float64), when they fit in ``max_bytes``."""
     n_train = split.counts(pairs)[0]
@@ -333,7 +328,8 @@ def benchmark_gates(adapter, pairs, config: GateSettings = GateSettings(), *,  #
         run = GateRun(tiles, pairs, split, s, gates=gates, z_scale=z_scale, max_eval_rows=max_eval_rows)
         run.record(None)
         offset = i * epochs * n_train
-        run.train(_shifted(progress, offset, total) if progress else None)
+        shifted: Progress | None = (lambda d, t, o=offset: progress(o + d, total)) if progress else None
+        run.train(shifted)
         trained[rho] = Gates.from_arrays(run.best_gates).to(dev)
         runs[rho] = {"best_epoch": run.best["epoch"], "epochs_run": run.epoch, "history": run.history}
     q = quality_report(adapter, pairs, sparsities=sparsities, temperature=temperature, holdout=split.holdout,

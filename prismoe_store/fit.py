@@ -83,7 +83,7 @@ class FitConfig:
     #   "float32" (all); always summed across blocks in float64 (see fit_pass "Numerics")
     # -- speed and memory only --
     memory_budget: int | None = None  # bytes for accumulators and row blocks; None: 1/4 of physical RAM
-    block_rows: int | None = None  # rows per product block; None: 8192 rounded up to the store's row chunks
+    block_rows: int | None = None  # rows per product block; None: 4096 rounded up to the store's row chunks
     tasks: int | None = None  # row stripes accumulated in parallel; None: cores/2 (≤ 4) locally, a cluster's threads
     keep_statistics: bool = False  # keep the ``_fit`` scratch (G, B, held-out rows) after the fit
 

@@ -27,11 +27,16 @@ import threading
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import cli.main as climain
+import zarr
 
 T_CLI = time.perf_counter() - T0
-import prismoe_store.fit as fit_mod
-import prismoe_store.fit_pass as pass_mod
-import prismoe_store.pairs as pairs_mod
+from importlib import import_module
+
+# import_module, not ``import a.b as c``: the package re-exports a function named ``fit``
+fit_mod = import_module("prismoe_store.fit")
+pass_mod = import_module("prismoe_store.fit_pass")
+pairs_mod = import_module("prismoe_store.pairs")
+chunk_mod = import_module("prismoe_store.chunk_files")
 
 T_IMPORTS = time.perf_counter() - T0
 SECONDS: dict[str, float] = {}
@@ -55,6 +60,27 @@ def timed(owner, name: str, label: str) -> None:
     setattr(owner, name, classmethod(wrapper) if is_cm else wrapper)
 
 
+def timed_iter(owner, name: str, label: str) -> None:
+    """Replace generator function ``owner.name`` by one adding the wall seconds its caller waits
+    for each item (the generator's own work, or its wait for a thread) to ``SECONDS[label]``."""
+    fn = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        it = fn(*args, **kwargs)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                with _LOCK:
+                    SECONDS[label] = SECONDS.get(label, 0.0) + time.perf_counter() - start
+            yield item
+
+    setattr(owner, name, wrapper)
+
+
 STAGES = [
     (pairs_mod.PairsStore, "open", "open the pairs store"),
     (fit_mod.AdapterStore, "create", "create the adapter"),
@@ -62,10 +88,13 @@ STAGES = [
     (fit_mod, "make_plan", "plan"),
     (fit_mod._Fit, "_create_scratch", "create the scratch"),
     (fit_mod._Fit, "_statistics", "statistics pass (wall)"),
-    (pass_mod, "_read_into", "  read + decode chunks (prefetch thread)"),
+    (chunk_mod.RegionReader, "read", "  read + decode chunks (prefetch thread)"),
+    (pass_mod, "_blocks", "  stripe waits for its next block (first block's read included)"),
     (pass_mod.Stats, "add", "  products (stripe threads)"),
     (pass_mod.Stats, "merge", "  reduction (merge stripes)"),
     (pass_mod.Stats, "sets", "  reduction (merge stripes)"),
+    (pass_mod.Stats, "finite", "  NaN/Inf check of the statistics"),
+    (zarr.Array, "__setitem__", "zarr writes (held-out rows, statistics, tiles; all stages)"),
     (fit_mod._Fit, "_solve", "solve + write tiles (wall)"),
     (fit_mod._Fit, "_factors", "  factor G + λI"),
     (fit_mod._Fit, "_metrics", "held-out metrics (wall)"),
@@ -73,7 +102,7 @@ STAGES = [
 
 if __name__ == "__main__":
     for owner, name, label in STAGES:
-        timed(owner, name, label)
+        (timed_iter if name == "_blocks" else timed)(owner, name, label)
     t = time.perf_counter()
     try:
         climain.main.main(args=sys.argv[1:], standalone_mode=False)

@@ -55,21 +55,24 @@ class RegionReader:
     fallbacks: int = 0  # chunks read through Zarr because a check here failed
     _buf: bytearray | None = field(default=None, repr=False)  # one chunk's bytes, reused across chunks
 
-    def read(self, rows: slice, cols: slice, out: np.ndarray, *, dest: np.ndarray | None = None) -> np.ndarray:
-        """Fill ``out`` (C-contiguous, shape of the region, the array's dtype) with ``array[rows, cols]``;
+    def read(self, rows: slice, cols: slice, out: np.ndarray, *, dest: np.ndarray | None = None,
+             lead: tuple[int, ...] = ()) -> np.ndarray:
+        """Fill ``out`` (C-contiguous, shape of the region, the array's dtype) with ``array[*lead, rows, cols]``;
         with ``dest`` (a permutation of the region's rows), row ``i`` of the region goes to row
-        ``dest[i]`` of ``out`` (reordered while copied, no second buffer).
+        ``dest[i]`` of ``out`` (reordered while copied, no second buffer). ``lead``: indices of the
+        leading axes of an array of more than two (whose chunks are 1 along them).
 
         Raises :class:`~prismoe_store.errors.CorruptStoreError` (from the store) for a damaged or missing chunk.
         """
+        lead = tuple(int(i) for i in lead)
         if not self.direct:
             if dest is None:
-                self._zarr_read(rows, cols, out)
+                self._zarr_read((*lead, rows, cols), out)
             else:
-                out[dest] = self.array.get_basic_selection((rows, cols))
+                out[dest] = self.array.get_basic_selection((*lead, rows, cols))
             return out
-        (r0, r1, _), (c0, c1, _) = rows.indices(self.array.shape[0]), cols.indices(self.array.shape[1])
-        rc, cc = self.array.chunks
+        (r0, r1, _), (c0, c1, _) = rows.indices(self.array.shape[-2]), cols.indices(self.array.shape[-1])
+        rc, cc = self.array.chunks[-2:]
         size = rc * cc * self.array.dtype.itemsize
         if self._buf is None:
             self._buf = bytearray(size + _CRC_BYTES)
@@ -79,14 +82,15 @@ class RegionReader:
             for j in range(c0 // cc, -(-c1 // cc)):
                 left, right = max(c0, j * cc), min(c1, (j + 1) * cc)
                 where = slice(lo - r0, hi - r0) if dest is None else dest[lo - r0:hi - r0]
-                if self._chunk(self._key((i, j)), size):
+                if self._chunk(self._key((*lead, i, j)), size):
                     out[where, left - c0:right - c0] = chunk[lo - i * rc:hi - i * rc, left - j * cc:right - j * cc]
                 else:
                     self.fallbacks += 1
-                    out[where, left - c0:right - c0] = self.array.get_basic_selection((slice(lo, hi), slice(left, right)))
+                    out[where, left - c0:right - c0] = self.array.get_basic_selection(
+                        (*lead, slice(lo, hi), slice(left, right)))
         return out
 
-    def _key(self, coords: tuple[int, int]) -> str:
+    def _key(self, coords: tuple[int, ...]) -> str:
         path = self.array.store_path.path
         return "/".join(filter(None, (path, self.array.metadata.encode_chunk_key(coords))))
 
@@ -115,17 +119,18 @@ class RegionReader:
             return False
         return record_accepts(record, view)
 
-    def _zarr_read(self, rows: slice, cols: slice, out: np.ndarray) -> None:
+    def _zarr_read(self, selection: tuple, out: np.ndarray) -> None:
         from zarr.core.buffer import default_buffer_prototype
 
-        self.array.get_basic_selection((rows, cols), out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
+        self.array.get_basic_selection(selection, out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
 
 
 def region_reader(array: zarr.Array) -> RegionReader:
-    """The fastest reader of 2-D ``array``'s regions (see the module docstring).
+    """The fastest reader of ``array``'s 2-D regions (see the module docstring).
 
     Direct (chunk files) exactly when the array is Zarr v3 in a local folder (through a
-    :class:`~prismoe_store.stores.VerifiedStore` or not), with a regular chunk grid, the default
+    :class:`~prismoe_store.stores.VerifiedStore` or not), of two axes or more (chunks of 1 along
+    all but the last two), with a regular chunk grid, the default
     chunk key encoding, no sharding, and the codecs ``bytes`` (little-endian) then ``crc32c`` and
     nothing else.
     """
@@ -135,7 +140,8 @@ def region_reader(array: zarr.Array) -> RegionReader:
     meta, store = array.metadata, array.store_path.store
     inner = store.inner if isinstance(store, VerifiedStore) else store
     codecs = getattr(meta, "codecs", ())
-    ok = (getattr(meta, "zarr_format", 2) == 3 and isinstance(inner, LocalStore) and len(array.shape) == 2
+    ok = (getattr(meta, "zarr_format", 2) == 3 and isinstance(inner, LocalStore) and len(array.shape) >= 2
+          and all(c == 1 for c in array.chunks[:-2])
           and array.shards is None and len(codecs) == 2 and isinstance(codecs[0], BytesCodec)
           and isinstance(codecs[1], Crc32cCodec) and type(meta.chunk_key_encoding).__name__ == "DefaultChunkKeyEncoding"
           and sys.byteorder == "little" and array.dtype.byteorder in ("=", "<", "|")

@@ -26,8 +26,9 @@ import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-import cli.main as climain
 import zarr
+
+import cli.main as climain
 
 T_CLI = time.perf_counter() - T0
 from importlib import import_module

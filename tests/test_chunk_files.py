@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ def regions():
 
 
 def test_direct_reads_equal_zarr_and_the_written_rows(pairs):
-    store, x, z = pairs
+    store, _, z = pairs
     r = region_reader(store.z)
     assert r.direct and r.records and r.strict  # a pairs store: local, uncompressed, chunk records
     for rows, cols in regions():
@@ -94,12 +95,11 @@ def test_damaged_chunks_are_refused_as_zarr_refuses_them(pairs, damage):
     store, _, _ = pairs
     path = _chunk_path(store.z, (1, 1))
     if damage == "flip":
-        raw = bytearray(open(path, "rb").read())
+        raw = bytearray(Path(path).read_bytes())
         raw[10] ^= 0xFF
-        open(path, "wb").write(bytes(raw))
+        Path(path).write_bytes(bytes(raw))
     elif damage == "truncate":
-        raw = open(path, "rb").read()
-        open(path, "wb").write(raw[:-8])
+        Path(path).write_bytes(Path(path).read_bytes()[:-8])
     elif damage == "delete":
         os.remove(path)
     else:  # another chunk's bytes: a valid crc32c, but not what the record says was written here
@@ -120,9 +120,10 @@ def test_a_store_without_records_trusts_the_crc32c_only(tmp_path):
     a = zarr.create_array(str(tmp_path / "plain"), shape=(8, 8), chunks=(4, 4), dtype="float32",
                           compressors=[Crc32cCodec()])
     a[...] = np.ones((8, 8), np.float32)
-    raw = bytearray(open(_chunk_path_plain(a, (0, 1)), "rb").read())
+    path = Path(_chunk_path_plain(a, (0, 1)))
+    raw = bytearray(path.read_bytes())
     raw[0] ^= 0x01
-    open(_chunk_path_plain(a, (0, 1)), "wb").write(bytes(raw))
+    path.write_bytes(bytes(raw))
     r = region_reader(zarr.open_array(str(tmp_path / "plain"), mode="r"))
     with pytest.raises(ValueError, match="checksum"):  # zarr's own error, from the fallback read
         r.read(slice(0, 8), slice(0, 8), np.empty((8, 8), np.float32))

@@ -35,6 +35,7 @@ import math
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
@@ -372,7 +373,7 @@ class _Fit:
 
     # -- solves --
     def _solve(self, adapter: AdapterStore, grids, stats: "_StatSource") -> dict[str, float]:
-        cfg, m, n = self.cfg, self.pairs.d_in, self.pairs.d_out
+        cfg, m = self.cfg, self.pairs.d_in
         lams = dict(adapter.attrs().get("fit", {}).get("ridge") or {})
         for s in STAT_SETS:
             if s not in lams:
@@ -384,35 +385,57 @@ class _Fit:
         factors: dict[tuple, list] = {}
         self._adapter = adapter
         sources = self._sources(grids)
-        for p, grid in enumerate(grids):
-            record = adapter.progress(f"fit_pipe{p + 1}", grid.rows)
-            set_name, a = PIPE_SETS[p], grid.tile_out
-            width = 0 if cfg.mode == "joint" else grid.tile_in
-            # AdapterStore hands out arrays that write every chunk, zero tiles too
-            tiles, src = adapter.tiles(p), adapter.tiles(sources[p])
-            for r0, r1 in _band_runs(record.missing(), max(1, self._plan.group_cols // a)):
-                o0, o1 = r0 * a, min(n, r1 * a)  # o1 <= o0: output padding only, written as zeros
-                block = np.zeros(((r1 - r0) * a, grid.d_in_pad), np.float32)
-                if o1 > o0 and sources[p] != p:  # the same dense solution, already written: copy it
-                    with reading(f"tiles of pipe {sources[p] + 1} in {self.adapter_url}"):
-                        block[: o1 - o0, :m] = src[o0:o1, :m]
-                elif o1 > o0:
-                    key = (set_name, width)
-                    if key not in factors:
-                        factors[key] = self._factors(stats, set_name, width, lams[set_name])
-                    # solved in whole panels of fixed columns: a column's bits do not depend on the runs
-                    p0, p1 = o0 // PANEL * PANEL, min(n, -(-o1 // PANEL) * PANEL)
-                    rhs = stats.b(set_name, width if cfg.solver == "qr" else 0, p0, p1)
-                    for (c0, c1), f in zip(input_slices(m, width), factors[key]):
-                        for q0 in range(p0, p1, PANEL):
-                            q1 = min(p1, q0 + PANEL)
-                            lo, hi = max(o0, q0), min(o1, q1)
-                            sol = f.solve(rhs[c0:c1, q0 - p0:q1 - p0])
-                            block[lo - o0:hi - o0, c0:c1] = sol[:, lo - q0:hi - q0].T
-                tiles[r0 * a:r1 * a, :] = block
-                record.mark_many(range(r0, r1))
-                self._tick(r1 - r0)
+        kept: dict[int, tuple[int, np.ndarray]] = {}  # a copied pipe's last run, in memory: (first output row, rows)
+        writing: list = []  # the run being written (one at a time: memory holds at most two runs and the kept one)
+        with ThreadPoolExecutor(1, thread_name_prefix="prismoe-tiles") as writer:  # writes overlap the next solve
+            for p, grid in enumerate(grids):
+                self._solve_pipe(p, grid, stats, lams, factors, sources, kept, writing, writer)
+            for w in writing:
+                w.result()
         return lams
+
+    def _solve_pipe(self, p: int, grid: GridSpec, stats: _StatSource, lams: dict, factors: dict,
+                    sources: tuple[int, ...], kept: dict, writing: list, writer: ThreadPoolExecutor) -> None:
+        cfg, m, n, adapter = self.cfg, self.pairs.d_in, self.pairs.d_out, self._adapter
+        record = adapter.progress(f"fit_pipe{p + 1}", grid.rows)
+        set_name, a = PIPE_SETS[p], grid.tile_out
+        width = 0 if cfg.mode == "joint" else grid.tile_in
+        # AdapterStore hands out arrays that write every chunk, zero tiles too
+        tiles, src = adapter.tiles(p), adapter.tiles(sources[p])
+        for r0, r1 in _band_runs(record.missing(), max(1, self._plan.group_cols // a)):
+            o0, o1 = r0 * a, min(n, r1 * a)  # o1 <= o0: output padding only, written as zeros
+            block = np.zeros(((r1 - r0) * a, grid.d_in_pad), np.float32)
+            mem = kept.get(sources[p])
+            if o1 > o0 and sources[p] != p and mem is not None and mem[0] <= o0 and o1 <= mem[0] + len(mem[1]):
+                block[: o1 - o0, :m] = mem[1][o0 - mem[0]:o1 - mem[0], :m]  # the same dense solution, in memory
+            elif o1 > o0 and sources[p] != p:  # the same dense solution, already written: copy it
+                for w in writing:
+                    w.result()
+                with reading(f"tiles of pipe {sources[p] + 1} in {self.adapter_url}"):
+                    block[: o1 - o0, :m] = src[o0:o1, :m]
+            elif o1 > o0:
+                key = (set_name, width)
+                if key not in factors:
+                    factors[key] = self._factors(stats, set_name, width, lams[set_name])
+                # solved in whole panels of fixed columns: a column's bits do not depend on the runs
+                p0, p1 = o0 // PANEL * PANEL, min(n, -(-o1 // PANEL) * PANEL)
+                rhs = stats.b(set_name, width if cfg.solver == "qr" else 0, p0, p1)
+                for (c0, c1), f in zip(input_slices(m, width), factors[key]):
+                    for q0 in range(p0, p1, PANEL):
+                        q1 = min(p1, q0 + PANEL)
+                        lo, hi = max(o0, q0), min(o1, q1)
+                        sol = f.solve(rhs[c0:c1, q0 - p0:q1 - p0])
+                        block[lo - o0:hi - o0, c0:c1] = sol[:, lo - q0:hi - q0].T
+            if p in sources[p + 1:]:
+                kept[p] = (o0, block)
+            while writing:
+                writing.pop().result()
+            writing.append(writer.submit(self._write_run, tiles, record, block, r0, r1, a))
+
+    def _write_run(self, tiles: zarr.Array, record, block: np.ndarray, r0: int, r1: int, a: int) -> None:
+        tiles[r0 * a:r1 * a, :] = block
+        record.mark_many(range(r0, r1))
+        self._tick(r1 - r0)
 
     def _sources(self, grids) -> tuple[int, ...]:
         """For each pipe, the first pipe with the same dense solution (joint mode, same rows)."""

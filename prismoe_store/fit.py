@@ -176,6 +176,8 @@ class _Fit:
         self._done = 0
         self._total = 0
         self._lock = threading.Lock()
+        self._saving: ThreadPoolExecutor | None = None  # saves the statistics to the scratch while the solve runs
+        self._saved = None  # its future
 
     # -- checks --
     def _check_pairs(self) -> tuple[int, tuple[GridSpec, ...]]:
@@ -258,11 +260,15 @@ class _Fit:
             self.timings["statistics_s"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             lams = self._solve(adapter, grids, stats)
+            if self._saved is not None:
+                self._saved.result()
             self.timings["solve_s"] = time.perf_counter() - t1
             t2 = time.perf_counter()
             metrics = self._metrics(adapter, grids, plan, base, runner, per_block)
             self.timings["metrics_s"] = time.perf_counter() - t2
         finally:
+            if self._saving is not None:
+                self._saving.shutdown()
             runner.close()
             with TICKERS_LOCK:
                 TICKERS.pop(run_id, None)
@@ -361,14 +367,21 @@ class _Fit:
                 raise FitError(f"the float32 products of {self.pairs.url} overflow (values near 1e19 or larger): "
                                "fit with precision float64 (--precision float64)")
             sets = acc.sets(p)
-            for name, (gs, bs) in sets.items():
-                for k, w in enumerate(p.slicings):
-                    scratch[f"{name}_B{w}"][:, c0:c1] = bs[k]
-                    if gi == 0:
-                        scratch[f"{name}_G{w}"][...] = gs[k]
-            record.mark(gi)
-            if len(groups) == 1:
+
+            def save(sets=sets, gi=gi, c0=c0, c1=c1) -> None:  # for a resume after the pass
+                for name, (gs, bs) in sets.items():
+                    for k, w in enumerate(p.slicings):
+                        scratch[f"{name}_B{w}"][:, c0:c1] = bs[k]
+                        if gi == 0:
+                            scratch[f"{name}_G{w}"][...] = gs[k]
+                record.mark(gi)
+
+            if len(groups) == 1:  # the solve reads them from memory: saved while it runs (joined by run)
                 source.keep(sets)
+                self._saving = ThreadPoolExecutor(1, thread_name_prefix="prismoe-stats")
+                self._saved = self._saving.submit(save)
+            else:
+                save()
         return source
 
     # -- solves --

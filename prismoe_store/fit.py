@@ -59,7 +59,7 @@ SCHEDULERS = ("threads", "processes", "synchronous")
 STAT_SETS = ("train", "sub")  # statistics kept per fit: all training rows, and pipe 2's rows
 PIPE_SETS = ("train", "sub", "train")  # which statistics pipe p fits on
 _F32_FLOOR = 2.0 ** -48  # float32 unit roundoff squared: with the block rows, B's noise floor in G's units
-_SCRATCH_CHUNK_BYTES = 32 << 20  # target size of a chunk of the scratch B
+_SCRATCH_CHUNK_BYTES = 8 << 20  # target size of a chunk of the scratch B (larger ones cost fresh memory per write)
 ProgressFn = Callable[[int, int], None]
 
 
@@ -371,7 +371,9 @@ class _Fit:
             def save(sets=sets, gi=gi, c0=c0, c1=c1) -> None:  # for a resume after the pass
                 for name, (gs, bs) in sets.items():
                     for k, w in enumerate(p.slicings):
-                        scratch[f"{name}_B{w}"][:, c0:c1] = bs[k]
+                        arr = scratch[f"{name}_B{w}"]
+                        for j0, j1 in col_groups(c1 - c0, arr.chunks[1]):  # a chunk at a time: no group-sized copy
+                            arr[:, c0 + j0:c0 + j1] = bs[k][:, j0:j1]
                         if gi == 0:
                             scratch[f"{name}_G{w}"][...] = gs[k]
                 record.mark(gi)
@@ -446,7 +448,10 @@ class _Fit:
             writing.append(writer.submit(self._write_run, tiles, record, block, r0, r1, a))
 
     def _write_run(self, tiles: zarr.Array, record, block: np.ndarray, r0: int, r1: int, a: int) -> None:
-        tiles[r0 * a:r1 * a, :] = block
+        step = max(1, (_SCRATCH_CHUNK_BYTES // max(1, block[:a].nbytes)))  # bands a write: no run-sized copy
+        for s0 in range(r0, r1, step):
+            s1 = min(r1, s0 + step)
+            tiles[s0 * a:s1 * a, :] = block[(s0 - r0) * a:(s1 - r0) * a]
         record.mark_many(range(r0, r1))
         self._tick(r1 - r0)
 

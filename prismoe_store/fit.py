@@ -46,7 +46,7 @@ from .adapter import MODES, AdapterStore
 from .errors import DataError, FitError, GridError, StoreError, StoreFormatError
 from .fit_metrics import metrics_link
 from .fit_pass import (HOLD, PANEL, REST, SCRATCH, SUB, SUBSAMPLE_SEED_OFFSET, TICKERS, TICKERS_LOCK, Pass, Plan, Runner,
-                       categories, col_groups, input_slices, link_blocks, location, make_plan, make_runner,
+                       categories, col_groups, input_slices, link_blocks, location, make_plan, make_runner, one_blas_thread,
                        plan_block_rows, stats_link)
 from .grid import GridSpec, is_pow2, plan_pipes
 from .pairs import PairsStore
@@ -435,12 +435,11 @@ class _Fit:
                 # solved in whole panels of fixed columns: a column's bits do not depend on the runs
                 p0, p1 = o0 // PANEL * PANEL, min(n, -(-o1 // PANEL) * PANEL)
                 rhs = stats.b(set_name, width if cfg.solver == "qr" else 0, p0, p1)
-                for (c0, c1), f in zip(input_slices(m, width), factors[key]):
-                    for q0 in range(p0, p1, PANEL):
-                        q1 = min(p1, q0 + PANEL)
-                        lo, hi = max(o0, q0), min(o1, q1)
-                        sol = f.solve(rhs[c0:c1, q0 - p0:q1 - p0])
-                        block[lo - o0:hi - o0, c0:c1] = sol[:, lo - q0:hi - q0].T
+                with one_blas_thread() as pool:  # one product per panel, spread over the cores
+                    jobs = [pool.submit(_solve_panel, f, rhs, block, o0, o1, p0, c0, c1, q0, min(p1, q0 + PANEL))
+                            for (c0, c1), f in zip(input_slices(m, width), factors[key]) for q0 in range(p0, p1, PANEL)]
+                    for job in jobs:
+                        job.result()
             if p in sources[p + 1:]:
                 kept[p] = (o0, block)
             while writing:
@@ -514,6 +513,14 @@ class _Fit:
         return {"holdout_rows": int(total.rows), "pipes": [score(float(s)) for s in total.sse[:-1]],
                 "combined": score(float(total.sse[-1])),
                 "warnings": list(adapter.attrs()["fit"].get("warnings", []))}
+
+
+def _solve_panel(f: Factor, rhs: np.ndarray, block: np.ndarray, o0: int, o1: int, p0: int, c0: int, c1: int,
+                 q0: int, q1: int) -> None:
+    """Solve the panel of output columns ``q0:q1`` (``rhs`` holds columns from ``p0``) for input
+    columns ``c0:c1`` and put its rows ``o0:o1`` into ``block`` (output rows from ``o0``)."""
+    lo, hi = max(o0, q0), min(o1, q1)
+    block[lo - o0:hi - o0, c0:c1] = f.solve(rhs[c0:c1, q0 - p0:q1 - p0])[:, lo - q0:hi - q0].T
 
 
 def _band_runs(bands: list[int], most: int) -> list[tuple[int, int]]:

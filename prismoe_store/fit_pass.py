@@ -336,11 +336,12 @@ _LOCAL = threading.local()  # per-thread product buffers of the panel jobs
 
 
 @contextmanager
-def _one_blas_thread() -> Iterator[ThreadPoolExecutor]:
-    """While any task of a pass with panel products runs in this process, BLAS uses one thread and
-    the products are spread over the cores by a shared pool instead: which thread computes a
-    panel then no longer changes its bits (a GEMM's last bits depend on how BLAS splits it over
-    its threads, and dask.distributed's worker processes run BLAS single-threaded)."""
+def one_blas_thread() -> Iterator[ThreadPoolExecutor]:
+    """While any task of a pass with panel products (or the fit's panel solves) runs in this
+    process, BLAS uses one thread and the products are spread over the cores by a shared pool
+    instead: which thread computes a panel then no longer changes its bits (a GEMM's last bits
+    depend on how BLAS splits it over its threads, and dask.distributed's worker processes run
+    BLAS single-threaded), and no BLAS thread spins for work beside the threads that write."""
     with _BLAS_LOCK:
         if _BLAS_STATE["users"] == 0:
             from threadpoolctl import threadpool_limits
@@ -409,7 +410,7 @@ class Stats:
                              for j0 in range(0, z.shape[1], PANEL)
                              if max(j0, off) < min(z.shape[1], j0 + PANEL, off + ncols)]
                 lo = hi
-            with _one_blas_thread() as pool:
+            with one_blas_thread() as pool:
                 for f in [pool.submit(job[0], *job[1:]) for job in jobs]:
                     f.result()
             return

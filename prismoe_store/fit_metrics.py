@@ -23,7 +23,7 @@ import numpy as np
 
 from .adapter import AdapterStore
 from .chunk_files import region_reader
-from .fit_pass import SCRATCH, Pass
+from .fit_pass import PANEL, SCRATCH, Pass, col_groups, one_blas_thread
 from .stores import reading
 
 
@@ -76,6 +76,11 @@ class Scores:
         return self
 
 
+def _predict(x: np.ndarray, w: np.ndarray, y: np.ndarray, j0: int, j1: int) -> None:
+    """``y[:, j0:j1] = x @ w[j0:j1].T`` (one GEMM on the calling thread's single BLAS thread)."""
+    y[:, j0:j1] = np.matmul(x, w[j0:j1].T)
+
+
 def metrics_link(p: Pass, counts: np.ndarray, c0: int, c1: int, b0: int, b1: int, acc: Scores | None) -> Scores:
     """Held-out predictions of every pipe and their α-combination for blocks ``b0:b1``. A pipe
     whose tiles are another's (``p.sources``) reuses that pipe's predictions."""
@@ -103,7 +108,12 @@ def metrics_link(p: Pass, counts: np.ndarray, c0: int, c1: int, b0: int, b1: int
         with reading(f"held-out rows in {p.adapter_url}"):
             x = rx.read(slice(0, n), slice(None), buf("x", (n, p.d_in)), lead=(b,))
             z = rz.read(slice(0, n), slice(c0, c1), buf("z", (n, c1 - c0)), lead=(b,))
-        ys = {q: np.matmul(x, ws[q].T, out=buf(f"y{q}", z.shape)) for q in distinct}
+        ys = {q: buf(f"y{q}", z.shape) for q in distinct}
+        with one_blas_thread() as pool:  # one product per panel of outputs, spread over the cores
+            jobs = [pool.submit(_predict, x, ws[q], ys[q], j0, j1) for q in distinct
+                    for j0, j1 in col_groups(c1 - c0, PANEL)]
+            for job in jobs:
+                job.result()
         comb, term = buf("comb", z.shape), buf("term", z.shape)
         comb[...] = 0
         for q, src in enumerate(p.sources):

@@ -42,7 +42,7 @@ def _alphas(value: str | None):
 @click.option("--tasks", type=int, default=None, help="Row stripes accumulated in parallel (default: threads).")
 @click.option("--memory-mb", type=int, default=None,
               help="RAM budget for statistics and row blocks in MiB (default: 1/4 of physical memory).")
-@click.option("--block-rows", type=int, default=None, help="Rows per product block (default: 8192).")
+@click.option("--block-rows", type=int, default=None, help="Rows per product block (default: 4096).")
 @click.option("--keep-statistics", is_flag=True, help="Keep the G/B scratch in the adapter.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing adapter.")

@@ -322,6 +322,31 @@ def test_resume_gives_the_same_adapter(pairs, tmp_path, kill_after):
     assert a.attrs()["metrics"] == ref.attrs()["metrics"]
 
 
+def test_resume_after_a_kill_in_the_solves_of_a_one_group_fit(pairs, tmp_path):
+    """One column group: the solve reads the statistics from memory while they are saved to the
+    scratch in a thread; a kill during the solves still leaves them saved, and resuming redoes
+    neither the pass nor the finished bands."""
+    store, _, _ = pairs
+    kw = dict(workers=WORKERS, block_rows=128, scheduler="threads")
+    seen = []
+    ref = fit(store, tmp_path / "ref", progress=lambda d, t: seen.append((d, t)), **kw)
+    assert ref.attrs()["fit"]["plan"]["group_cols"] == N  # one group
+    blocks = -(-S // 128)
+    first_solve = next(i for i, (d, _) in enumerate(seen) if d > blocks)
+    with pytest.raises(_Kill):
+        fit(store, tmp_path / "a", progress=_killer(first_solve), **kw)
+    part = AdapterStore.open(tmp_path / "a")
+    assert part.progress("fit_stats", 1).done() == [0]
+    bands = sum(len(part.progress(f"fit_pipe{p + 1}", g.rows).done()) for p, g in enumerate(part.grids))
+    assert bands > 0
+    again = []
+    a = fit(store, tmp_path / "a", progress=lambda d, t: again.append((d, t)), **kw)
+    assert again[0][0] == blocks + bands
+    for p in range(3):
+        assert np.array_equal(a.dense(p), ref.dense(p))
+    assert a.attrs()["metrics"] == ref.attrs()["metrics"]
+
+
 def test_progress_reaches_total(pairs, tmp_path):
     seen = []
     fit(pairs[0], tmp_path / "a", workers=WORKERS, progress=lambda d, t: seen.append((d, t)))

@@ -108,7 +108,7 @@ def _env() -> dict:
 
 
 def _run(script: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=_env())
+    out = subprocess.run([sys.executable, "-P", "-c", script, *args], capture_output=True, text=True, env=_env())
     if out.returncode != 0:
         raise DataError(f"benchmark subprocess failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -118,7 +118,7 @@ def run_command(args: Sequence[str]) -> dict:
     """Run ``prismoe ARGS`` in a fresh process; its stdout, wall seconds, CPU seconds and peak RSS (MiB)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", "from cli.main import main; main()", *args],
+        proc = subprocess.Popen([sys.executable, "-P", "-c", "from cli.main import main; main()", *args],  # -P: not the cwd's checkout
                                 stdout=out, stderr=err, text=True, env=_env())
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss: its peak RSS)
         wall = time.perf_counter() - t

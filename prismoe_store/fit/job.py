@@ -35,6 +35,7 @@ import math
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
@@ -63,6 +64,7 @@ from prismoe_store.fit.statistics import (
     location,
     make_plan,
     make_runner,
+    one_blas_thread,
     plan_block_rows,
     stats_link,
 )
@@ -80,7 +82,7 @@ SCHEDULERS = ("threads", "processes", "synchronous")
 STAT_SETS = ("train", "sub")  # statistics kept per fit: all training rows, and pipe 2's rows
 PIPE_SETS = ("train", "sub", "train")  # which statistics pipe p fits on
 _F32_FLOOR = 2.0 ** -48  # float32 unit roundoff squared: with the block rows, B's noise floor in G's units
-_SCRATCH_CHUNK_BYTES = 32 << 20  # target size of a chunk of the scratch B
+_SCRATCH_CHUNK_BYTES = 8 << 20  # target size of a chunk of the scratch B (larger ones cost fresh memory per write)
 ProgressFn = Callable[[int, int], None]
 
 
@@ -102,10 +104,10 @@ class FitConfig:
     alphas: tuple[float, ...] | None = None  # pipe weights α (non-negative, sum 1); None: equal
     solver: str = "cholesky"  # "cholesky" (normal equations) or "qr" (streaming TSQR, ill-conditioned X)
     precision: str = "mixed"  # products of each block: "mixed" (G float64, B float32), "float64" or
-    #   "float32" (all); always summed across blocks in float64 (see fit_pass "Numerics")
+    #   "float32" (all); always summed across blocks in float64 (see fit.statistics "Numerics")
     # -- speed and memory only --
     memory_budget: int | None = None  # bytes for accumulators and row blocks; None: 1/4 of physical RAM
-    block_rows: int | None = None  # rows per product block; None: 8192 rounded up to the store's row chunks
+    block_rows: int | None = None  # rows per product block; None: 4096 rounded up to the store's row chunks
     tasks: int | None = None  # row stripes accumulated in parallel; None: cores/2 (≤ 4) locally, a cluster's threads
     keep_statistics: bool = False  # keep the ``_fit`` scratch (G, B, held-out rows) after the fit
 
@@ -197,6 +199,8 @@ class _Fit:
         self._done = 0
         self._total = 0
         self._lock = threading.Lock()
+        self._saving: ThreadPoolExecutor | None = None  # saves the statistics to the scratch while the solve runs
+        self._saved = None  # its future
 
     # -- checks --
     def _check_pairs(self) -> tuple[int, tuple[GridSpec, ...]]:
@@ -281,11 +285,15 @@ class _Fit:
             self.timings["statistics_s"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             lams = self._solve(adapter, grids, stats)
+            if self._saved is not None:
+                self._saved.result()
             self.timings["solve_s"] = time.perf_counter() - t1
             t2 = time.perf_counter()
             metrics = self._metrics(adapter, grids, plan, base, runner, per_block)
             self.timings["metrics_s"] = time.perf_counter() - t2
         finally:
+            if self._saving is not None:
+                self._saving.shutdown()
             runner.close()
             with TICKERS_LOCK:
                 TICKERS.pop(run_id, None)
@@ -409,19 +417,28 @@ class _Fit:
                 raise FitError(f"the float32 products of {self.pairs.url} overflow (values near 1e19 or larger): "
                                "fit with precision float64 (--precision float64)")
             sets = acc.sets(p)
-            for name, (gs, bs) in sets.items():
-                for k, w in enumerate(p.slicings):
-                    scratch[f"{name}_B{w}"][:, c0:c1] = bs[k]
-                    if gi == 0:
-                        scratch[f"{name}_G{w}"][...] = gs[k]
-            record.mark(gi)
-            if len(groups) == 1:
+
+            def save(sets=sets, gi=gi, c0=c0, c1=c1) -> None:  # for a resume after the pass
+                for name, (gs, bs) in sets.items():
+                    for k, w in enumerate(p.slicings):
+                        arr = scratch[f"{name}_B{w}"]
+                        for j0, j1 in col_groups(c1 - c0, arr.chunks[1]):  # a chunk at a time: no group-sized copy
+                            arr[:, c0 + j0:c0 + j1] = bs[k][:, j0:j1]
+                        if gi == 0:
+                            scratch[f"{name}_G{w}"][...] = gs[k]
+                record.mark(gi)
+
+            if len(groups) == 1:  # the solve reads them from memory: saved while it runs (joined by run)
                 source.keep(sets)
+                self._saving = ThreadPoolExecutor(1, thread_name_prefix="prismoe-stats")
+                self._saved = self._saving.submit(save)
+            else:
+                save()
         return source
 
     # -- solves --
     def _solve(self, adapter: AdapterStore, grids, stats: "_StatSource") -> dict[str, float]:
-        cfg, m, n = self.cfg, self.pairs.d_in, self.pairs.d_out
+        cfg, m = self.cfg, self.pairs.d_in
         lams = dict(adapter.fit_record().ridge or {})
         for s in STAT_SETS:
             if s not in lams:
@@ -432,35 +449,59 @@ class _Fit:
         factors: dict[tuple, list] = {}
         self._adapter = adapter
         sources = self._sources(grids)
-        for p, grid in enumerate(grids):
-            record = adapter.progress(f"fit_pipe{p + 1}", grid.rows)
-            set_name, a = PIPE_SETS[p], grid.tile_out
-            width = 0 if cfg.mode == "joint" else grid.tile_in
-            # AdapterStore hands out arrays that write every chunk, zero tiles too
-            tiles, src = adapter.tiles(p), adapter.tiles(sources[p])
-            for r0, r1 in _band_runs(record.missing(), max(1, self._plan.group_cols // a)):
-                o0, o1 = r0 * a, min(n, r1 * a)  # o1 <= o0: output padding only, written as zeros
-                block = np.zeros(((r1 - r0) * a, grid.d_in_pad), np.float32)
-                if o1 > o0 and sources[p] != p:  # the same dense solution, already written: copy it
-                    with reading(f"tiles of pipe {sources[p] + 1} in {self.adapter_url}"):
-                        block[: o1 - o0, :m] = src[o0:o1, :m]
-                elif o1 > o0:
-                    key = (set_name, width)
-                    if key not in factors:
-                        factors[key] = self._factors(stats, set_name, width, lams[set_name])
-                    # solved in whole panels of fixed columns: a column's bits do not depend on the runs
-                    p0, p1 = o0 // PANEL * PANEL, min(n, -(-o1 // PANEL) * PANEL)
-                    rhs = stats.b(set_name, width if cfg.solver == "qr" else 0, p0, p1)
-                    for (c0, c1), f in zip(input_slices(m, width), factors[key]):
-                        for q0 in range(p0, p1, PANEL):
-                            q1 = min(p1, q0 + PANEL)
-                            lo, hi = max(o0, q0), min(o1, q1)
-                            sol = f.solve(rhs[c0:c1, q0 - p0:q1 - p0])
-                            block[lo - o0:hi - o0, c0:c1] = sol[:, lo - q0:hi - q0].T
-                tiles[r0 * a:r1 * a, :] = block
-                record.mark_many(range(r0, r1))
-                self._tick(r1 - r0)
+        kept: dict[int, tuple[int, np.ndarray]] = {}  # a copied pipe's last run, in memory: (first output row, rows)
+        writing: list = []  # the run being written (one at a time: memory holds at most two runs and the kept one)
+        with ThreadPoolExecutor(1, thread_name_prefix="prismoe-tiles") as writer:  # writes overlap the next solve
+            for p, grid in enumerate(grids):
+                self._solve_pipe(p, grid, stats, lams, factors, sources, kept, writing, writer)
+            for w in writing:
+                w.result()
         return lams
+
+    def _solve_pipe(self, p: int, grid: GridSpec, stats: _StatSource, lams: dict, factors: dict,
+                    sources: tuple[int, ...], kept: dict, writing: list, writer: ThreadPoolExecutor) -> None:
+        cfg, m, n, adapter = self.cfg, self.pairs.d_in, self.pairs.d_out, self._adapter
+        record = adapter.progress(f"fit_pipe{p + 1}", grid.rows)
+        set_name, a = PIPE_SETS[p], grid.tile_out
+        width = 0 if cfg.mode == "joint" else grid.tile_in
+        # AdapterStore hands out arrays that write every chunk, zero tiles too
+        tiles, src = adapter.tiles(p), adapter.tiles(sources[p])
+        for r0, r1 in _band_runs(record.missing(), max(1, self._plan.group_cols // a)):
+            o0, o1 = r0 * a, min(n, r1 * a)  # o1 <= o0: output padding only, written as zeros
+            block = np.zeros(((r1 - r0) * a, grid.d_in_pad), np.float32)
+            mem = kept.get(sources[p])
+            if o1 > o0 and sources[p] != p and mem is not None and mem[0] <= o0 and o1 <= mem[0] + len(mem[1]):
+                block[: o1 - o0, :m] = mem[1][o0 - mem[0]:o1 - mem[0], :m]  # the same dense solution, in memory
+            elif o1 > o0 and sources[p] != p:  # the same dense solution, already written: copy it
+                for w in writing:
+                    w.result()
+                with reading(f"tiles of pipe {sources[p] + 1} in {self.adapter_url}"):
+                    block[: o1 - o0, :m] = src[o0:o1, :m]
+            elif o1 > o0:
+                key = (set_name, width)
+                if key not in factors:
+                    factors[key] = self._factors(stats, set_name, width, lams[set_name])
+                # solved in whole panels of fixed columns: a column's bits do not depend on the runs
+                p0, p1 = o0 // PANEL * PANEL, min(n, -(-o1 // PANEL) * PANEL)
+                rhs = stats.b(set_name, width if cfg.solver == "qr" else 0, p0, p1)
+                with one_blas_thread() as pool:  # one product per panel, spread over the cores
+                    jobs = [pool.submit(_solve_panel, f, rhs, block, o0, o1, p0, c0, c1, q0, min(p1, q0 + PANEL))
+                            for (c0, c1), f in zip(input_slices(m, width), factors[key]) for q0 in range(p0, p1, PANEL)]
+                    for job in jobs:
+                        job.result()
+            if p in sources[p + 1:]:
+                kept[p] = (o0, block)
+            while writing:
+                writing.pop().result()
+            writing.append(writer.submit(self._write_run, tiles, record, block, r0, r1, a))
+
+    def _write_run(self, tiles: zarr.Array, record, block: np.ndarray, r0: int, r1: int, a: int) -> None:
+        step = max(1, (_SCRATCH_CHUNK_BYTES // max(1, block[:a].nbytes)))  # bands a write: no run-sized copy
+        for s0 in range(r0, r1, step):
+            s1 = min(r1, s0 + step)
+            tiles[s0 * a:s1 * a, :] = block[(s0 - r0) * a:(s1 - r0) * a]
+        record.mark_many(range(r0, r1))
+        self._tick(r1 - r0)
 
     def _sources(self, grids) -> tuple[int, ...]:
         """For each pipe, the first pipe with the same dense solution (joint mode, same rows)."""
@@ -474,7 +515,7 @@ class _Fit:
         out = []
         for c0, c1 in input_slices(m, width):
             block = g[c0:c1, c0:c1]
-            # mixed: B's float32 rounding is dropped where X has (almost) no variance, see fit_pass "Numerics"
+            # mixed: B's float32 rounding is dropped where X has (almost) no variance, see fit.statistics "Numerics"
             floor = _F32_FLOOR * self._plan.block_rows * float(np.trace(block)) / max(1, c1 - c0)
             try:
                 if cfg.solver == "qr":
@@ -521,6 +562,14 @@ class _Fit:
         return {"holdout_rows": int(total.rows), "pipes": [score(float(s)) for s in total.sse[:-1]],
                 "combined": score(float(total.sse[-1])),
                 "warnings": list(adapter.fit_record().warnings)}
+
+
+def _solve_panel(f: Factor, rhs: np.ndarray, block: np.ndarray, o0: int, o1: int, p0: int, c0: int, c1: int,
+                 q0: int, q1: int) -> None:
+    """Solve the panel of output columns ``q0:q1`` (``rhs`` holds columns from ``p0``) for input
+    columns ``c0:c1`` and put its rows ``o0:o1`` into ``block`` (output rows from ``o0``)."""
+    lo, hi = max(o0, q0), min(o1, q1)
+    block[lo - o0:hi - o0, c0:c1] = f.solve(rhs[c0:c1, q0 - p0:q1 - p0])[:, lo - q0:hi - q0].T
 
 
 def _band_runs(bands: list[int], most: int) -> list[tuple[int, int]]:

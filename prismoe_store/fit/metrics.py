@@ -21,8 +21,9 @@ import math
 
 import numpy as np
 
-from prismoe_store.fit.statistics import SCRATCH, Pass
+from prismoe_store.fit.statistics import PANEL, SCRATCH, Pass, col_groups, one_blas_thread
 from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.chunk_files import region_reader
 from prismoe_store.stores.verified import reading
 
 
@@ -37,14 +38,20 @@ class Scores:
         self.mean = np.zeros(ncols)  # per-output mean of z (Chan's parallel update)
         self.m2 = np.zeros(ncols)  # per-output Σ(z − mean)²
 
-    def add_z(self, z: np.ndarray) -> float:
-        """Merge a block's per-output moments; returns its Σ‖z‖²."""
+    def add_z(self, z: np.ndarray, work: np.ndarray | None = None) -> float:
+        """Merge a block's per-output moments; returns its Σ‖z‖². ``work``: a float64 array of
+        ``z``'s shape to use (and overwrite) instead of a fresh one."""
         n = z.shape[0]
-        zd = z.astype(np.float64)
+        if work is None:
+            zd = z.astype(np.float64)
+        else:
+            zd = work
+            zd[...] = z
+        sz2 = float(np.einsum("ij,ij->", zd, zd))
         mean = zd.mean(0)
-        m2 = ((zd - mean) ** 2).sum(0)
-        self._merge_moments(n, mean, m2)
-        return float(np.einsum("ij,ij->", zd, zd))
+        zd -= mean
+        self._merge_moments(n, mean, np.einsum("ij,ij->j", zd, zd))
+        return sz2
 
     def finish(self) -> Scores:
         """Sum the blocks' parts exactly (``math.fsum``), so the totals do not depend on the stripes."""
@@ -69,11 +76,17 @@ class Scores:
         return self
 
 
+def _predict(x: np.ndarray, w: np.ndarray, y: np.ndarray, j0: int, j1: int) -> None:
+    """``y[:, j0:j1] = x @ w[j0:j1].T`` (one GEMM on the calling thread's single BLAS thread)."""
+    y[:, j0:j1] = np.matmul(x, w[j0:j1].T)
+
+
 def metrics_link(p: Pass, counts: np.ndarray, c0: int, c1: int, b0: int, b1: int, acc: Scores | None) -> Scores:
     """Held-out predictions of every pipe and their α-combination for blocks ``b0:b1``. A pipe
     whose tiles are another's (``p.sources``) reuses that pipe's predictions."""
     adapter = AdapterStore.open(p.adapter_url, storage_options=p.adapter_options)
     hx, hz = adapter.group[f"{SCRATCH}/hold_x"], adapter.group[f"{SCRATCH}/hold_z"]
+    rx, rz = region_reader(hx), region_reader(hz)
     acc = acc if acc is not None else Scores(len(p.sources), c1 - c0)
     distinct = sorted(set(p.sources))
     with reading(f"tiles of {p.adapter_url}"):
@@ -81,16 +94,30 @@ def metrics_link(p: Pass, counts: np.ndarray, c0: int, c1: int, b0: int, b1: int
     for q in distinct:
         if p.scales[q] != 1.0:
             ws[q] *= np.float32(p.scales[q])
+    bufs: dict[str, np.ndarray] = {}  # work arrays reused across blocks (fresh memory is slow to touch)
+
+    def buf(name: str, shape: tuple[int, int], dtype=np.float32) -> np.ndarray:
+        if name not in bufs:
+            bufs[name] = np.empty((int(counts[b0:b1].max(initial=0)), shape[1]), dtype)
+        return bufs[name][:shape[0]]
+
     for b in range(b0, b1):
         n = int(counts[b])
         if n == 0:
             continue
         with reading(f"held-out rows in {p.adapter_url}"):
-            x, z = hx[b, :n, :], hz[b, :n, c0:c1]
-        ys = {q: x @ ws[q].T for q in distinct}
-        comb = np.zeros_like(z)
+            x = rx.read(slice(0, n), slice(None), buf("x", (n, p.d_in)), lead=(b,))
+            z = rz.read(slice(0, n), slice(c0, c1), buf("z", (n, c1 - c0)), lead=(b,))
+        ys = {q: buf(f"y{q}", z.shape) for q in distinct}
+        with one_blas_thread() as pool:  # one product per panel of outputs, spread over the cores
+            jobs = [pool.submit(_predict, x, ws[q], ys[q], j0, j1) for q in distinct
+                    for j0, j1 in col_groups(c1 - c0, PANEL)]
+            for job in jobs:
+                job.result()
+        comb, term = buf("comb", z.shape), buf("term", z.shape)
+        comb[...] = 0
         for q, src in enumerate(p.sources):
-            comb += np.float32(p.alphas[q]) * ys[src]
+            comb += np.multiply(np.float32(p.alphas[q]), ys[src], out=term)
         part = np.zeros(len(p.sources) + 2)
         for q in distinct:
             ys[q] -= z
@@ -98,7 +125,7 @@ def metrics_link(p: Pass, counts: np.ndarray, c0: int, c1: int, b0: int, b1: int
             part[[i for i, src in enumerate(p.sources) if src == q]] = sse
         comb -= z
         part[-2] = float(np.einsum("ij,ij->", comb, comb, dtype=np.float64))
-        part[-1] = acc.add_z(z)
+        part[-1] = acc.add_z(z, buf("z64", z.shape, np.float64))
         acc.parts.append(part)
     return acc
 

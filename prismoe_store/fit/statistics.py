@@ -12,8 +12,8 @@ accumulators are summed (reduce) and the ridge systems are solved (small solve) 
 :func:`prismoe_store.stores.pairs.row_uniform`): *held out* (``holdout``, never in the statistics),
 *sub* (a ``subsample`` share of the training rows: pipe 2) and *rest*. The pass accumulates
 ``sub`` and ``rest`` over disjoint rows, so pipe 2's statistics cost nothing extra: the training
-statistics are ``sub + rest``. Memory holds ``tasks`` accumulators and three row-block buffers
-per task (read, in use, prefetched), whatever the row count. During the pass each task also
+statistics are ``sub + rest``. Memory holds ``tasks`` accumulators and two row-block buffers
+per task (in use, prefetched), whatever the row count. During the pass each task also
 copies its held-out rows into the scratch (one chunk per row block) for the metrics.
 
 **B larger than RAM.** ``B`` is ``M×N`` float64 per row set. When the stripes' accumulators do
@@ -71,18 +71,18 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import zarr
-from zarr.core.buffer import default_buffer_prototype
 
 from prismoe_store.errors import DataError, FitError
 from prismoe_store.fit.solve import qr_merge, qr_update
 from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.chunk_files import region_reader
 from prismoe_store.stores.pairs import PairsStore, holdout_mask, row_uniform
 from prismoe_store.stores.verified import reading
 
 if TYPE_CHECKING:  # annotations only: fit imports this module
     from prismoe_store.fit.job import FitConfig
 
-DEFAULT_BLOCK_ROWS = 8192  # rows per product block: long GEMMs, few float64 additions of their float32 results
+DEFAULT_BLOCK_ROWS = 4096  # rows per product block: long GEMMs, yet few block buffers (fresh memory is slow to touch)
 PANEL = 512  # float32 products of B: output columns per GEMM, at fixed absolute columns (see "Numerics")
 SUBSAMPLE_SEED_OFFSET = 1 << 32  # pipe 2's subsample uses row_uniform(seed + this)
 SUB, REST, HOLD = 0, 1, 2  # row sets: pipe 2's subsample, the other training rows, held out
@@ -149,7 +149,7 @@ def _budget_cols(budget: int, tasks: int, fixed: int, per_col: int, n: int, alig
 
 
 def plan_block_rows(cfg: FitConfig, pairs: PairsStore, rows: int) -> int:
-    """Rows per product block: ``cfg.block_rows``, else 8192 rounded up to the store's row chunks."""
+    """Rows per product block: ``cfg.block_rows``, else 4096 rounded up to the store's row chunks."""
     rc = pairs.rows_per_chunk
     block = cfg.block_rows or max(rc, -(-DEFAULT_BLOCK_ROWS // rc) * rc)
     return min(block, max(1, rows))
@@ -166,10 +166,10 @@ def make_plan(cfg: FitConfig, pairs: PairsStore, rows: int, block: int, tasks: i
     if cfg.precision != "float64" and n > PANEL:
         align = math.lcm(align, PANEL)  # groups of whole panels: no panel is computed twice
     if cfg.solver == "cholesky":
-        # per task: 2 row sets of B (float64) and a float32 product; block buffers: one read buffer
-        # and two reordered ones (the block in use and the one prefetched), plus float64 copies
-        per_col = 20 * m + (12 + f64) * block
-        fixed = 20 * m * m + (12 + x64) * block * m
+        # per task: 2 row sets of B (float64) and a float32 product; block buffers: two (the block in
+        # use and the one prefetched, each read into in its grouped order), plus float64 copies
+        per_col = 20 * m + (8 + f64) * block
+        fixed = 20 * m * m + (8 + x64) * block * m
     else:
         # per task and slicing: 2 row sets of R and QᵀZ; Q of a (m+block)×m QR; stacked [QᵀZ; z]
         per_col = n_slicings * 16 * m + 16 * (m + block) + 12 * block
@@ -261,37 +261,45 @@ def _finite(*arrays: np.ndarray) -> bool:
     return all(bool(np.isfinite(np.sum(a, dtype=np.float64))) for a in arrays)
 
 
-def _blocks(p: Pass, b0: int, b1: int, rows: int, c0: int, c1: int) -> Iterator[_Block]:
+def _blocks(p: Pass, b0: int, b1: int, rows: int, c0: int, c1: int, hold=None, first_group: bool = False
+            ) -> Iterator[_Block]:
     """Read and group the row blocks ``b0:b1`` (columns :func:`z_cols` of ``z``) in a thread, one
-    block ahead of the caller, so reading, decoding and reordering overlap the caller's products.
-    All block-sized arrays are allocated once: one read buffer and two alternating output sets.
+    block ahead of the caller, so reading, decoding, reordering and copying the held-out rows to
+    ``hold`` (the scratch's ``(hold_x, hold_z)``; ``hold_x`` in the first column group only) overlap
+    the caller's products. Local uncompressed stores are read from their chunk files
+    (:func:`prismoe_store.stores.chunk_files.region_reader`). All block-sized arrays are allocated once:
+    two alternating sets, read into in the grouped order (fresh memory is slow to touch).
 
     Only held-out rows are checked for NaN/Inf here (the ``qr`` path checks every row): the
     statistics of the training rows are checked once per task (:func:`stats_link`), as any
     NaN/Inf in a row reaches them (``0·inf`` is NaN)."""
     store = PairsStore.open(p.pairs_url, storage_options=p.pairs_options)
     xa, za = store.x, store.z
+    xr, zr = region_reader(xa), region_reader(za)
     zc0, zc1 = z_cols(p, c0, c1, za.shape[1])
     off = c0 - zc0
-    read_buf: dict = {}
     work: list[dict] = [{}, {}]
 
     def prepare(b: int) -> _Block:
         s, e = b * p.block_rows, min(rows, (b + 1) * p.block_rows)
-        with reading(f"rows {s}..{e} of {p.pairs_url}"):
-            x = _read_into(xa, (slice(s, e), slice(None)), _reuse(read_buf, "x", (e - s, xa.shape[1])))
-            z = _read_into(za, (slice(s, e), slice(zc0, zc1)), _reuse(read_buf, "z", (e - s, zc1 - zc0)))
-        if p.solver == "qr" and not _finite(x, z[:, off:off + c1 - c0]):
-            return _Block(s, e, None, None, None)
         cat = categories(p, s, e)
         counts = np.bincount(cat, minlength=3)
         order = np.argsort(cat, kind="stable")  # group the rows by set, keeping their order within a set
+        dest = np.empty_like(order)
+        dest[order] = np.arange(len(order))  # where each row goes
         buf = work[b % 2]
-        x = np.take(x, order, axis=0, out=_reuse(buf, "x", x.shape), mode="clip")
-        z = np.take(z, order, axis=0, out=_reuse(buf, "z", z.shape), mode="clip")
+        with reading(f"rows {s}..{e} of {p.pairs_url}"):  # read straight into the grouped order
+            x = xr.read(slice(s, e), slice(None), _reuse(buf, "x", (e - s, xa.shape[1])), dest=dest)
+            z = zr.read(slice(s, e), slice(zc0, zc1), _reuse(buf, "z", (e - s, zc1 - zc0)), dest=dest)
+        if p.solver == "qr" and not _finite(x, z[:, off:off + c1 - c0]):
+            return _Block(s, e, None, None, None)
         t = len(order) - int(counts[HOLD])  # held-out rows come last
         if not _finite(x[t:], z[t:, off:off + c1 - c0]):
             return _Block(s, e, None, None, None)
+        if hold is not None and t < len(order):
+            hold[1][b, :len(order) - t, c0:c1] = z[t:, off:off + c1 - c0]
+            if first_group:
+                hold[0][b, :len(order) - t, :] = x[t:]
         return _Block(s, e, x, z, counts, off)
 
     with ThreadPoolExecutor(1) as pool:
@@ -313,12 +321,6 @@ def _first_bad_block(p: Pass, b0: int, b1: int, rows: int, c0: int, c1: int) -> 
     return None
 
 
-def _read_into(array: zarr.Array, selection: tuple, out: np.ndarray) -> np.ndarray:
-    """``array[selection]`` decoded into ``out`` (no fresh block-sized allocation per read)."""
-    array.get_basic_selection(selection, out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
-    return out
-
-
 def _reuse(buffers: dict, name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     """A work array kept in ``buffers`` across blocks (fresh large arrays cost page faults each time)."""
     need = int(np.prod(shape))
@@ -334,11 +336,12 @@ _LOCAL = threading.local()  # per-thread product buffers of the panel jobs
 
 
 @contextmanager
-def _one_blas_thread() -> Iterator[ThreadPoolExecutor]:
-    """While any task of a pass with panel products runs in this process, BLAS uses one thread and
-    the products are spread over the cores by a shared pool instead: which thread computes a
-    panel then no longer changes its bits (a GEMM's last bits depend on how BLAS splits it over
-    its threads, and dask.distributed's worker processes run BLAS single-threaded)."""
+def one_blas_thread() -> Iterator[ThreadPoolExecutor]:
+    """While any task of a pass with panel products (or the fit's panel solves) runs in this
+    process, BLAS uses one thread and the products are spread over the cores by a shared pool
+    instead: which thread computes a panel then no longer changes its bits (a GEMM's last bits
+    depend on how BLAS splits it over its threads, and dask.distributed's worker processes run
+    BLAS single-threaded), and no BLAS thread spins for work beside the threads that write."""
     with _BLAS_LOCK:
         if _BLAS_STATE["users"] == 0:
             from threadpoolctl import threadpool_limits
@@ -407,7 +410,7 @@ class Stats:
                              for j0 in range(0, z.shape[1], PANEL)
                              if max(j0, off) < min(z.shape[1], j0 + PANEL, off + ncols)]
                 lo = hi
-            with _one_blas_thread() as pool:
+            with one_blas_thread() as pool:
                 for f in [pool.submit(job[0], *job[1:]) for job in jobs]:
                     f.result()
             return
@@ -494,17 +497,11 @@ def stats_link(p: Pass, rows: int, c0: int, c1: int, b0: int, b1: int, with_g: b
     if acc.bad is not None or acc.overflow:
         return acc
     hold = _hold_arrays(p) if p.holdout > 0 else None
-    for blk in _blocks(p, b0, b1, rows, c0, c1):
+    for blk in _blocks(p, b0, b1, rows, c0, c1, hold, first_group):
         if blk.x is None:
             acc.bad = (blk.start, blk.stop)
             return acc
         acc.add(p, blk.x, blk.z, blk.counts, blk.off)
-        n_hold = int(blk.counts[HOLD])
-        if hold is not None and n_hold:
-            b, t = blk.start // p.block_rows, blk.x.shape[0] - n_hold  # held-out rows come last
-            hold[1][b, :n_hold, c0:c1] = blk.z[t:, blk.off:blk.off + c1 - c0]
-            if first_group:
-                hold[0][b, :n_hold, :] = blk.x[t:]
         tick = TICKERS.get(p.run_id)
         if tick is not None:
             tick(1)
@@ -582,14 +579,21 @@ def make_runner(scheduler, tasks: int | None) -> Runner:
     cores, at most 4 (measured on 2 cores: one stripe's pass runs at 0.62 of the matmul rate, two
     stripes' at 0.48)."""
     local = max(1, min(4, (os.cpu_count() or 1) // 2))
+    # the local schedulers as functions: given a name, dask imports dask.distributed (~0.4 s) to look for a client
     if scheduler is None or scheduler == "threads":
+        from dask.threaded import get
+
         threads = tasks or local
-        return Runner({"scheduler": "threads", "num_workers": threads}, threads, True)
+        return Runner({"scheduler": get, "num_workers": threads}, threads, True)
     if scheduler == "synchronous":  # stripes run one after the other (a reference, and for debugging)
-        return Runner({"scheduler": "synchronous"}, 1, True)
+        from dask.local import get_sync
+
+        return Runner({"scheduler": get_sync}, 1, True)
     if scheduler == "processes":
+        from dask.multiprocessing import get
+
         threads = tasks or local
-        return Runner({"scheduler": "processes", "num_workers": threads}, threads, False)
+        return Runner({"scheduler": get, "num_workers": threads}, threads, False)
     if isinstance(scheduler, str) and "://" in scheduler:
         try:
             from distributed import Client

@@ -63,6 +63,21 @@ def _pack(entries: Iterable[tuple[int, int]]) -> Buffer:
     return default_buffer_prototype().buffer.from_bytes(b"".join(_ENTRY.pack(*e) for e in dict.fromkeys(entries)))
 
 
+def record_accepts(record: bytes, data) -> bool:
+    """Whether a chunk record (the bytes stored at :func:`record_key`) accepts a chunk's encoded
+    bytes ``data`` (for readers that read chunk files themselves; anything else: read it through
+    the store, which says what is wrong).
+
+    >>> data = np.frombuffer(b"abc", np.uint8)
+    >>> record_accepts(_ENTRY.pack(*_entry_of(data)), b"abc"), record_accepts(b"", b"abc")
+    (True, False)
+    """
+    if not record or len(record) % _ENTRY.size:
+        return False
+    entry = _entry_of(np.frombuffer(data, np.uint8))
+    return any(_ENTRY.unpack_from(record, i) == entry for i in range(0, len(record), _ENTRY.size))
+
+
 def _unpack(rec: Buffer, key: str, where) -> list[tuple[int, int]]:
     raw = rec.to_bytes()
     if not raw or len(raw) % _ENTRY.size:
@@ -97,6 +112,11 @@ class VerifiedStore(WrapperStore):
         self._verified: set[str] = set()  # shards checked whole since this store was opened
         self._records: dict[str, list[tuple[int, int]]] = {}  # chunk records read so far (a chunk that
         # disagrees with its remembered record is checked against the stored record again)
+
+    @property
+    def inner(self) -> Store:
+        """The wrapped store (chunk files and records as they are stored)."""
+        return self._store
 
     def _with_store(self, store: Store) -> VerifiedStore:
         return type(self)(store, strict=self.strict)

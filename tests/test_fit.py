@@ -327,7 +327,7 @@ def test_resume_after_a_kill_in_the_solves_of_a_one_group_fit(pairs, tmp_path):
     scratch in a thread; a kill during the solves still leaves them saved, and resuming redoes
     neither the pass nor the finished bands."""
     store, _, _ = pairs
-    kw = dict(workers=WORKERS, block_rows=128, scheduler="threads")
+    kw = {"workers": WORKERS, "block_rows": 128, "scheduler": "threads"}
     seen = []
     ref = fit(store, tmp_path / "ref", progress=lambda d, t: seen.append((d, t)), **kw)
     assert ref.attrs()["fit"]["plan"]["group_cols"] == N  # one group

@@ -20,7 +20,8 @@ def _alphas(value: str | None):
 
 @click.command("fit")
 @click.argument("pairs")
-@click.option("-o", "--output", "adapter", required=True, callback=output_store, help="Adapter store to write (path or URL).")
+@click.option("-o", "--output", "adapter", required=True, callback=output_store,
+              help="Adapter store to write (path or URL).")
 @click.option("--mode", type=click.Choice(["joint", "independent"]), default="joint", show_default=True,
               help="joint: band-wise ridge over the whole input (pipes reproduce the dense solution); "
                    "independent: each tile fits its own input slice.")
@@ -54,14 +55,15 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
     One pass over the pairs (Dask, out of core), then ridge solves; held-out relative error and
     R² per pipe are stored in the adapter and printed. Re-running an interrupted fit resumes it.
     """
-    from prismoe_store.fit.job import fit
+    from prismoe_store.fit import FitConfig, fit
 
     warn_padding(pairs, workers)
     with bar("fit", quiet=quiet or as_json, unit="unit") as progress:
-        store = fit(pairs, adapter, mode=mode, workers=workers, ridge=ridge, holdout=holdout, subsample=subsample,
-                    seed=seed, alphas=_alphas(alphas), solver=solver, precision=precision, scheduler=scheduler,
-                    tasks=tasks, memory_budget=memory_mb << 20 if memory_mb else None, block_rows=block_rows,
-                    keep_statistics=keep_statistics, progress=progress, overwrite=overwrite)
+        config = FitConfig(mode=mode, workers=workers, ridge=ridge, holdout=holdout, subsample=subsample, seed=seed,
+                           alphas=_alphas(alphas), solver=solver, precision=precision, tasks=tasks,
+                           memory_budget=memory_mb << 20 if memory_mb else None, block_rows=block_rows,
+                           keep_statistics=keep_statistics)
+        store = fit(pairs, adapter, config, scheduler=scheduler, progress=progress, overwrite=overwrite)
     info, metrics = store.fit_record().to_dict(), (store.metrics_record().to_dict() if store.metrics_record() else None)
     if as_json:
         echo_json({"adapter": str(adapter), "mode": store.mode, "alphas": store.alphas,

@@ -75,7 +75,7 @@ class TrainConfig:
     int8: bool = False  # also write INT8 tiles (the quantize stage)
 
     def __post_init__(self) -> None:
-        from prismoe_store.fit.job import FitConfig
+        from prismoe_store.fit import FitConfig
 
         if self.collect is None:
             object.__setattr__(self, "collect", CollectSpec())
@@ -255,7 +255,7 @@ def _model_matches(info, given) -> bool:
 
 
 def _fit_stage(pairs: str, adapter: str, cfg: TrainConfig, overwrite: bool, prog) -> StageResult:
-    from prismoe_store.fit.job import fit
+    from prismoe_store.fit import FitConfig, fit
 
     store = PairsStore.open(pairs)
     existing = None if overwrite else _open_adapter(adapter)
@@ -273,9 +273,9 @@ def _fit_stage(pairs: str, adapter: str, cfg: TrainConfig, overwrite: bool, prog
             return StageResult("fit", "skipped", detail={"reason": "adapter complete", **_fit_detail(existing)})
         reason = f"the pairs grew from {source.get('rows')} to {store.rows} rows: refitting"
     resumed = existing is not None and not existing.complete
-    a = fit(store, adapter, mode=cfg.mode, workers=cfg.workers, ridge=cfg.ridge, holdout=cfg.holdout, seed=cfg.seed,
-            scheduler=cfg.scheduler, memory_budget=cfg.memory_budget, progress=prog,
-            overwrite=overwrite or reason is not None)
+    config = FitConfig(mode=cfg.mode, workers=cfg.workers, ridge=cfg.ridge, holdout=cfg.holdout, seed=cfg.seed,
+                       memory_budget=cfg.memory_budget)
+    a = fit(store, adapter, config, scheduler=cfg.scheduler, progress=prog, overwrite=overwrite or reason is not None)
     detail = _fit_detail(a)
     if reason:
         detail["reason"] = reason

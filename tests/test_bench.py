@@ -20,7 +20,7 @@ from prismoe_store.bench.adapter_report import format_markdown
 from prismoe_store.bench.svd import svd_rank
 from prismoe_store.data.synth import SynthSpec, synthesize
 from prismoe_store.errors import DataError
-from prismoe_store.fit.job import fit
+from prismoe_store.fit import FitConfig, fit
 from prismoe_store.runtime.dense import dense_matrix
 from prismoe_store.runtime.quant import quantize_adapter
 from prismoe_store.stores.pairs import PairsStore, holdout_mask
@@ -34,7 +34,7 @@ def stores(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     spec = SynthSpec(rows=1200, d_in=16, d_out=48, kind="gated", regions=2, workers=8, noise=0.05)
     pairs = synthesize(str(d / "pairs.zarr"), spec, rows_per_chunk=256)
-    adapter = fit(pairs, str(d / "adapter.zarr"), workers=8, scheduler="synchronous")
+    adapter = fit(pairs, str(d / "adapter.zarr"), FitConfig(workers=8), scheduler="synchronous")
     quantize_adapter(adapter)
     return pairs, adapter
 
@@ -117,7 +117,7 @@ def test_logits_add_top1_and_kl(tmp_path):
     p = PairsStore.create(str(tmp_path / "p.zarr"), d_in=12, d_out=20,
                           provenance={"kind": "collected", "settings": {"target": "logits"}})
     p.append(x, z)
-    a = fit(p, str(tmp_path / "a.zarr"), workers=4, scheduler="synchronous")
+    a = fit(p, str(tmp_path / "a.zarr"), FitConfig(workers=4), scheduler="synchronous")
     small = dict(FAST, sparsities=(1.0,), quants=("fp32",), schedules=("parallel",), hit_sparsities=())
     r = benchmark_adapter(a, p, **small)
     assert r["heldout"]["logits"] is True and r["heldout"]["logits_from"] == "provenance"

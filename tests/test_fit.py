@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prismoe_store.errors import DataError, FitError, GridError, StoreError
-from prismoe_store.fit.job import SUBSAMPLE_SEED_OFFSET, FitConfig, fit
+from prismoe_store.fit import FitConfig, fit
+from prismoe_store.fit.config import SUBSAMPLE_SEED_OFFSET
 from prismoe_store.fit.solve import factor_normal, factor_qr, qr_update
 from prismoe_store.grid import plan_grid, plan_pipes
 from prismoe_store.stores.adapter import AdapterStore
@@ -62,13 +63,13 @@ def pairs(tmp_path_factory):
 def test_joint_equals_lstsq(pairs, tmp_path, solver):
     store, x, z = pairs
     _, train, sub = split(S)
-    a = fit(store, tmp_path / "a", workers=WORKERS, ridge=0.0, solver=solver, tasks=2)
+    a = fit(store, tmp_path / "a", FitConfig(workers=WORKERS, ridge=0.0, solver=solver, tasks=2))
     assert a.complete and a.mode == "joint"
     assert rel(a.dense(0), lstsq(x[train], z[train])) <= 1e-5
     assert rel(a.dense(1), lstsq(x[sub], z[sub])) <= 1e-5
     assert np.array_equal(a.dense(2), a.dense(0))  # pipe 3: same rows, its own grid, the same product
     assert a.grids == list(plan_pipes(M, N, WORKERS))
-    for p, g in enumerate(a.grids):  # padding stays zero
+    for p in range(len(a.grids)):  # padding stays zero
         t = a.tiles(p)[...]
         assert not t[N:].any() and not t[:, M:].any()
         assert a.group[f"pipe{p + 1}"].attrs["rows"] == int((sub if p == 1 else train).sum())
@@ -77,7 +78,7 @@ def test_joint_equals_lstsq(pairs, tmp_path, solver):
 def test_default_ridge_is_close_to_lstsq(pairs, tmp_path):
     store, x, z = pairs
     _, train, _ = split(S)
-    a = fit(store, tmp_path / "a", workers=WORKERS)
+    a = fit(store, tmp_path / "a", FitConfig(workers=WORKERS))
     lam = a.attrs()["fit"]["ridge"]["train"]
     assert lam == pytest.approx(1e-6 * np.trace(x[train].T @ x[train]) / M, rel=1e-5)
     assert rel(a.dense(0), lstsq(x[train], z[train])) <= 1e-5
@@ -88,7 +89,7 @@ def test_ridge_equals_closed_form(pairs, tmp_path, solver):
     store, x, z = pairs
     _, train, sub = split(S)
     lam = 50.0
-    a = fit(store, tmp_path / "a", workers=WORKERS, ridge=lam, solver=solver)
+    a = fit(store, tmp_path / "a", FitConfig(workers=WORKERS, ridge=lam, solver=solver))
     for p, rows in ((0, train), (1, sub)):
         xs, zs = x[rows], z[rows]
         ref = np.linalg.solve(xs.T @ xs + lam * np.eye(M), xs.T @ zs).T
@@ -100,7 +101,7 @@ def test_ridge_equals_closed_form(pairs, tmp_path, solver):
 def test_independent_equals_per_tile_lstsq(pairs, tmp_path, solver):
     store, x, z = pairs
     _, train, sub = split(S)
-    a = fit(store, tmp_path / "a", workers=WORKERS, mode="independent", ridge=0.0, solver=solver)
+    a = fit(store, tmp_path / "a", FitConfig(workers=WORKERS, mode="independent", ridge=0.0, solver=solver))
     assert a.mode == "independent"
     for p, g in enumerate(a.grids):
         rows = sub if p == 1 else train
@@ -124,7 +125,7 @@ def test_rank_deficient_x_still_solves(tmp_path):
     _, train, _ = split(S)
     for solver in ("cholesky", "qr"):
         for mode in ("joint", "independent"):
-            a = fit(store, tmp_path / f"a-{solver}-{mode}", workers=4, mode=mode, solver=solver)
+            a = fit(store, tmp_path / f"a-{solver}-{mode}", FitConfig(workers=4, mode=mode, solver=solver))
             for p, g in enumerate(a.grids):
                 assert np.isfinite(a.tiles(p)[...]).all()
                 # every chunk is stored, all-zero tiles (dead input slices, padding) included
@@ -140,7 +141,7 @@ def test_failed_cholesky_falls_back_with_a_warning(tmp_path):
     x[:, :2] = np.random.default_rng(0).standard_normal((400, 2))
     store, x64, z64 = make_pairs(tmp_path / "p", x=x, d_out=5)
     _, train, _ = split(400)
-    a = fit(store, tmp_path / "a", workers=4, ridge=0.0)  # singular G and no ridge
+    a = fit(store, tmp_path / "a", FitConfig(workers=4, ridge=0.0))  # singular G and no ridge
     warnings = a.attrs()["metrics"]["warnings"]
     assert warnings and "eigh" in warnings[0]
     assert rel(a.dense(0), lstsq(x64[train], z64[train])) <= 1e-5  # the minimum-norm solution
@@ -156,7 +157,7 @@ def test_qr_beats_normal_equations_on_ill_conditioned_x(tmp_path):
     ref = lstsq(x64[train], z64[train])
     err = {}
     for solver in ("cholesky", "qr"):  # float32 products: float64 ones solve cond(G) ≈ 1e8 as well as QR
-        a = fit(store, tmp_path / solver, workers=4, ridge=0.0, solver=solver, precision="float32")
+        a = fit(store, tmp_path / solver, FitConfig(workers=4, ridge=0.0, solver=solver, precision="float32"))
         err[solver] = rel(a.dense(0), ref)
     assert err["qr"] <= 1e-5
     assert err["qr"] < err["cholesky"] / 10
@@ -165,7 +166,7 @@ def test_qr_beats_normal_equations_on_ill_conditioned_x(tmp_path):
 def test_float64_products(pairs, tmp_path):
     store, x, z = pairs
     _, train, _ = split(S)
-    a = fit(store, tmp_path / "a", workers=WORKERS, ridge=0.0, precision="float64")
+    a = fit(store, tmp_path / "a", FitConfig(workers=WORKERS, ridge=0.0, precision="float64"))
     assert rel(a.dense(0), lstsq(x[train], z[train])) <= 1e-6
 
 
@@ -177,7 +178,7 @@ def test_holdout_metrics_equal_numpy(pairs, tmp_path, mode):
     store, x, z = pairs
     hold, _, _ = split(S, seed=4, holdout=0.2)
     alphas = (0.5, 0.3, 0.2)
-    a = fit(store, tmp_path / "a", workers=WORKERS, mode=mode, seed=4, holdout=0.2, alphas=alphas)
+    a = fit(store, tmp_path / "a", FitConfig(workers=WORKERS, mode=mode, seed=4, holdout=0.2, alphas=alphas))
     xh, zh = x[hold], z[hold]
     ys = []
     for p, g in enumerate(a.grids):
@@ -200,7 +201,7 @@ def test_holdout_metrics_equal_numpy(pairs, tmp_path, mode):
 
 def test_no_holdout_means_no_metrics(pairs, tmp_path):
     store, x, z = pairs
-    a = fit(store, tmp_path / "a", workers=WORKERS, holdout=0.0, ridge=0.0, subsample=1.0)
+    a = fit(store, tmp_path / "a", FitConfig(workers=WORKERS, holdout=0.0, ridge=0.0, subsample=1.0))
     assert a.attrs()["metrics"] is None
     assert rel(a.dense(0), lstsq(x, z)) <= 1e-5
     assert np.array_equal(a.dense(1), a.dense(0))  # subsample 1.0: pipe 2 sees every row
@@ -211,9 +212,9 @@ def test_no_holdout_means_no_metrics(pairs, tmp_path):
 
 def test_spilled_b_gives_the_same_adapter(pairs, tmp_path):
     store, _, _ = pairs
-    whole = fit(store, tmp_path / "whole", workers=WORKERS, block_rows=256, tasks=2)
-    small = fit(store, tmp_path / "small", workers=WORKERS, block_rows=256, tasks=2, memory_budget=150_000,
-                keep_statistics=True)
+    whole = fit(store, tmp_path / "whole", FitConfig(workers=WORKERS, block_rows=256, tasks=2))
+    small = fit(store, tmp_path / "small",
+                FitConfig(workers=WORKERS, block_rows=256, tasks=2, memory_budget=150_000, keep_statistics=True))
     plan = small.attrs()["fit"]["plan"]
     assert plan["group_cols"] < N  # several column groups: B spilled to the scratch
     assert small.progress("fit_stats", -(-N // plan["group_cols"])).complete()
@@ -226,18 +227,18 @@ def test_spilled_b_gives_the_same_adapter(pairs, tmp_path):
 
 def test_budget_too_small_is_a_clear_error(pairs, tmp_path):
     with pytest.raises(FitError, match="memory budget"):
-        fit(pairs[0], tmp_path / "a", workers=WORKERS, memory_budget=1000)
+        fit(pairs[0], tmp_path / "a", FitConfig(workers=WORKERS, memory_budget=1000))
 
 
 def test_threads_and_local_cluster_give_the_same_adapter(pairs, tmp_path):
     distributed = pytest.importorskip("distributed")
     store, _, _ = pairs
-    a = fit(store, tmp_path / "threads", workers=WORKERS, tasks=2, block_rows=256)
+    a = fit(store, tmp_path / "threads", FitConfig(workers=WORKERS, tasks=2, block_rows=256))
     seen = []
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp",
                                   host="127.0.0.1", dashboard_address=None) as cluster:
         address = cluster.scheduler_address  # tcp://127.0.0.1:PORT, what `--scheduler` takes
-        b = fit(store, tmp_path / "cluster", workers=WORKERS, block_rows=256, scheduler=address,
+        b = fit(store, tmp_path / "cluster", FitConfig(workers=WORKERS, block_rows=256), scheduler=address,
                 progress=lambda d, t: seen.append((d, t)))
     assert seen[-1][0] == seen[-1][1]
     assert b.attrs()["fit"]["plan"]["tasks"] == 2
@@ -250,10 +251,11 @@ def test_local_cluster_of_processes_gives_the_same_tiles(pairs, tmp_path):
     """Stripes accumulated in two worker processes (the statistics travel pickled) give the tiles of threads."""
     distributed = pytest.importorskip("distributed")
     store, _, _ = pairs
-    a = fit(store, tmp_path / "threads", workers=WORKERS, tasks=2, block_rows=256)
+    a = fit(store, tmp_path / "threads", FitConfig(workers=WORKERS, tasks=2, block_rows=256))
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, protocol="tcp",
                                   host="127.0.0.1", dashboard_address=None) as cluster:
-        b = fit(store, tmp_path / "cluster", workers=WORKERS, block_rows=256, scheduler=cluster.scheduler_address)
+        b = fit(store, tmp_path / "cluster", FitConfig(workers=WORKERS, block_rows=256),
+                scheduler=cluster.scheduler_address)
     assert b.attrs()["fit"]["plan"]["tasks"] == 2
     for p in range(3):
         assert np.array_equal(a.dense(p), b.dense(p))
@@ -269,8 +271,8 @@ def test_any_blocking_gives_the_same_fit(pairs, tmp_path_factory, block, tasks, 
     # a budget for one task and ~10 columns of B: G (20·M² bytes), blocks (12·block·M), per column 20·M + 12·block
     # (float32 products; float64 ones add 8 bytes per block value: test_spilled_b_gives_the_same_adapter)
     budget = 20 * M * M + 12 * block * M + 10 * (20 * M + 12 * block) if spill else None
-    a = fit(store, tmp_path_factory.mktemp("a") / "a", workers=WORKERS, ridge=0.0, block_rows=block, tasks=tasks,
-            memory_budget=budget, precision="float32")
+    a = fit(store, tmp_path_factory.mktemp("a") / "a", FitConfig(workers=WORKERS, ridge=0.0, block_rows=block, tasks=tasks,
+                                                             memory_budget=budget, precision="float32"))
     if spill:
         assert a.attrs()["fit"]["plan"]["group_cols"] < N
     assert a.attrs()["fit"]["counts"] == {"train": int(train.sum()), "sub": a.attrs()["fit"]["counts"]["sub"],
@@ -280,8 +282,8 @@ def test_any_blocking_gives_the_same_fit(pairs, tmp_path_factory, block, tasks, 
 
 def test_synchronous_scheduler_and_task_count(pairs, tmp_path):
     store, _, _ = pairs
-    a = fit(store, tmp_path / "a", workers=WORKERS, tasks=3, block_rows=128, scheduler="synchronous")
-    b = fit(store, tmp_path / "b", workers=WORKERS, tasks=1, block_rows=128)
+    a = fit(store, tmp_path / "a", FitConfig(workers=WORKERS, tasks=3, block_rows=128), scheduler="synchronous")
+    b = fit(store, tmp_path / "b", FitConfig(workers=WORKERS, tasks=1, block_rows=128))
     np.testing.assert_allclose(a.dense(0), b.dense(0), rtol=1e-6, atol=1e-6)
 
 
@@ -302,7 +304,7 @@ def _killer(after: int):
 @pytest.mark.parametrize("kill_after", [3, 14, 30])  # during the pass, during the solves, late in the solves
 def test_resume_gives_the_same_adapter(pairs, tmp_path, kill_after):
     store, _, _ = pairs
-    kw = dict(workers=WORKERS, block_rows=128, tasks=2, memory_budget=80_000, scheduler="synchronous")
+    kw = dict(config=FitConfig(workers=WORKERS, block_rows=128, tasks=2, memory_budget=80_000), scheduler="synchronous")
     ref = fit(store, tmp_path / "ref", **kw)
     with pytest.raises(_Kill):
         fit(store, tmp_path / "a", progress=_killer(kill_after), **kw)
@@ -327,7 +329,7 @@ def test_resume_after_a_kill_in_the_solves_of_a_one_group_fit(pairs, tmp_path):
     scratch in a thread; a kill during the solves still leaves them saved, and resuming redoes
     neither the pass nor the finished bands."""
     store, _, _ = pairs
-    kw = {"workers": WORKERS, "block_rows": 128, "scheduler": "threads"}
+    kw = {"config": FitConfig(workers=WORKERS, block_rows=128), "scheduler": "threads"}
     seen = []
     ref = fit(store, tmp_path / "ref", progress=lambda d, t: seen.append((d, t)), **kw)
     assert ref.attrs()["fit"]["plan"]["group_cols"] == N  # one group
@@ -349,7 +351,7 @@ def test_resume_after_a_kill_in_the_solves_of_a_one_group_fit(pairs, tmp_path):
 
 def test_progress_reaches_total(pairs, tmp_path):
     seen = []
-    fit(pairs[0], tmp_path / "a", workers=WORKERS, progress=lambda d, t: seen.append((d, t)))
+    fit(pairs[0], tmp_path / "a", FitConfig(workers=WORKERS), progress=lambda d, t: seen.append((d, t)))
     assert seen[-1][0] == seen[-1][1] > 0
     assert all(b[0] >= a[0] for a, b in zip(seen, seen[1:]))
 
@@ -359,25 +361,25 @@ def test_progress_reaches_total(pairs, tmp_path):
 
 def test_existing_adapter_is_refused(pairs, tmp_path):
     store, _, _ = pairs
-    fit(store, tmp_path / "a", workers=WORKERS)
+    fit(store, tmp_path / "a", FitConfig(workers=WORKERS))
     with pytest.raises(StoreError, match="already exists"):
-        fit(store, tmp_path / "a", workers=WORKERS)
-    fit(store, tmp_path / "a", workers=WORKERS, overwrite=True, mode="independent")
+        fit(store, tmp_path / "a", FitConfig(workers=WORKERS))
+    fit(store, tmp_path / "a", FitConfig(workers=WORKERS, mode="independent"), overwrite=True)
     assert AdapterStore.open(tmp_path / "a").mode == "independent"
     with pytest.raises(StoreError, match="not an adapter"):
-        fit(store, store.url, workers=WORKERS)  # the pairs store itself
+        fit(store, store.url, FitConfig(workers=WORKERS))  # the pairs store itself
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file.txt").write_text("x")
     with pytest.raises(StoreError, match="already exists"):
-        fit(store, tmp_path / "junk", workers=WORKERS)
+        fit(store, tmp_path / "junk", FitConfig(workers=WORKERS))
 
 
 def test_unfinished_adapter_with_other_settings_is_refused(pairs, tmp_path):
     store, _, _ = pairs
     with pytest.raises(_Kill):
-        fit(store, tmp_path / "a", workers=WORKERS, progress=_killer(2))
+        fit(store, tmp_path / "a", FitConfig(workers=WORKERS), progress=_killer(2))
     with pytest.raises(StoreError, match="other settings"):
-        fit(store, tmp_path / "a", workers=WORKERS, ridge=3.0)
+        fit(store, tmp_path / "a", FitConfig(workers=WORKERS, ridge=3.0))
 
 
 def test_nan_is_reported_with_its_row_block(tmp_path):
@@ -385,13 +387,13 @@ def test_nan_is_reported_with_its_row_block(tmp_path):
     x[333, 2] = np.nan
     store, _, _ = make_pairs(tmp_path / "p", x=x, d_out=3)
     with pytest.raises(DataError, match=r"rows 256\.\.384 .* NaN or Inf"):
-        fit(store, tmp_path / "a", workers=4, block_rows=128, tasks=2)
+        fit(store, tmp_path / "a", FitConfig(workers=4, block_rows=128, tasks=2))
     z_inf = PairsStore.create(str(tmp_path / "q"), d_in=5, d_out=3, rows_per_chunk=128)
     z = np.ones((600, 3), np.float32)
     z[590] = np.inf
     z_inf.append(np.ones((600, 5), np.float32), z)
     with pytest.raises(DataError, match=r"rows 512\.\.600"):
-        fit(z_inf, tmp_path / "b", workers=4, block_rows=128)
+        fit(z_inf, tmp_path / "b", FitConfig(workers=4, block_rows=128))
 
 
 def test_float32_overflow_is_a_clear_error(tmp_path):
@@ -399,8 +401,8 @@ def test_float32_overflow_is_a_clear_error(tmp_path):
     x = (np.random.default_rng(1).standard_normal((600, 5)) * 1e19).astype(np.float32)
     store, _, _ = make_pairs(tmp_path / "p", x=x, d_out=3)
     with pytest.raises(FitError, match="overflow.*--precision float64"):
-        fit(store, tmp_path / "a", workers=4, block_rows=128)
-    a = fit(store, tmp_path / "b", workers=4, block_rows=128, precision="float64")
+        fit(store, tmp_path / "a", FitConfig(workers=4, block_rows=128))
+    a = fit(store, tmp_path / "b", FitConfig(workers=4, block_rows=128, precision="float64"))
     assert all(np.isfinite(a.dense(p)).all() for p in range(3))
 
 
@@ -408,23 +410,23 @@ def test_mismatched_row_counts(tmp_path):
     store, _, _ = make_pairs(tmp_path / "p", rows=300)
     store.z.resize((200, N))  # a hand-damaged store: z shorter than the committed rows
     with pytest.raises(DataError, match="mismatched row counts"):
-        fit(PairsStore.open(store.url), tmp_path / "a", workers=WORKERS)
+        fit(PairsStore.open(store.url), tmp_path / "a", FitConfig(workers=WORKERS))
 
 
 def test_too_few_rows(tmp_path):
     store, _, _ = make_pairs(tmp_path / "p", rows=3)
     with pytest.raises(DataError, match="no held-out row"):
-        fit(store, tmp_path / "a", workers=WORKERS, holdout=0.01)
+        fit(store, tmp_path / "a", FitConfig(workers=WORKERS, holdout=0.01))
     one = PairsStore.create(str(tmp_path / "one"), d_in=M, d_out=N)
     one.append(np.ones((1, M)), np.ones((1, N)))
     with pytest.raises(DataError, match="at least 2"):
-        fit(one, tmp_path / "b", workers=WORKERS)
+        fit(one, tmp_path / "b", FitConfig(workers=WORKERS))
 
 
 def test_grid_must_match_the_pairs(pairs, tmp_path):
     g = plan_grid(M + 1, N, WORKERS)
     with pytest.raises(GridError, match="pipe 1 covers"):
-        fit(pairs[0], tmp_path / "a", grids=[g, g, g])
+        fit(pairs[0], tmp_path / "a", FitConfig(grids=[g, g, g]))
     with pytest.raises(GridError, match="three"):
         FitConfig(grids=(plan_grid(M, N, 4),))
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from cli.main import main
 from prismoe_store.data.synth import SynthSpec, load_truth, synthesize
 from prismoe_store.errors import DataError, StoreError
-from prismoe_store.fit.job import fit
+from prismoe_store.fit import FitConfig, fit
 from prismoe_store.gates.gate import Gates, gated_forward, init_gates
 from prismoe_store.gates.heldout import Split, resolve_split
 from prismoe_store.gates.report import quality_report, routing_report
@@ -50,7 +50,7 @@ def gated(tmp_path_factory):
     root = tmp_path_factory.mktemp("gated")
     spec = SynthSpec(rows=4096, d_in=D_IN, d_out=D_OUT, kind="gated", noise=0.01, regions=4, workers=WORKERS)
     pairs = synthesize(str(root / "pairs"), spec, rows_per_chunk=1024)
-    fitted = fit(pairs, str(root / "fitted"), workers=WORKERS, scheduler="synchronous")
+    fitted = fit(pairs, str(root / "fitted"), FitConfig(workers=WORKERS), scheduler="synchronous")
     truth = _tiles_adapter(str(root / "truth"), load_truth(pairs).w, fitted)
     return pairs, fitted, truth
 
@@ -283,7 +283,7 @@ def test_fit_gates_takes_one_validated_config(gated, tmp_path):
 def test_routing_statistics_match_a_numpy_recomputation(tmp_path):
     spec = SynthSpec(rows=1500, d_in=33, d_out=17, kind="linear", noise=0.01)  # 33→17: padding-only workers
     pairs = synthesize(str(tmp_path / "p"), spec, rows_per_chunk=512)
-    a = fit(pairs, str(tmp_path / "a"), workers=16, scheduler="synchronous", holdout=0.2, seed=3)
+    a = fit(pairs, str(tmp_path / "a"), FitConfig(workers=16, holdout=0.2, seed=3), scheduler="synchronous")
     rng = np.random.default_rng(5)
     gates = []
     for p, g in enumerate(a.grids):
@@ -332,7 +332,7 @@ def test_routing_statistics_match_a_numpy_recomputation(tmp_path):
 def test_quality_report_baselines_agree_with_the_fit_and_lstsq(tmp_path, mode):
     spec = SynthSpec(rows=2000, d_in=24, d_out=40, kind="gated", noise=0.05, regions=2, workers=8)
     pairs = synthesize(str(tmp_path / "p"), spec, rows_per_chunk=512)
-    a = fit(pairs, str(tmp_path / "a"), workers=8, mode=mode, scheduler="synchronous", holdout=0.15, seed=2)
+    a = fit(pairs, str(tmp_path / "a"), FitConfig(workers=8, mode=mode, holdout=0.15, seed=2), scheduler="synchronous")
     q = quality_report(a, pairs, sparsities=[0.5, 1.0])
     combined = a.attrs()["metrics"]["combined"]
     dense = q["baselines"]["dense"]

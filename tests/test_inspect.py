@@ -496,7 +496,7 @@ def test_inspect_empty_pairs_store():
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """A small pairs store and an adapter fitted on it (gates and INT8 added by the tests that need them)."""
-    from prismoe_store.fit.job import fit
+    from prismoe_store.fit import FitConfig, fit
     from prismoe_store.stores.pairs import PairsStore
 
     root = tmp_path_factory.mktemp("adapter")
@@ -506,7 +506,7 @@ def fitted(tmp_path_factory):
     pairs.append(x, x @ rng.standard_normal((12, 10)).astype(np.float32) + 0.1 * rng.standard_normal((400, 10)))
     grids = [GridSpec(d_in=12, d_out=10, rows=2, cols=2, tile_out=8, tile_in=8)] * 2 + \
             [GridSpec(d_in=12, d_out=10, rows=4, cols=1, tile_out=4, tile_in=16)]  # pipe 3: a padding-only band
-    adapter = fit(pairs, root / "a.zarr", grids=grids, scheduler="synchronous")
+    adapter = fit(pairs, root / "a.zarr", FitConfig(grids=grids), scheduler="synchronous")
     return root, pairs, adapter
 
 

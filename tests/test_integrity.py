@@ -29,7 +29,7 @@ from prismoe_store.errors import (
     StoreError,
     StoreFormatError,
 )
-from prismoe_store.fit.job import fit
+from prismoe_store.fit import FitConfig, fit
 from prismoe_store.gates.settings import GateSettings
 from prismoe_store.gates.training import fit_gates
 from prismoe_store.head.build import HeadConfig, build_head
@@ -106,7 +106,7 @@ def made(tmp_path_factory):
     d = tmp_path_factory.mktemp("made")
     pairs = synthesize(str(d / "pairs"), SynthSpec(rows=400, d_in=D_IN, d_out=D_OUT, kind="gated", workers=4),
                        rows_per_chunk=100)
-    adapter = fit(pairs, str(d / "adapter"), workers=4, scheduler="synchronous")
+    adapter = fit(pairs, str(d / "adapter"), FitConfig(workers=4), scheduler="synchronous")
     fit_gates(adapter, pairs, GateSettings(sparsity=0.5, epochs=2))
     quantize_adapter(adapter)
     w = safetensors(d / "w.safetensors")
@@ -468,7 +468,7 @@ def _consumers(kind: str, array: str, d: Path, made) -> dict:
             out["fit-gates"] = lambda: fit_gates(a(), str(made["dir"] / "pairs"), GateSettings(epochs=1), restart=True)
         return out
     if kind == "pairs":
-        out = {"fit": lambda: fit(str(d / "pairs"), str(d / "a2"), workers=4, scheduler="synchronous"),
+        out = {"fit": lambda: fit(str(d / "pairs"), str(d / "a2"), FitConfig(workers=4), scheduler="synchronous"),
                "fit-gates": lambda: fit_gates(str(copy(made, "adapter", d)), str(d / "pairs"), GateSettings(epochs=1),
                                               restart=True)}
         if array == "x":  # infer reads a pairs store's x only
@@ -549,7 +549,7 @@ def test_resumed_synth_rewrites_damaged_rows_bit_for_bit(tmp_path):
 @pytest.mark.parametrize("damage", ["tiles", "statistics"])
 def test_resumed_fit_redoes_damaged_bands_and_statistics(tmp_path, made, damage):
     pairs = PairsStore.open(made["dir"] / "pairs")
-    kw = dict(workers=4, block_rows=64, tasks=2, memory_budget=200_000, scheduler="synchronous")
+    kw = dict(config=FitConfig(workers=4, block_rows=64, tasks=2, memory_budget=200_000), scheduler="synchronous")
     ref = fit(pairs, tmp_path / "ref", **kw)
     class Stop(Exception):
         pass

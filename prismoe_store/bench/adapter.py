@@ -29,13 +29,13 @@ runtime and not the store's codec; ``tiles_in_ram=False`` reads every miss from 
 
 >>> import tempfile
 >>> import numpy as np
->>> from prismoe_store.fit.job import fit
+>>> from prismoe_store.fit import FitConfig, fit
 >>> from prismoe_store.stores.pairs import PairsStore
 >>> rng = np.random.default_rng(0)
 >>> x = rng.standard_normal((400, 8)).astype(np.float32)
 >>> p = PairsStore.create("memory://doc-bench-p", d_in=8, d_out=16, overwrite=True)
 >>> _ = p.append(x, x @ rng.standard_normal((8, 16)).astype(np.float32))
->>> a = fit(p, "memory://doc-bench-a", workers=4, scheduler="synchronous", overwrite=True)
+>>> a = fit(p, "memory://doc-bench-a", FitConfig(workers=4), scheduler="synchronous", overwrite=True)
 >>> r = benchmark_adapter(a, p, sparsities=(0.5, 1.0), repeats=1, budgets=(0.5, 1.0), hit_tokens=2)
 >>> row = [x for x in r["rows"] if x["method"] == "adapter" and x["sparsity"] == 1.0][0]
 >>> abs(row["rel_err"] - r["rows"][0]["rel_err"]) < 1e-5

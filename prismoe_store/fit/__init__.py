@@ -13,9 +13,11 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "job": ["fit", "FitConfig"],
+        "job": ["fit"],
+        "config": ["FitConfig"],
     },
 )
 
 if TYPE_CHECKING:  # the same names, for type checkers
-    from prismoe_store.fit.job import FitConfig, fit
+    from prismoe_store.fit.config import FitConfig
+    from prismoe_store.fit.job import fit

@@ -24,7 +24,7 @@ reused). The scratch is deleted when the fit completes (``keep_statistics`` keep
 >>> w = rng.standard_normal((12, 8)).astype(np.float32)
 >>> p = PairsStore.create("memory://doc-fit-pairs", d_in=8, d_out=12, rows_per_chunk=128, overwrite=True)
 >>> _ = p.append(x, x @ w.T)
->>> a = fit(p, "memory://doc-fit-adapter", workers=4, overwrite=True)
+>>> a = fit(p, "memory://doc-fit-adapter", FitConfig(workers=4), overwrite=True)
 >>> bool(np.allclose(a.dense(0), w, atol=1e-4)), a.attrs()["metrics"]["combined"]["r2"] > 0.999
 (True, True)
 """
@@ -35,50 +35,28 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
-from typing import Callable, Sequence
+from dataclasses import asdict, replace
 
 import numpy as np
 import zarr
 
 from prismoe_store.errors import DataError, FitError, GridError, StoreError, StoreFormatError
+from prismoe_store.fit.config import FitConfig
 from prismoe_store.fit.metrics import metrics_link
-from prismoe_store.fit.solve import Factor, default_ridge, factor_normal, factor_qr
-from prismoe_store.fit.statistics import (
-    HOLD,
-    PANEL,
-    REST,
-    SCRATCH,
-    SUB,
-    SUBSAMPLE_SEED_OFFSET,
-    TICKERS,
-    TICKERS_LOCK,
-    Pass,
-    Plan,
-    Runner,
-    categories,
-    col_groups,
-    input_slices,
-    link_blocks,
-    location,
-    make_plan,
-    make_runner,
-    one_blas_thread,
-    plan_block_rows,
-    stats_link,
-)
-from prismoe_store.grid import GridSpec, is_pow2, plan_pipes
-from prismoe_store.stores.adapter import MODES, AdapterStore
+from prismoe_store.fit.plan import PANEL, Plan, col_groups, input_slices, location, make_plan, plan_block_rows
+from prismoe_store.fit.runner import TICKERS, TICKERS_LOCK, Runner, make_runner, one_blas_thread
+from prismoe_store.fit.solve import Factor, StatSource, band_runs, default_ridge, factor_normal, factor_qr, solve_panel
+from prismoe_store.fit.statistics import HOLD, REST, SCRATCH, SUB, Pass, categories, link_blocks, stats_link
+from prismoe_store.grid import GridSpec, plan_pipes
+from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.formats import StoreOptions, create_chunked
 from prismoe_store.stores.pairs import PairsStore
 from prismoe_store.stores.progress import recheck
 from prismoe_store.stores.records import FitRecord
 from prismoe_store.stores.verified import reading
 
-SOLVERS = ("cholesky", "qr")
-PRECISIONS = ("mixed", "float64", "float32")
-SCHEDULERS = ("threads", "processes", "synchronous")
 STAT_SETS = ("train", "sub")  # statistics kept per fit: all training rows, and pipe 2's rows
 PIPE_SETS = ("train", "sub", "train")  # which statistics pipe p fits on
 _F32_FLOOR = 2.0 ** -48  # float32 unit roundoff squared: with the block rows, B's noise floor in G's units
@@ -86,101 +64,35 @@ _SCRATCH_CHUNK_BYTES = 8 << 20  # target size of a chunk of the scratch B (large
 ProgressFn = Callable[[int, int], None]
 
 
-@dataclass(frozen=True)
-class FitConfig:
-    """Settings of a fit; the first group changes the result, the second only speed and memory.
-
-    >>> FitConfig(mode="independent", holdout=0.2).subsample
-    0.6
-    """
-
-    mode: str = "joint"  # "joint" (band-wise ridge over the whole input) or "independent" (per-tile ridge)
-    workers: int = 512  # tiles per pipe, a power of 2 (the grids come from plan_pipes)
-    grids: tuple[GridSpec, ...] | None = None  # the three pipes' grids; None: plan_pipes(d_in, d_out, workers)
-    ridge: float | None = None  # λ ≥ 0; None: 1e-6·trace(G)/M for each statistics set
-    holdout: float = 0.1  # share of rows held out for the metrics, in [0, 1)
-    subsample: float = 0.6  # share of training rows pipe 2 fits on, in (0, 1]
-    seed: int = 0  # seeds the held-out split and pipe 2's subsample
-    alphas: tuple[float, ...] | None = None  # pipe weights α (non-negative, sum 1); None: equal
-    solver: str = "cholesky"  # "cholesky" (normal equations) or "qr" (streaming TSQR, ill-conditioned X)
-    precision: str = "mixed"  # products of each block: "mixed" (G float64, B float32), "float64" or
-    #   "float32" (all); always summed across blocks in float64 (see fit.statistics "Numerics")
-    # -- speed and memory only --
-    memory_budget: int | None = None  # bytes for accumulators and row blocks; None: 1/4 of physical RAM
-    block_rows: int | None = None  # rows per product block; None: 4096 rounded up to the store's row chunks
-    tasks: int | None = None  # row stripes accumulated in parallel; None: cores/2 (≤ 4) locally, a cluster's threads
-    keep_statistics: bool = False  # keep the ``_fit`` scratch (G, B, held-out rows) after the fit
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise DataError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not is_pow2(self.workers):
-            raise GridError(f"workers must be a power of 2, got {self.workers!r}")
-        if self.grids is not None:
-            grids = tuple(self.grids)
-            if len(grids) != 3 or not all(isinstance(g, GridSpec) for g in grids):
-                raise GridError("grids must be three GridSpec, one per pipe")
-            object.__setattr__(self, "grids", grids)
-        if self.ridge is not None and not (np.isfinite(self.ridge) and self.ridge >= 0):
-            raise DataError(f"ridge must be a finite number ≥ 0, got {self.ridge!r}")
-        if not 0.0 <= self.holdout < 1.0:
-            raise DataError(f"holdout must be in [0, 1), got {self.holdout!r}")
-        if not 0.0 < self.subsample <= 1.0:
-            raise DataError(f"subsample must be in (0, 1], got {self.subsample!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < SUBSAMPLE_SEED_OFFSET:
-            raise DataError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        if self.alphas is not None:
-            alphas = tuple(float(a) for a in self.alphas)
-            if len(alphas) != 3 or any(not np.isfinite(a) or a < 0 for a in alphas) or abs(sum(alphas) - 1) > 1e-6:
-                raise DataError(f"alphas must be 3 non-negative numbers summing to 1, got {list(alphas)}")
-            object.__setattr__(self, "alphas", alphas)
-        if self.solver not in SOLVERS:
-            raise DataError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
-        if self.precision not in PRECISIONS:
-            raise DataError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for name in ("memory_budget", "block_rows", "tasks"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise DataError(f"{name} must be a positive integer, got {v!r}")
-
-    def settings(self, grids: Sequence[GridSpec]) -> dict:
-        """The result-affecting settings as plain data (stored in the adapter; compared on resume)."""
-        d = {k: v for k, v in asdict(self).items()
-             if k not in ("memory_budget", "block_rows", "tasks", "keep_statistics", "grids", "workers")}
-        d["grids"] = [g.to_dict() for g in grids]
-        d["alphas"] = list(self.alphas) if self.alphas is not None else None
-        return d
-
 
 # -- the public entry point ----------------------------------------------------------------
 
 
-def fit(pairs: PairsStore | str, adapter_url, *, mode: str = "joint", workers: int = 512,
-        grids: Sequence[GridSpec] | None = None, ridge: float | None = None, holdout: float = 0.1,
-        subsample: float = 0.6, seed: int = 0, alphas: Sequence[float] | None = None,
-        solver: str = "cholesky", precision: str = "mixed", memory_budget: int | None = None,
-        block_rows: int | None = None, tasks: int | None = None, keep_statistics: bool = False,
-        scheduler=None, options: StoreOptions | None = None, progress: ProgressFn | None = None,
+def fit(pairs: PairsStore | str, adapter_url, config: FitConfig | None = None, *, scheduler=None,
+        options: StoreOptions | None = None, progress: ProgressFn | None = None,
         overwrite: bool = False) -> AdapterStore:
     """Fit the three pipes' tiles on ``pairs`` by streamed ridge least squares; write the adapter.
 
-    The settings are those of :class:`FitConfig`. ``scheduler``: ``"threads"`` (default),
+    ``config`` (a :class:`FitConfig`; default ``FitConfig()``) holds every setting of the fit.
+    The keyword-only options say how to run it: ``scheduler``: ``"threads"`` (default),
     ``"processes"``, ``"synchronous"``, a ``tcp://`` address of a ``dask.distributed`` scheduler or
-    a ``distributed.Client`` (the pairs and adapter URLs must then be readable by the workers).
-    ``options``: the adapter's encoding. An existing unfinished adapter with the same settings is
-    resumed; any other existing store is refused unless ``overwrite``.
+    a ``distributed.Client`` (the pairs and adapter URLs must then be readable by the workers);
+    ``options``: the adapter's encoding; ``progress(done, total)``. An existing unfinished adapter
+    with the same settings is resumed; any other existing store is refused unless ``overwrite``.
+
+    Raises :class:`~prismoe_store.errors.DataError` (bad pairs, NaN/Inf rows, a bad config),
+    :class:`~prismoe_store.errors.StoreError` (an existing store in the way),
+    :class:`~prismoe_store.errors.FitError` (a budget too small, products that overflow).
 
     >>> from prismoe_store.stores.pairs import PairsStore
     >>> p = PairsStore.open("memory://doc-fit-pairs")
-    >>> a = fit(p, "memory://doc-fit-indep", workers=4, mode="independent", holdout=0.2, overwrite=True)
+    >>> a = fit(p, "memory://doc-fit-indep", FitConfig(workers=4, mode="independent", holdout=0.2), overwrite=True)
     >>> a.mode, a.complete, sorted(a.attrs()["metrics"])
     ('independent', True, ['combined', 'holdout_rows', 'pipes', 'warnings'])
     """
-    cfg = FitConfig(mode=mode, workers=workers, grids=tuple(grids) if grids is not None else None, ridge=ridge,
-                    holdout=holdout, subsample=subsample, seed=seed,
-                    alphas=tuple(alphas) if alphas is not None else None, solver=solver, precision=precision,
-                    memory_budget=memory_budget, block_rows=block_rows, tasks=tasks,
-                    keep_statistics=keep_statistics)
+    cfg = FitConfig() if config is None else config
+    if not isinstance(cfg, FitConfig):
+        raise DataError(f"config must be a FitConfig, got {type(cfg).__name__}")
     return _Fit(cfg, pairs, adapter_url, scheduler, options, progress, overwrite).run()
 
 
@@ -361,7 +273,8 @@ class _Fit:
         for p, grid in enumerate(grids):
             tiles = adapter.tiles(p)
             cols = -(-tiles.shape[1] // tiles.chunks[1])
-            recheck(adapter.progress(f"fit_pipe{p + 1}", grid.rows), lambda r: [(tiles, (r, c)) for c in range(cols)])
+            recheck(adapter.progress(f"fit_pipe{p + 1}", grid.rows),
+                    lambda r, tiles=tiles, cols=cols: [(tiles, (r, c)) for c in range(cols)])
 
     def _create_scratch(self, adapter: AdapterStore, plan: Plan, slicings) -> None:
         m, n = self.pairs.d_in, self.pairs.d_out
@@ -390,12 +303,12 @@ class _Fit:
         self._tick(0)
 
     # -- statistics --
-    def _statistics(self, adapter: AdapterStore, plan: Plan, p: Pass, runner: Runner) -> "_StatSource":
+    def _statistics(self, adapter: AdapterStore, plan: Plan, p: Pass, runner: Runner) -> StatSource:
         n = self.pairs.d_out
         groups = col_groups(n, plan.group_cols)
         record = adapter.progress("fit_stats", len(groups))
         scratch = adapter.group[SCRATCH]
-        source = _StatSource(scratch, p.slicings)
+        source = StatSource(scratch, p.slicings)
         for gi in record.missing():
             c0, c1 = groups[gi]
             with_g = gi == 0 or p.solver == "qr"  # the normal equations' G comes from the first group
@@ -437,7 +350,7 @@ class _Fit:
         return source
 
     # -- solves --
-    def _solve(self, adapter: AdapterStore, grids, stats: "_StatSource") -> dict[str, float]:
+    def _solve(self, adapter: AdapterStore, grids, stats: StatSource) -> dict[str, float]:
         cfg, m = self.cfg, self.pairs.d_in
         lams = dict(adapter.fit_record().ridge or {})
         for s in STAT_SETS:
@@ -458,7 +371,7 @@ class _Fit:
                 w.result()
         return lams
 
-    def _solve_pipe(self, p: int, grid: GridSpec, stats: _StatSource, lams: dict, factors: dict,
+    def _solve_pipe(self, p: int, grid: GridSpec, stats: StatSource, lams: dict, factors: dict,
                     sources: tuple[int, ...], kept: dict, writing: list, writer: ThreadPoolExecutor) -> None:
         cfg, m, n, adapter = self.cfg, self.pairs.d_in, self.pairs.d_out, self._adapter
         record = adapter.progress(f"fit_pipe{p + 1}", grid.rows)
@@ -466,7 +379,7 @@ class _Fit:
         width = 0 if cfg.mode == "joint" else grid.tile_in
         # AdapterStore hands out arrays that write every chunk, zero tiles too
         tiles, src = adapter.tiles(p), adapter.tiles(sources[p])
-        for r0, r1 in _band_runs(record.missing(), max(1, self._plan.group_cols // a)):
+        for r0, r1 in band_runs(record.missing(), max(1, self._plan.group_cols // a)):
             o0, o1 = r0 * a, min(n, r1 * a)  # o1 <= o0: output padding only, written as zeros
             block = np.zeros(((r1 - r0) * a, grid.d_in_pad), np.float32)
             mem = kept.get(sources[p])
@@ -485,7 +398,7 @@ class _Fit:
                 p0, p1 = o0 // PANEL * PANEL, min(n, -(-o1 // PANEL) * PANEL)
                 rhs = stats.b(set_name, width if cfg.solver == "qr" else 0, p0, p1)
                 with one_blas_thread() as pool:  # one product per panel, spread over the cores
-                    jobs = [pool.submit(_solve_panel, f, rhs, block, o0, o1, p0, c0, c1, q0, min(p1, q0 + PANEL))
+                    jobs = [pool.submit(solve_panel, f, rhs, block, o0, o1, p0, c0, c1, q0, min(p1, q0 + PANEL))
                             for (c0, c1), f in zip(input_slices(m, width), factors[key]) for q0 in range(p0, p1, PANEL)]
                     for job in jobs:
                         job.result()
@@ -509,7 +422,7 @@ class _Fit:
             return tuple(range(len(grids)))
         return tuple(PIPE_SETS.index(PIPE_SETS[p]) for p in range(len(grids)))
 
-    def _factors(self, stats: "_StatSource", set_name: str, width: int, lam: float) -> list[Factor]:
+    def _factors(self, stats: StatSource, set_name: str, width: int, lam: float) -> list[Factor]:
         cfg, m = self.cfg, self.pairs.d_in
         g = stats.g(set_name, width if cfg.solver == "qr" else 0)
         out = []
@@ -564,50 +477,4 @@ class _Fit:
                 "warnings": list(adapter.fit_record().warnings)}
 
 
-def _solve_panel(f: Factor, rhs: np.ndarray, block: np.ndarray, o0: int, o1: int, p0: int, c0: int, c1: int,
-                 q0: int, q1: int) -> None:
-    """Solve the panel of output columns ``q0:q1`` (``rhs`` holds columns from ``p0``) for input
-    columns ``c0:c1`` and put its rows ``o0:o1`` into ``block`` (output rows from ``o0``)."""
-    lo, hi = max(o0, q0), min(o1, q1)
-    block[lo - o0:hi - o0, c0:c1] = f.solve(rhs[c0:c1, q0 - p0:q1 - p0])[:, lo - q0:hi - q0].T
 
-
-def _band_runs(bands: list[int], most: int) -> list[tuple[int, int]]:
-    """Runs ``[r0, r1)`` of consecutive bands, at most ``most`` bands each (solved and written together).
-
-    >>> _band_runs([0, 1, 2, 5, 6], 2)
-    [(0, 2), (2, 3), (5, 7)]
-    """
-    runs: list[tuple[int, int]] = []
-    for r in bands:
-        if runs and runs[-1][1] == r and r - runs[-1][0] < most:
-            runs[-1] = (runs[-1][0], r + 1)
-        else:
-            runs.append((r, r + 1))
-    return runs
-
-
-class _StatSource:
-    """The finished statistics: from memory when the pass just produced them whole, else the scratch."""
-
-    def __init__(self, scratch: zarr.Group, slicings: tuple[int, ...]):
-        self.scratch = scratch
-        self.slicings = slicings
-        self._mem: dict | None = None
-
-    def keep(self, sets: dict) -> None:
-        self._mem = sets
-
-    def g(self, set_name: str, width: int) -> np.ndarray:
-        k = self.slicings.index(width)
-        if self._mem is not None:
-            return self._mem[set_name][0][k]
-        with reading("fit statistics"):
-            return self.scratch[f"{set_name}_G{width}"][...]
-
-    def b(self, set_name: str, width: int, o0: int, o1: int) -> np.ndarray:
-        k = self.slicings.index(width)
-        if self._mem is not None:
-            return self._mem[set_name][1][k][:, o0:o1]
-        with reading("fit statistics"):
-            return self.scratch[f"{set_name}_B{width}"][:, o0:o1]

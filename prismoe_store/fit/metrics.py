@@ -21,7 +21,9 @@ import math
 
 import numpy as np
 
-from prismoe_store.fit.statistics import PANEL, SCRATCH, Pass, col_groups, one_blas_thread
+from prismoe_store.fit.plan import PANEL, col_groups
+from prismoe_store.fit.runner import one_blas_thread
+from prismoe_store.fit.statistics import SCRATCH, Pass
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.chunk_files import region_reader
 from prismoe_store.stores.verified import reading
@@ -70,7 +72,7 @@ class Scores:
         self.m2 += m2 + delta ** 2 * (self.rows * n / tot)
         self.rows = tot
 
-    def merge(self, other: "Scores") -> "Scores":
+    def merge(self, other: Scores) -> Scores:
         self.parts += other.parts
         self._merge_moments(other.rows, other.mean, other.m2)
         return self

@@ -32,6 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import zarr
+
+from prismoe_store.stores.verified import reading
 
 RIDGE_SCALE = 1e-6  # default λ = RIDGE_SCALE · trace(G) / M: a millionth of the mean eigenvalue of G
 _EPS = np.finfo(np.float64).eps
@@ -185,3 +188,52 @@ def qr_update(r: np.ndarray, qz: np.ndarray, x: np.ndarray, z: np.ndarray) -> tu
 def qr_merge(r1: np.ndarray, qz1: np.ndarray, r2: np.ndarray, qz2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Combine the ``(R, QᵀZ)`` of two disjoint row sets into that of their union (a TSQR tree node)."""
     return qr_update(r1, qz1, r2, qz2)
+
+
+def solve_panel(f: Factor, rhs: np.ndarray, block: np.ndarray, o0: int, o1: int, p0: int, c0: int, c1: int,
+                 q0: int, q1: int) -> None:
+    """Solve the panel of output columns ``q0:q1`` (``rhs`` holds columns from ``p0``) for input
+    columns ``c0:c1`` and put its rows ``o0:o1`` into ``block`` (output rows from ``o0``)."""
+    lo, hi = max(o0, q0), min(o1, q1)
+    block[lo - o0:hi - o0, c0:c1] = f.solve(rhs[c0:c1, q0 - p0:q1 - p0])[:, lo - q0:hi - q0].T
+
+
+def band_runs(bands: list[int], most: int) -> list[tuple[int, int]]:
+    """Runs ``[r0, r1)`` of consecutive bands, at most ``most`` bands each (solved and written together).
+
+    >>> band_runs([0, 1, 2, 5, 6], 2)
+    [(0, 2), (2, 3), (5, 7)]
+    """
+    runs: list[tuple[int, int]] = []
+    for r in bands:
+        if runs and runs[-1][1] == r and r - runs[-1][0] < most:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
+class StatSource:
+    """The finished statistics: from memory when the pass just produced them whole, else the scratch."""
+
+    def __init__(self, scratch: zarr.Group, slicings: tuple[int, ...]):
+        self.scratch = scratch
+        self.slicings = slicings
+        self._mem: dict | None = None
+
+    def keep(self, sets: dict) -> None:
+        self._mem = sets
+
+    def g(self, set_name: str, width: int) -> np.ndarray:
+        k = self.slicings.index(width)
+        if self._mem is not None:
+            return self._mem[set_name][0][k]
+        with reading("fit statistics"):
+            return self.scratch[f"{set_name}_G{width}"][...]
+
+    def b(self, set_name: str, width: int, o0: int, o1: int) -> np.ndarray:
+        k = self.slicings.index(width)
+        if self._mem is not None:
+            return self._mem[set_name][1][k][:, o0:o1]
+        with reading("fit statistics"):
+            return self.scratch[f"{set_name}_B{width}"][:, o0:o1]

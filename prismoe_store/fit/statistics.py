@@ -1,4 +1,4 @@
-"""The fit's one statistics pass over the pairs (DESIGN.md §4): plan, row sets, tasks, scheduler.
+"""The fit's one statistics pass over the pairs (DESIGN.md §4): row sets, and the tasks that sum G and B.
 
 :func:`prismoe_store.fit.job.fit` (its docstring has a runnable example) drives this module; the
 solves and the cutting into tiles stay there, the held-out metrics are in
@@ -61,135 +61,25 @@ squared.
 
 from __future__ import annotations
 
-import math
-import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import zarr
 
-from prismoe_store.errors import DataError, FitError
+from prismoe_store.fit.config import SUBSAMPLE_SEED_OFFSET
+from prismoe_store.fit.plan import PANEL, Plan, input_slices
+from prismoe_store.fit.runner import TICKERS, one_blas_thread
 from prismoe_store.fit.solve import qr_merge, qr_update
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.chunk_files import region_reader
 from prismoe_store.stores.pairs import PairsStore, holdout_mask, row_uniform
 from prismoe_store.stores.verified import reading
 
-if TYPE_CHECKING:  # annotations only: fit imports this module
-    from prismoe_store.fit.job import FitConfig
-
-DEFAULT_BLOCK_ROWS = 4096  # rows per product block: long GEMMs, yet few block buffers (fresh memory is slow to touch)
-PANEL = 512  # float32 products of B: output columns per GEMM, at fixed absolute columns (see "Numerics")
-SUBSAMPLE_SEED_OFFSET = 1 << 32  # pipe 2's subsample uses row_uniform(seed + this)
 SUB, REST, HOLD = 0, 1, 2  # row sets: pipe 2's subsample, the other training rows, held out
 SCRATCH = "_fit"  # the adapter's scratch group: statistics and held-out rows of an unfinished fit
-TICKERS: dict[str, Callable[[int], None]] = {}  # in-process progress callbacks of running fits, by run id
-TICKERS_LOCK = threading.Lock()  # guards TICKERS
-
-
-# -- the plan: how rows and output columns are cut -------------------------------------------
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How a fit cuts its rows into blocks and stripes and its output columns into groups (stored, reused on resume)."""
-
-    rows: int  # S: rows the fit reads (the store's committed rows when it started)
-    block_rows: int  # rows per product block (a multiple of the store's row chunk)
-    tasks: int  # row stripes (parallel accumulators)
-    group_cols: int  # output columns per statistics group
-    metric_cols: int  # output columns per metrics group
-    hold_cap: int  # most held-out rows in one block (the held-out scratch's chunk height)
-
-    @property
-    def blocks(self) -> int:
-        """Row blocks in all."""
-        return -(-self.rows // self.block_rows)
-
-    def stripes(self) -> list[tuple[int, int]]:
-        """Block ranges ``[b0, b1)`` of the stripes (empty stripes dropped)."""
-        nb, t = self.blocks, min(self.tasks, self.blocks)
-        edges = [nb * i // t for i in range(t + 1)]
-        return [(edges[i], edges[i + 1]) for i in range(t) if edges[i + 1] > edges[i]]
-
-
-def location(url) -> str:
-    """A store URL as tasks anywhere can open it: local paths made absolute.
-
-    >>> location("memory://x"), location("/data/p")
-    ('memory://x', '/data/p')
-    """
-    url = str(url)
-    return url if "://" in url else os.path.abspath(url)
-
-
-def col_groups(n: int, width: int) -> list[tuple[int, int]]:
-    """Column ranges ``[c0, c1)`` of ``n`` columns cut into groups of ``width``."""
-    return [(c, min(n, c + width)) for c in range(0, n, width)]
-
-
-def input_slices(m: int, width: int) -> list[tuple[int, int]]:
-    """Real input columns of each slice of ``width`` (``0``: the whole input)."""
-    return [(0, m)] if width == 0 else [(c, min(m, c + width)) for c in range(0, m, width)]
-
-
-def _budget_cols(budget: int, tasks: int, fixed: int, per_col: int, n: int, align: int, what: str) -> int:
-    cols = (budget // tasks - fixed) // per_col
-    if cols < 1:
-        need = tasks * (fixed + per_col)
-        raise FitError(f"memory budget of {budget / 2**20:.2f} MiB is too small for {what} "
-                       f"(needs at least {need / 2**20:.2f} MiB with {tasks} tasks): raise it or lower --tasks")
-    if cols >= n:
-        return n
-    return cols // align * align if cols >= align else cols
-
-
-def plan_block_rows(cfg: FitConfig, pairs: PairsStore, rows: int) -> int:
-    """Rows per product block: ``cfg.block_rows``, else 4096 rounded up to the store's row chunks."""
-    rc = pairs.rows_per_chunk
-    block = cfg.block_rows or max(rc, -(-DEFAULT_BLOCK_ROWS // rc) * rc)
-    return min(block, max(1, rows))
-
-
-def make_plan(cfg: FitConfig, pairs: PairsStore, rows: int, block: int, tasks: int, hold_cap: int,
-              n_slicings: int) -> Plan:
-    """The plan that fits ``cfg.memory_budget``: fewer stripes first, then narrower column groups."""
-    m, n = pairs.d_in, pairs.d_out
-    budget = cfg.memory_budget or _default_budget()
-    align = int(pairs.z.chunks[1])
-    f64 = 8 if cfg.precision == "float64" else 0  # float64 copies of a block's z
-    x64 = 0 if cfg.precision == "float32" else 8  # float64 copies of a block's x
-    if cfg.precision != "float64" and n > PANEL:
-        align = math.lcm(align, PANEL)  # groups of whole panels: no panel is computed twice
-    if cfg.solver == "cholesky":
-        # per task: 2 row sets of B (float64) and a float32 product; block buffers: two (the block in
-        # use and the one prefetched, each read into in its grouped order), plus float64 copies
-        per_col = 20 * m + (8 + f64) * block
-        fixed = 20 * m * m + (8 + x64) * block * m
-    else:
-        # per task and slicing: 2 row sets of R and QᵀZ; Q of a (m+block)×m QR; stacked [QᵀZ; z]
-        per_col = n_slicings * 16 * m + 16 * (m + block) + 12 * block
-        fixed = n_slicings * 16 * m * m + 16 * (m + block) * m + 12 * block * m
-    tasks = max(1, min(tasks, -(-rows // block)))
-    while tasks > 1 and tasks * (fixed + per_col * min(n, align)) > budget:
-        tasks -= 1  # fewer stripes before narrower groups: each stripe holds a whole G
-    group = _budget_cols(budget, tasks, fixed, per_col, n, align, "the statistics G and one column group of B")
-    cap = max(1, hold_cap)
-    # metrics: the three pipes' rows of W (float32), predictions, held-out z and column stats
-    per_col_m = 12 * m + 6 * 4 * cap + 24
-    fixed_m = 8 * cap * m
-    metric = _budget_cols(budget, tasks, fixed_m, per_col_m, n, align, "the held-out metrics")
-    return Plan(rows=rows, block_rows=block, tasks=tasks, group_cols=group, metric_cols=metric, hold_cap=cap)
-
-
-def _default_budget() -> int:
-    import psutil
-
-    return max(256 << 20, psutil.virtual_memory().total // 4)
 
 
 # -- the pass: what each task does -------------------------------------------------------------
@@ -330,35 +220,8 @@ def _reuse(buffers: dict, name: str, shape: tuple[int, ...], dtype=np.float32) -
     return buf[:need].reshape(shape)
 
 
-_BLAS_LOCK = threading.Lock()  # guards the one-BLAS-thread state below
-_BLAS_STATE: dict = {"users": 0, "limiter": None, "pool": None}
 _LOCAL = threading.local()  # per-thread product buffers of the panel jobs
 
-
-@contextmanager
-def one_blas_thread() -> Iterator[ThreadPoolExecutor]:
-    """While any task of a pass with panel products (or the fit's panel solves) runs in this
-    process, BLAS uses one thread and the products are spread over the cores by a shared pool
-    instead: which thread computes a panel then no longer changes its bits (a GEMM's last bits
-    depend on how BLAS splits it over its threads, and dask.distributed's worker processes run
-    BLAS single-threaded), and no BLAS thread spins for work beside the threads that write."""
-    with _BLAS_LOCK:
-        if _BLAS_STATE["users"] == 0:
-            from threadpoolctl import threadpool_limits
-
-            _BLAS_STATE["limiter"] = threadpool_limits(1, user_api="blas")
-            if _BLAS_STATE["pool"] is None:
-                _BLAS_STATE["pool"] = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="prismoe-gemm")
-        _BLAS_STATE["users"] += 1
-        pool = _BLAS_STATE["pool"]
-    try:
-        yield pool
-    finally:
-        with _BLAS_LOCK:
-            _BLAS_STATE["users"] -= 1
-            if _BLAS_STATE["users"] == 0:
-                _BLAS_STATE["limiter"].restore_original_limits()
-                _BLAS_STATE["limiter"] = None
 
 
 def _local_buffer(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -390,7 +253,8 @@ class Stats:
         if p.precision == "float64" or p.solver == "qr":
             z = z[:, off:off + ncols]
             if p.precision != "float32":
-                x64, z64 = _reuse(self._bufs, "x64", x.shape, np.float64), _reuse(self._bufs, "z64", z.shape, np.float64)
+                x64 = _reuse(self._bufs, "x64", x.shape, np.float64)
+                z64 = _reuse(self._bufs, "z64", z.shape, np.float64)
                 x64[...], z64[...] = x, z
                 x = xg = x64
                 z = z64
@@ -460,7 +324,7 @@ class Stats:
             for c0, c1 in input_slices(p.d_in, width):
                 r[c0:c1, c0:c1], qz[c0:c1] = qr_update(r[c0:c1, c0:c1], qz[c0:c1], x[:, c0:c1], z)
 
-    def merge(self, other: "Stats", p: Pass) -> "Stats":
+    def merge(self, other: Stats, p: Pass) -> Stats:
         """Add another stripe's accumulator into this one (in place)."""
         self.counts += other.counts
         if other.bad is not None and (self.bad is None or other.bad < self.bad):
@@ -516,96 +380,13 @@ def _hold_arrays(p: Pass) -> tuple[zarr.Array, zarr.Array]:
     return g[f"{SCRATCH}/hold_x"], g[f"{SCRATCH}/hold_z"]
 
 
+
+# -- running chains of tasks on a scheduler ------------------------------------------------
+
+
 def link_blocks(p: Pass, plan: Plan, ncols: int) -> int:
     """Row blocks per task when a stripe's accumulator travels between processes: a task reads at
     least 4× the accumulator's bytes (the chain also gives progress as its tasks finish)."""
     acc = 2 * len(p.slicings) * 8 * p.d_in * (ncols + p.d_in)
     block = 4 * plan.block_rows * (p.d_in + ncols)
     return max(1, -(-4 * acc // block))
-
-
-# -- running chains of tasks on a scheduler ------------------------------------------------
-
-
-@dataclass
-class Runner:
-    """Runs per-stripe task chains on the chosen Dask scheduler and reports finished links."""
-
-    kwargs: dict  # keyword arguments for dask.compute
-    threads: int  # default number of row stripes for this scheduler
-    local: bool  # True for the in-process schedulers (threads, synchronous): tasks share memory
-    client: object | None = None  # a dask.distributed Client, when one is used
-    owns_client: bool = False  # True when we connected it (and must close it)
-    tick: Callable[[int], None] = field(default=lambda k: None)  # called with finished links
-
-    def run(self, chains: list[list[tuple]], prefix: str) -> list:
-        """Each chain is a list of ``(weight, func, *args)``; the previous link's result is appended to
-        the next link's arguments (``None`` for the first). ``weight`` (row blocks) is what a
-        finished link adds to the progress. Returns the last result of each chain."""
-        import dask
-        from dask.callbacks import Callback
-
-        ends, weights = [], {}
-        for i, chain in enumerate(chains):
-            prev = None
-            for j, (weight, func, *args) in enumerate(chain):
-                key = f"{prefix}-{i}-{j}"
-                weights[key] = weight
-                prev = dask.delayed(func, pure=False)(*args, prev, dask_key_name=key)
-            ends.append(prev)
-        if self.client is not None:
-            from distributed import as_completed
-
-            futures = self.client.compute(ends)
-            for fut in as_completed(futures):
-                self.tick(sum(w for w, *_ in chains[futures.index(fut)]))
-            return self.client.gather(futures)
-
-        def posttask(key, result, dsk, state, worker_id):
-            self.tick(weights.get(key, 0))
-
-        with Callback(posttask=posttask):
-            return list(dask.compute(*ends, **self.kwargs))
-
-    def close(self) -> None:
-        if self.owns_client and self.client is not None:
-            self.client.close()
-
-
-def make_runner(scheduler, tasks: int | None) -> Runner:
-    """The runner for ``scheduler``; its ``threads`` is the default stripe count. In one process
-    the products already use every core (BLAS threads, or the panel pool) and each stripe reads
-    its next block in a thread of its own, so more stripes only add reading threads: one per two
-    cores, at most 4 (measured on 2 cores: one stripe's pass runs at 0.62 of the matmul rate, two
-    stripes' at 0.48)."""
-    local = max(1, min(4, (os.cpu_count() or 1) // 2))
-    # the local schedulers as functions: given a name, dask imports dask.distributed (~0.4 s) to look for a client
-    if scheduler is None or scheduler == "threads":
-        from dask.threaded import get
-
-        threads = tasks or local
-        return Runner({"scheduler": get, "num_workers": threads}, threads, True)
-    if scheduler == "synchronous":  # stripes run one after the other (a reference, and for debugging)
-        from dask.local import get_sync
-
-        return Runner({"scheduler": get_sync}, 1, True)
-    if scheduler == "processes":
-        from dask.multiprocessing import get
-
-        threads = tasks or local
-        return Runner({"scheduler": get, "num_workers": threads}, threads, False)
-    if isinstance(scheduler, str) and "://" in scheduler:
-        try:
-            from distributed import Client
-        except ImportError:
-            raise DataError("a scheduler address needs dask.distributed: "
-                            "pip install 'prismoe-store[cluster]'") from None
-        try:
-            client = Client(scheduler, timeout="20s")
-        except (OSError, TimeoutError) as e:
-            raise DataError(f"cannot connect to the Dask scheduler at {scheduler}: {e}") from None
-        return Runner({}, max(1, sum(client.nthreads().values())), False, client, True)
-    if hasattr(scheduler, "nthreads") and hasattr(scheduler, "compute"):  # a distributed.Client
-        return Runner({}, max(1, sum(scheduler.nthreads().values())), False, scheduler)
-    raise DataError(f"scheduler must be threads, processes, synchronous or a tcp:// address, got {scheduler!r}")
-

@@ -237,12 +237,12 @@ def quality_report(adapter, pairs, *, sparsities: Sequence[float] = SPARSITIES, 
     ``lstsq_max_bytes``). Returns ``{"rows": [{gate, sparsity, rel_err, r2}], "baselines": {...}}``.
 
     >>> import numpy as np
-    >>> from prismoe_store.fit.job import fit
+    >>> from prismoe_store.fit import FitConfig, fit
     >>> rng = np.random.default_rng(0)
     >>> x = rng.normal(size=(300, 8)).astype(np.float32)
     >>> p = PairsStore.create("memory://doc-gates-q-p", d_in=8, d_out=4, overwrite=True)
     >>> _ = p.append(x, x @ rng.normal(size=(8, 4)).astype(np.float32))
-    >>> a = fit(p, "memory://doc-gates-q-a", workers=4, scheduler="synchronous", overwrite=True)
+    >>> a = fit(p, "memory://doc-gates-q-a", FitConfig(workers=4), scheduler="synchronous", overwrite=True)
     >>> q = quality_report(a, p, sparsities=[1.0])
     >>> q["rows"][0]["gate"], q["rows"][0]["rel_err"] < 1e-5, q["baselines"]["dense"]["rel_err"] < 1e-5
     ('zero', True, True)
@@ -297,12 +297,12 @@ def benchmark_gates(adapter, pairs, config: GateSettings = GateSettings(), *,  #
     :func:`~prismoe_store.gates.training.fit_gates`.
 
     >>> import numpy as np
-    >>> from prismoe_store.fit.job import fit
+    >>> from prismoe_store.fit import FitConfig, fit
     >>> rng = np.random.default_rng(0)
     >>> x = rng.normal(size=(300, 8)).astype(np.float32)
     >>> p = PairsStore.create("memory://doc-gates-b-p", d_in=8, d_out=4, overwrite=True)
     >>> _ = p.append(x, x @ rng.normal(size=(8, 4)).astype(np.float32))
-    >>> a = fit(p, "memory://doc-gates-b-a", workers=4, scheduler="synchronous", overwrite=True)
+    >>> a = fit(p, "memory://doc-gates-b-a", FitConfig(workers=4), scheduler="synchronous", overwrite=True)
     >>> sorted(r["gate"] for r in benchmark_gates(a, p, GateSettings(epochs=1), sparsities=[0.5])["rows"])
     ['init', 'trained', 'zero']
     """

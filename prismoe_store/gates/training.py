@@ -215,12 +215,12 @@ def fit_gates(adapter, pairs, config: GateSettings = GateSettings(),  # noqa: B0
     (divergence; the stored gates are then kept).
 
     >>> import numpy as np
-    >>> from prismoe_store.fit.job import fit
+    >>> from prismoe_store.fit import FitConfig, fit
     >>> rng = np.random.default_rng(0)
     >>> x = rng.normal(size=(300, 8)).astype(np.float32)
     >>> p = PairsStore.create("memory://doc-gates-fit-p", d_in=8, d_out=4, overwrite=True)
     >>> _ = p.append(x, x @ rng.normal(size=(8, 4)).astype(np.float32))
-    >>> a = fit(p, "memory://doc-gates-fit-a", workers=4, scheduler="synchronous", overwrite=True)
+    >>> a = fit(p, "memory://doc-gates-fit-a", FitConfig(workers=4), scheduler="synchronous", overwrite=True)
     >>> r = fit_gates(a, p, GateSettings(sparsity=0.5, epochs=1))
     >>> r["epochs_run"], a.read_gate(0)[0].shape, a.attrs()["gates"]["complete"]
     (1, (4, 8), True)

@@ -271,8 +271,9 @@ def test_any_blocking_gives_the_same_fit(pairs, tmp_path_factory, block, tasks, 
     # a budget for one task and ~10 columns of B: G (20·M² bytes), blocks (12·block·M), per column 20·M + 12·block
     # (float32 products; float64 ones add 8 bytes per block value: test_spilled_b_gives_the_same_adapter)
     budget = 20 * M * M + 12 * block * M + 10 * (20 * M + 12 * block) if spill else None
-    a = fit(store, tmp_path_factory.mktemp("a") / "a", FitConfig(workers=WORKERS, ridge=0.0, block_rows=block, tasks=tasks,
-                                                             memory_budget=budget, precision="float32"))
+    config = FitConfig(workers=WORKERS, ridge=0.0, block_rows=block, tasks=tasks, memory_budget=budget,
+                       precision="float32")
+    a = fit(store, tmp_path_factory.mktemp("a") / "a", config)
     if spill:
         assert a.attrs()["fit"]["plan"]["group_cols"] < N
     assert a.attrs()["fit"]["counts"] == {"train": int(train.sum()), "sub": a.attrs()["fit"]["counts"]["sub"],

@@ -53,7 +53,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from prismoe_store.errors import DataError
-from prismoe_store.stores.formats import StoreOptions
+from prismoe_store.stores.formats import Compressor, StoreOptions
 from prismoe_store.stores.pairs import PAIRS_OPTIONS, PairsStore
 
 _GEN_ROWS = 4096  # rows per generated block
@@ -85,7 +85,7 @@ print(json.dumps({"lstsq_s": time.perf_counter() - t,
 
 
 def write_pairs(url: str, rows: int, d_in: int, d_out: int, *, seed: int = 0,
-                compressor: str | None = None) -> PairsStore:
+                compressor: Compressor | None = None) -> PairsStore:
     """Synthetic linear pairs, streamed ``4096`` rows at a time (the same rows for any ``rows``);
     ``compressor`` None: the pairs store default (:data:`prismoe_store.stores.pairs.PAIRS_OPTIONS`).
 
@@ -118,7 +118,8 @@ def run_command(args: Sequence[str]) -> dict:
     """Run ``prismoe ARGS`` in a fresh process; its stdout, wall seconds, CPU seconds and peak RSS (MiB)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-P", "-c", "from cli.main import main; main()", *args],  # -P: not the cwd's checkout
+        # -P: the cwd's checkout must not shadow this code
+        proc = subprocess.Popen([sys.executable, "-P", "-c", "from cli.main import main; main()", *args],
                                 stdout=out, stderr=err, text=True, env=_env())
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss: its peak RSS)
         wall = time.perf_counter() - t
@@ -163,7 +164,7 @@ def fit_flops(d_in: int, d_out: int, counts: dict, mode: str = "joint") -> tuple
 
 def benchmark_fit(*, rows: Sequence[int] = (32768, 65536), d_in: int = 1024, d_out: int = 8192,
                   workers: int = 64, repeats: int = 1, precision: str = "mixed", memory_budget: int | None = None,
-                  compressor: str | None = None, lstsq: bool = False, workdir: str | None = None,
+                  compressor: Compressor | None = None, lstsq: bool = False, workdir: str | None = None,
                   log: Callable[[str], None] | None = None) -> dict:
     """Run the benchmark (see the module docstring); returns the report as a dict.
 

@@ -36,13 +36,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
+from functools import partial
 
 import numpy as np
 import zarr
 
-from prismoe_store.errors import DataError, FitError, GridError, StoreError, StoreFormatError
+from prismoe_store.errors import CorruptStoreError, DataError, FitError, GridError, StoreError, StoreFormatError
 from prismoe_store.fit.config import FitConfig
 from prismoe_store.fit.metrics import metrics_link
 from prismoe_store.fit.plan import PANEL, Plan, col_groups, input_slices, location, make_plan, plan_block_rows
@@ -96,6 +97,11 @@ def fit(pairs: PairsStore | str, adapter_url, config: FitConfig | None = None, *
     return _Fit(cfg, pairs, adapter_url, scheduler, options, progress, overwrite).run()
 
 
+def _band_chunks(tiles: zarr.Array, band: int) -> list[tuple[zarr.Array, tuple[int, ...]]]:
+    """The chunks of ``tiles`` that band ``band`` wrote (one per tile of the band)."""
+    return [(tiles, (band, c)) for c in range(-(-tiles.shape[1] // tiles.chunks[1]))]
+
+
 class _Fit:
     """One fit run: checks, plan, statistics pass, solves, metrics (see the module docstring)."""
 
@@ -112,7 +118,22 @@ class _Fit:
         self._total = 0
         self._lock = threading.Lock()
         self._saving: ThreadPoolExecutor | None = None  # saves the statistics to the scratch while the solve runs
-        self._saved = None  # its future
+        self._saved: Future[None] | None = None  # its future
+        self._plan: Plan | None = None  # the run's plan, once made or read back
+
+    @property
+    def plan(self) -> Plan:
+        """The run's plan (set before the pass starts)."""
+        assert self._plan is not None, "the plan is made before the pass"
+        return self._plan
+
+    @staticmethod
+    def record(adapter: AdapterStore) -> FitRecord:
+        """The fit record of the adapter this run created or resumes (written when it was created)."""
+        info = adapter.fit_record()
+        if info is None:
+            raise CorruptStoreError(f"{adapter.url} lost its fit record during the fit")
+        return info
 
     # -- checks --
     def _check_pairs(self) -> tuple[int, tuple[GridSpec, ...]]:
@@ -163,23 +184,24 @@ class _Fit:
         rows, grids = self._check_pairs()
         m = pairs.d_in
         # the input slicings the statistics need: QR triangularizes each slice of an independent fit
-        slicings = (0,)
+        slicings: tuple[int, ...] = (0,)
         if cfg.solver == "qr" and cfg.mode == "independent":
             slicings = tuple(sorted({g.tile_in for g in grids}))
-        source = {"url": location(pairs.url), "rows": rows, "d_in": m, "d_out": pairs.d_out}
+        url = location(pairs.url)
+        source = {"url": url, "rows": rows, "d_in": m, "d_out": pairs.d_out}
         runner = make_runner(self.scheduler, cfg.tasks)
         run_id = uuid.uuid4().hex if runner.local else ""  # in-process tasks tick the progress per block
         try:
             adapter, plan = self._resume(grids, source)
             block = plan.block_rows if plan else plan_block_rows(cfg, pairs, rows)
-            base = Pass(pairs_url=source["url"], pairs_options=None, adapter_url=self.adapter_url,
+            base = Pass(pairs_url=url, pairs_options=None, adapter_url=self.adapter_url,
                          adapter_options=self.options.storage_options, d_in=m, holdout=cfg.holdout, seed=cfg.seed,
                          subsample=cfg.subsample, block_rows=block, precision=cfg.precision,
                          solver=cfg.solver, slicings=slicings, run_id=run_id)
             counts, per_block = self._count(base, rows)
-            if adapter is not None:
+            if adapter is not None and plan is not None:
                 self._recheck(adapter, plan, grids, slicings, per_block)
-            if adapter is None:
+            else:
                 plan = make_plan(cfg, pairs, rows, block, cfg.tasks or runner.threads,
                                  int(per_block.max(initial=0)), len(slicings))
                 adapter = AdapterStore.create(
@@ -212,7 +234,7 @@ class _Fit:
         for p in range(len(grids)):
             used = counts[SUB] + (counts[REST] if PIPE_SETS[p] == "train" else 0)
             adapter.group[f"pipe{p + 1}"].attrs["rows"] = int(used)
-        info = replace(adapter.fit_record(), ridge=lams, timings=self.timings,
+        info = replace(self.record(adapter), ridge=lams, timings=self.timings,
                        counts={"train": int(counts[SUB] + counts[REST]), "sub": int(counts[SUB]),
                                "holdout": int(counts[HOLD])})
         adapter.update_attrs(fit=info.to_dict(), metrics=metrics)
@@ -223,7 +245,7 @@ class _Fit:
 
     def _warn(self, adapter: AdapterStore, msg: str) -> None:
         """Record a solver warning in the adapter at once (so a resumed run keeps it)."""
-        info = adapter.fit_record()
+        info = self.record(adapter)
         if msg not in info.warnings:
             adapter.update_attrs(fit=replace(info, warnings=(*info.warnings, msg)).to_dict())
 
@@ -271,10 +293,7 @@ class _Fit:
 
         recheck(adapter.progress("fit_stats", len(groups)), lambda gi: list(stat_chunks(gi)))
         for p, grid in enumerate(grids):
-            tiles = adapter.tiles(p)
-            cols = -(-tiles.shape[1] // tiles.chunks[1])
-            recheck(adapter.progress(f"fit_pipe{p + 1}", grid.rows),
-                    lambda r, tiles=tiles, cols=cols: [(tiles, (r, c)) for c in range(cols)])
+            recheck(adapter.progress(f"fit_pipe{p + 1}", grid.rows), partial(_band_chunks, adapter.tiles(p)))
 
     def _create_scratch(self, adapter: AdapterStore, plan: Plan, slicings) -> None:
         m, n = self.pairs.d_in, self.pairs.d_out
@@ -352,13 +371,13 @@ class _Fit:
     # -- solves --
     def _solve(self, adapter: AdapterStore, grids, stats: StatSource) -> dict[str, float]:
         cfg, m = self.cfg, self.pairs.d_in
-        lams = dict(adapter.fit_record().ridge or {})
+        lams = dict(self.record(adapter).ridge or {})
         for s in STAT_SETS:
             if s not in lams:
                 g0 = stats.g(s, stats.slicings[0])
                 trace = float(np.trace(g0)) if cfg.solver == "cholesky" else float(np.sum(g0 * g0))
                 lams[s] = float(cfg.ridge) if cfg.ridge is not None else default_ridge(trace, m)
-        adapter.update_attrs(fit=replace(adapter.fit_record(), ridge=lams).to_dict())
+        adapter.update_attrs(fit=replace(self.record(adapter), ridge=lams).to_dict())
         factors: dict[tuple, list] = {}
         self._adapter = adapter
         sources = self._sources(grids)
@@ -379,7 +398,7 @@ class _Fit:
         width = 0 if cfg.mode == "joint" else grid.tile_in
         # AdapterStore hands out arrays that write every chunk, zero tiles too
         tiles, src = adapter.tiles(p), adapter.tiles(sources[p])
-        for r0, r1 in band_runs(record.missing(), max(1, self._plan.group_cols // a)):
+        for r0, r1 in band_runs(record.missing(), max(1, self.plan.group_cols // a)):
             o0, o1 = r0 * a, min(n, r1 * a)  # o1 <= o0: output padding only, written as zeros
             block = np.zeros(((r1 - r0) * a, grid.d_in_pad), np.float32)
             mem = kept.get(sources[p])
@@ -429,7 +448,7 @@ class _Fit:
         for c0, c1 in input_slices(m, width):
             block = g[c0:c1, c0:c1]
             # mixed: B's float32 rounding is dropped where X has (almost) no variance, see fit.statistics "Numerics"
-            floor = _F32_FLOOR * self._plan.block_rows * float(np.trace(block)) / max(1, c1 - c0)
+            floor = _F32_FLOOR * self.plan.block_rows * float(np.trace(block)) / max(1, c1 - c0)
             try:
                 if cfg.solver == "qr":
                     f = factor_qr(block, lam)
@@ -466,6 +485,7 @@ class _Fit:
                 total.sse += acc.sse
                 total.sz2 += acc.sz2
                 total.m2 = np.concatenate([total.m2, acc.m2])
+        assert total is not None, "a fit has at least one column group"
         sst = float(total.m2.sum())
 
         def score(sse: float) -> dict:
@@ -474,7 +494,7 @@ class _Fit:
 
         return {"holdout_rows": int(total.rows), "pipes": [score(float(s)) for s in total.sse[:-1]],
                 "combined": score(float(total.sse[-1])),
-                "warnings": list(adapter.fit_record().warnings)}
+                "warnings": list(self.record(adapter).warnings)}
 
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from prismoe_store.errors import DataError
 
@@ -55,7 +56,7 @@ class Runner:
     kwargs: dict  # keyword arguments for dask.compute
     threads: int  # default number of row stripes for this scheduler
     local: bool  # True for the in-process schedulers (threads, synchronous): tasks share memory
-    client: object | None = None  # a dask.distributed Client, when one is used
+    client: Any = None  # a dask.distributed Client, when one is used
     owns_client: bool = False  # True when we connected it (and must close it)
     tick: Callable[[int], None] = field(default=lambda k: None)  # called with finished links
 
@@ -111,10 +112,10 @@ def make_runner(scheduler, tasks: int | None) -> Runner:
 
         return Runner({"scheduler": get_sync}, 1, True)
     if scheduler == "processes":
-        from dask.multiprocessing import get
+        from dask.multiprocessing import get as get_processes
 
         threads = tasks or local
-        return Runner({"scheduler": get, "num_workers": threads}, threads, False)
+        return Runner({"scheduler": get_processes, "num_workers": threads}, threads, False)
     if isinstance(scheduler, str) and "://" in scheduler:
         try:
             from distributed import Client

@@ -195,6 +195,7 @@ def _blocks(p: Pass, b0: int, b1: int, rows: int, c0: int, c1: int, hold=None, f
     with ThreadPoolExecutor(1) as pool:
         nxt = pool.submit(prepare, b0) if b0 < b1 else None
         for b in range(b0, b1):
+            assert nxt is not None, "a block is prepared ahead of each one used"
             cur = nxt.result()
             nxt = pool.submit(prepare, b + 1) if b + 1 < b1 else None
             yield cur
@@ -263,7 +264,7 @@ class Stats:
             xg = _reuse(self._bufs, "x64", x.shape, np.float64)
             xg[...] = x
         if p.solver == "cholesky" and x.dtype == np.float32:  # panel products, one BLAS thread each
-            jobs = []
+            jobs: list[tuple] = []
             lo = 0
             for s in (SUB, REST):
                 hi = lo + int(counts[s])
@@ -319,6 +320,7 @@ class Stats:
         self.__dict__.update(state, _bufs={})
 
     def _qr(self, p: Pass, s: int, x: np.ndarray, z: np.ndarray) -> None:
+        assert self.g is not None, "QR keeps its R factors where G would be"
         for k, width in enumerate(p.slicings):
             r, qz = self.g[s][k], self.b[s][k]
             for c0, c1 in input_slices(p.d_in, width):
@@ -337,6 +339,7 @@ class Stats:
     def _combine(self, p: Pass, s: int, g2, b2) -> None:
         for k, width in enumerate(p.slicings):
             if p.solver == "qr":
+                assert self.g is not None, "QR keeps its R factors where G would be"
                 r, qz = self.g[s][k], self.b[s][k]
                 for c0, c1 in input_slices(p.d_in, width):
                     r[c0:c1, c0:c1], qz[c0:c1] = qr_merge(r[c0:c1, c0:c1], qz[c0:c1], g2[k][c0:c1, c0:c1], b2[k][c0:c1])
@@ -345,7 +348,7 @@ class Stats:
                     self.g[s][k] += g2[k]
                 self.b[s][k] += b2[k]
 
-    def sets(self, p: Pass) -> dict[str, tuple[list, list]]:
+    def sets(self, p: Pass) -> dict[str, tuple[list | None, list]]:
         """``{"train": (G per slicing, B per slicing), "sub": ...}``; train = sub + rest (REST reused)."""
         self._combine(p, REST, self.g[SUB] if self.g else None, self.b[SUB])
         return {"train": (self.g[REST] if self.g else None, self.b[REST]),
@@ -362,7 +365,7 @@ def stats_link(p: Pass, rows: int, c0: int, c1: int, b0: int, b1: int, with_g: b
         return acc
     hold = _hold_arrays(p) if p.holdout > 0 else None
     for blk in _blocks(p, b0, b1, rows, c0, c1, hold, first_group):
-        if blk.x is None:
+        if blk.x is None or blk.z is None or blk.counts is None:  # a block with NaN/Inf
             acc.bad = (blk.start, blk.stop)
             return acc
         acc.add(p, blk.x, blk.z, blk.counts, blk.off)

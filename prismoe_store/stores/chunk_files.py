@@ -98,6 +98,7 @@ class RegionReader:
         """Read chunk ``key`` into the buffer; True when it passes every check."""
         import google_crc32c
 
+        assert self.root is not None and self._buf is not None, "direct readers have a folder and a buffer"
         try:
             with open(os.path.join(self.root, key), "rb", buffering=0) as f:
                 got = f.readinto(self._buf)
@@ -110,8 +111,11 @@ class RegionReader:
             return False
         if not self.records:
             return True
+        rkey = record_key(key)
+        if rkey is None:  # not a chunk key: let the store read it
+            return False
         try:
-            with open(os.path.join(self.root, record_key(key)), "rb") as f:
+            with open(os.path.join(self.root, rkey), "rb") as f:
                 record = f.read()
         except FileNotFoundError:
             return not self.strict  # a store made before chunk records: the crc32c is all there is
@@ -139,7 +143,7 @@ def region_reader(array: zarr.Array) -> RegionReader:
 
     meta, store = array.metadata, array.store_path.store
     inner = store.inner if isinstance(store, VerifiedStore) else store
-    codecs = getattr(meta, "codecs", ())
+    codecs: tuple = tuple(getattr(meta, "codecs", ()))
     ok = (getattr(meta, "zarr_format", 2) == 3 and isinstance(inner, LocalStore) and len(array.shape) >= 2
           and all(c == 1 for c in array.chunks[:-2])
           and array.shards is None and len(codecs) == 2 and isinstance(codecs[0], BytesCodec)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import numpy as np
 import zarr
@@ -65,7 +65,7 @@ class PairsStore:
     @classmethod
     def create(cls, url, *, d_in: int, d_out: int, rows_per_chunk: int = 2048,
                col_chunks: tuple[int, int] | None = None, options: StoreOptions | None = None,
-               provenance: dict | None = None, overwrite: bool = False) -> "PairsStore":
+               provenance: dict | None = None, overwrite: bool = False) -> PairsStore:
         """Create an empty pairs store for ``d_in → d_out`` pairs (float32); ``options`` default to
         :data:`PAIRS_OPTIONS` (no compressor, crc32c checksums).
 
@@ -87,7 +87,7 @@ class PairsStore:
         return cls(group, str(url))
 
     @classmethod
-    def open(cls, url, mode: str = "r", *, storage_options: dict | None = None) -> "PairsStore":
+    def open(cls, url, mode: str = "r", *, storage_options: dict | None = None) -> PairsStore:
         """Open an existing pairs store (format and version checked)."""
         group = open_checked(url, PAIRS_FORMAT, PAIRS_VERSION, mode, storage_options=storage_options)
         return cls(group, str(url))
@@ -266,7 +266,8 @@ class PairsStore:
         z = da.from_zarr(self.z, chunks=(rc, self.d_out))[:n]
         return x, z
 
-    def iter_rows(self, batch: int, *, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    def iter_rows(self, batch: int, *, start: int = 0, stop: int | None = None
+                  ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """Yield ``(offset, x, z)`` blocks of at most ``batch`` rows, in order."""
         stop = self.rows if stop is None else min(stop, self.rows)
         for s in range(start, stop, batch):
@@ -274,7 +275,8 @@ class PairsStore:
             yield s, x, z
 
 
-def open_rows(source, d: int | None = None, max_rows: int | None = None) -> tuple[Callable[[int, int], np.ndarray], int]:
+def open_rows(source, d: int | None = None, max_rows: int | None = None
+              ) -> tuple[Callable[[int, int], np.ndarray], int]:
     """``(read(start, stop) -> float32 [n, d], rows)`` over input rows (hidden states): a pairs store's
     ``x`` (a :class:`PairsStore`, or its path/URL) or a ``.npy`` file (memory-mapped, copied per read).
 

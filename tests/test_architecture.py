@@ -94,6 +94,16 @@ def test_no_import_cycle():
             visit(m)
 
 
+def test_the_checks_see_what_they_look_for(tmp_path):
+    assert len(modules()) > 60 and "prismoe_store.gates.training" in modules()
+    probe = tmp_path / "probe.py"
+    probe.write_text("from prismoe_store.gates.training import GateRun, _private\nfrom . import sibling\n")
+    found = imports("prismoe_store.gates.probe", probe)
+    assert ("prismoe_store.gates.training", ["GateRun", "_private"], True) in found
+    assert ("prismoe_store.gates", ["sibling"], True) in found
+    assert "prismoe_store.fit.statistics" in graph()["prismoe_store.fit.job"]
+
+
 def test_no_private_name_is_imported_across_modules():
     bad = []
     for name, path in modules().items():

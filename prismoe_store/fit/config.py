@@ -15,11 +15,10 @@ from prismoe_store.errors import DataError, GridError
 from prismoe_store.grid import GridSpec, is_pow2
 from prismoe_store.stores.adapter import MODES
 
-SOLVERS = ("cholesky", "qr")
-
-PRECISIONS = ("mixed", "float64", "float32")
-
-SCHEDULERS = ("threads", "processes", "synchronous")
+SOLVERS = ("cholesky", "qr")  # normal equations, or streaming TSQR for ill-conditioned X
+PRECISIONS = ("mixed", "float64", "float32")  # the products of each block (see fit.statistics "Numerics")
+SCHEDULERS = ("threads", "processes", "synchronous")  # local Dask schedulers (or a tcp:// address)
+SUBSAMPLE_SEED_OFFSET = 1 << 32  # pipe 2's subsample uses row_uniform(seed + this)
 
 
 @dataclass(frozen=True)
@@ -86,5 +85,3 @@ class FitConfig:
         d["grids"] = [g.to_dict() for g in grids]
         d["alphas"] = list(self.alphas) if self.alphas is not None else None
         return d
-
-SUBSAMPLE_SEED_OFFSET = 1 << 32  # pipe 2's subsample uses row_uniform(seed + this)

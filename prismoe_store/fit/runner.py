@@ -14,11 +14,8 @@ from typing import Any
 from prismoe_store.errors import DataError
 
 TICKERS: dict[str, Callable[[int], None]] = {}  # in-process progress callbacks of running fits, by run id
-
 TICKERS_LOCK = threading.Lock()  # guards TICKERS
-
 _BLAS_LOCK = threading.Lock()  # guards the one-BLAS-thread state below
-
 _BLAS_STATE: dict = {"users": 0, "limiter": None, "pool": None}
 
 

@@ -58,6 +58,7 @@ from prismoe_store.bench.svd import GramSvd, svd_rank
 from prismoe_store.bench.timing import speed_against_dense
 from prismoe_store.errors import DataError, IncompleteStoreError
 from prismoe_store.gates.routing import k_for
+from prismoe_store.gates.tiles import torch_device
 from prismoe_store.grid import GridSpec
 from prismoe_store.runtime.dense import dense_matrix
 from prismoe_store.runtime.grouped import Runtime
@@ -229,13 +230,7 @@ def _open(adapter, pairs, device) -> tuple[AdapterStore, PairsStore, torch.devic
         pairs = PairsStore.open(pairs)
     if (pairs.d_in, pairs.d_out) != (adapter.d_in, adapter.d_out):
         raise DataError(f"pairs are {pairs.d_in}→{pairs.d_out} but the adapter maps {adapter.d_in}→{adapter.d_out}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise DataError(f"bad device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError("device 'cuda' asked for but CUDA is not available")
-    return adapter, pairs, dev
+    return adapter, pairs, torch_device(device)
 
 
 @dataclass

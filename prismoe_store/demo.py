@@ -18,7 +18,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from prismoe_store.errors import StoreError
+from prismoe_store.errors import StoreError, StoreFormatError
 from prismoe_store.pipeline import (
     Log,
     StageProgress,
@@ -62,6 +62,33 @@ def sample_pairs(fallback_dir) -> tuple[str, str]:
     return url, "regenerated (sample_data/gated_pairs not found)"
 
 
+DEMO_MARK = ".prismoe-demo"  # marks a folder as the demo's own: only such a folder is written into again
+
+
+def demo_folder(out_dir=None) -> Path:
+    """The demo's output folder: ``out_dir`` when it is new, empty or an earlier demo's (it holds
+    :data:`DEMO_MARK`), else :class:`~prismoe_store.errors.StoreFormatError` — the demo never
+    writes over a user's files. ``None``: a new temporary folder.
+
+    >>> import tempfile, os
+    >>> d = tempfile.mkdtemp(); open(os.path.join(d, "results.md"), "w").close()
+    >>> demo_folder(d)
+    Traceback (most recent call last):
+    ...
+    prismoe_store.errors.StoreFormatError: ... holds files that are not a demo's (results.md): refusing ...
+    """
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="prismoe-demo-"))
+    if out.exists() and not out.is_dir():
+        raise StoreFormatError(f"{out} is a file: give a new or empty folder for the demo")
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARK).exists():
+        names = ", ".join(sorted(p.name for p in out.iterdir())[:3])
+        raise StoreFormatError(f"{out} holds files that are not a demo's ({names}): refusing to write into it; "
+                               "give a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).touch()
+    return out
+
+
 def demo(out_dir=None, *, pairs=None, workers: int = DEMO_WORKERS, epochs: int = DEMO_EPOCHS, sparsity: float = 0.3,
          threads: int | None = 1, bench_options: dict | None = None, head: bool = True, head_sample=None,
          head_config=None, progress: StageProgress | None = None, log: Log | None = None) -> dict:
@@ -88,8 +115,7 @@ def demo(out_dir=None, *, pairs=None, workers: int = DEMO_WORKERS, epochs: int =
     from prismoe_store.head.demo import HeadDemoConfig, run_head_demo, takeaway
 
     t0 = time.perf_counter()
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="prismoe-demo-"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = demo_folder(out_dir)
     progress = progress or (lambda stage: nullcontext(None))
     before = torch.get_num_threads()
     if threads is not None:

@@ -152,6 +152,23 @@ def test_existing_folder_that_is_no_store_is_refused_not_emptied(tmp_path, made,
         assert intact(v) and len(list(v.iterdir())) == 1
 
 
+def test_demo_never_writes_into_a_folder_of_user_files(tmp_path):
+    v = victim(tmp_path)
+    (v / "results.md").write_text("mine")  # a name the demo also writes
+    one_line(cli("demo", "-o", v, "-q"), "not a demo's")
+    assert intact(v) and (v / "results.md").read_text() == "mine" and len(list(v.iterdir())) == 2
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_head_into_a_folder_of_user_files_says_what_it_refuses(tmp_path, overwrite):
+    v = victim(tmp_path)
+    np.save(tmp_path / "w.npy", np.ones((64, 8), np.float32))
+    line = one_line(cli("head", tmp_path / "w.npy", "-o", v, "--band-rows", 16, "-q",
+                        *(["--overwrite"] if overwrite else [])), "not a")
+    assert "pass --overwrite" not in line  # the hint must not name what would be refused next
+    assert intact(v) and len(list(v.iterdir())) == 1
+
+
 def test_overwrite_replaces_only_a_store_of_the_same_kind(tmp_path, made):
     p = copy(made, "pairs", tmp_path)
     safetensors(tmp_path / "good.safetensors")

@@ -37,11 +37,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from prismoe_store.errors import DataError, StoreError
+from prismoe_store.errors import DataError, StoreError, StoreFormatError
 from prismoe_store.grid import default_band_rows, next_pow2
 from prismoe_store.head.vocab_order import OrderConfig, band_sizes, cluster_order, hidden_metric, identity_order
 from prismoe_store.stores.adapter import AdapterStore
-from prismoe_store.stores.formats import StoreOptions, store_exists
+from prismoe_store.stores.formats import StoreOptions, describe_kind, existing_kind, store_exists
 
 ProgressFn = Callable[[int, int], None]
 Stages = Callable[[str], AbstractContextManager[ProgressFn | None]]  # stage name -> progress callback
@@ -259,8 +259,13 @@ def _open_output(output, d: int, V: int, band_rows: int, label: str, config: Hea
             old = AdapterStore.open(output, "r+")
             head = old.attrs().get("head") or {}
         except StoreError:
-            raise StoreError(f"{output} already exists and is not a head adapter "
-                             "(pass --overwrite to replace it)") from None
+            kind = existing_kind(str(output))
+            if kind == "adapter":  # another adapter: --overwrite replaces only adapters
+                raise StoreError(f"{output} already exists and is not a head adapter "
+                                 "(pass --overwrite to replace it)") from None
+            what = describe_kind(kind or "folder")
+            raise StoreFormatError(f"{output} already holds {what}, not a head adapter: refusing to touch it "
+                                   "(--overwrite replaces only an adapter store); choose another output") from None
         same = (old.layout == "partition" and (old.d_in, old.d_out) == (d, V)
                 and all(head.get(k) == v for k, v in want.items()))
         if not same or old.complete:

@@ -192,7 +192,7 @@ def open_checked(url, name: str, version: int, mode: str = "r", *, storage_optio
         if kind is None:
             raise StoreError(f"no store at {location(url)}")
         if kind != name and kind in ("file", "folder", "zarr", "unreadable"):
-            raise StoreFormatError(f"{location(url)} holds {_describe(kind)}, not {_a(name)} store")
+            raise StoreFormatError(f"{location(url)} holds {describe_kind(kind)}, not {_a(name)} store")
     group = open_root(url, mode, storage_options=storage_options)
     check_format(group, name, version, str(url))
     return group
@@ -210,7 +210,7 @@ def create_checked(url, name: str, version: int, *, overwrite: bool = False, att
     found = existing_kind(url, storage_options=storage_options)
     if found is not None:
         if found != name:
-            raise StoreFormatError(f"{url} holds {_describe(found)}, not {_a(name)} store: refusing to replace it "
+            raise StoreFormatError(f"{url} holds {describe_kind(found)}, not {_a(name)} store: refusing to replace it "
                                    f"(--overwrite replaces only {_a(name)} store); choose another output")
         if not overwrite:
             raise StoreError(f"{url} already exists (pass overwrite=True / --overwrite to replace it)")
@@ -266,7 +266,8 @@ def _a(name: str) -> str:
     return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
 
 
-def _describe(kind: str) -> str:
+def describe_kind(kind: str) -> str:
+    """What :func:`existing_kind` found, in words (``"a folder of other files"``, ``"a pairs store"``)."""
     return {"file": "a file", "folder": "a folder of other files", "zarr": "a Zarr store that is no prismoe store",
             "unreadable": "a store whose zarr.json cannot be read"}.get(kind, f"{_a(kind)} store")
 

@@ -78,9 +78,23 @@ SOURCES = {
 }
 
 
+HEADS = ("head", "recording head")  # the sources with bands (partition layout)
+INT8 = ("store int8", "host RAM", "recording")  # the fitted sources serving INT8 tiles
+
+
 @pytest.fixture(params=list(SOURCES), scope="module")
 def source(request, tmp_path_factory):
     return SOURCES[request.param](tmp_path_factory.mktemp("src"))
+
+
+@pytest.fixture(params=HEADS, scope="module")
+def head_source(request, tmp_path_factory):
+    return SOURCES[request.param](tmp_path_factory.mktemp("head"))
+
+
+@pytest.fixture(params=INT8, scope="module")
+def int8_source(request, tmp_path_factory):
+    return SOURCES[request.param](tmp_path_factory.mktemp("int8"))
 
 
 def _has_int8(src) -> bool:
@@ -152,9 +166,17 @@ def test_tiles_int8_tiles_and_gates(source):
             assert bias.dtype == np.float32 and bias.shape == (g.workers,)
 
 
-def test_bands_order_and_band_gate(source):
-    if not _partition(source):
-        pytest.skip("bands belong to head adapters")
+def test_the_band_and_int8_lists_name_the_right_sources(tmp_path):
+    for name in SOURCES:
+        folder = tmp_path / name.replace(" ", "_").replace(",", "")
+        folder.mkdir()
+        src = SOURCES[name](folder)
+        assert _partition(src) == (name in HEADS), name
+        assert (_has_int8(src) and not _partition(src)) == (name in INT8), name
+
+
+def test_bands_order_and_band_gate(head_source):
+    source = head_source
     order = source.read_order()
     assert order.dtype == np.int64 and np.array_equal(np.sort(order), np.arange(source.d_out))
     rows = [source.read_band_tiles(b) for b in range(source.n_bands)]
@@ -176,9 +198,8 @@ def test_the_runtime_gives_the_dense_reference_at_full_density(source):
         assert source.reads or source.band_reads  # the runtime read through the wrapper
 
 
-def test_the_int8_runtime_gives_the_dequantized_reference(source):
-    if not _has_int8(source) or _partition(source):
-        pytest.skip("no INT8 tiles")
+def test_the_int8_runtime_gives_the_dequantized_reference(int8_source):
+    source = int8_source
     x = torch.from_numpy(np.random.default_rng(2).standard_normal((4, source.d_in)).astype(np.float32))
     w = np.zeros((source.d_out, source.d_in))
     for p, (alpha, g) in enumerate(zip(source.alphas, source.grids, strict=True)):

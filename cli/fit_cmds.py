@@ -55,8 +55,9 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
     One pass over the pairs (Dask, out of core), then ridge solves; held-out relative error and
     R² per pipe are stored in the adapter and printed. Re-running an interrupted fit resumes it.
     """
-    from prismoe_store.fit import FitConfig, fit
+    from prismoe_store.fit import FitConfig, fit, keep_freed_memory
 
+    keep_freed_memory()  # this process runs one fit: reuse freed memory rather than fresh zeroed pages
     warn_padding(pairs, workers)
     with bar("fit", quiet=quiet or as_json, unit="unit") as progress:
         config = FitConfig(mode=mode, workers=workers, ridge=ridge, holdout=holdout, subsample=subsample, seed=seed,

@@ -15,9 +15,11 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     submod_attrs={
         "job": ["fit"],
         "config": ["FitConfig"],
+        "runner": ["keep_freed_memory"],
     },
 )
 
 if TYPE_CHECKING:  # the same names, for type checkers
     from prismoe_store.fit.config import FitConfig
     from prismoe_store.fit.job import fit
+    from prismoe_store.fit.runner import keep_freed_memory

@@ -48,7 +48,7 @@ from prismoe_store.fit.config import FitConfig
 from prismoe_store.fit.metrics import metrics_link
 from prismoe_store.fit.plan import PANEL, Plan, col_groups, input_slices, location, make_plan, plan_block_rows
 from prismoe_store.fit.runner import TICKERS, TICKERS_LOCK, Runner, make_runner, one_blas_thread
-from prismoe_store.fit.solve import Factor, StatSource, band_runs, default_ridge, factor_normal, factor_qr, solve_panel
+from prismoe_store.fit.solve import Factor, StatSource, band_runs, default_ridge, factor_statistics, solve_panel
 from prismoe_store.fit.statistics import HOLD, REST, SCRATCH, SUB, Pass, categories, link_blocks, stats_link
 from prismoe_store.grid import GridSpec, plan_pipes
 from prismoe_store.stores.adapter import AdapterStore
@@ -60,10 +60,8 @@ from prismoe_store.stores.verified import reading
 
 STAT_SETS = ("train", "sub")  # statistics kept per fit: all training rows, and pipe 2's rows
 PIPE_SETS = ("train", "sub", "train")  # which statistics pipe p fits on
-_F32_FLOOR = 2.0 ** -48  # float32 unit roundoff squared: with the block rows, B's noise floor in G's units
 _SCRATCH_CHUNK_BYTES = 8 << 20  # target size of a chunk of the scratch B (larger ones cost fresh memory per write)
 ProgressFn = Callable[[int, int], None]
-
 
 
 # -- the public entry point ----------------------------------------------------------------
@@ -378,9 +376,9 @@ class _Fit:
                 trace = float(np.trace(g0)) if cfg.solver == "cholesky" else float(np.sum(g0 * g0))
                 lams[s] = float(cfg.ridge) if cfg.ridge is not None else default_ridge(trace, m)
         adapter.update_attrs(fit=replace(self.record(adapter), ridge=lams).to_dict())
-        factors: dict[tuple, list] = {}
         self._adapter = adapter
         sources = self._sources(grids)
+        factors = self._all_factors(grids, stats, lams, sources)
         kept: dict[int, tuple[int, np.ndarray]] = {}  # a copied pipe's last run, in memory: (first output row, rows)
         writing: list = []  # the run being written (one at a time: memory holds at most two runs and the kept one)
         with ThreadPoolExecutor(1, thread_name_prefix="prismoe-tiles") as writer:  # writes overlap the next solve
@@ -411,8 +409,7 @@ class _Fit:
                     block[: o1 - o0, :m] = src[o0:o1, :m]
             elif o1 > o0:
                 key = (set_name, width)
-                if key not in factors:
-                    factors[key] = self._factors(stats, set_name, width, lams[set_name])
+                assert key in factors, "the factors of every missing band are made before the solves"
                 # solved in whole panels of fixed columns: a column's bits do not depend on the runs
                 p0, p1 = o0 // PANEL * PANEL, min(n, -(-o1 // PANEL) * PANEL)
                 rhs = stats.b(set_name, width if cfg.solver == "qr" else 0, p0, p1)
@@ -441,26 +438,30 @@ class _Fit:
             return tuple(range(len(grids)))
         return tuple(PIPE_SETS.index(PIPE_SETS[p]) for p in range(len(grids)))
 
-    def _factors(self, stats: StatSource, set_name: str, width: int, lam: float) -> list[Factor]:
-        cfg, m = self.cfg, self.pairs.d_in
-        g = stats.g(set_name, width if cfg.solver == "qr" else 0)
-        out = []
-        for c0, c1 in input_slices(m, width):
-            block = g[c0:c1, c0:c1]
-            # mixed: B's float32 rounding is dropped where X has (almost) no variance, see fit.statistics "Numerics"
-            floor = _F32_FLOOR * self.plan.block_rows * float(np.trace(block)) / max(1, c1 - c0)
-            try:
-                if cfg.solver == "qr":
-                    f = factor_qr(block, lam)
-                else:
-                    f = factor_normal(block, lam, floor=floor if cfg.precision == "mixed" else 0.0)
-            except ValueError as e:
-                raise FitError(f"cannot factor the {set_name} statistics: {e}") from None
-            if f.warning:
-                where = f"{set_name} rows" + (f", input columns {c0}..{c1}" if width else "")
-                self._warn(self._adapter, f"{where}: {f.warning}")
-            out.append(f)
-        return out
+    def _factors(self, stats: StatSource, set_name: str, width: int, lam: float) -> tuple[list[Factor], list]:
+        """Factor one set's ridge systems (on the calling thread; warnings returned, not recorded)."""
+        cfg, g = self.cfg, stats.g(set_name, width if self.cfg.solver == "qr" else 0)
+        try:
+            return factor_statistics(g, input_slices(self.pairs.d_in, width), lam, solver=cfg.solver,
+                                     floor_rows=self.plan.block_rows if cfg.precision == "mixed" else 0)
+        except ValueError as e:
+            raise FitError(f"cannot factor the {set_name} statistics: {e}") from None
+
+    def _all_factors(self, grids, stats: StatSource, lams: dict, sources: tuple[int, ...]) -> dict[tuple, list]:
+        """The factors the missing bands need, computed side by side (one BLAS thread each: a
+        multi-threaded LAPACK call stalls beside the threads that write), warnings recorded."""
+        width = {p: 0 if self.cfg.mode == "joint" else g.tile_in for p, g in enumerate(grids)}
+        missing = {p: self._adapter.progress(f"fit_pipe{p + 1}", g.rows).missing() for p, g in enumerate(grids)}
+        keys = {(PIPE_SETS[p], width[p]) for p, g in enumerate(grids)
+                if sources[p] == p and any(r * g.tile_out < self.pairs.d_out for r in missing[p])}
+        with one_blas_thread() as pool:
+            jobs = {key: pool.submit(self._factors, stats, *key, lams[key[0]]) for key in sorted(keys)}
+            done = {key: job.result() for key, job in jobs.items()}
+        for (set_name, w), (_, warnings) in done.items():
+            for (c0, c1), warning in warnings:
+                where = f"{set_name} rows" + (f", input columns {c0}..{c1}" if w else "")
+                self._warn(self._adapter, f"{where}: {warning}")
+        return {key: fs for key, (fs, _) in done.items()}
 
     # -- metrics --
     def _metrics(self, adapter: AdapterStore, grids, plan: Plan, base: Pass, runner: Runner,
@@ -495,6 +496,3 @@ class _Fit:
         return {"holdout_rows": int(total.rows), "pipes": [score(float(s)) for s in total.sse[:-1]],
                 "combined": score(float(total.sse[-1])),
                 "warnings": list(self.record(adapter).warnings)}
-
-
-

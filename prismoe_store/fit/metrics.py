@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from prismoe_store.fit.plan import PANEL, col_groups
-from prismoe_store.fit.runner import one_blas_thread
+from prismoe_store.fit.runner import one_blas_thread, thread_buffer
 from prismoe_store.fit.statistics import SCRATCH, Pass
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.chunk_files import region_reader
@@ -43,16 +43,8 @@ class Scores:
     def add_z(self, z: np.ndarray, work: np.ndarray | None = None) -> float:
         """Merge a block's per-output moments; returns its Σ‖z‖². ``work``: a float64 array of
         ``z``'s shape to use (and overwrite) instead of a fresh one."""
-        n = z.shape[0]
-        if work is None:
-            zd = z.astype(np.float64)
-        else:
-            zd = work
-            zd[...] = z
-        sz2 = float(np.einsum("ij,ij->", zd, zd))
-        mean = zd.mean(0)
-        zd -= mean
-        self._merge_moments(n, mean, np.einsum("ij,ij->j", zd, zd))
+        sz2, mean, m2 = block_moments(z, work)
+        self.merge_moments(z.shape[0], mean, m2)
         return sz2
 
     def finish(self) -> Scores:
@@ -63,7 +55,8 @@ class Scores:
             self.sz2 = math.fsum(cols[-1])
         return self
 
-    def _merge_moments(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
+    def merge_moments(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        """Merge ``n`` rows' per-output mean and Σ(z − mean)² (Chan's parallel update)."""
         tot = self.rows + n
         if n == 0:
             return
@@ -74,13 +67,46 @@ class Scores:
 
     def merge(self, other: Scores) -> Scores:
         self.parts += other.parts
-        self._merge_moments(other.rows, other.mean, other.m2)
+        self.merge_moments(other.rows, other.mean, other.m2)
         return self
 
 
-def _predict(x: np.ndarray, w: np.ndarray, y: np.ndarray, j0: int, j1: int) -> None:
-    """``y[:, j0:j1] = x @ w[j0:j1].T`` (one GEMM on the calling thread's single BLAS thread)."""
-    y[:, j0:j1] = np.matmul(x, w[j0:j1].T)
+def block_moments(z: np.ndarray, work: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray]:
+    """``(Σ‖z‖², per-output mean, per-output Σ(z − mean)²)`` of rows ``z [n, cols]``, in float64
+    (``work``: a float64 array of ``z``'s shape to overwrite instead of a fresh one)."""
+    if work is None:
+        zd = z.astype(np.float64)
+    else:
+        zd = work
+        zd[...] = z
+    sz2 = float(np.einsum("ij,ij->", zd, zd))
+    mean = zd.mean(0)
+    zd -= mean
+    return sz2, mean, np.einsum("ij,ij->j", zd, zd)
+
+
+def _panel_scores(p: Pass, x: np.ndarray, ws: dict[int, np.ndarray], z: np.ndarray, j0: int, j1: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The held-out sums of outputs ``j0:j1`` of one block, on the calling thread's single BLAS
+    thread: ``(part, mean, m2)`` with ``part`` = [Σ‖y_p − z‖² per pipe, the α-combination's, Σ‖z‖²]
+    and the outputs' moments. All of a panel's work is done here, so it stays in cache and the
+    panels of a block spread over the cores."""
+    n, cols = z.shape[0], j1 - j0
+    zp = z[:, j0:j1]  # [n, cols]
+    distinct = sorted(ws)
+    ys = {q: np.matmul(x, ws[q][j0:j1].T, out=thread_buffer(f"y{q}", (n, cols), np.float32)) for q in distinct}
+    comb, term = thread_buffer("comb", (n, cols), np.float32), thread_buffer("term", (n, cols), np.float32)
+    comb[...] = 0
+    for q, src in enumerate(p.sources):  # y = Σ α_p y_p, in pipe order
+        comb += np.multiply(np.float32(p.alphas[q]), ys[src], out=term)
+    part = np.zeros(len(p.sources) + 2)
+    for q in distinct:
+        ys[q] -= zp
+        part[[i for i, src in enumerate(p.sources) if src == q]] = np.einsum("ij,ij->", ys[q], ys[q], dtype=np.float64)
+    comb -= zp
+    part[-2] = np.einsum("ij,ij->", comb, comb, dtype=np.float64)
+    part[-1], mean, m2 = block_moments(zp, thread_buffer("z64", (n, cols), np.float64))
+    return part, mean, m2
 
 
 def metrics_link(p: Pass, counts: np.ndarray, c0: int, c1: int, b0: int, b1: int, acc: Scores | None) -> Scores:
@@ -90,44 +116,26 @@ def metrics_link(p: Pass, counts: np.ndarray, c0: int, c1: int, b0: int, b1: int
     hx, hz = adapter.group[f"{SCRATCH}/hold_x"], adapter.group[f"{SCRATCH}/hold_z"]
     rx, rz = region_reader(hx), region_reader(hz)
     acc = acc if acc is not None else Scores(len(p.sources), c1 - c0)
-    distinct = sorted(set(p.sources))
     with reading(f"tiles of {p.adapter_url}"):
-        ws = {q: adapter.tiles(q)[c0:c1, : p.d_in] for q in distinct}  # [cols, M] each
-    for q in distinct:
+        ws = {q: adapter.tiles(q)[c0:c1, : p.d_in] for q in sorted(set(p.sources))}  # [cols, M] each
+    for q in ws:
         if p.scales[q] != 1.0:
             ws[q] *= np.float32(p.scales[q])
-    bufs: dict[str, np.ndarray] = {}  # work arrays reused across blocks (fresh memory is slow to touch)
-
-    def buf(name: str, shape: tuple[int, int], dtype=np.float32) -> np.ndarray:
-        if name not in bufs:
-            bufs[name] = np.empty((int(counts[b0:b1].max(initial=0)), shape[1]), dtype)
-        return bufs[name][:shape[0]]
-
+    rows = int(counts[b0:b1].max(initial=0))
+    xbuf, zbuf = np.empty((rows, p.d_in), np.float32), np.empty((rows, c1 - c0), np.float32)  # reused across blocks
+    mean, m2 = np.empty(c1 - c0), np.empty(c1 - c0)
     for b in range(b0, b1):
         n = int(counts[b])
         if n == 0:
             continue
         with reading(f"held-out rows in {p.adapter_url}"):
-            x = rx.read(slice(0, n), slice(None), buf("x", (n, p.d_in)), lead=(b,))
-            z = rz.read(slice(0, n), slice(c0, c1), buf("z", (n, c1 - c0)), lead=(b,))
-        ys = {q: buf(f"y{q}", z.shape) for q in distinct}
-        with one_blas_thread() as pool:  # one product per panel of outputs, spread over the cores
-            jobs = [pool.submit(_predict, x, ws[q], ys[q], j0, j1) for q in distinct
-                    for j0, j1 in col_groups(c1 - c0, PANEL)]
-            for job in jobs:
-                job.result()
-        comb, term = buf("comb", z.shape), buf("term", z.shape)
-        comb[...] = 0
-        for q, src in enumerate(p.sources):
-            comb += np.multiply(np.float32(p.alphas[q]), ys[src], out=term)
-        part = np.zeros(len(p.sources) + 2)
-        for q in distinct:
-            ys[q] -= z
-            sse = float(np.einsum("ij,ij->", ys[q], ys[q], dtype=np.float64))
-            part[[i for i, src in enumerate(p.sources) if src == q]] = sse
-        comb -= z
-        part[-2] = float(np.einsum("ij,ij->", comb, comb, dtype=np.float64))
-        part[-1] = acc.add_z(z, buf("z64", z.shape, np.float64))
-        acc.parts.append(part)
+            x = rx.read(slice(0, n), slice(None), xbuf[:n], lead=(b,))
+            z = rz.read(slice(0, n), slice(c0, c1), zbuf[:n], lead=(b,))
+        with one_blas_thread() as pool:  # one job per panel of outputs, spread over the cores
+            panels = col_groups(c1 - c0, PANEL)
+            jobs = [pool.submit(_panel_scores, p, x, ws, z, j0, j1) for j0, j1 in panels]
+            for (j0, j1), job in zip(panels, jobs):
+                part, mean[j0:j1], m2[j0:j1] = job.result()
+                acc.parts.append(part)
+        acc.merge_moments(n, mean, m2)
     return acc
-

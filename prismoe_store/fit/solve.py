@@ -36,6 +36,7 @@ import zarr
 
 from prismoe_store.stores.verified import reading
 
+F32_FLOOR = 2.0 ** -48  # float32 unit roundoff squared: with the block rows, B's noise floor in G's units
 RIDGE_SCALE = 1e-6  # default λ = RIDGE_SCALE · trace(G) / M: a millionth of the mean eigenvalue of G
 _EPS = np.finfo(np.float64).eps
 
@@ -144,6 +145,33 @@ def _eigh_factor(a: np.ndarray, warning: str) -> Factor:
     keep = vals > top * m * _EPS
     inv = np.where(keep, 1.0 / np.where(keep, vals, 1.0), 0.0)
     return Factor("eigh", (vecs, inv), warning)
+
+
+def factor_statistics(g: np.ndarray, slices: list[tuple[int, int]], lam: float, *, solver: str = "cholesky",
+                      floor_rows: int = 0) -> tuple[list[Factor], list[tuple[tuple[int, int], str]]]:
+    """Factor the ridge system of each input slice ``c0:c1`` of the statistics ``g`` (``G`` or
+    ``R``): the factors, and the ``((c0, c1), warning)`` of those that needed a fallback.
+
+    ``floor_rows > 0`` (mixed precision: ``B`` from float32 products of that many rows a block)
+    drops the directions below ``F32_FLOOR · floor_rows · trace/M`` (see :func:`factor_normal`).
+    Raises ``ValueError`` when the statistics hold NaN/Inf.
+
+    >>> fs, warns = factor_statistics(np.eye(4), [(0, 2), (2, 4)], 0.0)
+    >>> [f.kind for f in fs], warns
+    (['cholesky', 'cholesky'], [])
+    """
+    out, warnings = [], []
+    for c0, c1 in slices:
+        block = g[c0:c1, c0:c1]
+        if solver == "qr":
+            f = factor_qr(block, lam)
+        else:
+            floor = F32_FLOOR * floor_rows * float(np.trace(block)) / max(1, c1 - c0)
+            f = factor_normal(block, lam, floor=floor)
+        if f.warning:
+            warnings.append(((c0, c1), f.warning))
+        out.append(f)
+    return out, warnings
 
 
 def factor_qr(r: np.ndarray, lam: float) -> Factor:

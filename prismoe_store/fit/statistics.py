@@ -61,7 +61,6 @@ squared.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,7 +70,7 @@ import zarr
 
 from prismoe_store.fit.config import SUBSAMPLE_SEED_OFFSET
 from prismoe_store.fit.plan import PANEL, Plan, input_slices
-from prismoe_store.fit.runner import TICKERS, one_blas_thread
+from prismoe_store.fit.runner import TICKERS, one_blas_thread, thread_buffer
 from prismoe_store.fit.solve import qr_merge, qr_update
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.chunk_files import region_reader
@@ -221,17 +220,6 @@ def _reuse(buffers: dict, name: str, shape: tuple[int, ...], dtype=np.float32) -
     return buf[:need].reshape(shape)
 
 
-_LOCAL = threading.local()  # per-thread product buffers of the panel jobs
-
-
-
-def _local_buffer(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    bufs = getattr(_LOCAL, "bufs", None)
-    if bufs is None:
-        bufs = _LOCAL.bufs = {}
-    return _reuse(bufs, name, shape, dtype)
-
-
 class Stats:
     """One stripe's accumulator for one column group: per row set (SUB, REST) and slicing, G and B
     (``cholesky``) or R and QᵀZ (``qr``), all float64."""
@@ -297,7 +285,7 @@ class Stats:
     def _gram(g: np.ndarray, x: np.ndarray) -> None:
         """``g += xᵀx`` (numpy computes it with syrk, the symmetric half)."""
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is found at the task's end
-            g += np.matmul(x.T, x, out=_local_buffer("g", g.shape, x.dtype))
+            g += np.matmul(x.T, x, out=thread_buffer("g", g.shape, x.dtype))
 
     @staticmethod
     def _panel(b: np.ndarray, x: np.ndarray, z: np.ndarray, j0: int, off: int) -> None:
@@ -306,7 +294,7 @@ class Stats:
         j1 = min(z.shape[1], j0 + PANEL)
         lo, hi = max(j0, off), min(j1, off + b.shape[1])
         with np.errstate(over="ignore", invalid="ignore"):
-            out = np.matmul(x.T, z[:, j0:j1], out=_local_buffer("p", (x.shape[1], j1 - j0), np.float32))
+            out = np.matmul(x.T, z[:, j0:j1], out=thread_buffer("p", (x.shape[1], j1 - j0), np.float32))
             b[:, lo - off:hi - off] += out[:, lo - j0:hi - j0]
 
     def finite(self) -> bool:

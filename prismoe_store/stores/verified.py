@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import re
 import struct
-import zlib
 from collections.abc import AsyncGenerator, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -29,6 +28,7 @@ import zarr
 from zarr.abc.store import ByteRequest, Store, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import WrapperStore
+from zlib_ng import zlib_ng
 
 from prismoe_store.errors import CorruptStoreError
 
@@ -54,9 +54,10 @@ def record_key(key: str) -> str | None:
 
 def _entry_of(data) -> tuple[int, int]:
     # zlib's CRC-32, not crc32c: a chunk ends with its own crc32c, and the crc32c of data followed by
-    # its crc32c is the same constant for every chunk (so it could not tell two chunks apart)
+    # its crc32c is the same constant for every chunk (so it could not tell two chunks apart). zlib-ng
+    # computes the same CRC-32 ~4x faster than zlib (it is on every chunk read and written)
     view = np.asarray(data, dtype=np.uint8).reshape(-1)
-    return zlib.crc32(view.data), int(view.size)
+    return zlib_ng.crc32(view.data), int(view.size)
 
 
 def _pack(entries: Iterable[tuple[int, int]]) -> Buffer:

@@ -31,7 +31,6 @@ reused). The scratch is deleted when the fit completes (``keep_statistics`` keep
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 import uuid
@@ -45,7 +44,7 @@ import zarr
 
 from prismoe_store.errors import CorruptStoreError, DataError, FitError, GridError, StoreError, StoreFormatError
 from prismoe_store.fit.config import FitConfig
-from prismoe_store.fit.metrics import metrics_link
+from prismoe_store.fit.metrics import SOLVED, heldout_metrics
 from prismoe_store.fit.plan import PANEL, Plan, col_groups, input_slices, location, make_plan, plan_block_rows
 from prismoe_store.fit.runner import TICKERS, TICKERS_LOCK, Runner, make_runner, one_blas_thread
 from prismoe_store.fit.solve import Factor, StatSource, band_runs, default_ridge, factor_statistics, solve_panel
@@ -92,7 +91,8 @@ def fit(pairs: PairsStore | str, adapter_url, config: FitConfig | None = None, *
     cfg = FitConfig() if config is None else config
     if not isinstance(cfg, FitConfig):
         raise DataError(f"config must be a FitConfig, got {type(cfg).__name__}")
-    return _Fit(cfg, pairs, adapter_url, scheduler, options, progress, overwrite).run()
+    with one_blas_thread():  # for the whole fit: OpenBLAS's threads spin after each switch back to many
+        return _Fit(cfg, pairs, adapter_url, scheduler, options, progress, overwrite).run()
 
 
 def _band_chunks(tiles: zarr.Array, band: int) -> list[tuple[zarr.Array, tuple[int, ...]]]:
@@ -116,6 +116,9 @@ class _Fit:
         self._total = 0
         self._lock = threading.Lock()
         self._saving: ThreadPoolExecutor | None = None  # saves the statistics to the scratch while the solve runs
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="prismoe-tiles")  # writes tiles beside the compute
+        self._writing: list[Future] = []  # the run being written (one at a time: memory holds at most two runs)
+        self._solved: dict[int, np.ndarray] = {}  # pipes solved whole in one run, kept for the metrics
         self._saved: Future[None] | None = None  # its future
         self._plan: Plan | None = None  # the run's plan, once made or read back
 
@@ -222,8 +225,11 @@ class _Fit:
             self.timings["solve_s"] = time.perf_counter() - t1
             t2 = time.perf_counter()
             metrics = self._metrics(adapter, grids, plan, base, runner, per_block)
+            while self._writing:  # the last runs' tiles were written beside the metrics
+                self._writing.pop().result()
             self.timings["metrics_s"] = time.perf_counter() - t2
         finally:
+            self._writer.shutdown()
             if self._saving is not None:
                 self._saving.shutdown()
             runner.close()
@@ -380,12 +386,9 @@ class _Fit:
         sources = self._sources(grids)
         factors = self._all_factors(grids, stats, lams, sources)
         kept: dict[int, tuple[int, np.ndarray]] = {}  # a copied pipe's last run, in memory: (first output row, rows)
-        writing: list = []  # the run being written (one at a time: memory holds at most two runs and the kept one)
-        with ThreadPoolExecutor(1, thread_name_prefix="prismoe-tiles") as writer:  # writes overlap the next solve
-            for p, grid in enumerate(grids):
-                self._solve_pipe(p, grid, stats, lams, factors, sources, kept, writing, writer)
-            for w in writing:
-                w.result()
+        assert self._writer is not None, "run() opens the tile writer"
+        for p, grid in enumerate(grids):  # writes overlap the next solve, and the last ones the metrics
+            self._solve_pipe(p, grid, stats, lams, factors, sources, kept, self._writing, self._writer)
         return lams
 
     def _solve_pipe(self, p: int, grid: GridSpec, stats: StatSource, lams: dict, factors: dict,
@@ -420,6 +423,8 @@ class _Fit:
                         job.result()
             if p in sources[p + 1:]:
                 kept[p] = (o0, block)
+            if sources[p] == p and r0 == 0 and r1 == grid.rows:  # the whole pipe in one run: for the metrics
+                self._solved[p] = block
             while writing:
                 writing.pop().result()
             writing.append(writer.submit(self._write_run, tiles, record, block, r0, r1, a))
@@ -468,31 +473,12 @@ class _Fit:
                  per_block: np.ndarray) -> dict | None:
         if self.cfg.holdout <= 0:
             return None
-        n = self.pairs.d_out
         scales = tuple(1.0 if self.cfg.mode == "joint" else 1.0 / -(-g.d_in // g.tile_in) for g in grids)
         p = replace(base, alphas=tuple(adapter.alphas), scales=scales, sources=self._sources(grids))
-        total = None
-        for gi, (c0, c1) in enumerate(col_groups(n, plan.metric_cols)):
-            # one task per stripe: each loads its rows of the three pipes' tiles once
-            chains = [[(b1 - b0, metrics_link, p, per_block, c0, c1, b0, b1)] for b0, b1 in plan.stripes()]
-            results = runner.run(chains, f"fit-metrics-g{gi}")
-            acc = results[0]
-            for other in results[1:]:
-                acc.merge(other)
-            acc.finish()
-            if total is None:
-                total = acc
-            else:  # column groups are disjoint: sums add, row count is the same
-                total.sse += acc.sse
-                total.sz2 += acc.sz2
-                total.m2 = np.concatenate([total.m2, acc.m2])
-        assert total is not None, "a fit has at least one column group"
-        sst = float(total.m2.sum())
-
-        def score(sse: float) -> dict:
-            return {"rel_err": math.sqrt(sse / total.sz2) if total.sz2 > 0 else float("nan"),
-                    "r2": 1.0 - sse / sst if sst > 0 else float("nan")}
-
-        return {"holdout_rows": int(total.rows), "pipes": [score(float(s)) for s in total.sse[:-1]],
-                "combined": score(float(total.sse[-1])),
-                "warnings": list(self.record(adapter).warnings)}
+        if p.run_id and len(col_groups(self.pairs.d_out, plan.metric_cols)) == 1 \
+                and set(p.sources) <= set(self._solved):  # in-process: the tiles just solved, not read back
+            SOLVED[p.run_id] = {q: self._solved[q][: self.pairs.d_out, : p.d_in] for q in set(p.sources)}
+        try:
+            return heldout_metrics(p, plan, runner, per_block, self.pairs.d_out, self.record(adapter).warnings)
+        finally:
+            SOLVED.pop(p.run_id, None)

@@ -21,12 +21,14 @@ import math
 
 import numpy as np
 
-from prismoe_store.fit.plan import PANEL, col_groups
-from prismoe_store.fit.runner import one_blas_thread, thread_buffer
+from prismoe_store.fit.plan import PANEL, Plan, col_groups
+from prismoe_store.fit.runner import Runner, one_blas_thread, thread_buffer
 from prismoe_store.fit.statistics import SCRATCH, Pass
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.chunk_files import region_reader
 from prismoe_store.stores.verified import reading
+
+SOLVED: dict[str, dict[int, np.ndarray]] = {}  # in-process fits: each distinct pipe's tiles [d_out, M], by run id
 
 
 class Scores:
@@ -116,11 +118,16 @@ def metrics_link(p: Pass, counts: np.ndarray, c0: int, c1: int, b0: int, b1: int
     hx, hz = adapter.group[f"{SCRATCH}/hold_x"], adapter.group[f"{SCRATCH}/hold_z"]
     rx, rz = region_reader(hx), region_reader(hz)
     acc = acc if acc is not None else Scores(len(p.sources), c1 - c0)
-    with reading(f"tiles of {p.adapter_url}"):
-        ws = {q: adapter.tiles(q)[c0:c1, : p.d_in] for q in sorted(set(p.sources))}  # [cols, M] each
-    for q in ws:
-        if p.scales[q] != 1.0:
-            ws[q] *= np.float32(p.scales[q])
+    solved = SOLVED.get(p.run_id) if p.run_id else None  # the tiles just solved (being written meanwhile)
+    if solved is not None:
+        ws = {q: solved[q][c0:c1] * np.float32(p.scales[q]) if p.scales[q] != 1.0 else solved[q][c0:c1]
+              for q in sorted(set(p.sources))}
+    else:
+        with reading(f"tiles of {p.adapter_url}"):
+            ws = {q: adapter.tiles(q)[c0:c1, : p.d_in] for q in sorted(set(p.sources))}  # [cols, M] each
+        for q in ws:
+            if p.scales[q] != 1.0:
+                ws[q] *= np.float32(p.scales[q])
     rows = int(counts[b0:b1].max(initial=0))
     xbuf, zbuf = np.empty((rows, p.d_in), np.float32), np.empty((rows, c1 - c0), np.float32)  # reused across blocks
     mean, m2 = np.empty(c1 - c0), np.empty(c1 - c0)
@@ -139,3 +146,33 @@ def metrics_link(p: Pass, counts: np.ndarray, c0: int, c1: int, b0: int, b1: int
                 acc.parts.append(part)
         acc.merge_moments(n, mean, m2)
     return acc
+
+
+def heldout_metrics(p: Pass, plan: Plan, runner: Runner, per_block: np.ndarray, n: int, warnings) -> dict:
+    """The adapter's ``metrics`` record: :func:`metrics_link` over every stripe and output column
+    group of ``plan`` (``n`` outputs), the stripes' sums merged, relative errors and R² per pipe and
+    for the α-combination."""
+    total = None
+    for gi, (c0, c1) in enumerate(col_groups(n, plan.metric_cols)):
+        # one task per stripe: each loads its rows of the three pipes' tiles once
+        chains = [[(b1 - b0, metrics_link, p, per_block, c0, c1, b0, b1)] for b0, b1 in plan.stripes()]
+        results = runner.run(chains, f"fit-metrics-g{gi}")
+        acc = results[0]
+        for other in results[1:]:
+            acc.merge(other)
+        acc.finish()
+        if total is None:
+            total = acc
+        else:  # column groups are disjoint: sums add, row count is the same
+            total.sse += acc.sse
+            total.sz2 += acc.sz2
+            total.m2 = np.concatenate([total.m2, acc.m2])
+    assert total is not None, "a fit has at least one column group"
+    sst, sz2 = float(total.m2.sum()), total.sz2
+
+    def score(sse: float) -> dict:
+        return {"rel_err": math.sqrt(sse / sz2) if sz2 > 0 else float("nan"),
+                "r2": 1.0 - sse / sst if sst > 0 else float("nan")}
+
+    return {"holdout_rows": int(total.rows), "pipes": [score(float(s)) for s in total.sse[:-1]],
+            "combined": score(float(total.sse[-1])), "warnings": list(warnings)}

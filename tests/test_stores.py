@@ -337,3 +337,34 @@ def test_options_and_format_attribute_are_json(tmp_path):
         StoreOptions(compressor="lz4")
     with pytest.raises(StoreError):
         StoreOptions(level=30)
+
+
+def test_deleting_a_group_removes_chunks_and_records_and_forgets_them(tmp_path):
+    """``del group[name]`` on a local verified store unlinks every chunk and record under it (in
+    threads) and forgets their cached records: the same array written again reads back, the
+    neighbours are untouched."""
+    from prismoe_store.stores.adapter import AdapterStore
+    from prismoe_store.stores.formats import create_chunked
+
+    g = plan_grid(64, 128, 8)
+    a = AdapterStore.create(str(tmp_path / "a"), grids=[g], overwrite=True)
+    tiles = np.arange(np.prod(g.padded_shape), dtype=np.float32).reshape(g.padded_shape)
+    a.tiles(0)[...] = tiles
+    scratch = a.group.create_group("_fit")
+    rng = np.random.default_rng(0)
+    first = rng.standard_normal((40, 24))
+    arr = create_chunked(scratch, "b", first.shape, (8, 8), "float64", StoreOptions(compressor="none"))
+    arr[...] = first
+    assert np.array_equal(arr[...], first)  # its records are now cached by the store
+    folder = tmp_path / "a" / "_fit"
+    assert any(p.name == "_crc" for p in folder.rglob("*")) and len(list(folder.rglob("*"))) > 20
+    del a.group["_fit"]
+    assert not folder.exists()
+    assert np.array_equal(a.tiles(0)[...], tiles)
+    again = rng.standard_normal((40, 24))
+    arr = create_chunked(a.group.create_group("_fit"), "b", again.shape, (8, 8), "float64",
+                         StoreOptions(compressor="none"))
+    arr[...] = again
+    reopened = AdapterStore.open(str(tmp_path / "a"))
+    assert np.array_equal(reopened.group["_fit/b"][...], again)
+    assert np.array_equal(arr[...], again)

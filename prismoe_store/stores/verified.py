@@ -18,16 +18,20 @@ region exist (:func:`check_stored`), and turn Zarr's checksum and decoding failu
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import shutil
 import struct
 from collections.abc import AsyncGenerator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
 import zarr
 from zarr.abc.store import ByteRequest, Store, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
-from zarr.storage import WrapperStore
+from zarr.storage import LocalStore, WrapperStore
 from zlib_ng import zlib_ng
 
 from prismoe_store.errors import CorruptStoreError
@@ -227,12 +231,44 @@ class VerifiedStore(WrapperStore):
             await self._store.delete(rkey)
         await self._store.delete(key)
 
+    async def delete_dir(self, prefix: str) -> None:
+        """Delete everything under ``prefix`` (chunks and their records); in a local folder the files
+        are unlinked by several threads (on a disk mounted with ``discard`` each unlink of a file
+        already written back waits for the device: ~2 ms a file, 0.4 s for a fit's scratch)."""
+        under = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+        self._verified = {k for k in self._verified if not k.startswith(under)}
+        self._records = {k: v for k, v in self._records.items() if not k.startswith(under)}
+        if not isinstance(self._store, LocalStore):
+            await self._store.delete_dir(prefix)
+            return
+        self._check_writable()
+        await asyncio.to_thread(_remove_tree, os.path.join(str(self._store.root), prefix))
+
     async def check_chunk(self, key: str) -> bool:
         """True when chunk ``key`` exists and matches its record (reads the chunk)."""
         try:
             return await self.get(key, default_buffer_prototype()) is not None
         except CorruptStoreError:
             return False
+
+
+def _remove_tree(path: str, threads: int = 8) -> None:
+    """``shutil.rmtree(path)`` with the files unlinked by ``threads`` threads (their waits overlap)."""
+    if not os.path.isdir(path):
+        return
+    files, dirs = [], []
+    for root, _, names in os.walk(path):
+        files += [os.path.join(root, n) for n in names]
+        dirs.append(root)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(_unlink, files))
+    for d in reversed(dirs):  # children before parents
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def damaged_chunks(array: zarr.Array, coords: Iterable[tuple[int, ...]]) -> list[tuple[int, ...]]:

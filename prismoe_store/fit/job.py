@@ -116,8 +116,8 @@ class _Fit:
         self._total = 0
         self._lock = threading.Lock()
         self._saving: ThreadPoolExecutor | None = None  # saves the statistics to the scratch while the solve runs
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="prismoe-tiles")  # writes tiles beside the compute
-        self._writing: list[Future] = []  # the run being written (one at a time: memory holds at most two runs)
+        self._writer = ThreadPoolExecutor(2, thread_name_prefix="prismoe-tiles")  # writes tiles beside the compute
+        self._writing: list[tuple[Future, np.ndarray]] = []  # runs being written, and their rows
         self._solved: dict[int, np.ndarray] = {}  # pipes solved whole in one run, kept for the metrics
         self._saved: Future[None] | None = None  # its future
         self._plan: Plan | None = None  # the run's plan, once made or read back
@@ -226,7 +226,7 @@ class _Fit:
             t2 = time.perf_counter()
             metrics = self._metrics(adapter, grids, plan, base, runner, per_block)
             while self._writing:  # the last runs' tiles were written beside the metrics
-                self._writing.pop().result()
+                self._writing.pop()[0].result()
             self.timings["metrics_s"] = time.perf_counter() - t2
         finally:
             self._writer.shutdown()
@@ -406,7 +406,7 @@ class _Fit:
             if o1 > o0 and sources[p] != p and mem is not None and mem[0] <= o0 and o1 <= mem[0] + len(mem[1]):
                 block[: o1 - o0, :m] = mem[1][o0 - mem[0]:o1 - mem[0], :m]  # the same dense solution, in memory
             elif o1 > o0 and sources[p] != p:  # the same dense solution, already written: copy it
-                for w in writing:
+                for w, _ in writing:
                     w.result()
                 with reading(f"tiles of pipe {sources[p] + 1} in {self.adapter_url}"):
                     block[: o1 - o0, :m] = src[o0:o1, :m]
@@ -425,9 +425,13 @@ class _Fit:
                 kept[p] = (o0, block)
             if sources[p] == p and r0 == 0 and r1 == grid.rows:  # the whole pipe in one run: for the metrics
                 self._solved[p] = block
-            while writing:
-                writing.pop().result()
-            writing.append(writer.submit(self._write_run, tiles, record, block, r0, r1, a))
+            # one run in flight, unless the others' rows are kept anyway (memory: at most two runs besides those)
+            held = [id(b) for _, b in kept.values()] + [id(b) for b in self._solved.values()]
+            for w, b in list(writing):
+                if id(b) not in held or w.done():
+                    w.result()  # waits, or raises what the write raised
+                    writing.remove((w, b))
+            writing.append((writer.submit(self._write_run, tiles, record, block, r0, r1, a), block))
 
     def _write_run(self, tiles: zarr.Array, record, block: np.ndarray, r0: int, r1: int, a: int) -> None:
         step = max(1, (_SCRATCH_CHUNK_BYTES // max(1, block[:a].nbytes)))  # bands a write: no run-sized copy

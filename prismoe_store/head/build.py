@@ -42,6 +42,7 @@ from prismoe_store.grid import default_band_rows, next_pow2
 from prismoe_store.head.vocab_order import OrderConfig, band_sizes, cluster_order, hidden_metric, identity_order
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.formats import StoreOptions, describe_kind, existing_kind, store_exists
+from prismoe_store.stores.progress import recheck
 
 ProgressFn = Callable[[int, int], None]
 Stages = Callable[[str], AbstractContextManager[ProgressFn | None]]  # stage name -> progress callback
@@ -105,6 +106,7 @@ class HeadReport:
     bands_written: int  # bands this call wrote (fewer than `bands` when resuming)
     seconds: float  # wall time
     already_finished: bool = False  # the output already held this head, finished: this call wrote nothing
+    bands_repaired: int = 0  # of bands_written, those recorded as written before but found damaged or missing
 
     def to_dict(self) -> dict:
         """Plain dict (JSON)."""
@@ -118,7 +120,8 @@ class HeadReport:
         lines = [f"{done} {self.source} ({self.d_out} × {self.d_in}) as {self.bands} bands of "
                  f"{self.band_rows} rows in {len(self.pipe_rows)} pipes {self.pipe_rows}, {self.order} order"
                  + (f" (cohesion {self.cohesion:.3f})" if self.order == "cluster" else "")
-                 + ("" if self.already_finished else f", {self.bands_written} bands written in {self.seconds:.1f} s"),
+                 + ("" if self.already_finished else f", {self.bands_written} bands written in {self.seconds:.1f} s")
+                 + (f" ({self.bands_repaired} found damaged, written again)" if self.bands_repaired else ""),
                  f"bytes: tiles {self.stored_fp32_bytes / 2**20:.1f} MiB fp32 = {ratio:.3f}× the matrix; "
                  f"gate {self.gate_bytes / 2**20:.2f} MiB ({self.gate_bytes / self.matrix_bytes:.4f}×)"
                  + (f"; INT8 tiles + scales {self.int8_bytes / 2**20:.1f} MiB "
@@ -145,9 +148,12 @@ def build_head(source, output, *, config: HeadConfig = HeadConfig(), overwrite: 
     V, d = (int(n) for n in matrix.shape)
     band_rows = config.rows_per_band(V)
     adapter, resume = _open_output(output, d, V, band_rows, label, config, overwrite)
-    if adapter.complete:  # the same command ran to the end before: nothing to do, like collect, extract, synth
-        cohesion = float(adapter.attrs()["head"].get("cohesion", float("nan")))
-        return _report(adapter, output, label, config, cohesion, written=0, t0=t0, finished=True)
+    damaged = _recheck_bands(adapter)  # bands recorded as written whose chunk is missing or damaged: redone
+    if adapter.complete:
+        if not damaged:  # the same command ran to the end before: nothing to do, like collect, extract, synth
+            cohesion = float(adapter.attrs()["head"].get("cohesion", float("nan")))
+            return _report(adapter, output, label, config, cohesion, written=0, t0=t0, finished=True)
+        adapter.update_attrs(complete=False)  # not served while its damaged bands are written again
 
     with tempfile.TemporaryDirectory(prefix="prismoe-head-", dir=config.scratch_dir) as scratch:
         rows = _ScratchRows(os.path.join(scratch, "rows.f32"), V, d)
@@ -178,18 +184,29 @@ def build_head(source, output, *, config: HeadConfig = HeadConfig(), overwrite: 
         with stage("quantize") as progress:
             quantize_adapter(adapter, progress=progress)
     adapter.update_attrs(complete=True)
-    return _report(adapter, output, label, config, cohesion, written=written, t0=t0)
+    return _report(adapter, output, label, config, cohesion, written=written, t0=t0, repaired=len(damaged))
+
+
+def _recheck_bands(adapter: AdapterStore) -> list[int]:
+    """Bands recorded as written whose tile chunk is missing, unrecorded or damaged, recorded as not
+    written again (each written band's chunk is read once)."""
+    def chunks(band: int):
+        p, r = adapter.band_location(band)
+        tiles = adapter.tiles(p)
+        return [(tiles, (r, c)) for c in range(-(-tiles.shape[1] // tiles.chunks[1]))]
+
+    return recheck(adapter.progress("head_bands", adapter.n_bands), chunks)
 
 
 def _report(adapter: AdapterStore, output, label: str, config: HeadConfig, cohesion: float, *, written: int,
-            t0: float, finished: bool = False) -> HeadReport:
+            t0: float, finished: bool = False, repaired: int = 0) -> HeadReport:
     V, d, band_rows = adapter.d_out, adapter.d_in, adapter.band_rows
     sizes = band_sizes(V, band_rows)
     return HeadReport(url=str(output), source=label, d_in=d, d_out=V, band_rows=band_rows, bands=len(sizes),
                       pipe_rows=[g.d_out for g in adapter.grids], order=config.order.method, cohesion=cohesion,
                       matrix_bytes=4 * V * d, stored_fp32_bytes=4 * V * d, gate_bytes=4 * len(sizes) * (d + 1),
                       int8_bytes=V * d + 4 * V if config.int8 else None, bands_written=written,
-                      seconds=time.perf_counter() - t0, already_finished=finished)
+                      seconds=time.perf_counter() - t0, already_finished=finished, bands_repaired=repaired)
 
 
 # -- the source ---------------------------------------------------------------------------------

@@ -71,7 +71,10 @@ def _name_pair(spec: str) -> tuple[str, str]:
 @click.option("--name", default=None, help="Tensor name in the store (default: the file's stem).")
 @_store_options
 def tile_cmd(matrix, name, store, workers, dtype, compressor, shard, overwrite, as_json, quiet):
-    """Tile the one matrix in MATRIX (.npy or .pt) into a weights store."""
+    """Tile the one matrix in MATRIX (.npy or .pt) into a weights store.
+
+    Re-running into the same store finishes an interrupted run from the same file.
+    """
     options = StoreOptions(compressor=compressor, shard=shard)
     with bar("tile", quiet=quiet, unit="tile") as progress:
         result = tile(matrix, store, name=name, workers=workers, dtype=dtype, options=options,

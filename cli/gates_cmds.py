@@ -7,6 +7,8 @@ The reports and their text are :mod:`prismoe_store.gates.report` and
 
 from __future__ import annotations
 
+import functools
+
 import click
 
 from cli.options import device_option, json_option, plot_dir_option
@@ -39,11 +41,20 @@ def _sparsities(ctx, param, value: str) -> list[float]:
     return out
 
 
-def _split_options(f):
+def _both_defaults(name: str) -> str:
+    """``[default: 0.3; head adapters: 0.1]``: an option of fit-gates whose default depends on the
+    adapter (a fitted adapter's gates, :class:`GateSettings`; a head adapter's band gate, :data:`BAND_GATE`)."""
+    fitted, head = getattr(S.GateSettings, name), getattr(S.BAND_GATE, name)
+    return f"[default: {fitted:g}" + (f"; head adapters: {head:g}]" if head != fitted else ", head adapters too]")
+
+
+def _split_options(f, *, head: bool = False):
+    head_seed = f"; head adapters: {S.BAND_GATE.seed}" if head else ""
+    head_holdout = f"; head adapters: {S.BAND_GATE.holdout:g}" if head else ""
     f = click.option("--seed", type=click.IntRange(min=0), default=None,
-                     help="Seed of the held-out split (default: the adapter's fit).")(f)
+                     help=f"Seed of the held-out split (default: the adapter's fit{head_seed}).")(f)
     f = click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-                     help="Share of rows held out (default: the adapter's fit, else 0.1).")(f)
+                     help=f"Share of rows held out (default: the adapter's fit, else 0.1{head_holdout}).")(f)
     return f
 
 
@@ -53,7 +64,12 @@ def _common_options(f):
     return device_option()(f)
 
 
-def _training_options(f):
+_HEAD_OPTIONS = ("sparsity", "epochs", "lr", "batch_size")  # fit-gates options a head adapter's band gate reads
+
+
+def _training_options(f, *, head: bool = False):
+    """The gate-training options; ``head``: those a head adapter also reads show both defaults (their
+    click default is None: the command fills in the one of the adapter's kind)."""
     d = S.GateSettings
     for name, typ, default, hlp in reversed([
         ("--epochs", click.IntRange(min=0), d.epochs, "Maximum passes over the training rows."),
@@ -66,19 +82,23 @@ def _training_options(f):
         ("--patience", click.IntRange(min=0), d.patience, "Epochs without held-out improvement before stopping "
                                                            "(0: never stop early)."),
     ]):
-        f = click.option(name, type=typ, default=default, show_default=True, help=hlp)(f)
+        key = name[2:].replace("-", "_")
+        if head and key in _HEAD_OPTIONS:
+            f = click.option(name, type=typ, default=None, help=f"{hlp}  {_both_defaults(key)}")(f)
+        else:
+            f = click.option(name, type=typ, default=default, show_default=True, help=hlp)(f)
     return f
 
 
 @click.command("fit-gates")
 @click.argument("adapter")
 @click.argument("pairs")
-@click.option("--sparsity", type=click.FloatRange(0, 1, min_open=True), default=S.GateSettings.sparsity,
-              show_default=True, help="ρ: share of each pipe's active tiles a token uses (K = round(ρ·n)).")
-@_training_options
+@click.option("--sparsity", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help=f"ρ: share of each pipe's active tiles a token uses (K = round(ρ·n)).  {_both_defaults('sparsity')}")
+@functools.partial(_training_options, head=True)
 @click.option("--init", type=click.Choice(S.INITS), default=S.GateSettings.init, show_default=True,
               help="Gate initialisation (see docs/gates.md).")
-@_split_options
+@functools.partial(_split_options, head=True)
 @click.option("--restart", is_flag=True, help="Start over instead of resuming a saved run.")
 @_common_options
 @json_option()
@@ -92,22 +112,20 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
     For a head adapter (`prismoe head`), PAIRS holds hidden states only (a store from `prismoe
     collect --target none`, any pairs store's x, or a .npy): the band gate learns the head's
     band-mass distribution, computed from the tiles on the fly. Of the options, --sparsity,
-    --epochs, --lr, --batch-size, --holdout, --seed, --restart and --device apply (their defaults
-    then: 0.1, 10, 0.002, 256, 0.05, 0, off, cpu).
+    --epochs, --lr, --batch-size, --holdout, --seed, --restart and --device apply (with the head
+    adapters' defaults each option names).
     """
     from prismoe_store.stores.adapter import AdapterStore
 
+    given = {name: value for name, value in (("sparsity", sparsity), ("epochs", epochs), ("lr", lr),
+                                              ("batch_size", batch_size)) if value is not None}
     store = AdapterStore.open(adapter, "r+")
     if store.layout == "partition":
-        ctx = click.get_current_context()
-        given = {name: value for name, value in (("sparsity", sparsity), ("epochs", epochs), ("lr", lr),
-                                                  ("batch_size", batch_size), ("holdout", holdout), ("seed", seed))
-                 if value is not None and ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
-        _fit_band_gate(store, pairs, given, restart, device, as_json, quiet)
+        split = {name: value for name, value in (("holdout", holdout), ("seed", seed)) if value is not None}
+        _fit_band_gate(store, pairs, {**given, **split}, restart, device, as_json, quiet)
         return
-    config = S.GateSettings(sparsity=sparsity, epochs=epochs, lr=lr, batch_size=batch_size, balance_coef=balance_coef,
-                            z_loss_coef=z_loss_coef, temperature=temperature, init=init, patience=patience,
-                            holdout=holdout, seed=seed)
+    config = S.GateSettings(**given, balance_coef=balance_coef, z_loss_coef=z_loss_coef, temperature=temperature,
+                            init=init, patience=patience, holdout=holdout, seed=seed)
     with bar("fit-gates", quiet=quiet, unit="row") as progress:
         r = _gates().fit_gates(adapter, pairs, config, restart=restart, device=device,
                                max_tile_bytes=int(max_tile_mb * 2**20), progress=progress)

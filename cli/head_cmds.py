@@ -59,7 +59,8 @@ def head_cmd(source, output, tensor, bands, band_rows, order, iterations, hidden
     SOURCE is any checkpoint `extract` reads (file or folder), a .npy, a weights store, or an
     adapter store (its combined matrix). No pairs and no fit are needed; train the gate
     afterwards with `prismoe fit-gates OUTPUT HIDDEN`. Re-running after an interruption finishes
-    the bands not yet written.
+    the bands not yet written; re-running after it finished does nothing (other settings are refused
+    without --overwrite).
     """
     from prismoe_store.head.build import HeadConfig, build_head
     from prismoe_store.head.vocab_order import OrderConfig

@@ -6,7 +6,7 @@ import importlib
 
 import click
 
-from cli.messages import error_line
+from cli.messages import INTERRUPTED_EXIT, error_line, interrupt_line
 from prismoe_store.errors import PrismoeError
 
 # Modules under cli/ that define commands; each exposes ``commands`` (a list of click commands)
@@ -25,7 +25,8 @@ COMMAND_MODULES = [
 
 
 class _Group(click.Group):
-    """A click group that turns library errors into ``click.ClickException`` (one line, exit 1)."""
+    """A click group that turns library errors into ``click.ClickException`` (one line, exit 1), and
+    Ctrl-C into one line saying whether the work is kept (exit 130), instead of click's "Aborted!"."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -37,6 +38,9 @@ class _Group(click.Group):
             raise click.ClickException(f"{e.strerror or e}{where}") from None
         except MemoryError:
             raise click.ClickException("out of memory: try a smaller --batch-size / --cache-mb / chunk size") from None
+        except KeyboardInterrupt:
+            click.echo(interrupt_line(ctx.invoked_subcommand), err=True)
+            ctx.exit(INTERRUPTED_EXIT)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

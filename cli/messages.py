@@ -1,9 +1,9 @@
-"""What the CLI says when something is wrong: library errors as one line, and warnings.
+"""What the CLI says when something is wrong: library errors as one line, Ctrl-C, and warnings.
 
 :func:`error_line` is what ``cli/main.py`` prints for a :class:`~prismoe_store.errors.PrismoeError`:
 the library's message (what is wrong, and usually what to do) on one line, without the exception's
 class name, shortened to about :data:`MAX_CHARS` by cutting its middle, with a hint of what to do
-for the kinds whose messages do not carry one.
+for the kinds whose messages do not carry one. :func:`interrupt_line` is what it prints on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -35,6 +35,25 @@ def error_line(e: PrismoeError) -> str:
     if hint and "--tensor" not in text and "re-run" not in text and "--overwrite" not in text:
         text += f" — {hint}"
     return text
+
+
+# Commands that keep their finished work when interrupted and finish the rest when run again
+# (each resumes from its store's own progress record: rows, tiles, bands, epochs, stages).
+RESUMABLE = ("collect", "synth", "extract", "tile", "fit", "fit-gates", "head", "quantize", "train")
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for a job stopped by Ctrl-C
+
+
+def interrupt_line(command: str | None) -> str:
+    """The one line printed when Ctrl-C stops ``command`` (the subcommand's name).
+
+    >>> interrupt_line("collect")
+    'interrupted: the work finished so far is kept; run the same command again to continue it'
+    >>> interrupt_line("compare")
+    'interrupted'
+    """
+    if command in RESUMABLE:
+        return "interrupted: the work finished so far is kept; run the same command again to continue it"
+    return "interrupted"
 
 
 def warn(message: str) -> None:

@@ -41,8 +41,10 @@ Conventions shared by the commands:
   object on stdout instead of text. `--plot DIR` / `--plots DIR` write PNG files into DIR.
 - Bad input (a missing file or tensor, a store of the wrong format, a corrupt chunk) ends with a
   one-line `Error: …` message and exit status 1; a wrong combination of options, with status 2.
-- Interrupted jobs (extract, collect, synth, fit, fit-gates, quantize) resume when re-run with the
-  same arguments.
+- Interrupted jobs (collect, synth, extract, tile, fit, fit-gates, head, quantize, train) resume when
+  re-run with the same arguments; Ctrl-C stops them with one line saying so and exit status 130.
+  Re-running one that already finished redoes nothing and exits 0 (`fit` alone refuses: pass
+  `--overwrite` to refit).
 - `prismoe --version` prints the version; `-h/--help` works on every command.
 
 This file is generated from the commands' own help by `python scripts/gen_cli_docs.py`; edit the

@@ -99,3 +99,9 @@ def test_fit_gates_command_on_a_head(tmp_path):
     res = CliRunner().invoke(main, ["fit-gates", str(tmp_path / "a.zarr"), str(tmp_path / "h.npy"), "--epochs", "1",
                                     "--quiet"])
     assert res.exit_code == 0 and "top-1 band recall" in res.output
+    # options left out take the band gate's defaults (the help names them), not the fitted gates'
+    res = CliRunner().invoke(main, ["fit-gates", str(tmp_path / "a.zarr"), str(tmp_path / "h.npy"), "--epochs", "1",
+                                    "--json"])
+    settings, defaults = json.loads(res.stdout)["settings"], BandGateConfig()
+    assert (settings["sparsity"], settings["lr"], settings["holdout"]) == (defaults.sparsity, defaults.lr,
+                                                                          defaults.holdout) == (0.1, 0.002, 0.05)

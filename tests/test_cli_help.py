@@ -63,3 +63,25 @@ def test_shared_options_mean_the_same_in_every_command():
                 assert (p.name, p.is_flag, got) == (dest, flag, default), (" ".join(path), name)
                 seen[name] += 1
     assert all(n >= 3 for n in seen.values()), seen  # each is shared by several commands
+
+
+def test_fit_gates_help_gives_the_defaults_of_both_kinds_of_adapter():
+    """fit-gates trains a fitted adapter's gates or a head adapter's band gate, whose defaults differ:
+    the help names both, as the two configs hold them (not one of them as click's [default: …])."""
+    pytest.importorskip("torch")
+    from prismoe_store.gates.settings import GateSettings
+    from prismoe_store.head.band_gate import BandGateConfig
+
+    cmd = main.commands["fit-gates"]
+    ctx = click.Context(cmd, info_name="fit-gates")
+    records = {p.name: p.get_help_record(ctx)[1] for p in cmd.params if isinstance(p, click.Option)}
+    head = BandGateConfig()
+    for name in ("sparsity", "epochs", "lr"):
+        fitted, band = getattr(GateSettings, name), getattr(head, name)
+        assert fitted != band
+        assert f"[default: {fitted:g}; head adapters: {band:g}]" in records[name], records[name]
+    assert "head adapters: 0.05" in records["holdout"] and head.holdout == 0.05
+    assert f"head adapters: {head.seed})" in records["seed"]
+    help_text = " ".join(CliRunner().invoke(main, ["fit-gates", "--help"]).output.split())
+    assert "[default: 0.3; head adapters: 0.1]" in help_text and "[default: 30; head adapters: 10]" in help_text
+    assert "[default: 0.01; head adapters: 0.002]" in help_text

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import write_safetensors
 
 from cli.main import main
-from cli.messages import MAX_CHARS, error_line
+from cli.messages import INTERRUPTED_EXIT, MAX_CHARS, RESUMABLE, error_line
 from prismoe_store.errors import IncompleteStoreError, TensorNotFoundError
 from prismoe_store.grid import padding_advice, plan_pipes
 from prismoe_store.stores.pairs import PairsStore
@@ -85,3 +85,51 @@ def test_collect_takes_output_like_every_command(flag):
 
     option = next(p for p in collect_cmd.params if p.name == "out")
     assert flag in option.opts
+
+
+def test_ctrl_c_says_the_work_is_kept_and_the_rerun_finishes_it(tmp_path, monkeypatch):
+    """Ctrl-C in a resumable command: one line (not click's "Aborted!"), exit 130, and the line's
+    promise holds: the same command run again finishes the store, equal to an uninterrupted one."""
+    args = ["synth", "--rows", 700, "--d-in", 6, "--d-out", 5, "--rows-per-chunk", 100, "-q"]
+    real_append, calls = PairsStore.append, []
+
+    def append_then_ctrl_c(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_append(self, *a, **kw)
+
+    monkeypatch.setattr(PairsStore, "append", append_then_ctrl_c)
+    cut = _run(*args, "-o", tmp_path / "cut.zarr")
+    monkeypatch.setattr(PairsStore, "append", real_append)
+    assert cut.exit_code == INTERRUPTED_EXIT == 130
+    assert cut.output.strip().splitlines() == [
+        "interrupted: the work finished so far is kept; run the same command again to continue it"]
+    assert PairsStore.open(tmp_path / "cut.zarr").rows == 200  # the two chunks before Ctrl-C
+    assert _run(*args, "-o", tmp_path / "cut.zarr").exit_code == 0
+    assert _run(*args, "-o", tmp_path / "whole.zarr").exit_code == 0
+    a, b = PairsStore.open(tmp_path / "cut.zarr"), PairsStore.open(tmp_path / "whole.zarr")
+    assert a.rows == b.rows == 700
+    for u, v in zip(a.read(0, 700), b.read(0, 700)):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_ctrl_c_in_a_command_that_does_not_resume_promises_nothing(tmp_path, monkeypatch):
+    PairsStore.create(tmp_path / "p.zarr", d_in=3, d_out=2)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PairsStore, "open", interrupted)
+    r = _run("pairs-info", tmp_path / "p.zarr")
+    assert r.exit_code == 130 and r.output.strip().splitlines() == ["interrupted"]
+
+
+def test_the_resumable_commands_are_commands_that_say_they_resume():
+    for name in RESUMABLE:
+        cmd = main.commands[name]
+        text = (cmd.help or "").lower()
+        assert any(w in text for w in ("resum", "re-run", "finishes the rest")), name
+    for name, cmd in main.commands.items():  # and no command that says it resumes is left out
+        if "resum" in (cmd.help or "").lower() or "re-running" in (cmd.help or "").lower():
+            assert name in RESUMABLE, name

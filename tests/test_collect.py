@@ -327,3 +327,82 @@ def test_resume_refuses_a_damaged_store_and_keeps_it(world, llama, tmp_path):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing lost, nothing added
     collect(llama, None, texts, out, spec=CollectSpec(batch_size=2, max_length=24), overwrite=True)
     assert PairsStore.open(out).damaged_rows() == []
+
+
+def _no_model_load(monkeypatch):
+    """Make loading a model fail the test: what is checked here must be refused before that (slow) step."""
+    import importlib
+
+    collect_module = importlib.import_module("prismoe_store.data.collect")  # the module, not its function
+    def load_models(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(collect_module, "load_models", load_models)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_foreign_output_is_refused_before_the_model_loads(world, tmp_path, monkeypatch, overwrite):
+    _no_model_load(monkeypatch)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("my notes")
+    args = ["collect", "--upper", str(world["llama"]), "--text", str(world["a"]), "-o", str(mine)]
+    result = _run(args + (["--overwrite"] if overwrite else []))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == [
+        f"Error: {mine} holds a folder of other files, not a pairs store: refusing to replace it "
+        "(--overwrite replaces only a pairs store); choose another output"]
+    assert "loading" not in result.stderr and [p.name for p in mine.iterdir()] == ["results.md"]
+    assert (mine / "results.md").read_text() == "my notes"
+
+
+def test_a_pairs_store_not_made_by_collect_is_refused_before_the_model_loads(world, tmp_path, monkeypatch):
+    _no_model_load(monkeypatch)
+    out = tmp_path / "synth.zarr"
+    PairsStore.create(out, d_in=4, d_out=3).append(np.ones((2, 4), np.float32), np.ones((2, 3), np.float32))
+    with pytest.raises(DataError, match="not made by collect"):
+        collect(str(world["llama"]), None, [world["a"]], out)
+    assert PairsStore.open(out).rows == 2
+
+
+def test_a_cut_jsonl_line_is_refused_before_the_model_loads_and_leaves_nothing(world, tmp_path, monkeypatch):
+    _no_model_load(monkeypatch)
+    lines = [json.dumps({"text": doc}) for doc in world["docs"][:5]]
+    cut = tmp_path / "trunc.jsonl"
+    cut.write_text("\n".join(lines[:4]) + "\n" + lines[4][:9])  # the last line cut inside its string
+    out = tmp_path / "c2.zarr"
+    result = _run(["collect", "--upper", str(world["llama"]), "--text", str(world["a"]), "--text", str(cut),
+                   "-o", str(out)])
+    assert result.exit_code == 1 and "loading" not in result.stderr
+    with pytest.raises(json.JSONDecodeError) as jerr:
+        json.loads(lines[4][:9])
+    (line,) = result.stderr.strip().splitlines()
+    # the whole json error (what, where: file line and column), not its clipped message
+    assert line == (f"Error: {cut}:5: not a JSON object ({jerr.value.msg}: line 5 column {jerr.value.colno}); "
+                    "the line is cut short (truncated file?)")
+    assert not out.exists()  # no empty store left behind
+    # an invalid line in the middle (not cut): named with its line, and nothing is written either
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(lines[0] + "\n" + '{"text": "a" "b"}\n' + lines[1] + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not a JSON object \(Expecting ',' delimiter: line 2 column 14\)$"
+                       ):
+        collect(str(world["llama"]), None, [bad], out)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"fine\ncaf\xe9\n")
+    with pytest.raises(DataError, match=r"latin.txt:2: not UTF-8 text"):
+        collect(str(world["llama"]), None, [latin], out)
+    assert not out.exists()
+
+
+def test_a_truncated_gguf_is_named_as_truncated_before_transformers_reads_it(world, tmp_path):
+    whole = world["gguf"].read_bytes()
+    trunc = tmp_path / "trunc.gguf"
+    trunc.write_bytes(whole[: len(whole) - 4096])
+    result = _run(["collect", "--upper", str(trunc), "--text", str(world["a"]), "-o", str(tmp_path / "p"), "-q"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"Error: cannot read {trunc} as GGUF: tensor '") and \
+        line.endswith("' runs past the end (truncated?)"), line
+    assert not (tmp_path / "p").exists()
+    with pytest.raises(errors.SourceError, match="truncated"):
+        load_model(trunc)

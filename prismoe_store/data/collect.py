@@ -60,8 +60,8 @@ from prismoe_store.data.pairs_writer import PairsWriter
 from prismoe_store.data.rows import RowCollector, WorkItem, cut_item, work_items
 from prismoe_store.data.texts import count_done, scan_texts
 from prismoe_store.errors import CorruptStoreError, DataError
-from prismoe_store.stores.formats import StoreOptions, store_exists
-from prismoe_store.stores.pairs import NONFINITE_CHOICES, PairsStore, screen_nonfinite
+from prismoe_store.stores.formats import StoreOptions, check_output
+from prismoe_store.stores.pairs import NONFINITE_CHOICES, PAIRS_FORMAT, PairsStore, screen_nonfinite
 
 TARGETS = ("logits", "embeddings", "hidden", "none")
 POOLS = ("none", "last", "mean")
@@ -156,24 +156,33 @@ def _settings(collector: RowCollector, spec: CollectSpec, pool: str, tokenizers:
             "tokenizers": tokenizers}
 
 
-def _open_or_create(out: str, collector: RowCollector, settings: dict, provenance: dict, *,
-                    overwrite: bool, options: StoreOptions | None) -> PairsStore:
-    if not overwrite and store_exists(out):
-        store = PairsStore.open(out, "a")
-        old = store.provenance.get("settings")
-        if old is None:
-            raise DataError(f"{out} is a pairs store not made by collect: give a new -o (or --overwrite)")
+def _existing_store(out: str, *, overwrite: bool) -> PairsStore | None:
+    """The store at ``out`` to resume, or ``None`` to create one; checked before any model loads
+    (cheap, so a wrong ``-o`` fails at once): anything but a pairs store is refused even with
+    ``overwrite``, and so are a pairs store not made by collect and a damaged one."""
+    if check_output(out, PAIRS_FORMAT) is None or overwrite:
+        return None
+    store = PairsStore.open(out, "a")
+    if store.provenance.get("settings") is None:
+        raise DataError(f"{out} is a pairs store not made by collect: give a new -o (or --overwrite)")
+    damaged = store.damaged_rows()
+    if damaged:  # rows cannot be made again in place (they are not recorded per document)
+        s0, s1 = damaged[0]
+        raise CorruptStoreError(f"{out} is damaged ({len(damaged)} row chunk(s), first rows {s0}..{s1 - 1}): "
+                                "collect cannot extend it; collect again into a new -o (or --overwrite)")
+    return store
+
+
+def _open_or_create(out: str, existing: PairsStore | None, collector: RowCollector, settings: dict,
+                    provenance: dict, *, overwrite: bool, options: StoreOptions | None) -> PairsStore:
+    if existing is not None:
+        old = existing.provenance["settings"]
         diff = [k for k in settings if old.get(k) != settings[k]]
         if diff:
             k = diff[0]
             raise DataError(f"{out} was collected with {k}={old.get(k)!r}, this run has {settings[k]!r}: "
                             "use the same settings to resume, or a new -o")
-        damaged = store.damaged_rows()
-        if damaged:  # rows cannot be made again in place (they are not recorded per document)
-            s0, s1 = damaged[0]
-            raise CorruptStoreError(f"{out} is damaged ({len(damaged)} row chunk(s), first rows {s0}..{s1 - 1}): "
-                                    "collect cannot extend it; collect again into a new -o (or --overwrite)")
-        return store
+        return existing
     d_in, d_out = collector.widths()
     return PairsStore.create(out, d_in=d_in, d_out=d_out, rows_per_chunk=rows_per_chunk(d_in + d_out),
                              options=options, provenance=provenance, overwrite=overwrite)
@@ -208,7 +217,9 @@ def collect(upper, lower, texts, out, *, spec: CollectSpec = CollectSpec(), over
     """
     t_start = time.perf_counter()
     check_model_paths(upper, lower)
-    sources = scan_texts(texts)
+    sources = scan_texts(texts)  # every line checked: a bad text fails here, before a store or a model
+    out = str(out)
+    existing = _existing_store(out, overwrite=overwrite)
     upper, lower, same = load_models(upper, lower, device=spec.device, dtype=spec.dtype,
                                      need_head=spec.target == "logits", notice=notice)
     collector = spec.collector(upper, lower, same)
@@ -222,8 +233,7 @@ def collect(upper, lower, texts, out, *, spec: CollectSpec = CollectSpec(), over
                    "(--pool last); pass --pool last|mean to choose")
     tokenizers = "shared" if shared else "different"
     settings = _settings(collector, spec, pool, tokenizers)
-    out = str(out)
-    store = _open_or_create(out, collector, settings, {
+    store = _open_or_create(out, existing, collector, settings, {
         "kind": "collected", "settings": settings, "upper": upper.info, "lower": lower.info,
         "layer_asked": spec.layer, "pool_asked": spec.pool, "texts": {}, "tokens": 0, "tokens_lower": 0,
     }, overwrite=overwrite, options=options)

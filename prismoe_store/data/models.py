@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, cast
 
 from prismoe_store.data.texts import TextSource, iter_documents
 from prismoe_store.errors import DataError, ModelError, SourceError
+from prismoe_store.sources.gguf_file import GGUFSource
 
 if TYPE_CHECKING:  # transformers is an optional dependency (the `models` extra), imported when a model loads
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -82,17 +83,23 @@ def _first_line(e: BaseException) -> str:
 
 
 def _locate(spec: str) -> tuple[Path, str | None]:
-    """``(folder, gguf file name or None)`` for a model folder or a ``.gguf`` file; clear errors."""
+    """``(folder, gguf file name or None)`` for a model folder or a ``.gguf`` file; clear errors.
+
+    A GGUF's header is read and every tensor's byte range checked against the file's size
+    (:class:`~prismoe_store.sources.gguf_file.GGUFSource`, as ``extract`` and ``head`` do), so a
+    truncated or corrupt file is named as such before transformers reads it."""
     path = Path(spec).expanduser()
     if not path.exists():
         raise SourceError(f"no model at {spec}")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelError(f"{spec} is a file but not a .gguf: give a model folder or a .gguf file")
+        GGUFSource(path)
         return path.parent, path.name
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
+            GGUFSource(ggufs[0])
             return path, ggufs[0].name
         raise ModelError(f"{spec} has no config.json (not a Hugging Face model folder)"
                          + (f"; it holds {len(ggufs)} .gguf files: name one" if ggufs else ""))

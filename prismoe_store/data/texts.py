@@ -38,26 +38,55 @@ def _is_jsonl(path: Path) -> bool:
 
 
 def scan_text(path: str | os.PathLike) -> TextSource:
-    """Hash a text file and count its documents (one streaming pass); clear errors when unusable.
+    """Hash a text file, count its documents and check every line (one streaming pass, memory flat):
+    a line that is not UTF-8, or (JSONL) not a JSON object with a string ``"text"``, is a
+    :class:`~prismoe_store.errors.DataError` naming the file and line, found before any model runs.
 
     >>> import tempfile, os
     >>> p = os.path.join(tempfile.mkdtemp(), "t.txt")
     >>> _ = open(p, "w").write("one doc\\n\\nanother doc\\n")
     >>> scan_text(p).documents
     2
+    >>> j = os.path.join(os.path.dirname(p), "t.jsonl")
+    >>> _ = open(j, "w").write('{"text": "a"}\\n{"text": "b')
+    >>> scan_text(j)  # doctest: +ELLIPSIS, +NORMALIZE_WHITESPACE
+    Traceback (most recent call last):
+    ...
+    prismoe_store.errors.DataError: ...t.jsonl:2: not a JSON object (Unterminated string starting at: line 2
+    column 10); the line is cut short (truncated file?)
     """
     p = Path(path).expanduser()
     if not p.is_file():
         raise SourceError(f"no text file at {path}")
+    jsonl = _is_jsonl(p)
     digest, count = hashlib.sha256(), 0
     with open(p, "rb") as fh:
-        for line in fh:
+        for lineno, line in enumerate(fh, 1):
             digest.update(line)
             if line.strip():
+                _document(line, lineno, str(p), jsonl)
                 count += 1
     if count == 0:
         raise DataError(f"{path} has no documents (the file is empty or blank)")
-    return TextSource(str(p.resolve()), digest.hexdigest(), p.stat().st_size, count, _is_jsonl(p))
+    return TextSource(str(p.resolve()), digest.hexdigest(), p.stat().st_size, count, jsonl)
+
+
+def _document(raw: bytes, lineno: int, path: str, jsonl: bool) -> str:
+    """The document on line ``lineno`` (a non-blank line of the file ``path``); DataError when unusable."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
+    if not jsonl:
+        return line.rstrip("\r\n")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        cut = "" if raw.endswith(b"\n") else "; the line is cut short (truncated file?)"
+        raise DataError(f"{path}:{lineno}: not a JSON object ({e.msg}: line {lineno} column {e.colno}){cut}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise DataError(f"{path}:{lineno}: JSONL line has no string \"text\" field")
+    return obj["text"]
 
 
 def iter_documents(source: TextSource, *, start: int = 0) -> Iterator[tuple[int, str]]:
@@ -75,21 +104,7 @@ def iter_documents(source: TextSource, *, start: int = 0) -> Iterator[tuple[int,
             if not raw.strip():
                 continue
             if index >= start:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise DataError(f"{source.path}:{lineno}: not UTF-8 text") from None
-                if source.jsonl:
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{source.path}:{lineno}: not a JSON object ({e.msg})") from None
-                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                        raise DataError(f"{source.path}:{lineno}: JSONL line has no string \"text\" field")
-                    text = obj["text"]
-                else:
-                    text = line.rstrip("\r\n")
-                yield index, text
+                yield index, _document(raw, lineno, source.path, source.jsonl)
             index += 1
 
 

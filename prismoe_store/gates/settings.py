@@ -125,3 +125,24 @@ class GateSettings:
     def resume_key(self) -> dict:
         """The settings a resumed run must share with the saved one (all but epochs and patience)."""
         return {k: v for k, v in asdict(self).items() if k not in ("epochs", "patience")}
+
+
+@dataclass(frozen=True)
+class BandGateDefaults:
+    """The defaults of a head adapter's band gate (:class:`~prismoe_store.head.band_gate.BandGateConfig`
+    takes them from :data:`BAND_GATE`), kept here, free of torch, so ``prismoe fit-gates --help`` can
+    show them beside :class:`GateSettings`'.
+
+    >>> BAND_GATE.sparsity < GateSettings.sparsity
+    True
+    """
+
+    sparsity: float = 0.1  # ρ: share of bands a token takes
+    epochs: int = 10  # most passes over the training rows
+    lr: float = 2e-3  # Adam learning rate
+    batch_size: int = 256  # rows per optimizer step
+    holdout: float = 0.05  # share of rows held out to choose the best epoch
+    seed: int = 0  # the held-out split and the shuffling
+
+
+BAND_GATE = BandGateDefaults()

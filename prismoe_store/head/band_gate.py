@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from prismoe_store.errors import DataError, FitError, IncompleteStoreError
+from prismoe_store.gates.settings import BAND_GATE
 from prismoe_store.grid import band_sizes
 from prismoe_store.runtime.slot_pool import SlotPool
 from prismoe_store.stores.adapter import AdapterStore
@@ -65,12 +66,12 @@ class BandGateConfig:
     prismoe_store.errors.DataError: lr must be a positive number, got 0
     """
 
-    epochs: int = 10  # most passes over the training rows (the best held-out epoch is kept)
-    batch_size: int = 256  # rows per optimizer step
-    lr: float = 2e-3  # Adam learning rate
-    sparsity: float = 0.1  # ρ: share of bands a token takes, for the held-out score (and recorded for the runtime)
-    holdout: float = 0.05  # share of rows held out to choose the best epoch
-    seed: int = 0  # the held-out split and the shuffling
+    epochs: int = BAND_GATE.epochs  # most passes over the training rows (the best held-out epoch is kept)
+    batch_size: int = BAND_GATE.batch_size  # rows per optimizer step
+    lr: float = BAND_GATE.lr  # Adam learning rate
+    sparsity: float = BAND_GATE.sparsity  # ρ: share of bands a token takes, for the held-out score (and the runtime)
+    holdout: float = BAND_GATE.holdout  # share of rows held out to choose the best epoch
+    seed: int = BAND_GATE.seed  # the held-out split and the shuffling
     restart: bool = False  # start from the centroid gate instead of the stored gate
     device: str = "cpu"  # where the teacher pass and the training run
     cache_bytes: int | None = None  # tile budget of the teacher pass (None: every band)

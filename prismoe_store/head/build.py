@@ -42,6 +42,7 @@ from prismoe_store.grid import default_band_rows, next_pow2
 from prismoe_store.head.vocab_order import OrderConfig, band_sizes, cluster_order, hidden_metric, identity_order
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.formats import StoreOptions, describe_kind, existing_kind, store_exists
+from prismoe_store.stores.progress import recheck
 
 ProgressFn = Callable[[int, int], None]
 Stages = Callable[[str], AbstractContextManager[ProgressFn | None]]  # stage name -> progress callback
@@ -104,6 +105,8 @@ class HeadReport:
     int8_bytes: int | None  # INT8 tiles + float32 scales, when written
     bands_written: int  # bands this call wrote (fewer than `bands` when resuming)
     seconds: float  # wall time
+    already_finished: bool = False  # the output already held this head, finished: this call wrote nothing
+    bands_repaired: int = 0  # of bands_written, those recorded as written before but found damaged or missing
 
     def to_dict(self) -> dict:
         """Plain dict (JSON)."""
@@ -112,10 +115,13 @@ class HeadReport:
     def text(self) -> str:
         """What was built, its bytes against the matrix, and the next step, as three lines."""
         ratio = self.stored_fp32_bytes / self.matrix_bytes
-        lines = [f"wrote {self.url}: {self.source} ({self.d_out} × {self.d_in}) as {self.bands} bands of "
+        done = (f"already finished, nothing to do (--overwrite rebuilds it): {self.url} holds" if self.already_finished
+                else f"wrote {self.url}:")
+        lines = [f"{done} {self.source} ({self.d_out} × {self.d_in}) as {self.bands} bands of "
                  f"{self.band_rows} rows in {len(self.pipe_rows)} pipes {self.pipe_rows}, {self.order} order"
                  + (f" (cohesion {self.cohesion:.3f})" if self.order == "cluster" else "")
-                 + f", {self.bands_written} bands written in {self.seconds:.1f} s",
+                 + ("" if self.already_finished else f", {self.bands_written} bands written in {self.seconds:.1f} s")
+                 + (f" ({self.bands_repaired} found damaged, written again)" if self.bands_repaired else ""),
                  f"bytes: tiles {self.stored_fp32_bytes / 2**20:.1f} MiB fp32 = {ratio:.3f}× the matrix; "
                  f"gate {self.gate_bytes / 2**20:.2f} MiB ({self.gate_bytes / self.matrix_bytes:.4f}×)"
                  + (f"; INT8 tiles + scales {self.int8_bytes / 2**20:.1f} MiB "
@@ -131,9 +137,10 @@ def build_head(source, output, *, config: HeadConfig = HeadConfig(), overwrite: 
     ``source`` is anything :func:`prismoe_store.inspection.compare.open_matrix` reads (a checkpoint file or
     folder, a ``.npy``, a weights store; ``config.tensor`` names the tensor or an alias) or an
     adapter store (its combined matrix). Re-running over an unfinished head adapter built from
-    the same matrix finishes it. Raises :class:`StoreError` when ``output`` exists (and is not an
-    unfinished build of the same head) without ``overwrite``, :class:`DataError` for a matrix
-    holding NaN/Inf, and the source readers' errors for unreadable checkpoints.
+    the same matrix with the same settings finishes it; over a finished one it does nothing and
+    says so (``report.already_finished``). Raises :class:`StoreError` when ``output`` holds anything
+    else (another head, another store, other files) without ``overwrite``, :class:`DataError` for a
+    matrix holding NaN/Inf, and the source readers' errors for unreadable checkpoints.
     """
     t0 = time.perf_counter()
     stage = stages or (lambda name: contextlib.nullcontext(None))
@@ -141,6 +148,12 @@ def build_head(source, output, *, config: HeadConfig = HeadConfig(), overwrite: 
     V, d = (int(n) for n in matrix.shape)
     band_rows = config.rows_per_band(V)
     adapter, resume = _open_output(output, d, V, band_rows, label, config, overwrite)
+    damaged = _recheck_bands(adapter)  # bands recorded as written whose chunk is missing or damaged: redone
+    if adapter.complete:
+        if not damaged:  # the same command ran to the end before: nothing to do, like collect, extract, synth
+            cohesion = float(adapter.attrs()["head"].get("cohesion", float("nan")))
+            return _report(adapter, output, label, config, cohesion, written=0, t0=t0, finished=True)
+        adapter.update_attrs(complete=False)  # not served while its damaged bands are written again
 
     with tempfile.TemporaryDirectory(prefix="prismoe-head-", dir=config.scratch_dir) as scratch:
         rows = _ScratchRows(os.path.join(scratch, "rows.f32"), V, d)
@@ -165,19 +178,35 @@ def build_head(source, output, *, config: HeadConfig = HeadConfig(), overwrite: 
                                        "order_seconds": result.seconds})
         written = _write_bands(adapter, rows, order, stage)
     _write_centroid_gate(adapter)
-    int8_bytes = None
     if config.int8:
         from prismoe_store.runtime.quant import quantize_adapter
 
         with stage("quantize") as progress:
             quantize_adapter(adapter, progress=progress)
-        int8_bytes = V * d + 4 * V
     adapter.update_attrs(complete=True)
+    return _report(adapter, output, label, config, cohesion, written=written, t0=t0, repaired=len(damaged))
+
+
+def _recheck_bands(adapter: AdapterStore) -> list[int]:
+    """Bands recorded as written whose tile chunk is missing, unrecorded or damaged, recorded as not
+    written again (each written band's chunk is read once)."""
+    def chunks(band: int):
+        p, r = adapter.band_location(band)
+        tiles = adapter.tiles(p)
+        return [(tiles, (r, c)) for c in range(-(-tiles.shape[1] // tiles.chunks[1]))]
+
+    return recheck(adapter.progress("head_bands", adapter.n_bands), chunks)
+
+
+def _report(adapter: AdapterStore, output, label: str, config: HeadConfig, cohesion: float, *, written: int,
+            t0: float, finished: bool = False, repaired: int = 0) -> HeadReport:
+    V, d, band_rows = adapter.d_out, adapter.d_in, adapter.band_rows
     sizes = band_sizes(V, band_rows)
     return HeadReport(url=str(output), source=label, d_in=d, d_out=V, band_rows=band_rows, bands=len(sizes),
                       pipe_rows=[g.d_out for g in adapter.grids], order=config.order.method, cohesion=cohesion,
                       matrix_bytes=4 * V * d, stored_fp32_bytes=4 * V * d, gate_bytes=4 * len(sizes) * (d + 1),
-                      int8_bytes=int8_bytes, bands_written=written, seconds=time.perf_counter() - t0)
+                      int8_bytes=V * d + 4 * V if config.int8 else None, bands_written=written,
+                      seconds=time.perf_counter() - t0, already_finished=finished, bands_repaired=repaired)
 
 
 # -- the source ---------------------------------------------------------------------------------
@@ -266,12 +295,13 @@ def _open_output(output, d: int, V: int, band_rows: int, label: str, config: Hea
             what = describe_kind(kind or "folder")
             raise StoreFormatError(f"{output} already holds {what}, not a head adapter: refusing to touch it "
                                    "(--overwrite replaces only an adapter store); choose another output") from None
-        same = (old.layout == "partition" and (old.d_in, old.d_out) == (d, V)
-                and all(head.get(k) == v for k, v in want.items()))
-        if not same or old.complete:
-            why = "a finished head adapter" if same else "an adapter built differently"
-            raise StoreError(f"{output} already holds {why} (pass --overwrite to replace it)")
-        return old, "cohesion" in head
+        differ = [k for k, v in want.items() if head.get(k) != v]
+        if old.layout != "partition" or (old.d_in, old.d_out) != (d, V):
+            differ.insert(0, f"shape {old.d_out} × {old.d_in}")
+        if differ:
+            raise StoreError(f"{output} already holds a head adapter built differently ({', '.join(differ)} "
+                             "differ from this command's): pass --overwrite to replace it, or choose another output")
+        return old, "cohesion" in head  # finished (the caller does nothing), or unfinished: resumed
     adapter = AdapterStore.create_partition(output, d_in=d, d_out=V, band_rows=band_rows, options=config.options,
                                             overwrite=overwrite, attrs={"head": want, "complete": False})
     return adapter, False

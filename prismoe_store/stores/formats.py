@@ -207,17 +207,35 @@ def create_checked(url, name: str, version: int, *, overwrite: bool = False, att
     of store) even with ``overwrite``; an existing ``name`` store is replaced only with ``overwrite``.
     """
     url = location(url, write=True)
-    found = existing_kind(url, storage_options=storage_options)
+    found = check_output(url, name, storage_options=storage_options)
     if found is not None:
-        if found != name:
-            raise StoreFormatError(f"{url} holds {describe_kind(found)}, not {_a(name)} store: refusing to replace it "
-                                   f"(--overwrite replaces only {_a(name)} store); choose another output")
         if not overwrite:
             raise StoreError(f"{url} already exists (pass overwrite=True / --overwrite to replace it)")
     group = open_root(url, "w", storage_options=storage_options)
     group.attrs.update({**format_attrs(name, version), **(attrs or {})})
     group.store.strict = True
     return group
+
+
+def check_output(url, name: str, *, storage_options=None) -> str | None:
+    """What is at the output ``url`` a job writes a ``name`` store to: ``None`` (nothing) or ``name``
+    (a store of that format, to resume or replace); anything else (a file, a folder of other files,
+    another kind of store) is refused with :class:`StoreFormatError`, even with ``--overwrite``.
+    Cheap: a job calls it before its slow work.
+
+    >>> import tempfile, os
+    >>> d = tempfile.mkdtemp(); _ = open(os.path.join(d, "notes.md"), "w").write("mine")
+    >>> check_output(d, "pairs")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    prismoe_store.errors.StoreFormatError: ... holds a folder of other files, not a pairs store: ...
+    """
+    url = location(url, write=True)
+    found = existing_kind(url, storage_options=storage_options)
+    if found is not None and found != name:
+        raise StoreFormatError(f"{url} holds {describe_kind(found)}, not {_a(name)} store: refusing to replace it "
+                               f"(--overwrite replaces only {_a(name)} store); choose another output")
+    return found
 
 
 def existing_kind(url: str, *, storage_options: dict | None = None) -> str | None:

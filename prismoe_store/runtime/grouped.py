@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from prismoe_store.errors import CacheError, IncompleteStoreError
-from prismoe_store.gates.routing import k_for, route
+from prismoe_store.gates.routing import active_mask, k_for, route_scores
 from prismoe_store.grid import GridSpec
 from prismoe_store.runtime.config import (
     DEFAULT_SPARSITY,
@@ -88,6 +88,10 @@ class Runtime:
         self.fit_mode: str = source.mode  # the adapter's "joint" or "independent": how tile weights combine
         raw_gates = [source.read_gate(p) for p in range(len(self.grids))]
         self.gates = [self._gate(p, g) for p, g in enumerate(raw_gates)]  # per pipe: (weight [W, M], bias [W])
+        self.gate_weight = torch.cat([w for w, _ in self.gates])  # [ΣW, M] every pipe's gate: one product a call
+        self.gate_bias = torch.cat([torch.where(active_mask(g, self.device), b, float("-inf"))
+                                    for g, (_, b) in zip(self.grids, self.gates, strict=True)])  # [ΣW], padding -inf
+        self.gate_ends = np.cumsum([g.workers for g in self.grids])  # [P] end of each pipe's columns
         self.sparsity, self.temperature = self._routing_settings(config.sparsity, any(g is not None for g in raw_gates))
         self.total_bytes = sum(g.active_count * self.entry_bytes(p) for p, g in enumerate(self.grids))
         self.budget_bytes = int(config.cache_bytes or self.total_bytes)  # device bytes of every pipe's slots
@@ -96,7 +100,8 @@ class Runtime:
         self.prefetch = self.host.budget_bytes > 0 if config.prefetch is None else bool(config.prefetch)
         self.heat = [np.zeros(g.workers) for g in self.grids]  # per pipe: decayed selection counts
         self.pools, self.shared = self._pools()  # per pipe: SlotPool; shared: pipes take turns in one arena
-        self._buffers: dict[int, torch.Tensor] = {}  # per pipe: reused gather buffer [G, a, b]
+        self._buffers: dict[tuple[str, int], torch.Tensor] = {}  # (what, pipe): reused gather buffers
+        self.jagged = self.device.type == "cpu"  # jagged grouped_mm (CPU); else padded bmm buckets
         self._peak = 0
         self._seconds, self._tokens, self._calls = 0.0, 0, 0
         self._turn = 0  # calls so far (never reset): even turns run the pipes forward, odd backward
@@ -168,12 +173,14 @@ class Runtime:
         t0 = time.perf_counter()
         x, lead = input_rows(x, self.d_in, self.device)  # [B, M]
         ys: dict[int, torch.Tensor] = {}  # per pipe: [B, N]
+        s = torch.addmm(self.gate_bias, x, self.gate_weight.T)  # [B, ΣW] every pipe's gate scores
         for p in self._pipe_order():
             if self.shared:  # the other pipes' slots are this pipe's now
                 for q, pool in enumerate(self.pools):
                     if q != p:
                         pool.clear()
-            ys[p] = self._pipe(p, x)[:, : self.d_out]  # [B, N]
+            lo = self.gate_ends[p] - self.grids[p].workers
+            ys[p] = self._pipe(p, x, s[:, lo:self.gate_ends[p]])[:, : self.d_out]  # [B, N]
         y = sum(alpha * ys[p] for p, alpha in enumerate(self.alphas))  # [B, N], summed in pipe order
         assert isinstance(y, torch.Tensor), "an adapter has at least one pipe"
         if self.prefetch:
@@ -192,13 +199,12 @@ class Runtime:
         self._turn += 1
         return order if self._turn % 2 == 1 else order[::-1]
 
-    def _pipe(self, p: int, x: torch.Tensor) -> torch.Tensor:
-        """One pipe's output ``[B, N_pad]`` for tokens ``x [B, M]``: a grouped GEMM over the union of
-        the selected tiles."""
+    def _pipe(self, p: int, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """One pipe's output ``[B, N_pad]`` for tokens ``x [B, M]`` (gate scores ``s [B, W]``): a grouped
+        GEMM over the union of the selected tiles."""
         grid, pool = self.grids[p], self.pools[p]
         R, C, (a, b) = grid.rows, grid.cols, grid.tile_shape
-        r = route(x, *self.gates[p], grid=grid, sparsity=self.sparsity, mode=self.fit_mode,
-                  temperature=self.temperature)
+        r = route_scores(s, grid=grid, sparsity=self.sparsity, mode=self.fit_mode, temperature=self.temperature)
         B, K = r.indices.shape  # r.indices, r.weights: [B, K]
         xs = F.pad(x, (0, grid.d_in_pad - self.d_in)).view(B, C, b)  # [B, C, b] input slices, zero padding
         if B == 1:
@@ -206,17 +212,20 @@ class Runtime:
 
         # the B*K (token, tile) pairs grouped by tile
         tile = r.indices.reshape(-1)  # [B*K]
-        order = torch.argsort(tile, stable=True)  # [B*K] pairs, grouped by tile
-        token = torch.div(order, K, rounding_mode="floor")  # [B*K] the token of each grouped pair
-        weight = r.weights.reshape(-1)[order]  # [B*K]
         counts = torch.bincount(tile, minlength=grid.workers).cpu().numpy()  # [W] tokens per tile (host)
-        first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # [W] first grouped pair of each tile
         self.heat[p] *= HEAT_DECAY  # in place: the pool ranks evictions by it
         self.heat[p] += counts
 
         union = np.flatnonzero(counts)  # [U] tiles any token chose
         union = union[np.argsort(~pool.resident(union), kind="stable")]  # resident first: used before loads evict
         out = torch.zeros(B * R, a, device=self.device)  # [(token, band), a] output rows
+        if self.jagged:
+            self._jagged(p, union, counts, tile, r.weights.reshape(-1), K, xs, out)
+            return out.view(B, R * a)  # [B, N_pad]
+        order = torch.argsort(tile, stable=True)  # [B*K] pairs, grouped by tile
+        token = torch.div(order, K, rounding_mode="floor")  # [B*K] the token of each grouped pair
+        weight = r.weights.reshape(-1)[order]  # [B*K]
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # [W] first grouped pair of each tile
         step = max(1, min(pool.slots, GATHER_BYTES // (4 * a * b)))
         try:
             for start in range(0, len(union), step):
@@ -234,6 +243,47 @@ class Runtime:
         finally:
             pool.release()
         return out.view(B, R * a)  # [B, N_pad]
+
+    def _jagged(self, p: int, union: np.ndarray, counts: np.ndarray, tile: torch.Tensor, weight: torch.Tensor,
+                K: int, xs: torch.Tensor, out: torch.Tensor) -> None:
+        """The ``B·K`` (token, tile) pairs ``tile [B*K]`` (weights ``weight [B*K]``) of the tiles ``union [U]``
+        (host, in acquisition order) as one jagged grouped GEMM per group of tiles that fits the pool:
+        the pairs sorted by slot, ``grouped_mm(x [P, b], slots [S, b, a])`` straight over the slot arena
+        (float32: no gathered copy of the tiles, no padded rows; INT8: over the group's dequantized
+        tiles), the weighted products added into ``out [(token, band), a]``."""
+        grid, pool = self.grids[p], self.pools[p]
+        R, C, (a, b) = grid.rows, grid.cols, grid.tile_shape
+        dev = self.device
+        pos = torch.empty(grid.workers, dtype=torch.int64, device=dev)  # [W] tile -> place in union
+        pos[torch.as_tensor(union, device=dev)] = torch.arange(len(union), device=dev)
+        in_union = torch.argsort(pos[tile], stable=True)  # [B*K] pairs in union order
+        ends = np.cumsum(counts[union])  # [U] end of each union tile's pairs
+        step = pool.slots if pool.scales is None else max(1, min(pool.slots, GATHER_BYTES // (4 * a * b)))
+        try:
+            for start in range(0, len(union), step):
+                group = union[start:start + step]  # [G]
+                slots = pool.acquire(group)  # [G]
+                lo, hi = (ends[start - 1] if start else 0), ends[start + len(group) - 1]
+                pairs = in_union[lo:hi]  # [P] the group's pairs
+                if pool.scales is None:  # float32: multiply in the arena, groups by slot
+                    mat, key = pool.data, slots  # [S, b, a], [G]
+                else:  # INT8: the group's tiles dequantized, groups by place in the group
+                    mat, key = pool.weights(slots, out=self._buffer(p, len(group))), torch.arange(len(group))
+                key, perm = torch.sort(key.to(dev)[pos[tile[pairs]] - start], stable=True)  # [P]
+                pairs = pairs[perm]  # [P] sorted by the slot (or place) of their tile
+                offs = torch.bincount(key, minlength=mat.shape[0]).cumsum(0).to(torch.int32)  # [S] group ends
+                j, tok, w = tile[pairs], pairs // K, weight[pairs]  # [P] tile, token, weight of each pair
+                xg = torch.index_select(xs.view(-1, b), 0, tok * C + j % C,
+                                        out=self._scratch(("x", p), len(pairs), b))  # [P, b] input slices
+                if b <= a:  # weight the narrower side: the input slices ...
+                    y = F.grouped_mm(xg.mul_(w[:, None]), mat, offs=offs)  # [P, a]
+                else:  # ... or the tile outputs
+                    y = F.grouped_mm(xg, mat, offs=offs).mul_(w[:, None])  # [P, a]
+                out.index_add_(0, tok * R + j // C, y)
+                self._peak = max(self._peak, sum(q.used_bytes for q in self.pools))
+                pool.release()
+        finally:
+            pool.release()
 
     def _grouped(self, tiles, group, counts, first, token, weight, xs, out, grid) -> None:
         """``out[(t, band)] += w · T_j x_{t, col}`` for every pair of the tiles ``group [G]`` (host)."""
@@ -289,10 +339,15 @@ class Runtime:
 
     def _buffer(self, p: int, n: int) -> torch.Tensor:
         """A reused float32 buffer of ``n`` gathered (transposed) tiles of pipe ``p`` ``[n, b, a]``."""
-        buf = self._buffers.get(p)
         a, b = self.grids[p].tile_shape
-        if buf is None or buf.shape[0] < n:
-            buf = self._buffers[p] = torch.empty(n, b, a, device=self.device)
+        return self._scratch(("tiles", p), n, b, a)
+
+    def _scratch(self, key: tuple[str, int], n: int, *shape: int) -> torch.Tensor:
+        """A reused float32 buffer ``[n, *shape]`` (grown when too small): a call allocates no large
+        tensor whose pages the system would fault in afresh every time."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[0] < n or buf.shape[1:] != shape:
+            buf = self._buffers[key] = torch.empty(n, *shape, device=self.device)
         return buf[:n]
 
     def _prefetch(self) -> None:

@@ -57,6 +57,7 @@ from prismoe_store.gates.routing import active_mask, k_for, route_scores
 from prismoe_store.grid import GridSpec
 from prismoe_store.runtime.config import (
     DEFAULT_SPARSITY,
+    CHUNK_BYTES,
     GATHER_BYTES,
     HEAT_DECAY,
     RuntimeConfig,
@@ -271,19 +272,37 @@ class Runtime:
                     mat, key = pool.weights(slots, out=self._buffer(p, len(group))), torch.arange(len(group))
                 key, perm = torch.sort(key.to(dev)[pos[tile[pairs]] - start], stable=True)  # [P]
                 pairs = pairs[perm]  # [P] sorted by the slot (or place) of their tile
-                offs = torch.bincount(key, minlength=mat.shape[0]).cumsum(0).to(torch.int32)  # [S] group ends
-                j, tok, w = tile[pairs], pairs // K, weight[pairs]  # [P] tile, token, weight of each pair
-                xg = torch.index_select(xs.view(-1, b), 0, tok * C + j % C,
-                                        out=self._scratch(("x", p), len(pairs), b))  # [P, b] input slices
-                if b <= a:  # weight the narrower side: the input slices ...
-                    y = F.grouped_mm(xg.mul_(w[:, None]), mat, offs=offs)  # [P, a]
-                else:  # ... or the tile outputs
-                    y = F.grouped_mm(xg, mat, offs=offs).mul_(w[:, None])  # [P, a]
-                out.index_add_(0, tok * R + j // C, y)
+                j, tok = tile[pairs], pairs // K  # [P] tile and token of each pair
+                ends_of = torch.bincount(key, minlength=mat.shape[0]).cumsum(0)  # [S] end of each slot's pairs
+                self._products(p, mat, ends_of, tok * C + j % C, tok * R + j // C, weight[pairs], xs.view(-1, b), out)
                 self._peak = max(self._peak, sum(q.used_bytes for q in self.pools))
                 pool.release()
         finally:
             pool.release()
+
+    def _products(self, p: int, mat: torch.Tensor, ends: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+                  w: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[dst[i]] += w[i] · rows[src[i]] @ mat[s]`` for the pairs ``i`` of each slot ``s`` (pairs
+        sorted by slot, ``ends [S]`` the end of each slot's pairs; ``mat [S, b, a]``, ``rows [n, b]``,
+        ``out [m, a]``): ``grouped_mm`` over runs of slots whose gathered rows and products fit
+        ``CHUNK_BYTES``, so both stay in cache and no call allocates a large tensor afresh."""
+        S, b, a = mat.shape
+        per = max(1, CHUNK_BYTES // (4 * (a + b)))  # pairs a run
+        ends_h = ends.cpu().numpy()  # [S] (host)
+        cuts = np.unique(np.searchsorted(ends_h, np.arange(per, int(ends_h[-1]), per), side="left"))  # [n] run ends
+        lo_slot, lo = 0, 0
+        for hi_slot in [*(cuts + 1).tolist(), S]:
+            hi = int(ends_h[hi_slot - 1]) if hi_slot > lo_slot else lo
+            if hi == lo:
+                continue
+            xg = torch.index_select(rows, 0, src[lo:hi], out=self._scratch(("x", p), hi - lo, b))  # [n, b]
+            offs = (ends[lo_slot:hi_slot] - lo).to(torch.int32)  # [s] ends of the run's groups
+            if b <= a:  # weight the narrower side: the input slices ...
+                y = F.grouped_mm(xg.mul_(w[lo:hi, None]), mat[lo_slot:hi_slot], offs=offs)  # [n, a]
+            else:  # ... or the tile outputs
+                y = F.grouped_mm(xg, mat[lo_slot:hi_slot], offs=offs).mul_(w[lo:hi, None])  # [n, a]
+            out.index_add_(0, dst[lo:hi], y)
+            lo_slot, lo = hi_slot, hi
 
     def _grouped(self, tiles, group, counts, first, token, weight, xs, out, grid) -> None:
         """``out[(t, band)] += w · T_j x_{t, col}`` for every pair of the tiles ``group [G]`` (host)."""

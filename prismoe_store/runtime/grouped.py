@@ -182,8 +182,9 @@ class Runtime:
                         pool.clear()
             lo = self.gate_ends[p] - self.grids[p].workers
             ys[p] = self._pipe(p, x, s[:, lo:self.gate_ends[p]])[:, : self.d_out]  # [B, N]
-        y = sum(alpha * ys[p] for p, alpha in enumerate(self.alphas))  # [B, N], summed in pipe order
-        assert isinstance(y, torch.Tensor), "an adapter has at least one pipe"
+        y = ys[0] * self.alphas[0]  # [B, N], summed in pipe order, in place
+        for p in range(1, len(self.alphas)):
+            y.add_(ys[p] * self.alphas[p])
         if self.prefetch:
             self._prefetch()
         if self.device.type == "cuda":

@@ -66,7 +66,7 @@ from prismoe_store.runtime.config import (
 )
 from prismoe_store.runtime.host_tier import HostTier, hot_tiles
 from prismoe_store.runtime.quant import int8_ready
-from prismoe_store.runtime.slot_pool import PoolStats, SlotPool, slot_bytes
+from prismoe_store.runtime.slot_pool import PoolStats, SlotPool, new_arena, slot_bytes
 from prismoe_store.runtime.tile_source import TileSource
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.records import GatesRecord
@@ -128,7 +128,7 @@ class Runtime:
         if self.budget_bytes >= sum(need) + 4 * len(need):
             shares = [n + 4 for n in need]  # room for every tile of every pipe (and INT8 scale alignment)
         size = min(self.budget_bytes, max(need) + 4) if shared else sum(shares)
-        arena = torch.empty(size, dtype=torch.uint8, device=self.device)
+        arena = new_arena(size, self.device)
         pools, start = [], 0
         for p, g in enumerate(self.grids):
             region = arena if shared else arena[start:start + shares[p]]
@@ -221,7 +221,7 @@ class Runtime:
         union = np.flatnonzero(counts)  # [U] tiles any token chose
         union = union[np.argsort(~pool.resident(union), kind="stable")]  # resident first: used before loads evict
         out = torch.zeros(B * R, a, device=self.device)  # [(token, band), a] output rows
-        if self.jagged:
+        if self.jagged and a % 4 == 0 and b % 4 == 0:  # grouped_mm takes rows of whole 16-byte units
             self._jagged(p, union, counts, tile, r.weights.reshape(-1), K, xs, out)
             return out.view(B, R * a)  # [B, N_pad]
         order = torch.argsort(tile, stable=True)  # [B*K] pairs, grouped by tile

@@ -56,8 +56,8 @@ from prismoe_store.errors import CacheError, IncompleteStoreError
 from prismoe_store.gates.routing import active_mask, k_for, route_scores
 from prismoe_store.grid import GridSpec
 from prismoe_store.runtime.config import (
-    DEFAULT_SPARSITY,
     CHUNK_BYTES,
+    DEFAULT_SPARSITY,
     GATHER_BYTES,
     HEAT_DECAY,
     RuntimeConfig,

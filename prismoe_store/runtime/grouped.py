@@ -2,18 +2,23 @@
 
 For a batch of tokens ``x [B, d_in]`` and each pipe ``p`` of the adapter:
 
-1. route every token through the pipe's gate (:func:`prismoe_store.gates.routing.route`; a uniform zero
-   gate when the adapter has none): ``K`` selected workers and their weights per token;
+1. route every token through the pipe's gate (:func:`prismoe_store.gates.routing.route_scores`; every
+   pipe's scores in one product a call; a uniform zero gate when the adapter has none): ``K``
+   selected workers and their weights per token;
 2. make the union of the selected tiles resident in the pipe's
    :class:`~prismoe_store.runtime.slot_pool.SlotPool` (preallocated device slots, LRU inside the byte
    budget; misses come from the :class:`~prismoe_store.runtime.host_tier.HostTier` or the store), in groups
    that fit it;
-3. multiply in a few batched kernels per group (a grouped GEMM): the ``B·K`` (token, tile) pairs
-   are grouped by tile, tiles of similar token counts are padded to a common count, the tokens'
-   input slices are gathered ``[G, m, b]`` and multiplied by the gathered (transposed) tiles
-   ``[G, b, a]`` in one ``bmm``; when every tile serves one token (decoding) one fused
-   gather-and-multiply over the slots does it without a gathered copy; the weighted products are
-   scatter-added into the (token, band) output rows;
+3. multiply in a few batched kernels per group (a grouped GEMM). On the CPU the ``B·K`` (token,
+   tile) pairs are sorted by the slot of their tile and multiplied in one jagged
+   ``grouped_mm(x [P, b], slots [S, b, a])`` straight over the slot arena (float32; INT8 over the
+   group's dequantized tiles): no gathered copy of the tiles, no padded rows; only the tokens'
+   input slices are gathered, in cache-sized runs of slots (``CHUNK_BYTES``). Elsewhere (CUDA,
+   where ``grouped_mm`` wants bf16) the pairs are grouped by tile, tiles of similar token counts
+   padded to a common count, and the gathered inputs ``[G, m, b]`` multiplied by the gathered
+   (transposed) tiles ``[G, b, a]`` in one ``bmm``; when every tile serves one token (decoding)
+   one fused gather-and-multiply over the slots does it without a gathered copy. The weighted
+   products are scatter-added into the (token, band) output rows;
 4. ``y = Σ_p α_p y_p``, truncated to ``d_out``. Pipes run forward on even calls and backward on
    odd ones, so the last pipe's tiles are reused first when pipes share the budget; the sum is
    always taken in pipe order. Within a band, tiles are added in the order they were computed,
@@ -26,7 +31,8 @@ calls when the budget holds them all); ``"serial"`` — and any budget too small
 pipe — lets the pipes take turns in the whole arena: a pipe's tiles leave before the next pipe's
 arrive, so the cache never holds more than one pipe's tiles. Any budget that holds one tile works
 (smaller budgets stream tiles through the slots). Gates stay on the device outside the tile
-budget (``[workers, d_in]`` floats a pipe); a reused gather buffer (at most ``GATHER_BYTES``) too.
+budget (``[workers, d_in]`` floats a pipe); reused gather buffers (at most ``GATHER_BYTES`` of tiles,
+about ``CHUNK_BYTES`` of input slices) too.
 
 >>> import numpy as np, torch
 >>> from prismoe_store.stores.adapter import AdapterStore

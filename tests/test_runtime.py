@@ -14,6 +14,7 @@ from prismoe_store import open_runtime
 from prismoe_store.errors import CacheError, DataError, IncompleteStoreError
 from prismoe_store.gates.routing import route
 from prismoe_store.grid import plan_grid
+from prismoe_store.runtime import grouped
 from prismoe_store.runtime.quant import quantize_adapter
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.formats import StoreOptions
@@ -197,6 +198,30 @@ def test_budget_never_exceeded_under_random_traffic(tmp_path):
                 assert rt.stats()["cache"]["used_bytes"] <= budget
             s = rt.stats()["cache"]
             assert s["peak_bytes"] <= budget and s["evictions"] > 0
+
+
+@pytest.mark.parametrize("chunk", [1, 4096, None])
+@pytest.mark.parametrize("budget", ["one tile", "one pipe", "everything"])
+def test_jagged_product_matches_the_padded_buckets_and_the_reference(tmp_path, monkeypatch, chunk, budget):
+    """The CPU's jagged ``grouped_mm`` straight over the slot arena (in runs of ``CHUNK_BYTES``; 1: a
+    run per slot) gives what the padded ``bmm`` buckets (the CUDA path) give, float32 and INT8."""
+    if chunk is not None:
+        monkeypatch.setattr(grouped, "CHUNK_BYTES", chunk)
+    a = make_adapter(tmp_path / "j.zarr", gates=True, seed=9)
+    quantize_adapter(a)
+    x = np.random.default_rng(10).standard_normal((24, D_IN)).astype(np.float32)
+    ref = routed_reference(a, x, 0.4)
+    _, mag = dense_reference(a, x)
+    for quant in (None, "int8"):
+        ys = []
+        for jagged in (True, False):
+            with open_runtime(a, sparsity=0.4, quant=quant, cache_bytes=_budgets(a)[budget]) as rt:
+                rt.jagged = jagged
+                ys.append(rt(x))
+                assert rt.stats()["cache"]["peak_bytes"] <= rt.stats()["cache"]["budget_bytes"]
+        if quant is None:
+            assert_float32_close(ys[0], ref, 4 * mag)
+        assert_float32_close(ys[0], ys[1].double().numpy(), 4 * mag)
 
 
 def test_int8_is_close_to_fp32(tmp_path):

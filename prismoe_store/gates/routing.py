@@ -85,9 +85,22 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, grid: Gr
     >>> r.indices.shape
     torch.Size([5, 2])
     """
+    return route_scores(scores(x, weight, bias, grid), grid=grid, sparsity=sparsity, mode=mode,
+                        temperature=temperature)
+
+
+def route_scores(s: torch.Tensor, *, grid: GridSpec, sparsity: float, mode: str = "joint",
+                 temperature: float = 1.0) -> Routing:
+    """:func:`route` from gate scores ``s [B, workers]`` already computed (padding workers at ``-inf``,
+    as :func:`scores` gives them): the runtime takes every pipe's scores in one product.
+
+    >>> import torch
+    >>> from prismoe_store.grid import plan_grid
+    >>> route_scores(torch.tensor([[0.0, 3.0, 1.0, 2.0]]), grid=plan_grid(8, 8, 4), sparsity=0.5).indices.tolist()
+    [[1, 3]]
+    """
     if temperature <= 0:
         raise DataError(f"temperature must be positive, got {temperature}")
-    s = scores(x, weight, bias, grid)  # [B, W]
     k = k_for(sparsity, grid.active_count)
     top, idx = torch.topk(s, k, dim=1)  # [B, K], [B, K]
     top = top / temperature

@@ -28,6 +28,7 @@ SCHEDULES = ("parallel", "serial")
 EVICTIONS = ("heat", "lru")
 DEFAULT_SPARSITY = 0.3  # ρ for adapters whose gates do not record one
 GATHER_BYTES = 32 << 20  # most bytes of tiles gathered for one batched product
+CHUNK_BYTES = 4 << 20  # most bytes of gathered inputs and products of one grouped product (cache-sized)
 HOST_TIER_BYTES = 4 << 30  # default host-tier budget when tiles live on an accelerator
 HEAT_DECAY = 0.99  # per call: how fast a tile's selection count fades (eviction and prefetch rank by it)
 

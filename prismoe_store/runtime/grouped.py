@@ -2,18 +2,23 @@
 
 For a batch of tokens ``x [B, d_in]`` and each pipe ``p`` of the adapter:
 
-1. route every token through the pipe's gate (:func:`prismoe_store.gates.routing.route`; a uniform zero
-   gate when the adapter has none): ``K`` selected workers and their weights per token;
+1. route every token through the pipe's gate (:func:`prismoe_store.gates.routing.route_scores`; every
+   pipe's scores in one product a call; a uniform zero gate when the adapter has none): ``K``
+   selected workers and their weights per token;
 2. make the union of the selected tiles resident in the pipe's
    :class:`~prismoe_store.runtime.slot_pool.SlotPool` (preallocated device slots, LRU inside the byte
    budget; misses come from the :class:`~prismoe_store.runtime.host_tier.HostTier` or the store), in groups
    that fit it;
-3. multiply in a few batched kernels per group (a grouped GEMM): the ``B·K`` (token, tile) pairs
-   are grouped by tile, tiles of similar token counts are padded to a common count, the tokens'
-   input slices are gathered ``[G, m, b]`` and multiplied by the gathered (transposed) tiles
-   ``[G, b, a]`` in one ``bmm``; when every tile serves one token (decoding) one fused
-   gather-and-multiply over the slots does it without a gathered copy; the weighted products are
-   scatter-added into the (token, band) output rows;
+3. multiply in a few batched kernels per group (a grouped GEMM). On the CPU the ``B·K`` (token,
+   tile) pairs are sorted by the slot of their tile and multiplied in one jagged
+   ``grouped_mm(x [P, b], slots [S, b, a])`` straight over the slot arena (float32; INT8 over the
+   group's dequantized tiles): no gathered copy of the tiles, no padded rows; only the tokens'
+   input slices are gathered, in cache-sized runs of slots (``CHUNK_BYTES``). Elsewhere (CUDA,
+   where ``grouped_mm`` wants bf16) the pairs are grouped by tile, tiles of similar token counts
+   padded to a common count, and the gathered inputs ``[G, m, b]`` multiplied by the gathered
+   (transposed) tiles ``[G, b, a]`` in one ``bmm``; when every tile serves one token (decoding)
+   one fused gather-and-multiply over the slots does it without a gathered copy. The weighted
+   products are scatter-added into the (token, band) output rows;
 4. ``y = Σ_p α_p y_p``, truncated to ``d_out``. Pipes run forward on even calls and backward on
    odd ones, so the last pipe's tiles are reused first when pipes share the budget; the sum is
    always taken in pipe order. Within a band, tiles are added in the order they were computed,
@@ -26,7 +31,8 @@ calls when the budget holds them all); ``"serial"`` — and any budget too small
 pipe — lets the pipes take turns in the whole arena: a pipe's tiles leave before the next pipe's
 arrive, so the cache never holds more than one pipe's tiles. Any budget that holds one tile works
 (smaller budgets stream tiles through the slots). Gates stay on the device outside the tile
-budget (``[workers, d_in]`` floats a pipe); a reused gather buffer (at most ``GATHER_BYTES``) too.
+budget (``[workers, d_in]`` floats a pipe); reused gather buffers (at most ``GATHER_BYTES`` of tiles,
+about ``CHUNK_BYTES`` of input slices) too.
 
 >>> import numpy as np, torch
 >>> from prismoe_store.stores.adapter import AdapterStore
@@ -53,9 +59,10 @@ import torch
 import torch.nn.functional as F
 
 from prismoe_store.errors import CacheError, IncompleteStoreError
-from prismoe_store.gates.routing import k_for, route
+from prismoe_store.gates.routing import active_mask, k_for, route_scores
 from prismoe_store.grid import GridSpec
 from prismoe_store.runtime.config import (
+    CHUNK_BYTES,
     DEFAULT_SPARSITY,
     GATHER_BYTES,
     HEAT_DECAY,
@@ -65,7 +72,7 @@ from prismoe_store.runtime.config import (
 )
 from prismoe_store.runtime.host_tier import HostTier, hot_tiles
 from prismoe_store.runtime.quant import int8_ready
-from prismoe_store.runtime.slot_pool import PoolStats, SlotPool, slot_bytes
+from prismoe_store.runtime.slot_pool import PoolStats, SlotPool, new_arena, slot_bytes
 from prismoe_store.runtime.tile_source import TileSource
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.records import GatesRecord
@@ -88,6 +95,10 @@ class Runtime:
         self.fit_mode: str = source.mode  # the adapter's "joint" or "independent": how tile weights combine
         raw_gates = [source.read_gate(p) for p in range(len(self.grids))]
         self.gates = [self._gate(p, g) for p, g in enumerate(raw_gates)]  # per pipe: (weight [W, M], bias [W])
+        self.gate_weight = torch.cat([w for w, _ in self.gates])  # [ΣW, M] every pipe's gate: one product a call
+        self.gate_bias = torch.cat([torch.where(active_mask(g, self.device), b, float("-inf"))
+                                    for g, (_, b) in zip(self.grids, self.gates, strict=True)])  # [ΣW], padding -inf
+        self.gate_ends = np.cumsum([g.workers for g in self.grids])  # [P] end of each pipe's columns
         self.sparsity, self.temperature = self._routing_settings(config.sparsity, any(g is not None for g in raw_gates))
         self.total_bytes = sum(g.active_count * self.entry_bytes(p) for p, g in enumerate(self.grids))
         self.budget_bytes = int(config.cache_bytes or self.total_bytes)  # device bytes of every pipe's slots
@@ -96,7 +107,8 @@ class Runtime:
         self.prefetch = self.host.budget_bytes > 0 if config.prefetch is None else bool(config.prefetch)
         self.heat = [np.zeros(g.workers) for g in self.grids]  # per pipe: decayed selection counts
         self.pools, self.shared = self._pools()  # per pipe: SlotPool; shared: pipes take turns in one arena
-        self._buffers: dict[int, torch.Tensor] = {}  # per pipe: reused gather buffer [G, a, b]
+        self._buffers: dict[tuple[str, int], torch.Tensor] = {}  # (what, pipe): reused gather buffers
+        self.jagged = self.device.type == "cpu"  # jagged grouped_mm (CPU); else padded bmm buckets
         self._peak = 0
         self._seconds, self._tokens, self._calls = 0.0, 0, 0
         self._turn = 0  # calls so far (never reset): even turns run the pipes forward, odd backward
@@ -122,7 +134,7 @@ class Runtime:
         if self.budget_bytes >= sum(need) + 4 * len(need):
             shares = [n + 4 for n in need]  # room for every tile of every pipe (and INT8 scale alignment)
         size = min(self.budget_bytes, max(need) + 4) if shared else sum(shares)
-        arena = torch.empty(size, dtype=torch.uint8, device=self.device)
+        arena = new_arena(size, self.device)
         pools, start = [], 0
         for p, g in enumerate(self.grids):
             region = arena if shared else arena[start:start + shares[p]]
@@ -168,14 +180,17 @@ class Runtime:
         t0 = time.perf_counter()
         x, lead = input_rows(x, self.d_in, self.device)  # [B, M]
         ys: dict[int, torch.Tensor] = {}  # per pipe: [B, N]
+        s = torch.addmm(self.gate_bias, x, self.gate_weight.T)  # [B, ΣW] every pipe's gate scores
         for p in self._pipe_order():
             if self.shared:  # the other pipes' slots are this pipe's now
                 for q, pool in enumerate(self.pools):
                     if q != p:
                         pool.clear()
-            ys[p] = self._pipe(p, x)[:, : self.d_out]  # [B, N]
-        y = sum(alpha * ys[p] for p, alpha in enumerate(self.alphas))  # [B, N], summed in pipe order
-        assert isinstance(y, torch.Tensor), "an adapter has at least one pipe"
+            lo = self.gate_ends[p] - self.grids[p].workers
+            ys[p] = self._pipe(p, x, s[:, lo:self.gate_ends[p]])[:, : self.d_out]  # [B, N]
+        y = ys[0] * self.alphas[0]  # [B, N], summed in pipe order, in place
+        for p in range(1, len(self.alphas)):
+            y.add_(ys[p] * self.alphas[p])
         if self.prefetch:
             self._prefetch()
         if self.device.type == "cuda":
@@ -192,13 +207,12 @@ class Runtime:
         self._turn += 1
         return order if self._turn % 2 == 1 else order[::-1]
 
-    def _pipe(self, p: int, x: torch.Tensor) -> torch.Tensor:
-        """One pipe's output ``[B, N_pad]`` for tokens ``x [B, M]``: a grouped GEMM over the union of
-        the selected tiles."""
+    def _pipe(self, p: int, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """One pipe's output ``[B, N_pad]`` for tokens ``x [B, M]`` (gate scores ``s [B, W]``): a grouped
+        GEMM over the union of the selected tiles."""
         grid, pool = self.grids[p], self.pools[p]
         R, C, (a, b) = grid.rows, grid.cols, grid.tile_shape
-        r = route(x, *self.gates[p], grid=grid, sparsity=self.sparsity, mode=self.fit_mode,
-                  temperature=self.temperature)
+        r = route_scores(s, grid=grid, sparsity=self.sparsity, mode=self.fit_mode, temperature=self.temperature)
         B, K = r.indices.shape  # r.indices, r.weights: [B, K]
         xs = F.pad(x, (0, grid.d_in_pad - self.d_in)).view(B, C, b)  # [B, C, b] input slices, zero padding
         if B == 1:
@@ -206,17 +220,20 @@ class Runtime:
 
         # the B*K (token, tile) pairs grouped by tile
         tile = r.indices.reshape(-1)  # [B*K]
-        order = torch.argsort(tile, stable=True)  # [B*K] pairs, grouped by tile
-        token = torch.div(order, K, rounding_mode="floor")  # [B*K] the token of each grouped pair
-        weight = r.weights.reshape(-1)[order]  # [B*K]
         counts = torch.bincount(tile, minlength=grid.workers).cpu().numpy()  # [W] tokens per tile (host)
-        first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # [W] first grouped pair of each tile
         self.heat[p] *= HEAT_DECAY  # in place: the pool ranks evictions by it
         self.heat[p] += counts
 
         union = np.flatnonzero(counts)  # [U] tiles any token chose
         union = union[np.argsort(~pool.resident(union), kind="stable")]  # resident first: used before loads evict
         out = torch.zeros(B * R, a, device=self.device)  # [(token, band), a] output rows
+        if self.jagged and a % 4 == 0 and b % 4 == 0:  # grouped_mm takes rows of whole 16-byte units
+            self._jagged(p, union, counts, tile, r.weights.reshape(-1), K, xs, out)
+            return out.view(B, R * a)  # [B, N_pad]
+        order = torch.argsort(tile, stable=True)  # [B*K] pairs, grouped by tile
+        token = torch.div(order, K, rounding_mode="floor")  # [B*K] the token of each grouped pair
+        weight = r.weights.reshape(-1)[order]  # [B*K]
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # [W] first grouped pair of each tile
         step = max(1, min(pool.slots, GATHER_BYTES // (4 * a * b)))
         try:
             for start in range(0, len(union), step):
@@ -234,6 +251,65 @@ class Runtime:
         finally:
             pool.release()
         return out.view(B, R * a)  # [B, N_pad]
+
+    def _jagged(self, p: int, union: np.ndarray, counts: np.ndarray, tile: torch.Tensor, weight: torch.Tensor,
+                K: int, xs: torch.Tensor, out: torch.Tensor) -> None:
+        """The ``B·K`` (token, tile) pairs ``tile [B*K]`` (weights ``weight [B*K]``) of the tiles ``union [U]``
+        (host, in acquisition order) as one jagged grouped GEMM per group of tiles that fits the pool:
+        the pairs sorted by slot, ``grouped_mm(x [P, b], slots [S, b, a])`` straight over the slot arena
+        (float32: no gathered copy of the tiles, no padded rows; INT8: over the group's dequantized
+        tiles), the weighted products added into ``out [(token, band), a]``."""
+        grid, pool = self.grids[p], self.pools[p]
+        R, C, (a, b) = grid.rows, grid.cols, grid.tile_shape
+        dev = self.device
+        pos = torch.empty(grid.workers, dtype=torch.int64, device=dev)  # [W] tile -> place in union
+        pos[torch.as_tensor(union, device=dev)] = torch.arange(len(union), device=dev)
+        in_union = torch.argsort(pos[tile], stable=True)  # [B*K] pairs in union order
+        ends = np.cumsum(counts[union])  # [U] end of each union tile's pairs
+        step = pool.slots if pool.scales is None else max(1, min(pool.slots, GATHER_BYTES // (4 * a * b)))
+        try:
+            for start in range(0, len(union), step):
+                group = union[start:start + step]  # [G]
+                slots = pool.acquire(group)  # [G]
+                lo, hi = (ends[start - 1] if start else 0), ends[start + len(group) - 1]
+                pairs = in_union[lo:hi]  # [P] the group's pairs
+                if pool.scales is None:  # float32: multiply in the arena, groups by slot
+                    mat, key = pool.data, slots  # [S, b, a], [G]
+                else:  # INT8: the group's tiles dequantized, groups by place in the group
+                    mat, key = pool.weights(slots, out=self._buffer(p, len(group))), torch.arange(len(group))
+                key, perm = torch.sort(key.to(dev)[pos[tile[pairs]] - start], stable=True)  # [P]
+                pairs = pairs[perm]  # [P] sorted by the slot (or place) of their tile
+                j, tok = tile[pairs], pairs // K  # [P] tile and token of each pair
+                ends_of = torch.bincount(key, minlength=mat.shape[0]).cumsum(0)  # [S] end of each slot's pairs
+                self._products(p, mat, ends_of, tok * C + j % C, tok * R + j // C, weight[pairs], xs.view(-1, b), out)
+                self._peak = max(self._peak, sum(q.used_bytes for q in self.pools))
+                pool.release()
+        finally:
+            pool.release()
+
+    def _products(self, p: int, mat: torch.Tensor, ends: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+                  w: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[dst[i]] += w[i] · rows[src[i]] @ mat[s]`` for the pairs ``i`` of each slot ``s`` (pairs
+        sorted by slot, ``ends [S]`` the end of each slot's pairs; ``mat [S, b, a]``, ``rows [n, b]``,
+        ``out [m, a]``): ``grouped_mm`` over runs of slots whose gathered rows and products fit
+        ``CHUNK_BYTES``, so both stay in cache and no call allocates a large tensor afresh."""
+        S, b, a = mat.shape
+        per = max(1, CHUNK_BYTES // (4 * (a + b)))  # pairs a run
+        ends_h = ends.cpu().numpy()  # [S] (host)
+        cuts = np.unique(np.searchsorted(ends_h, np.arange(per, int(ends_h[-1]), per), side="left"))  # [n] run ends
+        lo_slot, lo = 0, 0
+        for hi_slot in [*(cuts + 1).tolist(), S]:
+            hi = int(ends_h[hi_slot - 1]) if hi_slot > lo_slot else lo
+            if hi == lo:
+                continue
+            xg = torch.index_select(rows, 0, src[lo:hi], out=self._scratch(("x", p), hi - lo, b))  # [n, b]
+            offs = (ends[lo_slot:hi_slot] - lo).to(torch.int32)  # [s] ends of the run's groups
+            if b <= a:  # weight the narrower side: the input slices ...
+                y = F.grouped_mm(xg.mul_(w[lo:hi, None]), mat[lo_slot:hi_slot], offs=offs)  # [n, a]
+            else:  # ... or the tile outputs
+                y = F.grouped_mm(xg, mat[lo_slot:hi_slot], offs=offs).mul_(w[lo:hi, None])  # [n, a]
+            out.index_add_(0, dst[lo:hi], y)
+            lo_slot, lo = hi_slot, hi
 
     def _grouped(self, tiles, group, counts, first, token, weight, xs, out, grid) -> None:
         """``out[(t, band)] += w · T_j x_{t, col}`` for every pair of the tiles ``group [G]`` (host)."""
@@ -289,10 +365,15 @@ class Runtime:
 
     def _buffer(self, p: int, n: int) -> torch.Tensor:
         """A reused float32 buffer of ``n`` gathered (transposed) tiles of pipe ``p`` ``[n, b, a]``."""
-        buf = self._buffers.get(p)
         a, b = self.grids[p].tile_shape
-        if buf is None or buf.shape[0] < n:
-            buf = self._buffers[p] = torch.empty(n, b, a, device=self.device)
+        return self._scratch(("tiles", p), n, b, a)
+
+    def _scratch(self, key: tuple[str, int], n: int, *shape: int) -> torch.Tensor:
+        """A reused float32 buffer ``[n, *shape]`` (grown when too small): a call allocates no large
+        tensor whose pages the system would fault in afresh every time."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[0] < n or buf.shape[1:] != shape:
+            buf = self._buffers[key] = torch.empty(n, *shape, device=self.device)
         return buf[:n]
 
     def _prefetch(self) -> None:

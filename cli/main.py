@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 import click
 
-from cli.messages import INTERRUPTED_EXIT, error_line, interrupt_line
+from cli.messages import BROKEN_PIPE_EXIT, INTERRUPTED_EXIT, error_line, interrupt_line
 from prismoe_store.errors import PrismoeError
 
 # Modules under cli/ that define commands; each exposes ``commands`` (a list of click commands)
@@ -33,6 +35,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except PrismoeError as e:
             raise click.ClickException(error_line(e)) from None
+        except BrokenPipeError:  # `prismoe ... | head -1`: the reader has all it wanted
+            sys.stdout = open(os.devnull, "w")  # nothing more may reach the closed pipe at exit
+            ctx.exit(BROKEN_PIPE_EXIT)
         except OSError as e:  # the disk is full, a folder is missing, a permission is lacking, ...
             where = f": {e.filename}" if getattr(e, "filename", None) else ""
             raise click.ClickException(f"{e.strerror or e}{where}") from None

@@ -41,6 +41,7 @@ def error_line(e: PrismoeError) -> str:
 # (each resumes from its store's own progress record: rows, tiles, bands, epochs, stages).
 RESUMABLE = ("collect", "synth", "extract", "tile", "fit", "fit-gates", "head", "quantize", "train")
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for a job stopped by Ctrl-C
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE: the output's reader went away (`| head`); nothing is printed
 
 
 def interrupt_line(command: str | None) -> str:

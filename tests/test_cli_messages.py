@@ -133,3 +133,23 @@ def test_the_resumable_commands_are_commands_that_say_they_resume():
     for name, cmd in main.commands.items():  # and no command that says it resumes is left out
         if "resum" in (cmd.help or "").lower() or "re-running" in (cmd.help or "").lower():
             assert name in RESUMABLE, name
+
+
+def test_a_closed_output_pipe_ends_the_command_quietly():
+    """`prismoe … | head -1`: when the reader goes away the command stops without an error line."""
+    import subprocess
+    import sys
+
+    code = ("import click, sys\n"
+            "from cli.main import main\n"
+            "@click.command('spew')\n"
+            "def spew():\n"
+            "    for i in range(10**6):\n"
+            "        click.echo(f'line {i} ' + 'x' * 60)\n"
+            "main.add_command(spew)\n"
+            "sys.argv = ['prismoe', 'spew']\n"
+            "main()\n")
+    p = subprocess.run(f"{sys.executable} -c \"{code}\" | head -1", shell=True, capture_output=True, text=True,
+                       executable="/bin/bash")
+    assert p.stdout == "line 0 " + "x" * 60 + "\n"
+    assert p.stderr == "", p.stderr

@@ -48,7 +48,7 @@ from prismoe_store.fit.metrics import SOLVED, heldout_metrics
 from prismoe_store.fit.plan import PANEL, Plan, col_groups, input_slices, location, make_plan, plan_block_rows
 from prismoe_store.fit.runner import TICKERS, TICKERS_LOCK, Runner, make_runner, one_blas_thread
 from prismoe_store.fit.solve import Factor, StatSource, band_runs, default_ridge, factor_statistics, solve_panel
-from prismoe_store.fit.statistics import HOLD, REST, SCRATCH, SUB, Pass, categories, link_blocks, stats_link
+from prismoe_store.fit.statistics import HOLD, REST, SCRATCH, SUB, WRITE_ALL, Pass, categories, link_blocks, stats_link
 from prismoe_store.grid import GridSpec, plan_pipes
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.formats import StoreOptions, create_chunked
@@ -357,11 +357,11 @@ class _Fit:
             def save(sets=sets, gi=gi, c0=c0, c1=c1) -> None:  # for a resume after the pass
                 for name, (gs, bs) in sets.items():
                     for k, w in enumerate(p.slicings):
-                        arr = scratch[f"{name}_B{w}"]
+                        arr = scratch[f"{name}_B{w}"].with_config(WRITE_ALL)
                         for j0, j1 in col_groups(c1 - c0, arr.chunks[1]):  # a chunk at a time: no group-sized copy
                             arr[:, c0 + j0:c0 + j1] = bs[k][:, j0:j1]
                         if gi == 0:
-                            scratch[f"{name}_G{w}"][...] = gs[k]
+                            scratch[f"{name}_G{w}"].with_config(WRITE_ALL)[...] = gs[k]
                 record.mark(gi)
 
             if len(groups) == 1:  # the solve reads them from memory: saved while it runs (joined by run)

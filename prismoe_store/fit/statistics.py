@@ -79,6 +79,9 @@ from prismoe_store.stores.verified import reading
 
 SUB, REST, HOLD = 0, 1, 2  # row sets: pipe 2's subsample, the other training rows, held out
 SCRATCH = "_fit"  # the adapter's scratch group: statistics and held-out rows of an unfinished fit
+# runtime config of the scratch arrays (not persisted: set on every open): write every chunk, zeros too,
+# so a missing chunk means damage (and no chunk is compared with the fill value first)
+WRITE_ALL = {"write_empty_chunks": True}
 
 
 # -- the pass: what each task does -------------------------------------------------------------
@@ -368,7 +371,7 @@ def stats_link(p: Pass, rows: int, c0: int, c1: int, b0: int, b1: int, with_g: b
 
 def _hold_arrays(p: Pass) -> tuple[zarr.Array, zarr.Array]:
     g = AdapterStore.open(p.adapter_url, "r+", storage_options=p.adapter_options).group
-    return g[f"{SCRATCH}/hold_x"], g[f"{SCRATCH}/hold_z"]
+    return g[f"{SCRATCH}/hold_x"].with_config(WRITE_ALL), g[f"{SCRATCH}/hold_z"].with_config(WRITE_ALL)
 
 
 

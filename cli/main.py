@@ -65,3 +65,21 @@ for _name in COMMAND_MODULES:
         main.add_command(_cmd)
     for _cmd in getattr(_mod, "bench_commands", []):
         benchmark.add_command(_cmd)
+
+
+def run() -> None:
+    """The ``prismoe`` console script: :func:`main`, and after Ctrl-C an immediate exit.
+
+    The interrupted job's threads (Zarr's event loop, progress bars, writers) would otherwise be
+    torn down with the interpreter and print tracebacks after the one line that says the work is
+    kept. Leaving at once is safe: every store survives a kill at any moment (its chunk records
+    and progress records), which is what the re-run resumes from.
+    """
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == INTERRUPTED_EXIT:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(INTERRUPTED_EXIT)
+        raise

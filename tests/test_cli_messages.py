@@ -153,3 +153,32 @@ def test_a_closed_output_pipe_ends_the_command_quietly():
                        executable="/bin/bash")
     assert p.stdout == "line 0 " + "x" * 60 + "\n"
     assert p.stderr == "", p.stderr
+
+
+def test_the_console_script_leaves_at_once_after_ctrl_c(monkeypatch, capsys):
+    """After the one line, `prismoe` exits without tearing down the interrupted job's threads (whose
+    teardown printed hundreds of asyncio lines when Ctrl-C hit Zarr's I/O); other exits are click's."""
+    import cli.main as cli_main
+
+    left = []
+
+    def fake_exit(code):
+        left.append(code)
+        raise RuntimeError("left")
+
+    def interrupted():
+        raise SystemExit(INTERRUPTED_EXIT)
+
+    monkeypatch.setattr(cli_main.os, "_exit", fake_exit)
+    monkeypatch.setattr(cli_main, "main", interrupted)
+    with pytest.raises(RuntimeError, match="left"):
+        cli_main.run()
+    assert left == [130]
+
+    def fails():
+        raise SystemExit(1)
+
+    monkeypatch.setattr(cli_main, "main", fails)
+    with pytest.raises(SystemExit) as e:
+        cli_main.run()
+    assert e.value.code == 1 and left == [130]

@@ -53,6 +53,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from prismoe_store.errors import DataError
+from prismoe_store.fit.runner import usable_cpus
 from prismoe_store.stores.formats import Compressor, StoreOptions
 from prismoe_store.stores.pairs import PAIRS_OPTIONS, PairsStore
 
@@ -226,7 +227,7 @@ def benchmark_fit(*, rows: Sequence[int] = (32768, 65536), d_in: int = 1024, d_o
     peak = {r: max(x["peak_rss_mb"] for x in runs if x["rows"] == r) for r in rows}
     last = best[-1]
     report = {"d_in": d_in, "d_out": d_out, "rows": rows, "workers": workers, "repeats": repeats,
-              "precision": precision, "cpus": os.cpu_count(), "memory_budget_mb": (memory_budget or 0) / 2 ** 20,
+              "precision": precision, "cpus": usable_cpus(), "memory_budget_mb": (memory_budget or 0) / 2 ** 20,
               "compressor": compressor or PAIRS_OPTIONS.compressor, "runs": runs, "best": best,
               "flop_ratio": last["flop_ratio"], "pass_ratio": last["pass_ratio"],
               "cpu_flop_ratio": last["cpu_flop_ratio"], "rss_ratio": peak[rows[-1]] / peak[rows[0]]}

@@ -22,6 +22,17 @@ _BLAS_STATE: dict = {"users": 0, "limiter": None, "pool": None}
 _LOCAL = threading.local()  # per-thread work arrays of the panel jobs
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: ``taskset``, a container's cpuset), not
+    the machine's count.
+
+    >>> usable_cpus() >= 1
+    True
+    """
+    affinity = getattr(os, "sched_getaffinity", None)
+    return max(1, len(affinity(0)) if affinity else (os.cpu_count() or 1))
+
+
 @contextmanager
 def one_blas_thread() -> Iterator[ThreadPoolExecutor]:
     """While any task of a pass with panel products (or the fit's panel solves) runs in this
@@ -35,7 +46,7 @@ def one_blas_thread() -> Iterator[ThreadPoolExecutor]:
 
             _BLAS_STATE["limiter"] = threadpool_limits(1, user_api="blas")
             if _BLAS_STATE["pool"] is None:
-                _BLAS_STATE["pool"] = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="prismoe-gemm")
+                _BLAS_STATE["pool"] = ThreadPoolExecutor(usable_cpus(), thread_name_prefix="prismoe-gemm")
         _BLAS_STATE["users"] += 1
         pool = _BLAS_STATE["pool"]
     try:
@@ -144,7 +155,7 @@ def make_runner(scheduler, tasks: int | None) -> Runner:
     its next block in a thread of its own, so more stripes only add reading threads: one per two
     cores, at most 4 (measured on 2 cores: one stripe's pass runs at 0.62 of the matmul rate, two
     stripes' at 0.48)."""
-    local = max(1, min(4, (os.cpu_count() or 1) // 2))
+    local = max(1, min(4, usable_cpus() // 2))
     # the local schedulers as functions: given a name, dask imports dask.distributed (~0.4 s) to look for a client
     if scheduler is None or scheduler == "threads":
         from dask.threaded import get

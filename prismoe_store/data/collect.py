@@ -136,6 +136,7 @@ class CollectReport:
     tokenizers: str = "shared"  # shared | different
     nonfinite_rows: int = 0  # pairs with NaN/Inf seen by this run (dropped or zeroed per on_nonfinite)
     complete: bool = False  # every document of every text is done
+    max_tokens: int | None = None  # the token cap of the run (None: none)
     seconds: dict = field(default_factory=dict)  # tokenize, forward, write (background), write_wait, total
 
     def as_dict(self) -> dict:
@@ -300,6 +301,7 @@ def collect(upper, lower, texts, out, *, spec: CollectSpec = CollectSpec(), over
     report.rows_total = store.rows
     report.tokens_total = tokens_total
     report.complete = all(count_done(texts_rec[s.sha256]["done"]) == s.documents for s in sources)
+    report.max_tokens = spec.max_tokens
     timer["total"] = time.perf_counter() - t_start
     report.seconds = {k: round(v, 4) for k, v in timer.items()}
     return report
@@ -331,8 +333,13 @@ def format_collect(report: CollectReport) -> str:
     >>> print(format_collect(CollectReport(out="p.zarr", rows_added=5, rows_total=5, tokens_added=5, tokens_total=5,
     ...                                    documents_added=1, documents_total=1, complete=True)))
     5 pairs added from 5 tokens, 1 documents (0 already done); p.zarr holds 5 pairs, 5 tokens; pool=none; complete
+    >>> print(format_collect(CollectReport(out="p.zarr", rows_total=8, tokens_total=8, max_tokens=8)).split("; ")[-1])
+    stopped at --max-tokens 8 (a larger --max-tokens collects more)
     """
-    state = "complete" if report.complete else "partial (re-run to continue)"
+    capped = report.max_tokens is not None and report.tokens_total >= report.max_tokens
+    state = ("complete" if report.complete else
+             f"stopped at --max-tokens {report.max_tokens} (a larger --max-tokens collects more)" if capped else
+             "partial (re-run to continue)")
     return (f"{report.rows_added} pairs added from {report.tokens_added} tokens, {report.documents_added} "
             f"documents ({report.documents_skipped} already done); {report.out} holds {report.rows_total} pairs, "
             f"{report.tokens_total} tokens; pool={report.pool}; {state}")

@@ -9,6 +9,17 @@ from cli.output import echo_json, output_store
 from cli.progress import bar, quiet_option
 
 
+def _complete_adapter(url) -> bool:
+    """Whether ``url`` holds a finished adapter (``fit`` then only checks it)."""
+    from prismoe_store.errors import PrismoeError
+    from prismoe_store.stores.adapter import AdapterStore
+
+    try:
+        return AdapterStore.open(url).complete
+    except PrismoeError:
+        return False
+
+
 def _alphas(value: str | None):
     if value is None:
         return None
@@ -53,12 +64,15 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
     """Fit the three pipes' tiles on PAIRS by streamed least squares and write the adapter.
 
     One pass over the pairs (Dask, out of core), then ridge solves; held-out relative error and
-    R² per pipe are stored in the adapter and printed. Re-running an interrupted fit resumes it.
+    R² per pipe are stored in the adapter and printed. Re-running an interrupted fit resumes it; a
+    finished one is checked and left as it is.
     """
     from prismoe_store.fit import FitConfig, fit, keep_freed_memory
 
     keep_freed_memory()  # this process runs one fit: reuse freed memory rather than fresh zeroed pages
-    warn_padding(pairs, workers)
+    finished = not overwrite and _complete_adapter(adapter)  # then fit checks it and does nothing
+    if not finished:
+        warn_padding(pairs, workers)
     with bar("fit", quiet=quiet or as_json, unit="unit") as progress:
         config = FitConfig(mode=mode, workers=workers, ridge=ridge, holdout=holdout, subsample=subsample, seed=seed,
                            alphas=_alphas(alphas), solver=solver, precision=precision, tasks=tasks,
@@ -70,8 +84,11 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
         echo_json({"adapter": str(adapter), "mode": store.mode, "alphas": store.alphas,
                                "grids": [g.to_dict() for g in store.grids], "rows": info["counts"],
                                "ridge": info["ridge"], "plan": info["plan"], "timings": info.get("timings", {}),
-                               "warnings": info.get("warnings", []), "metrics": metrics})
+                               "warnings": info.get("warnings", []), "metrics": metrics,
+                               "already_finished": finished})
         return
+    if finished:
+        click.echo(f"adapter {adapter}: already finished, nothing to do (--overwrite refits)")
     c = info["counts"]
     click.echo(f"adapter {adapter}: {store.mode} fit of {store.d_in}→{store.d_out}, "
                f"{c['train']} training rows ({c['sub']} for pipe 2), {c['holdout']} held out")

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prismoe_store.errors import DataError, FitError, GridError, StoreError
+from prismoe_store.errors import CorruptStoreError, DataError, FitError, GridError, StoreError
 from prismoe_store.fit import FitConfig, fit
 from prismoe_store.fit.config import SUBSAMPLE_SEED_OFFSET
 from prismoe_store.fit.solve import factor_normal, factor_qr, qr_update
@@ -460,6 +460,26 @@ def test_solver_helpers_against_numpy():
     np.testing.assert_allclose(np.abs(r), np.abs(np.linalg.qr(x)[1]), atol=1e-10)
 
 
+def test_refitting_a_finished_fit_checks_it_and_does_nothing(pairs, tmp_path):
+    """The same fit again: the finished adapter, untouched; other settings: refused; a damaged tile
+    of a finished fit (whose statistics are gone): refused, naming --overwrite."""
+    store, _, _ = pairs
+    cfg = FitConfig(workers=WORKERS)
+    a = fit(store, tmp_path / "a", cfg)
+    files = sorted(p for p in (tmp_path / "a").rglob("*") if p.is_file())
+    stamps = [(p.stat().st_mtime_ns, p.read_bytes()) for p in files]
+    again = fit(store, tmp_path / "a", cfg)
+    assert again.complete and [(p.stat().st_mtime_ns, p.read_bytes()) for p in files] == stamps
+    for p in range(3):
+        assert np.array_equal(again.dense(p), a.dense(p))
+    with pytest.raises(StoreError, match="finished fit with other settings"):
+        fit(store, tmp_path / "a", FitConfig(workers=WORKERS, ridge=0.5))
+    chunk = next(p for p in sorted((tmp_path / "a" / "pipe2" / "tiles" / "c").rglob("*")) if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:-7])
+    with pytest.raises(CorruptStoreError, match="damaged tile chunk.*pipe 2.*--overwrite"):
+        fit(store, tmp_path / "a", cfg)
+
+
 # -- the CLI ---------------------------------------------------------------------------------
 
 
@@ -476,7 +496,10 @@ def test_cli_fit(pairs, tmp_path):
     assert info["metrics"]["combined"]["r2"] > 0.5
     assert AdapterStore.open(out).attrs()["fit"]["ridge"]["train"] == 0.5
     res = CliRunner().invoke(main, ["fit", store.url, "-o", str(out), "--workers", str(WORKERS), "-q"])
-    assert res.exit_code == 1 and "already exists" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 1 and "finished fit with other settings" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["fit", store.url, "-o", str(out), "--workers", str(WORKERS), "-q",
+                                    "--holdout", "0.2", "--mode", "independent", "--ridge", "0.5"])
+    assert res.exit_code == 0 and "already finished, nothing to do" in res.output and "R²" in res.output
     res = CliRunner().invoke(main, ["fit", store.url, "-o", str(out), "--workers", str(WORKERS), "-q", "--overwrite"])
     assert res.exit_code == 0 and "R²" in res.output
 

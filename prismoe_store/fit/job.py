@@ -55,7 +55,7 @@ from prismoe_store.stores.formats import StoreOptions, create_chunked
 from prismoe_store.stores.pairs import PairsStore
 from prismoe_store.stores.progress import recheck
 from prismoe_store.stores.records import FitRecord
-from prismoe_store.stores.verified import reading
+from prismoe_store.stores.verified import damaged_chunks, reading
 
 STAT_SETS = ("train", "sub")  # statistics kept per fit: all training rows, and pipe 2's rows
 PIPE_SETS = ("train", "sub", "train")  # which statistics pipe p fits on
@@ -194,6 +194,8 @@ class _Fit:
         run_id = uuid.uuid4().hex if runner.local else ""  # in-process tasks tick the progress per block
         try:
             adapter, plan = self._resume(grids, source)
+            if adapter is not None and adapter.complete:
+                return adapter
             block = plan.block_rows if plan else plan_block_rows(cfg, pairs, rows)
             base = Pass(pairs_url=url, pairs_options=None, adapter_url=self.adapter_url,
                          adapter_options=self.options.storage_options, d_in=m, holdout=cfg.holdout, seed=cfg.seed,
@@ -265,9 +267,16 @@ class _Fit:
         except StoreError:
             return None, None  # nothing there (AdapterStore.create refuses any other leftover)
         info = old.fit_record() or FitRecord()
-        if old.complete:
-            raise StoreError(f"adapter {self.adapter_url} already exists and is complete "
-                             "(pass overwrite=True / --overwrite to refit)")
+        if old.complete:  # a finished fit: nothing to do, if it is this fit and its tiles are whole
+            if info.settings != self.cfg.settings(grids) or info.pairs != source:
+                raise StoreError(f"{self.adapter_url} holds a finished fit with other settings or pairs "
+                                 "(pass overwrite=True / --overwrite to refit)")
+            for p, g in enumerate(grids):
+                bad = damaged_chunks(old.tiles(p), [(r, c) for r in range(g.rows) for c in range(g.cols)])
+                if bad:
+                    raise CorruptStoreError(f"the finished fit in {self.adapter_url} has {len(bad)} damaged tile "
+                                            f"chunk(s) in pipe {p + 1} (first {bad[0]}): refit with --overwrite")
+            return old, None
         if info.settings != self.cfg.settings(grids) or info.pairs != source or info.plan is None:
             raise StoreError(f"{self.adapter_url} holds an unfinished fit with other settings or pairs "
                              "(pass overwrite=True / --overwrite to start over)")

@@ -269,7 +269,8 @@ class _Fit:
         info = old.fit_record() or FitRecord()
         if old.complete:  # a finished fit: nothing to do, if it is this fit and its tiles are whole
             if info.settings != self.cfg.settings(grids) or info.pairs != source:
-                raise StoreError(f"{self.adapter_url} holds a finished fit with other settings or pairs "
+                what = info.differences(self.cfg.settings(grids), source)
+                raise StoreError(f"{self.adapter_url} holds a finished fit with other {what} "
                                  "(pass overwrite=True / --overwrite to refit)")
             for p, g in enumerate(grids):
                 bad = damaged_chunks(old.tiles(p), [(r, c) for r in range(g.rows) for c in range(g.cols)])
@@ -278,7 +279,8 @@ class _Fit:
                                             f"chunk(s) in pipe {p + 1} (first {bad[0]}): refit with --overwrite")
             return old, None
         if info.settings != self.cfg.settings(grids) or info.pairs != source or info.plan is None:
-            raise StoreError(f"{self.adapter_url} holds an unfinished fit with other settings or pairs "
+            what = info.differences(self.cfg.settings(grids), source)
+            raise StoreError(f"{self.adapter_url} holds an unfinished fit with other {what} "
                              "(pass overwrite=True / --overwrite to start over)")
         if SCRATCH not in old.group:
             raise StoreError(f"{self.adapter_url} holds an unfinished fit without its scratch: use --overwrite")

@@ -137,6 +137,18 @@ class FitRecord:
         if "seed" in self.settings:
             parse_count(self.settings["seed"], "fit record: settings['seed']")
 
+    def differences(self, settings: dict, pairs: dict | None) -> str:
+        """What differs from another fit's ``settings`` and ``pairs``, for a refusal.
+
+        >>> FitRecord({"ridge": None, "mode": "joint"}).differences({"ridge": 0.5, "mode": "joint"}, None)
+        'settings (ridge)'
+        """
+        keys = sorted(k for k in set(self.settings) | set(settings) if self.settings.get(k) != settings.get(k))
+        parts = [f"settings ({', '.join('workers' if k == 'grids' else k for k in keys)})"] if keys else []
+        if self.pairs != pairs:
+            parts.append("pairs")
+        return " and ".join(parts) or "settings"
+
     @property
     def holdout(self) -> float | None:
         """The held-out share the fit used (``None`` when not recorded)."""

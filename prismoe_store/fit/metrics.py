@@ -8,11 +8,11 @@ and for ``y = Σ α_p y_p``, the relative error ``‖y − z‖/‖z‖`` and
 adapter's ``metrics`` attribute (the example in :mod:`prismoe_store.fit.job` checks one).
 
 >>> import numpy as np
+>>> sz2, mean, m2 = block_moments(np.array([[1.0, 2.0], [3.0, 4.0]], np.float32))  # a block's Σ‖z‖² and moments
 >>> s = Scores(3, 2)
->>> s.add_z(np.array([[1.0, 2.0], [3.0, 4.0]], np.float32))  # returns the block's Σ‖z‖²
-30.0
->>> s.rows, s.mean.tolist(), s.m2.tolist()
-(2, [2.0, 3.0], [2.0, 2.0])
+>>> s.merge_moments(2, mean, m2)
+>>> sz2, s.rows, s.mean.tolist(), s.m2.tolist()
+(30.0, 2, [2.0, 3.0], [2.0, 2.0])
 """
 
 from __future__ import annotations
@@ -41,13 +41,6 @@ class Scores:
         self.parts: list[np.ndarray] = []  # per block: its sse per pipe, the combination's, its Σ‖z‖²
         self.mean = np.zeros(ncols)  # per-output mean of z (Chan's parallel update)
         self.m2 = np.zeros(ncols)  # per-output Σ(z − mean)²
-
-    def add_z(self, z: np.ndarray, work: np.ndarray | None = None) -> float:
-        """Merge a block's per-output moments; returns its Σ‖z‖². ``work``: a float64 array of
-        ``z``'s shape to use (and overwrite) instead of a fresh one."""
-        sz2, mean, m2 = block_moments(z, work)
-        self.merge_moments(z.shape[0], mean, m2)
-        return sz2
 
     def finish(self) -> Scores:
         """Sum the blocks' parts exactly (``math.fsum``), so the totals do not depend on the stripes."""

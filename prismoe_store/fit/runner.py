@@ -59,17 +59,28 @@ def one_blas_thread() -> Iterator[ThreadPoolExecutor]:
                 _BLAS_STATE["limiter"] = None
 
 
+def reuse(buffers: dict, name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """A work array kept in ``buffers`` across blocks, grown when too small (fresh large arrays cost
+    page faults each time).
+
+    >>> bufs = {}
+    >>> reuse(bufs, "a", (2, 3)).shape, reuse(bufs, "a", (1, 2)).base is bufs["a"]
+    ((2, 3), True)
+    """
+    need = int(np.prod(shape))
+    buf = buffers.get(name)
+    if buf is None or buf.size < need or buf.dtype != dtype:
+        buf = buffers[name] = np.empty(need, dtype)
+    return buf[:need].reshape(shape)
+
+
 def thread_buffer(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A work array of the calling thread, kept across calls (fresh large arrays cost page faults
-    each time): the panel jobs of the pool reuse theirs from block to block."""
+    """:func:`reuse` with the calling thread's own buffers: the panel jobs of the pool reuse theirs
+    from block to block."""
     bufs = getattr(_LOCAL, "bufs", None)
     if bufs is None:
         bufs = _LOCAL.bufs = {}
-    need = int(np.prod(shape))
-    buf = bufs.get(name)
-    if buf is None or buf.size < need or buf.dtype != dtype:
-        buf = bufs[name] = np.empty(need, dtype)
-    return buf[:need].reshape(shape)
+    return reuse(bufs, name, shape, dtype)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)

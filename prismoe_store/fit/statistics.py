@@ -70,7 +70,7 @@ import zarr
 
 from prismoe_store.fit.config import SUBSAMPLE_SEED_OFFSET
 from prismoe_store.fit.plan import PANEL, Plan, input_slices
-from prismoe_store.fit.runner import TICKERS, one_blas_thread, thread_buffer
+from prismoe_store.fit.runner import TICKERS, one_blas_thread, reuse, thread_buffer
 from prismoe_store.fit.solve import qr_merge, qr_update
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.chunk_files import region_reader
@@ -181,8 +181,8 @@ def _blocks(p: Pass, b0: int, b1: int, rows: int, c0: int, c1: int, hold=None, f
         dest[order] = np.arange(len(order))  # where each row goes
         buf = work[b % 2]
         with reading(f"rows {s}..{e} of {p.pairs_url}"):  # read straight into the grouped order
-            x = xr.read(slice(s, e), slice(None), _reuse(buf, "x", (e - s, xa.shape[1])), dest=dest)
-            z = zr.read(slice(s, e), slice(zc0, zc1), _reuse(buf, "z", (e - s, zc1 - zc0)), dest=dest)
+            x = xr.read(slice(s, e), slice(None), reuse(buf, "x", (e - s, xa.shape[1])), dest=dest)
+            z = zr.read(slice(s, e), slice(zc0, zc1), reuse(buf, "z", (e - s, zc1 - zc0)), dest=dest)
         if p.solver == "qr" and not _finite(x, z[:, off:off + c1 - c0]):
             return _Block(s, e, None, None, None)
         t = len(order) - int(counts[HOLD])  # held-out rows come last
@@ -214,15 +214,6 @@ def _first_bad_block(p: Pass, b0: int, b1: int, rows: int, c0: int, c1: int) -> 
     return None
 
 
-def _reuse(buffers: dict, name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-    """A work array kept in ``buffers`` across blocks (fresh large arrays cost page faults each time)."""
-    need = int(np.prod(shape))
-    buf = buffers.get(name)
-    if buf is None or buf.size < need or buf.dtype != dtype:
-        buf = buffers[name] = np.empty(need, dtype)
-    return buf[:need].reshape(shape)
-
-
 class Stats:
     """One stripe's accumulator for one column group: per row set (SUB, REST) and slicing, G and B
     (``cholesky``) or R and QᵀZ (``qr``), all float64."""
@@ -245,14 +236,14 @@ class Stats:
         if p.precision == "float64" or p.solver == "qr":
             z = z[:, off:off + ncols]
             if p.precision != "float32":
-                x64 = _reuse(self._bufs, "x64", x.shape, np.float64)
-                z64 = _reuse(self._bufs, "z64", z.shape, np.float64)
+                x64 = reuse(self._bufs, "x64", x.shape, np.float64)
+                z64 = reuse(self._bufs, "z64", z.shape, np.float64)
                 x64[...], z64[...] = x, z
                 x = xg = x64
                 z = z64
             off = 0
         elif p.precision == "mixed" and self.g is not None:
-            xg = _reuse(self._bufs, "x64", x.shape, np.float64)
+            xg = reuse(self._bufs, "x64", x.shape, np.float64)
             xg[...] = x
         if p.solver == "cholesky" and x.dtype == np.float32:  # panel products, one BLAS thread each
             jobs: list[tuple] = []
@@ -278,9 +269,9 @@ class Stats:
                     self._qr(p, s, xg[lo:hi], z[lo:hi])
                 else:
                     if self.g is not None:  # numpy computes xᵀx with syrk (the symmetric half)
-                        g_out = _reuse(self._bufs, "g", self.g[s][0].shape, xg.dtype)
+                        g_out = reuse(self._bufs, "g", self.g[s][0].shape, xg.dtype)
                         self.g[s][0] += np.matmul(xg[lo:hi].T, xg[lo:hi], out=g_out)
-                    b_out = _reuse(self._bufs, "p", self.b[s][0].shape, np.float64)
+                    b_out = reuse(self._bufs, "p", self.b[s][0].shape, np.float64)
                     self.b[s][0] += np.matmul(x[lo:hi].T, z[lo:hi], out=b_out)
             lo = hi
 

@@ -68,18 +68,31 @@ for _name in COMMAND_MODULES:
 
 
 def run() -> None:
-    """The ``prismoe`` console script: :func:`main`, and after Ctrl-C an immediate exit.
+    """The ``prismoe`` console script: :func:`main`, then an immediate exit.
 
-    The interrupted job's threads (Zarr's event loop, progress bars, writers) would otherwise be
-    torn down with the interpreter and print tracebacks after the one line that says the work is
-    kept. Leaving at once is safe: every store survives a kill at any moment (its chunk records
-    and progress records), which is what the re-run resumes from.
+    A command returns once its work is done and written, so all the interpreter's teardown would
+    do is stop idle threads (Zarr's event loop, the thread pools) and free memory: 0.15–0.2 s at
+    the end of a fit on the 2-core machine this was measured on. After Ctrl-C that teardown would
+    also print tracebacks of the interrupted job's threads after the one line that says the work
+    is kept. Leaving at once is safe: every store survives a kill at any moment (its chunk records
+    and progress records), which is what a re-run resumes from. A command that leaves child
+    processes running (a local Dask cluster) exits the normal way, so that they are cleaned up.
     """
     try:
         main()
+        code: object = 0
     except SystemExit as e:
-        if e.code == INTERRUPTED_EXIT:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(INTERRUPTED_EXIT)
-        raise
+        code = 0 if e.code is None else e.code
+    if not isinstance(code, int):  # sys.exit("message"): Python prints it and exits 1
+        raise SystemExit(code)
+    if code != INTERRUPTED_EXIT and _children_alive():
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _children_alive() -> bool:
+    """Whether this process has started child processes that are still running."""
+    mp = sys.modules.get("multiprocessing")
+    return bool(mp is not None and mp.active_children())

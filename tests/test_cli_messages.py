@@ -148,16 +148,24 @@ def test_a_closed_output_pipe_ends_the_command_quietly():
             "        click.echo(f'line {i} ' + 'x' * 60)\n"
             "main.add_command(spew)\n"
             "sys.argv = ['prismoe', 'spew']\n"
-            "main()\n")
+            "run()\n")  # as the console script does
+    code = code.replace("import main", "import main, run")
     p = subprocess.run(f"{sys.executable} -c \"{code}\" | head -1", shell=True, capture_output=True, text=True,
                        executable="/bin/bash")
     assert p.stdout == "line 0 " + "x" * 60 + "\n"
     assert p.stderr == "", p.stderr
+    # a reader that takes everything gets everything: the immediate exit comes after the flush
+    p = subprocess.run(f"set -o pipefail; {sys.executable} -c \"{code}\" | wc -l", shell=True, capture_output=True,
+                       text=True, executable="/bin/bash")
+    assert (p.returncode, p.stdout.strip(), p.stderr) == (0, str(10 ** 6), "")
 
 
 def test_the_console_script_leaves_at_once_after_ctrl_c(monkeypatch, capsys):
     """After the one line, `prismoe` exits without tearing down the interrupted job's threads (whose
-    teardown printed hundreds of asyncio lines when Ctrl-C hit Zarr's I/O); other exits are click's."""
+    teardown printed hundreds of asyncio lines when Ctrl-C hit Zarr's I/O); so do finished commands,
+    with their exit code, unless they left child processes running."""
+    import multiprocessing
+
     import cli.main as cli_main
 
     left = []
@@ -166,19 +174,32 @@ def test_the_console_script_leaves_at_once_after_ctrl_c(monkeypatch, capsys):
         left.append(code)
         raise RuntimeError("left")
 
-    def interrupted():
-        raise SystemExit(INTERRUPTED_EXIT)
+    def exits(code):
+        def command():
+            print("printed")
+            raise SystemExit(code)
+        return command
 
     monkeypatch.setattr(cli_main.os, "_exit", fake_exit)
-    monkeypatch.setattr(cli_main, "main", interrupted)
+    for code, expected in [(INTERRUPTED_EXIT, 130), (1, 1), (0, 0), (None, 0)]:
+        monkeypatch.setattr(cli_main, "main", exits(code))
+        with pytest.raises(RuntimeError, match="left"):
+            cli_main.run()
+        assert left[-1] == expected
+    assert capsys.readouterr().out == "printed\n" * 4
+
+    monkeypatch.setattr(cli_main, "main", lambda: None)  # a command that returns
     with pytest.raises(RuntimeError, match="left"):
         cli_main.run()
-    assert left == [130]
+    assert left[-1] == 0
 
-    def fails():
-        raise SystemExit(1)
-
-    monkeypatch.setattr(cli_main, "main", fails)
+    monkeypatch.setattr(cli_main, "main", exits("a message"))  # printed by Python, exit 1
     with pytest.raises(SystemExit) as e:
         cli_main.run()
-    assert e.value.code == 1 and left == [130]
+    assert e.value.code == "a message"
+
+    monkeypatch.setattr(multiprocessing, "active_children", lambda: ["a worker"])
+    monkeypatch.setattr(cli_main, "main", exits(0))  # children left: the normal exit cleans them up
+    with pytest.raises(SystemExit) as e:
+        cli_main.run()
+    assert e.value.code == 0 and len(left) == 5

@@ -116,11 +116,12 @@ def _run(script: str, *args: str) -> dict:
 
 
 def run_command(args: Sequence[str]) -> dict:
-    """Run ``prismoe ARGS`` in a fresh process; its stdout, wall seconds, CPU seconds and peak RSS (MiB)."""
+    """Run ``prismoe ARGS`` in a fresh process, entered as the console script is (:func:`cli.main.run`); its
+    stdout, wall seconds, CPU seconds and peak RSS (MiB)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
         # -P: the cwd's checkout must not shadow this code
-        proc = subprocess.Popen([sys.executable, "-P", "-c", "from cli.main import main; main()", *args],
+        proc = subprocess.Popen([sys.executable, "-P", "-c", "from cli.main import run; run()", *args],
                                 stdout=out, stderr=err, text=True, env=_env())
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss: its peak RSS)
         wall = time.perf_counter() - t

@@ -107,7 +107,9 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
                   patience, init, holdout, seed, restart, device, max_tile_mb, as_json, quiet):
     """Train the gates of ADAPTER's pipes on PAIRS, tiles frozen; write them into ADAPTER.
 
-    Resumes from the last saved epoch when re-run with the same settings (--epochs may grow).
+    Resumes from the last saved epoch when re-run with the same settings; a finished run is a no-op.
+    Left out, --epochs is the saved run's (a larger --epochs continues it); other changed settings
+    are refused unless --restart.
 
     For a head adapter (`prismoe head`), PAIRS holds hidden states only (a store from `prismoe
     collect --target none`, any pairs store's x, or a .npy): the band gate learns the head's
@@ -117,12 +119,23 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
     """
     from prismoe_store.stores.adapter import AdapterStore
 
+    store = AdapterStore.open(adapter, "r+")
+    head = store.layout == "partition"
+    if head:
+        _refuse_fitted_only(click.get_current_context())
+    saved = None if restart else _saved_run(store, head)
+    if epochs is None and saved is not None:
+        epochs = saved["epochs"]  # a re-run without --epochs keeps the saved run's
+    talk = not (quiet or as_json)
+    finished = saved is not None and epochs is not None and (saved["epoch"] >= epochs or saved.get("stopped", False))
+    if talk and saved is not None and not finished:
+        what = "continuing" if saved["epoch"] >= saved["epochs"] else "resuming"
+        click.echo(f"{what} from epoch {saved['epoch']} to {epochs}", err=True)
     given = {name: value for name, value in (("sparsity", sparsity), ("epochs", epochs), ("lr", lr),
                                               ("batch_size", batch_size)) if value is not None}
-    store = AdapterStore.open(adapter, "r+")
-    if store.layout == "partition":
+    if head:
         split = {name: value for name, value in (("holdout", holdout), ("seed", seed)) if value is not None}
-        _fit_band_gate(store, pairs, {**given, **split}, restart, device, as_json, quiet)
+        _fit_band_gate(store, pairs, {**given, **split}, restart, device, as_json, quiet, talk and not finished)
         return
     config = S.GateSettings(**given, balance_coef=balance_coef, z_loss_coef=z_loss_coef, temperature=temperature,
                             init=init, patience=patience, holdout=holdout, seed=seed)
@@ -132,21 +145,55 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
     if as_json:
         echo_json(r)
         return
+    if r["status"] == "already finished":
+        click.echo(f"gates of {adapter}: {FINISHED}")
     click.echo(_gates().format_fit_gates(r))
 
 
-def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_json: bool, quiet: bool) -> None:
+FINISHED = "already finished, nothing to do (--restart trains again)"
+_FITTED_ONLY = ("balance_coef", "z_loss_coef", "temperature", "patience", "init", "max_tile_mb")  # not for heads
+
+
+def _refuse_fitted_only(ctx: click.Context) -> None:
+    """A head adapter's band gate reads none of the fitted gates' options: one given on the command
+    line is refused (its default is not a choice the user made, so it passes)."""
+    from click.core import ParameterSource
+
+    from prismoe_store.errors import DataError
+
+    given = [p for p in ctx.command.params if p.name in _FITTED_ONLY
+             and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+    if given:
+        names = ", ".join(p.opts[0] for p in given)
+        raise DataError(f"{names} {'does' if len(given) == 1 else 'do'} not apply to a head adapter (its band gate "
+                        "reads --sparsity, --epochs, --lr, --batch-size, --holdout, --seed, --restart, --device)")
+
+
+def _saved_run(store, head: bool) -> dict | None:
+    """The saved gate-training run of ``store`` (epochs done, target, finished), or None."""
+    if head:
+        from prismoe_store.head.band_gate_state import saved_run
+
+        return saved_run(store)
+    return _gates().saved_run(store)
+
+
+def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_json: bool, quiet: bool,
+                   talk: bool) -> None:
+    """Train a head adapter's band gate; ``talk``: say what comes first (not for a finished run)."""
     from prismoe_store.head.band_gate import BandGateConfig, fit_band_gate
 
     config = BandGateConfig(restart=restart, device=device, **given)
     stages = stage_bars(quiet or as_json, {"teacher pass": "row"}, default_unit="epoch")
-    if not (quiet or as_json):
+    if talk:
         click.echo("note: teacher pass first: the full head scores every hidden state once and keeps each band's "
                    f"share of the probability (the gate's targets); then up to {config.epochs} epochs", err=True)
     r = fit_band_gate(store, hidden, config=config, stages=stages)
     if as_json:
         echo_json(r.to_dict())
         return
+    if r.status == "already finished":
+        click.echo(f"band gate of {store.url}: {FINISHED}")
     b, a = r.before, r.after
     click.echo(f"band gate: {r.rows} hidden-state rows ({r.held_out} held out), {r.epochs} epochs, best epoch "
                f"{r.best_epoch}; teacher pass {r.teacher_seconds:.1f} s, {r.seconds_per_epoch:.1f} s per epoch")

@@ -194,6 +194,19 @@ def _load_state(adapter: AdapterStore) -> tuple[dict, dict[str, np.ndarray]] | N
     return meta, arrays
 
 
+def saved_run(adapter: AdapterStore) -> dict | None:
+    """``{"epoch", "epochs", "finished", "stopped"}`` of the gate training saved in ``adapter`` (epochs
+    done, the run's target, whether it reached it or stopped early), or ``None``; reads attributes only."""
+    if STATE_GROUP not in adapter.group or "slot" not in adapter.group[STATE_GROUP].attrs:
+        return None
+    attrs = adapter.group[STATE_GROUP].attrs
+    record = adapter.gates_record()
+    epoch = int(attrs["epoch"])
+    epochs = int(record.settings.get("epochs", epoch)) if record is not None else epoch
+    stopped = bool(attrs.get("stopped"))
+    return {"epoch": epoch, "epochs": epochs, "finished": epoch >= epochs or stopped, "stopped": stopped}
+
+
 def fit_gates(adapter, pairs, config: GateSettings = GateSettings(),  # noqa: B008 (frozen: a shared default is safe)
               *, restart: bool = False, device="cpu",
               max_tile_bytes: int = DEFAULT_MAX_TILE_BYTES, max_eval_rows: int | None = None,
@@ -281,7 +294,8 @@ def _fit_gates(adapter: AdapterStore, pairs: PairsStore, config: GateSettings, *
         _save_state(adapter, run, s, split)
 
     run.train(progress, on_epoch)
-    summary = {"sparsity": s.sparsity, "k": [s.k(g.active_count) for g in tiles.grids],
+    status = "trained" if resumed_from is None else "already finished" if run.epoch == resumed_from else "resumed"
+    summary = {"status": status, "sparsity": s.sparsity, "k": [s.k(g.active_count) for g in tiles.grids],
                "epochs_run": run.epoch, "best_epoch": run.best["epoch"], "stopped_early": run.stopped,
                "resumed_from": resumed_from,
                "heldout_rows": split.counts(pairs)[1] if max_eval_rows is None else max_eval_rows,
@@ -326,7 +340,7 @@ def format_fit_gates(summary: dict) -> str:
     dense (ρ=1)            0.5000   0.7500
     """
     r = summary
-    lines = [f"resumed from epoch {r['resumed_from']}"] if r["resumed_from"] is not None else []
+    lines = [f"resumed from epoch {r['resumed_from']}"] if r.get("status") == "resumed" else []
     b, a = r["before"], r["after"]
     lines.append(f"ρ = {r['sparsity']} (K = {', '.join(map(str, r['k']))} per pipe), {r['epochs_run']} epochs"
                  f"{' (stopped early)' if r['stopped_early'] else ''}, best epoch {r['best_epoch']}, "

@@ -84,6 +84,8 @@ def _training_options(f, *, head: bool = False):
     ]):
         key = name[2:].replace("-", "_")
         if head and key in _HEAD_OPTIONS:
+            if key == "epochs":
+                hlp = hlp[:-1] + "; left out on a re-run, the saved run's (a larger value continues it)."
             f = click.option(name, type=typ, default=None, help=f"{hlp}  {_both_defaults(key)}")(f)
         else:
             f = click.option(name, type=typ, default=default, show_default=True, help=hlp)(f)
@@ -195,8 +197,10 @@ def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_js
     if r.status == "already finished":
         click.echo(f"band gate of {store.url}: {FINISHED}")
     b, a = r.before, r.after
+    timing = "" if r.status == "already finished" else (f"; teacher pass {r.teacher_seconds:.1f} s, "
+                                                         f"{r.seconds_per_epoch:.1f} s per epoch")
     click.echo(f"band gate: {r.rows} hidden-state rows ({r.held_out} held out), {r.epochs} epochs, best epoch "
-               f"{r.best_epoch}; teacher pass {r.teacher_seconds:.1f} s, {r.seconds_per_epoch:.1f} s per epoch")
+               f"{r.best_epoch}{timing}")
     click.echo(f"held-out at ρ = {config.sparsity}: top-1 band recall {b['top1']:.4f} → {a['top1']:.4f}, "
                f"mass kept {b['mass']:.4f} → {a['mass']:.4f}")
 

@@ -203,3 +203,29 @@ def test_the_console_script_leaves_at_once_after_ctrl_c(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main.run()
     assert e.value.code == 0 and len(left) == 5
+
+
+def test_refusals_name_the_cli_flag_only(tmp_path):
+    """The library says "pass overwrite=True / --overwrite"; the CLI shows "--overwrite" only."""
+    from prismoe_store.fit import FitConfig, fit
+
+    url = str(tmp_path / "p.zarr")
+    store = PairsStore.create(url, d_in=8, d_out=16)
+    x = np.random.default_rng(1).standard_normal((600, 8)).astype(np.float32)
+    store.append(x, x @ np.random.default_rng(2).standard_normal((8, 16)).astype(np.float32))
+    assert _run("fit", url, "-o", tmp_path / "a.zarr", "--workers", "8", "-q").exit_code == 0
+    r = _run("fit", url, "-o", tmp_path / "a.zarr", "--workers", "8", "--ridge", "0.5", "-q")
+    assert r.exit_code == 1 and r.output.strip().endswith("finished fit with other settings (ridge) "
+                                                          "(pass --overwrite to refit)"), r.output
+
+    class Stop(Exception):
+        pass
+
+    def stop(done, total):
+        raise Stop
+
+    with pytest.raises(Stop):  # an unfinished fit
+        fit(url, str(tmp_path / "b.zarr"), FitConfig(workers=8), scheduler="synchronous", progress=stop)
+    r = _run("fit", url, "-o", tmp_path / "b.zarr", "--workers", "8", "--ridge", "0.5", "-q")
+    assert r.exit_code == 1 and "unfinished fit" in r.output and "overwrite=True" not in r.output
+    assert r.output.strip().endswith("(pass --overwrite to start over)"), r.output

@@ -78,7 +78,8 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
                            alphas=_alphas(alphas), solver=solver, precision=precision, tasks=tasks,
                            memory_budget=memory_mb << 20 if memory_mb else None, block_rows=block_rows,
                            keep_statistics=keep_statistics)
-        store = fit(pairs, adapter, config, scheduler=scheduler, progress=progress, overwrite=overwrite)
+        store = fit(pairs, adapter, config, scheduler=scheduler, progress=progress, overwrite=overwrite,
+                    log=None if quiet or as_json else lambda line: click.echo(line, err=True))
     info, metrics = store.fit_record().to_dict(), (store.metrics_record().to_dict() if store.metrics_record() else None)
     if as_json:
         echo_json({"adapter": str(adapter), "mode": store.mode, "alphas": store.alphas,

@@ -49,10 +49,18 @@ def test_error_line_shortens_and_adds_a_hint_only_when_missing():
 def test_padding_advice_counts_the_tiles_the_planner_makes():
     assert padding_advice(64, 256, 512) is None
     line = padding_advice(576, 49152, 512)
-    p1 = plan_pipes(576, 49152, 512)[0]
-    assert f"{p1.workers - p1.active_count} of 512 tiles" in line and f"{p1.active_count} tiles do work" in line
+    p1, _, p3 = plan_pipes(576, 49152, 512)
+    assert f"{p1.workers - p1.active_count} of 512 tiles of pipes 1 and 2" in line
+    assert f"pipe 3: {p3.workers - p3.active_count}" in line and f"{p1.active_count} tiles do work" in line
     suggested = int(line.split("use --workers ")[1].split()[0])
     assert plan_pipes(576, 49152, suggested)[0].active_count >= 512  # the suggestion gives what it says
+    # fewer workers do not help a width just above a power of 2: the line says so rather than suggest them
+    line = padding_advice(576, 576, 512)
+    assert "Fewer --workers do not remove it (--workers 128: 64.8%)" in line
+    assert "use --workers 2048 (648 do work)" in line
+    # where fewer workers do help, the line names them
+    line = padding_advice(12, 100, 64)
+    assert line is not None and "--workers 32 leaves 25.0% padding-only tiles" in line, line
 
 
 def test_fit_warns_about_padding_and_inspect_reads_defaults(tmp_path):
@@ -63,6 +71,10 @@ def test_fit_warns_about_padding_and_inspect_reads_defaults(tmp_path):
     r = CliRunner().invoke(main, ["fit", url, "-o", str(tmp_path / "a.zarr"), "--workers", "64", "-q"])
     assert r.exit_code == 0, r.output
     assert "warning: " in r.stderr and "hold only padding" in r.stderr and "--workers" in r.stderr
+    # a refused fit prints its error alone: the warning comes once the fit's checks have passed
+    r = CliRunner().invoke(main, ["fit", url, "-o", str(tmp_path / "a.zarr"), "--workers", "64", "--ridge", "0.5"])
+    assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+        f"Error: {tmp_path / 'a.zarr'} holds a finished fit with other settings (ridge) (pass --overwrite to refit)"]
     r = _run("inspect", tmp_path / "a.zarr", "--no-stats")
     fit_line = next(line for line in r.output.splitlines() if line.strip().startswith("fit:"))
     assert "ridge auto" in fit_line and "alphas equal" in fit_line and "None" not in fit_line

@@ -89,10 +89,8 @@ def collect_cmd(upper, lower, texts, out, overwrite, compressor, as_json, quiet,
     if as_json:
         echo_json(report.as_dict())
         return
-    if report.already_finished:
-        click.echo(f"{out}: already finished, nothing to do (a larger --max-tokens or more --text collects more)"
-                   if report.max_tokens is not None and not report.complete else
-                   f"{out}: already finished, nothing to do")
+    if report.already_finished:  # the line below says why (complete, or the --max-tokens cap reached)
+        click.echo(f"{out}: already finished, nothing to do")
     click.echo(format_collect(report))
     if report.nonfinite_rows:
         click.echo(f"{report.nonfinite_rows} pairs held NaN/Inf ({kw['on_nonfinite']})", err=True)

@@ -72,9 +72,11 @@ def test_fit_warns_about_padding_and_inspect_reads_defaults(tmp_path):
     assert r.exit_code == 0, r.output
     assert "warning: " in r.stderr and "hold only padding" in r.stderr and "--workers" in r.stderr
     # a refused fit prints its error alone: the warning comes once the fit's checks have passed
-    r = CliRunner().invoke(main, ["fit", url, "-o", str(tmp_path / "a.zarr"), "--workers", "64", "--ridge", "0.5"])
-    assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
-        f"Error: {tmp_path / 'a.zarr'} holds a finished fit with other settings (ridge) (pass --overwrite to refit)"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "x.md").write_text("mine")
+    r = CliRunner().invoke(main, ["fit", url, "-o", str(tmp_path / "notes"), "--workers", "64"])
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"Error: {tmp_path / 'notes'} already exists and is not an adapter")
     r = _run("inspect", tmp_path / "a.zarr", "--no-stats")
     fit_line = next(line for line in r.output.splitlines() if line.strip().startswith("fit:"))
     assert "ridge auto" in fit_line and "alphas equal" in fit_line and "None" not in fit_line

@@ -129,21 +129,18 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
     if epochs is None and saved is not None:
         epochs = saved["epochs"]  # a re-run without --epochs keeps the saved run's
     talk = not (quiet or as_json)
-    finished = saved is not None and epochs is not None and (saved["epoch"] >= epochs or saved.get("stopped", False))
-    if talk and saved is not None and not finished:
-        what = "continuing" if saved["epoch"] >= saved["epochs"] else "resuming"
-        click.echo(f"{what} from epoch {saved['epoch']} to {epochs}", err=True)
+    log = (lambda line: click.echo(line, err=True)) if talk else None  # resuming / continuing, once checked
     given = {name: value for name, value in (("sparsity", sparsity), ("epochs", epochs), ("lr", lr),
                                               ("batch_size", batch_size)) if value is not None}
     if head:
         split = {name: value for name, value in (("holdout", holdout), ("seed", seed)) if value is not None}
-        _fit_band_gate(store, pairs, {**given, **split}, restart, device, as_json, quiet, talk and not finished)
+        _fit_band_gate(store, pairs, {**given, **split}, restart, device, as_json, quiet, talk, log)
         return
     config = S.GateSettings(**given, balance_coef=balance_coef, z_loss_coef=z_loss_coef, temperature=temperature,
                             init=init, patience=patience, holdout=holdout, seed=seed)
     with bar("fit-gates", quiet=quiet, unit="row") as progress:
         r = _gates().fit_gates(adapter, pairs, config, restart=restart, device=device,
-                               max_tile_bytes=int(max_tile_mb * 2**20), progress=progress)
+                               max_tile_bytes=int(max_tile_mb * 2**20), progress=progress, log=log)
     if as_json:
         echo_json(r)
         return
@@ -181,16 +178,21 @@ def _saved_run(store, head: bool) -> dict | None:
 
 
 def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_json: bool, quiet: bool,
-                   talk: bool) -> None:
-    """Train a head adapter's band gate; ``talk``: say what comes first (not for a finished run)."""
+                   talk: bool, log) -> None:
+    """Train a head adapter's band gate; ``talk``: say what comes first; ``log``: resuming / continuing."""
     from prismoe_store.head.band_gate import BandGateConfig, fit_band_gate
 
     config = BandGateConfig(restart=restart, device=device, **given)
-    stages = stage_bars(quiet or as_json, {"teacher pass": "row"}, default_unit="epoch")
-    if talk:
-        click.echo("note: teacher pass first: the full head scores every hidden state once and keeps each band's "
-                   f"share of the probability (the gate's targets); then up to {config.epochs} epochs", err=True)
-    r = fit_band_gate(store, hidden, config=config, stages=stages)
+    bars = stage_bars(quiet or as_json, {"teacher pass": "row"}, default_unit="epoch")
+
+    def stages(name: str):  # the note comes when the teacher pass starts: after the checks, never for a no-op
+        if talk and name == "teacher pass":
+            click.echo("note: teacher pass first: the full head scores every hidden state once and keeps each "
+                       f"band's share of the probability (the gate's targets); then up to {config.epochs} epochs",
+                       err=True)
+        return bars(name)
+
+    r = fit_band_gate(store, hidden, config=config, stages=stages, log=log)
     if as_json:
         echo_json(r.to_dict())
         return

@@ -144,6 +144,8 @@ def test_fit_gates_on_a_head_resumes_and_knows_a_finished_run(tmp_path):
     res = _cli(a, h, "--lr", "0.01")
     assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
     assert "other settings (--lr): pass --restart to start over" in res.output
+    res = _cli(a, h, "--lr", "0.01", "--epochs", "9")  # refused before anything is said about continuing
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and "continuing" not in res.output, res.output
     res = _cli(a, h, "--lr", "0.01", "--epochs", "1", "--restart", "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["status"] == "trained", res.output
 

@@ -116,7 +116,7 @@ class BandGateReport:
 
 
 def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = BandGateConfig(),
-                  stages: Stages | None = None) -> BandGateReport:
+                  stages: Stages | None = None, log: Callable[[str], None] | None = None) -> BandGateReport:
     """Train ``adapter``'s band gate on the hidden states ``hidden`` (see the module docstring).
 
     ``hidden`` is a pairs store (its ``x``; a hidden-states-only store from ``prismoe collect
@@ -124,7 +124,8 @@ def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = Ban
     saved (:mod:`~prismoe_store.head.band_gate_state`) and the best gate so far stored, so a re-run
     with the same settings resumes from the last finished epoch; a finished run is a no-op
     (``status`` "already finished", no teacher pass), a larger ``epochs`` continues it, and other
-    settings (or another number of rows) are refused unless ``restart``. Raises :class:`DataError`
+    settings (or other hidden states) are refused unless ``restart``; ``log`` hears one line when a
+    saved run is resumed or continued. Raises :class:`DataError`
     for a width mismatch, non-finite hidden states or a saved run with other settings,
     :class:`FitError` when training diverges (the best gate so far stays stored).
     """
@@ -146,6 +147,9 @@ def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = Ban
         record = adapter.gates_record()
         return _report(saved[0], rows=S, held_out=int(held.sum()), status="already finished",
                        settings=record.settings if record else {}, resumed_from=int(saved[0]["epoch"]))
+    if saved is not None and log is not None:
+        what = "continuing" if saved[0]["epoch"] >= saved[0].get("epochs", 0) else "resuming"
+        log(f"{what} from epoch {saved[0]['epoch']} to {config.epochs}")
     device = torch.device(config.device)
     n = adapter.n_bands
     k = max(1, math.ceil(config.sparsity * n))

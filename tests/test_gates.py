@@ -396,6 +396,9 @@ def test_cli_fit_gates_rerun_keeps_the_saved_epochs(gated, tmp_path):
     run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--epochs", "2", "--patience", "0"])
     assert run.exit_code == 0, run.output
     assert "continuing from epoch 1 to 2" in run.stderr and "resumed from epoch 1" in run.stdout
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--epochs", "3", "--lr", "0.05"])
+    assert run.exit_code == 1 and run.output.strip().splitlines() == [
+        "Error: saved gate training used other settings (--lr): pass --restart to start over"]
 
 
 def test_cli_errors_are_one_line(gated, tmp_path):

@@ -263,7 +263,8 @@ def _fit_gates(adapter: AdapterStore, pairs: PairsStore, config: GateSettings, *
     saved = None if restart else _load_state(adapter)
     if saved is not None and saved[0].get("settings") != s.resume_key():
         diff = sorted(k for k, v in s.resume_key().items() if saved[0].get("settings", {}).get(k) != v)
-        raise DataError(f"saved gate training used other settings ({', '.join(diff)}): pass --restart to start over")
+        named = ", ".join(k if k.startswith("init_") else "--" + k.replace("_", "-") for k in diff)  # as flags
+        raise DataError(f"saved gate training used other settings ({named}): pass --restart to start over")
     before_run = saved_run(adapter) if saved is not None else None
     if log is not None and before_run is not None and before_run["epoch"] < s.epochs and not before_run["stopped"]:
         log(f"{'continuing' if before_run['finished'] else 'resuming'} from epoch {before_run['epoch']} to {s.epochs}")

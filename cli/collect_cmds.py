@@ -73,10 +73,14 @@ def _spec(kw: dict) -> CollectSpec:
 def collect_cmd(upper, lower, texts, out, overwrite, compressor, as_json, quiet, **kw):
     """Collect activation pairs (x: upper hidden states, z: the target) into a pairs store.
 
-    Resumable: re-running the same command skips the documents already collected.
+    Resumable: re-running the same command skips the documents already collected (and says so);
+    a re-run with nothing left to collect stops before loading the model.
     """
     def notice(msg: str) -> None:
-        if not (quiet or as_json) or not msg.startswith("loading "):
+        if msg.startswith("resuming"):  # progress: said when the bar is shown
+            if not (quiet or as_json):
+                click.echo(msg, err=True)
+        elif not (quiet or as_json) or not msg.startswith("loading "):
             click.echo(f"note: {msg}", err=True)
 
     with bar("collect", quiet=quiet or as_json, unit="tok", growing=True) as progress:
@@ -85,6 +89,8 @@ def collect_cmd(upper, lower, texts, out, overwrite, compressor, as_json, quiet,
     if as_json:
         echo_json(report.as_dict())
         return
+    if report.already_finished:  # the line below says why (complete, or the --max-tokens cap reached)
+        click.echo(f"{out}: already finished, nothing to do")
     click.echo(format_collect(report))
     if report.nonfinite_rows:
         click.echo(f"{report.nonfinite_rows} pairs held NaN/Inf ({kw['on_nonfinite']})", err=True)

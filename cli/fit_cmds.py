@@ -71,14 +71,22 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
 
     keep_freed_memory()  # this process runs one fit: reuse freed memory rather than fresh zeroed pages
     finished = not overwrite and _complete_adapter(adapter)  # then fit checks it and does nothing
-    if not finished:
-        warn_padding(pairs, workers)
-    with bar("fit", quiet=quiet or as_json, unit="unit") as progress:
+    with bar("fit", quiet=quiet or as_json, unit="unit") as shown:
+        warned = [False]
+
+        def progress(done: int, total: int) -> None:  # fit's first tick comes once its checks have passed
+            if not warned[0]:
+                warned[0] = True
+                warn_padding(pairs, workers)  # so a refused fit prints its error alone
+            if shown:
+                shown(done, total)
+
         config = FitConfig(mode=mode, workers=workers, ridge=ridge, holdout=holdout, subsample=subsample, seed=seed,
                            alphas=_alphas(alphas), solver=solver, precision=precision, tasks=tasks,
                            memory_budget=memory_mb << 20 if memory_mb else None, block_rows=block_rows,
                            keep_statistics=keep_statistics)
-        store = fit(pairs, adapter, config, scheduler=scheduler, progress=progress, overwrite=overwrite)
+        store = fit(pairs, adapter, config, scheduler=scheduler, progress=progress, overwrite=overwrite,
+                    log=None if quiet or as_json else lambda line: click.echo(line, err=True))
     info, metrics = store.fit_record().to_dict(), (store.metrics_record().to_dict() if store.metrics_record() else None)
     if as_json:
         echo_json({"adapter": str(adapter), "mode": store.mode, "alphas": store.alphas,

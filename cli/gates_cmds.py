@@ -84,6 +84,8 @@ def _training_options(f, *, head: bool = False):
     ]):
         key = name[2:].replace("-", "_")
         if head and key in _HEAD_OPTIONS:
+            if key == "epochs":
+                hlp = hlp[:-1] + "; left out on a re-run, the saved run's (a larger value continues it)."
             f = click.option(name, type=typ, default=None, help=f"{hlp}  {_both_defaults(key)}")(f)
         else:
             f = click.option(name, type=typ, default=default, show_default=True, help=hlp)(f)
@@ -107,7 +109,9 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
                   patience, init, holdout, seed, restart, device, max_tile_mb, as_json, quiet):
     """Train the gates of ADAPTER's pipes on PAIRS, tiles frozen; write them into ADAPTER.
 
-    Resumes from the last saved epoch when re-run with the same settings (--epochs may grow).
+    Resumes from the last saved epoch when re-run with the same settings; a finished run is a no-op.
+    Left out, --epochs is the saved run's (a larger --epochs continues it); other changed settings
+    are refused unless --restart.
 
     For a head adapter (`prismoe head`), PAIRS holds hidden states only (a store from `prismoe
     collect --target none`, any pairs store's x, or a .npy): the band gate learns the head's
@@ -117,39 +121,88 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
     """
     from prismoe_store.stores.adapter import AdapterStore
 
+    store = AdapterStore.open(adapter, "r+")
+    head = store.layout == "partition"
+    if head:
+        _refuse_fitted_only(click.get_current_context())
+    saved = None if restart else _saved_run(store, head)
+    if epochs is None and saved is not None:
+        epochs = saved["epochs"]  # a re-run without --epochs keeps the saved run's
+    talk = not (quiet or as_json)
+    log = (lambda line: click.echo(line, err=True)) if talk else None  # resuming / continuing, once checked
     given = {name: value for name, value in (("sparsity", sparsity), ("epochs", epochs), ("lr", lr),
                                               ("batch_size", batch_size)) if value is not None}
-    store = AdapterStore.open(adapter, "r+")
-    if store.layout == "partition":
+    if head:
         split = {name: value for name, value in (("holdout", holdout), ("seed", seed)) if value is not None}
-        _fit_band_gate(store, pairs, {**given, **split}, restart, device, as_json, quiet)
+        _fit_band_gate(store, pairs, {**given, **split}, restart, device, as_json, quiet, talk, log)
         return
     config = S.GateSettings(**given, balance_coef=balance_coef, z_loss_coef=z_loss_coef, temperature=temperature,
                             init=init, patience=patience, holdout=holdout, seed=seed)
     with bar("fit-gates", quiet=quiet, unit="row") as progress:
         r = _gates().fit_gates(adapter, pairs, config, restart=restart, device=device,
-                               max_tile_bytes=int(max_tile_mb * 2**20), progress=progress)
+                               max_tile_bytes=int(max_tile_mb * 2**20), progress=progress, log=log)
     if as_json:
         echo_json(r)
         return
+    if r["status"] == "already finished":
+        click.echo(f"gates of {adapter}: {FINISHED}")
     click.echo(_gates().format_fit_gates(r))
 
 
-def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_json: bool, quiet: bool) -> None:
+FINISHED = "already finished, nothing to do (--restart trains again)"
+_FITTED_ONLY = ("balance_coef", "z_loss_coef", "temperature", "patience", "init", "max_tile_mb")  # not for heads
+
+
+def _refuse_fitted_only(ctx: click.Context) -> None:
+    """A head adapter's band gate reads none of the fitted gates' options: one given on the command
+    line is refused (its default is not a choice the user made, so it passes)."""
+    from click.core import ParameterSource
+
+    from prismoe_store.errors import DataError
+
+    given = [p for p in ctx.command.params if p.name in _FITTED_ONLY
+             and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+    if given:
+        names = ", ".join(p.opts[0] for p in given)
+        raise DataError(f"{names} {'does' if len(given) == 1 else 'do'} not apply to a head adapter (its band gate "
+                        "reads --sparsity, --epochs, --lr, --batch-size, --holdout, --seed, --restart, --device)")
+
+
+def _saved_run(store, head: bool) -> dict | None:
+    """The saved gate-training run of ``store`` (epochs done, target, finished), or None."""
+    if head:
+        from prismoe_store.head.band_gate_state import saved_run
+
+        return saved_run(store)
+    return _gates().saved_run(store)
+
+
+def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_json: bool, quiet: bool,
+                   talk: bool, log) -> None:
+    """Train a head adapter's band gate; ``talk``: say what comes first; ``log``: resuming / continuing."""
     from prismoe_store.head.band_gate import BandGateConfig, fit_band_gate
 
     config = BandGateConfig(restart=restart, device=device, **given)
-    stages = stage_bars(quiet or as_json, {"teacher pass": "row"}, default_unit="epoch")
-    if not (quiet or as_json):
-        click.echo("note: teacher pass first: the full head scores every hidden state once and keeps each band's "
-                   f"share of the probability (the gate's targets); then up to {config.epochs} epochs", err=True)
-    r = fit_band_gate(store, hidden, config=config, stages=stages)
+    bars = stage_bars(quiet or as_json, {"teacher pass": "row"}, default_unit="epoch")
+
+    def stages(name: str):  # the note comes when the teacher pass starts: after the checks, never for a no-op
+        if talk and name == "teacher pass":
+            click.echo("note: teacher pass first: the full head scores every hidden state once and keeps each "
+                       f"band's share of the probability (the gate's targets); then up to {config.epochs} epochs",
+                       err=True)
+        return bars(name)
+
+    r = fit_band_gate(store, hidden, config=config, stages=stages, log=log)
     if as_json:
         echo_json(r.to_dict())
         return
+    if r.status == "already finished":
+        click.echo(f"band gate of {store.url}: {FINISHED}")
     b, a = r.before, r.after
+    timing = "" if r.status == "already finished" else (f"; teacher pass {r.teacher_seconds:.1f} s, "
+                                                         f"{r.seconds_per_epoch:.1f} s per epoch")
     click.echo(f"band gate: {r.rows} hidden-state rows ({r.held_out} held out), {r.epochs} epochs, best epoch "
-               f"{r.best_epoch}; teacher pass {r.teacher_seconds:.1f} s, {r.seconds_per_epoch:.1f} s per epoch")
+               f"{r.best_epoch}{timing}")
     click.echo(f"held-out at ρ = {config.sparsity}: top-1 band recall {b['top1']:.4f} → {a['top1']:.4f}, "
                f"mass kept {b['mass']:.4f} → {a['mass']:.4f}")
 

@@ -8,6 +8,8 @@ for the kinds whose messages do not carry one. :func:`interrupt_line` is what it
 
 from __future__ import annotations
 
+import re
+
 import click
 
 from prismoe_store.errors import IncompleteStoreError, PrismoeError, TensorNotFoundError
@@ -20,15 +22,30 @@ HINTS: dict[type, str] = {  # what to do, for messages that say only what is wro
 }
 
 
+# The library's messages name both spellings of a remedy, "pass overwrite=True / --overwrite": the
+# CLI shows its own only. (Python keyword = value, then " / " or " or ", then the flag.)
+BOTH_SPELLINGS = re.compile(r"\b[a-z_]+=(?:True|False|None|[\w.'\"-]+)\s+(?:/|or)\s+(--[a-z][a-z0-9-]*)")
+
+
+def cli_spelling(text: str) -> str:
+    """``text`` with each "keyword=value / --flag" remedy cut to the flag.
+
+    >>> cli_spelling("x.zarr holds a finished fit (pass overwrite=True / --overwrite to refit)")
+    'x.zarr holds a finished fit (pass --overwrite to refit)'
+    """
+    return BOTH_SPELLINGS.sub(r"\1", text)
+
+
 def error_line(e: PrismoeError) -> str:
-    """One line for the user: the message, shortened, plus a hint when the message gives none.
+    """One line for the user: the message, shortened, in the CLI's spelling (:func:`cli_spelling`),
+    plus a hint when the message gives none.
 
     >>> error_line(TensorNotFoundError("no tensor 'lm_haed' in m.safetensors; it has 2 tensors: lm_head.weight, x"))
     ... # doctest: +NORMALIZE_WHITESPACE
     "no tensor 'lm_haed' in m.safetensors; it has 2 tensors: lm_head.weight, x — name one with --tensor
     (the aliases lm_head and embedding find the usual names)"
     """
-    text = " ".join(str(e).split()) or type(e).__name__
+    text = cli_spelling(" ".join(str(e).split())) or type(e).__name__
     if len(text) > MAX_CHARS:  # cut the middle: the start says what is wrong, the end what to do
         text = text[:MAX_CHARS - KEEP_END - 3].rstrip(" ,;") + " … " + text[-KEEP_END:].lstrip()
     hint = next((h for kind, h in HINTS.items() if isinstance(e, kind)), None)

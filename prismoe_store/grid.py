@@ -366,32 +366,47 @@ def padding_advice(d_in: int, d_out: int, workers: int | None = None, *,
     """One line of advice when a pipe of the default grids (:func:`plan_pipes`) of ``workers`` tiles
     has more than ``threshold`` of its tiles wholly in padding, else ``None``.
 
-    Such tiles are never computed or loaded, but each still takes a gate row, so the gates grow
-    and fewer tiles than asked do work. The line says how many, why, and which worker count gives
-    about as many working tiles as were asked for.
+    Such tiles are never computed, stored or loaded, but each still takes a gate row, and fewer
+    tiles than asked do work. The line says how many and why (per pipe), that fewer workers do not
+    remove it when they do not (a width just above a power of 2 pads at any tile size), the smaller
+    count that does when there is one, and which larger count gives about
+    as many working tiles as were asked for.
 
-    >>> print(padding_advice(576, 49152, 512))  # doctest: +NORMALIZE_WHITESPACE
-    296 of 512 tiles per pipe hold only padding (57.8%): 49152 × 576 pads to 65536 × 1024 on power-of-2 tiles;
-    they are never computed but each takes a gate row, and 216 tiles do work. For about 512 working tiles use
-    --workers 2048 (864), or --workers 1024 (432)
+    >>> print(padding_advice(576, 576, 512))  # doctest: +NORMALIZE_WHITESPACE
+    350 of 512 tiles of pipes 1 and 2 hold only padding (68.4%; pipe 3: 224): 576 × 576 pads to 1024 × 1024 on
+    power-of-2 tiles. They are never computed or stored, but each takes a gate row, and 162 tiles do work. Fewer
+    --workers do not remove it (--workers 128: 64.8%); it costs only gate rows. For about 512 working tiles use
+    --workers 2048 (648 do work)
     >>> padding_advice(64, 256, 512) is None
     True
     """
     workers = DEFAULT_WORKERS if workers is None else workers
     pipes = plan_pipes(d_in, d_out, workers)
-    worst = max(pipes, key=lambda g: 1 - g.active_count / g.workers)
-    if 1 - worst.active_count / worst.workers <= threshold:
+    idle = [g.workers - g.active_count for g in pipes]
+    worst = max(idle)
+    if worst / workers <= threshold:
         return None
-    g = pipes[0]
-    line = (f"{worst.workers - worst.active_count} of {worst.workers} tiles per pipe hold only padding "
-            f"({1 - worst.active_count / worst.workers:.1%}): {d_out} × {d_in} pads to {worst.d_out_pad} × "
-            f"{worst.d_in_pad} on power-of-2 tiles; they are never computed but each takes a gate row, and "
+    names = [str(p + 1) for p, n in enumerate(idle) if n == worst]
+    which = f"pipe {names[0]}" if len(names) == 1 else f"pipes {', '.join(names[:-1])} and {names[-1]}"
+    others = "; ".join(f"pipe {p + 1}: {n}" for p, n in enumerate(idle) if n != worst)
+    g = pipes[idle.index(worst)]
+    line = (f"{worst} of {workers} tiles of {which} hold only padding ({worst / workers:.1%}"
+            f"{'; ' + others if others else ''}): {d_out} × {d_in} pads to {g.d_out_pad} × {g.d_in_pad} on "
+            f"power-of-2 tiles. They are never computed or stored, but each takes a gate row, and "
             f"{g.active_count} tiles do work.")
+
+    def share(w: int) -> float:
+        return max(1 - q.active_count / q.workers for q in plan_pipes(d_in, d_out, w))
+
+    fewer = [(w, share(w)) for w in (workers // 2, workers // 4) if w >= 2]
+    helps = [(w, s) for w, s in fewer if s <= threshold]
+    if helps:
+        line += f" --workers {helps[0][0]} leaves {helps[0][1]:.1%} padding-only tiles."
+    elif fewer:
+        w, s = fewer[-1]
+        line += f" Fewer --workers do not remove it (--workers {w}: {s:.1%}); it costs only gate rows."
     bigger = [(w, plan_grid(d_in, d_out, w).active_count) for w in (workers * 2, workers * 4)]
     enough = [(w, n) for w, n in bigger if n >= workers]
     if enough:
-        w, n = enough[0]
-        line += (f" For about {workers} working tiles use --workers {w} ({n}), or --workers {bigger[0][0]} "
-                 f"({bigger[0][1]})" if w != bigger[0][0]
-                 else f" For about {workers} working tiles use --workers {w} ({n})")
+        line += f" For about {workers} working tiles use --workers {enough[0][0]} ({enough[0][1]} do work)"
     return line

@@ -76,8 +76,10 @@ def test_hidden_only_store_and_refusals(tmp_path):
     bad = h.copy()
     bad[123, 4] = np.nan
     np.save(tmp_path / "bad.npy", bad)
-    with pytest.raises(DataError, match="row 123"):
+    with pytest.raises(DataError, match=r"other settings \(the hidden states\): pass --restart"):
         fit_band_gate(adapter, str(tmp_path / "bad.npy"), config=BandGateConfig(epochs=1))
+    with pytest.raises(DataError, match="row 123"):
+        fit_band_gate(adapter, str(tmp_path / "bad.npy"), config=BandGateConfig(epochs=1, restart=True))
     np.save(tmp_path / "narrow.npy", h[:, :8])
     with pytest.raises(DataError, match="8 wide"):
         fit_band_gate(adapter, str(tmp_path / "narrow.npy"))
@@ -105,3 +107,67 @@ def test_fit_gates_command_on_a_head(tmp_path):
     settings, defaults = json.loads(res.stdout)["settings"], BandGateConfig()
     assert (settings["sparsity"], settings["lr"], settings["holdout"]) == (defaults.sparsity, defaults.lr,
                                                                           defaults.holdout) == (0.1, 0.002, 0.05)
+
+
+def _cli(*args):
+    from cli.main import main
+
+    return CliRunner().invoke(main, ["fit-gates", *map(str, args)])
+
+
+def test_fit_gates_on_a_head_resumes_and_knows_a_finished_run(tmp_path):
+    _planted(tmp_path, rows=600)
+    a, h = tmp_path / "a.zarr", tmp_path / "h.npy"
+    res = _cli(a, h, "--epochs", "2", "--json")
+    assert res.exit_code == 0, res.output
+    first = json.loads(res.stdout)
+    assert first["status"] == "trained" and first["epochs"] == 2
+    # the same command again, and the command without --epochs: a checked no-op (no teacher pass)
+    for extra in (["--epochs", "2"], []):
+        res = _cli(a, h, *extra)
+        assert res.exit_code == 0, res.output
+        assert "already finished, nothing to do (--restart trains again)" in res.stdout
+        assert "teacher pass" not in res.stderr
+        res = _cli(a, h, *extra, "--json")
+        info = json.loads(res.stdout)
+        assert info["status"] == "already finished" and info["teacher_seconds"] == 0
+        assert info["history"] == first["history"] and info["after"] == first["after"]
+    # a larger --epochs continues from the stored epoch
+    res = _cli(a, h, "--epochs", "3")
+    assert res.exit_code == 0, res.output
+    assert "continuing from epoch 2 to 3" in res.stderr
+    res = _cli(a, h, "--epochs", "4", "--json")
+    info = json.loads(res.stdout)
+    assert (info["status"], info["resumed_from"], info["epochs"]) == ("resumed", 3, 4)
+    assert [e["epoch"] for e in info["history"]] == [1, 2, 3, 4] and info["history"][:2] == first["history"]
+    # another setting is refused, naming it and the flag that starts over; --restart does start over
+    res = _cli(a, h, "--lr", "0.01")
+    assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
+    assert "other settings (--lr): pass --restart to start over" in res.output
+    res = _cli(a, h, "--lr", "0.01", "--epochs", "9")  # refused before anything is said about continuing
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and "continuing" not in res.output, res.output
+    res = _cli(a, h, "--lr", "0.01", "--epochs", "1", "--restart", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["status"] == "trained", res.output
+
+
+def test_fit_gates_on_a_head_refuses_the_fitted_gates_options(tmp_path):
+    _planted(tmp_path, rows=300)
+    for option, value in (("--balance-coef", "0.5"), ("--patience", "3"), ("--init", "zero")):
+        res = _cli(tmp_path / "a.zarr", tmp_path / "h.npy", option, value, "--epochs", "1")
+        assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
+        assert f"{option} does not apply to a head adapter" in res.output
+    assert AdapterStore.open(str(tmp_path / "a.zarr")).gates_record() is None  # nothing was trained
+
+
+def test_an_interrupted_band_gate_run_resumes_on_the_same_trajectory(tmp_path):
+    import shutil
+
+    adapter, w, h, _ = _planted(tmp_path, rows=600)
+    shutil.copytree(tmp_path / "a.zarr", tmp_path / "b.zarr")
+    whole = fit_band_gate(adapter, str(tmp_path / "h.npy"), config=BandGateConfig(epochs=3, lr=0.05))
+    other = AdapterStore.open(str(tmp_path / "b.zarr"), "r+")
+    fit_band_gate(other, str(tmp_path / "h.npy"), config=BandGateConfig(epochs=1, lr=0.05))  # stopped after 1
+    rest = fit_band_gate(other, str(tmp_path / "h.npy"), config=BandGateConfig(epochs=3, lr=0.05))
+    assert rest.status == "resumed" and rest.resumed_from == 1
+    assert [e["loss"] for e in rest.history] == pytest.approx([e["loss"] for e in whole.history], rel=1e-5)
+    np.testing.assert_allclose(other.read_band_gate()[0], adapter.read_band_gate()[0], rtol=1e-4, atol=1e-6)

@@ -49,10 +49,18 @@ def test_error_line_shortens_and_adds_a_hint_only_when_missing():
 def test_padding_advice_counts_the_tiles_the_planner_makes():
     assert padding_advice(64, 256, 512) is None
     line = padding_advice(576, 49152, 512)
-    p1 = plan_pipes(576, 49152, 512)[0]
-    assert f"{p1.workers - p1.active_count} of 512 tiles" in line and f"{p1.active_count} tiles do work" in line
+    p1, _, p3 = plan_pipes(576, 49152, 512)
+    assert f"{p1.workers - p1.active_count} of 512 tiles of pipes 1 and 2" in line
+    assert f"pipe 3: {p3.workers - p3.active_count}" in line and f"{p1.active_count} tiles do work" in line
     suggested = int(line.split("use --workers ")[1].split()[0])
     assert plan_pipes(576, 49152, suggested)[0].active_count >= 512  # the suggestion gives what it says
+    # fewer workers do not help a width just above a power of 2: the line says so rather than suggest them
+    line = padding_advice(576, 576, 512)
+    assert "Fewer --workers do not remove it (--workers 128: 64.8%)" in line
+    assert "use --workers 2048 (648 do work)" in line
+    # where fewer workers do help, the line names them
+    line = padding_advice(12, 100, 64)
+    assert line is not None and "--workers 32 leaves 25.0% padding-only tiles" in line, line
 
 
 def test_fit_warns_about_padding_and_inspect_reads_defaults(tmp_path):
@@ -63,6 +71,12 @@ def test_fit_warns_about_padding_and_inspect_reads_defaults(tmp_path):
     r = CliRunner().invoke(main, ["fit", url, "-o", str(tmp_path / "a.zarr"), "--workers", "64", "-q"])
     assert r.exit_code == 0, r.output
     assert "warning: " in r.stderr and "hold only padding" in r.stderr and "--workers" in r.stderr
+    # a refused fit prints its error alone: the warning comes once the fit's checks have passed
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "x.md").write_text("mine")
+    r = CliRunner().invoke(main, ["fit", url, "-o", str(tmp_path / "notes"), "--workers", "64"])
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"Error: {tmp_path / 'notes'} already exists and is not an adapter")
     r = _run("inspect", tmp_path / "a.zarr", "--no-stats")
     fit_line = next(line for line in r.output.splitlines() if line.strip().startswith("fit:"))
     assert "ridge auto" in fit_line and "alphas equal" in fit_line and "None" not in fit_line
@@ -203,3 +217,29 @@ def test_the_console_script_leaves_at_once_after_ctrl_c(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main.run()
     assert e.value.code == 0 and len(left) == 5
+
+
+def test_refusals_name_the_cli_flag_only(tmp_path):
+    """The library says "pass overwrite=True / --overwrite"; the CLI shows "--overwrite" only."""
+    from prismoe_store.fit import FitConfig, fit
+
+    url = str(tmp_path / "p.zarr")
+    store = PairsStore.create(url, d_in=8, d_out=16)
+    x = np.random.default_rng(1).standard_normal((600, 8)).astype(np.float32)
+    store.append(x, x @ np.random.default_rng(2).standard_normal((8, 16)).astype(np.float32))
+    assert _run("fit", url, "-o", tmp_path / "a.zarr", "--workers", "8", "-q").exit_code == 0
+    r = _run("fit", url, "-o", tmp_path / "a.zarr", "--workers", "8", "--ridge", "0.5", "-q")
+    assert r.exit_code == 1 and r.output.strip().endswith("finished fit with other settings (ridge) "
+                                                          "(pass --overwrite to refit)"), r.output
+
+    class Stop(Exception):
+        pass
+
+    def stop(done, total):
+        raise Stop
+
+    with pytest.raises(Stop):  # an unfinished fit
+        fit(url, str(tmp_path / "b.zarr"), FitConfig(workers=8), scheduler="synchronous", progress=stop)
+    r = _run("fit", url, "-o", tmp_path / "b.zarr", "--workers", "8", "--ridge", "0.5", "-q")
+    assert r.exit_code == 1 and "unfinished fit" in r.output and "overwrite=True" not in r.output
+    assert r.output.strip().endswith("(pass --overwrite to start over)"), r.output

@@ -406,3 +406,43 @@ def test_a_truncated_gguf_is_named_as_truncated_before_transformers_reads_it(wor
     assert not (tmp_path / "p").exists()
     with pytest.raises(errors.SourceError, match="truncated"):
         load_model(trunc)
+
+
+def test_a_resumed_collect_says_where_it_starts(world, tmp_path):
+    out = tmp_path / "p.zarr"
+    args = ["collect", "--upper", str(world["llama"]), "--text", str(world["a"]), "--max-length", "24", "-o", str(out)]
+    first = _run(args + ["--max-tokens", "40"])
+    assert first.exit_code == 0 and "resuming" not in first.stderr, first.output
+    # a larger cap resumes, and says where from (not with --quiet)
+    again = _run(args + ["--max-tokens", "80"])
+    assert again.exit_code == 0, again.output
+    assert [line for line in again.stderr.splitlines() if line.startswith("resuming")] == [
+        f"resuming: {first.stdout.split(' documents (')[0].split()[-1]} of 9 documents collected (40 tokens in "
+        "the store)"]
+    assert "resuming" not in _run(args + ["--max-tokens", "120", "--quiet"]).stderr
+
+
+def test_a_rerun_with_nothing_to_do_stops_before_the_model_loads(world, tmp_path, monkeypatch):
+    out = tmp_path / "p.zarr"
+    args = ["collect", "--upper", str(world["llama"]), "--text", str(world["a"]), "--max-length", "24", "-o", str(out)]
+    assert _run(args + ["--max-tokens", "80"]).exit_code == 0
+    _no_model_load(monkeypatch)
+    # the cap reached: a no-op, found without loading the model
+    res = _run(args + ["--max-tokens", "80"])
+    assert res.exit_code == 0 and "loading" not in res.stderr, res.output
+    assert res.stdout.startswith(f"{out}: already finished, nothing to do")
+    assert "0 pairs added" in res.stdout and "holds 80 pairs" in res.stdout
+    # a setting that needs no model is checked before the load too
+    res = _run(args + ["--max-tokens", "80", "--layer", "1"])
+    assert res.exit_code == 1 and "loading" not in res.stderr
+    assert "was collected with layer=2, this run has 1" in res.output, res.output
+    res = _run(args + ["--max-tokens", "80", "--target", "embeddings"])
+    assert res.exit_code == 1 and "collected with target='logits'" in res.output
+    assert PairsStore.open(out).provenance["tokens"] == 80
+    monkeypatch.undo()
+    # everything collected: the same
+    assert _run(args).exit_code == 0
+    _no_model_load(monkeypatch)
+    res = _run(args + ["--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["already_finished"] is True
+    assert json.loads(res.stdout)["complete"] is True

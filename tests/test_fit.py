@@ -530,3 +530,29 @@ def test_benchmark_fit_runs_the_whole_command(tmp_path):
         assert run["flop_ratio"] == pytest.approx(run["fit_gflops"] / run["matmul_gflops"])
     assert [b["rows"] for b in r["best"]] == [512, 1024]
     assert r["rss_ratio"] > 0 and not (tmp_path / "w" / "pairs-512").exists()
+
+
+def test_a_resumed_fit_says_what_was_done(pairs, tmp_path):
+    from cli.main import main
+
+    """The CLI's re-run of an interrupted fit prints one line saying what it resumes from (not with
+    --quiet or --json)."""
+    store, _, _ = pairs
+    out = tmp_path / "a"
+    kw = dict(config=FitConfig(workers=WORKERS, block_rows=128, tasks=2, memory_budget=80_000),
+              scheduler="synchronous")
+    with pytest.raises(_Kill):  # interrupted in the solves: the statistics are done, some bands written
+        fit(store, out, progress=_killer(30), **kw)
+    part = AdapterStore.open(out)
+    bands = [(len(part.progress(f"fit_pipe{p + 1}", g.rows).done()), g.rows) for p, g in enumerate(part.grids)]
+    assert 0 < sum(d for d, _ in bands) < sum(n for _, n in bands)
+    said = "".join(f", {d} of {n} output bands of pipe {p + 1} written" for p, (d, n) in enumerate(bands) if d)
+    res = CliRunner().invoke(main, ["fit", store.url, "-o", str(out), "--workers", str(WORKERS)])
+    assert res.exit_code == 0, res.output
+    assert [line for line in res.stderr.splitlines() if line.startswith("resuming")] == [
+        f"resuming: statistics done{said}"], res.stderr
+    with pytest.raises(_Kill):
+        fit(store, out, progress=_killer(30), overwrite=True, **kw)
+    for quiet in ("--json", "-q"):
+        res = CliRunner().invoke(main, ["fit", store.url, "-o", str(out), "--workers", str(WORKERS), quiet])
+        assert res.exit_code == 0 and "resuming" not in res.output, res.output

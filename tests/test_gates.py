@@ -380,6 +380,27 @@ def test_cli_fit_gates_routing_and_plots(gated, tmp_path):
     assert "trained" in run.output and "lstsq" in run.output
 
 
+def test_cli_fit_gates_rerun_keeps_the_saved_epochs(gated, tmp_path):
+    """Left out, --epochs is the saved run's: a finished run re-run without it is a no-op, and a
+    larger --epochs says it continues."""
+    pairs, fitted, _ = gated
+    a = _copy(fitted, tmp_path / "a")
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--epochs", "1", "--patience", "0", "--json"])
+    assert run.exit_code == 0 and json.loads(run.stdout)["status"] == "trained", run.output
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--patience", "0", "--quiet"])
+    assert run.exit_code == 0, run.output
+    assert "already finished, nothing to do (--restart trains again)" in run.stdout
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--patience", "0", "--json"])
+    out = json.loads(run.stdout)
+    assert (out["status"], out["epochs_run"]) == ("already finished", 1)
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--epochs", "2", "--patience", "0"])
+    assert run.exit_code == 0, run.output
+    assert "continuing from epoch 1 to 2" in run.stderr and "resumed from epoch 1" in run.stdout
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--epochs", "3", "--lr", "0.05"])
+    assert run.exit_code == 1 and run.output.strip().splitlines() == [
+        "Error: saved gate training used other settings (--lr): pass --restart to start over"]
+
+
 def test_cli_errors_are_one_line(gated, tmp_path):
     pairs, fitted, _ = gated
     run = CliRunner().invoke(main, ["routing", fitted.url, pairs.url, "--quiet"])

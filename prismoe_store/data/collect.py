@@ -44,6 +44,7 @@ the throughput benchmark is :mod:`~prismoe_store.data.collect_bench`.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -138,6 +139,7 @@ class CollectReport:
     complete: bool = False  # every document of every text is done
     max_tokens: int | None = None  # the token cap of the run (None: none)
     seconds: dict = field(default_factory=dict)  # tokenize, forward, write (background), write_wait, total
+    already_finished: bool = False  # nothing to do: found before loading any model
 
     def as_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -172,6 +174,42 @@ def _existing_store(out: str, *, overwrite: bool) -> PairsStore | None:
         raise CorruptStoreError(f"{out} is damaged ({len(damaged)} row chunk(s), first rows {s0}..{s1 - 1}): "
                                 "collect cannot extend it; collect again into a new -o (or --overwrite)")
     return store
+
+
+def _check_before_loading(store: PairsStore, upper, lower, sources, spec: CollectSpec) -> CollectReport | None:
+    """What can be known of a resumed store before any model loads (the load takes a while): when the
+    models are the ones it was collected with (same paths), the settings that need no model are
+    checked (:class:`DataError` naming the first that differs); the report of a run with nothing to
+    do (every document done, or ``max_tokens`` reached) is returned, else ``None``."""
+    prov = store.provenance
+    old = prov["settings"]
+    paths = [str(Path(m).resolve()) if isinstance(m, (str, os.PathLike)) else None for m in (upper, lower or upper)]
+    if paths != [prov.get("upper", {}).get("path"), prov.get("lower", {}).get("path")]:
+        return None  # other (or moved, or loaded) models: the checks after loading decide
+
+    def resolved(layer: int, info: dict) -> int:
+        n = int(info.get("num_hidden_layers", 0)) + 1
+        return layer % n if -n <= layer < n else layer  # out of range: the load says so
+
+    now = {"layer": resolved(spec.layer, prov["upper"]), "target": spec.target, "max_length": spec.max_length,
+           "lower_layer": resolved(spec.lower_layer, prov["lower"]) if spec.target == "hidden" else None}
+    for k, v in now.items():
+        if old.get(k) != v:
+            raise DataError(f"{store.url} was collected with {k}={old.get(k)!r}, this run has {v!r}: "
+                            "use the same settings to resume, or a new -o")
+    if spec.pool != prov.get("pool_asked", old.get("pool")) or spec.dtype != old.get("dtype"):
+        return None
+    texts = prov.get("texts", {})
+    done = all(s.sha256 in texts and count_done(texts[s.sha256]["done"]) == s.documents for s in sources)
+    tokens = int(prov.get("tokens", 0))
+    if not done and (spec.max_tokens is None or tokens < spec.max_tokens):
+        return None
+    skipped = sum(count_done(texts[s.sha256]["done"]) for s in sources if s.sha256 in texts)
+    return CollectReport(out=str(store.url), rows_total=store.rows, tokens_total=tokens, documents_skipped=skipped,
+                         documents_total=sum(s.documents for s in sources), pool=old.get("pool", spec.pool),
+                         pool_switched=old.get("pool") != prov.get("pool_asked", old.get("pool")),
+                         tokenizers=old.get("tokenizers", "shared"), complete=done, max_tokens=spec.max_tokens,
+                         already_finished=True)
 
 
 def _open_or_create(out: str, existing: PairsStore | None, collector: RowCollector, settings: dict,
@@ -221,6 +259,11 @@ def collect(upper, lower, texts, out, *, spec: CollectSpec = CollectSpec(), over
     sources = scan_texts(texts)  # every line checked: a bad text fails here, before a store or a model
     out = str(out)
     existing = _existing_store(out, overwrite=overwrite)
+    if existing is not None:
+        finished = _check_before_loading(existing, upper, lower, sources, spec)
+        if finished is not None:
+            finished.seconds = {"total": round(time.perf_counter() - t_start, 4)}
+            return finished
     upper, lower, same = load_models(upper, lower, device=spec.device, dtype=spec.dtype,
                                      need_head=spec.target == "logits", notice=notice)
     collector = spec.collector(upper, lower, same)
@@ -252,6 +295,9 @@ def collect(upper, lower, texts, out, *, spec: CollectSpec = CollectSpec(), over
     timer = {"tokenize": 0.0, "forward": 0.0, "write": 0.0, "write_wait": 0.0}
     docs_done = report.documents_skipped
     tokens_start = tokens_total
+    if existing is not None and notice and (docs_done or tokens_total):
+        notice(f"resuming: {docs_done} of {report.documents_total} documents collected ({tokens_total} tokens "
+               "in the store)")
     if progress:
         progress(*token_progress(tokens_total, tokens_start, docs_done, report, spec.max_tokens))
 

@@ -46,7 +46,7 @@ from prismoe_store.errors import CorruptStoreError, DataError, FitError, GridErr
 from prismoe_store.fit.config import FitConfig
 from prismoe_store.fit.metrics import SOLVED, heldout_metrics
 from prismoe_store.fit.plan import PANEL, Plan, col_groups, input_slices, location, make_plan, plan_block_rows
-from prismoe_store.fit.runner import TICKERS, TICKERS_LOCK, Runner, make_runner, one_blas_thread
+from prismoe_store.fit.runner import TICKERS, TICKERS_LOCK, Runner, make_runner, one_blas_thread, resume_note
 from prismoe_store.fit.solve import Factor, StatSource, band_runs, default_ridge, factor_statistics, solve_panel
 from prismoe_store.fit.statistics import HOLD, REST, SCRATCH, SUB, WRITE_ALL, Pass, categories, link_blocks, stats_link
 from prismoe_store.grid import GridSpec, plan_pipes
@@ -68,7 +68,7 @@ ProgressFn = Callable[[int, int], None]
 
 def fit(pairs: PairsStore | str, adapter_url, config: FitConfig | None = None, *, scheduler=None,
         options: StoreOptions | None = None, progress: ProgressFn | None = None,
-        overwrite: bool = False) -> AdapterStore:
+        overwrite: bool = False, log: Callable[[str], None] | None = None) -> AdapterStore:
     """Fit the three pipes' tiles on ``pairs`` by streamed ridge least squares; write the adapter.
 
     ``config`` (a :class:`FitConfig`; default ``FitConfig()``) holds every setting of the fit.
@@ -76,7 +76,8 @@ def fit(pairs: PairsStore | str, adapter_url, config: FitConfig | None = None, *
     ``"processes"``, ``"synchronous"``, a ``tcp://`` address of a ``dask.distributed`` scheduler or
     a ``distributed.Client`` (the pairs and adapter URLs must then be readable by the workers);
     ``options``: the adapter's encoding; ``progress(done, total)``. An existing unfinished adapter
-    with the same settings is resumed; any other existing store is refused unless ``overwrite``.
+    with the same settings is resumed (``log`` gets one line saying what was done); any other
+    existing store is refused unless ``overwrite``.
 
     Raises :class:`~prismoe_store.errors.DataError` (bad pairs, NaN/Inf rows, a bad config),
     :class:`~prismoe_store.errors.StoreError` (an existing store in the way),
@@ -92,7 +93,7 @@ def fit(pairs: PairsStore | str, adapter_url, config: FitConfig | None = None, *
     if not isinstance(cfg, FitConfig):
         raise DataError(f"config must be a FitConfig, got {type(cfg).__name__}")
     with one_blas_thread():  # for the whole fit: OpenBLAS's threads spin after each switch back to many
-        return _Fit(cfg, pairs, adapter_url, scheduler, options, progress, overwrite).run()
+        return _Fit(cfg, pairs, adapter_url, scheduler, options, progress, overwrite, log).run()
 
 
 def _band_chunks(tiles: zarr.Array, band: int) -> list[tuple[zarr.Array, tuple[int, ...]]]:
@@ -103,17 +104,14 @@ def _band_chunks(tiles: zarr.Array, band: int) -> list[tuple[zarr.Array, tuple[i
 class _Fit:
     """One fit run: checks, plan, statistics pass, solves, metrics (see the module docstring)."""
 
-    def __init__(self, cfg: FitConfig, pairs, adapter_url, scheduler, options, progress, overwrite):
-        self.cfg = cfg
+    def __init__(self, cfg: FitConfig, pairs, adapter_url, scheduler, options, progress, overwrite, log=None):
+        self.cfg, self.overwrite, self.scheduler = cfg, overwrite, scheduler
         self.pairs = pairs if isinstance(pairs, PairsStore) else PairsStore.open(str(pairs))
         self.adapter_url = location(adapter_url)
         self.options = options or StoreOptions()
-        self.progress = progress
-        self.overwrite = overwrite
-        self.scheduler = scheduler
+        self.progress, self.log = progress, log
         self.timings: dict[str, float] = {}
-        self._done = 0
-        self._total = 0
+        self._done = self._total = 0
         self._lock = threading.Lock()
         self._saving: ThreadPoolExecutor | None = None  # saves the statistics to the scratch while the solve runs
         self._writer = ThreadPoolExecutor(2, thread_name_prefix="prismoe-tiles")  # writes tiles beside the compute
@@ -123,8 +121,7 @@ class _Fit:
         self._plan: Plan | None = None  # the run's plan, once made or read back
 
     @property
-    def plan(self) -> Plan:
-        """The run's plan (set before the pass starts)."""
+    def plan(self) -> Plan:  # the run's plan (set before the pass starts)
         assert self._plan is not None, "the plan is made before the pass"
         return self._plan
 
@@ -202,6 +199,7 @@ class _Fit:
                          subsample=cfg.subsample, block_rows=block, precision=cfg.precision,
                          solver=cfg.solver, slicings=slicings, run_id=run_id)
             counts, per_block = self._count(base, rows)
+            resumed = adapter is not None and plan is not None
             if adapter is not None and plan is not None:
                 self._recheck(adapter, plan, grids, slicings, per_block)
             else:
@@ -217,7 +215,7 @@ class _Fit:
                 with TICKERS_LOCK:
                     TICKERS[run_id] = self._tick
             self._plan = plan
-            self._plan_progress(adapter, plan, grids)
+            self._plan_progress(adapter, plan, grids, resumed=resumed)
             stats = self._statistics(adapter, plan, base, runner)
             self.timings["statistics_s"] = time.perf_counter() - t0
             t1 = time.perf_counter()
@@ -325,15 +323,17 @@ class _Fit:
             create_chunked(g, "hold_x", (plan.blocks, plan.hold_cap, m), (1, plan.hold_cap, m), "float32", raw)
             create_chunked(g, "hold_z", (plan.blocks, plan.hold_cap, n), (1, plan.hold_cap, cw), "float32", raw)
 
-    def _plan_progress(self, adapter, plan: Plan, grids) -> None:
+    def _plan_progress(self, adapter, plan: Plan, grids, resumed: bool) -> None:
         n = self.pairs.d_out
         n_groups = len(col_groups(n, plan.group_cols))
         self._total = n_groups * plan.blocks + sum(g.rows for g in grids)
         if self.cfg.holdout > 0:
             self._total += len(col_groups(n, plan.metric_cols)) * plan.blocks
-        self._done = len(adapter.progress("fit_stats", n_groups).done()) * plan.blocks
-        for p, g in enumerate(grids):
-            self._done += len(adapter.progress(f"fit_pipe{p + 1}", g.rows).done())
+        groups = len(adapter.progress("fit_stats", n_groups).done())
+        bands = [(len(adapter.progress(f"fit_pipe{p + 1}", g.rows).done()), g.rows) for p, g in enumerate(grids)]
+        self._done = groups * plan.blocks + sum(done for done, _ in bands)
+        if resumed and self.log is not None:
+            self.log(resume_note((groups, n_groups), bands))
         self._tick(0)
 
     # -- statistics --

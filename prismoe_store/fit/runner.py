@@ -196,3 +196,22 @@ def make_runner(scheduler, tasks: int | None) -> Runner:
     if hasattr(scheduler, "nthreads") and hasattr(scheduler, "compute"):  # a distributed.Client
         return Runner({}, max(1, sum(scheduler.nthreads().values())), False, scheduler)
     raise DataError(f"scheduler must be threads, processes, synchronous or a tcp:// address, got {scheduler!r}")
+
+
+def resume_note(groups: tuple[int, int], bands: list[tuple[int, int]]) -> str:
+    """The line a resumed fit prints: ``groups`` (statistic column groups done, of), ``bands`` per pipe
+    (output bands written, of).
+
+    >>> resume_note((4, 4), [(3, 8), (0, 8), (0, 2)])
+    'resuming: statistics done, 3 of 8 output bands of pipe 1 written'
+    >>> resume_note((1, 4), [(0, 8), (0, 8), (0, 2)])
+    'resuming: statistics of 1 of 4 column groups done'
+    >>> resume_note((0, 1), [(0, 8), (0, 8), (0, 2)])
+    'resuming: nothing was finished yet (the statistics pass starts again)'
+    """
+    done, of = groups
+    if not done and not any(d for d, _ in bands):
+        return "resuming: nothing was finished yet (the statistics pass starts again)"
+    parts = ["statistics done" if done == of else f"statistics of {done} of {of} column groups done"]
+    parts += [f"{d} of {n} output bands of pipe {p + 1} written" for p, (d, n) in enumerate(bands) if d]
+    return "resuming: " + ", ".join(parts)

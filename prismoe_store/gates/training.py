@@ -194,10 +194,23 @@ def _load_state(adapter: AdapterStore) -> tuple[dict, dict[str, np.ndarray]] | N
     return meta, arrays
 
 
+def saved_run(adapter: AdapterStore) -> dict | None:
+    """``{"epoch", "epochs", "finished", "stopped"}`` of the gate training saved in ``adapter`` (epochs
+    done, the run's target, whether it reached it or stopped early), or ``None``; reads attributes only."""
+    if STATE_GROUP not in adapter.group or "slot" not in adapter.group[STATE_GROUP].attrs:
+        return None
+    attrs = adapter.group[STATE_GROUP].attrs
+    record = adapter.gates_record()
+    epoch = int(attrs["epoch"])
+    epochs = int(record.settings.get("epochs", epoch)) if record is not None else epoch
+    stopped = bool(attrs.get("stopped"))
+    return {"epoch": epoch, "epochs": epochs, "finished": epoch >= epochs or stopped, "stopped": stopped}
+
+
 def fit_gates(adapter, pairs, config: GateSettings = GateSettings(),  # noqa: B008 (frozen: a shared default is safe)
               *, restart: bool = False, device="cpu",
               max_tile_bytes: int = DEFAULT_MAX_TILE_BYTES, max_eval_rows: int | None = None,
-              progress: Progress | None = None) -> dict:
+              progress: Progress | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Train every pipe's gate on the frozen tiles and write it into the adapter store.
 
     ``adapter`` and ``pairs`` are stores or paths; ``config`` says how to train (its ``holdout``
@@ -209,7 +222,8 @@ def fit_gates(adapter, pairs, config: GateSettings = GateSettings(),  # noqa: B0
     from the last saved epoch (``restart=True`` starts over; changed settings other than
     ``epochs``/``patience`` require it). ``device``: where training runs; ``max_tile_bytes``: the
     memory budget of the tiles (held whole) and one minibatch's intermediates; ``max_eval_rows``:
-    a cap on held-out rows per evaluation; ``progress(done, total)`` counts training rows.
+    a cap on held-out rows per evaluation; ``progress(done, total)`` counts training rows; ``log``
+    hears one line when a saved run is resumed or continued (once its settings are checked).
     Returns a summary dict. Raises :class:`~prismoe_store.errors.DataError` (mismatched stores, a
     budget exceeded, a saved run with other settings), :class:`~prismoe_store.errors.FitError`
     (divergence; the stored gates are then kept).
@@ -231,7 +245,7 @@ def fit_gates(adapter, pairs, config: GateSettings = GateSettings(),  # noqa: B0
     with adapter.keeping_gates():  # a run that fails puts the gates it replaced back
         try:
             return _fit_gates(adapter, pairs, config, restart=restart, device=device, max_tile_bytes=max_tile_bytes,
-                              max_eval_rows=max_eval_rows, progress=progress)
+                              max_eval_rows=max_eval_rows, progress=progress, log=log)
         except PrismoeError:
             if restart and STATE_GROUP in adapter.group:  # its state goes with its gates: nothing resumes it
                 del adapter.group[STATE_GROUP]
@@ -239,7 +253,7 @@ def fit_gates(adapter, pairs, config: GateSettings = GateSettings(),  # noqa: B0
 
 
 def _fit_gates(adapter: AdapterStore, pairs: PairsStore, config: GateSettings, *, restart, device, max_tile_bytes,
-               max_eval_rows, progress) -> dict:
+               max_eval_rows, progress, log=None) -> dict:
     split = resolve_split(adapter, config.holdout, config.seed)
     s = replace(config, holdout=split.holdout, seed=split.seed)
     dev = torch_device(device)
@@ -249,7 +263,11 @@ def _fit_gates(adapter: AdapterStore, pairs: PairsStore, config: GateSettings, *
     saved = None if restart else _load_state(adapter)
     if saved is not None and saved[0].get("settings") != s.resume_key():
         diff = sorted(k for k, v in s.resume_key().items() if saved[0].get("settings", {}).get(k) != v)
-        raise DataError(f"saved gate training used other settings ({', '.join(diff)}): pass --restart to start over")
+        named = ", ".join(k if k.startswith("init_") else "--" + k.replace("_", "-") for k in diff)  # as flags
+        raise DataError(f"saved gate training used other settings ({named}): pass --restart to start over")
+    before_run = saved_run(adapter) if saved is not None else None
+    if log is not None and before_run is not None and before_run["epoch"] < s.epochs and not before_run["stopped"]:
+        log(f"{'continuing' if before_run['finished'] else 'resuming'} from epoch {before_run['epoch']} to {s.epochs}")
     adapter.update_attrs(gates=GatesRecord(asdict(s), False, SplitRecord(**asdict(split))).to_dict())
 
     if saved is not None:
@@ -281,7 +299,8 @@ def _fit_gates(adapter: AdapterStore, pairs: PairsStore, config: GateSettings, *
         _save_state(adapter, run, s, split)
 
     run.train(progress, on_epoch)
-    summary = {"sparsity": s.sparsity, "k": [s.k(g.active_count) for g in tiles.grids],
+    status = "trained" if resumed_from is None else "already finished" if run.epoch == resumed_from else "resumed"
+    summary = {"status": status, "sparsity": s.sparsity, "k": [s.k(g.active_count) for g in tiles.grids],
                "epochs_run": run.epoch, "best_epoch": run.best["epoch"], "stopped_early": run.stopped,
                "resumed_from": resumed_from,
                "heldout_rows": split.counts(pairs)[1] if max_eval_rows is None else max_eval_rows,
@@ -326,7 +345,7 @@ def format_fit_gates(summary: dict) -> str:
     dense (ρ=1)            0.5000   0.7500
     """
     r = summary
-    lines = [f"resumed from epoch {r['resumed_from']}"] if r["resumed_from"] is not None else []
+    lines = [f"resumed from epoch {r['resumed_from']}"] if r.get("status") == "resumed" else []
     b, a = r["before"], r["after"]
     lines.append(f"ρ = {r['sparsity']} (K = {', '.join(map(str, r['k']))} per pipe), {r['epochs_run']} epochs"
                  f"{' (stopped early)' if r['stopped_early'] else ''}, best epoch {r['best_epoch']}, "

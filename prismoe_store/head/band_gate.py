@@ -46,6 +46,7 @@ import torch
 from prismoe_store.errors import DataError, FitError, IncompleteStoreError
 from prismoe_store.gates.settings import BAND_GATE
 from prismoe_store.grid import band_sizes
+from prismoe_store.head import band_gate_state as state
 from prismoe_store.runtime.slot_pool import SlotPool
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.pairs import holdout_mask, open_rows
@@ -106,6 +107,8 @@ class BandGateReport:
     teacher_seconds: float  # the teacher pass
     seconds_per_epoch: float  # mean wall time of an epoch
     settings: dict  # the config
+    status: str = "trained"  # "trained", "resumed" (a saved run continued) or "already finished" (nothing done)
+    resumed_from: int | None = None  # the saved run's epoch this run started from (None: a new run)
 
     def to_dict(self) -> dict:
         """Plain dict (JSON)."""
@@ -113,31 +116,63 @@ class BandGateReport:
 
 
 def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = BandGateConfig(),
-                  stages: Stages | None = None) -> BandGateReport:
+                  stages: Stages | None = None, log: Callable[[str], None] | None = None) -> BandGateReport:
     """Train ``adapter``'s band gate on the hidden states ``hidden`` (see the module docstring).
 
     ``hidden`` is a pairs store (its ``x``; a hidden-states-only store from ``prismoe collect
-    --target none``), a path to one, or a ``.npy`` ``[S, d]``. Raises :class:`DataError` for a
-    width mismatch or non-finite hidden states, :class:`FitError` when training diverges (the
-    stored gate is then left as it was).
+    --target none``), a path to one, or a ``.npy`` ``[S, d]``. After every epoch the run's state is
+    saved (:mod:`~prismoe_store.head.band_gate_state`) and the best gate so far stored, so a re-run
+    with the same settings resumes from the last finished epoch; a finished run is a no-op
+    (``status`` "already finished", no teacher pass), a larger ``epochs`` continues it, and other
+    settings (or other hidden states) are refused unless ``restart``; ``log`` hears one line when a
+    saved run is resumed or continued. Raises :class:`DataError`
+    for a width mismatch, non-finite hidden states or a saved run with other settings,
+    :class:`FitError` when training diverges (the best gate so far stays stored).
     """
     stage = stages or (lambda name: contextlib.nullcontext(None))
     if not adapter.complete:
         raise IncompleteStoreError(f"head adapter {adapter.url} is not finished: re-run `prismoe head` first")
     rows_of, S = open_rows(hidden, adapter.d_in, config.max_rows)
-    device = torch.device(config.device)
+    key = resume_key(config, S, hidden)
+    saved = None if config.restart else state.load_state(adapter)  # restart: the first epoch overwrites it
+    if saved is not None and saved[0].get("settings") != key:
+        old = saved[0].get("settings") or {}
+        diff = sorted(k for k in set(key) | set(old) if old.get(k) != key.get(k))
+        flags = ", ".join(RESUME_FLAGS.get(k, k) for k in diff)
+        raise DataError(f"saved band-gate training used other settings ({flags}): pass --restart to start over")
     held = holdout_mask(config.seed, 0, S, config.holdout) if config.holdout > 0 else np.zeros(S, bool)
     if held.all() or (~held).sum() < 1:
         raise DataError(f"{S} rows leave nothing to train on with holdout {config.holdout}")
+    if saved is not None and saved[0]["epoch"] >= config.epochs:  # finished: nothing to do, no teacher pass
+        record = adapter.gates_record()
+        return _report(saved[0], rows=S, held_out=int(held.sum()), status="already finished",
+                       settings=record.settings if record else {}, resumed_from=int(saved[0]["epoch"]))
+    if saved is not None and log is not None:
+        what = "continuing" if saved[0]["epoch"] >= saved[0].get("epochs", 0) else "resuming"
+        log(f"{what} from epoch {saved[0]['epoch']} to {config.epochs}")
+    device = torch.device(config.device)
     n = adapter.n_bands
     k = max(1, math.ceil(config.sparsity * n))
-    gate = adapter.read_band_gate() if not config.restart else None
-    if gate is None or config.restart:
-        from prismoe_store.head.build import centroid_gate
+    if saved is None:
+        gate = adapter.read_band_gate() if not config.restart else None
+        if gate is None:
+            from prismoe_store.head.build import centroid_gate
 
-        gate = centroid_gate(adapter)
-    weight = torch.nn.Parameter(torch.as_tensor(gate[0], device=device).clone())  # [n, d]
-    bias = torch.nn.Parameter(torch.as_tensor(gate[1], device=device).clone())  # [n]
+            gate = centroid_gate(adapter)
+        arrays = {"weight": gate[0], "bias": gate[1]}
+    else:
+        arrays = saved[1]
+    weight = torch.nn.Parameter(torch.as_tensor(arrays["weight"], device=device).clone())  # [n, d]
+    bias = torch.nn.Parameter(torch.as_tensor(arrays["bias"], device=device).clone())  # [n]
+    opt = torch.optim.Adam([weight, bias], lr=config.lr)
+    meta = dict(saved[0]) if saved is not None else {}
+    if meta.get("step"):
+        opt.load_state_dict({"state": {i: {"step": torch.tensor(float(meta["step"])),
+                                           "exp_avg": torch.as_tensor(arrays[f"m{i}"], device=device),
+                                           "exp_avg_sq": torch.as_tensor(arrays[f"v{i}"], device=device)}
+                                       for i in range(2)},
+                             "param_groups": opt.state_dict()["param_groups"]})
+    settings = {**asdict(config), "kind": "band-mass distillation"}
 
     with tempfile.TemporaryDirectory(prefix="prismoe-gate-") as scratch:
         t0 = time.perf_counter()
@@ -147,35 +182,85 @@ def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = Ban
         teacher_seconds = time.perf_counter() - t0
         train_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
         score = lambda: _score(weight, bias, rows_of, targets, held_rows, k, device)  # noqa: E731
-        before = score()
-        best = (before["top1"], before["mass"], 0, weight.detach().clone(), bias.detach().clone())
-        opt = torch.optim.Adam([weight, bias], lr=config.lr)
-        rng = np.random.default_rng(config.seed)
-        history, epoch_seconds = [], []
+        if saved is None:
+            before = score()
+            meta = {"settings": key, "epoch": 0, "step": 0, "history": [], "before": before,
+                    "best": {"epoch": 0, "top1": before["top1"], "mass": before["mass"], "loss": before["loss"]}}
+            best_w, best_b = weight.detach().clone(), bias.detach().clone()
+        else:
+            best_w = torch.as_tensor(arrays["best_weight"], device=device).clone()
+            best_b = torch.as_tensor(arrays["best_bias"], device=device).clone()
+        status = "trained" if saved is None else "resumed"
+        adapter.update_attrs(gates=GatesRecord(settings, complete=False).to_dict())
+        meta["epochs"] = config.epochs
+        epoch_seconds = []
         with stage("gate epochs") as progress:
-            for epoch in range(1, config.epochs + 1):
+            for epoch in range(int(meta["epoch"]) + 1, config.epochs + 1):
                 t1 = time.perf_counter()
+                rng = np.random.default_rng([config.seed, epoch])  # the order depends on seed and epoch only
                 loss = _epoch(weight, bias, opt, rows_of, targets, train_rows, config.batch_size, rng, device)
                 if not math.isfinite(loss) or not bool(torch.isfinite(weight).all()):
                     raise FitError(f"gate training diverged at epoch {epoch} (loss {loss}): lower --lr; "
-                                   "the stored gate is unchanged")
+                                   "the best gate so far stays stored")
                 s = score()
-                history.append({"epoch": epoch, "loss": loss, **s})
+                meta["history"] = [*meta["history"], {"epoch": epoch, "loss": loss, **s}]
                 epoch_seconds.append(time.perf_counter() - t1)
-                if (s["top1"], s["mass"]) > best[:2]:
-                    best = (s["top1"], s["mass"], epoch, weight.detach().clone(), bias.detach().clone())
+                if (s["top1"], s["mass"]) > (meta["best"]["top1"], meta["best"]["mass"]):
+                    meta["best"] = {"epoch": epoch, **s}
+                    best_w, best_b = weight.detach().clone(), bias.detach().clone()
+                    adapter.write_band_gate(best_w.cpu().numpy(), best_b.cpu().numpy())
+                meta["epoch"] = epoch
+                meta["step"] = int(opt.state[weight]["step"]) if weight in opt.state else 0
+                state.save_state(adapter, _arrays(weight, bias, opt, best_w, best_b), meta)
                 if progress:
                     progress(epoch, config.epochs)
-    _, _, best_epoch, w_best, b_best = best
-    adapter.write_band_gate(w_best.cpu().numpy(), b_best.cpu().numpy())
-    settings = {**asdict(config), "kind": "band-mass distillation"}
-    after = history[best_epoch - 1] if best_epoch else before
-    after = {key: after[key] for key in ("top1", "mass", "loss")}
-    adapter.update_attrs(gates=GatesRecord(settings, held_out=after).to_dict())
-    return BandGateReport(rows=S, held_out=int(held.sum()), epochs=len(history), best_epoch=best_epoch,
-                          before=before, after=after, history=history, teacher_seconds=teacher_seconds,
+    adapter.write_band_gate(best_w.cpu().numpy(), best_b.cpu().numpy())
+    state.save_state(adapter, _arrays(weight, bias, opt, best_w, best_b), meta)
+    adapter.update_attrs(gates=GatesRecord(settings, complete=True, held_out=_after(meta)).to_dict())
+    return _report(meta, rows=S, held_out=int(held.sum()), status=status, settings=settings,
+                   resumed_from=None if saved is None else int(saved[0]["epoch"]),
+                   teacher_seconds=teacher_seconds, epoch_seconds=epoch_seconds)
+
+
+RESUME_IGNORES = ("epochs", "restart", "device", "cache_bytes")  # settings a resumed run may change
+RESUME_FLAGS = {"sparsity": "--sparsity", "lr": "--lr", "batch_size": "--batch-size", "holdout": "--holdout",
+                "seed": "--seed", "rows": "the hidden states' rows", "hidden": "the hidden states",
+                "max_rows": "max_rows"}
+
+
+def resume_key(config: BandGateConfig, rows: int, hidden=None) -> dict:
+    """The settings a resumed (or finished) run must share with this one: all but ``RESUME_IGNORES``,
+    the hidden states (their path or URL) and their number of rows."""
+    source = getattr(hidden, "url", hidden)
+    if isinstance(source, (str, os.PathLike)) and "://" not in str(source):
+        source = os.path.abspath(source)
+    source = str(source) if isinstance(source, (str, os.PathLike)) else None
+    return {**{k: v for k, v in asdict(config).items() if k not in RESUME_IGNORES}, "rows": rows, "hidden": source}
+
+
+def _arrays(weight, bias, opt, best_w, best_b) -> dict[str, np.ndarray]:
+    out = {"weight": weight.detach().cpu().numpy(), "bias": bias.detach().cpu().numpy(),
+           "best_weight": best_w.cpu().numpy(), "best_bias": best_b.cpu().numpy()}
+    for i, prm in enumerate((weight, bias)):
+        st = opt.state.get(prm, {})
+        if st:
+            out[f"m{i}"], out[f"v{i}"] = st["exp_avg"].cpu().numpy(), st["exp_avg_sq"].cpu().numpy()
+    return out
+
+
+def _after(meta: dict) -> dict:
+    return {key: meta["best"][key] for key in ("top1", "mass", "loss")}
+
+
+def _report(meta: dict, *, rows: int, held_out: int, status: str, settings: dict, resumed_from: int | None,
+            teacher_seconds: float = 0.0, epoch_seconds: list | None = None) -> BandGateReport:
+    """The report of a run from its saved record."""
+    return BandGateReport(rows=rows, held_out=held_out, epochs=int(meta["epoch"]),
+                          best_epoch=int(meta["best"]["epoch"]),
+                          before=dict(meta["before"]), after=_after(meta), history=list(meta["history"]),
+                          teacher_seconds=teacher_seconds,
                           seconds_per_epoch=float(np.mean(epoch_seconds)) if epoch_seconds else 0.0,
-                          settings=settings)
+                          settings=settings, status=status, resumed_from=resumed_from)
 
 
 # -- the teacher pass ---------------------------------------------------------------------------

@@ -401,6 +401,42 @@ def test_cli_fit_gates_rerun_keeps_the_saved_epochs(gated, tmp_path):
         "Error: saved gate training used other settings (--lr): pass --restart to start over"]
 
 
+def test_a_damaged_gate_survives_a_failed_fit_gates_and_stays_refused(gated, tmp_path):
+    """A gate chunk cut short: fit-gates fails with one line and leaves the gate's files as they were
+    (they used to be deleted, after which a re-run reported the old run as finished and the runtime
+    ran that pipe ungated); every later reader refuses it, and --restart trains it again."""
+    from prismoe_store.errors import CorruptStoreError
+    from prismoe_store.runtime.open import open_runtime
+
+    pairs, fitted, _ = gated
+    a = _copy(fitted, tmp_path / "a")
+    fit_gates(a, pairs, GateSettings(sparsity=0.3, epochs=1, patience=0))
+    chunk = tmp_path / "a" / "pipe1" / "gate_weight" / "c" / "0" / "0"
+    assert chunk.is_file()
+    with open(chunk, "r+b") as f:
+        f.truncate(100)
+    for _ in range(2):  # the re-run too: refused, not "already finished"
+        run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--epochs", "1", "--patience", "0"])
+        assert run.exit_code == 1 and len(run.output.strip().splitlines()) == 1, run.output
+        assert "pipe1/gate_weight" in run.output or "gate" in run.output
+        assert chunk.is_file() and chunk.stat().st_size == 100  # left as it was
+    with pytest.raises(StoreError):
+        open_runtime(a.url, sparsity=0.3)
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--epochs", "1", "--patience", "0", "--restart"])
+    assert run.exit_code == 0, run.output
+    assert AdapterStore.open(a.url).read_gate(0) is not None
+    open_runtime(a.url, sparsity=0.3).close()
+
+    # a gate gone from an adapter whose gate training is recorded as finished is damage, not "no gate"
+    b = _copy(a, tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "pipe2" / "gate_weight")
+    shutil.rmtree(tmp_path / "b" / "pipe2" / "gate_bias")
+    with pytest.raises(CorruptStoreError, match="gate of pipe 1 is missing"):
+        AdapterStore.open(b.url).read_gate(1)
+    with pytest.raises(CorruptStoreError, match="gate of pipe 1 is missing"):
+        open_runtime(b.url, sparsity=0.3)
+
+
 def test_cli_errors_are_one_line(gated, tmp_path):
     pairs, fitted, _ = gated
     run = CliRunner().invoke(main, ["routing", fitted.url, pairs.url, "--quiet"])

@@ -365,8 +365,16 @@ class AdapterStore(PartitionBands):
             pg[name][...] = data
 
     def read_gate(self, pipe: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(weight [workers, d_in], bias [workers])`` of a pipe, or ``None`` before gate training."""
+        """``(weight [workers, d_in], bias [workers])`` of a pipe, or ``None`` before gate training.
+
+        Raises :class:`~prismoe_store.errors.CorruptStoreError` for a damaged gate, and for a missing
+        one when the ``gates`` record says training finished (every pipe of a fitted adapter then has
+        its gate; a head adapter's band gate is :meth:`read_band_gate`'s)."""
         if "gate_weight" not in self._pipe(pipe):
+            record = self.group.attrs.get("gates")
+            if self.layout != "partition" and isinstance(record, dict) and record.get("complete"):  # not a head's
+                raise CorruptStoreError(f"the gate of pipe {pipe} is missing from {self.url}, whose gate training "
+                                        "is recorded as finished: train the gates again (prismoe fit-gates --restart)")
             return None
         what = f"gate of pipe {pipe} in {self.url}"
         with reading(what):
@@ -391,17 +399,19 @@ class AdapterStore(PartitionBands):
         >>> float(a.read_gate(0)[0].sum())
         8.0
         """
-        saved = []
+        saved: list = []  # per pipe: its gate, None when it has none, or _UNREADABLE
         for p in range(self.n_pipes):
             try:
                 saved.append(self.read_gate(p))
             except StoreError:
-                saved.append(None)  # a damaged gate is not worth keeping
+                saved.append(_UNREADABLE)  # damaged: left as it is, for later reads to refuse
         attr = self.group.attrs.get("gates")
         try:
             yield
         except PrismoeError:
             for p, gate in enumerate(saved):
+                if gate is _UNREADABLE:
+                    continue
                 if gate is not None:
                     self.write_gate(p, *gate)
                 else:
@@ -414,6 +424,9 @@ class AdapterStore(PartitionBands):
             elif "gates" in self.group.attrs:
                 del self.group.attrs["gates"]
             raise
+
+
+_UNREADABLE = object()  # keeping_gates: a gate that could not be read before the job
 
 
 def _stored_shape(g: GridSpec) -> tuple[int, int]:

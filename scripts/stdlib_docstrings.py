@@ -57,4 +57,12 @@ def main(train_path: str, held_path: str, prompts_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("train", help="JSONL written with the train half's docstrings")
+    parser.add_argument("held", help="JSONL written with the held-out half's docstrings")
+    parser.add_argument("prompts", help="text file written with the generation prompts, one a line")
+    args = parser.parse_args()
+    main(args.train, args.held, args.prompts)

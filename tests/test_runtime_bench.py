@@ -44,6 +44,10 @@ def test_benchmark_command_on_a_head_with_hidden_rows(tmp_path):
     assert r["int8"] is not None
     assert (tmp_path / "plots" / "hit_rate.png").stat().st_size > 0
     assert "| dense | 1.00× |" in (tmp_path / "r.md").read_text()
+    assert len(r["load"]) == 2 and all(v >= 0 for v in r["load"])  # the machine's load, before and after
+    res = CliRunner().invoke(main, ["benchmark", "runtime", str(tmp_path / "h.zarr"), str(tmp_path / "x.npy"),
+                                    "--repeats", "1", "--batch", "8", "--hit-tokens", "4", "-q"])
+    assert res.exit_code == 0 and "machine load (1-minute average)" in res.output, res.output
 
 
 def test_benchmark_refuses_rows_of_another_width(tmp_path):

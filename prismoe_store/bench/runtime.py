@@ -199,8 +199,9 @@ def benchmark_runtime_store(adapter: str | None, *, rows: str | None = None, d_i
     against the adapter's width before any work; ``threads`` the torch CPU threads (left as set
     after the run). ``stage(name, unit)`` opens a context giving a ``progress(done, total)``
     callback (or ``None``); ``options`` go to :func:`benchmark_runtime`. The report also names
-    ``adapter``, ``input`` and ``threads``."""
+    ``adapter``, ``input``, ``threads`` and ``load`` (the 1-minute load average before and after)."""
     stage = stage or (lambda name, unit: nullcontext(None))
+    load = os.getloadavg()[0]  # other work on the machine makes the ratios noisy: reported
     if threads:
         torch.set_num_threads(threads)
     store = None if adapter is None else AdapterStore.open(adapter, require_complete=True)
@@ -219,6 +220,7 @@ def benchmark_runtime_store(adapter: str | None, *, rows: str | None = None, d_i
     report["adapter"] = adapter or f"synthetic {d_in}→{d_out}, {workers} workers a pipe"
     report["input"] = rows or "Gaussian"
     report["threads"] = torch.get_num_threads()
+    report["load"] = [load, os.getloadavg()[0]]  # 1-minute load average before and after
     return report
 
 
@@ -287,6 +289,9 @@ def format_report(r: dict) -> str:
     threads = f", {r['threads']} CPU threads" if r.get("threads") else ""
     rho = f"ρ = {r['sparsity']}" + (f", mass {r['mass']}" if r.get("mass") else "")
     lines = [f"{r['kind']} adapter, device {r['device']}{threads}, {rho}, {r['shape']['d_in']} → {r['shape']['d_out']}"]
+    if r.get("load"):
+        lines.append(f"  machine load (1-minute average) {r['load'][0]:.2f} before, {r['load'][1]:.2f} after: "
+                     f"with other work running the ratios move from run to run")
     lines += [f"  {g}" for g in r["shape"]["grids"]]
     batch = r["shape"]["batch"]
     for name, s in r["baselines"].items():

@@ -376,6 +376,28 @@ def test_existing_adapter_is_refused(pairs, tmp_path):
         fit(store, tmp_path / "junk", FitConfig(workers=WORKERS))
 
 
+def test_overwrite_keeps_the_users_own_files_in_a_store_folder(pairs, tmp_path):
+    """--overwrite replaces a store, not a file the user put inside its folder: refused, nothing lost."""
+    from cli.main import main
+
+    store, _, _ = pairs
+    fit(store, tmp_path / "a", FitConfig(workers=WORKERS))
+    (tmp_path / "a" / "NOTES.md").write_text("mine")
+    (tmp_path / "a" / "results").mkdir()
+    before = sorted(p.name for p in (tmp_path / "a").iterdir())
+    run = CliRunner().invoke(main, ["fit", store.url, "-o", str(tmp_path / "a"), "--workers", str(WORKERS),
+                                    "--mode", "independent", "--overwrite", "--quiet"])
+    assert run.exit_code == 1 and run.output.count("\n") == 1, run.output
+    assert "NOTES.md, results" in run.output and "move them out" in run.output
+    assert (tmp_path / "a" / "NOTES.md").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == before
+    assert AdapterStore.open(tmp_path / "a").mode == "joint"  # the old adapter is untouched
+    (tmp_path / "a" / "NOTES.md").unlink()
+    (tmp_path / "a" / "results").rmdir()
+    fit(store, tmp_path / "a", FitConfig(workers=WORKERS, mode="independent"), overwrite=True)
+    assert AdapterStore.open(tmp_path / "a").mode == "independent"
+
+
 def test_unfinished_adapter_with_other_settings_is_refused(pairs, tmp_path):
     store, _, _ = pairs
     with pytest.raises(_Kill):

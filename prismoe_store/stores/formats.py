@@ -211,10 +211,33 @@ def create_checked(url, name: str, version: int, *, overwrite: bool = False, att
     if found is not None:
         if not overwrite:
             raise StoreError(f"{url} already exists (pass overwrite=True / --overwrite to replace it)")
+        foreign = foreign_entries(url)
+        if foreign:
+            raise StoreFormatError(f"{url} holds files that are not part of the {name} store ({', '.join(foreign[:3])}"
+                                   f"{', …' if len(foreign) > 3 else ''}): refusing to delete them with it; move "
+                                   "them out, or choose another output")
     group = open_root(url, "w", storage_options=storage_options)
     group.attrs.update({**format_attrs(name, version), **(attrs or {})})
     group.store.strict = True
     return group
+
+
+def foreign_entries(url: str) -> list[str]:
+    """The entries of a local store folder that no store writes (a store holds ``zarr.json``, hidden
+    files such as its lock, and folders of groups and arrays, each with its ``zarr.json``), sorted;
+    ``[]`` for a URL that is not a local folder.
+
+    >>> import tempfile, os
+    >>> d = tempfile.mkdtemp(); _ = open(os.path.join(d, "zarr.json"), "w").write("{}")
+    >>> _ = open(os.path.join(d, "NOTES.md"), "w").write("mine"); os.makedirs(os.path.join(d, "pipe1"))
+    >>> _ = open(os.path.join(d, "pipe1", "zarr.json"), "w").write("{}")
+    >>> foreign_entries(d)
+    ['NOTES.md']
+    """
+    if _is_url(url) or not os.path.isdir(url):
+        return []
+    return sorted(e.name for e in os.scandir(url) if not e.name.startswith(".") and e.name != "zarr.json"
+                  and not (e.is_dir() and os.path.isfile(os.path.join(e.path, "zarr.json"))))
 
 
 def check_output(url, name: str, *, storage_options=None) -> str | None:

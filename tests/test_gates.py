@@ -431,10 +431,20 @@ def test_a_damaged_gate_survives_a_failed_fit_gates_and_stays_refused(gated, tmp
     b = _copy(a, tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "pipe2" / "gate_weight")
     shutil.rmtree(tmp_path / "b" / "pipe2" / "gate_bias")
-    with pytest.raises(CorruptStoreError, match="gate of pipe 1 is missing"):
+    with pytest.raises(CorruptStoreError, match=r"gate of pipe 2 \(missing\)"):  # named as its folder, pipe2
         AdapterStore.open(b.url).read_gate(1)
-    with pytest.raises(CorruptStoreError, match="gate of pipe 1 is missing"):
+    with pytest.raises(CorruptStoreError, match=r"gate of pipe 2 \(missing\)"):
         open_runtime(b.url, sparsity=0.3)
+    # half a gate (its bias folder gone): one line, not a traceback, and --restart repairs it
+    c = _copy(a, tmp_path / "c")
+    shutil.rmtree(tmp_path / "c" / "pipe2" / "gate_bias")
+    with pytest.raises(CorruptStoreError, match=r"gate of pipe 2 \(half missing\)"):
+        AdapterStore.open(c.url).read_gate(1)
+    run = CliRunner().invoke(main, ["infer", c.url, "--input", pairs.url, "-o", str(tmp_path / "y.npy")])
+    assert run.exit_code == 1 and "Traceback" not in run.output and len(run.output.strip().splitlines()) == 1
+    run = CliRunner().invoke(main, ["fit-gates", c.url, pairs.url, "--epochs", "1", "--patience", "0", "--restart"])
+    assert run.exit_code == 0, run.output
+    assert AdapterStore.open(c.url).read_gate(1) is not None
 
 
 def test_cli_errors_are_one_line(gated, tmp_path):

@@ -370,11 +370,15 @@ class AdapterStore(PartitionBands):
         Raises :class:`~prismoe_store.errors.CorruptStoreError` for a damaged gate, and for a missing
         one when the ``gates`` record says training finished (every pipe of a fitted adapter then has
         its gate; a head adapter's band gate is :meth:`read_band_gate`'s)."""
-        if "gate_weight" not in self._pipe(pipe):
+        pg = self._pipe(pipe)
+        present = [name in pg for name in ("gate_weight", "gate_bias")]
+        if not all(present):
             record = self.group.attrs.get("gates")
-            if self.layout != "partition" and isinstance(record, dict) and record.get("complete"):  # not a head's
-                raise CorruptStoreError(f"the gate of pipe {pipe} is missing from {self.url}, whose gate training "
-                                        "is recorded as finished: train the gates again (prismoe fit-gates --restart)")
+            if any(present) or (self.layout != "partition" and isinstance(record, dict)  # not a head's
+                                and record.get("complete")):
+                raise CorruptStoreError(f"the gate of pipe {pipe + 1} ({'half ' if any(present) else ''}missing) in "
+                                        f"{self.url}, whose gate training is recorded as finished: train the gates "
+                                        "again (prismoe fit-gates --restart)")
             return None
         what = f"gate of pipe {pipe} in {self.url}"
         with reading(what):

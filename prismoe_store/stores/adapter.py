@@ -376,9 +376,10 @@ class AdapterStore(PartitionBands):
             record = self.group.attrs.get("gates")
             if any(present) or (self.layout != "partition" and isinstance(record, dict)  # not a head's
                                 and record.get("complete")):
+                why = ("damaged, or its first write was cut short" if any(present)
+                       else "whose gate training is recorded as finished")
                 raise CorruptStoreError(f"the gate of pipe {pipe + 1} ({'half ' if any(present) else ''}missing) in "
-                                        f"{self.url}, whose gate training is recorded as finished: train the gates "
-                                        "again (prismoe fit-gates --restart)")
+                                        f"{self.url}, {why}: train the gates again (prismoe fit-gates --restart)")
             return None
         what = f"gate of pipe {pipe} in {self.url}"
         with reading(what):

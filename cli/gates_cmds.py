@@ -171,7 +171,7 @@ def _refuse_fitted_only(ctx: click.Context) -> None:
 def _saved_run(store, head: bool) -> dict | None:
     """The saved gate-training run of ``store`` (epochs done, target, finished), or None."""
     if head:
-        from prismoe_store.head.band_gate_state import saved_run
+        from prismoe_store.head.band_gate import saved_run
 
         return saved_run(store)
     return _gates().saved_run(store)

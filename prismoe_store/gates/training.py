@@ -32,12 +32,9 @@ from prismoe_store.gates.routing import balance_loss, z_loss
 from prismoe_store.gates.settings import DEFAULT_MAX_TILE_BYTES, GateSettings
 from prismoe_store.gates.tiles import FrozenTiles, torch_device
 from prismoe_store.stores.adapter import AdapterStore
-from prismoe_store.stores.formats import create_chunked
 from prismoe_store.stores.pairs import PairsStore
 from prismoe_store.stores.records import GatesRecord, SplitRecord
-from prismoe_store.stores.verified import reading
-
-STATE_GROUP = "_gates_training"  # adapter group holding the resumable training state
+from prismoe_store.stores.training_state import STATE_GROUP, load_state, save_state
 
 
 def _loss(tiles, gates, x, z, s: GateSettings, z_scale: float) -> torch.Tensor:
@@ -171,27 +168,9 @@ class GateRun:
 
 
 def _save_state(adapter: AdapterStore, run: GateRun, settings: GateSettings, split: Split) -> None:
-    """Write the run's state into the free slot, then point the record at it (metadata last)."""
-    root = adapter.group.require_group(STATE_GROUP)
-    slot = 1 - int(root.attrs.get("slot", 1))
-    grp = root.require_group(f"slot{slot}")
-    for name, data in run.state_arrays().items():
-        if name in grp and grp[name].shape == data.shape:
-            grp[name][...] = data
-        else:
-            create_chunked(grp, name, data.shape, data.shape, "float32", adapter.options, overwrite=True)[...] = data
-    root.attrs.update({"slot": slot, "settings": settings.resume_key(), "split": asdict(split), **run.state_meta()})
-
-
-def _load_state(adapter: AdapterStore) -> tuple[dict, dict[str, np.ndarray]] | None:
-    if STATE_GROUP not in adapter.group or "slot" not in adapter.group[STATE_GROUP].attrs:
-        return None
-    root = adapter.group[STATE_GROUP]
-    meta = dict(root.attrs)
-    grp = root[f"slot{meta['slot']}"]
-    with reading(f"gate-training state in {adapter.url}"):
-        arrays = {name: np.asarray(arr[...]) for name, arr in grp.arrays()}
-    return meta, arrays
+    """Write the run's state (:func:`~prismoe_store.stores.training_state.save_state`)."""
+    save_state(adapter, run.state_arrays(), {"settings": settings.resume_key(), "split": asdict(split),
+                                             **run.state_meta()})
 
 
 def saved_run(adapter: AdapterStore) -> dict | None:
@@ -260,7 +239,7 @@ def _fit_gates(adapter: AdapterStore, pairs: PairsStore, config: GateSettings, *
     tiles = FrozenTiles.load(adapter, device=dev, max_bytes=max_tile_bytes)
     tiles.check_batch(s.batch_size, max_tile_bytes)
 
-    saved = None if restart else _load_state(adapter)
+    saved = None if restart else load_state(adapter, "gate-training state")
     if saved is not None and saved[0].get("settings") != s.resume_key():
         diff = sorted(k for k, v in s.resume_key().items() if saved[0].get("settings", {}).get(k) != v)
         named = ", ".join(k if k.startswith("init_") else "--" + k.replace("_", "-") for k in diff)  # as flags

@@ -46,11 +46,11 @@ import torch
 from prismoe_store.errors import DataError, FitError, IncompleteStoreError
 from prismoe_store.gates.settings import BAND_GATE
 from prismoe_store.grid import band_sizes
-from prismoe_store.head import band_gate_state as state
 from prismoe_store.runtime.slot_pool import SlotPool
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.pairs import holdout_mask, open_rows
 from prismoe_store.stores.records import GatesRecord
+from prismoe_store.stores.training_state import STATE_GROUP, load_state, save_state
 
 ProgressFn = Callable[[int, int], None]
 Stages = Callable[[str], AbstractContextManager[ProgressFn | None]]
@@ -121,7 +121,7 @@ def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = Ban
 
     ``hidden`` is a pairs store (its ``x``; a hidden-states-only store from ``prismoe collect
     --target none``), a path to one, or a ``.npy`` ``[S, d]``. After every epoch the run's state is
-    saved (:mod:`~prismoe_store.head.band_gate_state`) and the best gate so far stored, so a re-run
+    saved (:mod:`~prismoe_store.stores.training_state`) and the best gate so far stored, so a re-run
     with the same settings resumes from the last finished epoch; a finished run is a no-op
     (``status`` "already finished", no teacher pass), a larger ``epochs`` continues it, and other
     settings (or other hidden states) are refused unless ``restart``; ``log`` hears one line when a
@@ -134,7 +134,8 @@ def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = Ban
         raise IncompleteStoreError(f"head adapter {adapter.url} is not finished: re-run `prismoe head` first")
     rows_of, S = open_rows(hidden, adapter.d_in, config.max_rows)
     key = resume_key(config, S, hidden)
-    saved = None if config.restart else state.load_state(adapter)  # restart: the first epoch overwrites it
+    # restart: the first epoch overwrites the saved state
+    saved = None if config.restart else load_state(adapter, "band-gate training state")
     if saved is not None and saved[0].get("settings") != key:
         old = saved[0].get("settings") or {}
         diff = sorted(k for k in set(key) | set(old) if old.get(k) != key.get(k))
@@ -211,11 +212,11 @@ def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = Ban
                     adapter.write_band_gate(best_w.cpu().numpy(), best_b.cpu().numpy())
                 meta["epoch"] = epoch
                 meta["step"] = int(opt.state[weight]["step"]) if weight in opt.state else 0
-                state.save_state(adapter, _arrays(weight, bias, opt, best_w, best_b), meta)
+                save_state(adapter, _arrays(weight, bias, opt, best_w, best_b), meta)
                 if progress:
                     progress(epoch, config.epochs)
     adapter.write_band_gate(best_w.cpu().numpy(), best_b.cpu().numpy())
-    state.save_state(adapter, _arrays(weight, bias, opt, best_w, best_b), meta)
+    save_state(adapter, _arrays(weight, bias, opt, best_w, best_b), meta)
     adapter.update_attrs(gates=GatesRecord(settings, complete=True, held_out=_after(meta)).to_dict())
     return _report(meta, rows=S, held_out=int(held.sum()), status=status, settings=settings,
                    resumed_from=None if saved is None else int(saved[0]["epoch"]),
@@ -378,3 +379,13 @@ def _score(weight, bias, rows_of, targets: _Targets, rows: np.ndarray, k: int, d
         loss += float(-(p * torch.log_softmax(s, dim=1)).sum())
     n = len(rows)
     return {"top1": hit / n, "mass": mass / n, "loss": loss / n}
+
+
+def saved_run(adapter: AdapterStore) -> dict | None:
+    """``{"epoch", "epochs", "finished"}`` of the band-gate training saved in ``adapter`` (epochs
+    done, the run's target, whether it reached it), or ``None``; reads attributes only."""
+    if STATE_GROUP not in adapter.group or "slot" not in adapter.group[STATE_GROUP].attrs:
+        return None
+    attrs = adapter.group[STATE_GROUP].attrs
+    epoch, epochs = int(attrs["epoch"]), int(attrs["epochs"])
+    return {"epoch": epoch, "epochs": epochs, "finished": epoch >= epochs}

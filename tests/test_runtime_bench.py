@@ -19,6 +19,9 @@ def test_benchmark_of_a_fitted_adapter(tmp_path):
     assert r["baselines"]["dense"]["latency_vs_dense"] == 1.0
     s = r["fp32"]
     assert np.isclose(s["latency_vs_dense"], s["latency_s"] / s["dense_latency_s"])
+    # one repeat: the spread of the per-repeat ratios collapses onto the ratio itself
+    assert np.allclose(s["latency_vs_dense_quartiles"], [s["latency_vs_dense"]] * 2)
+    assert np.allclose(s["throughput_vs_dense_quartiles"], [s["throughput_vs_dense"]] * 2)
     int8 = sum(g.active_count * (g.tile_out * g.tile_in + 4 * g.tile_out) for g in a.grids)
     fp32 = sum(g.active_count * 4 * g.tile_out * g.tile_in for g in a.grids)
     assert np.isclose(r["int8"]["bytes_vs_fp32"], int8 / fp32) and 0 < r["int8"]["rel_error_vs_fp32"] < 0.02
@@ -43,11 +46,12 @@ def test_benchmark_command_on_a_head_with_hidden_rows(tmp_path):
     assert 0.05 < r["fp32"]["row_share"] <= 0.15
     assert r["int8"] is not None
     assert (tmp_path / "plots" / "hit_rate.png").stat().st_size > 0
-    assert "| dense | 1.00× |" in (tmp_path / "r.md").read_text()
+    assert "| dense | 1.00× (1.00–1.00) | 1.00× (1.00–1.00) |" in (tmp_path / "r.md").read_text()
     assert len(r["load"]) == 2 and all(v >= 0 for v in r["load"])  # the machine's load, before and after
     res = CliRunner().invoke(main, ["benchmark", "runtime", str(tmp_path / "h.zarr"), str(tmp_path / "x.npy"),
                                     "--repeats", "1", "--batch", "8", "--hit-tokens", "4", "-q"])
     assert res.exit_code == 0 and "machine load (1-minute average)" in res.output, res.output
+    assert "middle half of the repeats" in res.output
 
 
 def test_benchmark_refuses_rows_of_another_width(tmp_path):

@@ -267,7 +267,16 @@ def _timed(fn, x, dev: torch.device) -> float:
 
 def _speed(fns: dict, x1: torch.Tensor, xb: torch.Tensor, repeats: int, dev: torch.device) -> dict:
     """Median latency (batch 1) and throughput (batch ``len(xb)``) of each callable, timed interleaved
-    (every callable once per repeat), with ratios to ``fns["dense"]``."""
+    (every callable once per repeat), with ratios to ``fns["dense"]`` and their spread: the quartiles
+    of the ratios taken within each repeat (``*_quartiles``, [25 %, 75 %]; how much the machine moved
+    the figure during the run).
+
+    >>> r = _speed({"dense": lambda x: x, "other": lambda x: x}, torch.ones(1, 2), torch.ones(4, 2), 3,
+    ...            torch.device("cpu"))
+    >>> sorted(r["other"])  # doctest: +NORMALIZE_WHITESPACE
+    ['dense_latency_s', 'dense_throughput_tok_s', 'latency_s', 'latency_vs_dense', 'latency_vs_dense_quartiles',
+     'throughput_tok_s', 'throughput_vs_dense', 'throughput_vs_dense_quartiles']
+    """
     # name -> (batch-1 times, batch times)
     t: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in fns}
     for fn in fns.values():  # warm every path
@@ -278,10 +287,17 @@ def _speed(fns: dict, x1: torch.Tensor, xb: torch.Tensor, repeats: int, dev: tor
             t[name][1].append(_timed(fn, xb, dev))
     m = {name: (statistics.median(a), statistics.median(b)) for name, (a, b) in t.items()}
     n = xb.shape[0]
-    (d1, db) = m["dense"]
+    (d1, db), (t1, tb) = m["dense"], t["dense"]
+
+    def quartiles(ratios: list[float]) -> list[float]:
+        return np.percentile(ratios, [25, 75]).tolist()
+
     return {name: {"latency_s": m[name][0], "dense_latency_s": d1, "latency_vs_dense": m[name][0] / d1,
+                   "latency_vs_dense_quartiles": quartiles([a / b for a, b in zip(t[name][0], t1, strict=True)]),
                    "throughput_tok_s": n / m[name][1], "dense_throughput_tok_s": n / db,
-                   "throughput_vs_dense": db / m[name][1]} for name in fns}
+                   "throughput_vs_dense": db / m[name][1],
+                   "throughput_vs_dense_quartiles": quartiles([b / a for a, b in zip(t[name][1], tb, strict=True)])}
+            for name in fns}
 
 
 def format_report(r: dict) -> str:
@@ -305,9 +321,10 @@ def format_report(r: dict) -> str:
             continue
         share = f", {s['row_share']:.1%} of the rows a token" if s.get("row_share") else ""
         lines.append(f"{q}: latency (batch 1) {s['latency_vs_dense']:.2f}× dense F.linear "
-                     f"({s['latency_s'] * 1e3:.2f} ms vs {s['dense_latency_s'] * 1e3:.2f} ms); "
+                     f"({s['latency_s'] * 1e3:.2f} ms vs {s['dense_latency_s'] * 1e3:.2f} ms{_spread(s, 'latency')}); "
                      f"throughput (batch {batch}) {s['throughput_vs_dense']:.2f}× dense "
-                     f"({s['throughput_tok_s']:.0f} vs {s['dense_throughput_tok_s']:.0f} tokens/s){share}")
+                     f"({s['throughput_tok_s']:.0f} vs {s['dense_throughput_tok_s']:.0f} tokens/s"
+                     f"{_spread(s, 'throughput')}){share}")
     if r.get("int8"):
         s = r["int8"]
         lines.append(f"int8 vs fp32: latency {s['latency_vs_fp32']:.2f}×, throughput {s['throughput_vs_fp32']:.2f}×, "
@@ -331,12 +348,25 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _spread(s: dict, what: str) -> str:
+    """``", middle half of the repeats 1.52–1.71×"`` from a ratio's quartiles (empty without them)."""
+    q = s.get(f"{what}_vs_dense_quartiles")
+    return f"; middle half of the repeats {q[0]:.2f}–{q[1]:.2f}×" if q else ""
+
+
 def format_markdown(r: dict) -> str:
     """The numbers as a Markdown table (one row per way of computing the product)."""
     batch = r["shape"]["batch"]
     rows = [f"| way | latency (batch 1) vs dense | throughput (batch {batch}) vs dense |", "|---|---|---|"]
+
+    def cell(s: dict, what: str) -> str:
+        q = s.get(f"{what}_vs_dense_quartiles")
+        return f"{s[f'{what}_vs_dense']:.2f}×" + (f" ({q[0]:.2f}–{q[1]:.2f})" if q else "")
+
     for name, s in [*r["baselines"].items(), *((q, r[q]) for q in ("fp32", "int8") if r.get(q))]:
-        rows.append(f"| {name} | {s['latency_vs_dense']:.2f}× | {s['throughput_vs_dense']:.2f}× |")
+        rows.append(f"| {name} | {cell(s, 'latency')} | {cell(s, 'throughput')} |")
+    rows.append("")
+    rows.append("Medians of the interleaved repeats; in brackets the quartiles of the ratios taken within each repeat.")
     rows += ["", "| device budget | hit rate | latency vs dense | tiles read ahead | prefetch hit rate |",
              "|---|---|---|---|---|"]
     for c in r["hit_rate"]:

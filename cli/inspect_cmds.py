@@ -94,12 +94,17 @@ def _routing(adapter: str, pairs: str, sparsity, plot_dir, quiet: bool) -> dict:
 def compare_cmd(a, b, tensor, tensor_b, atol, as_json, quiet):
     """Compare matrix A with reference B: max abs diff, relative Frobenius error, cosine.
 
-    A and B are each a weights store (the tensor name may be left out when it holds one) or a
-    checkpoint file (.safetensors, HF folder, .pt/.bin, .gguf, .npy). Both are streamed block by
-    block. Exits 1 with a one-line message when max |A - B| exceeds --atol.
+    A and B are each a weights store (the tensor name may be left out when it holds one), a
+    checkpoint file (.safetensors, HF folder, .pt/.bin, .gguf, .npy), or an adapter store, which
+    stands for the matrix it computes with every tile (a head adapter: its rows in token order;
+    --tensor then names only the other side's tensor). Both are streamed block by block. Exits 1
+    with a one-line message when max |A - B| exceeds --atol.
+
+    Example: `prismoe compare head.zarr model.gguf --tensor lm_head` checks that a head adapter
+    holds the model's head exactly (max abs diff 0).
     """
     ma = open_matrix(a, tensor=tensor)
-    mb = open_matrix(b, tensor=tensor_b or tensor, fallback=ma.name)
+    mb = open_matrix(b, tensor=tensor_b or tensor, fallback=ma.name or None)
     with bar("compare", quiet=quiet, unit="block") as progress:
         c = compare_matrices(ma.array, mb.array, progress=progress)
     ok = c.within(atol)

@@ -85,3 +85,32 @@ def test_dense_matrix_ignores_padding(tmp_path):
     assert w.shape == (10, 6)
     last = (g.rows - 1) * g.tile_out
     assert np.all(w[last:] == 5) and np.all(w[:last] == 0)
+
+
+@pytest.mark.parametrize("kind", ["joint", "independent", "head"])
+def test_dense_view_blocks_are_the_dense_matrix(tmp_path, kind):
+    """Any block of the lazy view equals the same block of the whole matrix, bit for bit; a head's
+    view keeps no more bands than its cache allows."""
+    from prismoe_store.runtime.dense import DenseView
+
+    if kind == "head":
+        w = np.random.default_rng(0).standard_normal((100, 12)).astype(np.float32)
+        np.save(tmp_path / "w.npy", w)
+        build_head(str(tmp_path / "w.npy"), str(tmp_path / "h.zarr"), config=HeadConfig(band_rows=16))
+        a = AdapterStore.open(str(tmp_path / "h.zarr"))
+    else:
+        a = _adapter(tmp_path / "a.zarr", kind)
+    whole = dense_matrix(a)
+    band_bytes = 16 * a.d_in * 4
+    view = DenseView(a, cache_bytes=2 * band_bytes)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        r0, r1 = sorted(rng.integers(0, a.d_out + 1, 2))
+        c0, c1 = sorted(rng.integers(0, a.d_in + 1, 2))
+        got = view[r0:r1, c0:c1]
+        assert got.dtype == np.float32 and got.shape == (r1 - r0, c1 - c0)
+        assert np.array_equal(got, whole[r0:r1, c0:c1]), (r0, r1, c0, c1)
+        assert sum(b.nbytes for b in view._bands.values()) <= 2 * band_bytes
+    assert np.array_equal(view[-7:], whole[-7:])  # negative bounds as NumPy reads them
+    with pytest.raises(IndexError):
+        view[::2]

@@ -227,6 +227,44 @@ def test_compare_store_with_checkpoints(tmp_path, write_safetensors):
         open_matrix(tmp_path / "model.safetensors")
 
 
+def test_cli_compare_takes_adapters(tmp_path, write_safetensors):
+    """An adapter stands for its matrix at ρ = 1: a head adapter equals its source head bit for bit
+    (its rows back in token order), a fitted adapter its Σ α_p W_p; --tensor names the other side."""
+    from prismoe_store.grid import plan_pipes
+    from prismoe_store.head.build import HeadConfig, build_head
+    from prismoe_store.runtime.dense import dense_matrix
+    from prismoe_store.stores.adapter import AdapterStore
+
+    w = _matrix(5, 300, 24)
+    write_safetensors(tmp_path / "model.safetensors", {"lm_head.weight": w, "model.embed_tokens.weight": w + 1})
+    build_head(str(tmp_path / "model.safetensors"), str(tmp_path / "h.zarr"),
+               config=HeadConfig(band_rows=16, tensor="lm_head"))
+    r = _run("compare", tmp_path / "h.zarr", tmp_path / "model.safetensors", "--tensor", "lm_head", "-q", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["max_abs_diff"] == 0.0 and d["shape"] == [300, 24] and "head adapter" in d["a"]
+    r = _run("compare", tmp_path / "model.safetensors", tmp_path / "h.zarr", "--tensor", "embedding", "-q")
+    assert r.exit_code == 1 and "exceeds --atol" in r.output  # the embedding is w + 1
+
+    a = AdapterStore.create(str(tmp_path / "a.zarr"), grids=plan_pipes(24, 40, 8), alphas=(0.5, 0.3, 0.2),
+                            attrs={"complete": True})
+    for p, g in enumerate(a.grids):
+        for band in range(g.rows):
+            a.write_band(p, band, _matrix(p * 100 + band, g.tile_out, g.d_in_pad))
+    np.save(tmp_path / "dense.npy", dense_matrix(a).astype(np.float64) + 0.5)
+    r = _run("compare", tmp_path / "a.zarr", tmp_path / "dense.npy", "-q", "--json", "--atol", "0.5")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["max_abs_diff"] == pytest.approx(0.5)
+
+    AdapterStore.open(str(tmp_path / "a.zarr"), "r+").update_attrs(complete=False)
+    r = _run("compare", tmp_path / "a.zarr", tmp_path / "dense.npy", "-q")
+    assert r.exit_code == 1 and "Traceback" not in r.output and "not finished" in r.output, r.output
+    pairs = create_checked(str(tmp_path / "p.zarr"), "pairs", 1)
+    assert pairs is not None
+    r = _run("compare", tmp_path / "p.zarr", tmp_path / "dense.npy", "-q")
+    assert r.exit_code == 1 and "is a pairs store, not a weights store" in r.output, r.output
+
+
 # -- the CLI -----------------------------------------------------------------------------------
 
 

@@ -26,6 +26,9 @@ import numpy as np
 from prismoe_store.errors import DataError, SourceError, TensorNotFoundError
 from prismoe_store.grid import GridSpec
 from prismoe_store.inspection.common import DEFAULT_MAX_BYTES, ProgressFn, block_shape, chunk_shape, jsonable, pick_name
+from prismoe_store.runtime.dense import DenseView
+from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.formats import existing_kind
 from prismoe_store.stores.verified import reading
 from prismoe_store.stores.weights import WeightsStore
 
@@ -128,7 +131,7 @@ class OpenedArray:
     """A lazily read array and what it is: :func:`open_matrix` / :func:`open_tensor` return one."""
 
     array: Any  # sliced like a NumPy array: a Zarr array, a memory map, or a lazy reader
-    name: str  # the tensor's name where it came from
+    name: str  # the tensor's name where it came from ("" for an adapter's matrix)
     label: str  # "path:tensor", for messages
     grid: GridSpec | None = None  # the store's grid when it came from a weights store
 
@@ -150,12 +153,16 @@ def is_store(path) -> bool:
 
 def open_matrix(path, *, tensor: str | None = None, fallback: str | None = None,
                 storage_options: dict | None = None) -> OpenedArray:
-    """Open a 2-D matrix lazily: a weights store tensor or a checkpoint tensor.
+    """Open a 2-D matrix lazily: a weights store tensor, a checkpoint tensor, or an adapter's matrix.
 
     Checkpoints (``.safetensors``, sharded folders, ``.pt``/``.bin``, ``.gguf``, ``.npy``) are
     read through :func:`prismoe_store.sources.checkpoint.open_source`, so ``tensor`` may be an alias
     (``lm_head``, ``embedding``). Without ``tensor``, a store or checkpoint holding a single
-    matrix needs no name; else ``fallback`` is tried (e.g. the other side's tensor name).
+    matrix needs no name; else ``fallback`` is tried (e.g. the other side's tensor name). An adapter
+    store stands for the matrix it computes at ρ = 1 (:class:`~prismoe_store.runtime.dense.DenseView`:
+    a fitted adapter's ``Σ_p α_p s_p W_p``, a head adapter's rows in token order): it holds one
+    matrix, so ``tensor`` does not apply to it (its name is ``""``), and an unfinished one raises
+    :class:`~prismoe_store.errors.IncompleteStoreError`.
 
     >>> from prismoe_store.grid import plan_grid
     >>> ws = WeightsStore.create("memory://doc-open", overwrite=True)
@@ -165,6 +172,10 @@ def open_matrix(path, *, tensor: str | None = None, fallback: str | None = None,
     ((8, 4), 'w', 4)
     """
     path = str(path)
+    if is_store(path) and existing_kind(path, storage_options=storage_options) == "adapter":
+        adapter = AdapterStore.open(path, storage_options=storage_options, require_complete=True)
+        what = "head" if adapter.layout == "partition" else "fitted"
+        return OpenedArray(DenseView(adapter), "", f"{path} ({what} adapter's matrix at ρ = 1)")
     if is_store(path):
         store = WeightsStore.open(path, storage_options=storage_options)
         name = pick_name(store.tensors(), tensor, path, fallback)

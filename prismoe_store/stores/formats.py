@@ -14,7 +14,7 @@ time writes a store (:func:`job_lock`).
 >>> check_format(g, "weights", 1)
 Traceback (most recent call last):
 ...
-prismoe_store.errors.StoreFormatError: store is a 'pairs' store, expected 'weights'
+prismoe_store.errors.StoreFormatError: store is a pairs store, not a weights store
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def check_format(group: zarr.Group, name: str, version: int, url: str = "") -> N
     if not isinstance(tag, dict):
         raise StoreFormatError(f"store{where} is not a prismoe store (no {FORMAT_KEY!r} attribute)")
     if tag.get("format") != name:
-        raise StoreFormatError(f"store{where} is a {tag.get('format')!r} store, expected {name!r}")
+        raise StoreFormatError(f"store{where} is {describe_kind(str(tag.get('format')))}, not {_a(name)} store")
     if tag.get("version") != version:
         raise StoreFormatError(
             f"store{where} is {name} format version {tag.get('version')}, this library reads version {version}"

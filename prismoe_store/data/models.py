@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+from prismoe_store.data.gguf_loading import gguf_loading
 from prismoe_store.data.texts import TextSource, iter_documents
 from prismoe_store.errors import DataError, ModelError, SourceError
 from prismoe_store.sources.gguf_file import GGUFSource
@@ -167,7 +168,7 @@ def load_model(spec: str | os.PathLike, *, device: str = "cpu", dtype: str = "fl
     stack = contextlib.ExitStack()
     try:
         kw = {"gguf_file": gguf_name} if gguf_name else {}
-        stack.enter_context(_quiet_gguf_bar())
+        stack.enter_context(gguf_loading())
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)
         missing: list[str] = []
         if gguf_name and not transformers.utils.is_accelerate_available():
@@ -286,28 +287,8 @@ def _loading_note(model) -> str:
     """What loading ``model`` involves, for the notice before it."""
     path = Path(str(model))
     if path.suffix.lower() == ".gguf" or (path.is_dir() and any(path.glob("*.gguf"))):
-        return "transformers dequantizes the GGUF into float tensors first: SmolLM2-135M's 98 MB took 40 s on 2 cores"
+        return "transformers dequantizes the GGUF into float tensors first: SmolLM2-135M's 98 MB took 18 s on 2 cores"
     return "transformers reads the weights; large models take a while"
-
-
-@contextlib.contextmanager
-def _quiet_gguf_bar():
-    """Silence the one bar transformers' GGUF reader draws with plain tqdm (not behind its
-    ``disable_progress_bar`` switch), like the others while a model loads."""
-    try:
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:  # pragma: no cover - older transformers
-        yield
-        return
-    original = getattr(gguf_utils, "tqdm", None)
-    if original is None:
-        yield
-        return
-    gguf_utils.tqdm = lambda *args, **kwargs: original(*args, **{**kwargs, "disable": True})
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = original
 
 
 def check_model_paths(*models) -> None:

@@ -39,6 +39,7 @@ import numpy as np
 
 from prismoe_store.errors import DataError, StoreError, StoreFormatError
 from prismoe_store.grid import default_band_rows, next_pow2
+from prismoe_store.head.scratch_rows import ScratchRows
 from prismoe_store.head.vocab_order import OrderConfig, band_sizes, cluster_order, hidden_metric, identity_order
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.formats import StoreOptions, describe_kind, existing_kind, store_exists
@@ -46,7 +47,6 @@ from prismoe_store.stores.progress import recheck
 
 ProgressFn = Callable[[int, int], None]
 Stages = Callable[[str], AbstractContextManager[ProgressFn | None]]  # stage name -> progress callback
-BLOCK_BYTES = 16 << 20  # rows copied per block in the first pass
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def build_head(source, output, *, config: HeadConfig = HeadConfig(), overwrite: 
         adapter.update_attrs(complete=False)  # not served while its damaged bands are written again
 
     with tempfile.TemporaryDirectory(prefix="prismoe-head-", dir=config.scratch_dir) as scratch:
-        rows = _ScratchRows(os.path.join(scratch, "rows.f32"), V, d)
+        rows = ScratchRows(os.path.join(scratch, "rows.f32"), V, d)
         with stage("read matrix") as progress:
             rows.fill(matrix, progress)
         if resume:
@@ -170,7 +170,7 @@ def build_head(source, output, *, config: HeadConfig = HeadConfig(), overwrite: 
                 metric = hidden_metric(read_hidden, n_hidden, d)
             with stage("order vocabulary") as progress:
                 result = (cluster_order(rows.read, V, d, band_rows=band_rows, config=config.order, metric=metric,
-                                        progress=progress)
+                                        progress=progress, scratch=scratch)
                           if config.order.method == "cluster" else identity_order(V))
             order, cohesion = result.order, result.cohesion
             adapter.write_order(order)
@@ -307,46 +307,7 @@ def _open_output(output, d: int, V: int, band_rows: int, label: str, config: Hea
     return adapter, False
 
 
-class _ScratchRows:
-    """A raw float32 copy of the matrix on disk, read back by row blocks or by row index (``pread``)."""
-
-    def __init__(self, path: str, rows: int, d: int):
-        self.path, self.rows, self.d = path, rows, d  # file, [rows, d]
-        self.row_bytes = 4 * d
-
-    def fill(self, matrix, progress: ProgressFn | None) -> None:
-        step = max(1, BLOCK_BYTES // self.row_bytes)
-        with open(self.path, "wb") as f:
-            for start in range(0, self.rows, step):
-                block = np.ascontiguousarray(matrix[start:min(self.rows, start + step), :], dtype=np.float32)
-                if not np.isfinite(block).all():
-                    bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
-                    raise DataError(f"row {bad} of the matrix holds NaN or Inf: a head cannot be built from it")
-                f.write(block.tobytes())
-                if progress:
-                    progress(min(self.rows, start + step), self.rows)
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` as float32 ``[stop - start, d]``."""
-        out = np.empty((stop - start, self.d), np.float32)
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(start * self.row_bytes)
-            f.readinto(out.data.cast("B"))
-        return out
-
-    def gather(self, index: np.ndarray) -> np.ndarray:
-        """Rows ``index`` (any order) as float32 ``[len(index), d]``, one ``pread`` per row."""
-        out = np.empty((len(index), self.d), np.float32)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for i, r in enumerate(index.tolist()):
-                out[i] = np.frombuffer(os.pread(fd, self.row_bytes, r * self.row_bytes), np.float32)
-        finally:
-            os.close(fd)
-        return out
-
-
-def _write_bands(adapter: AdapterStore, rows: _ScratchRows, order: np.ndarray, stage) -> int:
+def _write_bands(adapter: AdapterStore, rows: ScratchRows, order: np.ndarray, stage) -> int:
     """Write every band not yet recorded as done; returns how many were written."""
     record = adapter.progress("head_bands", adapter.n_bands)
     missing = record.missing()

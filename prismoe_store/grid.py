@@ -171,6 +171,16 @@ class GridSpec:
         return [j for j in range(self.workers) if not self.is_padding(j)]
 
     @property
+    def live_shape(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the padded matrix that the tiles not wholly in padding cover (whole
+        tiles up to the true matrix's last row and column); the tiles beyond are never stored.
+
+        >>> plan_grid(576, 576, 512).live_shape  # 64 × 32 tiles: 9 bands, 18 input slices
+        (576, 576)
+        """
+        return (-(-self.d_out // self.tile_out) * self.tile_out, -(-self.d_in // self.tile_in) * self.tile_in)
+
+    @property
     def active_count(self) -> int:
         """``n``: the number of workers not wholly in padding."""
         live_rows = -(-self.d_out // self.tile_out)

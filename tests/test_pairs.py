@@ -180,7 +180,7 @@ def test_format_and_version_are_checked(tmp_path):
     with pytest.raises(StoreFormatError, match="pairs format version 99, this library reads version 1"):
         PairsStore.open(url)
     WeightsStore.create(tmp_path / "weights")
-    with pytest.raises(StoreFormatError, match="'weights' store, expected 'pairs'"):
+    with pytest.raises(StoreFormatError, match="is a weights store, not a pairs store"):
         PairsStore.open(tmp_path / "weights")
     zarr.open_group(str(tmp_path / "plain"), mode="w")
     with pytest.raises(StoreFormatError, match="not a prismoe store"):

@@ -40,7 +40,6 @@ from dataclasses import asdict, replace
 from functools import partial
 
 import numpy as np
-import zarr
 
 from prismoe_store.errors import CorruptStoreError, DataError, FitError, GridError, StoreError, StoreFormatError
 from prismoe_store.fit.config import FitConfig
@@ -94,11 +93,6 @@ def fit(pairs: PairsStore | str, adapter_url, config: FitConfig | None = None, *
         raise DataError(f"config must be a FitConfig, got {type(cfg).__name__}")
     with one_blas_thread():  # for the whole fit: OpenBLAS's threads spin after each switch back to many
         return _Fit(cfg, pairs, adapter_url, scheduler, options, progress, overwrite, log).run()
-
-
-def _band_chunks(tiles: zarr.Array, band: int) -> list[tuple[zarr.Array, tuple[int, ...]]]:
-    """The chunks of ``tiles`` that band ``band`` wrote (one per tile of the band)."""
-    return [(tiles, (band, c)) for c in range(-(-tiles.shape[1] // tiles.chunks[1]))]
 
 
 class _Fit:
@@ -271,7 +265,7 @@ class _Fit:
                 raise StoreError(f"{self.adapter_url} holds a finished fit with other {what} "
                                  "(pass overwrite=True / --overwrite to refit)")
             for p, g in enumerate(grids):
-                bad = damaged_chunks(old.tiles(p), [(r, c) for r in range(g.rows) for c in range(g.cols)])
+                bad = damaged_chunks(old.tiles(p), [c for r in range(g.rows) for _, c in old.band_chunks(p, r)])
                 if bad:
                     raise CorruptStoreError(f"the finished fit in {self.adapter_url} has {len(bad)} damaged tile "
                                             f"chunk(s) in pipe {p + 1} (first {bad[0]}): refit with --overwrite")
@@ -306,7 +300,7 @@ class _Fit:
 
         recheck(adapter.progress("fit_stats", len(groups)), lambda gi: list(stat_chunks(gi)))
         for p, grid in enumerate(grids):
-            recheck(adapter.progress(f"fit_pipe{p + 1}", grid.rows), partial(_band_chunks, adapter.tiles(p)))
+            recheck(adapter.progress(f"fit_pipe{p + 1}", grid.rows), partial(adapter.band_chunks, p))
 
     def _create_scratch(self, adapter: AdapterStore, plan: Plan, slicings) -> None:
         m, n = self.pairs.d_in, self.pairs.d_out
@@ -408,8 +402,7 @@ class _Fit:
         record = adapter.progress(f"fit_pipe{p + 1}", grid.rows)
         set_name, a = PIPE_SETS[p], grid.tile_out
         width = 0 if cfg.mode == "joint" else grid.tile_in
-        # AdapterStore hands out arrays that write every chunk, zero tiles too
-        tiles, src = adapter.tiles(p), adapter.tiles(sources[p])
+        src = adapter.tiles(sources[p])  # read a copied pipe's rows back from here
         for r0, r1 in band_runs(record.missing(), max(1, self.plan.group_cols // a)):
             o0, o1 = r0 * a, min(n, r1 * a)  # o1 <= o0: output padding only, written as zeros
             block = np.zeros(((r1 - r0) * a, grid.d_in_pad), np.float32)
@@ -442,13 +435,14 @@ class _Fit:
                 if id(b) not in held or w.done():
                     w.result()  # waits, or raises what the write raised
                     writing.remove((w, b))
-            writing.append((writer.submit(self._write_run, tiles, record, block, r0, r1, a), block))
+            writing.append((writer.submit(self._write_run, p, record, block, r0, r1, a), block))
 
-    def _write_run(self, tiles: zarr.Array, record, block: np.ndarray, r0: int, r1: int, a: int) -> None:
+    def _write_run(self, p: int, record, block: np.ndarray, r0: int, r1: int, a: int) -> None:
+        """Write bands ``r0:r1`` of pipe ``p`` (every chunk, zero tiles too; tiles wholly in padding never)."""
         step = max(1, (_SCRATCH_CHUNK_BYTES // max(1, block[:a].nbytes)))  # bands a write: no run-sized copy
         for s0 in range(r0, r1, step):
             s1 = min(r1, s0 + step)
-            tiles[s0 * a:s1 * a, :] = block[(s0 - r0) * a:(s1 - r0) * a]
+            self._adapter.write_bands(p, s0, s1, block[(s0 - r0) * a:(s1 - r0) * a])
         record.mark_many(range(r0, r1))
         self._tick(r1 - r0)
 

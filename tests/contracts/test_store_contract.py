@@ -189,7 +189,7 @@ def test_nothing_there_is_no_store(kind, tmp_path):
 def test_another_kind_is_refused(kind, made):
     for fmt, open_ in OPEN.items():
         if fmt != kind.format:
-            with pytest.raises(StoreFormatError, match=f"'{kind.format}' store, expected '{fmt}'"):
+            with pytest.raises(StoreFormatError, match=f"is an? {kind.format} store, not an? {fmt} store"):
                 open_(made)
 
 

@@ -171,3 +171,67 @@ def test_an_interrupted_band_gate_run_resumes_on_the_same_trajectory(tmp_path):
     assert rest.status == "resumed" and rest.resumed_from == 1
     assert [e["loss"] for e in rest.history] == pytest.approx([e["loss"] for e in whole.history], rel=1e-5)
     np.testing.assert_allclose(other.read_band_gate()[0], adapter.read_band_gate()[0], rtol=1e-4, atol=1e-6)
+
+
+def test_a_lost_or_damaged_band_gate_is_refused_everywhere_and_named_with_its_repair(tmp_path):
+    """A trained band gate cut short or deleted: the finished run's no-op, inspect, infer and `prismoe
+    head` refuse it in one line naming `prismoe fit-gates --restart` (they said "already finished" or
+    sent the user to `prismoe head`, which did nothing), and --restart repairs it. An untrained head's
+    centroid gate is the build's: `prismoe head` writes it again."""
+    import shutil
+
+    from cli.main import main
+
+    _planted(tmp_path, rows=600)
+    a, h, w = tmp_path / "a.zarr", tmp_path / "h.npy", tmp_path / "w.npy"
+    shutil.copytree(a, tmp_path / "untrained.zarr")
+    assert _cli(a, h, "--epochs", "1", "-q").exit_code == 0
+    trained = AdapterStore.open(str(a)).read_band_gate()
+    y = tmp_path / "y.npy"
+
+    def refusals(store, want):
+        for args in (["fit-gates", store, h, "-q"], ["fit-gates", store, h, "--json"], ["inspect", store],
+                     ["infer", store, "--input", h, "-o", y], ["head", w, "-o", store, "--band-rows", "8"]):
+            res = CliRunner().invoke(main, list(map(str, args)))
+            assert res.exit_code == 1 and res.stdout == "", (args, res.output)
+            assert res.stderr.strip().splitlines()[-1] == want, (args, res.output)
+        assert not y.exists()
+
+    cut = tmp_path / "cut.zarr"
+    shutil.copytree(a, cut)
+    chunk = cut / "gate_weight" / "c" / "0" / "0"
+    with open(chunk, "r+b") as f:
+        f.truncate(100)
+    refusals(cut, f"Error: chunk gate_weight/c/0/0 of {cut} does not hold what was written there (100 bytes, "
+             f"{(a / 'gate_weight' / 'c' / '0' / '0').stat().st_size} recorded; truncated, damaged or another "
+             "chunk's data): train it again (prismoe fit-gates --restart)")
+    assert chunk.stat().st_size == 100  # left as it was
+    for what in (["gate_weight"], ["gate_weight", "gate_bias"]):
+        gone = tmp_path / f"gone{len(what)}.zarr"
+        shutil.copytree(a, gone)
+        for name in what:
+            shutil.rmtree(gone / name)
+        half = "half " if len(what) == 1 else ""
+        why = "damaged, or its first write was cut short" if half else "which a finished head adapter always has"
+        refusals(gone, f"Error: the band gate of {gone} is {half}missing, {why}: train it again "
+                 "(prismoe fit-gates --restart)")
+        res = _cli(gone, h, "--restart", "--epochs", "1", "-q")
+        assert res.exit_code == 0, res.output
+        np.testing.assert_array_equal(AdapterStore.open(str(gone)).read_band_gate()[0], trained[0])
+        res = CliRunner().invoke(main, ["infer", str(gone), "--input", str(h), "-o", str(y), "-q"])
+        assert res.exit_code == 0, res.output
+        y.unlink()
+    # never trained: the centroid gate is the build's, and `prismoe head` writes it again
+    un = tmp_path / "untrained.zarr"
+    centroid = AdapterStore.open(str(un)).read_band_gate()
+    shutil.rmtree(un / "gate_bias")
+    res = CliRunner().invoke(main, ["infer", str(un), "--input", str(h), "-o", str(y)])
+    assert res.exit_code == 1 and res.stderr.strip().splitlines()[-1] == (
+        f"Error: the band gate of {un} is half missing, damaged, or its first write was cut short: re-run the "
+        "same `prismoe head` command to write it again"), res.output
+    res = CliRunner().invoke(main, ["head", str(w), "-o", str(un), "--band-rows", "8"])
+    assert res.exit_code == 0 and "its band gate was missing or damaged: the centroid gate is written again" \
+        in res.stdout, res.output
+    np.testing.assert_array_equal(AdapterStore.open(str(un)).read_band_gate()[1], centroid[1])
+    res = CliRunner().invoke(main, ["head", str(w), "-o", str(un), "--band-rows", "8"])
+    assert res.exit_code == 0 and "already finished, nothing to do" in res.stdout, res.output

@@ -447,6 +447,45 @@ def test_a_damaged_gate_survives_a_failed_fit_gates_and_stays_refused(gated, tmp
     assert AdapterStore.open(c.url).read_gate(1) is not None
 
 
+def test_a_lost_gate_folder_is_refused_by_every_reader_and_restart_repairs_it(gated, tmp_path):
+    """A whole pipe's gate gone (both folders) from an adapter whose gates are recorded as trained:
+    inspect and the finished run's no-op refuse it in the same line infer gives (pipe 2 for pipe2,
+    and --restart), nothing is changed by the refusals, and fit-gates --restart writes it again."""
+    pairs, fitted, _ = gated
+    a = _copy(fitted, tmp_path / "a")
+    fit_gates(a, pairs, GateSettings(sparsity=0.3, epochs=1, patience=0))
+    kept = a.read_gate(0)
+    for name in ("gate_weight", "gate_bias"):
+        shutil.rmtree(tmp_path / "a" / "pipe2" / name)
+    want = (f"Error: the gate of pipe 2 (missing) in {a.url}, whose gate training is recorded as finished: "
+            "train the gates again (prismoe fit-gates --restart)")
+    y = tmp_path / "y.npy"
+    for args in (["infer", a.url, "--input", pairs.url, "-o", str(y)], ["inspect", a.url],
+                 ["fit-gates", a.url, pairs.url, "--patience", "0"],
+                 ["fit-gates", a.url, pairs.url, "--patience", "0", "--json"]):
+        run = CliRunner().invoke(main, args)
+        assert run.exit_code == 1 and run.stdout == "" and run.stderr.strip().splitlines()[-1:] == [want], (
+            args, run.output)
+    assert not y.exists() and "gate_weight" not in AdapterStore.open(a.url).group["pipe2"]
+    np.testing.assert_array_equal(AdapterStore.open(a.url).read_gate(0)[0], kept[0])  # the others untouched
+    assert AdapterStore.open(a.url).gates_record().finished  # the refusals wrote nothing
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--patience", "0", "--restart", "-q"])
+    assert run.exit_code == 0, run.output
+    assert AdapterStore.open(a.url).read_gate(1) is not None
+    for args in (["infer", a.url, "--input", pairs.url, "-o", str(y), "-q"], ["inspect", a.url]):
+        assert CliRunner().invoke(main, args).exit_code == 0
+    # a saved, unfinished run (its record says "training") that lost a gate: refused too, not resumed
+    b = _copy(fitted, tmp_path / "b")
+    fit_gates(b, pairs, GateSettings(sparsity=0.3, epochs=1, patience=0))
+    b.update_attrs(gates={**b.attrs()["gates"], "complete": False})
+    for name in ("gate_weight", "gate_bias"):
+        shutil.rmtree(tmp_path / "b" / "pipe3" / name)
+    run = CliRunner().invoke(main, ["fit-gates", b.url, pairs.url, "--epochs", "2", "--patience", "0"])
+    assert run.exit_code == 1 and run.stderr.strip().splitlines() == [
+        f"Error: the gate of pipe 3 (missing) in {b.url}, whose gate training was saved at epoch 1: "
+        "train the gates again (prismoe fit-gates --restart)"], run.output
+
+
 def test_cli_errors_are_one_line(gated, tmp_path):
     pairs, fitted, _ = gated
     run = CliRunner().invoke(main, ["routing", fitted.url, pairs.url, "--quiet"])

@@ -64,6 +64,7 @@ ADAPTER_FORMAT, ADAPTER_VERSION = "adapter", 1
 MODES = ("joint", "independent")
 LAYOUTS = ("ensemble", "partition")  # each pipe estimates all of z / the pipes split the output rows
 COMBINES = ("mix", "select")  # gate-weighted sum of tiles / selected bands exact, the rest `fill`
+RETRAIN_GATES = "train the gates again (prismoe fit-gates --restart)"  # what repairs a lost or damaged gate
 
 
 class AdapterStore(PartitionBands):
@@ -357,7 +358,8 @@ class AdapterStore(PartitionBands):
             raise DataError(f"gate must be [{g.workers}, {self.d_in}] and [{g.workers}], "
                             f"got {weight.shape}, {bias.shape}")
         if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
-            raise DataError(f"the gate of pipe {pipe} holds NaN or Inf: refusing to store it (the stored gate is kept)")
+            raise DataError(f"the gate of pipe {pipe + 1} holds NaN or Inf: refusing to store it "
+                            "(the stored gate is kept)")
         pg = self._pipe(pipe)
         for name, data in (("gate_weight", weight), ("gate_bias", bias)):
             if name not in pg:
@@ -369,7 +371,8 @@ class AdapterStore(PartitionBands):
 
         Raises :class:`~prismoe_store.errors.CorruptStoreError` for a damaged gate, and for a missing
         one when the ``gates`` record says training finished (every pipe of a fitted adapter then has
-        its gate; a head adapter's band gate is :meth:`read_band_gate`'s)."""
+        its gate; a head adapter's band gate is :meth:`read_band_gate`'s); the message names the pipe
+        as its folder does (``pipe=1`` is "pipe 2") and the command that repairs it."""
         pg = self._pipe(pipe)
         present = [name in pg for name in ("gate_weight", "gate_bias")]
         if not all(present):
@@ -379,10 +382,10 @@ class AdapterStore(PartitionBands):
                 why = ("damaged, or its first write was cut short" if any(present)
                        else "whose gate training is recorded as finished")
                 raise CorruptStoreError(f"the gate of pipe {pipe + 1} ({'half ' if any(present) else ''}missing) in "
-                                        f"{self.url}, {why}: train the gates again (prismoe fit-gates --restart)")
+                                        f"{self.url}, {why}: {RETRAIN_GATES}")
             return None
-        what = f"gate of pipe {pipe} in {self.url}"
-        with reading(what):
+        what = f"gate of pipe {pipe + 1} in {self.url}"
+        with reading(what, advice=RETRAIN_GATES):
             return (finite(self._array(pipe, "gate_weight")[...], what),
                     finite(self._array(pipe, "gate_bias")[...], what))
 

@@ -235,3 +235,22 @@ def test_a_lost_or_damaged_band_gate_is_refused_everywhere_and_named_with_its_re
     np.testing.assert_array_equal(AdapterStore.open(str(un)).read_band_gate()[1], centroid[1])
     res = CliRunner().invoke(main, ["head", str(w), "-o", str(un), "--band-rows", "8"])
     assert res.exit_code == 0 and "already finished, nothing to do" in res.stdout, res.output
+
+
+def test_restart_on_a_head_keeps_the_saved_settings_left_out(tmp_path):
+    """A head's band gate trained with --sparsity 0.2 --lr 0.005 --epochs 2: --restart trains again
+    with those (it went back to ρ 0.1, lr 0.002, 10 epochs, silently) and names them; a given option wins."""
+    _planted(tmp_path, rows=600)
+    a, h = tmp_path / "a.zarr", tmp_path / "h.npy"
+    assert _cli(a, h, "--sparsity", "0.2", "--lr", "0.005", "--epochs", "2", "-q").exit_code == 0
+    res = _cli(a, h, "--restart")
+    assert res.exit_code == 0, res.output
+    assert ("--restart keeps the saved run's --sparsity 0.2, --epochs 2, --lr 0.005 (options given here replace "
+            "them)") in res.stderr.splitlines()
+    assert "band gate: 600 hidden-state rows (23 held out), 2 epochs" in res.stdout and "ρ = 0.2" in res.stdout
+    res = _cli(a, h, "--restart", "--lr", "0.01", "--json")
+    info = json.loads(res.stdout)
+    assert (info["status"], info["epochs"]) == ("trained", 2), res.output
+    assert (info["settings"]["sparsity"], info["settings"]["lr"]) == (0.2, 0.01)
+    res = _cli(a, h)  # left out: the saved run's (ρ 0.2, lr 0.01), so a no-op, not "other settings"
+    assert res.exit_code == 0 and "already finished, nothing to do" in res.stdout, res.output

@@ -486,6 +486,32 @@ def test_a_lost_gate_folder_is_refused_by_every_reader_and_restart_repairs_it(ga
         "train the gates again (prismoe fit-gates --restart)"], run.output
 
 
+def test_restart_and_reruns_keep_the_saved_settings_left_out(gated, tmp_path):
+    """--restart (the repair the errors name) starts over with the saved run's settings, not the
+    defaults, and says which it keeps; an option given replaces its saved value. A plain re-run
+    with the options left out resumes the saved run instead of being refused for "other settings"."""
+    pairs, fitted, _ = gated
+    a = _copy(fitted, tmp_path / "a")
+    first = ["--sparsity", "0.5", "--lr", "0.005", "--epochs", "1", "--patience", "0", "--balance-coef", "0.1"]
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, *first, "-q"])
+    assert run.exit_code == 0, run.output
+    saved = AdapterStore.open(a.url).gate_settings()
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--restart"])
+    assert run.exit_code == 0, run.output
+    assert ("--restart keeps the saved run's --sparsity 0.5, --epochs 1, --lr 0.005, --balance-coef 0.1, "
+            "--patience 0 (options given here replace them)") in run.stderr.splitlines()
+    assert AdapterStore.open(a.url).gate_settings() == saved  # the same run again, not the defaults
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--restart", "--epochs", "2", "--json"])
+    out = json.loads(run.stdout)
+    assert (out["status"], out["sparsity"], out["epochs_run"]) == ("trained", 0.5, 2), run.output
+    assert AdapterStore.open(a.url).gate_settings() == {**saved, "epochs": 2}
+    assert "--restart keeps" not in run.stderr  # --json: nothing but the object
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url])  # left out: the saved run's, a no-op
+    assert run.exit_code == 0 and "already finished, nothing to do" in run.stdout, run.output
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--lr", "0.05"])  # given: still refused
+    assert run.exit_code == 1 and "other settings (--lr)" in run.output, run.output
+
+
 def test_cli_errors_are_one_line(gated, tmp_path):
     pairs, fitted, _ = gated
     run = CliRunner().invoke(main, ["routing", fitted.url, pairs.url, "--quiet"])

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from cli.messages import BROKEN_PIPE_EXIT, INTERRUPTED_EXIT, error_line, interrupt_line
+from cli.messages import BROKEN_PIPE_EXIT, INTERRUPTED_EXIT, STARTS_OVER, error_line, interrupt_line
 from prismoe_store.errors import PrismoeError
 
 # Modules under cli/ that define commands; each exposes ``commands`` (a list of click commands)
@@ -44,8 +44,20 @@ class _Group(click.Group):
         except MemoryError:
             raise click.ClickException("out of memory: try a smaller --batch-size / --cache-mb / chunk size") from None
         except KeyboardInterrupt:
-            click.echo(interrupt_line(ctx.invoked_subcommand), err=True)
+            click.echo(interrupt_line(ctx.invoked_subcommand, ctx.meta.get(_STARTS_OVER_KEY)), err=True)
             ctx.exit(INTERRUPTED_EXIT)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        """Click's, noting in ``ctx.meta`` the start-over flag (``--restart``, ``--overwrite``) the
+        subcommand was given, for the line printed on Ctrl-C."""
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if cmd is not None:
+            flags = [opt for p in cmd.params if p.name in STARTS_OVER for opt in p.opts if opt in rest]
+            ctx.meta[_STARTS_OVER_KEY] = flags[0] if flags else None
+        return name, cmd, rest
+
+
+_STARTS_OVER_KEY = "prismoe.starts_over"  # ctx.meta: the start-over flag the subcommand was given
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

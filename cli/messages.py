@@ -61,17 +61,26 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for a job stopped by 
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE: the output's reader went away (`| head`); nothing is printed
 
 
-def interrupt_line(command: str | None) -> str:
-    """The one line printed when Ctrl-C stops ``command`` (the subcommand's name).
+STARTS_OVER = ("restart", "overwrite")  # options whose command starts over instead of resuming
+
+
+def interrupt_line(command: str | None, starts_over: str | None = None) -> str:
+    """The one line printed when Ctrl-C stops ``command`` (the subcommand's name); ``starts_over``:
+    the flag of :data:`STARTS_OVER` it was given (the same command again would start over).
 
     >>> interrupt_line("collect")
     'interrupted: the work finished so far is kept; run the same command again to continue it'
+    >>> interrupt_line("fit-gates", "--restart")
+    'interrupted: the work finished so far is kept; run the command again without --restart to continue it (with --restart it starts over)'
     >>> interrupt_line("compare")
     'interrupted'
     """
-    if command in RESUMABLE:
-        return "interrupted: the work finished so far is kept; run the same command again to continue it"
-    return "interrupted"
+    if command not in RESUMABLE:
+        return "interrupted"
+    if starts_over:
+        return (f"interrupted: the work finished so far is kept; run the command again without {starts_over} to "
+                f"continue it (with {starts_over} it starts over)")
+    return "interrupted: the work finished so far is kept; run the same command again to continue it"
 
 
 def warn(message: str) -> None:

@@ -128,6 +128,39 @@ def test_ctrl_c_says_the_work_is_kept_and_the_rerun_finishes_it(tmp_path, monkey
         np.testing.assert_array_equal(u, v)
 
 
+def test_ctrl_c_of_a_command_that_starts_over_says_to_drop_the_flag(tmp_path, monkeypatch):
+    """Ctrl-C of a run with --overwrite (or --restart): the same command again would start over, so
+    the line says to run it without the flag; that re-run finishes the store (it keeps the rows
+    written before Ctrl-C), equal to an uninterrupted one."""
+    args = ["synth", "--rows", 700, "--d-in", 6, "--d-out", 5, "--rows-per-chunk", 100, "-q"]
+    PairsStore.create(tmp_path / "cut.zarr", d_in=3, d_out=2)  # something to overwrite
+    real_append, calls = PairsStore.append, []
+
+    def append_then_ctrl_c(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_append(self, *a, **kw)
+
+    monkeypatch.setattr(PairsStore, "append", append_then_ctrl_c)
+    cut = _run(*args, "-o", tmp_path / "cut.zarr", "--overwrite")
+    monkeypatch.setattr(PairsStore, "append", real_append)
+    assert cut.exit_code == INTERRUPTED_EXIT
+    assert cut.output.strip().splitlines() == [
+        "interrupted: the work finished so far is kept; run the command again without --overwrite to continue it "
+        "(with --overwrite it starts over)"]
+    assert PairsStore.open(tmp_path / "cut.zarr").rows == 200
+    appended = []
+    monkeypatch.setattr(PairsStore, "append", lambda self, x, z, *a, **kw: (appended.append(len(x)),
+                                                                             real_append(self, x, z, *a, **kw))[1])
+    assert _run(*args, "-o", tmp_path / "cut.zarr").exit_code == 0
+    assert sum(appended) == 500  # continued: only the rows left
+    assert _run(*args, "-o", tmp_path / "whole.zarr").exit_code == 0
+    a, b = PairsStore.open(tmp_path / "cut.zarr"), PairsStore.open(tmp_path / "whole.zarr")
+    for u, v in zip(a.read(0, 700), b.read(0, 700)):
+        np.testing.assert_array_equal(u, v)
+
+
 def test_ctrl_c_in_a_command_that_does_not_resume_promises_nothing(tmp_path, monkeypatch):
     PairsStore.create(tmp_path / "p.zarr", d_in=3, d_out=2)
 

@@ -70,8 +70,8 @@ def interrupt_line(command: str | None, starts_over: str | None = None) -> str:
 
     >>> interrupt_line("collect")
     'interrupted: the work finished so far is kept; run the same command again to continue it'
-    >>> interrupt_line("fit-gates", "--restart")
-    'interrupted: the work finished so far is kept; run the command again without --restart to continue it (with --restart it starts over)'
+    >>> interrupt_line("fit-gates", "--restart").split("; ")[1]
+    'run the command again without --restart to continue it (with --restart it starts over)'
     >>> interrupt_line("compare")
     'interrupted'
     """

@@ -303,6 +303,7 @@ class _AdapterMatrix:
 def _open_output(output, d: int, V: int, band_rows: int, label: str, config: HeadConfig, overwrite: bool
                  ) -> tuple[AdapterStore, bool]:
     """``(adapter, resume)``: a new head adapter, or the unfinished one of an earlier run to finish."""
+    AdapterStore.check_output(output, "partition", storage_options=config.options.storage_options)  # not a fit
     want = {"source": label, "band_rows": band_rows, "order": asdict(config.order), "int8": config.int8,
             "hidden": None if config.hidden is None else str(config.hidden), "hidden_rows": config.hidden_rows}
     if not overwrite and store_exists(str(output)):

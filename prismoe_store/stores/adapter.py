@@ -47,6 +47,7 @@ from prismoe_store.errors import (
     IncompleteStoreError,
     PrismoeError,
     StoreError,
+    StoreFormatError,
 )
 from prismoe_store.grid import GridSpec, plan_partition
 from prismoe_store.stores.adapter_bands import PartitionBands
@@ -54,7 +55,10 @@ from prismoe_store.stores.formats import (
     StoreOptions,
     create_checked,
     create_chunked,
+    existing_kind,
+    location,
     open_checked,
+    open_root,
 )
 from prismoe_store.stores.progress import Progress
 from prismoe_store.stores.records import FitMetrics, FitRecord, GatesRecord
@@ -99,6 +103,8 @@ class AdapterStore(PartitionBands):
             raise DataError(f"mode must be one of {MODES}, got {mode!r}")
         alphas = _check_alphas(alphas, len(grids))
         options = options or StoreOptions()
+        if overwrite:  # --overwrite replaces only an adapter of the same kind
+            cls.check_output(url, "partition" if partition else "ensemble", storage_options=options.storage_options)
         group = create_checked(url, ADAPTER_FORMAT, ADAPTER_VERSION, overwrite=overwrite,
                                storage_options=options.storage_options,
                                attrs={"d_in": d_in, "d_out": d_out, "mode": mode, "alphas": alphas,
@@ -119,6 +125,29 @@ class AdapterStore(PartitionBands):
             job = "prismoe head" if group.attrs.get("layout") == "partition" else "prismoe fit"
             raise IncompleteStoreError(f"adapter {url} is not finished: re-run `{job}` to complete it")
         return store
+
+    @classmethod
+    def check_output(cls, url, layout: str, *, storage_options: dict | None = None) -> str:
+        """``url`` (as :func:`~prismoe_store.stores.formats.location` writes it) when it holds no
+        adapter of the other kind than ``layout`` would write: a fitted adapter (``"ensemble"``) and a
+        head adapter (``"partition"``) never replace each other, with ``--overwrite`` or without
+        (:class:`~prismoe_store.errors.StoreFormatError`). Cheap: reads the root attributes only.
+
+        >>> a = AdapterStore.create_partition("memory://doc-kind", d_in=4, d_out=8, band_rows=4, overwrite=True)
+        >>> AdapterStore.check_output("memory://doc-kind", "ensemble")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        prismoe_store.errors.StoreFormatError: memory://doc-kind holds a head adapter, not a fitted adapter: ...
+        """
+        url = location(url, write=True)
+        if existing_kind(url, storage_options=storage_options) == ADAPTER_FORMAT:
+            found = open_root(url, "r", storage_options=storage_options).attrs.get("layout", "ensemble")
+            if found != layout:
+                kinds = {"ensemble": "a fitted adapter", "partition": "a head adapter"}
+                have, want = kinds.get(found, f"an adapter of layout {found!r}"), kinds.get(layout, layout)
+                raise StoreFormatError(f"{url} holds {have}, not {want}: refusing to replace it (--overwrite "
+                                       f"replaces only {want}); choose another output")
+        return url
 
     @classmethod
     def create_partition(cls, url, *, d_in: int, d_out: int, band_rows: int | None = None,

@@ -212,7 +212,8 @@ def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_js
     def stages(name: str):  # the note comes when the teacher pass starts: after the checks, never for a no-op
         if talk and name == "teacher pass":
             click.echo("note: teacher pass first: the full head scores every hidden state once and keeps each "
-                       f"band's share of the probability (the gate's targets); then up to {config.epochs} epochs",
+                       f"band's share of the probability (the gate's targets); then up to {config.epochs} epoch"
+                       f"{'s' * (config.epochs != 1)}",
                        err=True)
         return bars(name)
 
@@ -225,8 +226,10 @@ def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_js
     b, a = r.before, r.after
     timing = "" if r.status == "already finished" else (f"; teacher pass {r.teacher_seconds:.1f} s, "
                                                          f"{r.seconds_per_epoch:.1f} s per epoch")
-    click.echo(f"band gate: {r.rows} hidden-state rows ({r.held_out} held out), {r.epochs} epochs, best epoch "
-               f"{r.best_epoch}{timing}")
+    if r.status == "resumed":  # said with --quiet too, as the fitted gates' summary does
+        click.echo(f"resumed from epoch {r.resumed_from}")
+    click.echo(f"band gate: {r.rows} hidden-state rows ({r.held_out} held out), {r.epochs} epoch"
+               f"{'s' * (r.epochs != 1)}, best epoch {r.best_epoch}{timing}")
     click.echo(f"held-out at ρ = {config.sparsity}: top-1 band recall {b['top1']:.4f} → {a['top1']:.4f}, "
                f"mass kept {b['mass']:.4f} → {a['mass']:.4f}")
 

@@ -254,3 +254,18 @@ def test_restart_on_a_head_keeps_the_saved_settings_left_out(tmp_path):
     assert (info["settings"]["sparsity"], info["settings"]["lr"]) == (0.2, 0.01)
     res = _cli(a, h)  # left out: the saved run's (ρ 0.2, lr 0.01), so a no-op, not "other settings"
     assert res.exit_code == 0 and "already finished, nothing to do" in res.stdout, res.output
+
+
+def test_a_head_summary_says_it_resumed_and_counts_epochs_in_english(tmp_path):
+    """With -q the head summary said nothing of continuing a run (the fitted gates' one says "resumed
+    from epoch N"), and it said "1 epochs"."""
+    _planted(tmp_path, rows=600)
+    a, h = tmp_path / "a.zarr", tmp_path / "h.npy"
+    res = _cli(a, h, "--epochs", "1", "-q")
+    assert res.exit_code == 0 and res.stdout.startswith("band gate: 600 hidden-state rows (23 held out), 1 epoch, "), \
+        res.output
+    res = _cli(a, h, "--epochs", "3", "-q")
+    assert res.exit_code == 0 and res.stdout.splitlines()[0] == "resumed from epoch 1", res.output
+    assert res.stdout.splitlines()[1].startswith("band gate: 600 hidden-state rows (23 held out), 3 epochs, ")
+    res = _cli(a, h, "-q")  # a no-op resumes nothing
+    assert "resumed" not in res.stdout and "already finished" in res.stdout, res.output

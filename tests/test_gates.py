@@ -512,6 +512,22 @@ def test_restart_and_reruns_keep_the_saved_settings_left_out(gated, tmp_path):
     assert run.exit_code == 1 and "other settings (--lr)" in run.output, run.output
 
 
+def test_fit_gates_names_a_hidden_states_store_and_counts_one_epoch(gated, tmp_path):
+    """Hidden states (no z) given to a fitted adapter's fit-gates: the store is named for what it
+    holds (it said "pairs are 32→0"); and one epoch is "1 epoch"."""
+    pairs, fitted, _ = gated
+    a = _copy(fitted, tmp_path / "a")
+    hid = PairsStore.create(str(tmp_path / "hid.zarr"), d_in=D_IN, d_out=0)
+    hid.append(np.ones((50, D_IN), np.float32), np.zeros((50, 0), np.float32))
+    run = CliRunner().invoke(main, ["fit-gates", a.url, hid.url, "--epochs", "1"])
+    assert run.exit_code == 1 and run.stderr.strip().splitlines() == [
+        f"Error: {hid.url} holds hidden states only (no z): the gates of a fitted adapter need pairs with z "
+        "(hidden states train a head adapter's band gate)"], run.output
+    assert AdapterStore.open(a.url).gates_record() is None
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--epochs", "1", "--patience", "0", "-q"])
+    assert run.exit_code == 0 and ", 1 epoch, best epoch" in run.stdout.splitlines()[0], run.output
+
+
 def test_cli_errors_are_one_line(gated, tmp_path):
     pairs, fitted, _ = gated
     run = CliRunner().invoke(main, ["routing", fitted.url, pairs.url, "--quiet"])

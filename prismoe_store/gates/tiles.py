@@ -72,7 +72,7 @@ class FrozenTiles:
                 "training may hold in memory (raise --max-tile-mb; tiles are held whole, not streamed)")
         tiles = []
         for p in range(adapter.n_pipes):
-            with reading(f"tiles of pipe {p} in {adapter.url}"):
+            with reading(f"tiles of pipe {p + 1} in {adapter.url}"):
                 tiles.append(torch.from_numpy(np.asarray(adapter.tiles(p)[...], np.float32)).to(device))
         return cls(tiles, adapter.grids, adapter.alphas, adapter.mode)
 

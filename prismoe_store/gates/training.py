@@ -327,7 +327,7 @@ def format_fit_gates(summary: dict) -> str:
     >>> print(format_fit_gates({"resumed_from": None, "sparsity": 0.5, "k": [2], "epochs_run": 1, "best_epoch": 1,
     ...                         "stopped_early": False, "heldout_rows": 9,
     ...                         "before": {"zero": m, "init": m, "dense": m}, "after": m}))
-    ρ = 0.5 (K = 2 per pipe), 1 epochs, best epoch 1, 9 held-out rows
+    ρ = 0.5 (K = 2 per pipe), 1 epoch, best epoch 1, 9 held-out rows
     held-out           rel. error       R²
     zero gate              0.5000   0.7500
     init gate              0.5000   0.7500
@@ -337,7 +337,8 @@ def format_fit_gates(summary: dict) -> str:
     r = summary
     lines = [f"resumed from epoch {r['resumed_from']}"] if r.get("status") == "resumed" else []
     b, a = r["before"], r["after"]
-    lines.append(f"ρ = {r['sparsity']} (K = {', '.join(map(str, r['k']))} per pipe), {r['epochs_run']} epochs"
+    lines.append(f"ρ = {r['sparsity']} (K = {', '.join(map(str, r['k']))} per pipe), {r['epochs_run']} epoch"
+                 f"{'s' * (r['epochs_run'] != 1)}"
                  f"{' (stopped early)' if r['stopped_early'] else ''}, best epoch {r['best_epoch']}, "
                  f"{r['heldout_rows']} held-out rows")
     lines.append(f"{'held-out':<18}{'rel. error':>11}{'R²':>9}")

@@ -310,20 +310,20 @@ class AdapterStore(PartitionBands):
         Every chunk is checked against the store's chunk record (a missing, truncated or swapped
         chunk raises :class:`CorruptStoreError`, never zeros), and so are NaN/Inf values."""
         g = self.grids[pipe]
-        what = f"tile {worker} of pipe {pipe} in {self.url}"
+        what = f"tile {worker} of pipe {pipe + 1} in {self.url}"
         with reading(what):
             return finite(self.tiles(pipe)[g.tile_region(worker)], what)
 
     def read_band(self, pipe: int, row: int) -> np.ndarray:
         """Output band ``row`` of a pipe, ``[tile_out, d_in_pad]`` (checked as :meth:`read_tile`)."""
         g = self.grids[pipe]
-        what = f"band {row} of pipe {pipe} in {self.url}"
+        what = f"band {row} of pipe {pipe + 1} in {self.url}"
         with reading(what):
             return finite(self.tiles(pipe)[row * g.tile_out:(row + 1) * g.tile_out, :], what)
 
     def dense(self, pipe: int) -> np.ndarray:
         """The pipe's tiles assembled into ``[d_out, d_in]`` (small adapters, tests, baselines)."""
-        what = f"tiles of pipe {pipe} in {self.url}"
+        what = f"tiles of pipe {pipe + 1} in {self.url}"
         with reading(what):
             return finite(self.tiles(pipe)[: self.d_out, : self.d_in], what)
 
@@ -374,7 +374,7 @@ class AdapterStore(PartitionBands):
         qa, sa = self.int8_arrays(pipe)
         rows, _ = g.tile_region(worker)
         c = g.row_col(worker)[1]
-        what = f"INT8 tile {worker} of pipe {pipe} in {self.url}"
+        what = f"INT8 tile {worker} of pipe {pipe + 1} in {self.url}"
         with reading(what):
             return qa[g.tile_region(worker)], finite(sa[rows, c], what)
 

@@ -189,6 +189,10 @@ def test_a_damaged_tile_names_its_pipe_as_its_folder_does(tmp_path):
                        (lambda: a.dense(1), "tiles")):
         with pytest.raises(CorruptStoreError, match=f"^{what} of pipe 2 in .* holds NaN or Inf$"):
             read()
+    # fit-gates refuses such tiles as damage (it trained, "diverged" and said "lower --lr", after a torch warning)
+    r = _run("fit-gates", tmp_path / "a.zarr", tmp_path / "p.zarr", "--epochs", 1, "-q")
+    assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+        f"Error: tiles of pipe 2 in {tmp_path / 'a.zarr'} holds NaN or Inf"], r.output
 
 
 def test_ctrl_c_in_a_command_that_does_not_resume_promises_nothing(tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ def _epoch(tiles, gates, opt, pairs, split, s: GateSettings, epoch: int, z_scale
             zb = torch.from_numpy(z[idx]).to(tiles.device)
             loss = _loss(tiles, gates, xb, zb, s, z_scale)
             if not torch.isfinite(loss):
-                raise FitError(f"gate training diverged in epoch {epoch} (loss {float(loss)}): lower --lr")
+                raise FitError(f"gate training diverged in epoch {epoch} (loss {float(loss.detach())}): lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

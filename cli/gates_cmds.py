@@ -101,7 +101,8 @@ def _training_options(f, *, head: bool = False):
 @click.option("--init", type=click.Choice(S.INITS), default=S.GateSettings.init, show_default=True,
               help="Gate initialisation (see docs/gates.md).")
 @functools.partial(_split_options, head=True)
-@click.option("--restart", is_flag=True, help="Start over instead of resuming a saved run.")
+@click.option("--restart", is_flag=True, help="Start over instead of resuming a saved run (options left out keep "
+                                                 "the saved run's values).")
 @_common_options
 @json_option()
 @quiet_option
@@ -110,8 +111,9 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
     """Train the gates of ADAPTER's pipes on PAIRS, tiles frozen; write them into ADAPTER.
 
     Resumes from the last saved epoch when re-run with the same settings; a finished run is a no-op.
-    Left out, --epochs is the saved run's (a larger --epochs continues it); other changed settings
-    are refused unless --restart.
+    Options left out take the saved run's values, with --restart too (it starts over with the
+    saved settings and names those that are not the defaults); a larger --epochs continues a
+    finished run; other settings given that differ from the saved run's are refused unless --restart.
 
     For a head adapter (`prismoe head`), PAIRS holds hidden states only (a store from `prismoe
     collect --target none`, any pairs store's x, or a .npy): the band gate learns the head's
@@ -123,21 +125,23 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
 
     store = AdapterStore.open(adapter, "r+")
     head = store.layout == "partition"
+    ctx = click.get_current_context()
     if head:
-        _refuse_fitted_only(click.get_current_context())
-    saved = None if restart else _saved_run(store, head)
-    if epochs is None and saved is not None:
-        epochs = saved["epochs"]  # a re-run without --epochs keeps the saved run's
+        _refuse_fitted_only(ctx)
     talk = not (quiet or as_json)
+    opts = dict(sparsity=sparsity, epochs=epochs, lr=lr, batch_size=batch_size, holdout=holdout, seed=seed)
+    if not head:
+        opts.update(balance_coef=balance_coef, z_loss_coef=z_loss_coef, temperature=temperature, init=init,
+                    patience=patience)
+    kept = _keep_saved_settings(ctx, store, head, opts)  # options left out: the saved run's (a restart too)
+    if restart and kept and talk:
+        click.echo(f"--restart keeps the saved run's {kept} (options given here replace them)", err=True)
     log = (lambda line: click.echo(line, err=True)) if talk else None  # resuming / continuing, once checked
-    given = {name: value for name, value in (("sparsity", sparsity), ("epochs", epochs), ("lr", lr),
-                                              ("batch_size", batch_size)) if value is not None}
+    given = {name: value for name, value in opts.items() if value is not None}
     if head:
-        split = {name: value for name, value in (("holdout", holdout), ("seed", seed)) if value is not None}
-        _fit_band_gate(store, pairs, {**given, **split}, restart, device, as_json, quiet, talk, log)
+        _fit_band_gate(store, pairs, given, restart, device, as_json, quiet, talk, log)
         return
-    config = S.GateSettings(**given, balance_coef=balance_coef, z_loss_coef=z_loss_coef, temperature=temperature,
-                            init=init, patience=patience, holdout=holdout, seed=seed)
+    config = S.GateSettings(**given)
     with bar("fit-gates", quiet=quiet, unit="row") as progress:
         r = _gates().fit_gates(adapter, pairs, config, restart=restart, device=device,
                                max_tile_bytes=int(max_tile_mb * 2**20), progress=progress, log=log)
@@ -168,13 +172,33 @@ def _refuse_fitted_only(ctx: click.Context) -> None:
                         "reads --sparsity, --epochs, --lr, --batch-size, --holdout, --seed, --restart, --device)")
 
 
-def _saved_run(store, head: bool) -> dict | None:
-    """The saved gate-training run of ``store`` (epochs done, target, finished), or None."""
-    if head:
-        from prismoe_store.head.band_gate import saved_run
+def _keep_saved_settings(ctx: click.Context, store, head: bool, opts: dict) -> str:
+    """Fill ``opts`` with the saved run's settings (:func:`~prismoe_store.gates.settings.reused_settings`)
+    for the options not given on the command line; returns those that differ from what this run
+    would otherwise use, as flags ("--sparsity 0.2, --lr 0.005"), or ""."""
+    from click.core import ParameterSource
 
-        return saved_run(store)
-    return _gates().saved_run(store)
+    from prismoe_store.errors import StoreError
+
+    try:
+        saved = store.gate_settings()
+    except StoreError:  # an unreadable record: nothing to keep (the run says what is wrong)
+        return ""
+    left_out = [name for name in opts if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None)]
+    reused = S.reused_settings(saved, [*left_out, *(() if head else ("init_rows", "init_scale"))], head=head)
+    defaults = S.BAND_GATE if head else S.GateSettings()
+    fit = None if head else store.fit_record()
+    split = {"holdout": fit.holdout, "seed": fit.seed} if fit is not None else {"holdout": 0.1, "seed": 0}
+    changed = []
+    for name, value in reused.items():
+        before = opts.get(name)
+        if before is None:  # left out: the kind's default (a fitted adapter's split: its fit's)
+            before = split[name] if not head and name in split else getattr(defaults, name)
+        if value != before:
+            flag = f"--{name.replace('_', '-')} " if name in opts else f"{name}="
+            changed.append(flag + (f"{value:g}" if isinstance(value, float) else str(value)))
+        opts[name] = value
+    return ", ".join(changed)
 
 
 def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_json: bool, quiet: bool,
@@ -188,7 +212,8 @@ def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_js
     def stages(name: str):  # the note comes when the teacher pass starts: after the checks, never for a no-op
         if talk and name == "teacher pass":
             click.echo("note: teacher pass first: the full head scores every hidden state once and keeps each "
-                       f"band's share of the probability (the gate's targets); then up to {config.epochs} epochs",
+                       f"band's share of the probability (the gate's targets); then up to {config.epochs} epoch"
+                       f"{'s' * (config.epochs != 1)}",
                        err=True)
         return bars(name)
 
@@ -201,8 +226,10 @@ def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_js
     b, a = r.before, r.after
     timing = "" if r.status == "already finished" else (f"; teacher pass {r.teacher_seconds:.1f} s, "
                                                          f"{r.seconds_per_epoch:.1f} s per epoch")
-    click.echo(f"band gate: {r.rows} hidden-state rows ({r.held_out} held out), {r.epochs} epochs, best epoch "
-               f"{r.best_epoch}{timing}")
+    if r.status == "resumed":  # said with --quiet too, as the fitted gates' summary does
+        click.echo(f"resumed from epoch {r.resumed_from}")
+    click.echo(f"band gate: {r.rows} hidden-state rows ({r.held_out} held out), {r.epochs} epoch"
+               f"{'s' * (r.epochs != 1)}, best epoch {r.best_epoch}{timing}")
     click.echo(f"held-out at ρ = {config.sparsity}: top-1 band recall {b['top1']:.4f} → {a['top1']:.4f}, "
                f"mass kept {b['mass']:.4f} → {a['mass']:.4f}")
 

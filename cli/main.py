@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from cli.messages import BROKEN_PIPE_EXIT, INTERRUPTED_EXIT, error_line, interrupt_line
+from cli.messages import BROKEN_PIPE_EXIT, INTERRUPTED_EXIT, STARTS_OVER, error_line, interrupt_line
 from prismoe_store.errors import PrismoeError
 
 # Modules under cli/ that define commands; each exposes ``commands`` (a list of click commands)
@@ -34,7 +34,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except PrismoeError as e:
-            raise click.ClickException(error_line(e)) from None
+            raise click.ClickException(error_line(e, ctx.meta.get(_FLAGS_KEY))) from None
         except BrokenPipeError:  # `prismoe ... | head -1`: the reader has all it wanted
             sys.stdout = open(os.devnull, "w")  # nothing more may reach the closed pipe at exit
             ctx.exit(BROKEN_PIPE_EXIT)
@@ -44,8 +44,23 @@ class _Group(click.Group):
         except MemoryError:
             raise click.ClickException("out of memory: try a smaller --batch-size / --cache-mb / chunk size") from None
         except KeyboardInterrupt:
-            click.echo(interrupt_line(ctx.invoked_subcommand), err=True)
+            click.echo(interrupt_line(ctx.invoked_subcommand, ctx.meta.get(_STARTS_OVER_KEY)), err=True)
             ctx.exit(INTERRUPTED_EXIT)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        """Click's, noting in ``ctx.meta`` the start-over flag (``--restart``, ``--overwrite``) the
+        subcommand was given, for the line printed on Ctrl-C, and its options' flags, for error lines."""
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if cmd is not None:
+            given = [opt for p in cmd.params if p.name in STARTS_OVER for opt in p.opts if opt in rest]
+            ctx.meta[_STARTS_OVER_KEY] = given[0] if given else None
+            ctx.meta[_FLAGS_KEY] = {p.name: long[0] for p in cmd.params if isinstance(p, click.Option) and p.name
+                                    and (long := [o for o in p.opts if o.startswith("--")])}
+        return name, cmd, rest
+
+
+_STARTS_OVER_KEY = "prismoe.starts_over"  # ctx.meta: the start-over flag the subcommand was given
+_FLAGS_KEY = "prismoe.flags"  # ctx.meta: the subcommand's options, parameter name -> flag (for error lines)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -27,25 +27,37 @@ HINTS: dict[type, str] = {  # what to do, for messages that say only what is wro
 BOTH_SPELLINGS = re.compile(r"\b[a-z_]+=(?:True|False|None|[\w.'\"-]+)\s+(?:/|or)\s+(--[a-z][a-z0-9-]*)")
 
 
-def cli_spelling(text: str) -> str:
-    """``text`` with each "keyword=value / --flag" remedy cut to the flag.
+# A library message that starts with the setting it refuses ("workers must be a power of 2, ..."):
+# the CLI names the option that set it (--workers), when the command has one of that name.
+LEADING_SETTING = re.compile(r"^([a-z][a-z0-9_]*) must be\b")
+
+
+def cli_spelling(text: str, flags: dict[str, str] | None = None) -> str:
+    """``text`` with each "keyword=value / --flag" remedy cut to the flag, and (``flags``: the
+    command's options, parameter name → flag) a leading "name must be" said as "--flag must be".
 
     >>> cli_spelling("x.zarr holds a finished fit (pass overwrite=True / --overwrite to refit)")
     'x.zarr holds a finished fit (pass --overwrite to refit)'
+    >>> cli_spelling("workers must be a power of 2, got 100", {"workers": "--workers"})
+    '--workers must be a power of 2, got 100'
     """
-    return BOTH_SPELLINGS.sub(r"\1", text)
+    text = BOTH_SPELLINGS.sub(r"\1", text)
+    m = LEADING_SETTING.match(text)
+    if m and flags and m.group(1) in flags:
+        text = flags[m.group(1)] + text[m.end(1):]
+    return text
 
 
-def error_line(e: PrismoeError) -> str:
-    """One line for the user: the message, shortened, in the CLI's spelling (:func:`cli_spelling`),
-    plus a hint when the message gives none.
+def error_line(e: PrismoeError, flags: dict[str, str] | None = None) -> str:
+    """One line for the user: the message, shortened, in the CLI's spelling (:func:`cli_spelling`,
+    ``flags``: the command's options by parameter name), plus a hint when the message gives none.
 
     >>> error_line(TensorNotFoundError("no tensor 'lm_haed' in m.safetensors; it has 2 tensors: lm_head.weight, x"))
     ... # doctest: +NORMALIZE_WHITESPACE
     "no tensor 'lm_haed' in m.safetensors; it has 2 tensors: lm_head.weight, x — name one with --tensor
     (the aliases lm_head and embedding find the usual names)"
     """
-    text = cli_spelling(" ".join(str(e).split())) or type(e).__name__
+    text = cli_spelling(" ".join(str(e).split()), flags) or type(e).__name__
     if len(text) > MAX_CHARS:  # cut the middle: the start says what is wrong, the end what to do
         text = text[:MAX_CHARS - KEEP_END - 3].rstrip(" ,;") + " … " + text[-KEEP_END:].lstrip()
     hint = next((h for kind, h in HINTS.items() if isinstance(e, kind)), None)
@@ -61,17 +73,26 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for a job stopped by 
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE: the output's reader went away (`| head`); nothing is printed
 
 
-def interrupt_line(command: str | None) -> str:
-    """The one line printed when Ctrl-C stops ``command`` (the subcommand's name).
+STARTS_OVER = ("restart", "overwrite")  # options whose command starts over instead of resuming
+
+
+def interrupt_line(command: str | None, starts_over: str | None = None) -> str:
+    """The one line printed when Ctrl-C stops ``command`` (the subcommand's name); ``starts_over``:
+    the flag of :data:`STARTS_OVER` it was given (the same command again would start over).
 
     >>> interrupt_line("collect")
     'interrupted: the work finished so far is kept; run the same command again to continue it'
+    >>> interrupt_line("fit-gates", "--restart").split("; ")[1]
+    'run the command again without --restart to continue it (with --restart it starts over)'
     >>> interrupt_line("compare")
     'interrupted'
     """
-    if command in RESUMABLE:
-        return "interrupted: the work finished so far is kept; run the same command again to continue it"
-    return "interrupted"
+    if command not in RESUMABLE:
+        return "interrupted"
+    if starts_over:
+        return (f"interrupted: the work finished so far is kept; run the command again without {starts_over} to "
+                f"continue it (with {starts_over} it starts over)")
+    return "interrupted: the work finished so far is kept; run the same command again to continue it"
 
 
 def warn(message: str) -> None:

@@ -171,3 +171,101 @@ def test_an_interrupted_band_gate_run_resumes_on_the_same_trajectory(tmp_path):
     assert rest.status == "resumed" and rest.resumed_from == 1
     assert [e["loss"] for e in rest.history] == pytest.approx([e["loss"] for e in whole.history], rel=1e-5)
     np.testing.assert_allclose(other.read_band_gate()[0], adapter.read_band_gate()[0], rtol=1e-4, atol=1e-6)
+
+
+def test_a_lost_or_damaged_band_gate_is_refused_everywhere_and_named_with_its_repair(tmp_path):
+    """A trained band gate cut short or deleted: the finished run's no-op, inspect, infer and `prismoe
+    head` refuse it in one line naming `prismoe fit-gates --restart` (they said "already finished" or
+    sent the user to `prismoe head`, which did nothing), and --restart repairs it. An untrained head's
+    centroid gate is the build's: `prismoe head` writes it again."""
+    import shutil
+
+    from cli.main import main
+
+    _planted(tmp_path, rows=600)
+    a, h, w = tmp_path / "a.zarr", tmp_path / "h.npy", tmp_path / "w.npy"
+    shutil.copytree(a, tmp_path / "untrained.zarr")
+    assert _cli(a, h, "--epochs", "1", "-q").exit_code == 0
+    trained = AdapterStore.open(str(a)).read_band_gate()
+    y = tmp_path / "y.npy"
+
+    def refusals(store, want):
+        for args in (["fit-gates", store, h, "-q"], ["fit-gates", store, h, "--json"], ["inspect", store],
+                     ["infer", store, "--input", h, "-o", y], ["head", w, "-o", store, "--band-rows", "8"]):
+            res = CliRunner().invoke(main, list(map(str, args)))
+            assert res.exit_code == 1 and res.stdout == "", (args, res.output)
+            assert res.stderr.strip().splitlines()[-1] == want, (args, res.output)
+        assert not y.exists()
+
+    cut = tmp_path / "cut.zarr"
+    shutil.copytree(a, cut)
+    chunk = cut / "gate_weight" / "c" / "0" / "0"
+    with open(chunk, "r+b") as f:
+        f.truncate(100)
+    refusals(cut, f"Error: chunk gate_weight/c/0/0 of {cut} does not hold what was written there (100 bytes, "
+             f"{(a / 'gate_weight' / 'c' / '0' / '0').stat().st_size} recorded; truncated, damaged or another "
+             "chunk's data): train it again (prismoe fit-gates --restart)")
+    assert chunk.stat().st_size == 100  # left as it was
+    for what in (["gate_weight"], ["gate_weight", "gate_bias"]):
+        gone = tmp_path / f"gone{len(what)}.zarr"
+        shutil.copytree(a, gone)
+        for name in what:
+            shutil.rmtree(gone / name)
+        half = "half " if len(what) == 1 else ""
+        why = "damaged, or its first write was cut short" if half else "which a finished head adapter always has"
+        refusals(gone, f"Error: the band gate of {gone} is {half}missing, {why}: train it again "
+                 "(prismoe fit-gates --restart)")
+        res = _cli(gone, h, "--restart", "--epochs", "1", "-q")
+        assert res.exit_code == 0, res.output
+        np.testing.assert_array_equal(AdapterStore.open(str(gone)).read_band_gate()[0], trained[0])
+        res = CliRunner().invoke(main, ["infer", str(gone), "--input", str(h), "-o", str(y), "-q"])
+        assert res.exit_code == 0, res.output
+        y.unlink()
+    # never trained: the centroid gate is the build's, and `prismoe head` writes it again
+    un = tmp_path / "untrained.zarr"
+    centroid = AdapterStore.open(str(un)).read_band_gate()
+    shutil.rmtree(un / "gate_bias")
+    res = CliRunner().invoke(main, ["infer", str(un), "--input", str(h), "-o", str(y)])
+    assert res.exit_code == 1 and res.stderr.strip().splitlines()[-1] == (
+        f"Error: the band gate of {un} is half missing, damaged, or its first write was cut short: re-run the "
+        "same `prismoe head` command to write it again"), res.output
+    res = CliRunner().invoke(main, ["head", str(w), "-o", str(un), "--band-rows", "8"])
+    assert res.exit_code == 0 and "its band gate was missing or damaged: the centroid gate is written again" \
+        in res.stdout, res.output
+    np.testing.assert_array_equal(AdapterStore.open(str(un)).read_band_gate()[1], centroid[1])
+    res = CliRunner().invoke(main, ["head", str(w), "-o", str(un), "--band-rows", "8"])
+    assert res.exit_code == 0 and "already finished, nothing to do" in res.stdout, res.output
+
+
+def test_restart_on_a_head_keeps_the_saved_settings_left_out(tmp_path):
+    """A head's band gate trained with --sparsity 0.2 --lr 0.005 --epochs 2: --restart trains again
+    with those (it went back to ρ 0.1, lr 0.002, 10 epochs, silently) and names them; a given option wins."""
+    _planted(tmp_path, rows=600)
+    a, h = tmp_path / "a.zarr", tmp_path / "h.npy"
+    assert _cli(a, h, "--sparsity", "0.2", "--lr", "0.005", "--epochs", "2", "-q").exit_code == 0
+    res = _cli(a, h, "--restart")
+    assert res.exit_code == 0, res.output
+    assert ("--restart keeps the saved run's --sparsity 0.2, --epochs 2, --lr 0.005 (options given here replace "
+            "them)") in res.stderr.splitlines()
+    assert "band gate: 600 hidden-state rows (23 held out), 2 epochs" in res.stdout and "ρ = 0.2" in res.stdout
+    res = _cli(a, h, "--restart", "--lr", "0.01", "--json")
+    info = json.loads(res.stdout)
+    assert (info["status"], info["epochs"]) == ("trained", 2), res.output
+    assert (info["settings"]["sparsity"], info["settings"]["lr"]) == (0.2, 0.01)
+    res = _cli(a, h)  # left out: the saved run's (ρ 0.2, lr 0.01), so a no-op, not "other settings"
+    assert res.exit_code == 0 and "already finished, nothing to do" in res.stdout, res.output
+
+
+def test_a_head_summary_says_it_resumed_and_counts_epochs_in_english(tmp_path):
+    """With -q the head summary said nothing of continuing a run (the fitted gates' one says "resumed
+    from epoch N"), and it said "1 epochs"."""
+    _planted(tmp_path, rows=600)
+    a, h = tmp_path / "a.zarr", tmp_path / "h.npy"
+    res = _cli(a, h, "--epochs", "1", "-q")
+    assert res.exit_code == 0 and res.stdout.startswith("band gate: 600 hidden-state rows (23 held out), 1 epoch, "), \
+        res.output
+    res = _cli(a, h, "--epochs", "3", "-q")
+    assert res.exit_code == 0 and res.stdout.splitlines()[0] == "resumed from epoch 1", res.output
+    assert res.stdout.splitlines()[1].startswith("band gate: 600 hidden-state rows (23 held out), 3 epochs, ")
+    res = _cli(a, h, "-q")  # a no-op resumes nothing
+    assert "resumed" not in res.stdout and "already finished" in res.stdout, res.output

@@ -11,7 +11,7 @@ from conftest import write_safetensors
 
 from cli.main import main
 from cli.messages import INTERRUPTED_EXIT, MAX_CHARS, RESUMABLE, error_line
-from prismoe_store.errors import IncompleteStoreError, TensorNotFoundError
+from prismoe_store.errors import DataError, IncompleteStoreError, TensorNotFoundError
 from prismoe_store.grid import padding_advice, plan_pipes
 from prismoe_store.stores.pairs import PairsStore
 
@@ -126,6 +126,73 @@ def test_ctrl_c_says_the_work_is_kept_and_the_rerun_finishes_it(tmp_path, monkey
     assert a.rows == b.rows == 700
     for u, v in zip(a.read(0, 700), b.read(0, 700)):
         np.testing.assert_array_equal(u, v)
+
+
+def test_ctrl_c_of_a_command_that_starts_over_says_to_drop_the_flag(tmp_path, monkeypatch):
+    """Ctrl-C of a run with --overwrite (or --restart): the same command again would start over, so
+    the line says to run it without the flag; that re-run finishes the store (it keeps the rows
+    written before Ctrl-C), equal to an uninterrupted one."""
+    args = ["synth", "--rows", 700, "--d-in", 6, "--d-out", 5, "--rows-per-chunk", 100, "-q"]
+    PairsStore.create(tmp_path / "cut.zarr", d_in=3, d_out=2)  # something to overwrite
+    real_append, calls = PairsStore.append, []
+
+    def append_then_ctrl_c(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_append(self, *a, **kw)
+
+    monkeypatch.setattr(PairsStore, "append", append_then_ctrl_c)
+    cut = _run(*args, "-o", tmp_path / "cut.zarr", "--overwrite")
+    monkeypatch.setattr(PairsStore, "append", real_append)
+    assert cut.exit_code == INTERRUPTED_EXIT
+    assert cut.output.strip().splitlines() == [
+        "interrupted: the work finished so far is kept; run the command again without --overwrite to continue it "
+        "(with --overwrite it starts over)"]
+    assert PairsStore.open(tmp_path / "cut.zarr").rows == 200
+    appended = []
+    monkeypatch.setattr(PairsStore, "append", lambda self, x, z, *a, **kw: (appended.append(len(x)),
+                                                                             real_append(self, x, z, *a, **kw))[1])
+    assert _run(*args, "-o", tmp_path / "cut.zarr").exit_code == 0
+    assert sum(appended) == 500  # continued: only the rows left
+    assert _run(*args, "-o", tmp_path / "whole.zarr").exit_code == 0
+    a, b = PairsStore.open(tmp_path / "cut.zarr"), PairsStore.open(tmp_path / "whole.zarr")
+    for u, v in zip(a.read(0, 700), b.read(0, 700)):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_a_refused_setting_is_named_by_its_flag(tmp_path):
+    """"workers must be a power of 2" did not say which option: the CLI names the flag that set it."""
+    assert _run("synth", "-o", tmp_path / "p.zarr", "--rows", 300, "--d-in", 8, "--d-out", 6, "-q").exit_code == 0
+    for args in (["fit", tmp_path / "p.zarr", "-o", tmp_path / "a.zarr", "--workers", 100],
+                 ["synth", "-o", tmp_path / "g.zarr", "--rows", 10, "--d-in", 4, "--d-out", 4, "--kind", "gated",
+                  "--workers", 100]):
+        r = _run(*args)
+        assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+            "Error: --workers must be a power of 2, got 100"], r.output
+    r = _run("fit", tmp_path / "p.zarr", "-o", tmp_path / "a.zarr", "--holdout", 5)
+    assert r.exit_code == 1 and r.stderr.strip().splitlines() == ["Error: --holdout must be in [0, 1), got 5.0"]
+    assert error_line(DataError("workers must be a power of 2, got 100")) == "workers must be a power of 2, got 100"
+
+
+def test_a_damaged_tile_names_its_pipe_as_its_folder_does(tmp_path):
+    """Messages number pipes from 1, as the folders pipe1..pipe3 and inspect do (a damaged tile of
+    pipe2 was "pipe 1")."""
+    assert _run("synth", "-o", tmp_path / "p.zarr", "--rows", 300, "--d-in", 8, "--d-out", 6, "-q").exit_code == 0
+    assert _run("fit", tmp_path / "p.zarr", "-o", tmp_path / "a.zarr", "--workers", 4, "-q").exit_code == 0
+    from prismoe_store.errors import CorruptStoreError
+    from prismoe_store.stores.adapter import AdapterStore
+
+    AdapterStore.open(str(tmp_path / "a.zarr"), "r+").tiles(1)[0, 0] = np.nan  # written whole, but not finite
+    a = AdapterStore.open(str(tmp_path / "a.zarr"))
+    for read, what in ((lambda: a.read_tile(1, 0), "tile 0"), (lambda: a.read_band(1, 0), "band 0"),
+                       (lambda: a.dense(1), "tiles")):
+        with pytest.raises(CorruptStoreError, match=f"^{what} of pipe 2 in .* holds NaN or Inf$"):
+            read()
+    # fit-gates refuses such tiles as damage (it trained, "diverged" and said "lower --lr", after a torch warning)
+    r = _run("fit-gates", tmp_path / "a.zarr", tmp_path / "p.zarr", "--epochs", 1, "-q")
+    assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+        f"Error: tiles of pipe 2 in {tmp_path / 'a.zarr'} holds NaN or Inf"], r.output
 
 
 def test_ctrl_c_in_a_command_that_does_not_resume_promises_nothing(tmp_path, monkeypatch):

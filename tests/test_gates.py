@@ -447,6 +447,87 @@ def test_a_damaged_gate_survives_a_failed_fit_gates_and_stays_refused(gated, tmp
     assert AdapterStore.open(c.url).read_gate(1) is not None
 
 
+def test_a_lost_gate_folder_is_refused_by_every_reader_and_restart_repairs_it(gated, tmp_path):
+    """A whole pipe's gate gone (both folders) from an adapter whose gates are recorded as trained:
+    inspect and the finished run's no-op refuse it in the same line infer gives (pipe 2 for pipe2,
+    and --restart), nothing is changed by the refusals, and fit-gates --restart writes it again."""
+    pairs, fitted, _ = gated
+    a = _copy(fitted, tmp_path / "a")
+    fit_gates(a, pairs, GateSettings(sparsity=0.3, epochs=1, patience=0))
+    kept = a.read_gate(0)
+    for name in ("gate_weight", "gate_bias"):
+        shutil.rmtree(tmp_path / "a" / "pipe2" / name)
+    want = (f"Error: the gate of pipe 2 (missing) in {a.url}, whose gate training is recorded as finished: "
+            "train the gates again (prismoe fit-gates --restart)")
+    y = tmp_path / "y.npy"
+    for args in (["infer", a.url, "--input", pairs.url, "-o", str(y)], ["inspect", a.url],
+                 ["fit-gates", a.url, pairs.url, "--patience", "0"],
+                 ["fit-gates", a.url, pairs.url, "--patience", "0", "--json"]):
+        run = CliRunner().invoke(main, args)
+        assert run.exit_code == 1 and run.stdout == "" and run.stderr.strip().splitlines()[-1:] == [want], (
+            args, run.output)
+    assert not y.exists() and "gate_weight" not in AdapterStore.open(a.url).group["pipe2"]
+    np.testing.assert_array_equal(AdapterStore.open(a.url).read_gate(0)[0], kept[0])  # the others untouched
+    assert AdapterStore.open(a.url).gates_record().finished  # the refusals wrote nothing
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--patience", "0", "--restart", "-q"])
+    assert run.exit_code == 0, run.output
+    assert AdapterStore.open(a.url).read_gate(1) is not None
+    for args in (["infer", a.url, "--input", pairs.url, "-o", str(y), "-q"], ["inspect", a.url]):
+        assert CliRunner().invoke(main, args).exit_code == 0
+    # a saved, unfinished run (its record says "training") that lost a gate: refused too, not resumed
+    b = _copy(fitted, tmp_path / "b")
+    fit_gates(b, pairs, GateSettings(sparsity=0.3, epochs=1, patience=0))
+    b.update_attrs(gates={**b.attrs()["gates"], "complete": False})
+    for name in ("gate_weight", "gate_bias"):
+        shutil.rmtree(tmp_path / "b" / "pipe3" / name)
+    run = CliRunner().invoke(main, ["fit-gates", b.url, pairs.url, "--epochs", "2", "--patience", "0"])
+    assert run.exit_code == 1 and run.stderr.strip().splitlines() == [
+        f"Error: the gate of pipe 3 (missing) in {b.url}, whose gate training was saved at epoch 1: "
+        "train the gates again (prismoe fit-gates --restart)"], run.output
+
+
+def test_restart_and_reruns_keep_the_saved_settings_left_out(gated, tmp_path):
+    """--restart (the repair the errors name) starts over with the saved run's settings, not the
+    defaults, and says which it keeps; an option given replaces its saved value. A plain re-run
+    with the options left out resumes the saved run instead of being refused for "other settings"."""
+    pairs, fitted, _ = gated
+    a = _copy(fitted, tmp_path / "a")
+    first = ["--sparsity", "0.5", "--lr", "0.005", "--epochs", "1", "--patience", "0", "--balance-coef", "0.1"]
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, *first, "-q"])
+    assert run.exit_code == 0, run.output
+    saved = AdapterStore.open(a.url).gate_settings()
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--restart"])
+    assert run.exit_code == 0, run.output
+    assert ("--restart keeps the saved run's --sparsity 0.5, --epochs 1, --lr 0.005, --balance-coef 0.1, "
+            "--patience 0 (options given here replace them)") in run.stderr.splitlines()
+    assert AdapterStore.open(a.url).gate_settings() == saved  # the same run again, not the defaults
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--restart", "--epochs", "2", "--json"])
+    out = json.loads(run.stdout)
+    assert (out["status"], out["sparsity"], out["epochs_run"]) == ("trained", 0.5, 2), run.output
+    assert AdapterStore.open(a.url).gate_settings() == {**saved, "epochs": 2}
+    assert "--restart keeps" not in run.stderr  # --json: nothing but the object
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url])  # left out: the saved run's, a no-op
+    assert run.exit_code == 0 and "already finished, nothing to do" in run.stdout, run.output
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--lr", "0.05"])  # given: still refused
+    assert run.exit_code == 1 and "other settings (--lr)" in run.output, run.output
+
+
+def test_fit_gates_names_a_hidden_states_store_and_counts_one_epoch(gated, tmp_path):
+    """Hidden states (no z) given to a fitted adapter's fit-gates: the store is named for what it
+    holds (it said "pairs are 32→0"); and one epoch is "1 epoch"."""
+    pairs, fitted, _ = gated
+    a = _copy(fitted, tmp_path / "a")
+    hid = PairsStore.create(str(tmp_path / "hid.zarr"), d_in=D_IN, d_out=0)
+    hid.append(np.ones((50, D_IN), np.float32), np.zeros((50, 0), np.float32))
+    run = CliRunner().invoke(main, ["fit-gates", a.url, hid.url, "--epochs", "1"])
+    assert run.exit_code == 1 and run.stderr.strip().splitlines() == [
+        f"Error: {hid.url} holds hidden states only (no z): the gates of a fitted adapter need pairs with z "
+        "(hidden states train a head adapter's band gate)"], run.output
+    assert AdapterStore.open(a.url).gates_record() is None
+    run = CliRunner().invoke(main, ["fit-gates", a.url, pairs.url, "--epochs", "1", "--patience", "0", "-q"])
+    assert run.exit_code == 0 and ", 1 epoch, best epoch" in run.stdout.splitlines()[0], run.output
+
+
 def test_cli_errors_are_one_line(gated, tmp_path):
     pairs, fitted, _ = gated
     run = CliRunner().invoke(main, ["routing", fitted.url, pairs.url, "--quiet"])

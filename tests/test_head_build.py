@@ -2,6 +2,7 @@
 no stored padding, resumable, refusing what it must."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,6 +173,38 @@ def test_head_command(tmp_path):
     res = CliRunner().invoke(main, ["head", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "x.zarr"),
                                     "--tensor", "nope"])
     assert res.exit_code == 1 and "nope" in res.output
+
+
+def test_a_fit_and_a_head_never_replace_each_other(tmp_path):
+    """`fit -o HEAD` and `head -o FITTED` said "a finished fit with other settings" and "a head
+    adapter built differently", and --overwrite then replaced the other kind silently: both are
+    refused in one line naming what is there, with --overwrite too, and nothing is touched."""
+    from cli.main import main
+
+    w = _head(V=40, d=8)
+    np.save(tmp_path / "w.npy", w)
+    head, fitted = str(tmp_path / "head.zarr"), str(tmp_path / "fitted.zarr")
+    build_head(str(tmp_path / "w.npy"), head, config=HeadConfig(band_rows=8))
+    runner = CliRunner()
+    assert runner.invoke(main, ["synth", "-o", str(tmp_path / "p.zarr"), "--rows", "300", "--d-in", "8",
+                                "--d-out", "6", "-q"]).exit_code == 0
+    assert runner.invoke(main, ["fit", str(tmp_path / "p.zarr"), "-o", fitted, "--workers", "4", "-q"]).exit_code == 0
+    files = {p: sorted(str(f.relative_to(p)) for f in Path(p).rglob("*")) for p in (head, fitted)}
+    for extra in ([], ["--overwrite"]):
+        res = runner.invoke(main, ["fit", str(tmp_path / "p.zarr"), "-o", head, "--workers", "4", *extra])
+        assert res.exit_code == 1 and res.stderr.strip().splitlines() == [
+            f"Error: {head} holds a head adapter, not a fitted adapter: refusing to replace it (--overwrite replaces "
+            "only a fitted adapter); choose another output"], (extra, res.output)
+        res = runner.invoke(main, ["head", str(tmp_path / "w.npy"), "-o", fitted, "--band-rows", "8", *extra])
+        assert res.exit_code == 1 and res.stderr.strip().splitlines() == [
+            f"Error: {fitted} holds a fitted adapter, not a head adapter: refusing to replace it (--overwrite "
+            "replaces only a head adapter); choose another output"], (extra, res.output)
+    for p in (head, fitted):
+        assert sorted(str(f.relative_to(p)) for f in Path(p).rglob("*")) == files[p]
+    assert AdapterStore.open(head).layout == "partition" and AdapterStore.open(fitted).layout == "ensemble"
+    # the same kind is still replaced with --overwrite
+    res = runner.invoke(main, ["head", str(tmp_path / "w.npy"), "-o", head, "--band-rows", "4", "--overwrite", "-q"])
+    assert res.exit_code == 0 and AdapterStore.open(head).band_rows == 4, res.output
 
 
 def test_a_head_with_a_bias_is_refused(tmp_path):

@@ -101,8 +101,8 @@ class _Fit:
     def __init__(self, cfg: FitConfig, pairs, adapter_url, scheduler, options, progress, overwrite, log=None):
         self.cfg, self.overwrite, self.scheduler = cfg, overwrite, scheduler
         self.pairs = pairs if isinstance(pairs, PairsStore) else PairsStore.open(str(pairs))
-        self.adapter_url = location(adapter_url)
-        self.options = options or StoreOptions()
+        self.options = o = options or StoreOptions()  # a head adapter at adapter_url: refused (--overwrite too)
+        self.adapter_url = AdapterStore.check_output(adapter_url, "ensemble", storage_options=o.storage_options)
         self.progress, self.log = progress, log
         self.timings: dict[str, float] = {}
         self._done = self._total = 0

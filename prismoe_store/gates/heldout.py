@@ -98,6 +98,9 @@ def open_stores(adapter, pairs, *, write: bool = False) -> tuple[AdapterStore, P
         pairs = PairsStore.open(pairs)
     if not adapter.complete:
         raise IncompleteStoreError(f"adapter {adapter.url} is not finished: re-run `prismoe fit` to complete it")
+    if pairs.hidden_only and adapter.d_out:
+        raise DataError(f"{pairs.url} holds hidden states only (no z): the gates of a fitted adapter need pairs "
+                        "with z (hidden states train a head adapter's band gate)")
     if (pairs.d_in, pairs.d_out) != (adapter.d_in, adapter.d_out):
         raise DataError(f"pairs are {pairs.d_in}→{pairs.d_out} but the adapter maps {adapter.d_in}→{adapter.d_out}")
     if write and adapter.group.read_only:

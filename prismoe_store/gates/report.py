@@ -398,7 +398,7 @@ def _pair(m: dict) -> str:
 def format_benchmark_gates(q: dict) -> str:
     """Text of :func:`benchmark_gates`: the quality table, then each ρ's training run."""
     lines = [format_quality(q)]
-    lines += [f"ρ = {rho}: trained {t['epochs_run']} epochs, best epoch {t['best_epoch']}"
+    lines += [f"ρ = {rho}: trained {t['epochs_run']} epoch{'s' * (t['epochs_run'] != 1)}, best epoch {t['best_epoch']}"
               for rho, t in q["training"].items()]
     return "\n".join(lines)
 

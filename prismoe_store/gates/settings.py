@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
 
 from prismoe_store.errors import DataError
 
@@ -146,3 +147,16 @@ class BandGateDefaults:
 
 
 BAND_GATE = BandGateDefaults()
+
+
+def reused_settings(saved: Mapping, left_out: Iterable[str], *, head: bool = False) -> dict:
+    """Of the settings ``left_out`` (options not given on the command line), the values the saved run
+    recorded (``saved``: the adapter's ``gates`` settings, :meth:`AdapterStore.gate_settings`): a
+    re-run, ``--restart`` included, keeps them, so only what is given changes. ``head``: the settings
+    of a head adapter's band gate (:data:`BAND_GATE`'s names), else :class:`GateSettings`'.
+
+    >>> reused_settings({"sparsity": 0.2, "lr": 0.005, "kind": "band-mass"}, ["sparsity", "epochs"], head=True)
+    {'sparsity': 0.2}
+    """
+    names = {f.name for f in fields(BandGateDefaults if head else GateSettings)}
+    return {k: saved[k] for k in left_out if k in names and saved.get(k) is not None}

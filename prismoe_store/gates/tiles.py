@@ -26,7 +26,7 @@ from prismoe_store.gates.routing import active_mask
 from prismoe_store.gates.settings import DEFAULT_MAX_TILE_BYTES
 from prismoe_store.grid import GridSpec
 from prismoe_store.stores.adapter import AdapterStore
-from prismoe_store.stores.verified import reading
+from prismoe_store.stores.verified import finite, reading
 
 WORK_BYTES = 128 << 20  # bytes of per-tile partial products computed at a time (statistics, init)
 
@@ -72,8 +72,9 @@ class FrozenTiles:
                 "training may hold in memory (raise --max-tile-mb; tiles are held whole, not streamed)")
         tiles = []
         for p in range(adapter.n_pipes):
-            with reading(f"tiles of pipe {p} in {adapter.url}"):
-                tiles.append(torch.from_numpy(np.asarray(adapter.tiles(p)[...], np.float32)).to(device))
+            what = f"tiles of pipe {p + 1} in {adapter.url}"
+            with reading(what):  # NaN/Inf tiles are damage (they made training "diverge": lower --lr, it said)
+                tiles.append(torch.from_numpy(finite(np.asarray(adapter.tiles(p)[...], np.float32), what)).to(device))
         return cls(tiles, adapter.grids, adapter.alphas, adapter.mode)
 
     @property

@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
-from prismoe_store.errors import DataError, FitError, PrismoeError
+from prismoe_store.errors import CorruptStoreError, DataError, FitError, PrismoeError
 from prismoe_store.gates.gate import Gates, gated_forward, init_gates
 from prismoe_store.gates.heldout import (
     Progress,
@@ -31,7 +31,7 @@ from prismoe_store.gates.heldout import (
 from prismoe_store.gates.routing import balance_loss, z_loss
 from prismoe_store.gates.settings import DEFAULT_MAX_TILE_BYTES, GateSettings
 from prismoe_store.gates.tiles import FrozenTiles, torch_device
-from prismoe_store.stores.adapter import AdapterStore
+from prismoe_store.stores.adapter import RETRAIN_GATES, AdapterStore
 from prismoe_store.stores.pairs import PairsStore
 from prismoe_store.stores.records import GatesRecord, SplitRecord
 from prismoe_store.stores.training_state import STATE_GROUP, load_state, save_state
@@ -62,7 +62,7 @@ def _epoch(tiles, gates, opt, pairs, split, s: GateSettings, epoch: int, z_scale
             zb = torch.from_numpy(z[idx]).to(tiles.device)
             loss = _loss(tiles, gates, xb, zb, s, z_scale)
             if not torch.isfinite(loss):
-                raise FitError(f"gate training diverged in epoch {epoch} (loss {float(loss)}): lower --lr")
+                raise FitError(f"gate training diverged in epoch {epoch} (loss {float(loss.detach())}): lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -245,6 +245,9 @@ def _fit_gates(adapter: AdapterStore, pairs: PairsStore, config: GateSettings, *
         named = ", ".join(k if k.startswith("init_") else "--" + k.replace("_", "-") for k in diff)  # as flags
         raise DataError(f"saved gate training used other settings ({named}): pass --restart to start over")
     before_run = saved_run(adapter) if saved is not None else None
+    # a saved run's gates are read whole before anything is written (a lost or damaged one is refused:
+    # --restart trains it again); this is also the check of a finished run's no-op
+    stored = [] if saved is None else [_saved_gate(adapter, p) for p in range(adapter.n_pipes)]
     if log is not None and before_run is not None and before_run["epoch"] < s.epochs and not before_run["stopped"]:
         log(f"{'continuing' if before_run['finished'] else 'resuming'} from epoch {before_run['epoch']} to {s.epochs}")
     adapter.update_attrs(gates=GatesRecord(asdict(s), False, SplitRecord(**asdict(split))).to_dict())
@@ -254,9 +257,7 @@ def _fit_gates(adapter: AdapterStore, pairs: PairsStore, config: GateSettings, *
         run = GateRun(tiles, pairs, split, s, gates=Gates.zeros(tiles.grids, tiles.d_in).to(dev),
                       z_scale=float(meta["z_scale"]), max_eval_rows=max_eval_rows)
         run.load_state(arrays, meta)
-        stored = [adapter.read_gate(p) for p in range(adapter.n_pipes)]
-        present = [g for g in stored if g is not None]
-        run.best_gates = present if len(present) == len(stored) else run.gates.export()
+        run.best_gates = stored
         resumed_from = run.epoch
         before = meta.get("before") or {}
     else:
@@ -291,6 +292,16 @@ def _fit_gates(adapter: AdapterStore, pairs: PairsStore, config: GateSettings, *
     return summary
 
 
+def _saved_gate(adapter: AdapterStore, pipe: int) -> tuple[np.ndarray, np.ndarray]:
+    """A pipe's stored gate, which a saved run always has (its first epoch-0 write comes before the
+    state); missing or damaged: :class:`~prismoe_store.errors.CorruptStoreError` naming the repair."""
+    gate = adapter.read_gate(pipe)
+    if gate is None:
+        raise CorruptStoreError(f"the gate of pipe {pipe + 1} (missing) in {adapter.url}, whose gate training was "
+                                f"saved at epoch {adapter.group[STATE_GROUP].attrs.get('epoch')}: {RETRAIN_GATES}")
+    return gate
+
+
 def _write_gates(adapter: AdapterStore, gates: list[tuple[np.ndarray, np.ndarray]]) -> None:
     if not all(np.isfinite(w).all() and np.isfinite(b).all() for w, b in gates):
         raise FitError("gate training produced NaN/Inf gates (NaN/Inf in the pairs, or too high --lr): "
@@ -316,7 +327,7 @@ def format_fit_gates(summary: dict) -> str:
     >>> print(format_fit_gates({"resumed_from": None, "sparsity": 0.5, "k": [2], "epochs_run": 1, "best_epoch": 1,
     ...                         "stopped_early": False, "heldout_rows": 9,
     ...                         "before": {"zero": m, "init": m, "dense": m}, "after": m}))
-    ρ = 0.5 (K = 2 per pipe), 1 epochs, best epoch 1, 9 held-out rows
+    ρ = 0.5 (K = 2 per pipe), 1 epoch, best epoch 1, 9 held-out rows
     held-out           rel. error       R²
     zero gate              0.5000   0.7500
     init gate              0.5000   0.7500
@@ -326,7 +337,8 @@ def format_fit_gates(summary: dict) -> str:
     r = summary
     lines = [f"resumed from epoch {r['resumed_from']}"] if r.get("status") == "resumed" else []
     b, a = r["before"], r["after"]
-    lines.append(f"ρ = {r['sparsity']} (K = {', '.join(map(str, r['k']))} per pipe), {r['epochs_run']} epochs"
+    lines.append(f"ρ = {r['sparsity']} (K = {', '.join(map(str, r['k']))} per pipe), {r['epochs_run']} epoch"
+                 f"{'s' * (r['epochs_run'] != 1)}"
                  f"{' (stopped early)' if r['stopped_early'] else ''}, best epoch {r['best_epoch']}, "
                  f"{r['heldout_rows']} held-out rows")
     lines.append(f"{'held-out':<18}{'rel. error':>11}{'R²':>9}")

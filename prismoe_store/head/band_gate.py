@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from prismoe_store.errors import DataError, FitError, IncompleteStoreError
+from prismoe_store.errors import CorruptStoreError, DataError, FitError, IncompleteStoreError
 from prismoe_store.gates.settings import BAND_GATE
 from prismoe_store.grid import band_sizes
 from prismoe_store.runtime.slot_pool import SlotPool
@@ -145,6 +145,7 @@ def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = Ban
     if held.all() or (~held).sum() < 1:
         raise DataError(f"{S} rows leave nothing to train on with holdout {config.holdout}")
     if saved is not None and saved[0]["epoch"] >= config.epochs:  # finished: nothing to do, no teacher pass
+        adapter.read_band_gate()  # ... once the gate it claims is read back whole (else: --restart, it says)
         record = adapter.gates_record()
         return _report(saved[0], rows=S, held_out=int(held.sum()), status="already finished",
                        settings=record.settings if record else {}, resumed_from=int(saved[0]["epoch"]))
@@ -155,7 +156,7 @@ def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = Ban
     n = adapter.n_bands
     k = max(1, math.ceil(config.sparsity * n))
     if saved is None:
-        gate = adapter.read_band_gate() if not config.restart else None
+        gate = None if config.restart else _stored_gate(adapter)
         if gate is None:
             from prismoe_store.head.build import centroid_gate
 
@@ -221,6 +222,17 @@ def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = Ban
     return _report(meta, rows=S, held_out=int(held.sum()), status=status, settings=settings,
                    resumed_from=None if saved is None else int(saved[0]["epoch"]),
                    teacher_seconds=teacher_seconds, epoch_seconds=epoch_seconds)
+
+
+def _stored_gate(adapter: AdapterStore) -> tuple[np.ndarray, np.ndarray] | None:
+    """The gate a new run starts from: the stored one; ``None`` (the centroid gate) when the stored
+    one is an untrained centroid gate that was lost or damaged (it is computed again)."""
+    try:
+        return adapter.read_band_gate()
+    except CorruptStoreError:
+        if adapter.gates_record() is not None:  # a trained gate: only --restart gives it up
+            raise
+        return None
 
 
 RESUME_IGNORES = ("epochs", "restart", "device", "cache_bytes")  # settings a resumed run may change

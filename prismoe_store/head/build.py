@@ -37,13 +37,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from prismoe_store.errors import DataError, StoreError, StoreFormatError
+from prismoe_store.errors import CorruptStoreError, DataError, StoreError, StoreFormatError
 from prismoe_store.grid import default_band_rows, next_pow2
 from prismoe_store.head.scratch_rows import ScratchRows
 from prismoe_store.head.vocab_order import OrderConfig, band_sizes, cluster_order, hidden_metric, identity_order
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.formats import StoreOptions, describe_kind, existing_kind, store_exists
 from prismoe_store.stores.progress import recheck
+from prismoe_store.stores.training_state import STATE_GROUP
 
 ProgressFn = Callable[[int, int], None]
 Stages = Callable[[str], AbstractContextManager[ProgressFn | None]]  # stage name -> progress callback
@@ -107,6 +108,7 @@ class HeadReport:
     seconds: float  # wall time
     already_finished: bool = False  # the output already held this head, finished: this call wrote nothing
     bands_repaired: int = 0  # of bands_written, those recorded as written before but found damaged or missing
+    gate_rewritten: bool = False  # the finished head's (untrained) centroid gate was lost or damaged: written again
 
     def to_dict(self) -> dict:
         """Plain dict (JSON)."""
@@ -117,6 +119,9 @@ class HeadReport:
         ratio = self.stored_fp32_bytes / self.matrix_bytes
         done = (f"already finished, nothing to do (--overwrite rebuilds it): {self.url} holds" if self.already_finished
                 else f"wrote {self.url}:")
+        if self.already_finished and self.gate_rewritten:
+            done = (f"already finished, but its band gate was missing or damaged: the centroid gate is written "
+                    f"again; {self.url} holds")
         lines = [f"{done} {self.source} ({self.d_out} × {self.d_in}) as {self.bands} bands of "
                  f"{self.band_rows} rows in {len(self.pipe_rows)} pipes {self.pipe_rows}, {self.order} order"
                  + (f" (cohesion {self.cohesion:.3f})" if self.order == "cluster" else "")
@@ -150,9 +155,11 @@ def build_head(source, output, *, config: HeadConfig = HeadConfig(), overwrite: 
     adapter, resume = _open_output(output, d, V, band_rows, label, config, overwrite)
     damaged = _recheck_bands(adapter)  # bands recorded as written whose chunk is missing or damaged: redone
     if adapter.complete:
+        gate_rewritten = _recheck_gate(adapter)  # a trained gate that is lost or damaged is refused here
         if not damaged:  # the same command ran to the end before: nothing to do, like collect, extract, synth
             cohesion = float(adapter.attrs()["head"].get("cohesion", float("nan")))
-            return _report(adapter, output, label, config, cohesion, written=0, t0=t0, finished=True)
+            return _report(adapter, output, label, config, cohesion, written=0, t0=t0, finished=True,
+                           gate_rewritten=gate_rewritten)
         adapter.update_attrs(complete=False)  # not served while its damaged bands are written again
 
     with tempfile.TemporaryDirectory(prefix="prismoe-head-", dir=config.scratch_dir) as scratch:
@@ -198,15 +205,30 @@ def _recheck_bands(adapter: AdapterStore) -> list[int]:
     return recheck(adapter.progress("head_bands", adapter.n_bands), chunks)
 
 
+def _recheck_gate(adapter: AdapterStore) -> bool:
+    """Read a finished head's band gate (checksums and all); a lost or damaged centroid gate (never
+    trained) is written again (True), a trained one raises the reader's
+    :class:`~prismoe_store.errors.CorruptStoreError`, which names ``prismoe fit-gates --restart``."""
+    try:
+        adapter.read_band_gate()
+        return False
+    except CorruptStoreError:
+        if adapter.gates_record() is not None:
+            raise
+    adapter.write_band_gate(*centroid_gate(adapter))
+    return True
+
+
 def _report(adapter: AdapterStore, output, label: str, config: HeadConfig, cohesion: float, *, written: int,
-            t0: float, finished: bool = False, repaired: int = 0) -> HeadReport:
+            t0: float, finished: bool = False, repaired: int = 0, gate_rewritten: bool = False) -> HeadReport:
     V, d, band_rows = adapter.d_out, adapter.d_in, adapter.band_rows
     sizes = band_sizes(V, band_rows)
     return HeadReport(url=str(output), source=label, d_in=d, d_out=V, band_rows=band_rows, bands=len(sizes),
                       pipe_rows=[g.d_out for g in adapter.grids], order=config.order.method, cohesion=cohesion,
                       matrix_bytes=4 * V * d, stored_fp32_bytes=4 * V * d, gate_bytes=4 * len(sizes) * (d + 1),
                       int8_bytes=V * d + 4 * V if config.int8 else None, bands_written=written,
-                      seconds=time.perf_counter() - t0, already_finished=finished, bands_repaired=repaired)
+                      seconds=time.perf_counter() - t0, already_finished=finished, bands_repaired=repaired,
+                      gate_rewritten=gate_rewritten)
 
 
 # -- the source ---------------------------------------------------------------------------------
@@ -281,6 +303,7 @@ class _AdapterMatrix:
 def _open_output(output, d: int, V: int, band_rows: int, label: str, config: HeadConfig, overwrite: bool
                  ) -> tuple[AdapterStore, bool]:
     """``(adapter, resume)``: a new head adapter, or the unfinished one of an earlier run to finish."""
+    AdapterStore.check_output(output, "partition", storage_options=config.options.storage_options)  # not a fit
     want = {"source": label, "band_rows": band_rows, "order": asdict(config.order), "int8": config.int8,
             "hidden": None if config.hidden is None else str(config.hidden), "hidden_rows": config.hidden_rows}
     if not overwrite and store_exists(str(output)):
@@ -322,9 +345,18 @@ def _write_bands(adapter: AdapterStore, rows: ScratchRows, order: np.ndarray, st
 
 
 def _write_centroid_gate(adapter: AdapterStore) -> None:
-    """Store the centroid gate, unless a trained gate is there already (a resumed build keeps it)."""
-    if adapter.read_band_gate() is not None and adapter.gates_record() is not None:
-        return
+    """Store the centroid gate, unless a trained gate is there already (a resumed build keeps it). A
+    trained gate found damaged is replaced, and its record and training state go with it (they would
+    claim a trained gate): `prismoe fit-gates` trains it again."""
+    if adapter.gates_record() is not None:
+        try:
+            if adapter.read_band_gate() is not None:
+                return
+        except CorruptStoreError:
+            pass
+        del adapter.group.attrs["gates"]
+        if STATE_GROUP in adapter.group:
+            del adapter.group[STATE_GROUP]
     adapter.write_band_gate(*centroid_gate(adapter))
 
 

@@ -253,7 +253,7 @@ def inspect_adapter(url, *, tensor: str | None = None, stats: bool = True, max_b
         pipe_stats = None
         if stats and store.complete:
             tick = None if progress is None else (lambda d, _t, o=done: progress(o + d, total))
-            pipe_stats = tile_stats(CheckedRegion(tiles, (g.d_out, g.d_in), f"tiles of pipe {p} in {url}"), g,
+            pipe_stats = tile_stats(CheckedRegion(tiles, (g.d_out, g.d_in), f"tiles of pipe {p + 1} in {url}"), g,
                                     max_bytes=max_bytes, progress=tick)
             done += g.active_count
         reports.append(PipeReport(
@@ -271,7 +271,10 @@ def inspect_adapter(url, *, tensor: str | None = None, stats: bool = True, max_b
             jobs[name] = [len(record.done()), record.units]
     head = {}
     if store.layout == "partition":
-        gate = store.group["gate_weight"].shape if "gate_weight" in store.group else None
+        gate = store.group["gate_weight"].shape if {"gate_weight", "gate_bias"} <= set(store.group.array_keys()) \
+            else None
+        if stats or gate is None:
+            store.read_band_gate()  # a lost or damaged gate is refused, as infer refuses it
         info = attrs.get("head") or {}
         head = {"layout": store.layout, "combine": store.combine, "fill": attrs.get("fill"), "bands": store.n_bands,
                 "band_rows": store.band_rows, "order": (info.get("order") or {}).get("method", "?"),
@@ -287,7 +290,8 @@ def inspect_adapter(url, *, tensor: str | None = None, stats: bool = True, max_b
 def _gate_info(store, pipe: int, stats: bool) -> dict | None:
     """A pipe's gate: None without one; its shape, and with ``stats`` its norm and bias range."""
     group = store.group[f"pipe{pipe + 1}"]
-    if "gate_weight" not in group:
+    if not {"gate_weight", "gate_bias"} <= set(group.array_keys()):
+        store.read_gate(pipe)  # a lost or half gate is refused as infer refuses it; None: not trained yet
         return None
     info: dict[str, Any] = {"shape": list(group["gate_weight"].shape)}
     if stats:

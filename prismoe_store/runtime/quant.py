@@ -68,7 +68,7 @@ class QuantReport:
     """What one :func:`quantize_adapter` call did (resumed runs report only the tiles they wrote)."""
 
     tiles: int  # tiles quantized by this call (padding-only tiles are recorded, not counted)
-    skipped: int  # tiles already done by an earlier, interrupted run
+    skipped: int  # tiles already done by an earlier run (counted as ``tiles`` is: padding-only tiles left out)
     max_rel_error: float  # largest ‖T − q·s‖_F / ‖T‖_F over the tiles quantized here (0 when none)
     bytes_fp32: int  # bytes of the quantized tiles as float32
     bytes_int8: int  # bytes of the same tiles as INT8 plus their float32 scales
@@ -98,7 +98,8 @@ def quantize_adapter(adapter: AdapterStore, progress: Callable[[int, int], None]
     missing = [set(rec.missing()) for rec in records]
     total = sum(g.workers for g in grids)
     done = total - sum(len(m) for m in missing)
-    skipped, tiles, worst, bytes_fp32, bytes_int8 = done, 0, 0.0, 0, 0
+    skipped = sum(g.active_count - sum(not g.is_padding(j) for j in m) for g, m in zip(grids, missing, strict=True))
+    tiles, worst, bytes_fp32, bytes_int8 = 0, 0.0, 0, 0
     if progress:
         progress(done, total)
     for p, g in enumerate(grids):

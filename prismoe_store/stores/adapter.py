@@ -47,6 +47,7 @@ from prismoe_store.errors import (
     IncompleteStoreError,
     PrismoeError,
     StoreError,
+    StoreFormatError,
 )
 from prismoe_store.grid import GridSpec, plan_partition
 from prismoe_store.stores.adapter_bands import PartitionBands
@@ -54,7 +55,10 @@ from prismoe_store.stores.formats import (
     StoreOptions,
     create_checked,
     create_chunked,
+    existing_kind,
+    location,
     open_checked,
+    open_root,
 )
 from prismoe_store.stores.progress import Progress
 from prismoe_store.stores.records import FitMetrics, FitRecord, GatesRecord
@@ -64,6 +68,7 @@ ADAPTER_FORMAT, ADAPTER_VERSION = "adapter", 1
 MODES = ("joint", "independent")
 LAYOUTS = ("ensemble", "partition")  # each pipe estimates all of z / the pipes split the output rows
 COMBINES = ("mix", "select")  # gate-weighted sum of tiles / selected bands exact, the rest `fill`
+RETRAIN_GATES = "train the gates again (prismoe fit-gates --restart)"  # what repairs a lost or damaged gate
 
 
 class AdapterStore(PartitionBands):
@@ -98,6 +103,8 @@ class AdapterStore(PartitionBands):
             raise DataError(f"mode must be one of {MODES}, got {mode!r}")
         alphas = _check_alphas(alphas, len(grids))
         options = options or StoreOptions()
+        if overwrite:  # --overwrite replaces only an adapter of the same kind
+            cls.check_output(url, "partition" if partition else "ensemble", storage_options=options.storage_options)
         group = create_checked(url, ADAPTER_FORMAT, ADAPTER_VERSION, overwrite=overwrite,
                                storage_options=options.storage_options,
                                attrs={"d_in": d_in, "d_out": d_out, "mode": mode, "alphas": alphas,
@@ -118,6 +125,29 @@ class AdapterStore(PartitionBands):
             job = "prismoe head" if group.attrs.get("layout") == "partition" else "prismoe fit"
             raise IncompleteStoreError(f"adapter {url} is not finished: re-run `{job}` to complete it")
         return store
+
+    @classmethod
+    def check_output(cls, url, layout: str, *, storage_options: dict | None = None) -> str:
+        """``url`` (as :func:`~prismoe_store.stores.formats.location` writes it) when it holds no
+        adapter of the other kind than ``layout`` would write: a fitted adapter (``"ensemble"``) and a
+        head adapter (``"partition"``) never replace each other, with ``--overwrite`` or without
+        (:class:`~prismoe_store.errors.StoreFormatError`). Cheap: reads the root attributes only.
+
+        >>> a = AdapterStore.create_partition("memory://doc-kind", d_in=4, d_out=8, band_rows=4, overwrite=True)
+        >>> AdapterStore.check_output("memory://doc-kind", "ensemble")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        prismoe_store.errors.StoreFormatError: memory://doc-kind holds a head adapter, not a fitted adapter: ...
+        """
+        url = location(url, write=True)
+        if existing_kind(url, storage_options=storage_options) == ADAPTER_FORMAT:
+            found = open_root(url, "r", storage_options=storage_options).attrs.get("layout", "ensemble")
+            if found != layout:
+                kinds = {"ensemble": "a fitted adapter", "partition": "a head adapter"}
+                have, want = kinds.get(found, f"an adapter of layout {found!r}"), kinds.get(layout, layout)
+                raise StoreFormatError(f"{url} holds {have}, not {want}: refusing to replace it (--overwrite "
+                                       f"replaces only {want}); choose another output")
+        return url
 
     @classmethod
     def create_partition(cls, url, *, d_in: int, d_out: int, band_rows: int | None = None,
@@ -308,20 +338,20 @@ class AdapterStore(PartitionBands):
         Every chunk is checked against the store's chunk record (a missing, truncated or swapped
         chunk raises :class:`CorruptStoreError`, never zeros), and so are NaN/Inf values."""
         g = self.grids[pipe]
-        what = f"tile {worker} of pipe {pipe} in {self.url}"
+        what = f"tile {worker} of pipe {pipe + 1} in {self.url}"
         with reading(what):
             return finite(self.tiles(pipe)[g.tile_region(worker)], what)
 
     def read_band(self, pipe: int, row: int) -> np.ndarray:
         """Output band ``row`` of a pipe, ``[tile_out, d_in_pad]`` (checked as :meth:`read_tile`)."""
         g = self.grids[pipe]
-        what = f"band {row} of pipe {pipe} in {self.url}"
+        what = f"band {row} of pipe {pipe + 1} in {self.url}"
         with reading(what):
             return finite(self.tiles(pipe)[row * g.tile_out:(row + 1) * g.tile_out, :], what)
 
     def dense(self, pipe: int) -> np.ndarray:
         """The pipe's tiles assembled into ``[d_out, d_in]`` (small adapters, tests, baselines)."""
-        what = f"tiles of pipe {pipe} in {self.url}"
+        what = f"tiles of pipe {pipe + 1} in {self.url}"
         with reading(what):
             return finite(self.tiles(pipe)[: self.d_out, : self.d_in], what)
 
@@ -372,7 +402,7 @@ class AdapterStore(PartitionBands):
         qa, sa = self.int8_arrays(pipe)
         rows, _ = g.tile_region(worker)
         c = g.row_col(worker)[1]
-        what = f"INT8 tile {worker} of pipe {pipe} in {self.url}"
+        what = f"INT8 tile {worker} of pipe {pipe + 1} in {self.url}"
         with reading(what):
             return qa[g.tile_region(worker)], finite(sa[rows, c], what)
 
@@ -385,7 +415,8 @@ class AdapterStore(PartitionBands):
             raise DataError(f"gate must be [{g.workers}, {self.d_in}] and [{g.workers}], "
                             f"got {weight.shape}, {bias.shape}")
         if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
-            raise DataError(f"the gate of pipe {pipe} holds NaN or Inf: refusing to store it (the stored gate is kept)")
+            raise DataError(f"the gate of pipe {pipe + 1} holds NaN or Inf: refusing to store it "
+                            "(the stored gate is kept)")
         pg = self._pipe(pipe)
         for name, data in (("gate_weight", weight), ("gate_bias", bias)):
             if name not in pg:
@@ -397,7 +428,8 @@ class AdapterStore(PartitionBands):
 
         Raises :class:`~prismoe_store.errors.CorruptStoreError` for a damaged gate, and for a missing
         one when the ``gates`` record says training finished (every pipe of a fitted adapter then has
-        its gate; a head adapter's band gate is :meth:`read_band_gate`'s)."""
+        its gate; a head adapter's band gate is :meth:`read_band_gate`'s); the message names the pipe
+        as its folder does (``pipe=1`` is "pipe 2") and the command that repairs it."""
         pg = self._pipe(pipe)
         present = [name in pg for name in ("gate_weight", "gate_bias")]
         if not all(present):
@@ -407,10 +439,10 @@ class AdapterStore(PartitionBands):
                 why = ("damaged, or its first write was cut short" if any(present)
                        else "whose gate training is recorded as finished")
                 raise CorruptStoreError(f"the gate of pipe {pipe + 1} ({'half ' if any(present) else ''}missing) in "
-                                        f"{self.url}, {why}: train the gates again (prismoe fit-gates --restart)")
+                                        f"{self.url}, {why}: {RETRAIN_GATES}")
             return None
-        what = f"gate of pipe {pipe} in {self.url}"
-        with reading(what):
+        what = f"gate of pipe {pipe + 1} in {self.url}"
+        with reading(what, advice=RETRAIN_GATES):
             return (finite(self._array(pipe, "gate_weight")[...], what),
                     finite(self._array(pipe, "gate_bias")[...], what))
 

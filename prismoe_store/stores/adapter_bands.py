@@ -150,15 +150,34 @@ class PartitionBands:
             self.group[name][...] = data
 
     def read_band_gate(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(weight [bands, d_in], bias [bands])``, or ``None`` when the adapter has no band gate."""
+        """``(weight [bands, d_in], bias [bands])``, or ``None`` while the head is being built (its
+        band gate is written last).
+
+        Raises :class:`~prismoe_store.errors.CorruptStoreError` for a damaged gate, half a gate, and a
+        missing one in a finished head adapter (which always has one); the message names the command
+        that writes it again (:meth:`band_gate_advice`).
+        """
         self._require_partition()
-        if "gate_weight" not in self.group:
+        present = [name in self.group for name in ("gate_weight", "gate_bias")]
+        if not all(present):
+            if any(present) or self.group.attrs.get("complete"):
+                why = ("damaged, or its first write was cut short" if any(present)
+                       else "which a finished head adapter always has")
+                raise CorruptStoreError(f"the band gate of {self.url} is {'half ' if any(present) else ''}missing, "
+                                        f"{why}: {self.band_gate_advice()}")
             return None
-        with reading(f"band gate in {self.url}"):
+        with reading(f"band gate in {self.url}", advice=self.band_gate_advice()):
             weight, bias = self.group["gate_weight"][...], self.group["gate_bias"][...]
-        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
-            raise CorruptStoreError(f"the band gate in {self.url} holds NaN or Inf")
+            finite(weight, f"the band gate of {self.url}")
+            finite(bias, f"the band gate of {self.url}")
         return weight, bias
+
+    def band_gate_advice(self) -> str:
+        """What writes a lost or damaged band gate again: ``prismoe fit-gates --restart`` for a trained
+        gate (its ``gates`` record), else the build's centroid gate (``prismoe head`` re-run)."""
+        if isinstance(self.group.attrs.get("gates"), dict):
+            return "train it again (prismoe fit-gates --restart)"
+        return "re-run the same `prismoe head` command to write it again"
 
     def _require_partition(self) -> None:
         if self.layout != "partition":

@@ -290,15 +290,29 @@ def damaged_chunks(array: zarr.Array, coords: Iterable[tuple[int, ...]]) -> list
 
 
 @contextmanager
-def reading(what: str) -> Iterator[None]:
-    """Turn Zarr's checksum/decoding failures into :class:`CorruptStoreError`."""
+def reading(what: str, advice: str | None = None) -> Iterator[None]:
+    """Turn Zarr's checksum/decoding failures into :class:`CorruptStoreError`; ``advice`` (what repairs
+    it, e.g. the command that writes it again) is added to every such error raised inside.
+
+    >>> try:
+    ...     with reading("x", advice="write it again"):
+    ...         raise CorruptStoreError("chunk c/0 of s is missing")
+    ... except CorruptStoreError as e:
+    ...     print(e)
+    chunk c/0 of s is missing: write it again
+    """
+    tail = f": {advice}" if advice else ""
     try:
         yield
+    except CorruptStoreError as e:
+        if not advice:
+            raise
+        raise CorruptStoreError(f"{e}{tail}") from None
     except (ValueError, RuntimeError, EOFError) as e:
         msg = str(e)
         if "checksum" in msg.lower() or "decompress" in msg.lower() or "zstd" in msg.lower() or "blosc" in msg.lower():
-            raise CorruptStoreError(f"corrupt chunk in {what}: {msg}") from None
-        raise CorruptStoreError(f"cannot decode {what}: {msg}") from None
+            raise CorruptStoreError(f"corrupt chunk in {what}: {msg}{tail}") from None
+        raise CorruptStoreError(f"cannot decode {what}: {msg}{tail}") from None
 
 
 

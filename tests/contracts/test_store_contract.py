@@ -203,13 +203,22 @@ def test_another_format_version_is_refused(kind, made):
         kind.cls.open(made)
 
 
+def _create_head(url):
+    return AdapterStore.create_partition(url, d_in=4, d_out=8, band_rows=4, overwrite=True)
+
+
 def test_overwrite_never_replaces_another_kind(kind, made):
     for fmt, create in CREATE.items():
         if fmt != kind.format:
             with pytest.raises(StoreFormatError, match=f"holds an? {kind.format} store"):
                 create(made)
+    head = kind.name == "head-adapter"
+    if kind.format == ADAPTER_FORMAT:  # a fitted adapter and a head adapter are other kinds to each other
+        have, other = ("a head adapter", CREATE[ADAPTER_FORMAT]) if head else ("a fitted adapter", _create_head)
+        with pytest.raises(StoreFormatError, match=f"holds {have}, not"):
+            other(made)
     assert _same(kind.read_all(kind.cls.open(made)), kind.expected())  # untouched
-    CREATE[kind.format](made)  # a store of its own kind is replaced
+    (_create_head if head else CREATE[kind.format])(made)  # a store of its own kind is replaced
     assert FRESH[kind.format](kind.cls.open(made))
 
 

@@ -291,39 +291,27 @@ class AdapterStore(PartitionBands):
         return self._array(pipe, "tiles")
 
     def write_band(self, pipe: int, row: int, band: np.ndarray) -> None:
-        """Write output band ``row`` of a pipe: ``band`` is ``[tile_out, d_in_pad]`` (all its tiles).
-        Tiles wholly in the grid's padding are not stored (they read as zeros): the chunks written
-        are :meth:`band_chunks`."""
+        """Write output band ``row`` of a pipe: ``band`` is ``[tile_out, d_in_pad]`` (all its tiles;
+        those wholly in the grid's padding are not stored and read as zeros: :meth:`band_chunks`)."""
         g = self.grids[pipe]
         if band.shape != (g.tile_out, g.d_in_pad):
             raise DataError(f"band must be {(g.tile_out, g.d_in_pad)}, got {band.shape}")
         self.write_bands(pipe, row, row + 1, band)
 
     def write_bands(self, pipe: int, r0: int, r1: int, bands: np.ndarray) -> None:
-        """Write output bands ``r0:r1`` of a pipe from ``bands [(r1 - r0)·tile_out, ≥ live columns]``,
-        their tiles not wholly in padding only (see :meth:`write_band`)."""
+        """Bands ``r0:r1`` of a pipe from ``bands [(r1 - r0)·tile_out, ≥ live columns]`` (as :meth:`write_band`)."""
         g = self.grids[pipe]
-        rows, cols = g.live_shape
-        hi = min(r1 * g.tile_out, rows)
-        if hi > r0 * g.tile_out:
-            self.tiles(pipe)[r0 * g.tile_out:hi, :cols] = np.asarray(bands[: hi - r0 * g.tile_out, :cols], np.float32)
+        (rows, cols), a = g.live_shape, g.tile_out
+        if min(r1 * a, rows) > r0 * a:
+            self.tiles(pipe)[r0 * a:min(r1 * a, rows), :cols] = np.asarray(bands[: min(r1 * a, rows) - r0 * a, :cols],
+                                                                           np.float32)
 
     def band_chunks(self, pipe: int, row: int) -> list[tuple[zarr.Array, tuple[int, int]]]:
-        """The ``(array, chunk coordinates)`` that writing band ``row`` of a pipe stores: one chunk per
-        tile not wholly in padding (none for a band of padding rows only).
-
-        >>> from prismoe_store.grid import plan_grid
-        >>> a = AdapterStore.create("memory://doc-band-chunks", grids=[plan_grid(6, 10, 16)], overwrite=True)
-        >>> g = a.grids[0]; g.tile_shape, g.padded_shape   # 4 bands of 4 rows (the last all padding), 4 slices
-        ((4, 2), (16, 8))
-        >>> [c for _, c in a.band_chunks(0, 0)], a.band_chunks(0, 3)   # the 4th slice (columns 6, 7) is padding
-        ([(0, 0), (0, 1), (0, 2)], [])
-        """
+        """The ``(array, chunk coordinates)`` that writing band ``row`` of a pipe stores: one per tile
+        not wholly in padding (none for a band of padding rows only)."""
         g = self.grids[pipe]
         rows, cols = g.live_shape
-        if row * g.tile_out >= rows:
-            return []
-        return [(self.tiles(pipe), (row, c)) for c in range(cols // g.tile_in)]
+        return [] if row * g.tile_out >= rows else [(self.tiles(pipe), (row, c)) for c in range(cols // g.tile_in)]
 
     def write_tile(self, pipe: int, worker: int, tile: np.ndarray) -> None:
         """Write one tile ``[tile_out, tile_in]``."""

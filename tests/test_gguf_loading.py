@@ -3,8 +3,7 @@ tokenizer, the config and the weights, the loaded model is the same as without t
 the patched names are back afterwards."""
 
 import pytest
-
-from tests.tiny_models import save_llama, write_llama_gguf
+from tiny_models import save_llama, write_llama_gguf
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

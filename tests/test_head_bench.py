@@ -68,3 +68,28 @@ def test_benchmark_head_command(setup, tmp_path):
     assert (tmp_path / "plots" / "head_top1.png").stat().st_size > 0
     assert "top-1 agreement" in (tmp_path / "r.md").read_text()
     assert plot_head(info, tmp_path / "again.png").endswith("again.png")
+
+
+def test_int8_top1_is_against_the_float32_head(tmp_path):
+    """With INT8 tiles the reference stays the float32 head: top-1 agreement is the INT8 sparse
+    head's argmax against the float32 argmax, so the quantization error counts (even at ρ = 1)."""
+    from prismoe_store.runtime import open_runtime
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((300, 12)).astype(np.float32)
+    w[:, 0] *= 40  # one large column: INT8's per-row scale blurs the others, ties break differently
+    h = rng.standard_normal((400, 12)).astype(np.float32)
+    np.save(tmp_path / "w.npy", w)
+    np.save(tmp_path / "h.npy", h)
+    build_head(str(tmp_path / "w.npy"), str(tmp_path / "a.zarr"), config=HeadConfig(band_rows=16, int8=True))
+    adapter = AdapterStore.open(str(tmp_path / "a.zarr"))
+    r = benchmark_head(adapter, str(tmp_path / "h.npy"), sparsities=(0.25, 1.0), masses=(), batch=64, quant="int8",
+                       baselines=False)
+    ref = (torch.from_numpy(h).double() @ torch.from_numpy(w).double().T).argmax(dim=1)
+    for rho in (0.25, 1.0):
+        with open_runtime(adapter, sparsity=rho, quant="int8") as rt:
+            got = rt(torch.from_numpy(h)).argmax(dim=1)
+        want = float((got == ref).double().mean())
+        row = next(s for s in r["settings"] if s["setting"] == f"rho={rho:g}")
+        assert row["top1"] == pytest.approx(want)
+    assert next(s for s in r["settings"] if s["setting"] == "rho=1")["top1"] < 1.0  # INT8 changed some winners

@@ -270,3 +270,25 @@ def test_rerunning_head_over_a_damaged_finished_head_writes_the_damaged_bands_ag
     for band in range(a.n_bands):
         np.testing.assert_array_equal(a.read_band_tiles(band), w[band * 8:(band + 1) * 8])
     assert build_head(str(tmp_path / "w.npy"), str(out), config=config).already_finished
+
+
+@pytest.mark.parametrize("mode", ["joint", "independent"])
+def test_a_head_built_from_a_fitted_adapter_holds_what_the_adapter_computes(tmp_path, mode):
+    """The head of a fitted adapter is its matrix at ρ = 1 bit for bit (``dense_matrix``: float64
+    sums of α_p s_p W_p, independent tiles scaled by 1/C_live), so `compare` finds max abs diff 0."""
+    from cli.main import main
+    from prismoe_store.grid import plan_pipes
+    from prismoe_store.runtime.dense import dense_matrix
+
+    grids = plan_pipes(24, 40, 8)
+    a = AdapterStore.create(str(tmp_path / "a.zarr"), grids=grids, mode=mode, alphas=(0.5, 0.3, 0.2),
+                            attrs={"complete": True})
+    rng = np.random.default_rng(4)
+    for p, g in enumerate(grids):
+        for r in range(g.rows):
+            a.write_band(p, r, rng.standard_normal((g.tile_out, g.d_in_pad)).astype(np.float32))
+    build_head(str(tmp_path / "a.zarr"), str(tmp_path / "h.zarr"), config=HeadConfig(band_rows=8))
+    head = AdapterStore.open(str(tmp_path / "h.zarr"))
+    assert np.array_equal(dense_matrix(head), dense_matrix(a))
+    r = CliRunner().invoke(main, ["compare", str(tmp_path / "h.zarr"), str(tmp_path / "a.zarr"), "-q", "--atol", "0"])
+    assert r.exit_code == 0, r.output

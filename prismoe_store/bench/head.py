@@ -6,7 +6,10 @@ threshold ``m`` — the runtime's own :meth:`~prismoe_store.runtime.bands.Select
 picks each token's bands ``S`` and (DESIGN §7):
 
 - **top-1 agreement**: the full head's argmax lies in ``S`` (then the sparse argmax is the same
-  token: selected logits are exact, the rest −inf);
+  token: selected logits are exact, the rest −inf). With ``quant="int8"`` the sparse head's logits
+  are the INT8 tiles' (the reference stays the float32 head), and top-1 agreement is whether the
+  argmax of the INT8 logits over ``S`` is the full float32 head's argmax: it counts the INT8
+  error too (the other measures are the routing's, from the reference);
 - **top-5 recall**: share of the full head's top-5 tokens in ``S``;
 - **mass kept** ``M = Σ_{v∈S} p_v``; **KL** of the sparse distribution to the full one,
   ``KL(q ‖ p) = −log M`` (``q = p/M`` on ``S``);
@@ -75,7 +78,8 @@ def benchmark_head(adapter: AdapterStore, hidden, *, sparsities: Sequence[float]
     """
     rows_of, S = open_rows(hidden, adapter.d_in, max_rows)
     V, d = adapter.d_out, adapter.d_in
-    full = SelectRuntime(adapter, RuntimeConfig(sparsity=1.0, quant=quant))
+    full = SelectRuntime(adapter, RuntimeConfig(sparsity=1.0))  # the reference: the float32 head, every band
+    quantized = SelectRuntime(adapter, RuntimeConfig(sparsity=1.0, quant="int8")) if quant == "int8" else None
     a, n = full.band_rows, full.n_bands
     row_bytes = d * (1 if quant == "int8" else 4) + (4 if quant == "int8" else 0)
     gate_bytes, dense_bytes = 4 * n * (d + 1), 4 * V * d
@@ -104,12 +108,13 @@ def benchmark_head(adapter: AdapterStore, hidden, *, sparsities: Sequence[float]
         for start in range(0, S, batch):
             x = torch.from_numpy(rows_of(start, min(S, start + batch)))  # [B, d]
             z = full(x)  # [B, V] token order, exact
+            z8 = quantized(x) if quantized is not None else None  # [B, V] the INT8 tiles' logits
             logp = torch.log_softmax(z, dim=1)  # [B, V]
             top5 = torch.topk(z, 5, dim=1).indices  # [B, 5]
             band_logp = _band_sum(logp, tok_band, n)  # [B, n] log band mass
             for name, (_, router) in routers.items():
                 chosen = router.chosen(x)  # [B, n]
-                _accumulate(sums[name], chosen, band_logp, tok_band, top5, rows_per_band=main_rows)
+                _accumulate(sums[name], chosen, band_logp, tok_band, top5, rows_per_band=main_rows, sparse=z8)
             if contiguous is not None:
                 c_logp = _band_sum(logp, contiguous_band, contiguous.n)
                 for r in sparsities:
@@ -121,6 +126,8 @@ def benchmark_head(adapter: AdapterStore, hidden, *, sparsities: Sequence[float]
             if progress:
                 progress(min(S, start + batch), S)
     full.close()
+    if quantized is not None:
+        quantized.close()
     result: dict[str, Any] = {"rows": S, "V": V, "d": d, "bands": n, "band_rows": a, "quant": quant or "fp32",
               "settings": [sums[name].result(name, value, V, row_bytes, gate_bytes, dense_bytes)
                            for name, (value, _) in routers.items()]}
@@ -149,10 +156,15 @@ def _band_sum(logp: torch.Tensor, band: torch.Tensor, n: int) -> torch.Tensor:
     return mass.log() + m
 
 
-def _accumulate(s: _Sums, chosen, band_logp, tok_band, top5, *, rows_per_band) -> None:
+def _accumulate(s: _Sums, chosen, band_logp, tok_band, top5, *, rows_per_band, sparse=None) -> None:
+    """Add a batch's measures; ``sparse`` (``[B, V]``, optional): the logits the sparse head computes
+    (INT8 tiles), whose argmax over the chosen bands must be the reference's top token."""
     B = chosen.shape[0]
-    top1_band = tok_band[top5[:, 0]]  # [B]
-    s.top1 += float(chosen[torch.arange(B), top1_band].sum())
+    if sparse is None:  # exact logits: the top token survives exactly when its band is chosen
+        s.top1 += float(chosen[torch.arange(B), tok_band[top5[:, 0]]].sum())
+    else:
+        pred = torch.where(chosen[:, tok_band], sparse, float("-inf")).argmax(dim=1)  # [B]
+        s.top1 += float((pred == top5[:, 0]).sum())
     s.top5 += float(torch.gather(chosen, 1, tok_band[top5]).float().mean(dim=1).sum())
     mass = (band_logp.exp() * chosen).sum(dim=1).clamp_max(1.0)  # [B]
     s.mass += float(mass.sum())

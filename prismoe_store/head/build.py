@@ -241,9 +241,10 @@ def _open_source(source, tensor: str | None):
     if is_store(source):
         from prismoe_store.inspection.common import store_format
 
-        if store_format(source) == "adapter":
-            adapter = AdapterStore.open(source, require_complete=True)
-            return _AdapterMatrix(adapter), f"{source}:combined"
+        if store_format(source) == "adapter":  # what the adapter computes with every tile (float64 sums)
+            from prismoe_store.runtime.dense import DenseView
+
+            return DenseView(AdapterStore.open(source, require_complete=True)), f"{source}:combined"
         if tensor is not None:  # an alias in a weights store: the one tensor named like it
             from prismoe_store.stores.weights import WeightsStore
 
@@ -273,28 +274,6 @@ def _refuse_bias(source, tensor: str | None, opened) -> None:
         where = bias if isinstance(bias, str) else "stored"
         raise DataError(f"{opened.label} has a bias added to its outputs ({where}): "
                         "head adapters hold x Wᵀ only and would drop it; this head cannot be served sparsely yet")
-
-
-class _AdapterMatrix:
-    """An adapter's combined matrix ``Σ_p α_p W_p`` (ensemble) or its rows in token order (partition),
-    sliced by rows."""
-
-    def __init__(self, adapter: AdapterStore):
-        self.adapter = adapter  # the source adapter
-        self.shape = (adapter.d_out, adapter.d_in)  # [V, d]
-        self._inverse = None  # token id -> adapter row, for a partition adapter
-        if adapter.layout == "partition":
-            self._inverse = np.argsort(adapter.read_order())
-
-    def __getitem__(self, key) -> np.ndarray:
-        rows = key[0] if isinstance(key, tuple) else key
-        a = self.adapter
-        if self._inverse is not None:
-            return a.read_rows(self._inverse[rows])
-        out = np.zeros((rows.stop - rows.start, a.d_in), np.float32)
-        for p, alpha in enumerate(a.alphas):
-            out += alpha * a.tiles(p)[rows, : a.d_in]
-        return out
 
 
 # -- the output ---------------------------------------------------------------------------------

@@ -89,9 +89,11 @@ def _routing(adapter: str, pairs: str, sparsity, plot_dir, quiet: bool) -> dict:
               help="Tensor of B (default: --tensor, else A's tensor name when B holds several).")
 @click.option("--atol", type=float, default=0.0, show_default=True,
               help="Succeed (exit 0) only when max |A - B| <= ATOL.")
+@click.option("--int8", "int8", is_flag=True,
+              help="Adapter stores: compare their INT8 tiles (after `prismoe quantize`), dequantized, not float32.")
 @json_option()
 @quiet_option
-def compare_cmd(a, b, tensor, tensor_b, atol, as_json, quiet):
+def compare_cmd(a, b, tensor, tensor_b, atol, int8, as_json, quiet):
     """Compare matrix A with reference B: max abs diff, relative Frobenius error, cosine.
 
     A and B are each a weights store (the tensor name may be left out when it holds one), a
@@ -103,8 +105,8 @@ def compare_cmd(a, b, tensor, tensor_b, atol, as_json, quiet):
     Example: `prismoe compare head.zarr model.gguf --tensor lm_head` checks that a head adapter
     holds the model's head exactly (max abs diff 0).
     """
-    ma = open_matrix(a, tensor=tensor)
-    mb = open_matrix(b, tensor=tensor_b or tensor, fallback=ma.name or None)
+    ma = open_matrix(a, tensor=tensor, int8=int8)
+    mb = open_matrix(b, tensor=tensor_b or tensor, fallback=ma.name or None, int8=int8)
     with bar("compare", quiet=quiet, unit="block") as progress:
         c = compare_matrices(ma.array, mb.array, progress=progress)
     ok = c.within(atol)

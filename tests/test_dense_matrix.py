@@ -114,3 +114,23 @@ def test_dense_view_blocks_are_the_dense_matrix(tmp_path, kind):
     assert np.array_equal(view[-7:], whole[-7:])  # negative bounds as NumPy reads them
     with pytest.raises(IndexError):
         view[::2]
+
+
+def test_dense_view_of_int8_tiles_is_what_the_int8_runtime_computes_at_rho_1(tmp_path):
+    """``int8=True`` reads the dequantized INT8 tiles: at ρ = 1 the INT8 runtime computes x times it."""
+    from prismoe_store.runtime.dense import DenseView
+
+    w = np.random.default_rng(0).standard_normal((100, 12)).astype(np.float32)
+    np.save(tmp_path / "w.npy", w)
+    build_head(str(tmp_path / "w.npy"), str(tmp_path / "h.zarr"), config=HeadConfig(band_rows=16, int8=True))
+    head = AdapterStore.open(str(tmp_path / "h.zarr"))
+    for a in (head, _adapter(tmp_path / "a.zarr", "joint")):
+        x = torch.randn(7, a.d_in)
+        if a is not head:
+            from prismoe_store.runtime.quant import quantize_adapter
+
+            quantize_adapter(a)
+        m8 = torch.from_numpy(DenseView(a, int8=True)[:, :])
+        assert not torch.equal(m8, torch.from_numpy(dense_matrix(a)))  # INT8 rounding shows
+        with open_runtime(a, sparsity=1.0, quant="int8") as rt:
+            torch.testing.assert_close(rt(x), x @ m8.T, rtol=1e-4, atol=1e-4)

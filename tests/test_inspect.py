@@ -256,6 +256,25 @@ def test_cli_compare_takes_adapters(tmp_path, write_safetensors):
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["max_abs_diff"] == pytest.approx(0.5)
 
+    r = _run("compare", tmp_path / "a.zarr", tmp_path / "dense.npy", "-q", "--int8")
+    assert r.exit_code == 1 and "prismoe quantize" in r.output and "Traceback" not in r.output, r.output
+    from prismoe_store.runtime.quant import dequantize_tile, quantize_adapter
+
+    quantize_adapter(a)
+    int8 = np.zeros((a.d_out, a.d_in))
+    for p, (alpha, g) in enumerate(zip(a.alphas, a.grids, strict=True)):  # the runtime's INT8 matrix at ρ = 1
+        for j in g.active_workers():
+            rows, cols = g.valid_region(j)
+            t = dequantize_tile(*a.read_tile_int8(p, j)).astype(np.float64)
+            int8[rows, cols] += alpha * t[: rows.stop - rows.start, : cols.stop - cols.start]
+    np.save(tmp_path / "int8.npy", int8.astype(np.float32))
+    r = _run("compare", tmp_path / "a.zarr", tmp_path / "int8.npy", "-q", "--int8", "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["max_abs_diff"] == 0.0, r.output
+    r = _run("compare", tmp_path / "a.zarr", tmp_path / "int8.npy", "-q", "--json", "--atol", "1")
+    assert 0 < json.loads(r.output)["max_abs_diff"] < 0.1  # float32 tiles against their INT8 copy
+    r = _run("compare", tmp_path / "h.zarr", tmp_path / "model.safetensors", "--tensor", "lm_head", "-q", "--int8")
+    assert r.exit_code == 1 and "prismoe quantize" in r.output
+
     AdapterStore.open(str(tmp_path / "a.zarr"), "r+").update_attrs(complete=False)
     r = _run("compare", tmp_path / "a.zarr", tmp_path / "dense.npy", "-q")
     assert r.exit_code == 1 and "Traceback" not in r.output and "not finished" in r.output, r.output

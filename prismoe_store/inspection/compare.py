@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from prismoe_store.errors import DataError, SourceError, TensorNotFoundError
+from prismoe_store.errors import DataError, IncompleteStoreError, SourceError, TensorNotFoundError
 from prismoe_store.grid import GridSpec
 from prismoe_store.inspection.common import DEFAULT_MAX_BYTES, ProgressFn, block_shape, chunk_shape, jsonable, pick_name
 from prismoe_store.runtime.dense import DenseView
+from prismoe_store.runtime.quant import int8_ready
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.formats import existing_kind
 from prismoe_store.stores.verified import reading
@@ -152,7 +153,7 @@ def is_store(path) -> bool:
 
 
 def open_matrix(path, *, tensor: str | None = None, fallback: str | None = None,
-                storage_options: dict | None = None) -> OpenedArray:
+                storage_options: dict | None = None, int8: bool = False) -> OpenedArray:
     """Open a 2-D matrix lazily: a weights store tensor, a checkpoint tensor, or an adapter's matrix.
 
     Checkpoints (``.safetensors``, sharded folders, ``.pt``/``.bin``, ``.gguf``, ``.npy``) are
@@ -162,7 +163,7 @@ def open_matrix(path, *, tensor: str | None = None, fallback: str | None = None,
     store stands for the matrix it computes at ρ = 1 (:class:`~prismoe_store.runtime.dense.DenseView`:
     a fitted adapter's ``Σ_p α_p s_p W_p``, a head adapter's rows in token order): it holds one
     matrix, so ``tensor`` does not apply to it (its name is ``""``), and an unfinished one raises
-    :class:`~prismoe_store.errors.IncompleteStoreError`.
+    :class:`~prismoe_store.errors.IncompleteStoreError`; ``int8`` reads its INT8 tiles, dequantized.
 
     >>> from prismoe_store.grid import plan_grid
     >>> ws = WeightsStore.create("memory://doc-open", overwrite=True)
@@ -174,8 +175,11 @@ def open_matrix(path, *, tensor: str | None = None, fallback: str | None = None,
     path = str(path)
     if is_store(path) and existing_kind(path, storage_options=storage_options) == "adapter":
         adapter = AdapterStore.open(path, storage_options=storage_options, require_complete=True)
+        if int8 and not int8_ready(adapter):
+            raise IncompleteStoreError(f"{path} has no finished INT8 tiles: run `prismoe quantize` first")
         what = "head" if adapter.layout == "partition" else "fitted"
-        return OpenedArray(DenseView(adapter), "", f"{path} ({what} adapter's matrix at ρ = 1)")
+        tiles = "INT8 tiles" if int8 else "float32 tiles"
+        return OpenedArray(DenseView(adapter, int8=int8), "", f"{path} ({what} adapter's matrix at ρ = 1, {tiles})")
     if is_store(path):
         store = WeightsStore.open(path, storage_options=storage_options)
         name = pick_name(store.tensors(), tensor, path, fallback)

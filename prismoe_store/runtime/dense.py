@@ -25,6 +25,7 @@ from typing import cast
 import numpy as np
 
 from prismoe_store.grid import GridSpec
+from prismoe_store.runtime.quant import dequantize_tile
 from prismoe_store.runtime.tile_source import BandSource, TileSource
 
 
@@ -52,7 +53,9 @@ class DenseView:
     ``view[r0:r1, c0:c1]`` is float32 ``[r1 - r0, c1 - c0]`` (steps of 1), built from the tiles that
     overlap the block only, so a caller streaming blocks never holds the whole matrix.
 
-    A fitted adapter's block reads the tiles it overlaps (each read again for every block it
+    With ``int8`` the INT8 tiles are read instead, dequantized as the runtime does (``q · scale``
+    per row; :class:`~prismoe_store.errors.IncompleteStoreError` from the source when there are
+    none). A fitted adapter's block reads the tiles it overlaps (each read again for every block it
     overlaps). A head adapter's rows are in token order, and the tokens of a block lie in many
     bands: bands read are kept, up to ``cache_bytes``, for the next blocks.
 
@@ -65,8 +68,9 @@ class DenseView:
     ((6, 4), [[13.0, 14.0], [17.0, 18.0]])
     """
 
-    def __init__(self, source: TileSource | BandSource, *, cache_bytes: int = 256 << 20):
+    def __init__(self, source: TileSource | BandSource, *, int8: bool = False, cache_bytes: int = 256 << 20):
         self.source = source  # the adapter
+        self.int8 = int8  # read the INT8 tiles, dequantized (``q · scale`` per row), instead of the float32 ones
         self.shape = (int(source.d_out), int(source.d_in))  # (rows, columns) of the matrix
         self.cache_bytes = cache_bytes  # head adapters: most bytes of bands kept between blocks
         self._bands: dict[int, np.ndarray] = {}  # head adapters: band -> float32 [rows, d_in], oldest first
@@ -97,10 +101,15 @@ class DenseView:
                     left, right = max(c0, cols.start), min(c1, cols.stop)
                     if lo >= hi or left >= right:
                         continue
-                    tile = np.asarray(source.read_tile(p, j), np.float64)  # [a, b]
+                    tile = self._tile(source, p, j)  # [a, b] float64
                     w[lo - r0:hi - r0, left - c0:right - c0] += weight * tile[lo - rows.start:hi - rows.start,
                                                                               left - cols.start:right - cols.start]
         return w.astype(np.float32)
+
+    def _tile(self, source: TileSource, p: int, j: int) -> np.ndarray:
+        if not self.int8:
+            return np.asarray(source.read_tile(p, j), np.float64)
+        return dequantize_tile(*source.read_tile_int8(p, j)).astype(np.float64)  # int8 [a, b] · float32 [a]
 
     def _head_block(self, bands: BandSource, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         if self._place is None:
@@ -118,7 +127,9 @@ class DenseView:
     def _band(self, bands: BandSource, b: int) -> np.ndarray:
         """Band ``b``'s rows, float32 ``[rows, d_in]``, kept while they fit ``cache_bytes`` (oldest out first)."""
         got = self._bands.pop(b, None)
-        if got is None:
+        if got is None and self.int8:
+            got = dequantize_tile(*bands.read_band_int8(b))  # int8 [rows, d] · float32 [rows]
+        elif got is None:
             got = np.asarray(bands.read_band_tiles(b), np.float32)
         self._bands[b] = got  # now the newest
         while sum(a.nbytes for a in self._bands.values()) > self.cache_bytes and len(self._bands) > 1:

@@ -56,12 +56,14 @@ def error_line(e: PrismoeError, flags: dict[str, str] | None = None) -> str:
     ... # doctest: +NORMALIZE_WHITESPACE
     "no tensor 'lm_haed' in m.safetensors; it has 2 tensors: lm_head.weight, x — name one with --tensor
     (the aliases lm_head and embedding find the usual names)"
+    >>> error_line(IncompleteStoreError("the adapter has no finished INT8 tiles: run `prismoe quantize` first"))
+    'the adapter has no finished INT8 tiles: run `prismoe quantize` first'
     """
     text = cli_spelling(" ".join(str(e).split()), flags) or type(e).__name__
     if len(text) > MAX_CHARS:  # cut the middle: the start says what is wrong, the end what to do
         text = text[:MAX_CHARS - KEEP_END - 3].rstrip(" ,;") + " … " + text[-KEEP_END:].lstrip()
     hint = next((h for kind, h in HINTS.items() if isinstance(e, kind)), None)
-    if hint and "--tensor" not in text and "re-run" not in text and "--overwrite" not in text:
+    if hint and not any(said in text for said in ("--tensor", "re-run", "--overwrite", "`prismoe ")):  # no remedy yet
         text += f" — {hint}"
     return text
 

@@ -137,10 +137,12 @@ class AdapterReport:
     def text(self) -> str:
         """The human summary of the store."""
         opts = ", ".join(f"{k} {v}" for k, v in self.options.items())
-        state = "complete" if self.complete else "INCOMPLETE: re-run `prismoe fit` to finish it"
+        state = "complete" if self.complete else (
+            f"INCOMPLETE: re-run `prismoe {'head' if self.head else 'fit'}` to finish it")
+        layout = (f"{len(self.alphas)} pipes of whole rows (a head)" if self.head else
+                  f"{self.mode} tiles, {len(self.alphas)} pipes, alphas {', '.join(f'{a:.4g}' for a in self.alphas)}")
         lines = [f"{self.url}: adapter store, format version {self.version} ({opts})",
-                 f"  {self.d_in} → {self.d_out} (d_in → d_out), {self.mode} tiles, {len(self.alphas)} pipes, "
-                 f"alphas {', '.join(f'{a:.4g}' for a in self.alphas)}; {state}"]
+                 f"  {self.d_in} → {self.d_out} (d_in → d_out), {layout}; {state}"]
         if self.head:
             h = self.head
             lines.append(f"  head adapter: {h['layout']} layout, {h['combine']} combine (fill {h['fill']}), "

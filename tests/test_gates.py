@@ -545,3 +545,24 @@ def test_cuda_training_matches_cpu(gated, tmp_path):
     gpu = fit_gates(_copy(fitted, tmp_path / "gpu"), pairs, GateSettings(**kw), device="cuda")
     for h1, h2 in zip(cpu["history"], gpu["history"]):
         assert h1["rel_err"] == pytest.approx(h2["rel_err"], rel=1e-2)
+
+
+def test_the_gain_init_keeps_weights_near_1_on_inputs_with_outlier_dimensions():
+    """A residual stream has dimensions with rare huge values: the init's scores stay within
+    MAX_INIT_SCORES·scale of their mean on the sample, so at ρ = 1 the init gate is the dense product."""
+    from prismoe_store.gates.gate import MAX_INIT_SCORES
+
+    torch.manual_seed(0)
+    grids = plan_pipes(D_IN, D_OUT, WORKERS)
+    dense = [torch.randn(*g.padded_shape) / D_IN ** 0.5 for g in grids]
+    ft = FrozenTiles(dense, grids, [1 / 3] * 3, "joint")
+    x = torch.randn(400, D_IN)
+    x[::50, 3] = 2.5e4  # 8 rows with an outlier dimension
+    z = x @ dense[0][:D_OUT, :D_IN].T
+    gates = init_gates(ft, x, z, kind="gain", scale=0.01)
+    for p, g in enumerate(grids):
+        s = gates.scores(p, x).detach()[:, active_mask(g, torch.device("cpu"))]
+        assert float((s - s.mean()).abs().max()) <= MAX_INIT_SCORES * 0.01 * 1.001
+    y, _ = gated_forward(ft, gates, x, sparsity=1.0)
+    ref = sum(a * (ft.pad(x) @ t.T)[:, :D_OUT] for a, t in zip([1 / 3] * 3, dense, strict=True))
+    assert float((y - ref).norm() / ref.norm()) < 0.2  # weights within about e^±0.1 of 1

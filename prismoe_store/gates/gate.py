@@ -134,6 +134,9 @@ def gated_forward(tiles: FrozenTiles, gates: Gates, x: torch.Tensor, *, sparsity
     assert isinstance(y, torch.Tensor), "an adapter has at least one pipe"
     return y, routings
 
+MAX_INIT_SCORES = 10.0  # most standard deviations (``scale``) an initial score may lie from the mean
+
+
 
 def init_gates(tiles: FrozenTiles, x: torch.Tensor, z: torch.Tensor | None = None, *, kind: str = "gain",
                scale: float = GateSettings.init_scale) -> Gates:
@@ -142,7 +145,11 @@ def init_gates(tiles: FrozenTiles, x: torch.Tensor, z: torch.Tensor | None = Non
     ``gain`` (default): per pipe, a ridge regression (float64) on the standardized input of each
     tile's *gain* ``2⟨T_j x_c, z_r⟩ − ‖T_j x_c‖²`` (how much that tile alone lowers its band's
     squared error on the token), rescaled so the scores have standard deviation ``scale`` across
-    rows and active workers: the init's top-k is the top-k of the predicted gains. ``energy``: the
+    rows and active workers: the init's top-k is the top-k of the predicted gains. Inputs with outlier
+    dimensions (a residual stream's, ``|x|`` up to ~2.5e4 in SmolLM2's layer 12) make a few
+    predictions far out in the tails: the scale then shrinks until no score on the sample lies
+    beyond ``MAX_INIT_SCORES · scale`` of the mean (the top-k is the same; only the weights stay ≈ 1 —
+    without it one tile got ~6× weight and the init gate's R² at ρ = 1 was −42 on that bridge). ``energy``: the
     same with the tile output norm ``‖T_j x_c‖`` (needs no target). ``zero``: all scores 0 (the
     input standardization is still fitted, for training). A small ``scale`` keeps the initial
     ``K·softmax`` weights ≈ 1, so the init changes which tiles are used, not how much.
@@ -187,9 +194,9 @@ def init_gates(tiles: FrozenTiles, x: torch.Tensor, z: torch.Tensor | None = Non
         mu, sd = float(pred.mean()), float(pred.std())
         if not sd > 1e-9 * (abs(mu) + 1e-30):  # every tile predicted alike: nothing to rank by
             theta.zero_()
-        else:
+        else:  # std `scale`, and no score beyond MAX_INIT_SCORES·scale on the sample (outlier inputs)
             theta[-1] -= mu
-            theta *= scale / sd
+            theta *= scale / max(sd, float((pred - mu).abs().max()) / MAX_INIT_SCORES)
         theta[:, ~act] = 0.0
         weights.append(theta[:-1].T.float())
         biases.append(theta[-1].float())

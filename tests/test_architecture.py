@@ -124,3 +124,15 @@ def test_public_surfaces_resolve(stage):
     assert package.__all__, stage
     for name in package.__all__:
         assert getattr(package, name) is not None, f"prismoe_store.{stage}.{name}"
+
+
+def test_the_cli_starts_without_torch():
+    """Every `prismoe` command imports the whole CLI; torch (~2 s and ~180 MB) is imported only by the
+    commands that run a model or a runtime, so `prismoe fit` and the store commands start fast."""
+    import subprocess
+    import sys
+
+    code = "import sys, cli.main; print(sorted(m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

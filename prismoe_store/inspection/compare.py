@@ -26,8 +26,6 @@ import numpy as np
 from prismoe_store.errors import DataError, IncompleteStoreError, SourceError, TensorNotFoundError
 from prismoe_store.grid import GridSpec
 from prismoe_store.inspection.common import DEFAULT_MAX_BYTES, ProgressFn, block_shape, chunk_shape, jsonable, pick_name
-from prismoe_store.runtime.dense import DenseView
-from prismoe_store.runtime.quant import int8_ready
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.formats import existing_kind
 from prismoe_store.stores.verified import reading
@@ -174,6 +172,9 @@ def open_matrix(path, *, tensor: str | None = None, fallback: str | None = None,
     """
     path = str(path)
     if is_store(path) and existing_kind(path, storage_options=storage_options) == "adapter":
+        from prismoe_store.runtime.dense import DenseView  # imports torch: only when an adapter is compared
+        from prismoe_store.runtime.quant import int8_ready
+
         adapter = AdapterStore.open(path, storage_options=storage_options, require_complete=True)
         if int8 and not int8_ready(adapter):
             raise IncompleteStoreError(f"{path} has no finished INT8 tiles: run `prismoe quantize` first")

@@ -101,10 +101,9 @@ def test_collect_takes_output_like_every_command(flag):
     assert flag in option.opts
 
 
-def test_ctrl_c_says_the_work_is_kept_and_the_rerun_finishes_it(tmp_path, monkeypatch):
-    """Ctrl-C in a resumable command: one line (not click's "Aborted!"), exit 130, and the line's
-    promise holds: the same command run again finishes the store, equal to an uninterrupted one."""
-    args = ["synth", "--rows", 700, "--d-in", 6, "--d-out", 5, "--rows-per-chunk", 100, "-q"]
+def _ctrl_c_at_the_third_append(monkeypatch):
+    """Make the third ``PairsStore.append`` raise KeyboardInterrupt (as Ctrl-C there would);
+    returns the real ``append``, to put back."""
     real_append, calls = PairsStore.append, []
 
     def append_then_ctrl_c(self, *a, **kw):
@@ -114,6 +113,14 @@ def test_ctrl_c_says_the_work_is_kept_and_the_rerun_finishes_it(tmp_path, monkey
         return real_append(self, *a, **kw)
 
     monkeypatch.setattr(PairsStore, "append", append_then_ctrl_c)
+    return real_append
+
+
+def test_ctrl_c_says_the_work_is_kept_and_the_rerun_finishes_it(tmp_path, monkeypatch):
+    """Ctrl-C in a resumable command: one line (not click's "Aborted!"), exit 130, and the line's
+    promise holds: the same command run again finishes the store, equal to an uninterrupted one."""
+    args = ["synth", "--rows", 700, "--d-in", 6, "--d-out", 5, "--rows-per-chunk", 100, "-q"]
+    real_append = _ctrl_c_at_the_third_append(monkeypatch)
     cut = _run(*args, "-o", tmp_path / "cut.zarr")
     monkeypatch.setattr(PairsStore, "append", real_append)
     assert cut.exit_code == INTERRUPTED_EXIT == 130
@@ -134,15 +141,7 @@ def test_ctrl_c_of_a_command_that_starts_over_says_to_drop_the_flag(tmp_path, mo
     written before Ctrl-C), equal to an uninterrupted one."""
     args = ["synth", "--rows", 700, "--d-in", 6, "--d-out", 5, "--rows-per-chunk", 100, "-q"]
     PairsStore.create(tmp_path / "cut.zarr", d_in=3, d_out=2)  # something to overwrite
-    real_append, calls = PairsStore.append, []
-
-    def append_then_ctrl_c(self, *a, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_append(self, *a, **kw)
-
-    monkeypatch.setattr(PairsStore, "append", append_then_ctrl_c)
+    real_append = _ctrl_c_at_the_third_append(monkeypatch)
     cut = _run(*args, "-o", tmp_path / "cut.zarr", "--overwrite")
     monkeypatch.setattr(PairsStore, "append", real_append)
     assert cut.exit_code == INTERRUPTED_EXIT

@@ -72,15 +72,11 @@ def _parsed_once() -> Iterator[None]:
     vocabulary string by string: about 1 s a run for SmolLM2): with the readers shared, the same
     value objects come back, so each is parsed once. The cache holds the value object itself and
     checks it is the same one, so an ``id`` is never taken for another object's."""
-    try:
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:  # pragma: no cover - older transformers
+    found = _gguf_utils_attr("_gguf_parse_value")
+    if found is None:
         yield
         return
-    original = getattr(gguf_utils, "_gguf_parse_value", None)
-    if original is None:
-        yield
-        return
+    gguf_utils, original = found
     cache: dict[int, tuple[object, tuple, object]] = {}
 
     def parse(value, data_type):
@@ -113,14 +109,21 @@ def _swapped(module, name: str, value) -> Iterator[None]:
 def _quiet_gguf_bar() -> Iterator[None]:
     """Silence the one bar transformers' GGUF reader draws with plain tqdm (not behind its
     ``disable_progress_bar`` switch), like the others while a model loads."""
+    found = _gguf_utils_attr("tqdm")
+    if found is None:
+        yield
+        return
+    gguf_utils, original = found
+    with _swapped(gguf_utils, "tqdm", lambda *args, **kwargs: original(*args, **{**kwargs, "disable": True})):
+        yield
+
+
+def _gguf_utils_attr(name: str):
+    """``(transformers' GGUF loading module, its attribute name)``, or None when this transformers
+    has no such module or attribute (that part of :func:`gguf_loading` then does nothing)."""
     try:
         from transformers import modeling_gguf_pytorch_utils as gguf_utils
     except ImportError:  # pragma: no cover - older transformers
-        yield
-        return
-    original = getattr(gguf_utils, "tqdm", None)
-    if original is None:
-        yield
-        return
-    with _swapped(gguf_utils, "tqdm", lambda *args, **kwargs: original(*args, **{**kwargs, "disable": True})):
-        yield
+        return None
+    original = getattr(gguf_utils, name, None)
+    return None if original is None else (gguf_utils, original)

@@ -88,7 +88,9 @@ def head_cmd(source, output, tensor, bands, band_rows, order, iterations, hidden
               help="Most bands a token may take under a mass threshold [default: 0.25].")
 @click.option("--max-rows", type=click.IntRange(min=1), default=20000, show_default=True,
               help="Held-out rows used.")
-@click.option("--int8", is_flag=True, help="Route and compute with the INT8 tiles.")
+@click.option("--int8", is_flag=True,
+              help="Compute the selected bands with the INT8 tiles: top-1 agreement is then against the float32 "
+                   "head (it counts the INT8 error); the other columns are the routing's.")
 @click.option("--no-baselines", is_flag=True, help="Skip the contiguous-order and truncated-SVD baselines.")
 @click.option("--markdown", type=click.Path(dir_okay=False), default=None, help="Also write the tables here.")
 @click.option("--plots", "plot_dir", type=click.Path(file_okay=False), default=None,

@@ -90,7 +90,8 @@ def _routing(adapter: str, pairs: str, sparsity, plot_dir, quiet: bool) -> dict:
 @click.option("--atol", type=float, default=0.0, show_default=True,
               help="Succeed (exit 0) only when max |A - B| <= ATOL.")
 @click.option("--int8", "int8", is_flag=True,
-              help="Adapter stores: compare their INT8 tiles (after `prismoe quantize`), dequantized, not float32.")
+              help="A is an adapter store: use its INT8 tiles (after `prismoe quantize`), dequantized, instead of "
+                   "its float32 ones; B's are float32 (`compare ADAPTER ADAPTER --int8` shows the INT8 error).")
 @json_option()
 @quiet_option
 def compare_cmd(a, b, tensor, tensor_b, atol, int8, as_json, quiet):
@@ -106,7 +107,7 @@ def compare_cmd(a, b, tensor, tensor_b, atol, int8, as_json, quiet):
     holds the model's head exactly (max abs diff 0).
     """
     ma = open_matrix(a, tensor=tensor, int8=int8)
-    mb = open_matrix(b, tensor=tensor_b or tensor, fallback=ma.name or None, int8=int8)
+    mb = open_matrix(b, tensor=tensor_b or tensor, fallback=ma.name or None)
     with bar("compare", quiet=quiet, unit="block") as progress:
         c = compare_matrices(ma.array, mb.array, progress=progress)
     ok = c.within(atol)

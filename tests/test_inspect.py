@@ -271,7 +271,10 @@ def test_cli_compare_takes_adapters(tmp_path, write_safetensors):
     r = _run("compare", tmp_path / "a.zarr", tmp_path / "int8.npy", "-q", "--int8", "--json")
     assert r.exit_code == 0 and json.loads(r.output)["max_abs_diff"] == 0.0, r.output
     r = _run("compare", tmp_path / "a.zarr", tmp_path / "int8.npy", "-q", "--json", "--atol", "1")
-    assert 0 < json.loads(r.output)["max_abs_diff"] < 0.1  # float32 tiles against their INT8 copy
+    err = json.loads(r.output)["max_abs_diff"]
+    assert 0 < err < 0.1  # float32 tiles against their INT8 copy
+    r = _run("compare", tmp_path / "a.zarr", tmp_path / "a.zarr", "-q", "--json", "--atol", "1", "--int8")
+    assert r.exit_code == 0 and json.loads(r.output)["max_abs_diff"] == err  # --int8: A's INT8 tiles, B's float32
     r = _run("compare", tmp_path / "h.zarr", tmp_path / "model.safetensors", "--tensor", "lm_head", "-q", "--int8")
     assert r.exit_code == 1 and "prismoe quantize" in r.output
 

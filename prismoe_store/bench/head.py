@@ -228,8 +228,11 @@ class _TruncatedSVD:
 
 def format_head_report(r: dict) -> str:
     """Markdown tables of :func:`benchmark_head`'s result."""
+    note = (" Top-1 agreement is the INT8 sparse head's argmax against the float32 head's (it counts the INT8 "
+            "error); top-5 recall, mass kept and KL are the routing's, from the float32 logits."
+            if r["quant"] == "int8" else "")
     lines = [f"Head {r['V']} × {r['d']}, {r['bands']} bands of {r['band_rows']} rows, {r['quant']}, "
-             f"{r['rows']} held-out rows.", "",
+             f"{r['rows']} held-out rows.{note}", "",
              "| routing | top-1 agreement | top-5 recall | mass kept | KL | rows computed | bytes/token ÷ dense |",
              "|---|---|---|---|---|---|---|"]
     for s in r["settings"]:

@@ -287,8 +287,8 @@ def _loading_note(model) -> str:
     """What loading ``model`` involves, for the notice before it."""
     path = Path(str(model))
     if path.suffix.lower() == ".gguf" or (path.is_dir() and any(path.glob("*.gguf"))):
-        return ("transformers dequantizes the GGUF into float tensors first (for scale: SmolLM2-135M's "
-                "98 MB file loads in about 15 s on 2 cores)")
+        return ("transformers dequantizes the GGUF into float tensors first; for scale, SmolLM2-135M's "
+                "98 MB file loads in about 15 s on 2 cores")
     return "transformers reads the weights; large models take a while"
 
 

@@ -134,8 +134,8 @@ def gated_forward(tiles: FrozenTiles, gates: Gates, x: torch.Tensor, *, sparsity
     assert isinstance(y, torch.Tensor), "an adapter has at least one pipe"
     return y, routings
 
-MAX_INIT_SCORES = 10.0  # most standard deviations (``scale``) an initial score may lie from the mean
 
+MAX_INIT_SCORES = 10.0  # most standard deviations (``scale``) an initial score may lie from the mean
 
 
 def init_gates(tiles: FrozenTiles, x: torch.Tensor, z: torch.Tensor | None = None, *, kind: str = "gain",

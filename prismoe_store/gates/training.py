@@ -34,7 +34,7 @@ from prismoe_store.gates.tiles import FrozenTiles, torch_device
 from prismoe_store.stores.adapter import RETRAIN_GATES, AdapterStore
 from prismoe_store.stores.pairs import PairsStore
 from prismoe_store.stores.records import GatesRecord, SplitRecord
-from prismoe_store.stores.training_state import STATE_GROUP, load_state, save_state
+from prismoe_store.stores.training_state import STATE_GROUP, load_state, save_state, state_meta
 
 
 def _loss(tiles, gates, x, z, s: GateSettings, z_scale: float) -> torch.Tensor:
@@ -176,9 +176,9 @@ def _save_state(adapter: AdapterStore, run: GateRun, settings: GateSettings, spl
 def saved_run(adapter: AdapterStore) -> dict | None:
     """``{"epoch", "epochs", "finished", "stopped"}`` of the gate training saved in ``adapter`` (epochs
     done, the run's target, whether it reached it or stopped early), or ``None``; reads attributes only."""
-    if STATE_GROUP not in adapter.group or "slot" not in adapter.group[STATE_GROUP].attrs:
+    attrs = state_meta(adapter)
+    if attrs is None:
         return None
-    attrs = adapter.group[STATE_GROUP].attrs
     record = adapter.gates_record()
     epoch = int(attrs["epoch"])
     epochs = int(record.settings.get("epochs", epoch)) if record is not None else epoch

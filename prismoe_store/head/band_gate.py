@@ -43,14 +43,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from prismoe_store.errors import CorruptStoreError, DataError, FitError, IncompleteStoreError
+from prismoe_store.errors import DataError, FitError, IncompleteStoreError
 from prismoe_store.gates.settings import BAND_GATE
 from prismoe_store.grid import band_sizes
 from prismoe_store.runtime.slot_pool import SlotPool
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.pairs import holdout_mask, open_rows
 from prismoe_store.stores.records import GatesRecord
-from prismoe_store.stores.training_state import STATE_GROUP, load_state, save_state
+from prismoe_store.stores.training_state import load_state, save_state
 
 ProgressFn = Callable[[int, int], None]
 Stages = Callable[[str], AbstractContextManager[ProgressFn | None]]
@@ -156,9 +156,10 @@ def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = Ban
     n = adapter.n_bands
     k = max(1, math.ceil(config.sparsity * n))
     if saved is None:
-        gate = None if config.restart else _stored_gate(adapter)
+        from prismoe_store.head.build import centroid_gate, stored_band_gate
+
+        gate = None if config.restart else stored_band_gate(adapter)
         if gate is None:
-            from prismoe_store.head.build import centroid_gate
 
             gate = centroid_gate(adapter)
         arrays = {"weight": gate[0], "bias": gate[1]}
@@ -222,17 +223,6 @@ def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = Ban
     return _report(meta, rows=S, held_out=int(held.sum()), status=status, settings=settings,
                    resumed_from=None if saved is None else int(saved[0]["epoch"]),
                    teacher_seconds=teacher_seconds, epoch_seconds=epoch_seconds)
-
-
-def _stored_gate(adapter: AdapterStore) -> tuple[np.ndarray, np.ndarray] | None:
-    """The gate a new run starts from: the stored one; ``None`` (the centroid gate) when the stored
-    one is an untrained centroid gate that was lost or damaged (it is computed again)."""
-    try:
-        return adapter.read_band_gate()
-    except CorruptStoreError:
-        if adapter.gates_record() is not None:  # a trained gate: only --restart gives it up
-            raise
-        return None
 
 
 RESUME_IGNORES = ("epochs", "restart", "device", "cache_bytes")  # settings a resumed run may change
@@ -391,13 +381,3 @@ def _score(weight, bias, rows_of, targets: _Targets, rows: np.ndarray, k: int, d
         loss += float(-(p * torch.log_softmax(s, dim=1)).sum())
     n = len(rows)
     return {"top1": hit / n, "mass": mass / n, "loss": loss / n}
-
-
-def saved_run(adapter: AdapterStore) -> dict | None:
-    """``{"epoch", "epochs", "finished"}`` of the band-gate training saved in ``adapter`` (epochs
-    done, the run's target, whether it reached it), or ``None``; reads attributes only."""
-    if STATE_GROUP not in adapter.group or "slot" not in adapter.group[STATE_GROUP].attrs:
-        return None
-    attrs = adapter.group[STATE_GROUP].attrs
-    epoch, epochs = int(attrs["epoch"]), int(attrs["epochs"])
-    return {"epoch": epoch, "epochs": epochs, "finished": epoch >= epochs}

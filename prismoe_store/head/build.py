@@ -205,16 +205,24 @@ def _recheck_bands(adapter: AdapterStore) -> list[int]:
     return recheck(adapter.progress("head_bands", adapter.n_bands), chunks)
 
 
-def _recheck_gate(adapter: AdapterStore) -> bool:
-    """Read a finished head's band gate (checksums and all); a lost or damaged centroid gate (never
-    trained) is written again (True), a trained one raises the reader's
-    :class:`~prismoe_store.errors.CorruptStoreError`, which names ``prismoe fit-gates --restart``."""
+def stored_band_gate(adapter: AdapterStore) -> tuple[np.ndarray, np.ndarray] | None:
+    """The stored band gate, read whole (checksums and all); ``None`` when there is none or when an
+    untrained (centroid) gate was lost or damaged — it is computed again. A trained gate lost or
+    damaged raises the reader's :class:`~prismoe_store.errors.CorruptStoreError`, which names
+    ``prismoe fit-gates --restart``."""
     try:
-        adapter.read_band_gate()
-        return False
+        return adapter.read_band_gate()
     except CorruptStoreError:
         if adapter.gates_record() is not None:
             raise
+        return None
+
+
+def _recheck_gate(adapter: AdapterStore) -> bool:
+    """A finished head's band gate is read back whole; a lost or damaged centroid gate is written
+    again (True), a trained one is refused (:func:`stored_band_gate`)."""
+    if stored_band_gate(adapter) is not None:
+        return False
     adapter.write_band_gate(*centroid_gate(adapter))
     return True
 

@@ -42,13 +42,20 @@ def save_state(adapter: AdapterStore, arrays: dict[str, np.ndarray], meta: dict)
     root.attrs.update({**meta, "slot": slot})
 
 
+def state_meta(adapter: AdapterStore) -> dict | None:
+    """The saved state's attributes (its record and slot), or ``None`` when there is none; reads no array."""
+    if STATE_GROUP not in adapter.group or "slot" not in adapter.group[STATE_GROUP].attrs:
+        return None
+    return dict(adapter.group[STATE_GROUP].attrs)
+
+
 def load_state(adapter: AdapterStore, what: str) -> tuple[dict, dict[str, np.ndarray]] | None:
     """``(meta, arrays)`` of the saved state, or ``None`` when there is none; ``what`` names it in
     the error a damaged slot raises (:class:`~prismoe_store.errors.CorruptStoreError`)."""
-    if STATE_GROUP not in adapter.group or "slot" not in adapter.group[STATE_GROUP].attrs:
+    meta = state_meta(adapter)
+    if meta is None:
         return None
-    root = adapter.group[STATE_GROUP]
-    meta = dict(root.attrs)
+    slot = adapter.group[STATE_GROUP][f"slot{meta['slot']}"]
     with reading(f"{what} in {adapter.url}"):
-        arrays = {name: np.asarray(arr[...]) for name, arr in root[f"slot{meta['slot']}"].arrays()}
+        arrays = {name: np.asarray(arr[...]) for name, arr in slot.arrays()}
     return meta, arrays

@@ -173,11 +173,14 @@ class GridSpec:
     @property
     def live_shape(self) -> tuple[int, int]:
         """``(rows, cols)`` of the padded matrix that the tiles not wholly in padding cover (whole
-        tiles up to the true matrix's last row and column); the tiles beyond are never stored.
+        tiles up to the true matrix's last row and column); the tiles beyond are never stored. A band
+        grid stores its true rows only, so its live shape is ``(d_out, d_in)``.
 
         >>> plan_grid(576, 576, 512).live_shape  # 64 × 32 tiles: 9 bands, 18 input slices
         (576, 576)
         """
+        if self.is_band_grid:
+            return (self.d_out, self.d_in)
         return (-(-self.d_out // self.tile_out) * self.tile_out, -(-self.d_in // self.tile_in) * self.tile_in)
 
     @property

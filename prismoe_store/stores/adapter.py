@@ -331,7 +331,8 @@ class AdapterStore(PartitionBands):
             return finite(self.tiles(pipe)[g.tile_region(worker)], what)
 
     def read_band(self, pipe: int, row: int) -> np.ndarray:
-        """Output band ``row`` of a pipe, ``[tile_out, d_in_pad]`` (checked as :meth:`read_tile`)."""
+        """Output band ``row`` of a pipe, ``[tile_out, d_in_pad]`` (checked as :meth:`read_tile`); a band
+        grid stores its true rows only, so its last band may be shorter."""
         g = self.grids[pipe]
         what = f"band {row} of pipe {pipe + 1} in {self.url}"
         with reading(what):

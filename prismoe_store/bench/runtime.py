@@ -23,7 +23,7 @@ timed against a dense call on the same token.
 ...     a = synthetic_adapter(d + "/a.zarr", d_in=32, d_out=64, workers=8)
 ...     r = benchmark_runtime(a, repeats=1, batch=4, hit_tokens=1, budgets=(1.0,))
 >>> sorted(r)
-['baselines', 'device', 'fp32', 'hit_rate', 'int8', 'kind', 'schedules', 'shape', 'sparsity']
+['allocator', 'baselines', 'device', 'fp32', 'hit_rate', 'int8', 'kind', 'schedules', 'shape', 'sparsity']
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from prismoe_store.bench.timing import steady_heap
 from prismoe_store.errors import DataError
 from prismoe_store.grid import plan_pipes
 from prismoe_store.runtime.bands import SelectRuntime
@@ -90,8 +91,18 @@ def benchmark_runtime(adapter: TileSource, *, device: str = "cpu", sparsity: flo
     :class:`~prismoe_store.errors.DataError`); the first ``batch``
     are the throughput batch, the first one the latency token, and ``2 * hit_tokens`` rows (one
     token a call, like decoding) drive the hit-rate sweep. ``sparsity`` / ``mass``: the runtime's
-    (None: what the adapter records). Works on fitted and head adapters alike.
+    (None: what the adapter records). Works on fitted and head adapters alike. Everything is
+    timed under :func:`~prismoe_store.bench.timing.steady_heap` (``allocator`` in the report).
     """
+    with steady_heap() as allocator:
+        out = _measure(adapter, device, sparsity, mass, tokens, batch, repeats, hit_tokens, budgets, seed, progress)
+    out["allocator"] = allocator
+    return out
+
+
+def _measure(adapter: TileSource, device: str, sparsity: float | None, mass: float | None, tokens: np.ndarray | None,
+             batch: int, repeats: int, hit_tokens: int, budgets: Sequence[float], seed: int,
+             progress: Callable[[int, int], None] | None) -> dict:
     need = max(batch, 2 * hit_tokens)
     if tokens is None:
         tokens = np.random.default_rng(seed).standard_normal((need, adapter.d_in), dtype=np.float32)
@@ -316,6 +327,8 @@ def format_report(r: dict) -> str:
         lines.append(f"  machine load (1-minute average) {r['load'][0]:.2f} before, {r['load'][1]:.2f} after: "
                      f"with other work running the ratios move from run to run")
     lines += [f"  {g}" for g in r["shape"]["grids"]]
+    if r.get("allocator"):
+        lines.append(f"  timed with {r['allocator']}")
     batch = r["shape"]["batch"]
     for name, s in r["baselines"].items():
         if name != "dense":

@@ -17,11 +17,43 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
+from prismoe_store.fit.runner import keep_freed_memory
+
+GLIBC_DEFAULT = 128 << 10  # glibc's default trim and mmap thresholds, bytes
 MIN_BLOCK_S = 2e-3  # a timing sample is a block of back-to-back calls lasting about this long
 MAX_INNER = 1000  # most calls in one timing block
+
+
+@contextmanager
+def steady_heap() -> Iterator[str]:
+    """While timing, let glibc's malloc keep freed memory mapped for reuse, as jemalloc and
+    tcmalloc do (:func:`~prismoe_store.fit.runner.keep_freed_memory`); yields a line that says which
+    allocator setting the timings ran under.
+
+    By default glibc hands the top of its heap back to the kernel whenever more than a threshold
+    (128 KiB, raised on the fly) lies free there, and the next allocation faults those pages in
+    again, zero-filled. Which call pays depends on where the allocator happened to put its
+    blocks: freeing a 192 KiB logits row of SmolLM2's head took 2–5 ms in some processes and
+    nothing in others, and batch-1 timings doubled at random. Inside, every method is timed alike
+    with freed memory kept; on exit the thresholds go back to glibc's defaults (``GLIBC_DEFAULT``,
+    without its raising them on the fly). Elsewhere (no glibc) nothing changes.
+
+    >>> with steady_heap() as how:
+    ...     how.startswith(("glibc", "the default"))
+    True
+    """
+    if not keep_freed_memory():
+        yield "the default allocator (not glibc: its trimming left as it is)"
+        return
+    try:
+        yield "glibc malloc keeping freed memory for reuse"
+    finally:
+        keep_freed_memory(mmap_threshold=GLIBC_DEFAULT, trim_threshold=GLIBC_DEFAULT)
 
 
 def timed(fn, x: torch.Tensor, sync, inner: int = 1) -> float:
@@ -38,9 +70,9 @@ def speed_against_dense(fn, dense, x1: torch.Tensor, xb: torch.Tensor, repeats: 
     """Median latency (batch 1) and throughput (batch ``len(xb)``) of ``fn`` and of ``dense``, timed
     interleaved (dense, fn, dense, fn, ...) so that both see the same machine load. Each sample is a
     block of back-to-back calls lasting about ``MIN_BLOCK_S`` (so a microsecond ``F.linear`` is timed
-    in its steady state, not cold after the other method ran)."""
+    in its steady state, not cold after the other method ran), under :func:`steady_heap`."""
     sync = torch.cuda.synchronize if x1.is_cuda else (lambda: None)
-    with torch.no_grad():
+    with torch.no_grad(), steady_heap():
         inner = {}
         for name, f, x in (("d1", dense, x1), ("f1", fn, x1), ("db", dense, xb), ("fb", fn, xb)):
             f(x)  # warm

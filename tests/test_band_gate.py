@@ -115,6 +115,22 @@ def _cli(*args):
     return CliRunner().invoke(main, ["fit-gates", *map(str, args)])
 
 
+def test_rerunning_head_over_a_trained_head_names_the_next_step(tmp_path):
+    """Once the band gate is trained, the head command's no-op says so and points at infer, not at
+    fit-gates again."""
+    from cli.main import main
+
+    _planted(tmp_path, rows=400)
+    a, h = tmp_path / "a.zarr", tmp_path / "h.npy"
+    head = ["head", str(tmp_path / "w.npy"), "-o", str(a), "--band-rows", "8"]
+    before = CliRunner().invoke(main, head)
+    assert before.exit_code == 0 and "next: prismoe fit-gates" in before.stdout, before.output
+    assert _cli(a, h, "--epochs", "1").exit_code == 0
+    after = CliRunner().invoke(main, head)
+    assert after.exit_code == 0, after.output
+    assert "its band gate is trained: prismoe infer" in after.stdout and "fit-gates" not in after.stdout
+
+
 def test_fit_gates_on_a_head_resumes_and_knows_a_finished_run(tmp_path):
     _planted(tmp_path, rows=600)
     a, h = tmp_path / "a.zarr", tmp_path / "h.npy"

@@ -284,7 +284,7 @@ def test_cli_compare_takes_adapters(tmp_path, write_safetensors):
     pairs = create_checked(str(tmp_path / "p.zarr"), "pairs", 1)
     assert pairs is not None
     r = _run("compare", tmp_path / "p.zarr", tmp_path / "dense.npy", "-q")
-    assert r.exit_code == 1 and "is a pairs store, not a weights store" in r.output, r.output
+    assert r.exit_code == 1 and "is a pairs store: compare reads matrices" in r.output, r.output
 
 
 # -- the CLI -----------------------------------------------------------------------------------

@@ -319,6 +319,16 @@ def _before(tiles, gates, pairs, split, s: GateSettings, dev, max_rows) -> dict:
     return heldout_metrics(pairs, split, f, device=dev, max_rows=max_rows)
 
 
+def best_epoch_text(epoch: int) -> str:
+    """How a summary names the epoch whose gate was kept; epoch 0 is the starting gate.
+
+    >>> best_epoch_text(0)
+    'best epoch 0 (the starting gate: no epoch beat it on the held-out rows, so it is kept)'
+    """
+    return f"best epoch {epoch}" + (" (the starting gate: no epoch beat it on the held-out rows, so it is kept)"
+                                    if epoch == 0 else "")
+
+
 def format_fit_gates(summary: dict) -> str:
     """Text of :func:`fit_gates`'s summary: the run, then held-out error of the zero, init and trained
     gates beside the dense adapter.
@@ -339,7 +349,7 @@ def format_fit_gates(summary: dict) -> str:
     b, a = r["before"], r["after"]
     lines.append(f"ρ = {r['sparsity']} (K = {', '.join(map(str, r['k']))} per pipe), {r['epochs_run']} epoch"
                  f"{'s' * (r['epochs_run'] != 1)}"
-                 f"{' (stopped early)' if r['stopped_early'] else ''}, best epoch {r['best_epoch']}, "
+                 f"{' (stopped early)' if r['stopped_early'] else ''}, {best_epoch_text(r['best_epoch'])}, "
                  f"{r['heldout_rows']} held-out rows")
     lines.append(f"{'held-out':<18}{'rel. error':>11}{'R²':>9}")
     rows = (("zero gate", b["zero"]), ("init gate", b["init"]), ("trained gate", a), ("dense (ρ=1)", b["dense"]))

@@ -109,6 +109,7 @@ class HeadReport:
     already_finished: bool = False  # the output already held this head, finished: this call wrote nothing
     bands_repaired: int = 0  # of bands_written, those recorded as written before but found damaged or missing
     gate_rewritten: bool = False  # the finished head's (untrained) centroid gate was lost or damaged: written again
+    gate_trained: bool = False  # the head's band gate was trained (`prismoe fit-gates`): the next step is using it
 
     def to_dict(self) -> dict:
         """Plain dict (JSON)."""
@@ -125,13 +126,15 @@ class HeadReport:
         lines = [f"{done} {self.source} ({self.d_out} × {self.d_in}) as {self.bands} bands of "
                  f"{self.band_rows} rows in {len(self.pipe_rows)} pipes {self.pipe_rows}, {self.order} order"
                  + (f" (cohesion {self.cohesion:.3f})" if self.order == "cluster" else "")
-                 + ("" if self.already_finished else f", {self.bands_written} bands written in {self.seconds:.1f} s")
+                 + ("" if self.already_finished
+                    else f", {self.bands_written} bands written, {self.seconds:.1f} s in all")
                  + (f" ({self.bands_repaired} found damaged, written again)" if self.bands_repaired else ""),
                  f"bytes: tiles {self.stored_fp32_bytes / 2**20:.1f} MiB fp32 = {ratio:.3f}× the matrix; "
                  f"gate {self.gate_bytes / 2**20:.2f} MiB ({self.gate_bytes / self.matrix_bytes:.4f}×)"
                  + (f"; INT8 tiles + scales {self.int8_bytes / 2**20:.1f} MiB "
                     f"({self.int8_bytes / self.matrix_bytes:.3f}×)" if self.int8_bytes else ""),
-                 f"next: prismoe fit-gates {self.url} HIDDEN   (hidden states: prismoe collect --target none ...)"]
+                 f"its band gate is trained: prismoe infer {self.url} --input ROWS -o LOGITS.npy" if self.gate_trained
+                 else f"next: prismoe fit-gates {self.url} HIDDEN   (hidden states: prismoe collect --target none ...)"]
         return "\n".join(lines)
 
 
@@ -236,7 +239,7 @@ def _report(adapter: AdapterStore, output, label: str, config: HeadConfig, cohes
                       matrix_bytes=4 * V * d, stored_fp32_bytes=4 * V * d, gate_bytes=4 * len(sizes) * (d + 1),
                       int8_bytes=V * d + 4 * V if config.int8 else None, bands_written=written,
                       seconds=time.perf_counter() - t0, already_finished=finished, bands_repaired=repaired,
-                      gate_rewritten=gate_rewritten)
+                      gate_rewritten=gate_rewritten, gate_trained=adapter.gates_record() is not None)
 
 
 # -- the source ---------------------------------------------------------------------------------

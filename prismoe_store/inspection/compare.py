@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from prismoe_store.errors import DataError, IncompleteStoreError, SourceError, TensorNotFoundError
+from prismoe_store.errors import DataError, IncompleteStoreError, SourceError, StoreFormatError, TensorNotFoundError
 from prismoe_store.grid import GridSpec
 from prismoe_store.inspection.common import DEFAULT_MAX_BYTES, ProgressFn, block_shape, chunk_shape, jsonable, pick_name
 from prismoe_store.stores.adapter import AdapterStore
@@ -171,7 +171,11 @@ def open_matrix(path, *, tensor: str | None = None, fallback: str | None = None,
     ((8, 4), 'w', 4)
     """
     path = str(path)
-    if is_store(path) and existing_kind(path, storage_options=storage_options) == "adapter":
+    kind = existing_kind(path, storage_options=storage_options) if is_store(path) else None
+    if kind == "pairs":  # activation pairs or hidden states: rows of data, not a matrix
+        raise StoreFormatError(f"store at {path} is a pairs store: compare reads matrices (a weights store, an "
+                               "adapter store, a model file or a .npy)")
+    if kind == "adapter":
         from prismoe_store.runtime.dense import DenseView  # imports torch: only when an adapter is compared
         from prismoe_store.runtime.quant import int8_ready
 

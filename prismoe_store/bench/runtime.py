@@ -332,8 +332,8 @@ def format_report(r: dict) -> str:
     batch = r["shape"]["batch"]
     for name, s in r["baselines"].items():
         if name != "dense":
-            lines.append(f"{name} baseline: latency {s['latency_vs_dense']:.2f}× dense, "
-                         f"throughput {s['throughput_vs_dense']:.2f}× dense")
+            lines.append(f"{name} baseline: latency {s['latency_vs_dense']:.2f}× dense{_spread(s, 'latency', True)}, "
+                         f"throughput {s['throughput_vs_dense']:.2f}× dense{_spread(s, 'throughput', True)}")
     for q in ("fp32", "int8"):
         s = r.get(q)
         if not s:
@@ -341,13 +341,15 @@ def format_report(r: dict) -> str:
             continue
         share = f", {s['row_share']:.1%} of the rows a token" if s.get("row_share") else ""
         lines.append(f"{q}: latency (batch 1) {s['latency_vs_dense']:.2f}× dense F.linear "
-                     f"({s['latency_s'] * 1e3:.2f} ms vs {s['dense_latency_s'] * 1e3:.2f} ms{_spread(s, 'latency')}); "
+                     f"(median times {s['latency_s'] * 1e3:.2f} ms vs {s['dense_latency_s'] * 1e3:.2f} ms"
+                     f"{_spread(s, 'latency')}); "
                      f"throughput (batch {batch}) {s['throughput_vs_dense']:.2f}× dense "
-                     f"({s['throughput_tok_s']:.0f} vs {s['dense_throughput_tok_s']:.0f} tokens/s"
+                     f"(from median times {s['throughput_tok_s']:.0f} vs {s['dense_throughput_tok_s']:.0f} tokens/s"
                      f"{_spread(s, 'throughput')}){share}")
     if r.get("int8"):
         s = r["int8"]
-        lines.append(f"int8 vs fp32: latency {s['latency_vs_fp32']:.2f}×, throughput {s['throughput_vs_fp32']:.2f}×, "
+        lines.append(f"int8 vs fp32 (ratios of the median times): latency {s['latency_vs_fp32']:.2f}×, "
+                     f"throughput {s['throughput_vs_fp32']:.2f}×, "
                      f"cache bytes {s['bytes_vs_fp32']:.2f}×, relative output error {s['rel_error_vs_fp32']:.2e}")
     lines.append("device budget sweep over the trace "
                  "(one token a call, warm half excluded; misses from the host tier):")
@@ -368,10 +370,14 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _spread(s: dict, what: str) -> str:
-    """``", middle half of the repeats 1.52–1.71×"`` from a ratio's quartiles (empty without them)."""
+def _spread(s: dict, what: str, alone: bool = False) -> str:
+    """``"; middle half of the repeats 1.52–1.71×"`` from a ratio's quartiles (empty without them);
+    ``alone``: in its own brackets."""
     q = s.get(f"{what}_vs_dense_quartiles")
-    return f"; middle half of the repeats {q[0]:.2f}–{q[1]:.2f}×" if q else ""
+    if not q:
+        return ""
+    spread = f"middle half of the repeats {q[0]:.2f}–{q[1]:.2f}×"
+    return f" ({spread})" if alone else f"; {spread}"
 
 
 def format_markdown(r: dict) -> str:

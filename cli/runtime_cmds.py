@@ -46,9 +46,11 @@ def _runtime_kwargs(device, cache_mb, int8, schedule, sparsity, mass=None) -> di
 def infer_cmd(adapter, input_path, output, device, cache_mb, int8, schedule, sparsity, mass, batch_size, as_json,
               quiet):
     """Run ADAPTER on input rows and write y [rows, d_out] (float32) to OUTPUT."""
+    from prismoe_store.fit import keep_freed_memory
     from prismoe_store.runtime.infer import cache_line, check_output_folder, infer_line, infer_rows
     from prismoe_store.runtime.open import open_runtime
 
+    keep_freed_memory()  # this process runs one job: each batch's logits reuse freed memory, not fresh pages
     check_output_folder(output)
     store = AdapterStore.open(adapter, require_complete=True)
     read, rows = open_rows(input_path, store.d_in)
@@ -105,9 +107,11 @@ def quantize_cmd(adapter, as_json, quiet):
 def generate_cmd(adapter, model, prompts, prompts_file, max_new_tokens, compare, embedding, device, cache_mb, int8,
                  schedule, sparsity, mass, as_json, quiet):
     """Generate greedily from MODEL with its lm_head replaced by ADAPTER (hidden → vocab)."""
+    from prismoe_store.fit import keep_freed_memory
     from prismoe_store.head.generate import compare_summary, generate_all
     from prismoe_store.runtime.infer import cache_line
 
+    keep_freed_memory()  # one job a process: each token's logits reuse freed memory, not fresh pages
     prompts = list(prompts)
     if prompts_file:
         with open(prompts_file, encoding="utf-8") as f:

@@ -79,6 +79,23 @@ def test_quantize_adapter_writes_every_live_tile(tmp_path):
             np.testing.assert_array_equal(s, s_ref)
 
 
+def test_quantize_adapter_stores_no_padding_only_tile(tmp_path):
+    """Like the fit's tiles: one INT8 chunk (and one scales chunk) per live tile, none for a tile
+    wholly in the padding; a re-run finds nothing missing or damaged."""
+    import os
+
+    a = _adapter(tmp_path / "a.zarr")
+    quantize_adapter(a)
+    assert a.grids[0].active_count < a.grids[0].workers  # pipe 1 has padding-only tiles
+    for p, g in enumerate(a.grids):
+        for name in ("tiles_int8", "scales"):
+            root = tmp_path / "a.zarr" / f"pipe{p + 1}" / name / "c"
+            stored = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+            assert stored == sorted(f"{j // g.cols}/{j % g.cols}" for j in g.active_workers()), (p, name)
+    again = quantize_adapter(AdapterStore.open(str(tmp_path / "a.zarr"), "r+"))
+    assert again.tiles == 0 and again.skipped == sum(g.active_count for g in a.grids)
+
+
 def test_quantize_adapter_resumes_without_redoing_tiles(tmp_path):
     a = _adapter(tmp_path / "a.zarr")
     g = a.grids[0]

@@ -94,7 +94,7 @@ def quantize_adapter(adapter: AdapterStore, progress: Callable[[int, int], None]
     grids = adapter.grids
     records = [adapter.progress(f"quantize_pipe{p}", g.workers) for p, g in enumerate(grids)]
     for p, rec in enumerate(records):  # trust only finished tiles whose INT8 chunks still match their records
-        rec.unmark(adapter.damaged_int8_tiles(p, rec.done()))
+        rec.unmark(adapter.damaged_int8_tiles(p, [j for j in rec.done() if not grids[p].is_padding(j)]))
     missing = [set(rec.missing()) for rec in records]
     total = sum(g.workers for g in grids)
     done = total - sum(len(m) for m in missing)
@@ -113,8 +113,10 @@ def quantize_adapter(adapter: AdapterStore, progress: Callable[[int, int], None]
             rows = slice(r * g.tile_out, r * g.tile_out + a)
             by_tile = band.reshape(a, g.cols, g.tile_in)  # [a, C, b]
             q, scales = quantize_tile(by_tile.reshape(-1, g.tile_in))  # [a·C, b], [a·C]: a row per (row, tile)
-            q_arr[rows, :] = q.reshape(a, g.d_in_pad)
-            s_arr[rows, :] = scales.reshape(a, g.cols)
+            live_rows, live_cols = g.live_shape  # tiles wholly in padding are not stored (as the fit's)
+            if r * g.tile_out < live_rows:
+                q_arr[rows, :live_cols] = q.reshape(a, g.d_in_pad)[:, :live_cols]
+                s_arr[rows, : live_cols // g.tile_in] = scales.reshape(a, g.cols)[:, : live_cols // g.tile_in]
             live = [j for j in band_workers if not g.is_padding(j)]
             for j in live:
                 c = j % g.cols

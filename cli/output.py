@@ -27,3 +27,13 @@ def output_store(ctx: click.Context, param: click.Parameter, value: str | None) 
         click.echo(f"note: {value} is an in-memory store: it is gone when this command exits "
                    "(give a path to keep it)", err=True)
     return value
+
+
+def note_head_input(hidden) -> None:
+    """Say on stderr when the hidden states given to a head adapter's command come from another layer
+    than the last (:func:`~prismoe_store.stores.pairs.head_input_note`)."""
+    from prismoe_store.stores.pairs import head_input_note
+
+    note = head_input_note(hidden) if hidden else None
+    if note:
+        click.echo(note, err=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.output import echo_json
+from cli.output import echo_json, note_head_input
 from cli.progress import bar, quiet_option
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.pairs import open_rows
@@ -189,6 +189,8 @@ def bench_runtime_cmd(adapter, hidden, device, sparsity, mass, input_path, d_in,
 
     if hidden and input_path:
         raise click.UsageError("give the input rows once: HIDDEN or --input")
+    if adapter and AdapterStore.open(adapter).layout == "partition":  # a head: its inputs are last-layer states
+        note_head_input(hidden or input_path)
     report = benchmark_runtime_store(adapter, rows=hidden or input_path, d_in=d_in, d_out=d_out, workers=workers,
                                      device=device, sparsity=sparsity, mass=mass, batch=batch, repeats=repeats,
                                      hit_tokens=hit_tokens, threads=threads,

@@ -128,7 +128,39 @@ def test_rerunning_head_over_a_trained_head_names_the_next_step(tmp_path):
     assert _cli(a, h, "--epochs", "1").exit_code == 0
     after = CliRunner().invoke(main, head)
     assert after.exit_code == 0, after.output
-    assert "its band gate is trained: prismoe infer" in after.stdout and "fit-gates" not in after.stdout
+    assert "its band gate is trained: measure it with prismoe benchmark head" in after.stdout
+    assert "fit-gates" not in after.stdout
+
+
+def test_head_with_hidden_states_names_them_in_its_next_step(tmp_path):
+    """`prismoe head --hidden H` orders the vocabulary by H's metric and its next step is
+    fit-gates on the same H; a layer-12 store gets the other-layer note first."""
+    from cli.main import main
+
+    _, _, h, _ = _planted(tmp_path, rows=300)
+    out, hidden = tmp_path / "b.zarr", tmp_path / "h.npy"
+    res = CliRunner().invoke(main, ["head", str(tmp_path / "w.npy"), "-o", str(out), "--band-rows", "8",
+                                    "--hidden", str(hidden)])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip().splitlines()[-1] == f"next: prismoe fit-gates {out} {hidden}"
+
+
+@pytest.mark.parametrize("layer", [12, 30])
+def test_head_commands_note_hidden_states_of_another_layer(tmp_path, layer):
+    """Hidden states collected from layer 12 of 30 have the head's width but are not what it reads:
+    fit-gates and benchmark head say so on stderr (and say nothing for the last layer's)."""
+    from cli.main import main
+
+    _, _, h, _ = _planted(tmp_path, rows=300)
+    store = PairsStore.create(str(tmp_path / "h.zarr"), d_in=h.shape[1], d_out=0, provenance={
+        "kind": "collected", "settings": {"layer": layer, "upper_model": {"num_hidden_layers": 30}}})
+    store.append(h, np.zeros((len(h), 0), np.float32))
+    note = "holds hidden states of layer 12 of 30; a head reads the last layer's"
+    for args in (["fit-gates", tmp_path / "a.zarr", tmp_path / "h.zarr", "--epochs", "1", "-q"],
+                 ["benchmark", "head", tmp_path / "a.zarr", tmp_path / "h.zarr", "--sparsities", "0.5", "-q"]):
+        res = CliRunner().invoke(main, list(map(str, args)))
+        assert res.exit_code == 0, res.output
+        assert (note in res.stderr) == (layer == 12), res.stderr
 
 
 def test_fit_gates_on_a_head_resumes_and_knows_a_finished_run(tmp_path):

@@ -320,7 +320,7 @@ def _speed(fns: dict, x1: torch.Tensor, xb: torch.Tensor, repeats: int, dev: tor
 
 def format_report(r: dict) -> str:
     """The benchmark's numbers as text (ratios first)."""
-    threads = f", {r['threads']} CPU threads" if r.get("threads") else ""
+    threads = f", {r['threads']} CPU thread{'s' * (r['threads'] != 1)}" if r.get("threads") else ""
     rho = f"ρ = {r['sparsity']}" + (f", mass {r['mass']}" if r.get("mass") else "")
     lines = [f"{r['kind']} adapter, device {r['device']}{threads}, {rho}, {r['shape']['d_in']} → {r['shape']['d_out']}"]
     if r.get("load"):
@@ -329,6 +329,8 @@ def format_report(r: dict) -> str:
     lines += [f"  {g}" for g in r["shape"]["grids"]]
     if r.get("allocator"):
         lines.append(f"  timed with {r['allocator']}")
+    lines.append("  each ratio to dense is the median of the ratios taken within each repeat, not the ratio of the "
+                 "median times printed beside it")
     batch = r["shape"]["batch"]
     for name, s in r["baselines"].items():
         if name != "dense":
@@ -341,11 +343,11 @@ def format_report(r: dict) -> str:
             continue
         share = f", {s['row_share']:.1%} of the rows a token" if s.get("row_share") else ""
         lines.append(f"{q}: latency (batch 1) {s['latency_vs_dense']:.2f}× dense F.linear "
-                     f"(median times {s['latency_s'] * 1e3:.2f} ms vs {s['dense_latency_s'] * 1e3:.2f} ms"
-                     f"{_spread(s, 'latency')}); "
+                     f"({_spread(s, 'latency')[2:]}{'; ' * bool(_spread(s, 'latency'))}median times "
+                     f"{s['latency_s'] * 1e3:.2f} ms and dense {s['dense_latency_s'] * 1e3:.2f} ms); "
                      f"throughput (batch {batch}) {s['throughput_vs_dense']:.2f}× dense "
-                     f"(from median times {s['throughput_tok_s']:.0f} vs {s['dense_throughput_tok_s']:.0f} tokens/s"
-                     f"{_spread(s, 'throughput')}){share}")
+                     f"({_spread(s, 'throughput')[2:]}{'; ' * bool(_spread(s, 'throughput'))}median rates "
+                     f"{s['throughput_tok_s']:.0f} and dense {s['dense_throughput_tok_s']:.0f} tokens/s){share}")
     if r.get("int8"):
         s = r["int8"]
         lines.append(f"int8 vs fp32 (ratios of the median times): latency {s['latency_vs_fp32']:.2f}×, "

@@ -110,6 +110,7 @@ class HeadReport:
     bands_repaired: int = 0  # of bands_written, those recorded as written before but found damaged or missing
     gate_rewritten: bool = False  # the finished head's (untrained) centroid gate was lost or damaged: written again
     gate_trained: bool = False  # the head's band gate was trained (`prismoe fit-gates`): the next step is using it
+    hidden: str | None = None  # the hidden-state rows the vocabulary order used (--hidden), for the next step
 
     def to_dict(self) -> dict:
         """Plain dict (JSON)."""
@@ -133,7 +134,9 @@ class HeadReport:
                  f"gate {self.gate_bytes / 2**20:.2f} MiB ({self.gate_bytes / self.matrix_bytes:.4f}×)"
                  + (f"; INT8 tiles + scales {self.int8_bytes / 2**20:.1f} MiB "
                     f"({self.int8_bytes / self.matrix_bytes:.3f}×)" if self.int8_bytes else ""),
-                 f"its band gate is trained: prismoe infer {self.url} --input ROWS -o LOGITS.npy" if self.gate_trained
+                 f"its band gate is trained: measure it with prismoe benchmark head {self.url} HELD_OUT_HIDDEN, "
+                 f"or run it: prismoe generate {self.url} --model MODEL --compare" if self.gate_trained
+                 else f"next: prismoe fit-gates {self.url} {self.hidden}" if self.hidden
                  else f"next: prismoe fit-gates {self.url} HIDDEN   (hidden states: prismoe collect --target none ...)"]
         return "\n".join(lines)
 
@@ -239,7 +242,8 @@ def _report(adapter: AdapterStore, output, label: str, config: HeadConfig, cohes
                       matrix_bytes=4 * V * d, stored_fp32_bytes=4 * V * d, gate_bytes=4 * len(sizes) * (d + 1),
                       int8_bytes=V * d + 4 * V if config.int8 else None, bands_written=written,
                       seconds=time.perf_counter() - t0, already_finished=finished, bands_repaired=repaired,
-                      gate_rewritten=gate_rewritten, gate_trained=adapter.gates_record() is not None)
+                      gate_rewritten=gate_rewritten, gate_trained=adapter.gates_record() is not None,
+                      hidden=None if config.hidden is None else str(config.hidden))
 
 
 # -- the source ---------------------------------------------------------------------------------

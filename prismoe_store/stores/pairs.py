@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import numpy as np
 import zarr
 
-from prismoe_store.errors import DataError
+from prismoe_store.errors import DataError, StoreError
 from prismoe_store.grid import plan_pipes
 from prismoe_store.stores.formats import StoreOptions, create_checked, create_chunked, open_checked
 from prismoe_store.stores.verified import damaged_chunks, reading
@@ -391,3 +391,28 @@ def screen_nonfinite(x: np.ndarray, z: np.ndarray, on_nonfinite: str = "error", 
     x[bad] = 0.0
     z[bad] = 0.0
     return x, z, count
+
+
+def head_input_note(source) -> str | None:
+    """A one-line note when ``source`` (a pairs store's path/URL or :class:`PairsStore`; anything
+    else gives ``None``) holds hidden states collected from a layer other than the model's last one:
+    a head (``lm_head``) reads the last layer's states, after the final norm, and its gate and
+    quality figures mean little on another layer's. ``None`` when the store does not say.
+
+    >>> s = PairsStore.create("memory://doc-note", d_in=4, d_out=0, overwrite=True, provenance={
+    ...     "kind": "collected", "settings": {"layer": 12, "upper_model": {"num_hidden_layers": 30}}})
+    >>> print(head_input_note(s).split("; ")[0])
+    note: memory://doc-note holds hidden states of layer 12 of 30
+    """
+    if isinstance(source, (str, os.PathLike)) and (str(source).endswith(".npy") or os.path.isfile(source)):
+        return None
+    try:
+        store = source if isinstance(source, PairsStore) else PairsStore.open(source)
+    except StoreError:
+        return None  # the command's own reading names what is wrong with it
+    settings = store.provenance.get("settings") or {}
+    layer, layers = settings.get("layer"), (settings.get("upper_model") or {}).get("num_hidden_layers")
+    if not isinstance(layer, int) or not isinstance(layers, int) or layer == layers:
+        return None
+    return (f"note: {store.url} holds hidden states of layer {layer} of {layers}; a head reads the last "
+            f"layer's ({layers}, `prismoe collect --layer -1`, the default)")

@@ -230,7 +230,7 @@ def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_js
     if r.status == "resumed":  # said with --quiet too, as the fitted gates' summary does
         click.echo(f"resumed from epoch {r.resumed_from}")
     click.echo(f"band gate: {r.rows} hidden-state rows ({r.held_out} held out), {r.epochs} epoch"
-               f"{'s' * (r.epochs != 1)}, {_gates().best_epoch_text(r.best_epoch)}{timing}")
+               f"{'s' * (r.epochs != 1)}, {_gates().best_epoch_text(r.best_epoch, r.epochs)}{timing}")
     click.echo(f"held-out at ρ = {config.sparsity}: top-1 band recall {b['top1']:.4f} → {a['top1']:.4f}, "
                f"mass kept {b['mass']:.4f} → {a['mass']:.4f}")
 

@@ -179,7 +179,8 @@ def generate_cmd(adapter, model, prompts, prompts_file, max_new_tokens, compare,
 def bench_runtime_cmd(adapter, hidden, device, sparsity, mass, input_path, d_in, d_out, workers, batch, repeats,
                       hit_tokens, threads, as_json, markdown, plots, quiet):
     """Runtime speed against dense F.linear, naive offload and a host-side matrix; INT8 vs fp32;
-    hit rate and latency against the device budget over a decoding trace; serial vs parallel pipes.
+    hit rate and latency against the device budget over a decoding trace; serial vs parallel pipes
+    (fitted adapters: a head has no pipe schedule).
 
     ADAPTER is a fitted or a head adapter; HIDDEN the input rows in trace order (e.g. a hidden-state
     store from `prismoe collect --target none`). Without ADAPTER a synthetic three-pipe adapter of

@@ -319,14 +319,19 @@ def _before(tiles, gates, pairs, split, s: GateSettings, dev, max_rows) -> dict:
     return heldout_metrics(pairs, split, f, device=dev, max_rows=max_rows)
 
 
-def best_epoch_text(epoch: int) -> str:
-    """How a summary names the epoch whose gate was kept; epoch 0 is the starting gate.
+def best_epoch_text(epoch: int, last: int | None = None) -> str:
+    """How a summary names the epoch whose gate was kept (``last``: the last epoch run); epoch 0 is
+    the starting gate, and a best last epoch means the gate was still improving.
 
     >>> best_epoch_text(0)
     'best epoch 0 (the starting gate: no epoch beat it on the held-out rows, so it is kept)'
+    >>> best_epoch_text(2, last=2)
+    'best epoch 2 (the last: still improving, a larger --epochs continues it)'
     """
-    return f"best epoch {epoch}" + (" (the starting gate: no epoch beat it on the held-out rows, so it is kept)"
-                                    if epoch == 0 else "")
+    if epoch == 0:
+        return "best epoch 0 (the starting gate: no epoch beat it on the held-out rows, so it is kept)"
+    return f"best epoch {epoch}" + (" (the last: still improving, a larger --epochs continues it)"
+                                    if epoch == last else "")
 
 
 def format_fit_gates(summary: dict) -> str:
@@ -334,10 +339,10 @@ def format_fit_gates(summary: dict) -> str:
     gates beside the dense adapter.
 
     >>> m = {"rel_err": 0.5, "r2": 0.75}
-    >>> print(format_fit_gates({"resumed_from": None, "sparsity": 0.5, "k": [2], "epochs_run": 1, "best_epoch": 1,
+    >>> print(format_fit_gates({"resumed_from": None, "sparsity": 0.5, "k": [2], "epochs_run": 2, "best_epoch": 1,
     ...                         "stopped_early": False, "heldout_rows": 9,
     ...                         "before": {"zero": m, "init": m, "dense": m}, "after": m}))
-    ρ = 0.5 (K = 2 per pipe), 1 epoch, best epoch 1, 9 held-out rows
+    ρ = 0.5 (K = 2 per pipe), 2 epochs, best epoch 1, 9 held-out rows
     held-out           rel. error       R²
     zero gate              0.5000   0.7500
     init gate              0.5000   0.7500
@@ -349,7 +354,8 @@ def format_fit_gates(summary: dict) -> str:
     b, a = r["before"], r["after"]
     lines.append(f"ρ = {r['sparsity']} (K = {', '.join(map(str, r['k']))} per pipe), {r['epochs_run']} epoch"
                  f"{'s' * (r['epochs_run'] != 1)}"
-                 f"{' (stopped early)' if r['stopped_early'] else ''}, {best_epoch_text(r['best_epoch'])}, "
+                 f"{' (stopped early)' if r['stopped_early'] else ''}, "
+                 f"{best_epoch_text(r['best_epoch'], r['epochs_run'])}, "
                  f"{r['heldout_rows']} held-out rows")
     lines.append(f"{'held-out':<18}{'rel. error':>11}{'R²':>9}")
     rows = (("zero gate", b["zero"]), ("init gate", b["init"]), ("trained gate", a), ("dense (ρ=1)", b["dense"]))

@@ -37,3 +37,20 @@ def note_head_input(hidden) -> None:
     note = head_input_note(hidden) if hidden else None
     if note:
         click.echo(note, err=True)
+
+
+def note_input_layer(store, rows) -> None:
+    """Say on stderr when the input ``rows`` given to an adapter ``store`` come from another model
+    layer than it expects: a head, the last layer's; a fitted adapter, its training pairs' layer."""
+    from prismoe_store.stores.pairs import fitted_input_note
+
+    if not rows:
+        return
+    if store.layout == "partition":
+        note_head_input(rows)
+        return
+    record = store.fit_record()
+    fitted_on = (record.pairs or {}).get("url") if record is not None else None
+    note = fitted_input_note(rows, fitted_on) if fitted_on else None
+    if note:
+        click.echo(note, err=True)

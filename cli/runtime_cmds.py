@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.output import echo_json, note_head_input
+from cli.output import echo_json, note_input_layer
 from cli.progress import bar, quiet_option
 from prismoe_store.stores.adapter import AdapterStore
 from prismoe_store.stores.pairs import open_rows
@@ -54,6 +54,7 @@ def infer_cmd(adapter, input_path, output, device, cache_mb, int8, schedule, spa
     check_output_folder(output)
     store = AdapterStore.open(adapter, require_complete=True)
     read, rows = open_rows(input_path, store.d_in)
+    note_input_layer(store, input_path)
     rt = open_runtime(store, **_runtime_kwargs(device, cache_mb, int8, schedule, sparsity, mass))
     with bar("infer", quiet=quiet or as_json, unit="row") as progress:
         stats = infer_rows(rt, read, rows, output, batch_size=batch_size, progress=progress)
@@ -190,8 +191,8 @@ def bench_runtime_cmd(adapter, hidden, device, sparsity, mass, input_path, d_in,
 
     if hidden and input_path:
         raise click.UsageError("give the input rows once: HIDDEN or --input")
-    if adapter and AdapterStore.open(adapter).layout == "partition":  # a head: its inputs are last-layer states
-        note_head_input(hidden or input_path)
+    if adapter:
+        note_input_layer(AdapterStore.open(adapter), hidden or input_path)
     report = benchmark_runtime_store(adapter, rows=hidden or input_path, d_in=d_in, d_out=d_out, workers=workers,
                                      device=device, sparsity=sparsity, mass=mass, batch=batch, repeats=repeats,
                                      hit_tokens=hit_tokens, threads=threads,

@@ -415,3 +415,35 @@ def test_row_splits_do_not_depend_on_chunking(seed, start, n):
     np.testing.assert_array_equal(whole, np.concatenate([row_uniform(seed, start, cut),
                                                          row_uniform(seed, cut, start + n)]))
     np.testing.assert_array_equal(holdout_mask(seed, start, start + n, 0.2), whole < 0.2)
+
+
+def _collected(path, layer: int, rows: int = 400, d: int = 8, seed: int = 0) -> PairsStore:
+    """A pairs store as `prismoe collect` records it: x from model layer ``layer`` of 30."""
+    rng = np.random.default_rng(seed)
+    store = PairsStore.create(str(path), d_in=d, d_out=d, provenance={
+        "kind": "collected", "settings": {"layer": layer, "upper_model": {"num_hidden_layers": 30}}})
+    x = rng.standard_normal((rows, d), dtype=np.float32)
+    store.append(x, x @ rng.standard_normal((d, d), dtype=np.float32))
+    return store
+
+
+def test_infer_notes_rows_from_another_layer_than_the_fit(tmp_path):
+    """A fitted adapter expects rows from the layer of its training pairs: `infer` says so on stderr
+    for rows collected from another layer (same width, so nothing else would), and says nothing for
+    rows of the same layer or a .npy that does not say."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+    from prismoe_store.fit import FitConfig, fit
+    from prismoe_store.stores.pairs import collected_layer, fitted_input_note
+
+    train, other = _collected(tmp_path / "l12.zarr", 12), _collected(tmp_path / "l30.zarr", 30, seed=1)
+    assert collected_layer(train) == (12, 30) and collected_layer(str(tmp_path / "missing.zarr")) is None
+    fit(train, str(tmp_path / "a.zarr"), FitConfig(workers=4))
+    np.save(tmp_path / "x.npy", other.read_x(0, 10))
+    for rows, noted in (("l30.zarr", True), ("l12.zarr", False), ("x.npy", False)):
+        res = CliRunner().invoke(main, ["infer", str(tmp_path / "a.zarr"), "--input", str(tmp_path / rows),
+                                        "-o", str(tmp_path / "y.npy"), "-q"])
+        assert res.exit_code == 0, res.output
+        assert ("holds hidden states of layer 30 of 30; the adapter was fitted on layer 12's" in res.stderr) == noted
+    assert fitted_input_note(other, train) is not None and fitted_input_note(train, train) is None

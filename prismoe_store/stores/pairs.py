@@ -393,26 +393,55 @@ def screen_nonfinite(x: np.ndarray, z: np.ndarray, on_nonfinite: str = "error", 
     return x, z, count
 
 
-def head_input_note(source) -> str | None:
-    """A one-line note when ``source`` (a pairs store's path/URL or :class:`PairsStore`; anything
-    else gives ``None``) holds hidden states collected from a layer other than the model's last one:
-    a head (``lm_head``) reads the last layer's states, after the final norm, and its gate and
-    quality figures mean little on another layer's. ``None`` when the store does not say.
+def collected_layer(source) -> tuple[int, int] | None:
+    """``(layer, layers)``: the model layer a collected pairs store's ``x`` came from and the model's
+    layer count, from its provenance; ``None`` for a ``.npy``, a store that does not say, or
+    nothing readable there (the command's own reading names what is wrong).
 
-    >>> s = PairsStore.create("memory://doc-note", d_in=4, d_out=0, overwrite=True, provenance={
+    >>> s = PairsStore.create("memory://doc-layer", d_in=4, d_out=0, overwrite=True, provenance={
     ...     "kind": "collected", "settings": {"layer": 12, "upper_model": {"num_hidden_layers": 30}}})
-    >>> print(head_input_note(s).split("; ")[0])
-    note: memory://doc-note holds hidden states of layer 12 of 30
+    >>> collected_layer(s)
+    (12, 30)
     """
     if isinstance(source, (str, os.PathLike)) and (str(source).endswith(".npy") or os.path.isfile(source)):
         return None
     try:
         store = source if isinstance(source, PairsStore) else PairsStore.open(source)
     except StoreError:
-        return None  # the command's own reading names what is wrong with it
+        return None
     settings = store.provenance.get("settings") or {}
     layer, layers = settings.get("layer"), (settings.get("upper_model") or {}).get("num_hidden_layers")
-    if not isinstance(layer, int) or not isinstance(layers, int) or layer == layers:
+    return (layer, layers) if isinstance(layer, int) and isinstance(layers, int) else None
+
+
+def head_input_note(source) -> str | None:
+    """A one-line note when ``source`` holds hidden states collected from a layer other than the
+    model's last (:func:`collected_layer`): a head (``lm_head``) reads the last layer's states, after
+    the final norm, and its gate and quality figures mean little on another layer's.
+
+    >>> s = PairsStore.create("memory://doc-note", d_in=4, d_out=0, overwrite=True, provenance={
+    ...     "kind": "collected", "settings": {"layer": 12, "upper_model": {"num_hidden_layers": 30}}})
+    >>> print(head_input_note(s).split("; ")[0])
+    note: memory://doc-note holds hidden states of layer 12 of 30
+    """
+    got = collected_layer(source)
+    if got is None or got[0] == got[1]:
         return None
-    return (f"note: {store.url} holds hidden states of layer {layer} of {layers}; a head reads the last "
-            f"layer's ({layers}, `prismoe collect --layer -1`, the default)")
+    return (f"note: {getattr(source, 'url', source)} holds hidden states of layer {got[0]} of {got[1]}; a head "
+            f"reads the last layer's ({got[1]}, `prismoe collect --layer -1`, the default)")
+
+
+def fitted_input_note(source, fitted_on) -> str | None:
+    """A one-line note when ``source``'s rows come from another model layer than the pairs an
+    adapter was fitted on (``fitted_on``: their path/URL, from the adapter's fit record).
+
+    >>> a = PairsStore.create("memory://doc-fit12", d_in=4, d_out=4, overwrite=True, provenance={
+    ...     "kind": "collected", "settings": {"layer": 12, "upper_model": {"num_hidden_layers": 30}}})
+    >>> fitted_input_note(a, a) is None
+    True
+    """
+    got, want = collected_layer(source), collected_layer(fitted_on)
+    if got is None or want is None or got == want:
+        return None
+    return (f"note: {getattr(source, 'url', source)} holds hidden states of layer {got[0]} of {got[1]}; the "
+            f"adapter was fitted on layer {want[0]}'s ({getattr(fitted_on, 'url', fitted_on)})")

@@ -96,9 +96,9 @@ def quantize_adapter(adapter: AdapterStore, progress: Callable[[int, int], None]
     for p, rec in enumerate(records):  # trust only finished tiles whose INT8 chunks still match their records
         rec.unmark(adapter.damaged_int8_tiles(p, [j for j in rec.done() if not grids[p].is_padding(j)]))
     missing = [set(rec.missing()) for rec in records]
-    total = sum(g.workers for g in grids)
-    done = total - sum(len(m) for m in missing)
+    total = sum(g.active_count for g in grids)  # progress counts the tiles holding data, as the report does
     skipped = sum(g.active_count - sum(not g.is_padding(j) for j in m) for g, m in zip(grids, missing, strict=True))
+    done = skipped
     tiles, worst, bytes_fp32, bytes_int8 = 0, 0.0, 0, 0
     if progress:
         progress(done, total)
@@ -128,7 +128,7 @@ def quantize_adapter(adapter: AdapterStore, progress: Callable[[int, int], None]
                 bytes_int8 += tile.size + 4 * a
             tiles += len(live)
             records[p].mark_many(band_workers)
-            done += len(band_workers)
+            done += len(live)
             if progress:
                 progress(done, total)
     adapter.update_attrs(int8={"scheme": SCHEME, "complete": True})

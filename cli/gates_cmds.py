@@ -12,7 +12,7 @@ import functools
 import click
 
 from cli.options import device_option, json_option, plot_dir_option
-from cli.output import echo_json, note_head_input
+from cli.output import echo_json, note_input_layer
 from cli.progress import bar, quiet_option, stage_bars
 from prismoe_store.gates import settings as S
 
@@ -207,7 +207,7 @@ def _fit_band_gate(store, hidden, given: dict, restart: bool, device: str, as_js
     from prismoe_store.head.band_gate import BandGateConfig, fit_band_gate
 
     config = BandGateConfig(restart=restart, device=device, **given)
-    note_head_input(hidden)
+    note_input_layer(hidden, store)
     bars = stage_bars(quiet or as_json, {"teacher pass": "row"}, default_unit="epoch")
 
     def stages(name: str):  # the note comes when the teacher pass starts: after the checks, never for a no-op

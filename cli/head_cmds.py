@@ -6,7 +6,7 @@ import os
 
 import click
 
-from cli.output import echo_json, note_head_input, output_store
+from cli.output import echo_json, note_input_layer, output_store
 from cli.progress import bar, quiet_option
 
 _ORDERS = ("cluster", "identity")  # prismoe_store.head.vocab_order.ORDERS (not imported: it loads numpy)
@@ -70,7 +70,7 @@ def head_cmd(source, output, tensor, bands, band_rows, order, iterations, hidden
                         order=OrderConfig(method=order, iterations=iterations),
                         options=StoreOptions(compressor=compressor), scratch_dir=scratch_dir, hidden=hidden,
                         hidden_rows=hidden_rows)
-    note_head_input(hidden)
+    note_input_layer(hidden)
     r = build_head(source, output, config=config, overwrite=overwrite, stages=_stages(quiet or as_json))
     if as_json:
         echo_json(r.to_dict())
@@ -105,7 +105,7 @@ def bench_head_cmd(adapter, hidden, sparsities, masses, mass_cap, max_rows, int8
     from prismoe_store.stores.adapter import AdapterStore
 
     store = AdapterStore.open(adapter, require_complete=True)
-    note_head_input(hidden)
+    note_input_layer(hidden, store)
     with bar("benchmark head", quiet=quiet or as_json, unit="row") as progress:
         r = benchmark_head(store, hidden, sparsities=_floats(sparsities, 0, 1), masses=_floats(masses, 0, 1),
                            mass_cap=mass_cap, max_rows=max_rows, baselines=not no_baselines,

@@ -29,28 +29,19 @@ def output_store(ctx: click.Context, param: click.Parameter, value: str | None) 
     return value
 
 
-def note_head_input(hidden) -> None:
-    """Say on stderr when the hidden states given to a head adapter's command come from another layer
-    than the last (:func:`~prismoe_store.stores.pairs.head_input_note`)."""
-    from prismoe_store.stores.pairs import head_input_note
-
-    note = head_input_note(hidden) if hidden else None
-    if note:
-        click.echo(note, err=True)
-
-
-def note_input_layer(store, rows) -> None:
-    """Say on stderr when the input ``rows`` given to an adapter ``store`` come from another model
-    layer than it expects: a head, the last layer's; a fitted adapter, its training pairs' layer."""
-    from prismoe_store.stores.pairs import fitted_input_note
+def note_input_layer(rows, store=None) -> None:
+    """Say on stderr when the input ``rows`` come from another model layer than the adapter ``store``
+    expects: a head (or ``store`` None: a head being built), the last layer's; a fitted adapter, its
+    training pairs' layer (:mod:`prismoe_store.stores.pairs`: ``head_input_note``, ``fitted_input_note``)."""
+    from prismoe_store.stores.pairs import fitted_input_note, head_input_note
 
     if not rows:
         return
-    if store.layout == "partition":
-        note_head_input(rows)
-        return
-    record = store.fit_record()
-    fitted_on = (record.pairs or {}).get("url") if record is not None else None
-    note = fitted_input_note(rows, fitted_on) if fitted_on else None
+    if store is None or store.layout == "partition":
+        note = head_input_note(rows)
+    else:
+        record = store.fit_record()
+        fitted_on = (record.pairs or {}).get("url") if record is not None else None
+        note = fitted_input_note(rows, fitted_on) if fitted_on else None
     if note:
         click.echo(note, err=True)

@@ -54,7 +54,7 @@ def infer_cmd(adapter, input_path, output, device, cache_mb, int8, schedule, spa
     check_output_folder(output)
     store = AdapterStore.open(adapter, require_complete=True)
     read, rows = open_rows(input_path, store.d_in)
-    note_input_layer(store, input_path)
+    note_input_layer(input_path, store)
     rt = open_runtime(store, **_runtime_kwargs(device, cache_mb, int8, schedule, sparsity, mass))
     with bar("infer", quiet=quiet or as_json, unit="row") as progress:
         stats = infer_rows(rt, read, rows, output, batch_size=batch_size, progress=progress)
@@ -192,7 +192,7 @@ def bench_runtime_cmd(adapter, hidden, device, sparsity, mass, input_path, d_in,
     if hidden and input_path:
         raise click.UsageError("give the input rows once: HIDDEN or --input")
     if adapter:
-        note_input_layer(AdapterStore.open(adapter), hidden or input_path)
+        note_input_layer(hidden or input_path, AdapterStore.open(adapter))
     report = benchmark_runtime_store(adapter, rows=hidden or input_path, d_in=d_in, d_out=d_out, workers=workers,
                                      device=device, sparsity=sparsity, mass=mass, batch=batch, repeats=repeats,
                                      hit_tokens=hit_tokens, threads=threads,

@@ -104,6 +104,7 @@ def quantize_adapter(adapter: AdapterStore, progress: Callable[[int, int], None]
         progress(done, total)
     for p, g in enumerate(grids):
         q_arr, s_arr = adapter.int8_arrays(p, create=True)
+        live_rows, live_cols = g.live_shape  # tiles wholly in padding are not stored (as the fit's)
         for r in range(g.rows):
             band_workers = [j for j in range(r * g.cols, (r + 1) * g.cols) if j in missing[p]]
             if not band_workers:
@@ -113,7 +114,6 @@ def quantize_adapter(adapter: AdapterStore, progress: Callable[[int, int], None]
             rows = slice(r * g.tile_out, r * g.tile_out + a)
             by_tile = band.reshape(a, g.cols, g.tile_in)  # [a, C, b]
             q, scales = quantize_tile(by_tile.reshape(-1, g.tile_in))  # [a·C, b], [a·C]: a row per (row, tile)
-            live_rows, live_cols = g.live_shape  # tiles wholly in padding are not stored (as the fit's)
             if r * g.tile_out < live_rows:
                 q_arr[rows, :live_cols] = q.reshape(a, g.d_in_pad)[:, :live_cols]
                 s_arr[rows, : live_cols // g.tile_in] = scales.reshape(a, g.cols)[:, : live_cols // g.tile_in]

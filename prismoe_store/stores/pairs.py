@@ -275,6 +275,11 @@ class PairsStore:
             yield s, x, z
 
 
+def _is_npy(source) -> bool:
+    """Whether ``source`` names a ``.npy`` file (or any file) rather than a pairs store."""
+    return isinstance(source, (str, os.PathLike)) and (str(source).endswith(".npy") or os.path.isfile(source))
+
+
 def open_rows(source, d: int | None = None, max_rows: int | None = None
               ) -> tuple[Callable[[int, int], np.ndarray], int]:
     """``(read(start, stop) -> float32 [n, d], rows)`` over input rows (hidden states): a pairs store's
@@ -289,7 +294,7 @@ def open_rows(source, d: int | None = None, max_rows: int | None = None
     >>> n, read(0, 2).shape
     (4, (2, 3))
     """
-    if isinstance(source, (str, os.PathLike)) and (str(source).endswith(".npy") or os.path.isfile(source)):
+    if _is_npy(source):
         if not os.path.isfile(source):
             raise DataError(f"no such file: {source}")
         try:
@@ -403,7 +408,7 @@ def collected_layer(source) -> tuple[int, int] | None:
     >>> collected_layer(s)
     (12, 30)
     """
-    if isinstance(source, (str, os.PathLike)) and (str(source).endswith(".npy") or os.path.isfile(source)):
+    if _is_npy(source):
         return None
     try:
         store = source if isinstance(source, PairsStore) else PairsStore.open(source)

@@ -51,7 +51,14 @@ def test_metrics_match_a_dense_reference(setup):
     assert part["bytes_ratio"] == pytest.approx(part["row_share"] + (19 * 13 * 4) / (300 * 12 * 4))
     # baselines: contiguous ids with centroid gate, truncated SVD of the same bytes
     assert len(r["contiguous"]) == 2 and r["svd"][1]["rank"] >= r["svd"][0]["rank"] >= 1
-    assert 0 <= r["svd"][0]["top1"] <= 1
+    # the SVD rows against numpy's SVD of the head: its rank-r logits' top-1 and its energy share
+    u, sv, vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+    p64 = p.numpy()
+    for row in r["svd"]:
+        k = row["rank"]
+        approx = h.astype(np.float64) @ ((u[:, :k] * sv[:k]) @ vt[:k]).T
+        assert row["top1"] == pytest.approx(float(np.mean(approx.argmax(1) == p64.argmax(1))), abs=1.5 / len(h))
+        assert row["energy"] == pytest.approx(float((sv[:k] ** 2).sum() / (sv ** 2).sum()), rel=1e-9)
     assert "| rho=0.25 |" in format_head_report(r)
 
 

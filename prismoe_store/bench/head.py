@@ -135,7 +135,7 @@ def benchmark_head(adapter: AdapterStore, hidden, *, sparsities: Sequence[float]
         result["contiguous"] = [c_sums[r].result(f"rho={r:g}", r, V, row_bytes, gate_bytes, dense_bytes)
                                 for r in sparsities]
     if svd is not None:
-        result["svd"] = [{"setting": f"rho={r:g}", "rank": ranks[r],
+        result["svd"] = [{"setting": f"rho={r:g}", "rank": ranks[r], "energy": float(svd.energy[min(ranks[r], d) - 1]),
                           **{key: getattr(s_sums[r], key) / max(1, s_sums[r].tokens) for key in ("top1", "top5", "kl")},
                           "bytes_ratio": ranks[r] * (V + d) * 4 / dense_bytes} for r in sparsities]
         for row in result["svd"]:
@@ -219,6 +219,8 @@ class _TruncatedSVD:
     def __init__(self, head: np.ndarray):
         gram = head.T.astype(np.float64) @ head.astype(np.float64)  # [d, d]
         evals, evecs = np.linalg.eigh(gram)
+        sq = np.maximum(evals[::-1], 0.0)  # σ², descending
+        self.energy = np.cumsum(sq) / max(float(sq.sum()), 1e-300)  # [d] Σ_{i≤r} σ²_i / Σ σ², rank r = index + 1
         self.right = torch.from_numpy(evecs[:, ::-1].copy().astype(np.float32))  # [d, d] V, by singular value
         self.left = torch.from_numpy(head) @ self.right  # [V, d] U Σ = W V, token order
 
@@ -245,10 +247,13 @@ def format_head_report(r: dict) -> str:
             lines.append(f"| {s['setting']} | {s['top1']:.4f} | {s['top5_recall']:.4f} | {s['mass']:.4f} | "
                          f"{s['row_share']:.4f} |")
     if "svd" in r:
-        lines += ["", "Baseline: truncated SVD of the same bytes per token.", "",
-                  "| bytes of | rank | top-1 agreement | top-5 recall | KL(p ‖ p_svd) |", "|---|---|---|---|---|"]
+        lines += ["", "Baseline: truncated SVD W ≈ U_r Σ_r V_rᵀ, its rank r the largest whose bytes r·(V + d)·4 fit in "
+                  "the routing setting's bytes per token; energy kept Σ_{i≤r} σ²_i / Σ σ² (a flat spectrum keeps little).", "",
+                  "| bytes of routing | rank | bytes ÷ dense | energy kept | top-1 agreement | top-5 recall | KL(p ‖ p_svd) |",
+                  "|---|---|---|---|---|---|---|"]
         for s in r["svd"]:
-            lines.append(f"| {s['setting']} ({s['bytes_ratio']:.3f}×) | {s['rank']} | {s['top1']:.4f} | "
+            energy = f"{s['energy']:.3f}" if "energy" in s else "–"  # reports written before energy was recorded
+            lines.append(f"| {s['setting']} | {s['rank']} | {s['bytes_ratio']:.3f} | {energy} | {s['top1']:.4f} | "
                          f"{s['top5_recall']:.4f} | {s['kl']:.4f} |")
     return "\n".join(lines)
 

@@ -115,20 +115,27 @@ def _cli(*args):
     return CliRunner().invoke(main, ["fit-gates", *map(str, args)])
 
 
-def test_rerunning_head_over_a_trained_head_names_the_next_step(tmp_path):
-    """Once the band gate is trained, the head command's no-op says so and points at infer, not at
-    fit-gates again."""
+@pytest.mark.parametrize("source", ["npy", "gguf"])
+def test_rerunning_head_over_a_trained_head_names_the_next_step(tmp_path, write_gguf, source):
+    """Once the band gate is trained, the head command's no-op says so and points at benchmark head
+    and generate, not at fit-gates again; generate's --model is the source when that is a model."""
     from cli.main import main
 
-    _planted(tmp_path, rows=400)
+    _, w, _, _ = _planted(tmp_path, rows=400)
     a, h = tmp_path / "a.zarr", tmp_path / "h.npy"
-    head = ["head", str(tmp_path / "w.npy"), "-o", str(a), "--band-rows", "8"]
+    src = tmp_path / "w.npy"
+    if source == "gguf":
+        src = tmp_path / "model.gguf"
+        write_gguf(src, {"token_embd.weight": w})
+    head = ["head", str(src), "-o", str(a), "--band-rows", "8", "--overwrite"]
     before = CliRunner().invoke(main, head)
     assert before.exit_code == 0 and "next: prismoe fit-gates" in before.stdout, before.output
+    assert ("(lm_head is tied to token_embd.weight" in before.stdout) == (source == "gguf")
     assert _cli(a, h, "--epochs", "1").exit_code == 0
-    after = CliRunner().invoke(main, head)
+    after = CliRunner().invoke(main, head[:-1])
     assert after.exit_code == 0, after.output
-    assert "its band gate is trained: measure it with prismoe benchmark head" in after.stdout
+    assert f"next (its band gate is trained): prismoe benchmark head {a} HELD_OUT_HIDDEN" in after.stdout
+    assert f"prismoe generate {a} --model {src if source == 'gguf' else 'MODEL'} --compare" in after.stdout
     assert "fit-gates" not in after.stdout
 
 

@@ -113,6 +113,12 @@ def test_gguf_without_output_is_tied_and_says_so(tmp_path, gguf_ckpt, write_gguf
     store = extract(tmp_path / "tied.gguf", tmp_path / "s.zarr", workers=2)
     assert np.array_equal(store.read("lm_head"), expected["token_embd.weight"])
     assert store.info("lm_head")["source_resolution"]["rule"] == "tied"
+    # compare and head name the tied tensor, and say it is tied, when asked for lm_head
+    from prismoe_store.inspection.compare import open_matrix
+
+    opened = open_matrix(tmp_path / "tied.gguf", tensor="lm_head")
+    assert opened.name == "token_embd.weight" and opened.note.startswith("lm_head is tied to token_embd.weight")
+    assert open_matrix(tmp_path / "tied.gguf", tensor="token_embd.weight").note is None
 
 
 # -- FP8 with block scales -------------------------------------------------------------------

@@ -325,6 +325,20 @@ def test_infer_command_npy_and_pairs(tmp_path, adapter):
     np.testing.assert_allclose(np.load(tmp_path / "y2.npy"), y, rtol=1e-5, atol=1e-5)  # other batch size
 
 
+def test_infer_progress_starts_before_the_first_batch(tmp_path, adapter):
+    """The bar starts before the first batch (which loads the tiles), so its time and the printed one
+    cover the same calls; the summary prints ρ as the other commands do (1, not 1.0)."""
+    from prismoe_store.runtime.infer import infer_line, infer_rows
+
+    x = np.random.default_rng(12).standard_normal((10, D_IN)).astype(np.float32)
+    calls = []
+    with open_runtime(adapter) as rt:
+        stats = infer_rows(rt, lambda s, e: x[s:e], 10, tmp_path / "y.npy", batch_size=4,
+                           progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 10), (4, 10), (8, 10), (10, 10)]
+    assert "ρ = 1, cpu)" in infer_line({**stats, "sparsity": 1.0})
+
+
 def test_infer_and_quantize_commands_int8(tmp_path):
     a = make_adapter(tmp_path / "a.zarr")
     x = np.random.default_rng(11).standard_normal((3, D_IN)).astype(np.float32)

@@ -56,6 +56,19 @@ def test_cluster_order_recovers_planted_groups_as_bands():
     assert result.cohesion > 0.9
 
 
+@pytest.mark.parametrize("with_scratch", [False, True])
+def test_cluster_order_progress_ends_at_its_total(tmp_path, with_scratch):
+    """The progress bar's steps are the passes made: it ends at 100 %, not one pass short."""
+    w, _ = _planted(groups=8, size=16, d=12)
+    calls = []
+    cluster_order(lambda a, b: w[a:b], len(w), 12, band_rows=16, config=OrderConfig(iterations=2),
+                  progress=lambda done, total: calls.append((done, total)),
+                  scratch=str(tmp_path) if with_scratch else None)
+    done, total = calls[-1]
+    assert done == total == len(w) * (3 + 2 * 2 + with_scratch)
+    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
+
+
 def test_cluster_order_is_reproducible_and_streams_in_blocks(monkeypatch):
     import prismoe_store.head.vocab_order as vo
 

@@ -247,10 +247,11 @@ def format_head_report(r: dict) -> str:
             lines.append(f"| {s['setting']} | {s['top1']:.4f} | {s['top5_recall']:.4f} | {s['mass']:.4f} | "
                          f"{s['row_share']:.4f} |")
     if "svd" in r:
-        lines += ["", "Baseline: truncated SVD W ≈ U_r Σ_r V_rᵀ, its rank r the largest whose bytes r·(V + d)·4 fit in "
-                  "the routing setting's bytes per token; energy kept Σ_{i≤r} σ²_i / Σ σ² (a flat spectrum keeps little).", "",
-                  "| bytes of routing | rank | bytes ÷ dense | energy kept | top-1 agreement | top-5 recall | KL(p ‖ p_svd) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "Baseline: truncated SVD W ≈ U_r Σ_r V_rᵀ, its rank r the largest whose bytes r·(V + d)·4 fit "
+                  "in the routing setting's bytes per token; energy kept Σ_{i≤r} σ²_i / Σ σ² (a flat spectrum keeps "
+                  "little).", "",
+                  "| bytes of routing | rank | bytes ÷ dense | energy kept | top-1 agreement | top-5 recall "
+                  "| KL(p ‖ p_svd) |", "|---|---|---|---|---|---|---|"]
         for s in r["svd"]:
             energy = f"{s['energy']:.3f}" if "energy" in s else "–"  # reports written before energy was recorded
             lines.append(f"| {s['setting']} | {s['rank']} | {s['bytes_ratio']:.3f} | {energy} | {s['top1']:.4f} | "

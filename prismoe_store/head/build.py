@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from prismoe_store.errors import CorruptStoreError, DataError, StoreError, StoreFormatError
+from prismoe_store.errors import CorruptStoreError, DataError, PrismoeError, StoreError, StoreFormatError
 from prismoe_store.grid import default_band_rows, next_pow2
 from prismoe_store.head.scratch_rows import ScratchRows
 from prismoe_store.head.vocab_order import OrderConfig, band_sizes, cluster_order, hidden_metric, identity_order
@@ -111,13 +111,15 @@ class HeadReport:
     gate_rewritten: bool = False  # the finished head's (untrained) centroid gate was lost or damaged: written again
     gate_trained: bool = False  # the head's band gate was trained (`prismoe fit-gates`): the next step is using it
     hidden: str | None = None  # the hidden-state rows the vocabulary order used (--hidden), for the next step
+    model: str | None = None  # the source, when it is a model `prismoe generate --model` runs (for the next step)
+    tied: str | None = None  # the head asked for is tied to the tensor read (e.g. lm_head to token_embd.weight)
 
     def to_dict(self) -> dict:
         """Plain dict (JSON)."""
         return asdict(self)
 
     def text(self) -> str:
-        """What was built, its bytes against the matrix, and the next step, as three lines."""
+        """What was built (and a tied head's note), its bytes against the matrix, and the next step."""
         ratio = self.stored_fp32_bytes / self.matrix_bytes
         done = (f"already finished, nothing to do (--overwrite rebuilds it): {self.url} holds" if self.already_finished
                 else f"wrote {self.url}:")
@@ -129,13 +131,15 @@ class HeadReport:
                  + (f" (cohesion {self.cohesion:.3f})" if self.order == "cluster" else "")
                  + ("" if self.already_finished
                     else f", {self.bands_written} bands written, {self.seconds:.1f} s in all")
-                 + (f" ({self.bands_repaired} found damaged, written again)" if self.bands_repaired else ""),
+                 + (f" ({self.bands_repaired} found damaged, written again)" if self.bands_repaired else "")
+                 + (f"\n({self.tied})" if self.tied else ""),
                  f"bytes: tiles {self.stored_fp32_bytes / 2**20:.1f} MiB fp32 = {ratio:.3f}× the matrix; "
                  f"gate {self.gate_bytes / 2**20:.2f} MiB ({self.gate_bytes / self.matrix_bytes:.4f}×)"
                  + (f"; INT8 tiles + scales {self.int8_bytes / 2**20:.1f} MiB "
                     f"({self.int8_bytes / self.matrix_bytes:.3f}×)" if self.int8_bytes else ""),
-                 f"its band gate is trained: measure it with prismoe benchmark head {self.url} HELD_OUT_HIDDEN, "
-                 f"or run it: prismoe generate {self.url} --model MODEL --compare" if self.gate_trained
+                 f"next (its band gate is trained): prismoe benchmark head {self.url} HELD_OUT_HIDDEN   (hidden "
+                 f"states of other text than the gate trained on), or prismoe generate {self.url} --model "
+                 f"{self.model or 'MODEL'} --compare" if self.gate_trained
                  else f"next: prismoe fit-gates {self.url} {self.hidden}" if self.hidden
                  else f"next: prismoe fit-gates {self.url} HIDDEN   (hidden states: prismoe collect --target none ...)"]
         return "\n".join(lines)
@@ -155,7 +159,7 @@ def build_head(source, output, *, config: HeadConfig = HeadConfig(), overwrite: 
     """
     t0 = time.perf_counter()
     stage = stages or (lambda name: contextlib.nullcontext(None))
-    matrix, label = _open_source(source, config.tensor)
+    matrix, label, tied = _open_source(source, config.tensor)
     V, d = (int(n) for n in matrix.shape)
     band_rows = config.rows_per_band(V)
     adapter, resume = _open_output(output, d, V, band_rows, label, config, overwrite)
@@ -165,7 +169,7 @@ def build_head(source, output, *, config: HeadConfig = HeadConfig(), overwrite: 
         if not damaged:  # the same command ran to the end before: nothing to do, like collect, extract, synth
             cohesion = float(adapter.attrs()["head"].get("cohesion", float("nan")))
             return _report(adapter, output, label, config, cohesion, written=0, t0=t0, finished=True,
-                           gate_rewritten=gate_rewritten)
+                           gate_rewritten=gate_rewritten, source=source, tied=tied)
         adapter.update_attrs(complete=False)  # not served while its damaged bands are written again
 
     with tempfile.TemporaryDirectory(prefix="prismoe-head-", dir=config.scratch_dir) as scratch:
@@ -197,7 +201,8 @@ def build_head(source, output, *, config: HeadConfig = HeadConfig(), overwrite: 
         with stage("quantize") as progress:
             quantize_adapter(adapter, progress=progress)
     adapter.update_attrs(complete=True)
-    return _report(adapter, output, label, config, cohesion, written=written, t0=t0, repaired=len(damaged))
+    return _report(adapter, output, label, config, cohesion, written=written, t0=t0, repaired=len(damaged),
+                   source=source, tied=tied)
 
 
 def _recheck_bands(adapter: AdapterStore) -> list[int]:
@@ -234,23 +239,38 @@ def _recheck_gate(adapter: AdapterStore) -> bool:
 
 
 def _report(adapter: AdapterStore, output, label: str, config: HeadConfig, cohesion: float, *, written: int,
-            t0: float, finished: bool = False, repaired: int = 0, gate_rewritten: bool = False) -> HeadReport:
+            t0: float, finished: bool = False, repaired: int = 0, gate_rewritten: bool = False,
+            source=None, tied: str | None = None) -> HeadReport:
     V, d, band_rows = adapter.d_out, adapter.d_in, adapter.band_rows
+    trained = adapter.gates_record() is not None
     sizes = band_sizes(V, band_rows)
     return HeadReport(url=str(output), source=label, d_in=d, d_out=V, band_rows=band_rows, bands=len(sizes),
                       pipe_rows=[g.d_out for g in adapter.grids], order=config.order.method, cohesion=cohesion,
                       matrix_bytes=4 * V * d, stored_fp32_bytes=4 * V * d, gate_bytes=4 * len(sizes) * (d + 1),
                       int8_bytes=V * d + 4 * V if config.int8 else None, bands_written=written,
                       seconds=time.perf_counter() - t0, already_finished=finished, bands_repaired=repaired,
-                      gate_rewritten=gate_rewritten, gate_trained=adapter.gates_record() is not None,
-                      hidden=None if config.hidden is None else str(config.hidden))
+                      gate_rewritten=gate_rewritten, gate_trained=trained,
+                      model=_runnable_model(source) if trained else None,
+                      hidden=None if config.hidden is None else str(config.hidden), tied=tied)
 
 
 # -- the source ---------------------------------------------------------------------------------
 
 
+def _runnable_model(source) -> str | None:
+    """``source`` when ``prismoe generate --model`` can load it (a ``.gguf``, a model folder), else None."""
+    from prismoe_store.data.models import check_model_paths
+
+    try:
+        check_model_paths(os.fspath(source))
+    except (PrismoeError, TypeError):
+        return None
+    return os.fspath(source)
+
+
 def _open_source(source, tensor: str | None):
-    """``(matrix, label)``: a ``[V, d]`` object sliced by rows, and ``"path:tensor"``."""
+    """``(matrix, label, tied)``: a ``[V, d]`` object sliced by rows, ``"path:tensor"``, and a note
+    when the name asked for is tied to another tensor (a head without a tensor of its own)."""
     from prismoe_store.inspection.compare import is_store, open_matrix
 
     if is_store(source):
@@ -259,7 +279,7 @@ def _open_source(source, tensor: str | None):
         if store_format(source) == "adapter":  # what the adapter computes with every tile (float64 sums)
             from prismoe_store.runtime.dense import DenseView
 
-            return DenseView(AdapterStore.open(source, require_complete=True)), f"{source}:combined"
+            return DenseView(AdapterStore.open(source, require_complete=True)), f"{source}:combined", None
         if tensor is not None:  # an alias in a weights store: the one tensor named like it
             from prismoe_store.stores.weights import WeightsStore
 
@@ -271,7 +291,7 @@ def _open_source(source, tensor: str | None):
     if len(opened.shape) != 2:
         raise DataError(f"{opened.label} is not a matrix: shape {opened.shape}")
     _refuse_bias(source, tensor, opened)
-    return opened.array, opened.label
+    return opened.array, opened.label, opened.note
 
 
 def _refuse_bias(source, tensor: str | None, opened) -> None:

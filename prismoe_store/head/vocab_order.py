@@ -129,7 +129,8 @@ def cluster_order(read_rows: ReadRows, rows: int, d: int, *, band_rows: int, con
     caps = band_sizes(rows, band_rows)
     bands = len(caps)
     block = max(1, BLOCK_BYTES // (4 * max(d, bands)))
-    steps = 3 + 2 * config.iterations + (scratch is not None)  # passes over the rows
+    # passes over the rows: k-means sample, first assignment, 2 per iteration, cohesion (+ the scratch file)
+    steps = 3 + 2 * config.iterations + (scratch is not None)
     tick = _ticker(progress, steps * rows)
 
     transform = (lambda u: u) if metric is None else (lambda u: u @ metric.astype(np.float32))
@@ -193,6 +194,7 @@ def cluster_order(read_rows: ReadRows, rows: int, d: int, *, band_rows: int, con
     for start, u in blocks():
         lab = torch.from_numpy(labels_np[start:start + len(u)])
         cos += float((u * centroids[lab]).sum())
+        tick(len(u))
     order = np.lexsort((np.arange(rows), labels_np)).astype(np.int64)  # by band, token id ascending
     return OrderResult(order, cos / rows, time.perf_counter() - t0)
 

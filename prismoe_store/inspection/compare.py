@@ -133,6 +133,7 @@ class OpenedArray:
     name: str  # the tensor's name where it came from ("" for an adapter's matrix)
     label: str  # "path:tensor", for messages
     grid: GridSpec | None = None  # the store's grid when it came from a weights store
+    note: str | None = None  # what a user should know about the name's resolution (a tied head), else None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -200,7 +201,9 @@ def open_matrix(path, *, tensor: str | None = None, fallback: str | None = None,
                 f"{path} holds {len(matrices)} matrices ({', '.join(matrices) or 'none'}): name one with --tensor")
     info = src.matrix(tensor)
     rows, cols = info.shape  # matrix() refuses anything but 2-D
-    return OpenedArray(_SourceMatrix(src, info.name, (rows, cols)), info.name, f"{path}:{info.name}")
+    found = src.resolution(tensor)
+    note = f"{found.asked} is tied to {info.name}: {found.why}" if found.rule == "tied" else None
+    return OpenedArray(_SourceMatrix(src, info.name, (rows, cols)), info.name, f"{path}:{info.name}", note=note)
 
 
 class _SourceMatrix:

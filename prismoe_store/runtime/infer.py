@@ -42,6 +42,8 @@ def infer_rows(runtime, read: Callable[[int, int], np.ndarray], rows: int, outpu
     try:
         y = np.lib.format.open_memmap(part, mode="w+", dtype=np.float32, shape=(rows, runtime.d_out))
         with runtime:
+            if progress:  # the bar starts before the first batch (which loads the tiles), as the timing does
+                progress(0, rows)
             for start in range(0, rows, batch_size):
                 stop = min(rows, start + batch_size)
                 y[start:stop] = runtime(read(start, stop)).cpu().numpy()
@@ -69,9 +71,19 @@ def check_output_folder(output) -> None:
 
 def infer_line(stats: dict) -> str:
     """What :func:`infer_rows` did, in one line."""
-    return (f"wrote {stats['output']}: {stats['rows']} × {stats['d_out']} float32 in {stats['seconds']:.3f} s "
-            f"({stats['rows_per_second'] or 0:.0f} rows/s; {stats['quant']}, {stats.get('schedule', 'select')}, "
-            f"ρ = {stats['sparsity']}, {stats['device']})")
+    return (f"wrote {stats['output']}: {stats['rows']} × {stats['d_out']} float32 in {stats['seconds']:.3f} s of "
+            f"runtime calls, loading the tiles included ({stats['rows_per_second'] or 0:.0f} rows/s; {stats['quant']}, "
+            f"{stats.get('schedule', 'select')}, "
+            f"ρ = {_number(stats['sparsity'])}, {stats['device']})")
+
+
+def _number(value) -> str:
+    """``1.0`` as ``1``, ``0.25`` as ``0.25`` (as the other commands print ρ); anything else as it is.
+
+    >>> _number(1.0), _number(0.25), _number(None)
+    ('1', '0.25', 'None')
+    """
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
 def cache_line(stats: dict) -> str:

@@ -386,10 +386,10 @@ def padding_advice(d_in: int, d_out: int, workers: int | None = None, *,
     as many working tiles as were asked for.
 
     >>> print(padding_advice(576, 576, 512))  # doctest: +NORMALIZE_WHITESPACE
-    350 of 512 tiles of pipes 1 and 2 hold only padding (68.4%; pipe 3: 224): 576 × 576 pads to 1024 × 1024 on
-    power-of-2 tiles. They are never computed or stored, but each takes a gate row, and 162 tiles do work. Fewer
-    --workers do not remove it (--workers 128: 64.8%); it costs only gate rows. For about 512 working tiles use
-    --workers 2048 (648 do work)
+    in each of pipes 1 and 2, 350 of its 512 tiles hold only padding (68.4%; pipe 3: 224 of 512): 576 × 576 pads
+    to 1024 × 1024 on power-of-2 tiles. They are never computed or stored, but each takes a gate row, and 162 tiles
+    of the pipe do work. Fewer --workers do not remove it (at --workers 128 the share is still 64.8%); it costs only
+    gate rows. For about 512 working tiles use --workers 2048 (648 do work)
     >>> padding_advice(64, 256, 512) is None
     True
     """
@@ -400,13 +400,13 @@ def padding_advice(d_in: int, d_out: int, workers: int | None = None, *,
     if worst / workers <= threshold:
         return None
     names = [str(p + 1) for p, n in enumerate(idle) if n == worst]
-    which = f"pipe {names[0]}" if len(names) == 1 else f"pipes {', '.join(names[:-1])} and {names[-1]}"
-    others = "; ".join(f"pipe {p + 1}: {n}" for p, n in enumerate(idle) if n != worst)
+    which = f"in pipe {names[0]}" if len(names) == 1 else f"in each of pipes {', '.join(names[:-1])} and {names[-1]}"
+    others = "; ".join(f"pipe {p + 1}: {n} of {workers}" for p, n in enumerate(idle) if n != worst)
     g = pipes[idle.index(worst)]
-    line = (f"{worst} of {workers} tiles of {which} hold only padding ({worst / workers:.1%}"
+    line = (f"{which}, {worst} of its {workers} tiles hold only padding ({worst / workers:.1%}"
             f"{'; ' + others if others else ''}): {d_out} × {d_in} pads to {g.d_out_pad} × {g.d_in_pad} on "
             f"power-of-2 tiles. They are never computed or stored, but each takes a gate row, and "
-            f"{g.active_count} tiles do work.")
+            f"{g.active_count} tiles of the pipe do work.")
 
     def share(w: int) -> float:
         return max(1 - q.active_count / q.workers for q in plan_pipes(d_in, d_out, w))
@@ -417,7 +417,8 @@ def padding_advice(d_in: int, d_out: int, workers: int | None = None, *,
         line += f" --workers {helps[0][0]} leaves {helps[0][1]:.1%} padding-only tiles."
     elif fewer:
         w, s = fewer[-1]
-        line += f" Fewer --workers do not remove it (--workers {w}: {s:.1%}); it costs only gate rows."
+        line += (f" Fewer --workers do not remove it (at --workers {w} the share is still {s:.1%}); it costs only "
+                 "gate rows.")
     bigger = [(w, plan_grid(d_in, d_out, w).active_count) for w in (workers * 2, workers * 4)]
     enough = [(w, n) for w, n in bigger if n >= workers]
     if enough:

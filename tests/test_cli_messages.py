@@ -50,13 +50,14 @@ def test_padding_advice_counts_the_tiles_the_planner_makes():
     assert padding_advice(64, 256, 512) is None
     line = padding_advice(576, 49152, 512)
     p1, _, p3 = plan_pipes(576, 49152, 512)
-    assert f"{p1.workers - p1.active_count} of 512 tiles of pipes 1 and 2" in line
-    assert f"pipe 3: {p3.workers - p3.active_count}" in line and f"{p1.active_count} tiles do work" in line
+    assert f"in each of pipes 1 and 2, {p1.workers - p1.active_count} of its 512 tiles hold only padding" in line
+    assert f"pipe 3: {p3.workers - p3.active_count} of 512" in line
+    assert f"{p1.active_count} tiles of the pipe do work" in line
     suggested = int(line.split("use --workers ")[1].split()[0])
     assert plan_pipes(576, 49152, suggested)[0].active_count >= 512  # the suggestion gives what it says
     # fewer workers do not help a width just above a power of 2: the line says so rather than suggest them
     line = padding_advice(576, 576, 512)
-    assert "Fewer --workers do not remove it (--workers 128: 64.8%)" in line
+    assert "Fewer --workers do not remove it (at --workers 128 the share is still 64.8%)" in line
     assert "use --workers 2048 (648 do work)" in line
     # where fewer workers do help, the line names them
     line = padding_advice(12, 100, 64)

@@ -44,14 +44,15 @@ def steady_heap() -> Iterator[str]:
     without its raising them on the fly). Elsewhere (no glibc) nothing changes.
 
     >>> with steady_heap() as how:
-    ...     how.startswith(("glibc", "the default"))
+    ...     how.startswith(("freed memory kept", "the default"))
     True
     """
     if not keep_freed_memory():
         yield "the default allocator (not glibc: its trimming left as it is)"
         return
     try:
-        yield "glibc malloc keeping freed memory for reuse"
+        yield ("freed memory kept for reuse by glibc's malloc, as jemalloc and tcmalloc do, for every method alike "
+               "(by default it hands freed pages back and the next call pays to fault them in again)")
     finally:
         keep_freed_memory(mmap_threshold=GLIBC_DEFAULT, trim_threshold=GLIBC_DEFAULT)
 

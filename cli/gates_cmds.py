@@ -12,7 +12,7 @@ import functools
 import click
 
 from cli.options import device_option, json_option, plot_dir_option
-from cli.output import echo_json, note_input_layer
+from cli.output import echo_json, note_input_layer, open_adapter
 from cli.progress import bar, quiet_option, stage_bars
 from prismoe_store.gates import settings as S
 
@@ -121,9 +121,7 @@ def fit_gates_cmd(adapter, pairs, sparsity, epochs, lr, batch_size, balance_coef
     --epochs, --lr, --batch-size, --holdout, --seed, --restart and --device apply (with the head
     adapters' defaults each option names).
     """
-    from prismoe_store.stores.adapter import AdapterStore
-
-    store = AdapterStore.open(adapter, "r+")
+    store = open_adapter(adapter, pairs, mode="r+")
     head = store.layout == "partition"
     ctx = click.get_current_context()
     if head:

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from cli.output import echo_json, note_input_layer, output_store
+from cli.output import echo_json, note_input_layer, open_adapter, output_store
 from cli.progress import bar, quiet_option
 
 _ORDERS = ("cluster", "identity")  # prismoe_store.head.vocab_order.ORDERS (not imported: it loads numpy)
@@ -102,9 +102,8 @@ def bench_head_cmd(adapter, hidden, sparsities, masses, mass_cap, max_rows, int8
                    as_json, quiet):
     """Quality of a head adapter on held-out HIDDEN states: top-1, top-5, mass, KL, rows and bytes per token."""
     from prismoe_store.bench.head import benchmark_head, format_head_report, plot_head
-    from prismoe_store.stores.adapter import AdapterStore
 
-    store = AdapterStore.open(adapter, require_complete=True)
+    store = open_adapter(adapter, hidden, require_complete=True)
     note_input_layer(hidden, store)
     with bar("benchmark head", quiet=quiet or as_json, unit="row") as progress:
         r = benchmark_head(store, hidden, sparsities=_floats(sparsities, 0, 1), masses=_floats(masses, 0, 1),

@@ -117,7 +117,7 @@ def compare_cmd(a, b, tensor, tensor_b, atol, int8, as_json, quiet):
         click.echo(f"A: {ma.label}" + (f"   ({ma.note})" if ma.note else ""))
         click.echo(f"B: {mb.label}" + (f"   ({mb.note})" if mb.note else ""))
         click.echo(f"shape {c.shape[0]} × {c.shape[1]}")
-        click.echo(f"max abs diff             {c.max_abs_diff:.6g} at {c.argmax}")
+        click.echo(f"max abs diff             {c.max_abs_diff:.6g}" + (f" at {c.argmax}" if c.max_abs_diff else ""))
         click.echo(f"relative Frobenius error {c.rel_frobenius:.6g}  (‖A−B‖/‖B‖)")
         click.echo(f"cosine similarity        {c.cosine:.9f}")
     if not ok:

@@ -45,3 +45,18 @@ def note_input_layer(rows, store=None) -> None:
         note = fitted_input_note(rows, fitted_on) if fitted_on else None
     if note:
         click.echo(note, err=True)
+
+
+def open_adapter(adapter: str, other: str | None = None, *, mode: str = "r", require_complete: bool = False):
+    """Open a command's ADAPTER argument; when that is another kind of store and ``other`` (the
+    command's next argument) is an adapter store, the error says the two were given the other way round."""
+    from prismoe_store.errors import StoreFormatError
+    from prismoe_store.stores.adapter import AdapterStore
+    from prismoe_store.stores.formats import existing_kind
+
+    try:
+        return AdapterStore.open(adapter, mode, require_complete=require_complete)
+    except StoreFormatError as e:
+        if other is not None and existing_kind(str(other)) == "adapter":
+            raise StoreFormatError(f"{e}, but {other} is one: give the adapter first") from None
+        raise

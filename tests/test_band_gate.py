@@ -89,6 +89,38 @@ def test_hidden_only_store_and_refusals(tmp_path):
         _ = store.z
 
 
+def test_swapped_arguments_are_named(tmp_path):
+    """fit-gates and benchmark head given HIDDEN ADAPTER: one line that says to give the adapter first."""
+    from cli.main import main
+
+    _, _, h, _ = _planted(tmp_path, rows=100)
+    hid = PairsStore.create(str(tmp_path / "hid.zarr"), d_in=16, d_out=0)
+    hid.append(h, np.zeros((len(h), 0), np.float32))
+    a = tmp_path / "a.zarr"
+    for args in (["fit-gates", hid.url, str(a)], ["benchmark", "head", hid.url, str(a)]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 1 and "give the adapter first" in res.output, res.output
+        assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(main, ["fit-gates", hid.url, hid.url])  # no adapter at all: no such hint
+    assert res.exit_code == 1 and "give the adapter first" not in res.output
+
+
+def test_band_gate_bars_start_before_their_first_step(tmp_path):
+    """The teacher pass's and the epochs' bars start at 0, so their time covers the first epoch too."""
+    from contextlib import contextmanager
+
+    adapter, _, _, _ = _planted(tmp_path, rows=300)
+    calls: dict = {}
+
+    @contextmanager
+    def stages(name):
+        yield lambda done, total: calls.setdefault(name, []).append((done, total))
+
+    fit_band_gate(adapter, str(tmp_path / "h.npy"), config=BandGateConfig(epochs=2), stages=stages)
+    assert calls["gate epochs"] == [(0, 2), (1, 2), (2, 2)]
+    assert calls["teacher pass"][0][0] == 0
+
+
 def test_fit_gates_command_on_a_head(tmp_path):
     from cli.main import main
 
@@ -135,7 +167,8 @@ def test_rerunning_head_over_a_trained_head_names_the_next_step(tmp_path, write_
     after = CliRunner().invoke(main, head[:-1])
     assert after.exit_code == 0, after.output
     assert f"next (its band gate is trained): prismoe benchmark head {a} HELD_OUT_HIDDEN" in after.stdout
-    assert f"prismoe generate {a} --model {src if source == 'gguf' else 'MODEL'} --compare" in after.stdout
+    model = src if source == "gguf" else "MODEL"
+    assert f"prismoe generate {a} --model {model} --prompt TEXT --compare" in after.stdout
     assert "fit-gates" not in after.stdout
 
 

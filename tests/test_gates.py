@@ -211,9 +211,11 @@ def test_resume_continues_from_the_last_saved_epoch(gated, tmp_path):
     assert full["epochs_run"] == 4 and full["resumed_from"] is None
 
     a = _copy(fitted, tmp_path / "a")
-    first = fit_gates(a, pairs, GateSettings(**{**kw, "epochs": 2}))
+    calls: list = []
+    first = fit_gates(a, pairs, GateSettings(**{**kw, "epochs": 2}), progress=lambda d, t: calls.append((d, t)))
     assert first["epochs_run"] == 2
     n_train = Split(0.1, 0).counts(pairs)[0]
+    assert calls[0] == (0, 2 * n_train) and calls[-1] == (2 * n_train, 2 * n_train)  # the bar starts at 0
 
     def crash(done, total):  # killed in the middle of epoch 3
         if done > n_train // 2:

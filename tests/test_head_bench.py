@@ -59,6 +59,10 @@ def test_metrics_match_a_dense_reference(setup):
         approx = h.astype(np.float64) @ ((u[:, :k] * sv[:k]) @ vt[:k]).T
         assert row["top1"] == pytest.approx(float(np.mean(approx.argmax(1) == p64.argmax(1))), abs=1.5 / len(h))
         assert row["energy"] == pytest.approx(float((sv[:k] ** 2).sum() / (sv ** 2).sum()), rel=1e-9)
+    assert r["svd_first_energy"] == pytest.approx(float(sv[0] ** 2 / (sv ** 2).sum()), rel=1e-9)
+    mean = w.astype(np.float64).mean(0)
+    assert r["svd_first_vs_mean"] == pytest.approx(float(abs(vt[0] @ mean) / np.linalg.norm(mean)), abs=1e-9)
+    assert "The first direction alone holds" in format_head_report(r)
     assert "| rho=0.25 |" in format_head_report(r)
 
 

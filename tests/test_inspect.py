@@ -307,6 +307,7 @@ def test_cli_compare_exit_codes(tmp_path):
     r = _run("compare", url, tmp_path / "same.npy", "-q")
     assert r.exit_code == 0, r.output
     assert "max abs diff" in r.output and "cosine" in r.output
+    assert " at (" not in r.output  # no place named for a difference of 0
     r = _run("compare", url, tmp_path / "near.npy", "-q")
     assert r.exit_code == 1 and "exceeds --atol" in r.output and "(7, 3)" in r.output
     assert r.output.strip().splitlines()[-1].startswith("Error:")  # one line, no traceback

@@ -138,6 +138,8 @@ def benchmark_head(adapter: AdapterStore, hidden, *, sparsities: Sequence[float]
         result["svd"] = [{"setting": f"rho={r:g}", "rank": ranks[r], "energy": float(svd.energy[min(ranks[r], d) - 1]),
                           **{key: getattr(s_sums[r], key) / max(1, s_sums[r].tokens) for key in ("top1", "top5", "kl")},
                           "bytes_ratio": ranks[r] * (V + d) * 4 / dense_bytes} for r in sparsities]
+        result["svd_first_energy"] = float(svd.energy[0])  # σ₁² / Σ σ²
+        result["svd_first_vs_mean"] = svd.first_vs_mean  # |cos| of the first direction with the rows' mean
         for row in result["svd"]:
             row["top5_recall"] = row.pop("top5")
     return result
@@ -221,6 +223,9 @@ class _TruncatedSVD:
         evals, evecs = np.linalg.eigh(gram)
         sq = np.maximum(evals[::-1], 0.0)  # σ², descending
         self.energy = np.cumsum(sq) / max(float(sq.sum()), 1e-300)  # [d] Σ_{i≤r} σ²_i / Σ σ², rank r = index + 1
+        mean = head.mean(axis=0, dtype=np.float64)  # [d] the rows' common mean
+        top = evecs[:, -1]  # [d] the first right singular vector
+        self.first_vs_mean = float(abs(top @ mean) / max(float(np.linalg.norm(mean)), 1e-300))  # |cos|
         self.right = torch.from_numpy(evecs[:, ::-1].copy().astype(np.float32))  # [d, d] V, by singular value
         self.left = torch.from_numpy(head) @ self.right  # [V, d] U Σ = W V, token order
 
@@ -235,7 +240,8 @@ def format_head_report(r: dict) -> str:
             if r["quant"] == "int8" else "")
     lines = [f"Head {r['V']} × {r['d']}, {r['bands']} bands of {r['band_rows']} rows, {r['quant']}, "
              f"{r['rows']} held-out rows.{note}", "",
-             "| routing | top-1 agreement | top-5 recall | mass kept | KL | rows computed | bytes/token ÷ dense |",
+             "| routing | top-1 agreement | top-5 recall | mass kept | KL | rows computed | bytes/token ÷ dense (gate "
+             "included) |",
              "|---|---|---|---|---|---|---|"]
     for s in r["settings"]:
         lines.append(f"| {s['setting']} | {s['top1']:.4f} | {s['top5_recall']:.4f} | {s['mass']:.4f} | "
@@ -247,9 +253,14 @@ def format_head_report(r: dict) -> str:
             lines.append(f"| {s['setting']} | {s['top1']:.4f} | {s['top5_recall']:.4f} | {s['mass']:.4f} | "
                          f"{s['row_share']:.4f} |")
     if "svd" in r:
+        first = ""
+        if "svd_first_energy" in r:
+            first = f" The first direction alone holds {r['svd_first_energy']:.3f} of the energy"
+            cos = r.get("svd_first_vs_mean", 0.0)
+            first += (f"; it is the rows' common mean (|cos| {cos:.2f}), which moves every logit alike and ranks "
+                      "no token." if cos >= 0.9 else ".")
         lines += ["", "Baseline: truncated SVD W ≈ U_r Σ_r V_rᵀ, its rank r the largest whose bytes r·(V + d)·4 fit "
-                  "in the routing setting's bytes per token; energy kept Σ_{i≤r} σ²_i / Σ σ² (a flat spectrum keeps "
-                  "little).", "",
+                  "in the routing setting's bytes per token; energy kept Σ_{i≤r} σ²_i / Σ σ²." + first, "",
                   "| bytes of routing | rank | bytes ÷ dense | energy kept | top-1 agreement | top-5 recall "
                   "| KL(p ‖ p_svd) |", "|---|---|---|---|---|---|---|"]
         for s in r["svd"]:

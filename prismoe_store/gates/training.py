@@ -124,6 +124,8 @@ class GateRun:
             if progress:
                 progress(done[0], total)
 
+        if total:
+            tick(0)  # the bar starts before the first batch, so its time covers every batch
         while self.epoch < self.s.epochs and not self.stopped:
             loss = _epoch(self.tiles, self.gates, self.opt, self.pairs, self.split, self.s, self.epoch + 1,
                           self.z_scale, tick)

@@ -198,6 +198,8 @@ def fit_band_gate(adapter: AdapterStore, hidden, *, config: BandGateConfig = Ban
         meta["epochs"] = config.epochs
         epoch_seconds = []
         with stage("gate epochs") as progress:
+            if progress:  # the bar starts with the first epoch, so its time is every epoch's
+                progress(int(meta["epoch"]), config.epochs)
             for epoch in range(int(meta["epoch"]) + 1, config.epochs + 1):
                 t1 = time.perf_counter()
                 rng = np.random.default_rng([config.seed, epoch])  # the order depends on seed and epoch only

@@ -139,7 +139,7 @@ class HeadReport:
                     f"({self.int8_bytes / self.matrix_bytes:.3f}×)" if self.int8_bytes else ""),
                  f"next (its band gate is trained): prismoe benchmark head {self.url} HELD_OUT_HIDDEN   (hidden "
                  f"states of other text than the gate trained on), or prismoe generate {self.url} --model "
-                 f"{self.model or 'MODEL'} --compare" if self.gate_trained
+                 f"{self.model or 'MODEL'} --prompt TEXT --compare" if self.gate_trained
                  else f"next: prismoe fit-gates {self.url} {self.hidden}" if self.hidden
                  else f"next: prismoe fit-gates {self.url} HIDDEN   (hidden states: prismoe collect --target none ...)"]
         return "\n".join(lines)

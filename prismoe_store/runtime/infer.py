@@ -20,6 +20,7 @@ and :func:`infer_line` are the one-line summaries the CLI prints.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -39,6 +40,7 @@ def infer_rows(runtime, read: Callable[[int, int], np.ndarray], rows: int, outpu
     if batch_size < 1:
         raise DataError(f"batch_size must be positive, got {batch_size}")
     part = f"{output}.{os.getpid()}.part"  # renamed onto the output only once every row is written
+    t0 = time.perf_counter()
     try:
         y = np.lib.format.open_memmap(part, mode="w+", dtype=np.float32, shape=(rows, runtime.d_out))
         with runtime:
@@ -56,7 +58,7 @@ def infer_rows(runtime, read: Callable[[int, int], np.ndarray], rows: int, outpu
     finally:
         if os.path.exists(part):
             os.remove(part)
-    stats.update(rows=rows, d_out=runtime.d_out, output=str(output),
+    stats.update(rows=rows, d_out=runtime.d_out, output=str(output), wall_seconds=time.perf_counter() - t0,
                  rows_per_second=rows / stats["seconds"] if stats["seconds"] else None)
     return stats
 
@@ -71,9 +73,11 @@ def check_output_folder(output) -> None:
 
 def infer_line(stats: dict) -> str:
     """What :func:`infer_rows` did, in one line."""
+    wall = (f"; {stats['wall_seconds']:.1f} s with reading the rows and writing the output"
+            if "wall_seconds" in stats else "")
     return (f"wrote {stats['output']}: {stats['rows']} × {stats['d_out']} float32 in {stats['seconds']:.3f} s of "
-            f"runtime calls, loading the tiles included ({stats['rows_per_second'] or 0:.0f} rows/s; {stats['quant']}, "
-            f"{stats.get('schedule', 'select')}, "
+            f"runtime calls, loading the tiles included{wall} ({stats['rows_per_second'] or 0:.0f} rows/s; "
+            f"{stats['quant']}, {stats.get('schedule', 'select')}, "
             f"ρ = {_number(stats['sparsity'])}, {stats['device']})")
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from cli.main import main
 from prismoe_store.errors import CorruptStoreError, DataError, StoreError, StoreFormatError, TensorNotFoundError
 from prismoe_store.grid import GridSpec, plan_grid
-from prismoe_store.inspection.common import INSPECTORS, inspect_store, store_format, tile_stats
+from prismoe_store.inspection.common import INSPECTORS, human_bytes, inspect_store, store_format, tile_stats
 from prismoe_store.inspection.compare import compare_matrices, open_matrix, open_tensor
 from prismoe_store.inspection.pairs import column_stats
 from prismoe_store.plots import tile_heatmap, visualize_tensor
@@ -698,3 +698,23 @@ def test_cli_inspect_adapter_and_routing(fitted):
     assert r.exit_code == 2 and "--sparsity goes with --routing" in r.output
     r = _run("inspect", url, "-q", "--routing", root / "missing.zarr")
     assert r.exit_code == 1 and "Traceback" not in r.output
+
+
+def test_inspect_adapter_counts_the_memory_of_tiles_that_hold_data(tmp_path):
+    """A padded grid: inspect gives the bytes of the tiles the runtime loads (those holding data),
+    with the padded array's beside them, fp32 and INT8."""
+    from prismoe_store.bench.runtime import synthetic_adapter
+    from prismoe_store.inspection.adapter import inspect_adapter
+
+    a = synthetic_adapter(str(tmp_path / "a.zarr"), d_in=24, d_out=40, workers=16)
+    report = inspect_adapter(a.url, stats=False)
+    for pipe in report.pipes:
+        g = pipe.grid
+        assert g.active_count < g.workers  # the test needs padding-only tiles
+        live = g.active_count * g.tile_bytes(4)
+        d = pipe.to_dict()
+        assert d["bytes_live"] == live < d["bytes_memory"] == g.workers * g.tile_bytes(4)
+        text = pipe.text()
+        assert f"(the {g.active_count} that hold data; " in text
+        int8_live = g.active_count * (g.tile_out * g.tile_in + 4 * g.tile_out)
+        assert f"INT8 tiles + scales {human_bytes(int8_live)} in memory (the tiles that hold data)" in text

@@ -66,7 +66,8 @@ class PipeReport:
             "padding_fraction": g.padding_fraction, "fitted_rows": self.fitted_rows, "codecs": self.codecs,
             "tile_bytes_fp32": g.tile_bytes(4),
             "tile_bytes_int8": self.tile_bytes_int8 if self.int8_bytes_memory is not None else None,
-            "bytes_memory": self.bytes_memory, "bytes_disk": self.bytes_disk,
+            "bytes_memory": self.bytes_memory, "bytes_live": g.active_count * g.tile_bytes(4),
+            "bytes_disk": self.bytes_disk,
             "int8_bytes_memory": self.int8_bytes_memory, "int8_bytes_disk": self.int8_bytes_disk,
             "gate": self.gate, "stats": None if self.stats is None else self.stats.to_dict(),
         })
@@ -77,16 +78,17 @@ class PipeReport:
         fitted = f"; fitted on {self.fitted_rows} rows" if self.fitted_rows is not None else ""
         lines = [
             f"pipe {self.pipe + 1}: {g}",
-            f"  padding {100 * g.padding_fraction:.2f}%, {g.active_count}/{g.workers} workers active "
-            f"({g.workers - g.active_count} padding-only){fitted}",
+            f"  padding {100 * g.padding_fraction:.2f}% of the padded matrix, {g.active_count}/{g.workers} workers "
+            f"active ({g.workers - g.active_count} padding-only){fitted}",
             f"  tile {g.tile_out} × {g.tile_in}: {human_bytes(g.tile_bytes(4))} fp32"
             + (f", {human_bytes(self.tile_bytes_int8)} INT8 with scales" if self.int8_bytes_memory is not None else ""),
-            f"  tiles {human_bytes(self.bytes_memory)} fp32 in memory, {human_bytes(self.bytes_disk)} on disk; codecs "
-            f"{' + '.join(self.codecs)}",
+            f"  tiles {human_bytes(g.active_count * g.tile_bytes(4))} fp32 in memory (the {g.active_count} that hold "
+            f"data; {human_bytes(self.bytes_memory)} with the padding-only ones), {human_bytes(self.bytes_disk)} on "
+            f"disk; codecs {' + '.join(self.codecs)}",
         ]
         if self.int8_bytes_memory is not None and self.int8_bytes_disk is not None:  # both set, or neither
-            lines.append(f"  INT8 tiles + scales {human_bytes(self.int8_bytes_memory)} in memory, "
-                         f"{human_bytes(self.int8_bytes_disk)} on disk")
+            lines.append(f"  INT8 tiles + scales {human_bytes(g.active_count * self.tile_bytes_int8)} in memory (the "
+                         f"tiles that hold data), {human_bytes(self.int8_bytes_disk)} on disk")
         if self.gate is None and self.grid.is_band_grid:
             lines.append("  gate: the adapter's band gate (one score per band, all pipes together)")
         elif self.gate is None:

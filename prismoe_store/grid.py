@@ -389,7 +389,7 @@ def padding_advice(d_in: int, d_out: int, workers: int | None = None, *,
     in each of pipes 1 and 2, 350 of its 512 tiles hold only padding (68.4%; pipe 3: 224 of 512): 576 × 576 pads
     to 1024 × 1024 on power-of-2 tiles. They are never computed or stored, but each takes a gate row, and 162 tiles
     of the pipe do work. Fewer --workers do not remove it (at --workers 128 the share is still 64.8%); it costs only
-    gate rows. For about 512 working tiles use --workers 2048 (648 do work)
+    gate rows. For about 512 working tiles a pipe use --workers 2048 (648 of pipe 1's do work)
     >>> padding_advice(64, 256, 512) is None
     True
     """
@@ -422,5 +422,6 @@ def padding_advice(d_in: int, d_out: int, workers: int | None = None, *,
     bigger = [(w, plan_grid(d_in, d_out, w).active_count) for w in (workers * 2, workers * 4)]
     enough = [(w, n) for w, n in bigger if n >= workers]
     if enough:
-        line += f" For about {workers} working tiles use --workers {enough[0][0]} ({enough[0][1]} do work)"
+        line += (f" For about {workers} working tiles a pipe use --workers {enough[0][0]} ({enough[0][1]} of pipe 1's "
+                 "do work)")
     return line

@@ -58,7 +58,7 @@ def test_padding_advice_counts_the_tiles_the_planner_makes():
     # fewer workers do not help a width just above a power of 2: the line says so rather than suggest them
     line = padding_advice(576, 576, 512)
     assert "Fewer --workers do not remove it (at --workers 128 the share is still 64.8%)" in line
-    assert "use --workers 2048 (648 do work)" in line
+    assert "use --workers 2048 (648 of pipe 1's do work)" in line
     # where fewer workers do help, the line names them
     line = padding_advice(12, 100, 64)
     assert line is not None and "--workers 32 leaves 25.0% padding-only tiles" in line, line

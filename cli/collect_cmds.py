@@ -6,7 +6,15 @@ from dataclasses import replace
 
 import click
 
-from cli.options import compressor_option, device_option, json_option, overwrite_option
+from cli.options import (
+    compressor_option,
+    device_option,
+    gather_prompts,
+    json_option,
+    model_option,
+    overwrite_option,
+    prompt_options,
+)
 from cli.output import echo_json, output_store
 from cli.progress import bar, quiet_option
 from prismoe_store.data.collect import (
@@ -114,5 +122,42 @@ def collect_bench(upper, lower, texts, repeats, compressor, as_json, **kw):
     click.echo(format_benchmark_collect(result))
 
 
-commands = [collect_cmd]
+@click.command("sample")
+@model_option()
+@prompt_options
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the texts (.jsonl).")
+@click.option("--samples", type=click.IntRange(min=1), default=3, show_default=True, help="Continuations per prompt.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True,
+              help="Tokens sampled after each prompt.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.8, show_default=True,
+              help="Softmax temperature.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+              help="Nucleus sampling: the smallest set of tokens holding this much probability.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The same prompts and settings give the same texts.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts a call.")
+@device_option()
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Compute dtype.")
+@json_option()
+@quiet_option
+def sample_cmd(model, prompts, prompts_file, output, samples, max_new_tokens, temperature, top_p, seed, batch_size,
+               device, dtype, as_json, quiet):
+    """Write MODEL's sampled continuations of prompts as .jsonl documents: its own text, to collect
+    hidden states from and train a head adapter's band gate on (a gate trained on one kind of text
+    only routes other text worse; see docs/heads.md)."""
+    from prismoe_store.data.sampling import SampleSpec, sample_line, sample_texts
+
+    prompts = gather_prompts(prompts, prompts_file)
+    spec = SampleSpec(samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                      seed=seed, batch_size=batch_size, device=device, dtype=dtype)
+    with bar("sample", quiet=quiet or as_json, unit="text") as progress:
+        r = sample_texts(model, prompts, output, spec=spec, progress=progress)
+    if as_json:
+        echo_json(r)
+        return
+    click.echo(sample_line(r, model))
+
+
+commands = [collect_cmd, sample_cmd]
 bench_commands = [collect_bench]

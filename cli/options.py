@@ -38,3 +38,28 @@ def compressor_option(default: str | None, help: str):
     """``--compressor``: the chunk codec of a store the command writes (``None``: the store's default)."""
     return click.option("--compressor", type=click.Choice(COMPRESSORS), default=default,
                         show_default=default is not None, help=help)
+
+
+def model_option(help: str = "The model: a transformers causal-LM folder, a .gguf file, or a folder holding one "
+                             "(read offline)."):
+    """``--model`` (required, an existing path): the causal LM a command loads."""
+    return click.option("--model", required=True, type=click.Path(exists=True), help=help)
+
+
+def prompt_options(f):
+    """``--prompt`` (repeatable, destination ``prompts``) and ``--prompts-file``; read them with
+    :func:`gather_prompts`."""
+    f = click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="More prompts, one per non-blank line.")(f)
+    return click.option("--prompt", "prompts", multiple=True, help="Text to continue (repeatable).")(f)
+
+
+def gather_prompts(prompts, prompts_file) -> list[str]:
+    """The ``--prompt`` values, then the non-blank lines of ``--prompts-file``; a usage error when there are none."""
+    out = list(prompts)
+    if prompts_file:
+        with open(prompts_file, encoding="utf-8") as f:
+            out += [line.strip() for line in f if line.strip()]
+    if not out:
+        raise click.UsageError("give --prompt TEXT (repeatable) or --prompts-file PATH")
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from cli.options import gather_prompts, model_option, prompt_options
 from cli.output import echo_json, note_input_layer
 from cli.progress import bar, quiet_option
 from prismoe_store.stores.adapter import AdapterStore
@@ -92,11 +93,8 @@ def quantize_cmd(adapter, as_json, quiet):
 
 @click.command("generate")
 @click.argument("adapter")
-@click.option("--model", required=True, type=click.Path(exists=True),
-              help="The model: a transformers causal-LM folder, a .gguf file, or a folder holding one (read offline).")
-@click.option("--prompt", "prompts", multiple=True, help="Text to continue (repeatable).")
-@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="More prompts, one per non-blank line.")
+@model_option()
+@prompt_options
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True,
               help="Tokens to generate (greedy).")
 @click.option("--compare", is_flag=True, help="Also generate with the model's own head and report agreement.")
@@ -113,12 +111,7 @@ def generate_cmd(adapter, model, prompts, prompts_file, max_new_tokens, compare,
     from prismoe_store.runtime.infer import cache_line
 
     keep_freed_memory()  # one job a process: each token's logits reuse freed memory, not fresh pages
-    prompts = list(prompts)
-    if prompts_file:
-        with open(prompts_file, encoding="utf-8") as f:
-            prompts += [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise click.UsageError("give --prompt TEXT (repeatable) or --prompts-file PATH")
+    prompts = gather_prompts(prompts, prompts_file)
     if not (quiet or as_json):
         click.echo(f"note: loading the model {model} (a GGUF is dequantized into float tensors first), then "
                    f"{len(prompts)} prompt(s) of {max_new_tokens} new tokens"

@@ -1,0 +1,150 @@
+"""The model's own text: sampled continuations of prompts, written as ``.jsonl`` (``prismoe sample``).
+
+A head adapter's band gate learns which bands win from the hidden states it is trained on
+(``prismoe fit-gates``). Trained on one kind of text only (say, docstrings), it routes other text
+worse, and greedy generation then leaves the dense model's text sooner. The text a generating model
+sees is mostly its own, so the model's continuations of varied prompts are the natural training
+data for the gate: :func:`sample_texts` writes them as documents (``{"text": prompt +
+continuation}``, one a line) for ``prismoe collect --target none``.
+
+On SmolLM2-135M (docs/heads.md, session 24): a gate trained on 8 000 rows of stdlib docstrings kept
+the dense head's greedy text on 7 of 15 unseen prompts at ρ = 0.1 and 11 of 15 at ρ = 0.3; with
+13 509 more rows from 144 sampled continuations of 48 varied prompts, 8–10 and 14–15 of 15.
+
+Sampling is nucleus sampling (``temperature``, ``top_p``) through transformers' ``generate``,
+``batch_size`` prompts a call (padded on the left); the seed of each call is derived from
+``seed``, the sample's index and the batch's, so the same prompts and settings give the same texts
+whatever else ran before. The file is written beside ``output`` and renamed onto it at the end: an
+interrupted run leaves no partial file.
+
+>>> SampleSpec(samples=2).samples, SampleSpec().max_new_tokens
+(2, 96)
+>>> SampleSpec(top_p=1.5)
+Traceback (most recent call last):
+...
+prismoe_store.errors.DataError: top_p must be in (0, 1], got 1.5
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import cast
+
+from prismoe_store.errors import DataError
+
+Progress = Callable[[int, int], None]
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DataError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """How :func:`sample_texts` samples (validated on construction)."""
+
+    samples: int = 3  # continuations per prompt
+    max_new_tokens: int = 96  # tokens sampled after each prompt (fewer when the model ends the text)
+    temperature: float = 0.8  # softmax temperature (> 0)
+    top_p: float = 0.95  # nucleus: the smallest set of tokens holding this much probability, in (0, 1]
+    seed: int = 0  # the same prompts and settings give the same texts
+    batch_size: int = 8  # prompts a generate call
+    device: str = "cpu"  # torch device of the model
+    dtype: str = "float32"  # compute dtype of the model
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "max_new_tokens", "batch_size"):
+            _positive_int(getattr(self, name), name)
+        if not self.temperature > 0:
+            raise DataError(f"temperature must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise DataError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise DataError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+
+def sample_texts(model, prompts: Sequence[str], output, *, spec: SampleSpec = SampleSpec(),
+                 progress: Progress | None = None) -> dict:
+    """Write ``spec.samples`` sampled continuations of each prompt to ``output`` (``.jsonl``, one
+    ``{"text": prompt + continuation, "prompt": i, "sample": j}`` a line, prompt by prompt).
+
+    ``model`` is a transformers causal-LM folder, a ``.gguf`` file or a folder holding one (loaded
+    offline), or a :class:`~prismoe_store.data.models.LoadedModel`. ``progress(done, total)`` counts
+    texts. Returns ``{"output", "prompts", "texts", "new_tokens", "seconds", "spec"}``.
+
+    Raises :class:`DataError` without prompts (or with a blank one) and when ``output``'s folder does
+    not exist; the model loader's errors for a model that cannot be loaded.
+    """
+    import torch
+
+    from prismoe_store.data.models import LoadedModel, load_model
+    from prismoe_store.runtime.infer import check_output_folder
+
+    prompts = [str(p) for p in prompts]
+    if not prompts or any(not p.strip() for p in prompts):
+        raise DataError("give at least one prompt, none of them blank")
+    check_output_folder(output)
+    t0 = time.perf_counter()
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=spec.device, dtype=spec.dtype)
+    tok = lm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is None:
+        raise DataError("the tokenizer has neither a pad nor an end-of-text token: cannot pad a batch")
+    side, tok.padding_side = tok.padding_side, "left"  # decoder-only models continue from the right end
+    total, done, new_tokens = len(prompts) * spec.samples, 0, 0
+    texts: list[list[str]] = [[] for _ in prompts]  # [prompt][sample]
+    part = f"{output}.{os.getpid()}.part"
+    try:
+        if progress:
+            progress(0, total)
+        for j in range(spec.samples):
+            for b, start in enumerate(range(0, len(prompts), spec.batch_size)):
+                batch = prompts[start:start + spec.batch_size]
+                enc = tok(batch, return_tensors="pt", padding=True).to(lm.device)
+                torch.manual_seed(spec.seed * 1_000_003 + j * 10_007 + b)  # this call's own draws
+                generate = cast(Callable, lm.model.generate)  # transformers' GenerationMixin
+                with torch.no_grad():
+                    out = generate(**enc, max_new_tokens=spec.max_new_tokens, do_sample=True,
+                                   temperature=spec.temperature, top_p=spec.top_p, pad_token_id=pad)
+                cont = out[:, enc["input_ids"].shape[1]:]  # [B, new] the sampled tokens (then padding)
+                for i, row in enumerate(cont):
+                    real = _until_eos(row, tok.eos_token_id)
+                    real = real[real != pad]  # [n] the tokens sampled before the text ended
+                    new_tokens += int(real.numel())
+                    texts[start + i].append(batch[i] + str(tok.decode(real, skip_special_tokens=True)))
+                done += len(batch)
+                if progress:
+                    progress(done, total)
+        with open(part, "w", encoding="utf-8") as f:
+            for i, per in enumerate(texts):
+                for j, text in enumerate(per):
+                    f.write(json.dumps({"text": text, "prompt": i, "sample": j}, ensure_ascii=False) + "\n")
+        os.replace(part, output)
+    finally:
+        tok.padding_side = side
+        if os.path.exists(part):
+            os.remove(part)
+    return {"output": str(output), "prompts": len(prompts), "texts": total, "new_tokens": new_tokens,
+            "seconds": time.perf_counter() - t0, "spec": asdict(spec)}
+
+
+def _until_eos(row, eos: int | None):
+    """The tokens of ``row`` before its first ``eos`` (the padding after an ended text may be ``eos`` too)."""
+    if eos is None:
+        return row
+    ends = (row == eos).nonzero()
+    return row if not len(ends) else row[: int(ends[0, 0])]
+
+
+def sample_line(r: dict, model) -> str:
+    """What :func:`sample_texts` wrote, and the next step, in two lines."""
+    return (f"wrote {r['output']}: {r['texts']} texts ({r['prompts']} prompts × {r['spec']['samples']} samples), "
+            f"{r['new_tokens']} new tokens in {r['seconds']:.1f} s\n"
+            f"next: prismoe collect --upper {model} --text {r['output']} --target none -o HIDDEN   (then "
+            "prismoe fit-gates HEAD HIDDEN)")

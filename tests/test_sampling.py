@@ -71,8 +71,13 @@ def test_sample_command_writes_what_collect_reads(llama, tmp_path):
                                     "weight store chunk", "--samples", "2", "--max-new-tokens", "5", "-o", str(out),
                                     "-q"])
     assert res.exit_code == 0, res.output
-    assert f"wrote {out}: 8 texts (4 prompts × 2 samples)" in res.output
-    assert f"next: prismoe collect --upper {llama} --text {out} --target none" in res.output
+    assert f"wrote {out}: 8 texts (4 prompts × 2 samples)" in res.output and "replaced" not in res.output
+    assert f"next: prismoe collect --upper {llama} --text {out} --text YOUR_TEXT --max-tokens N" in res.output
+    again = CliRunner().invoke(main, ["sample", "--model", str(llama), "--prompts-file", str(prompts), "--prompt",
+                                      "weight store chunk", "--samples", "2", "--max-new-tokens", "5", "-o", str(out),
+                                      "-q", "--json"])
+    info = json.loads(again.stdout)
+    assert info["replaced"] is True and 0 <= info["empty"] <= 8  # the same file again, and it says so
     hidden = tmp_path / "hidden.zarr"
     res = CliRunner().invoke(main, ["collect", "--upper", str(llama), "--text", str(out), "--target", "none", "-o",
                                     str(hidden), "-q"])

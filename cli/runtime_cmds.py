@@ -184,9 +184,10 @@ def bench_runtime_cmd(adapter, hidden, device, sparsity, mass, input_path, d_in,
 
     if hidden and input_path:
         raise click.UsageError("give the input rows once: HIDDEN or --input")
-    if adapter:
-        note_input_layer(hidden or input_path, AdapterStore.open(adapter))
-    report = benchmark_runtime_store(adapter, rows=hidden or input_path, d_in=d_in, d_out=d_out, workers=workers,
+    store = AdapterStore.open(adapter, require_complete=True) if adapter else None
+    if store is not None:
+        note_input_layer(hidden or input_path, store)
+    report = benchmark_runtime_store(store, rows=hidden or input_path, d_in=d_in, d_out=d_out, workers=workers,
                                      device=device, sparsity=sparsity, mass=mass, batch=batch, repeats=repeats,
                                      hit_tokens=hit_tokens, threads=threads,
                                      stage=lambda name, unit: bar(name, quiet=quiet or as_json, unit=unit))

@@ -204,10 +204,11 @@ def _measure(adapter: TileSource, device: str, sparsity: float | None, mass: flo
     return out
 
 
-def benchmark_runtime_store(adapter: str | None, *, rows: str | None = None, d_in: int = 512, d_out: int = 8192,
-                            workers: int = 512, threads: int | None = None, stage=None, **options) -> dict:
-    """:func:`benchmark_runtime` as ``prismoe benchmark runtime`` runs it: ``adapter`` a path/URL of a
-    finished adapter store, or ``None`` for a synthetic three-pipe ``d_in → d_out`` adapter of
+def benchmark_runtime_store(adapter: AdapterStore | str | None, *, rows: str | None = None, d_in: int = 512,
+                            d_out: int = 8192, workers: int = 512, threads: int | None = None, stage=None,
+                            **options) -> dict:
+    """:func:`benchmark_runtime` as ``prismoe benchmark runtime`` runs it: ``adapter`` a finished
+    adapter store (open, or its path/URL), or ``None`` for a synthetic three-pipe ``d_in → d_out`` adapter of
     ``workers`` tiles a pipe built in a temporary folder (at ρ = 0.3 unless ``sparsity`` is given);
     ``rows`` a ``.npy`` or pairs store of input rows in trace order (``None``: Gaussian), checked
     against the adapter's width before any work; ``threads`` the torch CPU threads (left as set
@@ -218,7 +219,8 @@ def benchmark_runtime_store(adapter: str | None, *, rows: str | None = None, d_i
     load = os.getloadavg()[0]  # other work on the machine makes the ratios noisy: reported
     if threads:
         torch.set_num_threads(threads)
-    store = None if adapter is None else AdapterStore.open(adapter, require_complete=True)
+    store = adapter if isinstance(adapter, AdapterStore) or adapter is None else AdapterStore.open(
+        adapter, require_complete=True)
     tokens = None
     if rows:  # rows as wide as the adapter's input, checked before any work
         read, n = open_rows(rows, d_in if store is None else store.d_in)
@@ -231,7 +233,8 @@ def benchmark_runtime_store(adapter: str | None, *, rows: str | None = None, d_i
             options["sparsity"] = 0.3 if options.get("sparsity") is None else options["sparsity"]
         with stage("benchmark", "step") as progress:
             report = benchmark_runtime(store, tokens=tokens, progress=progress, **options)
-    report["adapter"] = adapter or f"synthetic {d_in}→{d_out}, {workers} workers a pipe"
+    report["adapter"] = adapter.url if isinstance(adapter, AdapterStore) else (
+        adapter or f"synthetic {d_in}→{d_out}, {workers} workers a pipe")
     report["input"] = rows or "Gaussian"
     report["threads"] = torch.get_num_threads()
     report["load"] = [load, os.getloadavg()[0]]  # 1-minute load average before and after
@@ -340,8 +343,8 @@ def format_report(r: dict) -> str:
     for name, s in r["baselines"].items():
         if name != "dense":
             lines.append(f"{name} baseline ({what.get(name, name)}): latency {s['latency_vs_dense']:.2f}× dense"
-                         f"{_spread(s, 'latency', True)}, throughput {s['throughput_vs_dense']:.2f}× dense"
-                         f"{_spread(s, 'throughput', True)}")
+                         f"{_bracketed(_spread(s, 'latency'))}, throughput {s['throughput_vs_dense']:.2f}× dense"
+                         f"{_bracketed(_spread(s, 'throughput'))}")
     for q in ("fp32", "int8"):
         s = r.get(q)
         if not s:
@@ -349,10 +352,10 @@ def format_report(r: dict) -> str:
             continue
         share = f", {s['row_share']:.1%} of the rows a token" if s.get("row_share") else ""
         lines.append(f"{q}: latency (batch 1) {s['latency_vs_dense']:.2f}× dense F.linear "
-                     f"({_spread(s, 'latency')[2:]}{'; ' * bool(_spread(s, 'latency'))}median times "
+                     f"({'; '.join(filter(None, [_spread(s, 'latency'), 'median times']))} "
                      f"{s['latency_s'] * 1e3:.2f} ms and dense {s['dense_latency_s'] * 1e3:.2f} ms); "
                      f"throughput (batch {batch}) {s['throughput_vs_dense']:.2f}× dense "
-                     f"({_spread(s, 'throughput')[2:]}{'; ' * bool(_spread(s, 'throughput'))}median rates "
+                     f"({'; '.join(filter(None, [_spread(s, 'throughput'), 'median rates']))} "
                      f"{s['throughput_tok_s']:.0f} and dense {s['dense_throughput_tok_s']:.0f} tokens/s){share}")
     if r.get("int8"):
         s = r["int8"]
@@ -385,14 +388,15 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _spread(s: dict, what: str, alone: bool = False) -> str:
-    """``"; middle half of the repeats 1.52–1.71×"`` from a ratio's quartiles (empty without them);
-    ``alone``: in its own brackets."""
+def _spread(s: dict, what: str) -> str:
+    """``"middle half of the repeats 1.52–1.71×"`` from a ratio's quartiles (empty without them)."""
     q = s.get(f"{what}_vs_dense_quartiles")
-    if not q:
-        return ""
-    spread = f"middle half of the repeats {q[0]:.2f}–{q[1]:.2f}×"
-    return f" ({spread})" if alone else f"; {spread}"
+    return f"middle half of the repeats {q[0]:.2f}–{q[1]:.2f}×" if q else ""
+
+
+def _bracketed(text: str) -> str:
+    """``" (text)"``, or nothing for no text."""
+    return f" ({text})" if text else ""
 
 
 def format_markdown(r: dict) -> str:

@@ -103,6 +103,7 @@ def sample_texts(model, prompts: Sequence[str], output, *, spec: SampleSpec = Sa
     replaced = os.path.exists(output)
     texts: list[list[str]] = [[] for _ in prompts]  # [prompt][sample]
     part = f"{output}.{os.getpid()}.part"
+    generate = cast(Callable, lm.model.generate)  # transformers' GenerationMixin
     try:
         if progress:
             progress(0, total)
@@ -111,7 +112,6 @@ def sample_texts(model, prompts: Sequence[str], output, *, spec: SampleSpec = Sa
                 batch = prompts[start:start + spec.batch_size]
                 enc = tok(batch, return_tensors="pt", padding=True).to(lm.device)
                 torch.manual_seed(spec.seed * 1_000_003 + j * 10_007 + b)  # this call's own draws
-                generate = cast(Callable, lm.model.generate)  # transformers' GenerationMixin
                 with torch.no_grad():
                     out = generate(**enc, max_new_tokens=spec.max_new_tokens, do_sample=True,
                                    temperature=spec.temperature, top_p=spec.top_p, pad_token_id=pad)

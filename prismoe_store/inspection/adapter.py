@@ -53,6 +53,11 @@ class PipeReport:
     stats: TileStats | None = None  # per-tile statistics (None: adapter incomplete or not asked)
 
     @property
+    def bytes_live(self) -> int:
+        """Bytes of the float32 tiles that hold data (those a runtime loads; padding-only tiles are never stored)."""
+        return self.grid.active_count * self.grid.tile_bytes(4)
+
+    @property
     def tile_bytes_int8(self) -> int:
         """Bytes of one INT8 tile with its per-row float32 scales."""
         return self.grid.tile_out * self.grid.tile_in + 4 * self.grid.tile_out
@@ -66,8 +71,7 @@ class PipeReport:
             "padding_fraction": g.padding_fraction, "fitted_rows": self.fitted_rows, "codecs": self.codecs,
             "tile_bytes_fp32": g.tile_bytes(4),
             "tile_bytes_int8": self.tile_bytes_int8 if self.int8_bytes_memory is not None else None,
-            "bytes_memory": self.bytes_memory, "bytes_live": g.active_count * g.tile_bytes(4),
-            "bytes_disk": self.bytes_disk,
+            "bytes_memory": self.bytes_memory, "bytes_live": self.bytes_live, "bytes_disk": self.bytes_disk,
             "int8_bytes_memory": self.int8_bytes_memory, "int8_bytes_disk": self.int8_bytes_disk,
             "gate": self.gate, "stats": None if self.stats is None else self.stats.to_dict(),
         })
@@ -82,7 +86,7 @@ class PipeReport:
             f"active ({g.workers - g.active_count} padding-only){fitted}",
             f"  tile {g.tile_out} × {g.tile_in}: {human_bytes(g.tile_bytes(4))} fp32"
             + (f", {human_bytes(self.tile_bytes_int8)} INT8 with scales" if self.int8_bytes_memory is not None else ""),
-            f"  tiles {human_bytes(g.active_count * g.tile_bytes(4))} fp32 in memory (the {g.active_count} that hold "
+            f"  tiles {human_bytes(self.bytes_live)} fp32 in memory (the {g.active_count} that hold "
             f"data; {human_bytes(self.bytes_memory)} with the padding-only ones), {human_bytes(self.bytes_disk)} on "
             f"disk; codecs {' + '.join(self.codecs)}",
         ]

@@ -98,10 +98,9 @@ def quantize_adapter(adapter: AdapterStore, progress: Callable[[int, int], None]
     missing = [set(rec.missing()) for rec in records]
     total = sum(g.active_count for g in grids)  # progress counts the tiles holding data, as the report does
     skipped = sum(g.active_count - sum(not g.is_padding(j) for j in m) for g, m in zip(grids, missing, strict=True))
-    done = skipped
     tiles, worst, bytes_fp32, bytes_int8 = 0, 0.0, 0, 0
     if progress:
-        progress(done, total)
+        progress(skipped, total)
     for p, g in enumerate(grids):
         q_arr, s_arr = adapter.int8_arrays(p, create=True)
         live_rows, live_cols = g.live_shape  # tiles wholly in padding are not stored (as the fit's)
@@ -128,9 +127,8 @@ def quantize_adapter(adapter: AdapterStore, progress: Callable[[int, int], None]
                 bytes_int8 += tile.size + 4 * a
             tiles += len(live)
             records[p].mark_many(band_workers)
-            done += len(live)
             if progress:
-                progress(done, total)
+                progress(skipped + tiles, total)
     adapter.update_attrs(int8={"scheme": SCHEME, "complete": True})
     return QuantReport(tiles=tiles, skipped=skipped, max_rel_error=worst,
                        bytes_fp32=bytes_fp32, bytes_int8=bytes_int8)

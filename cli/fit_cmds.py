@@ -67,7 +67,7 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
     R² per pipe are stored in the adapter and printed. Re-running an interrupted fit resumes it; a
     finished one is checked and left as it is.
     """
-    from prismoe_store.fit import FitConfig, fit, keep_freed_memory
+    from prismoe_store.fit import FitConfig, describe_ridge, fit, keep_freed_memory
 
     keep_freed_memory()  # this process runs one fit: reuse freed memory rather than fresh zeroed pages
     finished = not overwrite and _complete_adapter(adapter)  # then fit checks it and does nothing
@@ -102,7 +102,7 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
                f"{c['train']} training rows ({c['sub']} for pipe 2), {c['holdout']} held out")
     for p, g in enumerate(store.grids):
         click.echo(f"  pipe {p + 1}: {g}")
-    click.echo("  ridge λ: " + ", ".join(f"{k} {v:.3g}" for k, v in info["ridge"].items()))
+    click.echo("  ridge λ: " + describe_ridge(info["ridge"], (info.get("settings") or {}).get("ridge")))
     for w in info.get("warnings", []):
         click.echo(f"  warning: {w}")
     if metrics is None:

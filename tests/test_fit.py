@@ -523,8 +523,12 @@ def test_cli_fit(pairs, tmp_path):
     res = CliRunner().invoke(main, ["fit", store.url, "-o", str(out), "--workers", str(WORKERS), "-q",
                                     "--holdout", "0.2", "--mode", "independent", "--ridge", "0.5"])
     assert res.exit_code == 0 and "already finished, nothing to do" in res.output and "R²" in res.output
+    assert "ridge λ: train 0.5 (pipes 1, 3), sub 0.5 (pipe 2): given (--ridge)" in res.output
     res = CliRunner().invoke(main, ["fit", store.url, "-o", str(out), "--workers", str(WORKERS), "-q", "--overwrite"])
     assert res.exit_code == 0 and "R²" in res.output
+    lams = AdapterStore.open(out).attrs()["fit"]["ridge"]  # the default: 1e-6·trace(G)/M, named as such
+    assert f"ridge λ: train {lams['train']:.3g} (pipes 1, 3), sub {lams['sub']:.3g} (pipe 2): 1e-6 · trace(G)/M" \
+        in res.output
 
 
 # -- the benchmark command ---------------------------------------------------------------------

@@ -7,7 +7,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from cli.main import main
-from prismoe_store.bench.runtime import benchmark_runtime, synthetic_adapter
+from prismoe_store.bench.runtime import benchmark_runtime, format_report, synthetic_adapter
 from prismoe_store.head.build import HeadConfig, build_head
 
 
@@ -30,6 +30,7 @@ def test_benchmark_of_a_fitted_adapter(tmp_path):
     assert full["hit_rate"] >= small["hit_rate"] and full["bytes_loaded_per_token"] <= small["bytes_loaded_per_token"]
     assert r["hit_rate"][0]["peak_bytes"] <= r["hit_rate"][0]["budget_bytes"]
     assert r["schedules"]["serial"]["peak_bytes"] < r["schedules"]["parallel"]["peak_bytes"]
+    assert r["hit_tokens"] == 3 and "budget sweep over a trace of 6 tokens" in format_report(r)
 
 
 def test_benchmark_command_on_a_head_with_hidden_rows(tmp_path):

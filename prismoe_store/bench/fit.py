@@ -7,8 +7,10 @@ imports, opening the store, the statistics pass (reading, decoding, products, re
 solves, writing the tiles and the held-out metrics. Right before and after each fit this
 process measures the machine's float32 matrix-multiply rate on a block of the same shape (numpy,
 best of three). ``repeats`` runs every row count that many times, interleaved (r₁, r₂, r₁, r₂, …),
-so a busy moment of a shared machine does not fall on one size only. Reported per run, and the
-best run per row count:
+so a busy moment of a shared machine does not fall on one size only; before each run the
+written data is flushed to disk (``os.sync``), so the kernel's write-back of the pairs just written
+and of the last run's adapter does not take the cores while a fit is timed. Reported per run, and
+the best run per row count:
 
 - ``flop_ratio``: the command's useful FLOPs per wall second over the matmul rate (the higher of
   the rates just before and after that run, so a slow moment of the machine never flatters the
@@ -198,6 +200,7 @@ def benchmark_fit(*, rows: Sequence[int] = (32768, 65536), d_in: int = 1024, d_o
                         "--precision", precision, "--overwrite", "--json", "--quiet"]
                 if memory_budget:
                     args += ["--memory-mb", str(max(1, memory_budget >> 20))]
+                os.sync()  # the pairs and the last run's adapter reach the disk now, not while this run is timed
                 load = os.getloadavg()[0]
                 before, cpu_before = matmul_rate(d_in, k)
                 res = run_command(args)

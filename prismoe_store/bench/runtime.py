@@ -172,6 +172,7 @@ def _measure(adapter: TileSource, device: str, sparsity: float | None, mass: flo
     total = out["fp32"]["bytes_all_tiles"]
     host_tier = total if total <= HOST_TIER_LIMIT else 0
     out["host_tier_bytes"] = host_tier
+    out["hit_tokens"] = hit_tokens  # tokens measured per budget, after as many warm-up tokens
     curve = []
     for share in budgets:
         budget = int(share * total) if share < 1 else None
@@ -363,8 +364,10 @@ def format_report(r: dict) -> str:
                      f"throughput {s['throughput_vs_fp32']:.2f}×, "
                      f"cache bytes {s['bytes_vs_fp32']:.2f}×, relative output error {s['rel_error_vs_fp32']:.2e}")
     source = "the host tier" if r.get("host_tier_bytes", 1) else "the store (no host tier for an adapter this large)"
-    lines.append("device budget sweep over the trace (one token a call; the first half of the trace warms the "
-                 f"cache and is not counted; misses are loaded from {source}, so at a budget that holds every "
+    n = r.get("hit_tokens")
+    trace = (f"a trace of {2 * n} tokens (one token a call; the first {n} warm the cache and are not counted"
+             if n else "the trace (one token a call; its first half warms the cache and is not counted")
+    lines.append(f"device budget sweep over {trace}; misses are loaded from {source}, so at a budget that holds every "
                  "tile they are tiles the warm half never used):")
     ahead = any(c.get("prefetched") for c in r["hit_rate"])
     for c in r["hit_rate"]:

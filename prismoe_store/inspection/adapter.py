@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from prismoe_store.fit.job import describe_ridge
 from prismoe_store.grid import GridSpec
 from prismoe_store.inspection.common import (
     DEFAULT_MAX_BYTES,
@@ -198,7 +199,7 @@ def _fit_lines(fit: dict, metrics: dict) -> list[str]:
         lines.append(f"    on {src.get('url', '?')} ({src.get('rows', '?')} rows): "
                      + ", ".join(f"{v} {k}" for k, v in counts.items()) + " rows")
     if fit.get("ridge"):
-        lines.append("    ridge λ: " + ", ".join(f"{k} {short_value(v)}" for k, v in fit["ridge"].items()))
+        lines.append("    ridge λ: " + describe_ridge(fit["ridge"], (fit.get("settings") or {}).get("ridge")))
     if metrics:
         lines.append(f"  held-out metrics on {metrics.get('holdout_rows', '?')} rows (relative error, R²):")
         rows = [(f"pipe {p + 1}", m) for p, m in enumerate(metrics.get("pipes") or [])]

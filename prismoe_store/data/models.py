@@ -158,7 +158,8 @@ def load_model(spec: str | os.PathLike, *, device: str = "cpu", dtype: str = "fl
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
     except ImportError as e:  # pragma: no cover - transformers is an optional extra
-        raise ModelError(f"loading models needs transformers (pip install prismoe-store[models]): {e}") from None
+        raise ModelError("loading models needs the models extra: pip install -e '.[models]' in the project's "
+                         f"checkout, or pip install 'transformers>=4.45' 'accelerate>=0.26' ({e})") from None
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     verbosity = hf_logging.get_verbosity()

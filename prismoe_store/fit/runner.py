@@ -186,8 +186,8 @@ def make_runner(scheduler, tasks: int | None) -> Runner:
         try:
             from distributed import Client
         except ImportError:
-            raise DataError("a scheduler address needs dask.distributed: "
-                            "pip install 'prismoe-store[cluster]'") from None
+            raise DataError("a scheduler address needs dask.distributed: pip install -e '.[cluster]' in the "
+                            "project's checkout, or pip install 'distributed>=2024.8'") from None
         try:
             client = Client(scheduler, timeout="20s")
         except (OSError, TimeoutError) as e:

@@ -13,7 +13,8 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "job": ["fit", "describe_ridge"],
+        "job": ["fit"],
+        "solve": ["describe_ridge"],
         "config": ["FitConfig"],
         "runner": ["keep_freed_memory"],
     },
@@ -21,5 +22,6 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
 
 if TYPE_CHECKING:  # the same names, for type checkers
     from prismoe_store.fit.config import FitConfig
-    from prismoe_store.fit.job import describe_ridge, fit
+    from prismoe_store.fit.job import fit
     from prismoe_store.fit.runner import keep_freed_memory
+    from prismoe_store.fit.solve import describe_ridge

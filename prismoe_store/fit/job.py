@@ -46,7 +46,16 @@ from prismoe_store.fit.config import FitConfig
 from prismoe_store.fit.metrics import SOLVED, heldout_metrics
 from prismoe_store.fit.plan import PANEL, Plan, col_groups, input_slices, location, make_plan, plan_block_rows
 from prismoe_store.fit.runner import TICKERS, TICKERS_LOCK, Runner, make_runner, one_blas_thread, resume_note
-from prismoe_store.fit.solve import Factor, StatSource, band_runs, default_ridge, factor_statistics, solve_panel
+from prismoe_store.fit.solve import (
+    PIPE_SETS,
+    STAT_SETS,
+    Factor,
+    StatSource,
+    band_runs,
+    default_ridge,
+    factor_statistics,
+    solve_panel,
+)
 from prismoe_store.fit.statistics import HOLD, REST, SCRATCH, SUB, WRITE_ALL, Pass, categories, link_blocks, stats_link
 from prismoe_store.grid import GridSpec, plan_pipes
 from prismoe_store.stores.adapter import AdapterStore
@@ -56,25 +65,8 @@ from prismoe_store.stores.progress import recheck
 from prismoe_store.stores.records import FitRecord
 from prismoe_store.stores.verified import damaged_chunks, reading
 
-STAT_SETS = ("train", "sub")  # statistics kept per fit: all training rows, and pipe 2's rows
-PIPE_SETS = ("train", "sub", "train")  # which statistics pipe p fits on
 _SCRATCH_CHUNK_BYTES = 8 << 20  # target size of a chunk of the scratch B (larger ones cost fresh memory per write)
 ProgressFn = Callable[[int, int], None]
-
-
-def describe_ridge(ridge: dict, given: float | None = None) -> str:
-    """One line on a fit's ridge λ per row set: its value, the pipes that use it, and where it came from
-    (``given``: the fit's ``ridge`` setting; None: the scale-aware default).
-
-    >>> describe_ridge({"train": 0.0294, "sub": 0.0176})
-    'train 0.0294 (pipes 1, 3), sub 0.0176 (pipe 2): 1e-6 · trace(G)/M of each row set (the default; --ridge sets one)'
-    """
-    uses = {s: [p + 1 for p, name in enumerate(PIPE_SETS) if name == s] for s in ridge}
-    parts = [f"{s} {v:.3g}" + (f" (pipe{'s' if len(uses[s]) > 1 else ''} {', '.join(map(str, uses[s]))})"
-                               if uses[s] else "") for s, v in ridge.items()]
-    why = ("given (--ridge)" if given is not None else
-           "1e-6 · trace(G)/M of each row set (the default; --ridge sets one)")
-    return ", ".join(parts) + ": " + why
 
 
 # -- the public entry point ----------------------------------------------------------------

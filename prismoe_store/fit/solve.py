@@ -39,6 +39,8 @@ from prismoe_store.stores.verified import reading
 F32_FLOOR = 2.0 ** -48  # float32 unit roundoff squared: with the block rows, B's noise floor in G's units
 RIDGE_SCALE = 1e-6  # default λ = RIDGE_SCALE · trace(G) / M: a millionth of the mean eigenvalue of G
 _EPS = np.finfo(np.float64).eps
+STAT_SETS = ("train", "sub")  # statistics kept per fit: all training rows, and pipe 2's rows
+PIPE_SETS = ("train", "sub", "train")  # which statistics pipe p fits on
 
 
 def default_ridge(trace: float, m: int) -> float:
@@ -54,6 +56,21 @@ def default_ridge(trace: float, m: int) -> float:
     """
     lam = RIDGE_SCALE * float(trace) / max(1, int(m))
     return lam if lam > 0 and np.isfinite(lam) else 1.0
+
+
+def describe_ridge(ridge: dict, given: float | None = None) -> str:
+    """One line on a fit's ridge λ per row set: its value, the pipes that use it, and where it came from
+    (``given``: the fit's ``ridge`` setting; None: the scale-aware default).
+
+    >>> describe_ridge({"train": 0.0294, "sub": 0.0176})
+    'train 0.0294 (pipes 1, 3), sub 0.0176 (pipe 2): 1e-6 · trace(G)/M of each row set (the default; --ridge sets one)'
+    """
+    uses = {s: [p + 1 for p, name in enumerate(PIPE_SETS) if name == s] for s in ridge}
+    parts = [f"{s} {v:.3g}" + (f" (pipe{'s' if len(uses[s]) > 1 else ''} {', '.join(map(str, uses[s]))})"
+                               if uses[s] else "") for s, v in ridge.items()]
+    why = ("given (--ridge)" if given is not None else
+           "1e-6 · trace(G)/M of each row set (the default; --ridge sets one)")
+    return ", ".join(parts) + ": " + why
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from prismoe_store.fit.job import describe_ridge
+from prismoe_store.fit.solve import describe_ridge
 from prismoe_store.grid import GridSpec
 from prismoe_store.inspection.common import (
     DEFAULT_MAX_BYTES,

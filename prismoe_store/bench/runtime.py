@@ -23,8 +23,8 @@ timed against a dense call on the same token.
 ...     a = synthetic_adapter(d + "/a.zarr", d_in=32, d_out=64, workers=8)
 ...     r = benchmark_runtime(a, repeats=1, batch=4, hit_tokens=1, budgets=(1.0,))
 >>> sorted(r)  # doctest: +NORMALIZE_WHITESPACE
-['allocator', 'baselines', 'device', 'fp32', 'hit_rate', 'host_tier_bytes', 'int8', 'kind', 'schedules',
- 'shape', 'sparsity']
+['allocator', 'baselines', 'device', 'fp32', 'hit_rate', 'hit_tokens', 'host_tier_bytes', 'int8', 'kind',
+ 'schedules', 'shape', 'sparsity']
 """
 
 from __future__ import annotations

@@ -85,9 +85,8 @@ def collect_cmd(upper, lower, texts, out, overwrite, compressor, as_json, quiet,
     a re-run with nothing left to collect stops before loading the model.
     """
     def notice(msg: str) -> None:
-        if msg.startswith("resuming"):  # progress: said when the bar is shown
-            if not (quiet or as_json):
-                click.echo(msg, err=True)
+        if msg.startswith("resuming"):  # what this run continues: said with -q and --json too (on stderr)
+            click.echo(msg, err=True)
         elif not (quiet or as_json) or not msg.startswith("loading "):
             click.echo(f"note: {msg}", err=True)
 

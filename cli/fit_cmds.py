@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from cli.messages import warn_padding
-from cli.output import echo_json, output_store
+from cli.output import echo_json, open_pairs, output_store
 from cli.progress import bar, quiet_option
 
 
@@ -85,8 +85,9 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
                            alphas=_alphas(alphas), solver=solver, precision=precision, tasks=tasks,
                            memory_budget=memory_mb << 20 if memory_mb else None, block_rows=block_rows,
                            keep_statistics=keep_statistics)
-        store = fit(pairs, adapter, config, scheduler=scheduler, progress=progress, overwrite=overwrite,
-                    log=None if quiet or as_json else lambda line: click.echo(line, err=True))
+        store = fit(open_pairs(pairs, adapter), adapter, config, scheduler=scheduler, progress=progress,
+                    overwrite=overwrite,
+                    log=lambda line: click.echo(line, err=True))  # the resume line: not progress, so -q keeps it
     info, metrics = store.fit_record().to_dict(), (store.metrics_record().to_dict() if store.metrics_record() else None)
     if as_json:
         echo_json({"adapter": str(adapter), "mode": store.mode, "alphas": store.alphas,
@@ -108,11 +109,14 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
     if metrics is None:
         click.echo("  no held-out rows: no metrics")
         return
-    click.echo(f"  held-out metrics over {metrics['holdout_rows']} rows:")
+    click.echo(f"  held-out metrics over {metrics['holdout_rows']} rows (relative error ‖y − z‖/‖z‖; "
+               "R² against predicting each output's mean: 1 is exact, 0 no better):")
     click.echo(f"    {'':10s} {'rel. error':>11s} {'R²':>9s}")
     names = [f"pipe {p + 1}" for p in range(len(metrics["pipes"]))] + ["combined"]
     for name, m in zip(names, metrics["pipes"] + [metrics["combined"]]):
         click.echo(f"    {name:10s} {m['rel_err']:11.5f} {m['r2']:9.5f}")
+    if store.mode == "joint" and len(metrics["pipes"]) == 3:
+        click.echo("    (joint: pipe 3 holds pipe 1's solution cut into its own grid, so their figures match)")
 
 
 @click.command("fit")

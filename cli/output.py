@@ -60,3 +60,19 @@ def open_adapter(adapter: str, other: str | None = None, *, mode: str = "r", req
         if other is not None and existing_kind(str(other)) == "adapter":
             raise StoreFormatError(f"{e}, but {other} is one: give the adapter first") from None
         raise
+
+
+def open_pairs(pairs: str, output: str | None = None):
+    """Open a command's PAIRS argument; when that is another kind of store and ``output`` (the
+    store the command would write) is a pairs store, the error says the two were given the other way round."""
+    from prismoe_store.errors import StoreFormatError
+    from prismoe_store.stores.formats import existing_kind
+    from prismoe_store.stores.pairs import PairsStore
+
+    try:
+        return PairsStore.open(pairs)
+    except StoreFormatError as e:
+        if output is not None and existing_kind(str(output)) == "pairs":
+            raise StoreFormatError(f"{e}, but {output} (the output) is one: give the pairs first and the adapter "
+                                   "to write with -o") from None
+        raise

@@ -36,7 +36,8 @@ def bar(desc: str, *, quiet: bool = False, unit: str = "it", growing: bool = Fal
         if b is None or b.total != total:
             if b is not None:
                 b.close()
-            b = state["bar"] = tqdm(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True)
+            # starts where the job is (a resumed job has work done), so its first line is not 0/total
+            b = state["bar"] = tqdm(total=total, initial=done, desc=desc, unit=unit, leave=True, dynamic_ncols=True)
         b.update(done - b.n)  # tqdm redraws at most every mininterval, so piped output stays short
 
     try:

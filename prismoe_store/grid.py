@@ -212,10 +212,9 @@ class GridSpec:
             raise GridError(f"bad grid description: {e}") from None
 
     def __str__(self) -> str:
-        return (
-            f"{self.rows}×{self.cols} grid of {self.tile_out}×{self.tile_in} tiles "
-            f"({self.d_in}→{self.d_out}, padded {self.d_in_pad}→{self.d_out_pad})"
-        )
+        pad = "" if (self.d_in_pad, self.d_out_pad) == (self.d_in, self.d_out) else \
+            f", padded {self.d_in_pad}→{self.d_out_pad}"
+        return f"{self.rows}×{self.cols} grid of {self.tile_out}×{self.tile_in} tiles ({self.d_in}→{self.d_out}{pad})"
 
 
 def plan_grid(

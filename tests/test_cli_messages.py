@@ -310,3 +310,15 @@ def test_refusals_name_the_cli_flag_only(tmp_path):
     r = _run("fit", url, "-o", tmp_path / "b.zarr", "--workers", "8", "--ridge", "0.5", "-q")
     assert r.exit_code == 1 and "unfinished fit" in r.output and "overwrite=True" not in r.output
     assert r.output.strip().endswith("(pass --overwrite to start over)"), r.output
+
+
+def test_a_bar_starts_where_the_job_is(capsys):
+    """A resumed job's first tick reports the work already done: its bar starts there, not at 0."""
+    from cli.progress import bar
+
+    with bar("fit", unit="unit") as update:
+        assert update is not None
+        update(642, 1092)
+        update(700, 1092)
+    err = capsys.readouterr().err
+    assert "642/1092" in err and "0/1092" not in err.replace("700/1092", "").replace("642/1092", "")

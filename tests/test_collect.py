@@ -413,13 +413,16 @@ def test_a_resumed_collect_says_where_it_starts(world, tmp_path):
     args = ["collect", "--upper", str(world["llama"]), "--text", str(world["a"]), "--max-length", "24", "-o", str(out)]
     first = _run(args + ["--max-tokens", "40"])
     assert first.exit_code == 0 and "resuming" not in first.stderr, first.output
-    # a larger cap resumes, and says where from (not with --quiet)
+    # a larger cap resumes, and says where from (with --quiet too: it is not progress)
     again = _run(args + ["--max-tokens", "80"])
     assert again.exit_code == 0, again.output
     assert [line for line in again.stderr.splitlines() if line.startswith("resuming")] == [
         f"resuming: {first.stdout.split(' documents (')[0].split()[-1]} of 9 documents collected (40 tokens in "
         "the store)"]
-    assert "resuming" not in _run(args + ["--max-tokens", "120", "--quiet"]).stderr
+    quiet = _run(args + ["--max-tokens", "120", "--quiet"])
+    said = [line for line in quiet.stderr.splitlines() if line.startswith("resuming")]
+    assert quiet.exit_code == 0 and len(said) == 1 and said[0].endswith("(80 tokens in the store)"), quiet.output
+    assert "resuming" not in quiet.stdout
 
 
 def test_a_rerun_with_nothing_to_do_stops_before_the_model_loads(world, tmp_path, monkeypatch):

@@ -523,12 +523,20 @@ def test_cli_fit(pairs, tmp_path):
     res = CliRunner().invoke(main, ["fit", store.url, "-o", str(out), "--workers", str(WORKERS), "-q",
                                     "--holdout", "0.2", "--mode", "independent", "--ridge", "0.5"])
     assert res.exit_code == 0 and "already finished, nothing to do" in res.output and "R²" in res.output
-    assert "ridge λ: train 0.5 (pipes 1, 3), sub 0.5 (pipe 2): given (--ridge)" in res.output
+    assert "ridge λ: train 0.5 (all training rows: pipes 1, 3), sub 0.5 (pipe 2's subsample): given (--ridge)" \
+        in res.output
+    rows = store.rows
+    res = CliRunner().invoke(main, ["fit", str(out), "-o", store.url, "--workers", str(WORKERS), "-q"])  # swapped
+    assert res.exit_code == 1 and "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert "is an adapter store, not a pairs store, but" in res.output and "give the pairs first" in res.output
+    assert PairsStore.open(store.url).rows == rows  # and the pairs are left as they were
+    res = CliRunner().invoke(main, ["fit", str(out), "-o", str(tmp_path / "new"), "-q"])  # no pairs at all: no hint
+    assert res.exit_code == 1 and "give the pairs first" not in res.output
     res = CliRunner().invoke(main, ["fit", store.url, "-o", str(out), "--workers", str(WORKERS), "-q", "--overwrite"])
     assert res.exit_code == 0 and "R²" in res.output
     lams = AdapterStore.open(out).attrs()["fit"]["ridge"]  # the default: 1e-6·trace(G)/M, named as such
-    assert f"ridge λ: train {lams['train']:.3g} (pipes 1, 3), sub {lams['sub']:.3g} (pipe 2): 1e-6 · trace(G)/M" \
-        in res.output
+    assert (f"ridge λ: train {lams['train']:.3g} (all training rows: pipes 1, 3), sub {lams['sub']:.3g} "
+            "(pipe 2's subsample): 1e-6 · trace(XᵀX)/d_in of each row set") in res.output
 
 
 # -- the benchmark command ---------------------------------------------------------------------
@@ -561,8 +569,8 @@ def test_benchmark_fit_runs_the_whole_command(tmp_path):
 def test_a_resumed_fit_says_what_was_done(pairs, tmp_path):
     from cli.main import main
 
-    """The CLI's re-run of an interrupted fit prints one line saying what it resumes from (not with
-    --quiet or --json)."""
+    """The CLI's re-run of an interrupted fit prints one line on stderr saying what it resumes from
+    (with --quiet and --json too: it is not progress, and stdout keeps only the JSON)."""
     store, _, _ = pairs
     out = tmp_path / "a"
     kw = dict(config=FitConfig(workers=WORKERS, block_rows=128, tasks=2, memory_budget=80_000),
@@ -581,4 +589,9 @@ def test_a_resumed_fit_says_what_was_done(pairs, tmp_path):
         fit(store, out, progress=_killer(30), overwrite=True, **kw)
     for quiet in ("--json", "-q"):
         res = CliRunner().invoke(main, ["fit", store.url, "-o", str(out), "--workers", str(WORKERS), quiet])
-        assert res.exit_code == 0 and "resuming" not in res.output, res.output
+        assert res.exit_code == 0 and "resuming: statistics done" in res.stderr, res.output
+        assert "resuming" not in res.stdout
+        if quiet == "--json":
+            assert json.loads(res.stdout)["adapter"] == str(out)
+        with pytest.raises(_Kill):
+            fit(store, out, progress=_killer(30), overwrite=True, **kw)

@@ -643,6 +643,29 @@ def test_inspect_incomplete_adapter():
     assert "INCOMPLETE" in rep.text() and "fit: none recorded" in rep.text()
 
 
+def test_inspect_an_interrupted_fit(tmp_path):
+    """An adapter whose fit stopped in its pass names its pairs but no row-set counts yet (they are
+    recorded at the end), and says how to finish it."""
+    from prismoe_store.bench.fit import write_pairs
+    from prismoe_store.fit import FitConfig, fit
+
+    pairs = write_pairs(str(tmp_path / "p.zarr"), 600, 8, 16)
+
+    class Stop(Exception):
+        pass
+
+    def stop(done: int, total: int) -> None:
+        if done:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(pairs, str(tmp_path / "a.zarr"), FitConfig(workers=4, block_rows=128), progress=stop,
+            scheduler="synchronous")
+    text = inspect_store(str(tmp_path / "a.zarr")).text()
+    assert "INCOMPLETE" in text and "(600 rows): rows per set (train, sub, holdout) are recorded when" in text
+    assert "):  rows" not in text
+
+
 # -- the CLI on pairs and adapters -------------------------------------------------------------
 
 

@@ -250,7 +250,8 @@ def format_report(r: dict) -> str:
     budget = f"{r['memory_budget_mb']:.0f} MiB" if r["memory_budget_mb"] else "default"
     lines = [f"fit benchmark: prismoe fit, whole process, {r['d_in']}→{r['d_out']}, {r.get('workers', '?')} workers "
              f"per pipe, precision {r.get('precision', '?')}, rows {r['rows']}, {r['cpus']} CPUs, memory budget "
-             f"{budget}, pairs {r.get('compressor', '?')}"]
+             f"{budget}, pairs compressor {r.get('compressor', '?')}; load: the 1-minute load average before "
+             "each run (the benchmark's own earlier runs count in it)"]
     for run in r["runs"]:
         st = run["stages"]
         lines.append(f"  {run['rows']:>9d} rows: {run['fit_s']:6.2f} s "

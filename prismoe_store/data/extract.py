@@ -168,7 +168,7 @@ def format_extract(store: WeightsStore, names: Sequence[str]) -> str:
     >>> d = tempfile.mkdtemp(); np.save(os.path.join(d, "w.npy"), np.ones((4, 8), np.float32))
     >>> print(format_extract(tile(os.path.join(d, "w.npy"), "memory://doc-fmt-extract", workers=4,
     ...                           overwrite=True), ["w"]).splitlines()[0])
-    w: w [4×8, float32] -> float32, 2×2 grid of 2×4 tiles (8→4, padded 8→4)
+    w: w [4×8, float32] -> float32, 2×2 grid of 2×4 tiles (8→4)
     """
     lines = []
     for name in names:

@@ -59,17 +59,21 @@ def default_ridge(trace: float, m: int) -> float:
 
 
 def describe_ridge(ridge: dict, given: float | None = None) -> str:
-    """One line on a fit's ridge λ per row set: its value, the pipes that use it, and where it came from
-    (``given``: the fit's ``ridge`` setting; None: the scale-aware default).
+    """One line on a fit's ridge λ per row set: its value, the rows and pipes that use it, and where
+    it came from (``given``: the fit's ``ridge`` setting; None: the scale-aware default).
 
-    >>> describe_ridge({"train": 0.0294, "sub": 0.0176})
-    'train 0.0294 (pipes 1, 3), sub 0.0176 (pipe 2): 1e-6 · trace(G)/M of each row set (the default; --ridge sets one)'
+    >>> describe_ridge({"train": 0.0294, "sub": 0.0176})  # doctest: +NORMALIZE_WHITESPACE
+    "train 0.0294 (all training rows: pipes 1, 3), sub 0.0176 (pipe 2's subsample):
+     1e-6 · trace(XᵀX)/d_in of each row set (the default; --ridge sets one)"
     """
+    rows = {"train": "all training rows", "sub": "pipe 2's subsample"}
     uses = {s: [p + 1 for p, name in enumerate(PIPE_SETS) if name == s] for s in ridge}
-    parts = [f"{s} {v:.3g}" + (f" (pipe{'s' if len(uses[s]) > 1 else ''} {', '.join(map(str, uses[s]))})"
-                               if uses[s] else "") for s, v in ridge.items()]
-    why = ("given (--ridge)" if given is not None else
-           "1e-6 · trace(G)/M of each row set (the default; --ridge sets one)")
+    parts = []
+    for s, v in ridge.items():
+        who = rows.get(s, s) + (f": pipes {', '.join(map(str, uses[s]))}" if len(uses[s]) > 1 else "")
+        parts.append(f"{s} {v:.3g} ({who})")
+    why = "given (--ridge)" if given is not None else \
+        "1e-6 · trace(XᵀX)/d_in of each row set (the default; --ridge sets one)"
     return ", ".join(parts) + ": " + why
 
 

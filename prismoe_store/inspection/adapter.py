@@ -196,8 +196,9 @@ def _fit_lines(fit: dict, metrics: dict) -> list[str]:
     src = fit.get("pairs") or {}
     counts = fit.get("counts") or {}
     if src or counts:
-        lines.append(f"    on {src.get('url', '?')} ({src.get('rows', '?')} rows): "
-                     + ", ".join(f"{v} {k}" for k, v in counts.items()) + " rows")
+        sets = ", ".join(f"{v} {k}" for k, v in counts.items()) + " rows" if counts else \
+            "rows per set (train, sub, holdout) are recorded when the fit finishes"
+        lines.append(f"    on {src.get('url', '?')} ({src.get('rows', '?')} rows): {sets}")
     if fit.get("ridge"):
         lines.append("    ridge λ: " + describe_ridge(fit["ridge"], (fit.get("settings") or {}).get("ridge")))
     if metrics:

@@ -72,7 +72,7 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
     keep_freed_memory()  # this process runs one fit: reuse freed memory rather than fresh zeroed pages
     finished = not overwrite and _complete_adapter(adapter)  # then fit checks it and does nothing
     with bar("fit", quiet=quiet or as_json, unit="unit") as shown:
-        warned = [False]
+        warned = [False]  # the padding warning: once, when a fit starts (a resumed one said it the first time)
 
         def progress(done: int, total: int) -> None:  # fit's first tick comes once its checks have passed
             if not warned[0]:
@@ -81,13 +81,16 @@ def fit_cmd(pairs, adapter, mode, workers, ridge, holdout, subsample, seed, alph
             if shown:
                 shown(done, total)
 
+        def log(line: str) -> None:  # the resume line (before the first tick): not progress, so -q keeps it
+            warned[0] = True
+            click.echo(line, err=True)
+
         config = FitConfig(mode=mode, workers=workers, ridge=ridge, holdout=holdout, subsample=subsample, seed=seed,
                            alphas=_alphas(alphas), solver=solver, precision=precision, tasks=tasks,
                            memory_budget=memory_mb << 20 if memory_mb else None, block_rows=block_rows,
                            keep_statistics=keep_statistics)
         store = fit(open_pairs(pairs, adapter), adapter, config, scheduler=scheduler, progress=progress,
-                    overwrite=overwrite,
-                    log=lambda line: click.echo(line, err=True))  # the resume line: not progress, so -q keeps it
+                    overwrite=overwrite, log=log)
     info, metrics = store.fit_record().to_dict(), (store.metrics_record().to_dict() if store.metrics_record() else None)
     if as_json:
         echo_json({"adapter": str(adapter), "mode": store.mode, "alphas": store.alphas,

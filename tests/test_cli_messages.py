@@ -78,6 +78,22 @@ def test_fit_warns_about_padding_and_inspect_reads_defaults(tmp_path):
     r = CliRunner().invoke(main, ["fit", url, "-o", str(tmp_path / "notes"), "--workers", "64"])
     assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith(f"Error: {tmp_path / 'notes'} already exists and is not an adapter")
+    # a resumed fit says it resumes, not the padding again (its first run said that)
+    from prismoe_store.fit import FitConfig, fit
+
+    class Stop(Exception):
+        pass
+
+    def stop(done, total):
+        if done:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(url, str(tmp_path / "b.zarr"), FitConfig(workers=64, block_rows=64), scheduler="synchronous",
+            progress=stop)
+    r = CliRunner().invoke(main, ["fit", url, "-o", str(tmp_path / "b.zarr"), "--workers", "64", "--block-rows", "64",
+                                  "-q"])
+    assert r.exit_code == 0 and "resuming: " in r.stderr and "hold only padding" not in r.stderr, r.output
     r = _run("inspect", tmp_path / "a.zarr", "--no-stats")
     fit_line = next(line for line in r.output.splitlines() if line.strip().startswith("fit:"))
     assert "ridge auto" in fit_line and "alphas equal" in fit_line and "None" not in fit_line

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import write_safetensors
+from interrupts import Interrupted, at_first_work
 
 from cli.main import main
 from cli.messages import INTERRUPTED_EXIT, MAX_CHARS, RESUMABLE, error_line
@@ -81,16 +82,9 @@ def test_fit_warns_about_padding_and_inspect_reads_defaults(tmp_path):
     # a resumed fit says it resumes, not the padding again (its first run said that)
     from prismoe_store.fit import FitConfig, fit
 
-    class Stop(Exception):
-        pass
-
-    def stop(done, total):
-        if done:
-            raise Stop
-
-    with pytest.raises(Stop):
+    with pytest.raises(Interrupted):
         fit(url, str(tmp_path / "b.zarr"), FitConfig(workers=64, block_rows=64), scheduler="synchronous",
-            progress=stop)
+            progress=at_first_work)
     r = CliRunner().invoke(main, ["fit", url, "-o", str(tmp_path / "b.zarr"), "--workers", "64", "--block-rows", "64",
                                   "-q"])
     assert r.exit_code == 0 and "resuming: " in r.stderr and "hold only padding" not in r.stderr, r.output

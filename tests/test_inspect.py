@@ -12,6 +12,7 @@ import zarr
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from interrupts import Interrupted, at_first_work
 
 from cli.main import main
 from prismoe_store.errors import CorruptStoreError, DataError, StoreError, StoreFormatError, TensorNotFoundError
@@ -651,15 +652,8 @@ def test_inspect_an_interrupted_fit(tmp_path):
 
     pairs = write_pairs(str(tmp_path / "p.zarr"), 600, 8, 16)
 
-    class Stop(Exception):
-        pass
-
-    def stop(done: int, total: int) -> None:
-        if done:
-            raise Stop
-
-    with pytest.raises(Stop):
-        fit(pairs, str(tmp_path / "a.zarr"), FitConfig(workers=4, block_rows=128), progress=stop,
+    with pytest.raises(Interrupted):
+        fit(pairs, str(tmp_path / "a.zarr"), FitConfig(workers=4, block_rows=128), progress=at_first_work,
             scheduler="synchronous")
     text = inspect_store(str(tmp_path / "a.zarr")).text()
     assert "INCOMPLETE" in text and "(600 rows): rows per set (train, sub, holdout) are recorded when" in text

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 pytest.importorskip("transformers")
 
+from interrupts import Interrupted, at_first_work
 from tiny_models import save_llama  # noqa: E402
 
 from prismoe_store.data.sampling import SampleSpec, sample_texts  # noqa: E402
@@ -49,15 +50,9 @@ def test_sampled_texts_continue_their_prompts_and_repeat_with_the_seed(llama, tm
 
 
 def test_an_interrupted_run_leaves_no_file(llama, tmp_path):
-    class Stop(Exception):
-        pass
-
-    def stop(done, total):
-        if done:
-            raise Stop
-
-    with pytest.raises(Stop):
-        sample_texts(llama, PROMPTS, tmp_path / "t.jsonl", spec=SampleSpec(samples=2, max_new_tokens=3), progress=stop)
+    with pytest.raises(Interrupted):
+        sample_texts(llama, PROMPTS, tmp_path / "t.jsonl", spec=SampleSpec(samples=2, max_new_tokens=3),
+                     progress=at_first_work)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -50,29 +50,30 @@ def note_input_layer(rows, store=None) -> None:
 def open_adapter(adapter: str, other: str | None = None, *, mode: str = "r", require_complete: bool = False):
     """Open a command's ADAPTER argument; when that is another kind of store and ``other`` (the
     command's next argument) is an adapter store, the error says the two were given the other way round."""
-    from prismoe_store.errors import StoreFormatError
     from prismoe_store.stores.adapter import AdapterStore
-    from prismoe_store.stores.formats import existing_kind
 
-    try:
-        return AdapterStore.open(adapter, mode, require_complete=require_complete)
-    except StoreFormatError as e:
-        if other is not None and existing_kind(str(other)) == "adapter":
-            raise StoreFormatError(f"{e}, but {other} is one: give the adapter first") from None
-        raise
+    return _open_or_swapped(lambda: AdapterStore.open(adapter, mode, require_complete=require_complete),
+                            other, "adapter", "is one: give the adapter first")
 
 
 def open_pairs(pairs: str, output: str | None = None):
     """Open a command's PAIRS argument; when that is another kind of store and ``output`` (the
     store the command would write) is a pairs store, the error says the two were given the other way round."""
-    from prismoe_store.errors import StoreFormatError
-    from prismoe_store.stores.formats import existing_kind
     from prismoe_store.stores.pairs import PairsStore
 
+    return _open_or_swapped(lambda: PairsStore.open(pairs), output, "pairs",
+                            "(the output) is one: give the pairs first and the adapter to write with -o")
+
+
+def _open_or_swapped(open_store, other: str | None, kind: str, advice: str):
+    """``open_store()``; when it finds another kind of store and ``other`` holds a ``kind`` store, its
+    error goes on with ``", but OTHER " + advice``."""
+    from prismoe_store.errors import StoreFormatError
+    from prismoe_store.stores.formats import existing_kind
+
     try:
-        return PairsStore.open(pairs)
+        return open_store()
     except StoreFormatError as e:
-        if output is not None and existing_kind(str(output)) == "pairs":
-            raise StoreFormatError(f"{e}, but {output} (the output) is one: give the pairs first and the adapter "
-                                   "to write with -o") from None
+        if other is not None and existing_kind(str(other)) == kind:
+            raise StoreFormatError(f"{e}, but {other} {advice}") from None
         raise

@@ -363,7 +363,8 @@ def format_report(r: dict) -> str:
         lines.append(f"int8 vs fp32 (ratios of the median times): latency {s['latency_vs_fp32']:.2f}×, "
                      f"throughput {s['throughput_vs_fp32']:.2f}×, "
                      f"cache bytes {s['bytes_vs_fp32']:.2f}×, relative output error {s['rel_error_vs_fp32']:.2e}")
-    source = "the host tier" if r.get("host_tier_bytes", 1) else "the store (no host tier for an adapter this large)"
+    tiered = bool(r.get("host_tier_bytes", 1))  # reports written before the key had a host tier
+    source = "the host tier" if tiered else "the store (no host tier for an adapter this large)"
     n = r.get("hit_tokens")
     trace = (f"a trace of {2 * n} tokens (one token a call; the first {n} warm the cache and are not counted"
              if n else "the trace (one token a call; its first half warms the cache and is not counted")
@@ -381,7 +382,7 @@ def format_report(r: dict) -> str:
                      + (f" (prefetch hit rate {c['prefetch_hit_rate']:.2f})" if c["prefetched"] else ""))
     if r["hit_rate"] and not ahead:
         lines.append("  no tile was read ahead: " + ("the tiles prefetch predicts (the last token's, the most used) "
-                     "were in the host tier already" if r.get("host_tier_bytes", 1)
+                     "were in the host tier already" if tiered
                      else "prefetch reads into the host tier, which is off"))
     m = r.get("schedules")
     if m:

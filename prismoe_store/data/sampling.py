@@ -36,14 +36,9 @@ from dataclasses import asdict, dataclass
 from typing import cast
 
 from prismoe_store.errors import DataError
+from prismoe_store.gates.settings import parse_count, parse_positive
 
 Progress = Callable[[int, int], None]
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DataError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -61,13 +56,11 @@ class SampleSpec:
 
     def __post_init__(self) -> None:
         for name in ("samples", "max_new_tokens", "batch_size"):
-            _positive_int(getattr(self, name), name)
-        if not self.temperature > 0:
-            raise DataError(f"temperature must be positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+            parse_count(name, getattr(self, name), minimum=1)
+        parse_count("seed", self.seed)
+        parse_positive("temperature", self.temperature)
+        if not parse_positive("top_p", self.top_p) <= 1:
             raise DataError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise DataError(f"seed must be a non-negative integer, got {self.seed!r}")
 
 
 def sample_texts(model, prompts: Sequence[str], output, *, spec: SampleSpec = SampleSpec(),
